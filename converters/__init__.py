@@ -1,0 +1,5 @@
+"""converters: turn a directory of ``.pt`` artifacts into a jasper_mmap store (``convert-pt``)."""
+
+from .convert import DTYPES, FORMATS, convert_pt
+
+__all__ = ["convert_pt", "FORMATS", "DTYPES"]

@@ -1,0 +1,197 @@
+"""Checks of the input artifacts: shapes and counts up front, values block by block.
+
+Every check raises :class:`ArtifactError`/:class:`ConfigError` naming the file, what was found,
+what was expected and the fix. :class:`Stats` accumulates the integrity facts (min/max,
+non-finite rows) that end up in the manifest, so readers never have to scan for them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jasper_mmap.errors import ArtifactError, ArtifactMissingError, ConfigError
+
+__all__ = ["read_config", "Stats", "check_block", "SplitCheck", "COUNT_KEYS"]
+
+log = logging.getLogger(__name__)
+
+REBUILD = "Re-run the dataset builder, or fix the file and convert again."
+
+#: config key -> (array whose first dimension it counts)
+COUNT_KEYS = {
+    "n_questions": "question_embs",
+    "n_sources": "source_embs",
+    "n_keywords": "keyword_embs",
+    "n_clusters": "centroid_embs",
+    "n_pairs": "pair_index",
+}
+
+
+def read_config(src: Path) -> dict[str, Any]:
+    """Read ``config.json`` of a dataset directory and check the types of the keys we use."""
+    path = src / "config.json"
+    if not path.is_file():
+        raise ArtifactMissingError(
+            f"{path}: config.json is missing. Every dataset directory needs one "
+            f"(embedding_dim, n_neg, steering_probabilities, ...); see FORMAT.md."
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: is not valid JSON ({e}). Fix the file.") from None
+    if not isinstance(config, dict):
+        raise ConfigError(
+            f"{path}: should be a JSON object, but got {type(config).__name__}. Fix the file."
+        )
+    for key in ("embedding_dim", "n_neg", "random_seed", *COUNT_KEYS):
+        value = config.get(key)
+        if value is not None and (type(value) is not int or value < 0):
+            raise ConfigError(
+                f"{path}: {key} should be a non-negative integer, but got {key}={value!r}. "
+                f"Fix the file."
+            )
+    for key in ("steering_probabilities", "curriculum"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise ConfigError(
+                f"{path}: {key} should be a JSON object, but got "
+                f"{type(config[key]).__name__}. Fix the file."
+            )
+    return config
+
+
+@dataclass
+class Stats:
+    """Integrity facts of one array, accumulated over its blocks."""
+
+    min: float | int | None = None
+    max: float | int | None = None
+    nonfinite_rows: int = 0
+    first_nonfinite: list[int] = field(default_factory=list)
+
+    def update(self, block: np.ndarray) -> None:
+        if block.size == 0:
+            return
+        if block.dtype.kind == "f":
+            finite = np.isfinite(block)
+            if not finite.all():
+                rows = ~finite.reshape(block.shape[0], -1).all(axis=1)
+                self.nonfinite_rows += int(rows.sum())
+                self._bad_rows = np.flatnonzero(rows)
+                block = block[finite]
+                if block.size == 0:
+                    return
+        lo, hi = block.min().item(), block.max().item()
+        self.min = lo if self.min is None else min(self.min, lo)
+        self.max = hi if self.max is None else max(self.max, hi)
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"min": self.min, "max": self.max}
+        if self.nonfinite_rows:
+            out["nonfinite_rows"] = self.nonfinite_rows
+        return out
+
+
+def _range_error(
+    path: Path, block: np.ndarray, start: int, lo: int, hi: int, what: str
+) -> ArtifactError:
+    bad = np.flatnonzero(((block < lo) | (block >= hi)).reshape(block.shape[0], -1).any(axis=1))
+    rows = (bad[:5] + start).tolist()
+    vals = block[bad[:5]].tolist()
+    return ArtifactError(
+        f"{path}: {what} should be in [{lo}, {hi}), but rows {rows} hold {vals} "
+        f"({len(bad)} bad rows in this block). {REBUILD}"
+    )
+
+
+#: array -> (lowest valid value, highest + 1 (a count key or a number), what the values are)
+_BOUNDS: dict[str, tuple[int, int | str, str]] = {
+    "pair_cluster_id": (0, "n_clusters", "cluster ids"),
+    "hard_negatives": (0, "n_sources", "negative source rows"),
+    "negative_tiers": (1, 5, "tiers"),
+    "pair_keyword_values": (0, "n_keywords", "keyword rows"),
+}
+
+
+def check_block(
+    path: Path,
+    name: str,
+    block: np.ndarray,
+    start: int,
+    limits: dict[str, int],
+    stats: Stats,
+    allow_nonfinite: bool,
+) -> None:
+    """Check one block (rows ``start:``) of array ``name``; update ``stats``."""
+    before = stats.nonfinite_rows
+    stats.update(block)
+    if stats.nonfinite_rows > before and not allow_nonfinite:
+        rows = (stats._bad_rows[:5] + start).tolist()
+        raise ArtifactError(
+            f"{path}: rows {rows} hold NaN or Inf ({stats.nonfinite_rows - before} rows in "
+            f"this block). Fix the embeddings, or pass --allow-nonfinite "
+            f"(allow_nonfinite=True) to convert them as they are."
+        )
+    if name == "pair_index" and block.size:
+        for col, key, what in (
+            (0, "n_questions", "question rows (column 0)"),
+            (1, "n_sources", "source rows (column 1)"),
+        ):
+            c = block[:, col]
+            if c.min() < 0 or c.max() >= limits[key]:
+                raise _range_error(path, c, start, 0, limits[key], what)
+    elif name in _BOUNDS and block.size:
+        lo, hi, what = _BOUNDS[name]
+        hi = limits[hi] if isinstance(hi, str) else hi
+        if block.min() < lo or block.max() >= hi:
+            raise _range_error(path, block, start, lo, hi, what)
+    elif name in ("pair_relevance", "centroid_distances") and block.size:
+        lo, hi = (0.0, 1.0) if name == "pair_relevance" else (0.0, 2.0)
+        tol = 1e-4
+        finite = block[np.isfinite(block)]
+        if finite.size and (finite.min() < lo - tol or finite.max() > hi + tol):
+            bad = np.flatnonzero((block < lo - tol) | (block > hi + tol))
+            raise ArtifactError(
+                f"{path}: values should be in [{lo}, {hi}], but rows "
+                f"{(bad[:5] + start).tolist()} hold {block[bad[:5]].tolist()}. {REBUILD}"
+            )
+
+
+class SplitCheck:
+    """Checks a split's pair indices block by block: in ``[0, n_pairs)``, no repeats, non-empty.
+
+    Keeps one byte per pair (a seen-map), never the split itself.
+    """
+
+    def __init__(self, path: Path, n_pairs: int) -> None:
+        self.path, self.n_pairs = path, n_pairs
+        self.seen = np.zeros(n_pairs, dtype=bool)
+        self.count = 0
+
+    def update(self, block: np.ndarray, start: int) -> None:
+        if block.size == 0:
+            return
+        if block.min() < 0 or block.max() >= self.n_pairs:
+            raise _range_error(self.path, block, start, 0, self.n_pairs, "pair indices")
+        uniq, counts = np.unique(block, return_counts=True)
+        repeated = uniq[(counts > 1) | self.seen[uniq]]
+        if repeated.size:
+            raise ArtifactError(
+                f"{self.path}: split repeats pairs (e.g. pairs {repeated[:5].tolist()}); "
+                f"each pair should appear once. {REBUILD}"
+            )
+        self.seen[block] = True
+        self.count += block.size
+
+    def finish(self) -> None:
+        if self.count == 0:
+            raise ArtifactError(
+                f"{self.path}: split is empty. Remove the file (val/test are optional) or "
+                f"re-run the dataset builder's split step."
+            )

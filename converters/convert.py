@@ -1,0 +1,464 @@
+"""``convert_pt``: stream a directory of ``.pt`` artifacts into a safetensors or zarr store.
+
+Flow: read ``config.json`` -> describe every tensor (no data read) -> check shapes and counts ->
+parse keyword ids in a child process while the main process streams the tensors block by block
+(check, cast, write) into a hidden temporary directory -> write the manifest -> reopen the result
+and compare shapes, dtypes and sampled rows with the sources -> publish with one atomic rename.
+Memory is bounded by a few blocks (``block_bytes``), whatever the dataset size.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import multiprocessing as mp
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jasper_mmap import __version__
+from jasper_mmap._atomic import partial_dir, publish_dir, remove_stale_partials
+from jasper_mmap._dtypes import to_float32, to_stored
+from jasper_mmap.errors import ArtifactError, ArtifactMissingError, ConfigError, StoreExistsError
+from jasper_mmap.layout import (
+    ARRAYS,
+    CONFIG,
+    FLOAT_ROLES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    NEGATIVES_DIR,
+    POINTER,
+    ArraySpec,
+    generation_name,
+    write_json_atomic,
+)
+from jasper_mmap.stores import WRITERS, open_store
+
+from .checks import COUNT_KEYS, SplitCheck, Stats, check_block, read_config
+from .keywords import parse_keywords
+from .pt_reader import TensorArtifact, fingerprint, open_tensor
+
+__all__ = ["convert_pt", "FORMATS", "DTYPES"]
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("safetensors", "zarr")
+DTYPES = ("keep", "float16", "bfloat16")
+UNIT_ORDER = ("embeddings", "steering", "pairs", "splits", NEGATIVES_DIR)
+_FLOAT_SOURCES = {"torch.float32", "torch.float64", "torch.float16", "torch.bfloat16"}
+_INT_SOURCES = {"torch.int64", "torch.int32", "torch.int16", "torch.int8", "torch.uint8"}
+
+
+@dataclass
+class _Planned:
+    spec: ArraySpec
+    art: TensorArtifact | None
+    shape: tuple[int, ...]
+    stored: str  # stored dtype name
+    out: str  # dtype readers hand out
+
+
+def _stored_dtype(spec: ArraySpec, art: TensorArtifact, dtype: str) -> str:
+    if spec.role in FLOAT_ROLES:
+        if dtype != "keep":
+            return dtype
+        return {"torch.float16": "float16", "torch.bfloat16": "bfloat16"}.get(art.dtype, "float32")
+    return "float32" if spec.role == "float" else "int64"
+
+
+def _open_all(src: Path) -> dict[str, TensorArtifact]:
+    arts = {}
+    for spec in ARRAYS:
+        if spec.source is None or spec.name == "pair_keyword_offsets":
+            continue
+        path = src / spec.source
+        if not path.exists() and not spec.required:
+            log.info(
+                "%s: no %s split; the store will have none", src, spec.name.removesuffix("_idx")
+            )
+            continue
+        arts[spec.name] = open_tensor(path)
+    return arts
+
+
+def _expect(art: TensorArtifact, ndim: int, kinds: set[str], what: str) -> None:
+    if len(art.shape) != ndim:
+        raise ArtifactError(
+            f"{art.path}: should be a {ndim}-D tensor ({what}), but has shape "
+            f"{list(art.shape)}. Re-run the dataset builder."
+        )
+    if art.dtype not in kinds:
+        want = "a float" if kinds is _FLOAT_SOURCES else "an integer"
+        raise ArtifactError(
+            f"{art.path}: should hold {want} dtype ({what}), but holds {art.dtype}. "
+            f"Re-run the dataset builder."
+        )
+
+
+def _check_shapes(
+    src: Path, arts: dict[str, TensorArtifact], config: dict[str, Any]
+) -> dict[str, int]:
+    """Check every shape/dtype against the others and config.json; return the counts."""
+    emb = ["question_embs", "source_embs", "keyword_embs", "centroid_embs"]
+    steer = ["steering_centroid", "steering_keyword_weighted", "steering_residual"]
+    for name in emb + steer:
+        _expect(arts[name], 2, _FLOAT_SOURCES, "rows of embeddings")
+    dims = {arts[n].shape[1] for n in emb + steer}
+    want_d = config.get("embedding_dim")
+    if len(dims) > 1 or (want_d is not None and dims != {want_d}):
+        found = {arts[n].path.name: arts[n].shape[1] for n in emb + steer}
+        raise ArtifactError(
+            f"{src}: embedding dimensions disagree: config.json says embedding_dim="
+            f"{want_d}, the files have {found}. Re-run the dataset builder so all agree."
+        )
+    _expect(arts["pair_index"], 2, _INT_SOURCES, "question row, source row per pair")
+    n_pairs = arts["pair_index"].shape[0]
+    if arts["pair_index"].shape[1] != 2:
+        raise ArtifactError(
+            f"{arts['pair_index'].path}: should have shape [N_pairs, 2], but has "
+            f"{list(arts['pair_index'].shape)}. Re-run the dataset builder."
+        )
+    pair_level = {
+        "pair_cluster_id": _INT_SOURCES,
+        "pair_relevance": _FLOAT_SOURCES,
+        "centroid_distances": _FLOAT_SOURCES,
+    }
+    for name, kinds in pair_level.items():
+        _expect(arts[name], 1, kinds, "one value per pair")
+    for name in ("hard_negatives", "negative_tiers"):
+        _expect(arts[name], 2, _INT_SOURCES, "[N_pairs, n_neg]")
+    for name in [*pair_level, *steer, "hard_negatives", "negative_tiers"]:
+        if arts[name].shape[0] != n_pairs:
+            raise ArtifactError(
+                f"{arts[name].path}: should have {n_pairs} rows (one per pair, as "
+                f"pair_index.pt has), but has {arts[name].shape[0]}. Re-run the dataset builder."
+            )
+    n_neg = arts["hard_negatives"].shape[1]
+    if arts["negative_tiers"].shape != arts["hard_negatives"].shape:
+        raise ArtifactError(
+            f"{arts['negative_tiers'].path}: shape {list(arts['negative_tiers'].shape)} "
+            f"should equal hard_negatives' {list(arts['hard_negatives'].shape)}. Re-run the miner."
+        )
+    if config.get("n_neg") is not None and config["n_neg"] != n_neg:
+        raise ConfigError(
+            f"{src / 'config.json'}: n_neg={config['n_neg']}, but hard_negatives.pt has "
+            f"{n_neg} negatives per pair. Fix config.json or the negatives."
+        )
+    for name in ("train_idx", "val_idx", "test_idx"):
+        if name in arts:
+            _expect(arts[name], 1, _INT_SOURCES, "pair rows of the split")
+    for key, name in COUNT_KEYS.items():
+        if config.get(key) is not None and config[key] != arts[name].shape[0]:
+            raise ConfigError(
+                f"{src / 'config.json'}: {key}={config[key]}, but {arts[name].path.name} has "
+                f"{arts[name].shape[0]} rows. The files are the truth: fix config.json."
+            )
+    for art in arts.values():
+        if art.dtype == "torch.float64":
+            log.warning("%s: float64 is cast to float32", art.path)
+    return {
+        "embedding_dim": dims.pop(),
+        "n_neg": n_neg,
+        "n_pairs": n_pairs,
+        "n_questions": arts["question_embs"].shape[0],
+        "n_sources": arts["source_embs"].shape[0],
+        "n_keywords": arts["keyword_embs"].shape[0],
+        "n_clusters": arts["centroid_embs"].shape[0],
+    }
+
+
+def _plan(
+    arts: dict[str, TensorArtifact], dtype: str, nnz: int, n_pairs: int
+) -> dict[str, list[_Planned]]:
+    units: dict[str, list[_Planned]] = {u: [] for u in UNIT_ORDER}
+    for spec in ARRAYS:
+        if spec.name == "pair_keyword_offsets":
+            units[spec.unit].append(_Planned(spec, None, (n_pairs + 1,), "int64", "int64"))
+        elif spec.name == "pair_keyword_values":
+            units[spec.unit].append(_Planned(spec, None, (nnz,), "int64", "int64"))
+        elif spec.name in arts:
+            art = arts[spec.name]
+            stored = _stored_dtype(spec, art, dtype)
+            out = "int64" if stored == "int64" else "float32"
+            units[spec.unit].append(_Planned(spec, art, art.shape, stored, out))
+    return units
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool | None) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc="convert-pt",
+            disable=(None if enabled is None else not enabled),
+            dynamic_ncols=True,
+        )
+
+    def update(self, n: int, what: str | None = None) -> None:
+        if what is not None:
+            self.bar.set_postfix_str(what, refresh=False)
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _stream_tensor(p: _Planned, writer, limits, allow_nonfinite, block_bytes, progress) -> dict:
+    art = p.art
+    stats = Stats()
+    split = SplitCheck(art.path, limits["n_pairs"]) if p.spec.role == "split" else None
+    rows = max(1, block_bytes // max(1, art.row_bytes))
+    n = art.shape[0]
+    for start in range(0, n, rows):
+        block = art.read_rows(start, min(n, start + rows))
+        if block.dtype.byteorder == ">":
+            block = block.astype(block.dtype.newbyteorder("<"))
+        if art.dtype == "torch.bfloat16":
+            block = to_float32(block.view(np.uint16), "bfloat16")
+        if p.out == "float32":
+            block = block.astype(np.float32, copy=False)
+            check_block(art.path, p.spec.name, block, start, limits, stats, allow_nonfinite)
+        else:
+            block = block.astype(np.int64, copy=False)
+            check_block(art.path, p.spec.name, block, start, limits, stats, False)
+            if split is not None:
+                split.update(block, start)
+        writer.write(p.spec.name, to_stored(block, p.stored))
+        progress.update(block.shape[0] * art.row_bytes, p.spec.name)
+    if split is not None:
+        split.finish()
+    return stats.as_dict()
+
+
+def _write_units(
+    tmp, units, writer, arts, limits, kw_future, allow_nonfinite, block_bytes, progress
+):
+    entries: dict[str, dict[str, Any]] = {}
+    stats: dict[str, dict[str, Any]] = {}
+    for unit in UNIT_ORDER:
+        planned = units[unit]
+        if not planned:
+            continue
+        name_unit = f"{NEGATIVES_DIR}/{generation_name(0)}" if unit == NEGATIVES_DIR else unit
+        if unit == "pairs":
+            kw = kw_future.result()
+            for p in planned:
+                if p.spec.name == "pair_keyword_values":
+                    p.shape = (kw["nnz"],)
+        writer.begin_unit(name_unit, [(p.spec.name, p.shape, p.stored) for p in planned])
+        for p in planned:
+            if p.art is not None:
+                stats[p.spec.name] = _stream_tensor(
+                    p, writer, limits, allow_nonfinite, block_bytes, progress
+                )
+            else:
+                stats[p.spec.name] = _copy_keywords(tmp, p, writer, kw, block_bytes, progress)
+        for name, e in writer.end_unit().items():
+            p = next(q for q in planned if q.spec.name == name)
+            entries[name] = {
+                **e,
+                "shape": list(p.shape),
+                "dtype": p.out,
+                "stored_dtype": p.stored,
+                "source": p.spec.source,
+                "source_dtype": p.art.dtype if p.art else "list[list[int]]",
+                "stats": stats[name],
+            }
+    return entries
+
+
+def _copy_keywords(tmp: Path, p: _Planned, writer, kw: dict, block_bytes: int, progress) -> dict:
+    path = tmp / (".kw_offsets.bin" if p.spec.name == "pair_keyword_offsets" else ".kw_values.bin")
+    data = (
+        np.memmap(path, mode="r", dtype=np.int64) if path.stat().st_size else np.empty(0, np.int64)
+    )
+    step = max(1, block_bytes // 8)
+    for start in range(0, data.shape[0], step):
+        block = np.array(data[start : start + step])
+        writer.write(p.spec.name, block)
+        progress.update(block.nbytes if p.spec.name == "pair_keyword_values" else 0, p.spec.name)
+    del data
+    path.unlink()
+    key = "offsets" if p.spec.name == "pair_keyword_offsets" else "values"
+    return kw[f"{key}_stats"]
+
+
+def _verify(tmp: Path, units: dict[str, list[_Planned]], samples: int = 32) -> None:
+    """Reopen the written store and compare shapes, dtypes and sampled rows with the sources."""
+    rng = np.random.default_rng(0)
+    with open_store(tmp) as store:
+        for planned in units.values():
+            for p in planned:
+                name = p.spec.name
+                if store.shape(name) != tuple(p.shape):
+                    raise ArtifactError(
+                        f"{tmp}: verification failed: {name} has shape {store.shape(name)}, "
+                        f"expected {p.shape}. This is a bug; please report it."
+                    )
+                n = p.shape[0]
+                if n == 0:
+                    continue
+                idx = np.unique(np.concatenate([[0, n - 1], rng.integers(0, n, samples)]))
+                got = store.gather(name, idx)
+                if p.art is None:
+                    continue  # keyword arrays are checked against the parser's totals below
+                want = np.concatenate([p.art.read_rows(i, i + 1) for i in idx])
+                if want.dtype.byteorder == ">":
+                    want = want.astype(want.dtype.newbyteorder("<"))
+                if p.art.dtype == "torch.bfloat16":
+                    want = to_float32(want.view(np.uint16), "bfloat16")
+                want = to_float32(to_stored(want.astype(np.dtype(p.out)), p.stored), p.stored)
+                if got.dtype != np.dtype(p.out) or got.tobytes() != want.tobytes():
+                    raise ArtifactError(
+                        f"{tmp}: verification failed: rows {idx[:8].tolist()} of {name} "
+                        f"differ from {p.art.path}. The store was not published. Check the "
+                        f"disk (dmesg) and convert again."
+                    )
+        offsets = store.gather(
+            "pair_keyword_offsets", [0, store.shape("pair_keyword_offsets")[0] - 1]
+        )
+        if offsets[0] != 0 or offsets[1] != store.shape("pair_keyword_values")[0]:
+            raise ArtifactError(
+                f"{tmp}: verification failed: keyword offsets {offsets.tolist()} do not "
+                f"span the {store.shape('pair_keyword_values')[0]} values. Convert again."
+            )
+
+
+def _check_destination(dst: Path, overwrite: bool) -> None:
+    if dst.is_file():
+        raise StoreExistsError(
+            f"{dst}: destination is a file, not a directory. Choose another path."
+        )
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        what = "a store" if (dst / MANIFEST).exists() else "a non-empty directory"
+        raise StoreExistsError(
+            f"{dst}: destination already exists and is {what}. Pass --overwrite "
+            f"(overwrite=True) to replace it, or choose another path."
+        )
+    if not dst.parent.is_dir():
+        raise ArtifactMissingError(
+            f"{dst.parent}: parent directory of the destination does not exist. Create it first."
+        )
+
+
+def convert_pt(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    format: str = "safetensors",
+    dtype: str = "keep",
+    overwrite: bool = False,
+    allow_nonfinite: bool = False,
+    progress: bool | None = None,
+    block_bytes: int = 16 << 20,
+) -> Path:
+    """Convert the ``.pt`` dataset directory ``src`` into a store at ``dst``.
+
+    Args:
+        src: dataset directory (``config.json`` + ``.pt`` artifacts; see FORMAT.md).
+        dst: store directory to create. Made visible only when complete and verified.
+        format: ``"safetensors"`` (memory-mapped files) or ``"zarr"`` (one zarr v3 group).
+        dtype: ``"keep"``, or ``"float16"``/``"bfloat16"`` to store embeddings and steering
+            vectors at half precision (readers still return float32). float64 is always cast
+            to float32.
+        overwrite: replace an existing ``dst`` (atomically) instead of refusing.
+        allow_nonfinite: convert NaN/Inf embedding rows instead of refusing them.
+        progress: show a progress bar; ``None`` shows one when stderr is a terminal.
+        block_bytes: rows are streamed in blocks of about this many bytes.
+
+    Returns:
+        The store path.
+
+    Raises:
+        ArtifactMissingError, ArtifactError, ConfigError: bad input, named in the message.
+        StoreExistsError: ``dst`` exists and ``overwrite`` is false.
+    """
+    src, dst = Path(src).absolute(), Path(dst).absolute()
+    if format not in FORMATS:
+        raise ValueError(f"format should be one of {FORMATS}, but got format={format!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype should be one of {DTYPES}, but got dtype={dtype!r}")
+    if not src.is_dir():
+        raise ArtifactMissingError(
+            f"{src}: dataset directory does not exist (or is not a directory)."
+        )
+    t0 = time.perf_counter()
+    config = read_config(src)
+    _check_destination(dst, overwrite)
+    remove_stale_partials(dst)
+    arts = _open_all(src)
+    counts = _check_shapes(src, arts, config)
+    kw_path = src / "pair_keyword_ids.pt"
+    if not kw_path.exists():
+        raise ArtifactMissingError(
+            f"{kw_path}: required artifact is missing. Re-run the dataset builder."
+        )
+    tmp = partial_dir(dst)
+    ctx = mp.get_context("spawn")
+    pool = cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx)
+    bar = None
+    try:
+        kw_future = pool.submit(
+            parse_keywords, str(kw_path), str(tmp), counts["n_pairs"], counts["n_keywords"]
+        )
+        units = _plan(arts, dtype, 0, counts["n_pairs"])
+        total = sum(a.nbytes for a in arts.values()) + kw_path.stat().st_size
+        bar = _Progress(total, progress)
+        writer = WRITERS[format](tmp)
+        limits = dict(counts)
+        entries = _write_units(
+            tmp, units, writer, arts, limits, kw_future, allow_nonfinite, block_bytes, bar
+        )
+        kw = kw_future.result()
+        counts["n_keyword_values"] = kw["nnz"]
+        bar.update(kw_path.stat().st_size, "verify")
+        neg = {k: entries.pop(k) for k in ("hard_negatives", "negative_tiers")}
+        sources = {p.name: fingerprint(p) for p in sorted(src.glob("*.pt"))}
+        sources[CONFIG] = fingerprint(src / CONFIG)
+        pointer = {
+            "generation": 0,
+            "arrays": neg,
+            "created_unix": time.time(),
+            "sources": {k: sources[k] for k in ("hard_negatives.pt", "negative_tiers.pt")},
+        }
+        write_json_atomic(tmp / NEGATIVES_DIR / POINTER, pointer)
+        shutil.copyfile(src / CONFIG, tmp / CONFIG)
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "backend": format,
+            "converter": {"name": "jasper_mmap.convert_pt", "version": __version__},
+            "created_unix": time.time(),
+            "dtype_option": dtype,
+            "counts": counts,
+            "splits": {
+                s: entries[f"{s}_idx"]["shape"][0]
+                for s in ("train", "val", "test")
+                if f"{s}_idx" in entries
+            },
+            "arrays": entries,
+            "negatives_initial": neg,
+            "source": {"dir": str(src), "files": sources},
+        }
+        write_json_atomic(tmp / MANIFEST, manifest)
+        _verify(tmp, units)
+        publish_dir(tmp, dst, replace=overwrite)
+    except BaseException:
+        if bar is not None:
+            bar.close()
+        pool.shutdown(wait=False, cancel_futures=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    bar.close()
+    pool.shutdown()
+    log.info("converted %s -> %s (%s, %.1f s)", src, dst, format, time.perf_counter() - t0)
+    return dst

@@ -1,0 +1,56 @@
+"""Every error jasper_mmap raises on purpose.
+
+Each specific error also subclasses the builtin that users already catch, so
+``except FileNotFoundError`` or ``except ValueError`` keeps working. Messages say which file,
+what was found, what was expected and how to fix it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "JasperError",
+    "ArtifactMissingError",
+    "ArtifactError",
+    "ConfigError",
+    "StoreNotFoundError",
+    "StoreFormatError",
+    "StoreCorruptError",
+    "StoreExistsError",
+    "SampleIndexError",
+]
+
+
+class JasperError(Exception):
+    """Base class of every error raised on purpose by jasper_mmap and converters."""
+
+
+class ArtifactMissingError(JasperError, FileNotFoundError):
+    """A required input file (``.pt`` artifact, ``config.json``, split) does not exist."""
+
+
+class ArtifactError(JasperError, ValueError):
+    """An input ``.pt`` artifact is unreadable, unsafe, or holds wrong shapes, dtypes or values."""
+
+
+class ConfigError(JasperError, ValueError):
+    """``config.json`` is missing keys, holds wrong types, or disagrees with the files."""
+
+
+class StoreNotFoundError(JasperError, FileNotFoundError):
+    """A store directory or one of its files does not exist."""
+
+
+class StoreFormatError(JasperError, ValueError):
+    """A store's manifest is unreadable, of an unknown format, or of an unsupported version."""
+
+
+class StoreCorruptError(JasperError, ValueError):
+    """A store's files disagree with its manifest (sizes, shapes, dtypes, checksums)."""
+
+
+class StoreExistsError(JasperError, FileExistsError):
+    """The destination of a conversion already exists and overwriting was not asked for."""
+
+
+class SampleIndexError(JasperError, IndexError):
+    """A sample or row index is outside the valid range."""

@@ -1,0 +1,176 @@
+"""The small interface every store backend implements: open lazily, gather rows by index.
+
+A :class:`Store` holds the store's path and its (small) manifest. Backend handles — memory
+maps, zarr arrays — are opened on first use in each process and dropped when pickled, so a
+store object costs a few kilobytes to send to a DataLoader worker (see NOTE [worker start-up]
+in ``jasper_mmap/dataset.py`` once it exists).
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._dtypes import to_float32
+from ..errors import SampleIndexError, StoreCorruptError
+from ..layout import NEGATIVES_DIR, read_manifest, read_pointer
+
+__all__ = ["Store", "StoreWriter", "NEGATIVE_ARRAYS"]
+
+NEGATIVE_ARRAYS = ("hard_negatives", "negative_tiers")
+
+
+class Store(abc.ABC):
+    """Read side of a store. Subclasses implement :meth:`_open_array`.
+
+    Args:
+        path: the store directory.
+        manifest: its parsed manifest (read from ``path`` when omitted).
+    """
+
+    backend: str = ""
+
+    def __init__(self, path: str | Path, manifest: dict[str, Any] | None = None) -> None:
+        self.path = Path(path)
+        self.manifest = manifest if manifest is not None else read_manifest(self.path)
+        self._pointer: dict[str, Any] | None = None
+        self._handles: dict[str, Any] = {}
+
+    # -- pickling: paths and small state only ------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        return state
+
+    # -- metadata ------------------------------------------------------------------------------
+    @property
+    def counts(self) -> dict[str, int]:
+        """Row counts and dimensions recorded at conversion (``n_pairs``, ``embedding_dim``...)."""
+        return self.manifest["counts"]
+
+    @property
+    def negatives_pointer(self) -> dict[str, Any]:
+        """The negatives generation this object reads (``negatives/CURRENT.json`` at first use)."""
+        if self._pointer is None:
+            self._pointer = read_pointer(self.path)
+        return self._pointer
+
+    def names(self) -> list[str]:
+        """Names of every array in the store, negatives included."""
+        return sorted(set(self.manifest["arrays"]) | set(NEGATIVE_ARRAYS))
+
+    def entry(self, name: str) -> dict[str, Any]:
+        """Manifest entry of array ``name`` (negatives: from the live generation's pointer)."""
+        if name in NEGATIVE_ARRAYS:
+            return self.negatives_pointer["arrays"][name]
+        try:
+            return self.manifest["arrays"][name]
+        except KeyError:
+            raise KeyError(
+                f"{self.path}: the store has no array {name!r}; it has {self.names()}"
+            ) from None
+
+    def has(self, name: str) -> bool:
+        """Whether the store holds array ``name`` (optional splits may be absent)."""
+        return name in NEGATIVE_ARRAYS or name in self.manifest["arrays"]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of array ``name`` as recorded in the manifest (no file access)."""
+        return tuple(self.entry(name)["shape"])
+
+    # -- data ------------------------------------------------------------------------------
+    def raw(self, name: str) -> Any:
+        """The backend's lazily opened handle of ``name`` (memmap view or zarr array)."""
+        key = name
+        if name in NEGATIVE_ARRAYS:
+            key = f"{NEGATIVES_DIR}/{self.negatives_pointer['generation']}/{name}"
+        handle = self._handles.get(key)
+        if handle is None:
+            handle = self._open_array(name, self.entry(name))
+            self._handles[key] = handle
+        return handle
+
+    def gather(self, name: str, index: np.ndarray | list[int]) -> np.ndarray:
+        """Return rows ``index`` of array ``name`` as a new numpy array (floats as float32).
+
+        Raises:
+            SampleIndexError: an index is negative or not below the array's length.
+        """
+        idx = np.asarray(index, dtype=np.int64)
+        n = self.shape(name)[0]
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            bad = idx[(idx < 0) | (idx >= n)]
+            raise SampleIndexError(
+                f"{self.path}: rows of {name!r} should be in [0, {n}), but got {bad[:5].tolist()}"
+            )
+        out = self._gather_raw(name, idx)
+        return to_float32(out, self.entry(name)["stored_dtype"])
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Return the contiguous rows ``start:stop`` of ``name`` as a numpy array (a copy)."""
+        raw = self._read_raw(name, start, stop)
+        return to_float32(np.array(raw), self.entry(name)["stored_dtype"])
+
+    def close(self) -> None:
+        """Drop every handle this process opened; the store can be used again afterwards."""
+        self._handles.clear()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- backend hooks -----------------------------------------------------------------------
+    @abc.abstractmethod
+    def _open_array(self, name: str, entry: dict[str, Any]) -> Any:
+        """Open array ``name`` described by manifest ``entry``; check its size in O(1)."""
+
+    def _gather_raw(self, name: str, idx: np.ndarray) -> np.ndarray:
+        return self.raw(name)[idx]
+
+    def _read_raw(self, name: str, start: int, stop: int | None) -> np.ndarray:
+        return self.raw(name)[start:stop]
+
+    def _check_shape(self, name: str, entry: dict[str, Any], shape: tuple[int, ...], where: str):
+        if tuple(shape) != tuple(entry["shape"]):
+            raise StoreCorruptError(
+                f"{where}: array {name!r} should have shape {tuple(entry['shape'])} as the "
+                f"manifest says, but has {tuple(shape)}. Re-create the store with "
+                f"`convert-pt SRC {self.path} --overwrite`."
+            )
+
+
+class StoreWriter(abc.ABC):
+    """Write side of a backend: declare arrays of a unit, then stream their rows in order.
+
+    Usage::
+
+        w = Writer(tmp_store_dir)
+        w.begin_unit("embeddings", [("question_embs", (n, d), "float16"), ...])
+        w.write("question_embs", block)   # rows in order, any block size
+        entries = w.end_unit()            # name -> manifest entry fields ("file", "key")
+    """
+
+    backend: str = ""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    @abc.abstractmethod
+    def begin_unit(self, unit: str, arrays: list[tuple[str, tuple[int, ...], str]]) -> None:
+        """Start unit ``unit`` (a path relative to the store root) holding ``arrays``."""
+
+    @abc.abstractmethod
+    def write(self, name: str, block: np.ndarray) -> None:
+        """Append ``block`` (raw stored representation) to array ``name`` of the open unit."""
+
+    @abc.abstractmethod
+    def end_unit(self) -> dict[str, dict[str, Any]]:
+        """Finish the open unit (check every row arrived, flush, fsync); return its entries."""
+
+    def abort(self) -> None:  # noqa: B027 - optional hook
+        """Release open files after a failure (the caller removes the directory)."""
