@@ -9,9 +9,7 @@ Memory is bounded by a few blocks (``block_bytes``), whatever the dataset size.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import logging
-import multiprocessing as mp
 import shutil
 import time
 from dataclasses import dataclass
@@ -40,7 +38,7 @@ from jasper_mmap.layout import (
 from jasper_mmap.stores import WRITERS, open_store
 
 from .checks import COUNT_KEYS, SplitCheck, Stats, check_block, read_config
-from .keywords import parse_keywords
+from .keywords import KeywordJob
 from .pt_reader import TensorArtifact, fingerprint, open_tensor
 
 __all__ = ["convert_pt", "FORMATS", "DTYPES"]
@@ -285,7 +283,7 @@ def _copy_keywords(tmp: Path, p: _Planned, writer, kw: dict, block_bytes: int, p
     for start in range(0, data.shape[0], step):
         block = np.array(data[start : start + step])
         writer.write(p.spec.name, block)
-        progress.update(block.nbytes if p.spec.name == "pair_keyword_values" else 0, p.spec.name)
+        progress.update(0, p.spec.name)  # the source file's bytes are counted once, at the end
     del data
     path.unlink()
     key = "offsets" if p.spec.name == "pair_keyword_offsets" else "values"
@@ -403,13 +401,10 @@ def convert_pt(
             f"{kw_path}: required artifact is missing. Re-run the dataset builder."
         )
     tmp = partial_dir(dst)
-    ctx = mp.get_context("spawn")
-    pool = cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx)
     bar = None
+    kw_future = None
     try:
-        kw_future = pool.submit(
-            parse_keywords, str(kw_path), str(tmp), counts["n_pairs"], counts["n_keywords"]
-        )
+        kw_future = KeywordJob(str(kw_path), str(tmp), counts["n_pairs"], counts["n_keywords"])
         units = _plan(arts, dtype, 0, counts["n_pairs"])
         total = sum(a.nbytes for a in arts.values()) + kw_path.stat().st_size
         bar = _Progress(total, progress)
@@ -455,10 +450,11 @@ def convert_pt(
     except BaseException:
         if bar is not None:
             bar.close()
-        pool.shutdown(wait=False, cancel_futures=True)
+        if kw_future is not None:
+            kw_future.cancel()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     bar.close()
-    pool.shutdown()
+    kw_future.cancel()
     log.info("converted %s -> %s (%s, %.1f s)", src, dst, format, time.perf_counter() - t0)
     return dst

@@ -8,6 +8,7 @@ process then copies into the ``pairs`` unit.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from jasper_mmap.errors import ArtifactError
 from .checks import Stats, check_block
 from .pt_reader import iter_keyword_rows
 
-__all__ = ["parse_keywords"]
+__all__ = ["parse_keywords", "KeywordJob"]
 
 
 def parse_keywords(path: str, tmp: str, n_pairs: int, n_keywords: int) -> dict[str, Any]:
@@ -49,3 +50,52 @@ def parse_keywords(path: str, tmp: str, n_pairs: int, n_keywords: int) -> dict[s
             f"but holds {rows}. Re-run the dataset builder."
         )
     return {"nnz": nnz, "values_stats": stats.as_dict(), "offsets_stats": {"min": 0, "max": nnz}}
+
+
+def _child(conn, *args: Any) -> None:
+    try:
+        conn.send((True, parse_keywords(*args)))
+    except BaseException as e:  # noqa: BLE001 - sent to the parent, which re-raises it
+        conn.send((False, e))
+    finally:
+        conn.close()
+
+
+class KeywordJob:
+    """:func:`parse_keywords` in a spawned child process; ``result()`` waits, ``cancel()`` kills."""
+
+    def __init__(self, path: str, tmp: str, n_pairs: int, n_keywords: int) -> None:
+        ctx = mp.get_context("spawn")
+        self._conn, child_conn = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(
+            target=_child,
+            args=(child_conn, path, tmp, n_pairs, n_keywords),
+            name="convert-pt-keywords",
+            daemon=True,
+        )
+        self._proc.start()
+        child_conn.close()
+        self._result: dict[str, Any] | None = None
+
+    def result(self) -> dict[str, Any]:
+        """Wait for the child; return its result or re-raise its error."""
+        if self._result is None:
+            try:
+                ok, value = self._conn.recv()
+            except EOFError:
+                self._proc.join()
+                raise RuntimeError(
+                    f"keyword parser process died (exit code {self._proc.exitcode})"
+                ) from None
+            self._proc.join()
+            if not ok:
+                raise value
+            self._result = value
+        return self._result
+
+    def cancel(self) -> None:
+        """Stop the child if it still runs and reap it."""
+        if self._proc.is_alive():
+            self._proc.kill()
+        self._proc.join()
+        self._conn.close()

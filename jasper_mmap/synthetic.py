@@ -39,9 +39,13 @@ class SyntheticSpec:
     seed: int = 0
 
     def resolved(self) -> SyntheticSpec:
-        return SyntheticSpec(**{**asdict(self),
-                                "n_questions": self.n_questions or max(1, self.n_pairs // 2),
-                                "n_sources": self.n_sources or max(self.n_clusters, self.n_pairs)})
+        return SyntheticSpec(
+            **{
+                **asdict(self),
+                "n_questions": self.n_questions or max(1, self.n_pairs // 2),
+                "n_sources": self.n_sources or max(self.n_clusters, self.n_pairs),
+            }
+        )
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -57,16 +61,20 @@ def _tier_counts(n_neg: int) -> list[int]:
     return counts.tolist()
 
 
-def _draw_from_clusters(rng, clusters: np.ndarray, starts: np.ndarray, sizes: np.ndarray,
-                        order: np.ndarray) -> np.ndarray:
+def _draw_from_clusters(
+    rng, clusters: np.ndarray, starts: np.ndarray, sizes: np.ndarray, order: np.ndarray
+) -> np.ndarray:
     """One random source row from each cluster in ``clusters`` (sources sorted by cluster)."""
     size = np.maximum(sizes[clusters], 1)
     return order[starts[clusters] + (rng.random(clusters.shape) * size).astype(np.int64)]
 
 
-def make_pt_dataset(out: str | Path, spec: SyntheticSpec = SyntheticSpec(),
-                    save: Callable[[object, Path], None] | None = None,
-                    keyword_pickle: bool = False) -> Path:
+def make_pt_dataset(
+    out: str | Path,
+    spec: SyntheticSpec = SyntheticSpec(),
+    save: Callable[[object, Path], None] | None = None,
+    keyword_pickle: bool = False,
+) -> Path:
     """Write a ``.pt`` dataset directory (FORMAT.md layout) of the given size.
 
     Args:
@@ -98,7 +106,9 @@ def make_pt_dataset(out: str | Path, spec: SyntheticSpec = SyntheticSpec(),
     order = np.arange(s.n_sources)
     sizes = np.bincount(src_cluster, minlength=C)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    sources = _normalize(centroids[src_cluster] + 0.35 * rng.standard_normal((s.n_sources, D)) / np.sqrt(D) * 4)
+    sources = _normalize(
+        centroids[src_cluster] + 0.35 * rng.standard_normal((s.n_sources, D)) / np.sqrt(D) * 4
+    )
     put("source_embs", sources)
     put("centroid_embs", centroids)
 
@@ -109,31 +119,43 @@ def make_pt_dataset(out: str | Path, spec: SyntheticSpec = SyntheticSpec(),
     first_target = np.zeros(s.n_questions, dtype=np.int64)
     first_target[q_of_pair[::-1]] = target[::-1]
     first_target[np.bincount(q_of_pair, minlength=s.n_questions) == 0] = starts[q_cluster][
-        np.bincount(q_of_pair, minlength=s.n_questions) == 0]
-    questions = _normalize(sources[first_target] + 0.5 * rng.standard_normal((s.n_questions, D)) / np.sqrt(D) * 2)
+        np.bincount(q_of_pair, minlength=s.n_questions) == 0
+    ]
+    questions = _normalize(
+        sources[first_target] + 0.5 * rng.standard_normal((s.n_questions, D)) / np.sqrt(D) * 2
+    )
     put("question_embs", questions)
     put("pair_index", np.stack([q_of_pair, target], axis=1).astype(np.int64))
     put("pair_cluster_id", cluster.astype(np.int64))
     put("pair_relevance", rng.uniform(0.5, 1.0, P).astype(np.float32))
     q = questions[q_of_pair]
-    put("centroid_distances", np.clip(1.0 - (q * centroids[cluster]).sum(-1), 0.0, 2.0).astype(np.float32))
+    put(
+        "centroid_distances",
+        np.clip(1.0 - (q * centroids[cluster]).sum(-1), 0.0, 2.0).astype(np.float32),
+    )
     del sources
 
     kw_cluster = rng.integers(0, C, s.n_keywords)
-    keywords = _normalize(centroids[kw_cluster] + 0.6 * rng.standard_normal((s.n_keywords, D)) / np.sqrt(D) * 3)
+    keywords = _normalize(
+        centroids[kw_cluster] + 0.6 * rng.standard_normal((s.n_keywords, D)) / np.sqrt(D) * 3
+    )
     put("keyword_embs", keywords)
     n_kw = rng.integers(0, 6, P)
     kw_ids = rng.integers(0, s.n_keywords, int(n_kw.sum()))
     offsets = np.concatenate([[0], np.cumsum(n_kw)])
-    kw_lists = [kw_ids[offsets[i]: offsets[i + 1]].tolist() for i in range(P)]
+    kw_lists = [kw_ids[offsets[i] : offsets[i + 1]].tolist() for i in range(P)]
     if keyword_pickle:
         with open(out / "pair_keyword_ids.pt", "wb") as f:
             pickle.dump(kw_lists, f, protocol=4)
     else:
         save(kw_lists, out / "pair_keyword_ids.pt")
     del kw_lists
-    weights = np.add.reduceat(keywords[kw_ids], offsets[:-1], axis=0) if kw_ids.size else np.zeros((P, D))
-    weights[n_kw == 0] = centroids[cluster[n_kw == 0]]
+    weights = centroids[cluster]  # pairs without keywords steer to their centroid
+    has = np.flatnonzero(n_kw > 0)
+    for lo in range(0, has.size, 65536):  # blocks bound the [nnz, D] temporary
+        rows = has[lo : lo + 65536]
+        a, b = offsets[rows[0]], offsets[rows[-1] + 1]
+        weights[rows] = np.add.reduceat(keywords[kw_ids[a:b]], offsets[rows] - a, axis=0)
     put("steering_centroid", centroids[cluster])
     put("steering_keyword_weighted", _normalize(weights))
     del weights
@@ -166,14 +188,25 @@ def make_pt_dataset(out: str | Path, spec: SyntheticSpec = SyntheticSpec(),
     perm = rng.permutation(P)
     n_val, n_test = int(P * s.val_fraction), int(P * s.test_fraction)
     put("val_idx", np.sort(perm[:n_val]))
-    put("test_idx", np.sort(perm[n_val: n_val + n_test]))
-    put("train_idx", np.sort(perm[n_val + n_test:]))
+    put("test_idx", np.sort(perm[n_val : n_val + n_test]))
+    put("train_idx", np.sort(perm[n_val + n_test :]))
     config = {
-        "embedding_dim": D, "n_neg": s.n_neg, "n_pairs": P, "n_questions": s.n_questions,
-        "n_sources": s.n_sources, "n_keywords": s.n_keywords, "n_clusters": C,
-        "steering_probabilities": {"zero": 0.25, "centroid": 0.25, "keyword": 0.25, "residual": 0.25},
+        "embedding_dim": D,
+        "n_neg": s.n_neg,
+        "n_pairs": P,
+        "n_questions": s.n_questions,
+        "n_sources": s.n_sources,
+        "n_keywords": s.n_keywords,
+        "n_clusters": C,
+        "steering_probabilities": {
+            "zero": 0.25,
+            "centroid": 0.25,
+            "keyword": 0.25,
+            "residual": 0.25,
+        },
         "curriculum": {"zero_prob_start": 0.5, "zero_prob_end": 0.1, "epochs_total": 100},
-        "random_seed": 42, "builder": "jasper_mmap.synthetic",
+        "random_seed": 42,
+        "builder": "jasper_mmap.synthetic",
     }
     (out / "config.json").write_text(json.dumps(config, indent=1))
     return out
