@@ -38,6 +38,7 @@ __all__ = [
     "ArraySpec",
     "ARRAYS",
     "FLOAT_ROLES",
+    "SPLITS",
     "read_manifest",
     "write_json_atomic",
     "read_pointer",

@@ -1,0 +1,280 @@
+"""``JASPERSteeringDataset``: the seed's in-RAM dataset, reading rows lazily from a store.
+
+# NOTE [worker start-up]
+The dataset pickles paths, the small manifest/config and a shared control block; the store's
+maps are opened on first use inside each process (``Store.__getstate__`` drops them), so spawn
+and forkserver workers cost kilobytes, and forked workers never share a file offset or a zarr
+event loop they did not open. The control block is an 8-value int64 tensor in shared memory:
+``torch.multiprocessing`` hands DataLoader workers a handle to the same memory (fork inherits
+it), so ``set_epoch``/``force_steering`` written by the main process are read by every worker,
+persistent ones too, at the start of their next batch. Each dataset has its own block, so two
+datasets or two jobs on one machine never collide.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import ArtifactMissingError, SampleIndexError
+from .layout import CONFIG, SPLITS
+from .resolve import resolve_store
+from .steering import VARIANTS, SteeringSchedule, draw_variants, variant_index
+from .stores import Store, open_store
+
+__all__ = ["JASPERSteeringDataset", "SampleBatch", "BATCH_KEYS"]
+
+log = logging.getLogger(__name__)
+
+#: the nine keys of a batch, as in the seed documents
+BATCH_KEYS = (
+    "question_emb",
+    "target_source_emb",
+    "steering",
+    "negative_embs",
+    "cluster_id",
+    "relevance",
+    "centroid_distance",
+    "steering_variant",
+    "negative_tiers",
+)
+_STEERING_TABLES = {1: "steering_centroid", 2: "steering_keyword_weighted", 3: "steering_residual"}
+_EPOCH, _FORCED, _GENERATION = 0, 1, 2  # slots of the control block
+
+
+class SampleBatch(Sequence):
+    """What ``__getitems__`` returns: a whole batch that also reads as a list of samples.
+
+    ``create_loader``'s collate function returns :attr:`batch` as it is (the fast path); the
+    default collate of a plain ``DataLoader`` iterates the samples and stacks them again.
+    """
+
+    def __init__(self, batch: dict[str, torch.Tensor]) -> None:
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return int(self.batch["relevance"].shape[0])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return {k: v[i] for k, v in self.batch.items()}
+
+
+class JASPERSteeringDataset(torch.utils.data.Dataset):
+    """Pre-computed (question, steering, target, negatives) samples, read lazily from a store.
+
+    Args:
+        dataset_dir: a store made by ``convert-pt``, or a directory of ``.pt`` artifacts (then
+            converted once into a store kept beside it and reused while the files are unchanged;
+            see :func:`jasper_mmap.resolve.resolve_store`).
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        epoch: initial epoch of the steering curriculum.
+        device: ``None``/``"cpu"``: batches are CPU tensors.
+        seed: seed of the steering draw; default ``config.json``'s ``random_seed``, else 42.
+        cache_dir: where to keep the store converted from a ``.pt`` directory.
+        store_format: backend used when converting a ``.pt`` directory.
+
+    Raises:
+        StoreNotFoundError, ArtifactMissingError: the directory, its config or the split is missing.
+    """
+
+    def __init__(
+        self,
+        dataset_dir: str | Path,
+        split: str = "train",
+        epoch: int = 0,
+        device: str | torch.device | None = None,
+        *,
+        seed: int | None = None,
+        cache_dir: str | Path | None = None,
+        store_format: str = "safetensors",
+    ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split should be one of {SPLITS}, but got split={split!r}")
+        self.dataset_dir = Path(dataset_dir)
+        self.split = split
+        self.store_path = resolve_store(dataset_dir, cache_dir, store_format)
+        self._store: Store | None = open_store(self.store_path)
+        manifest = self._store.manifest
+        if f"{split}_idx" not in manifest["arrays"]:
+            raise ArtifactMissingError(
+                f"{self.store_path}: has no {split!r} split (its dataset had no {split}_idx.pt); splits "
+                f"present: {sorted(manifest.get('splits', {}))}. Add {split}_idx.pt and convert again."
+            )
+        self._len = int(manifest["arrays"][f"{split}_idx"]["shape"][0])
+        self.config = _read_config(self.store_path)
+        self.seed = int(seed if seed is not None else self.config.get("random_seed", 42))
+        self.schedule = SteeringSchedule.from_config(self.config, str(self.store_path / CONFIG))
+        self.device = torch.device(device if device is not None else "cpu")
+        if self.device.type != "cpu":
+            raise NotImplementedError(
+                f"device={self.device}: device preload is not implemented yet; "
+                f"use device='cpu' with create_loader(pin_memory=True)."
+            )
+        self._control = torch.zeros(8, dtype=torch.int64).share_memory_()
+        self._control[_FORCED] = -1
+        self.set_epoch(epoch)
+
+    # -- the seed's attributes -------------------------------------------------------------
+    @property
+    def store(self) -> Store:
+        """The store, opened lazily in this process."""
+        if self._store is None:
+            self._store = open_store(self.store_path)
+        return self._store
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.store.counts["embedding_dim"])
+
+    @property
+    def n_neg(self) -> int:
+        return int(self.store.counts["n_neg"])
+
+    @property
+    def epoch(self) -> int:
+        return int(self._control[_EPOCH])
+
+    @property
+    def steering_probs(self) -> dict[str, float]:
+        """Variant probabilities at the current epoch (a forced variant overrides them)."""
+        return dict(zip(VARIANTS, self.schedule.probs(self.epoch).tolist(), strict=True))
+
+    @property
+    def memory_usage_mb(self) -> float:
+        """MB of data this object holds in this process's own memory (not bytes mapped).
+
+        Rows read through the memory maps live in the page cache, shared and evictable, and are
+        not counted; with memory-mapped reading this is the control block only.
+        """
+        return self._control.numel() * self._control.element_size() / 2**20
+
+    def __len__(self) -> int:
+        return self._len
+
+    # -- control -------------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Select the curriculum epoch; reaches DataLoader workers at their next batch."""
+        if int(epoch) < 0:
+            raise ValueError(f"epoch should be >= 0, but got epoch={epoch}")
+        self._control[_EPOCH] = int(epoch)
+
+    def force_steering(self, variant: str | None) -> None:
+        """Serve every sample with ``variant`` ("zero", "centroid", "keyword", "residual");
+        ``None`` restores the stochastic draw. Reaches workers at their next batch."""
+        self._control[_FORCED] = variant_index(variant)
+
+    # -- reading -------------------------------------------------------------------------------
+    def _check_indices(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self._len):
+            bad = idx[(idx < 0) | (idx >= self._len)][:5].tolist()
+            raise SampleIndexError(
+                f"{self.store_path}: {self.split} has {self._len} samples, indices should "
+                f"be in [0, {self._len}), but got {bad}"
+            )
+        return idx
+
+    def get_batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
+        """The batch of samples ``indices``: nine keys, one vectorized gather per array."""
+        idx = self._check_indices(indices)
+        control = self._control.tolist()  # one consistent snapshot for the whole batch
+        store, b = self.store, idx.size
+        pairs = store.gather(f"{self.split}_idx", idx)
+        qs = store.gather("pair_index", pairs)
+        negs = store.gather("hard_negatives", pairs)
+        tiers = store.gather("negative_tiers", pairs)
+        rows = store.gather("source_embs", np.concatenate([qs[:, 1], negs.reshape(-1)]))
+        variants = draw_variants(
+            self.seed,
+            control[_EPOCH],
+            pairs,
+            self.schedule.probs(control[_EPOCH]),
+            control[_FORCED],
+        )
+        steering = np.zeros((b, self.embedding_dim), dtype=np.float32)
+        for v, table in _STEERING_TABLES.items():
+            chosen = np.flatnonzero(variants == v)
+            if chosen.size:
+                steering[chosen] = store.gather(table, pairs[chosen])
+        out = {
+            "question_emb": store.gather("question_embs", qs[:, 0]),
+            "target_source_emb": rows[:b],
+            "steering": steering,
+            "negative_embs": rows[b:].reshape(b, negs.shape[1], -1),
+            "cluster_id": store.gather("pair_cluster_id", pairs),
+            "relevance": store.gather("pair_relevance", pairs),
+            "centroid_distance": store.gather("centroid_distances", pairs),
+            "steering_variant": variants,
+            "negative_tiers": tiers,
+        }
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+
+    def __getitems__(self, indices: Sequence[int]) -> SampleBatch:
+        """Batched fetch used by ``torch.utils.data.DataLoader`` (one gather per array)."""
+        return SampleBatch(self.get_batch(indices))
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        """One sample (shapes without the batch dimension)."""
+        if not isinstance(idx, int | np.integer):
+            raise TypeError(
+                f"index should be an int, but got {type(idx).__name__}; use get_batch for many"
+            )
+        return SampleBatch(self.get_batch([int(idx)]))[0]
+
+    # -- lifetime -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release this process's maps (reopened on next use)."""
+        if self._store is not None:
+            self._store.close()
+
+    def __enter__(self) -> JASPERSteeringDataset:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        log.debug("closing %s split %s (%d samples)", self.store_path, self.split, self._len)
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - never raise from a finalizer
+            pass
+
+    def __repr__(self) -> str:
+        return (
+            f"JASPERSteeringDataset({str(self.store_path)!r}, split={self.split!r}, len={self._len}, "
+            f"epoch={self.epoch}, backend={self.store.backend!r})"
+        )
+
+    @staticmethod
+    def create_combined_splits(
+        dataset_dir: str | Path,
+        epoch: int = 0,
+        device: str | torch.device | None = None,
+        **kwargs: Any,
+    ) -> dict[str, JASPERSteeringDataset]:
+        """One dataset per split present in the store (train, and val/test when they exist)."""
+        store = open_store(
+            resolve_store(
+                dataset_dir, kwargs.get("cache_dir"), kwargs.get("store_format", "safetensors")
+            )
+        )
+        return {
+            s: JASPERSteeringDataset(dataset_dir, s, epoch, device, **kwargs)
+            for s in SPLITS
+            if store.has(f"{s}_idx")
+        }
+
+
+def _read_config(store_path: Path) -> dict[str, Any]:
+    import json
+
+    with open(store_path / CONFIG, encoding="utf-8") as f:
+        return json.load(f)

@@ -1,0 +1,186 @@
+"""``create_loader``, ``set_epoch``, ``validate_first_batch`` and the worker seeding.
+
+``create_loader`` builds a ``torch.utils.data.DataLoader`` on the batched path: the DataLoader
+calls ``dataset.__getitems__`` with a batch's indices (one vectorized gather per array) and
+:func:`collate_batch` passes the batch through untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from .dataset import BATCH_KEYS, JASPERSteeringDataset, SampleBatch
+from .errors import JasperError
+
+__all__ = [
+    "create_loader",
+    "set_epoch",
+    "validate_first_batch",
+    "collate_batch",
+    "seed_worker",
+    "BatchValidationError",
+]
+
+log = logging.getLogger(__name__)
+
+
+class BatchValidationError(JasperError, ValueError):
+    """A batch has a missing key, a wrong shape or dtype, NaN/Inf, or a value out of range."""
+
+
+def collate_batch(data: Any) -> Any:
+    """Collate for the batched path: a :class:`SampleBatch` is already a batch."""
+    if isinstance(data, SampleBatch):
+        return data.batch
+    return torch.utils.data.default_collate(data)
+
+
+def seed_worker(worker_id: int) -> None:
+    """``worker_init_fn``: distinct, derived seeds for torch, numpy and random in each worker.
+
+    torch already gives worker ``i`` the seed ``base_seed + i``; numpy's global RNG is not
+    reseeded by torch, so every forked worker would otherwise draw the same numbers.
+    """
+    seed = torch.initial_seed()  # base_seed + worker_id, set by the DataLoader
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def create_loader(
+    dataset_dir: str | Path,
+    split: str,
+    batch_size: int,
+    num_workers: int = 0,
+    distributed: bool = False,
+    epoch: int = 0,
+    drop_last: bool | None = None,
+    pin_memory: bool = True,
+    **dataloader_kwargs: Any,
+) -> DataLoader:
+    """A DataLoader over ``JASPERSteeringDataset(dataset_dir, split, epoch)`` on the batched path.
+
+    Train shuffles and drops the last partial batch by default; val/test do neither. With
+    ``distributed=True`` a ``DistributedSampler`` shards the split across ranks.
+    ``dataloader_kwargs`` go to the DataLoader and override these defaults (``shuffle``,
+    ``persistent_workers``, ``prefetch_factor``, ``multiprocessing_context``, ...); dataset
+    options (``seed``, ``cache_dir``, ``store_format``) are taken out of them first.
+
+    Returns:
+        The DataLoader, with ``.dataset_obj`` (the dataset) and ``.sampler_obj`` (the
+        DistributedSampler, or None).
+    """
+    ds_keys = ("seed", "cache_dir", "store_format", "device")
+    ds_kwargs = {k: dataloader_kwargs.pop(k) for k in ds_keys if k in dataloader_kwargs}
+    dataset = JASPERSteeringDataset(dataset_dir, split, epoch, **ds_kwargs)
+    train = split == "train"
+    drop_last = train if drop_last is None else drop_last
+    shuffle = dataloader_kwargs.pop("shuffle", train)
+    sampler = None
+    if distributed:
+        sampler = DistributedSampler(
+            dataset, shuffle=shuffle, drop_last=drop_last, seed=dataset.seed
+        )
+        sampler.set_epoch(epoch)
+        shuffle = False
+    kwargs: dict[str, Any] = {
+        "batch_size": batch_size,
+        "shuffle": shuffle if sampler is None else False,
+        "sampler": sampler,
+        "num_workers": num_workers,
+        "drop_last": drop_last,
+        "collate_fn": collate_batch,
+        "pin_memory": pin_memory and torch.cuda.is_available(),
+        "worker_init_fn": seed_worker,
+    }
+    kwargs.update(dataloader_kwargs)
+    loader = DataLoader(dataset, **kwargs)
+    loader.dataset_obj = dataset
+    loader.sampler_obj = sampler
+    return loader
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Set the epoch of the loader's dataset (curriculum) and of its sampler (shuffling)."""
+    dataset = getattr(loader, "dataset_obj", loader.dataset)
+    dataset.set_epoch(epoch)
+    sampler = getattr(loader, "sampler_obj", None) or loader.sampler
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+
+
+_RANGES = {
+    "relevance": (0.0, 1.0),
+    "centroid_distance": (0.0, 2.0),
+    "steering_variant": (0, 3),
+    "negative_tiers": (1, 4),
+}
+_DTYPES = {
+    "cluster_id": torch.int64,
+    "steering_variant": torch.int64,
+    "negative_tiers": torch.int64,
+}
+
+
+def _rows(mask: torch.Tensor) -> list[int]:
+    return torch.nonzero(mask.reshape(mask.shape[0], -1).any(dim=1)).flatten()[:5].tolist()
+
+
+def validate_first_batch(loader: DataLoader) -> dict[str, Any]:
+    """Fetch the first batch and check keys, shapes, dtypes, NaN/Inf and value ranges.
+
+    Returns:
+        A summary: batch size, embedding dim, n_neg, and the variant counts.
+
+    Raises:
+        BatchValidationError: naming the key and the first offending rows.
+    """
+    batch = next(iter(loader))
+    missing = [k for k in BATCH_KEYS if k not in batch]
+    if missing:
+        raise BatchValidationError(f"batch is missing keys {missing}; it has {sorted(batch)}")
+    b, d = batch["question_emb"].shape
+    n_neg = batch["negative_tiers"].shape[1]
+    shapes = {
+        "question_emb": (b, d),
+        "target_source_emb": (b, d),
+        "steering": (b, d),
+        "negative_embs": (b, n_neg, d),
+        "cluster_id": (b,),
+        "relevance": (b,),
+        "centroid_distance": (b,),
+        "steering_variant": (b,),
+        "negative_tiers": (b, n_neg),
+    }
+    dataset = getattr(loader, "dataset_obj", loader.dataset)
+    n_clusters = dataset.store.counts["n_clusters"] if hasattr(dataset, "store") else None
+    for key, shape in shapes.items():
+        t = batch[key]
+        if tuple(t.shape) != shape:
+            raise BatchValidationError(f"{key} should have shape {shape}, but got {tuple(t.shape)}")
+        want = _DTYPES.get(key, torch.float32)
+        if t.dtype != want:
+            raise BatchValidationError(f"{key} should be {want}, but got {t.dtype}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise BatchValidationError(
+                f"{key} holds NaN/Inf in batch rows {_rows(~torch.isfinite(t))}"
+            )
+        lo, hi = _RANGES.get(key, (None, None))
+        if key == "cluster_id" and n_clusters is not None:
+            lo, hi = 0, n_clusters - 1
+        if lo is not None and ((t < lo - 1e-4) | (t > hi + 1e-4)).any():
+            bad = (t < lo - 1e-4) | (t > hi + 1e-4)
+            raise BatchValidationError(
+                f"{key} should be in [{lo}, {hi}], but batch rows {_rows(bad)} hold "
+                f"{t[bad][:5].tolist()}"
+            )
+    counts = torch.bincount(batch["steering_variant"], minlength=4).tolist()
+    summary = {"batch_size": b, "embedding_dim": d, "n_neg": n_neg, "variant_counts": counts}
+    log.info("first batch is valid: %s", summary)
+    return summary

@@ -1,0 +1,104 @@
+"""Turn what a user passes as ``dataset_dir`` into a store path, converting ``.pt`` dirs once.
+
+A store directory (it has ``manifest.json``) is used as it is. A ``.pt`` dataset directory is
+converted once into a store kept beside the data (``DATASET/.jasper_mmap_store``), or under
+``cache_dir`` when given, or under ``~/.cache/jasper_mmap`` when the dataset directory is not
+writable. The store is reused while the ``.pt`` files and ``config.json`` match the fingerprints
+(size, mtime, first/last 64 KiB) recorded in its manifest, and rebuilt when any changed. A file
+lock keeps two processes (DDP ranks, two jobs) from converting the same directory at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+from .errors import ArtifactMissingError, StoreNotFoundError
+from .layout import CONFIG, MANIFEST, read_manifest
+
+__all__ = ["resolve_store", "STORE_DIRNAME"]
+
+log = logging.getLogger(__name__)
+
+STORE_DIRNAME = ".jasper_mmap_store"
+
+
+def _current_sources(src: Path) -> dict[str, dict]:
+    from converters.pt_reader import fingerprint
+
+    files = {p.name: fingerprint(p) for p in sorted(src.glob("*.pt"))}
+    files[CONFIG] = fingerprint(src / CONFIG)
+    return files
+
+
+def _stale_files(store: Path, src: Path) -> list[str] | None:
+    """Names of source files that changed since ``store`` was built; None if no usable store."""
+    if not (store / MANIFEST).exists():
+        return None
+    try:
+        recorded = read_manifest(store)["source"]["files"]
+    except (KeyError, ValueError, OSError):
+        return None
+    current = _current_sources(src)
+    return sorted(n for n in set(recorded) | set(current) if recorded.get(n) != current.get(n))
+
+
+def _store_location(src: Path, cache_dir: str | Path | None) -> Path:
+    if cache_dir is not None:
+        tag = hashlib.blake2b(str(src).encode(), digest_size=6).hexdigest()
+        return Path(cache_dir).expanduser().absolute() / f"{src.name}-{tag}"
+    if os.access(src, os.W_OK):
+        return src / STORE_DIRNAME
+    fallback = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "jasper_mmap"
+    log.info("%s is not writable; keeping its store under %s", src, fallback)
+    return _store_location(src, fallback)
+
+
+def resolve_store(
+    dataset_dir: str | Path, cache_dir: str | Path | None = None, store_format: str = "safetensors"
+) -> Path:
+    """Return the store to read for ``dataset_dir``, converting or refreshing it if needed.
+
+    Raises:
+        StoreNotFoundError: ``dataset_dir`` does not exist or is not a directory.
+        ArtifactMissingError: it is neither a store nor a dataset directory with config.json.
+    """
+    src = Path(dataset_dir).expanduser().absolute()
+    if not src.is_dir():
+        what = "is not a directory" if src.exists() else "does not exist"
+        raise StoreNotFoundError(
+            f"{src}: dataset directory {what}. Pass a store made by convert-pt or a "
+            f"directory of .pt artifacts."
+        )
+    if (src / MANIFEST).exists():
+        return src
+    if not (src / CONFIG).exists():
+        raise ArtifactMissingError(
+            f"{src}: has neither manifest.json (a store) nor config.json (a .pt "
+            f"dataset). Check the path; see FORMAT.md for the dataset layout."
+        )
+    store = _store_location(src, cache_dir)
+    store.parent.mkdir(parents=True, exist_ok=True)
+    with open(store.parent / f".{store.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        stale = _stale_files(store, src)
+        if stale == []:
+            log.debug("%s: store %s is up to date", src, store)
+            return store
+        from converters import convert_pt
+
+        if stale is None:
+            log.info(
+                "%s: converting the .pt files into %s (once; reused while they are unchanged)",
+                src,
+                store,
+            )
+        else:
+            log.info(
+                "%s: %s changed since %s was built; rebuilding it", src, ", ".join(stale), store
+            )
+        convert_pt(src, store, format=store_format, overwrite=True, progress=None)
+    return store
