@@ -1,0 +1,309 @@
+"""JASPERSteeringDataset and the loader helpers against tiny fixtures."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from helpers import keyword_arrays, load_pt  # noqa: F401
+from torch.utils.data import DataLoader
+
+from jasper_mmap import (
+    BATCH_KEYS,
+    JASPERSteeringDataset,
+    create_loader,
+    set_epoch,
+    validate_first_batch,
+)
+from jasper_mmap.errors import (
+    ArtifactError,
+    ArtifactMissingError,
+    SampleIndexError,
+    StoreNotFoundError,
+)
+from jasper_mmap.loader import BatchValidationError
+from jasper_mmap.steering import SteeringSchedule, draw_variants
+from jasper_mmap.synthetic import SyntheticSpec, make_pt_dataset
+
+STEER = {1: "steering_centroid", 2: "steering_keyword_weighted", 3: "steering_residual"}
+
+
+def _expected(src, split, idx, epoch, seed=42, forced=-1):
+    """The batch computed directly from the .pt files (the seed dataset's semantics)."""
+    t = {p.stem: load_pt(p) for p in src.glob("*.pt") if p.stem != "pair_keyword_ids"}
+    pairs = t[f"{split}_idx"][idx]
+    q, s = t["pair_index"][pairs, 0], t["pair_index"][pairs, 1]
+    import json
+
+    sched = SteeringSchedule.from_config(json.loads((src / "config.json").read_text()))
+    v = draw_variants(seed, epoch, pairs, sched.probs(epoch), forced)
+    steering = np.zeros((len(idx), t["question_embs"].shape[1]), np.float32)
+    for k, name in STEER.items():
+        steering[v == k] = t[name][pairs[v == k]]
+    return {
+        "question_emb": t["question_embs"][q],
+        "target_source_emb": t["source_embs"][s],
+        "steering": steering,
+        "negative_embs": t["source_embs"][t["hard_negatives"][pairs]],
+        "cluster_id": t["pair_cluster_id"][pairs],
+        "relevance": t["pair_relevance"][pairs],
+        "centroid_distance": t["centroid_distances"][pairs],
+        "steering_variant": v,
+        "negative_tiers": t["negative_tiers"][pairs],
+    }
+
+
+@pytest.fixture()
+def src(tmp_path, pt_dataset):
+    """A private copy of the tiny .pt dataset (tests may change it)."""
+    return shutil.copytree(pt_dataset, tmp_path / "ds")
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    """5000 pairs, D=4: enough samples for frequency checks."""
+    return make_pt_dataset(
+        tmp_path_factory.mktemp("big") / "ds", SyntheticSpec(n_pairs=5000, dim=4, n_neg=2)
+    )
+
+
+@pytest.mark.parametrize("backend", ["safetensors", "zarr"])
+def test_every_key_equals_a_direct_computation_from_the_pt_files(src, tmp_path, backend):
+    ds = JASPERSteeringDataset(
+        src, "val", epoch=3, cache_dir=tmp_path / "cache", store_format=backend
+    )
+    idx = np.array([4, 0, 4, len(ds) - 1])
+    got = ds.get_batch(idx)
+    want = _expected(src, "val", idx, epoch=3)
+    assert tuple(got) == BATCH_KEYS
+    for key in BATCH_KEYS:
+        assert got[key].numpy().dtype == np.dtype(
+            "int64" if want[key].dtype.kind == "i" else "float32"
+        ), key
+        np.testing.assert_array_equal(got[key].numpy(), want[key], err_msg=key)
+    one = ds[2]
+    assert one["question_emb"].shape == (ds.embedding_dim,)
+    assert one["negative_embs"].shape == (ds.n_neg, ds.embedding_dim)
+    np.testing.assert_array_equal(
+        one["relevance"].numpy(), _expected(src, "val", [2], 3)["relevance"][0]
+    )
+
+
+def test_out_of_range_and_negative_indices_raise_index_error(pt_dataset):
+    ds = JASPERSteeringDataset(pt_dataset, "train")
+    for bad in (len(ds), -1, 10**6):
+        with pytest.raises(IndexError, match=r"indices should be in \[0, 96\)"):
+            ds[bad]
+    with pytest.raises(SampleIndexError):
+        ds.get_batch([0, len(ds)])
+
+
+def test_attributes_of_the_seed_api(pt_dataset):
+    with JASPERSteeringDataset(pt_dataset, "train", epoch=100) as ds:
+        assert (ds.embedding_dim, ds.n_neg, len(ds)) == (16, 6, 96)
+        assert ds.config["random_seed"] == 42 and ds.device == torch.device("cpu")
+        assert ds.steering_probs["zero"] == pytest.approx(0.1)
+        assert sum(ds.steering_probs.values()) == pytest.approx(1.0)
+        assert 0 < ds.memory_usage_mb < 0.01
+    splits = JASPERSteeringDataset.create_combined_splits(pt_dataset, epoch=0)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 96, "val": 12, "test": 12}
+
+
+def _variants(loader):
+    return torch.cat([b["steering_variant"] for b in loader]).numpy()
+
+
+def _loader(src, **kw):
+    return create_loader(
+        src, "train", batch_size=kw.pop("batch_size", 7), shuffle=False, drop_last=False, **kw
+    )
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        dict(num_workers=2),
+        dict(num_workers=2, persistent_workers=True),
+        dict(num_workers=4, batch_size=5),
+        dict(num_workers=2, multiprocessing_context="spawn"),
+    ],
+    ids=["fork2", "fork2-persistent", "fork4-b5", "spawn2"],
+)
+def test_variants_identical_under_any_worker_layout(pt_dataset, layout):
+    reference = _variants(_loader(pt_dataset, num_workers=0))
+    got = _variants(_loader(pt_dataset, **layout))
+    np.testing.assert_array_equal(got, reference)
+    ds = JASPERSteeringDataset(pt_dataset, "train")
+    perm = np.random.default_rng(1).permutation(len(ds))
+    shuffled = ds.get_batch(perm)["steering_variant"].numpy()
+    np.testing.assert_array_equal(shuffled, reference[perm])  # any batch composition or order
+
+
+def test_draws_change_with_epoch_and_seed(big):
+    ds = JASPERSteeringDataset(big, "train")
+    idx = np.arange(len(ds))
+    e0 = ds.get_batch(idx)["steering_variant"].numpy()
+    ds.set_epoch(1)
+    e1 = ds.get_batch(idx)["steering_variant"].numpy()
+    other = JASPERSteeringDataset(big, "train", seed=7).get_batch(idx)["steering_variant"].numpy()
+    assert (e0 != e1).mean() > 0.3 and (e0 != other).mean() > 0.3
+
+
+@pytest.mark.parametrize("epoch", [0, 100, 250])
+def test_variant_frequencies_follow_the_curriculum(big, epoch):
+    ds = JASPERSteeringDataset(big, "train", epoch=epoch)
+    v = ds.get_batch(np.arange(len(ds)))["steering_variant"].numpy()
+    freq = np.bincount(v, minlength=4) / v.size
+    zero = 0.5 if epoch == 0 else 0.1
+    want = np.array([zero, *[(1 - zero) / 3] * 3])
+    np.testing.assert_allclose(ds.schedule.probs(epoch), want)
+    sigma = np.sqrt(want * (1 - want) / v.size)
+    assert (np.abs(freq - want) < 5 * sigma).all(), (freq, want)
+
+
+def test_curriculum_without_zero_prob_keys_is_fixed_and_logged(src, caplog):
+    import json
+
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["curriculum"] = {"mode": "linear", "start_distance": 0.2, "warmup_epochs": 5}
+    cfg["steering_probabilities"] = {"zero": 0.4, "centroid": 0.2, "keyword": 0.2, "residual": 0.2}
+    (src / "config.json").write_text(json.dumps(cfg))
+    with caplog.at_level(logging.INFO):
+        ds = JASPERSteeringDataset(src, "train", epoch=50)
+    assert ds.steering_probs["zero"] == pytest.approx(0.4)
+    assert "no zero_prob_* keys" in caplog.text
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_set_epoch_and_force_steering_reach_persistent_workers(big, context):
+    loader = _loader(
+        big, num_workers=2, persistent_workers=True, batch_size=256, multiprocessing_context=context
+    )
+    ds = loader.dataset_obj
+    first = _variants(loader)
+    set_epoch(loader, 100)
+    second = _variants(loader)
+    assert (first != second).any()
+    assert (
+        loader._iterator is not None and loader._iterator._workers[0].pid
+    )  # same workers throughout
+    pids = [w.pid for w in loader._iterator._workers]
+    want = _expected(big, "train", np.arange(len(ds)), epoch=100)["steering_variant"]
+    np.testing.assert_array_equal(second, want)
+    ds.force_steering("centroid")
+    assert (_variants(loader) == 1).all()
+    ds.force_steering(None)
+    np.testing.assert_array_equal(_variants(loader), want)
+    assert [w.pid for w in loader._iterator._workers] == pids
+    with pytest.raises(ValueError, match="variant should be one of"):
+        ds.force_steering("sideways")
+
+
+def test_pickle_carries_paths_and_small_state_only(big):
+    ds = JASPERSteeringDataset(big, "train")
+    ds.get_batch(np.arange(100))  # maps opened
+    blob = pickle.dumps(ds)
+    assert len(blob) < 1_000_000
+    assert len(blob) < 64 * 1024  # independent of the store's size: manifest + config
+    clone = pickle.loads(blob)
+    np.testing.assert_array_equal(
+        clone.get_batch([3])["question_emb"], ds.get_batch([3])["question_emb"]
+    )
+
+
+def test_plain_dataloader_with_default_collate_gives_the_same_batches(pt_dataset):
+    ds = JASPERSteeringDataset(pt_dataset, "train")
+    plain = next(iter(DataLoader(ds, batch_size=8, shuffle=False)))
+    fast = next(iter(_loader(pt_dataset, batch_size=8)))
+    for key in BATCH_KEYS:
+        assert torch.equal(plain[key], fast[key]), key
+
+
+def test_create_loader_defaults_and_overrides(pt_dataset):
+    train = create_loader(pt_dataset, "train", batch_size=10)
+    assert train.drop_last and len(train) == 9 and train.sampler_obj is None
+    assert isinstance(train.sampler, torch.utils.data.RandomSampler)
+    val = create_loader(pt_dataset, "val", batch_size=5)
+    assert not val.drop_last and len(val) == 3
+    assert isinstance(val.sampler, torch.utils.data.SequentialSampler)
+    fixed = create_loader(pt_dataset, "train", batch_size=10, shuffle=False, timeout=0)
+    assert isinstance(fixed.sampler, torch.utils.data.SequentialSampler)
+    assert validate_first_batch(fixed)["batch_size"] == 10
+
+
+def _numpy_draw(_):
+    return float(np.random.random())
+
+
+def test_workers_get_distinct_numpy_seeds(pt_dataset):
+    loader = create_loader(pt_dataset, "train", batch_size=1, num_workers=2, shuffle=False)
+    from jasper_mmap.loader import seed_worker
+
+    seeded = DataLoader(
+        range(4),
+        batch_size=1,
+        num_workers=2,
+        worker_init_fn=seed_worker,
+        collate_fn=lambda b: _numpy_draw(b),
+        multiprocessing_context="fork",
+    )
+    draws = list(seeded)
+    assert len(set(draws[:2])) == 2  # worker 0 and worker 1 differ
+    assert loader.worker_init_fn is seed_worker
+
+
+def test_stale_pt_files_are_picked_up(src, caplog):
+    ds = JASPERSteeringDataset(src, "train")
+    rel = load_pt(src / "pair_relevance.pt")
+    new = np.clip(rel[::-1].copy() * 0.5, 0, 1)
+    torch.save(torch.from_numpy(new), src / "pair_relevance.pt")
+    with caplog.at_level(logging.INFO):
+        again = JASPERSteeringDataset(src, "train")
+    assert "pair_relevance.pt changed" in caplog.text
+    pairs = load_pt(src / "train_idx.pt")[:5]
+    np.testing.assert_array_equal(again.get_batch(np.arange(5))["relevance"].numpy(), new[pairs])
+    assert ds.store_path == again.store_path
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        JASPERSteeringDataset(src, "train")
+    assert "converting" not in caplog.text and "rebuilding" not in caplog.text
+
+
+def test_clear_errors_for_missing_dir_config_split_and_corrupt_indices(tmp_path, src):
+    with pytest.raises(StoreNotFoundError, match="does not exist"):
+        JASPERSteeringDataset(tmp_path / "missing", "train")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ArtifactMissingError, match="neither manifest.json .* nor config.json"):
+        JASPERSteeringDataset(tmp_path / "empty", "train")
+    (src / "test_idx.pt").unlink()
+    with pytest.raises(ArtifactMissingError, match="has no 'test' split"):
+        JASPERSteeringDataset(src, "test")
+    with pytest.raises(ValueError, match="split should be one of"):
+        JASPERSteeringDataset(src, "dev")
+    negs = load_pt(src / "hard_negatives.pt")
+    negs[3, 1] = 10**6
+    torch.save(torch.from_numpy(negs), src / "hard_negatives.pt")
+    with pytest.raises(
+        ArtifactError, match=r"hard_negatives.pt: negative source rows should be in \[0, 120\)"
+    ):
+        JASPERSteeringDataset(src, "train")
+
+
+def test_validate_first_batch_names_key_and_rows(pt_dataset):
+    loader = _loader(pt_dataset, batch_size=4)
+
+    def broken(data):
+        batch = dict(data.batch)
+        batch["relevance"] = batch["relevance"].clone()
+        batch["relevance"][2] = 3.0
+        return batch
+
+    loader.collate_fn = broken
+    with pytest.raises(
+        BatchValidationError, match=r"relevance should be in \[0.0, 1.0\], but batch rows \[2\]"
+    ):
+        validate_first_batch(loader)
