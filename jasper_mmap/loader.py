@@ -99,6 +99,9 @@ def create_loader(
         "pin_memory": pin_memory and torch.cuda.is_available(),
         "worker_init_fn": seed_worker,
     }
+    if dataloader_kwargs.get("batch_sampler") is not None:  # it decides batches alone
+        for key in ("batch_size", "shuffle", "sampler", "drop_last"):
+            kwargs.pop(key)
     kwargs.update(dataloader_kwargs)
     loader = DataLoader(dataset, **kwargs)
     loader.dataset_obj = dataset
