@@ -108,8 +108,13 @@ def _check_shapes(
         _expect(arts[name], 2, _FLOAT_SOURCES, "rows of embeddings")
     dims = {arts[n].shape[1] for n in emb + steer}
     want_d = config.get("embedding_dim")
-    if len(dims) > 1 or (want_d is not None and dims != {want_d}):
-        found = {arts[n].path.name: arts[n].shape[1] for n in emb + steer}
+    found = {arts[n].path.name: arts[n].shape[1] for n in emb + steer}
+    if len(dims) == 1 and want_d is not None and dims != {want_d}:
+        raise ConfigError(
+            f"{src / 'config.json'}: embedding_dim={want_d}, but every embedding and steering file "
+            f"has dimension {dims.pop()}. The files are the truth: fix config.json."
+        )
+    if len(dims) > 1:
         raise ArtifactError(
             f"{src}: embedding dimensions disagree: config.json says embedding_dim="
             f"{want_d}, the files have {found}. Re-run the dataset builder so all agree."

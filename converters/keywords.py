@@ -16,7 +16,7 @@ import numpy as np
 
 from jasper_mmap.errors import ArtifactError
 
-from .checks import Stats, check_block
+from .checks import Stats
 from .pt_reader import iter_keyword_rows
 
 __all__ = ["parse_keywords", "KeywordJob"]
@@ -37,10 +37,10 @@ def parse_keywords(path: str, tmp: str, n_pairs: int, n_keywords: int) -> dict[s
     with open(out / ".kw_offsets.bin", "wb") as fo, open(out / ".kw_values.bin", "wb") as fv:
         fo.write(np.zeros(1, dtype=np.int64).tobytes())
         for lengths, values in iter_keyword_rows(src):
-            check_block(
-                src, "pair_keyword_values", values, nnz, {"n_keywords": n_keywords}, stats, False
-            )
-            fo.write((nnz + np.cumsum(lengths)).tobytes())
+            ends = np.cumsum(lengths)
+            _check_ids(src, values, ends, rows, n_keywords)
+            stats.update(values)
+            fo.write((nnz + ends).tobytes())
             fv.write(values.tobytes())
             rows += lengths.size
             nnz += values.size
@@ -50,6 +50,20 @@ def parse_keywords(path: str, tmp: str, n_pairs: int, n_keywords: int) -> dict[s
             f"but holds {rows}. Re-run the dataset builder."
         )
     return {"nnz": nnz, "values_stats": stats.as_dict(), "offsets_stats": {"min": 0, "max": nnz}}
+
+
+def _check_ids(
+    src: Path, values: np.ndarray, ends: np.ndarray, first_row: int, n_keywords: int
+) -> None:
+    """Keyword ids must be rows of keyword_embs; name the pairs whose lists break that."""
+    bad = np.flatnonzero((values < 0) | (values >= n_keywords))
+    if bad.size:
+        pairs = (first_row + np.searchsorted(ends, bad, side="right"))[:5].tolist()
+        raise ArtifactError(
+            f"{src}: keyword ids should be rows of keyword_embs.pt, in [0, {n_keywords}), but "
+            f"the lists of pairs {pairs} hold {values[bad[:5]].tolist()}. Re-run the "
+            f"dataset builder."
+        )
 
 
 def _child(conn, *args: Any) -> None:

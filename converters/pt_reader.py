@@ -67,6 +67,13 @@ def fingerprint(path: Path) -> dict[str, object]:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "head_tail_blake2b": h.hexdigest()}
 
 
+def _is_legacy(path: Path) -> bool:
+    """Whether ``path`` starts with the pickled magic number of torch's pre-1.6 format."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    return head[:4] == b"\x80\x02\x8a\x0a" and int.from_bytes(head[4:14], "little") == LEGACY_MAGIC
+
+
 def _sniff(path: Path) -> str:
     """Return ``zip``, ``pickle`` or ``unknown`` from the first bytes; missing -> error."""
     if not path.is_file():
@@ -77,6 +84,10 @@ def _sniff(path: Path) -> str:
         )
     with open(path, "rb") as f:
         head = f.read(4)
+    if not head:
+        raise ArtifactError(
+            f"{path}: is empty (0 bytes). Re-run the dataset builder to write it again."
+        )
     if head.startswith(b"PK\x03\x04"):
         return "zip"
     if head[:1] == b"\x80":
@@ -183,7 +194,12 @@ def open_tensor(path: Path) -> TensorArtifact:
 
     kind = _sniff(path)
     if kind == "pickle":
-        raise ArtifactError(f"{path}: not a zip-format torch archive. {LEGACY_FIX}")
+        if _is_legacy(path):
+            raise ArtifactError(f"{path}: not a zip-format torch archive. {LEGACY_FIX}")
+        raise ArtifactError(
+            f"{path}: is a plain pickle, not a torch archive (it was not unpickled). "
+            f"Save the tensor with torch.save(tensor, path)."
+        )
     if kind != "zip":
         raise ArtifactError(
             f"{path}: is not a torch archive (it does not start with a zip or pickle "
@@ -383,10 +399,18 @@ class _KeywordDecoder:
             raise _bad(self.path, f"the pickle holds a {what}")
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        try:
+            yield from self._run()
+        except (struct.error, IndexError):
+            raise _bad(self.path, "the pickle ends inside an opcode (truncated file)") from None
+        except OverflowError:
+            raise _bad(self.path, "it holds an integer too large for int64") from None
+
+    def _run(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         buf, i, eof = b"", 0, False
         stack = self.stack
         while True:
-            if len(buf) - i < 16 and not eof:
+            if len(buf) - i < 300 and not eof:  # room for the longest opcode we accept
                 more = self.f.read(self.block)
                 eof = not more
                 buf, i = buf[i:] + more, 0

@@ -3,18 +3,30 @@
 Convert a directory of ``.pt`` artifacts with ``convert-pt`` (or
 :func:`converters.convert_pt`), then train with :class:`JASPERSteeringDataset` /
 :func:`create_loader`, which read rows lazily from the store.
+
+The dataset and loader modules import torch; they are loaded on first use, so that the store
+readers and the converter's keyword child process start without paying for torch.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
 from . import errors  # noqa: E402
-from .dataset import BATCH_KEYS, JASPERSteeringDataset  # noqa: E402
 from .layout import FORMAT_NAME, FORMAT_VERSION  # noqa: E402
-from .loader import create_loader, set_epoch, validate_first_batch  # noqa: E402
-from .steering import VARIANTS  # noqa: E402
 from .stores import Store, open_store  # noqa: E402
+
+_LAZY = {
+    "JASPERSteeringDataset": "dataset",
+    "BATCH_KEYS": "dataset",
+    "create_loader": "loader",
+    "set_epoch": "loader",
+    "validate_first_batch": "loader",
+    "VARIANTS": "steering",
+}
 
 __all__ = [
     "__version__",
@@ -30,3 +42,13 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
