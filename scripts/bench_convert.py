@@ -1,0 +1,355 @@
+"""Benchmark ``convert-pt``: throughput against the disk's write speed, and peak memory.
+
+For each dataset size this script
+
+1. generates a synthetic ``.pt`` dataset (D=384, n_neg=12) in ``--workdir``, or reuses one
+   whose ``config.json`` matches;
+2. measures the disk's sequential write speed: ~2 GiB of random bytes in 16 MiB blocks,
+   written with plain Python file writes, then fsync;
+3. for each format, drops the page cache (``sync`` + ``/proc/sys/vm/drop_caches``), runs
+   ``python -m converters.cli SRC DST --quiet --overwrite --format F`` as a subprocess and
+   polls the peak RSS (``VmHWM``) of the converter process and of its keyword-parsing child
+   (the ``ProcessPoolExecutor`` worker) every ~20 ms;
+4. prints one table row per size and format.
+
+The package code (``jasper_mmap``, ``converters``) is copied into ``WORKDIR/code_snapshot``
+at the start and every conversion runs from that copy, so edits made to the working tree
+while the benchmark runs cannot mix versions within one table (``--no-snapshot`` runs the
+live tree). The copy's git commit, changed files and content hash are printed.
+
+Targets: throughput >= 70% of the disk write speed; peak RSS <= 600 MB, about the same at
+every size. MB = 10**6 bytes throughout.
+
+Example::
+
+    python scripts/bench_convert.py --sizes 200000,800000 --formats safetensors,zarr
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+DIM, N_NEG, N_KEYWORDS, N_CLUSTERS = 384, 12, 20_000, 64
+DISK_TEST_BYTES = 2 << 30
+DISK_BLOCK_BYTES = 16 << 20
+POLL_S = 0.02
+MB = 1e6
+TARGET_RATIO = 0.70
+TARGET_RSS_MB = 600.0
+
+
+@dataclass
+class RunResult:
+    """One converter run: wall time, exit status and peak RSS (bytes) per process role."""
+
+    seconds: float
+    returncode: int
+    stderr: str
+    peak_main: int = 0
+    peak_child: int = 0
+    other_children: dict[str, int] = field(default_factory=dict)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="200000,800000", help="comma-separated n_pairs values")
+    p.add_argument("--formats", default="safetensors,zarr", help="comma-separated formats")
+    p.add_argument("--workdir", type=Path, default=Path("bench_out"), help="datasets and stores")
+    p.add_argument("--disk-test-bytes", type=int, default=DISK_TEST_BYTES)
+    p.add_argument("--no-snapshot", action="store_true", help="run the live tree's code")
+    p.add_argument("--keep-stores", action="store_true", help="do not delete converted stores")
+    return p.parse_args(argv)
+
+
+def expected_config(n_pairs: int) -> dict[str, int]:
+    """The config.json counts the synthetic dataset of ``n_pairs`` pairs must have."""
+    return {
+        "embedding_dim": DIM,
+        "n_neg": N_NEG,
+        "n_pairs": n_pairs,
+        "n_questions": n_pairs // 2,
+        "n_sources": n_pairs,
+        "n_keywords": N_KEYWORDS,
+        "n_clusters": N_CLUSTERS,
+    }
+
+
+def ensure_dataset(workdir: Path, n_pairs: int, code: Path) -> Path:
+    """Return the dataset dir for ``n_pairs``, generating it unless a matching one exists."""
+    src = workdir / f"pt_{n_pairs}"
+    want = expected_config(n_pairs)
+    cfg_path = src / "config.json"
+    if cfg_path.exists():
+        have = json.loads(cfg_path.read_text())
+        if all(have.get(k) == v for k, v in want.items()):
+            print(f"[{n_pairs}] reusing dataset {src}")
+            return src
+        print(f"[{n_pairs}] {cfg_path} does not match; regenerating")
+    if str(code) not in sys.path:
+        sys.path.insert(0, str(code))
+    from jasper_mmap.synthetic import SyntheticSpec, make_pt_dataset
+
+    spec = SyntheticSpec(
+        n_pairs=n_pairs,
+        dim=DIM,
+        n_neg=N_NEG,
+        n_questions=want["n_questions"],
+        n_sources=want["n_sources"],
+        n_keywords=N_KEYWORDS,
+        n_clusters=N_CLUSTERS,
+    )
+    if cfg_path.exists():
+        cfg_path.unlink()  # config.json is written last: its presence marks a complete dataset
+    t0 = time.perf_counter()
+    make_pt_dataset(src, spec)
+    print(f"[{n_pairs}] generated dataset {src} in {time.perf_counter() - t0:.1f} s")
+    return src
+
+
+def source_bytes(src: Path) -> int:
+    """Total size of the ``.pt`` files in ``src``."""
+    return sum(p.stat().st_size for p in src.glob("*.pt"))
+
+
+def disk_write_speed(workdir: Path, nbytes: int, block: int = DISK_BLOCK_BYTES) -> float:
+    """Bytes/s of a sequential write of ``nbytes`` random bytes (Python writes + fsync)."""
+    rng = np.random.default_rng()
+    pool = [rng.bytes(block) for _ in range(8)]  # distinct random blocks, generated untimed
+    path = workdir / ".disk_write_test.bin"
+    n_blocks = max(1, nbytes // block)
+    t0 = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        for i in range(n_blocks):
+            f.write(pool[i % len(pool)])
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - t0
+    path.unlink()
+    return n_blocks * block / seconds
+
+
+def drop_caches() -> str:
+    """``sync`` and drop the page cache; return a note on what worked."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+    except OSError as e:
+        return f"sync ok; drop_caches FAILED ({e}); page cache may be warm"
+    return "sync + drop_caches ok"
+
+
+def converter_command(src: Path, dst: Path, fmt: str) -> list[str]:
+    """The converter's command line."""
+    cli = [sys.executable, "-m", "converters.cli", str(src), str(dst)]
+    return [*cli, "--quiet", "--overwrite", "--format", fmt]
+
+
+def peak_rss(proc: psutil.Process) -> int:
+    """Peak RSS so far of ``proc`` in bytes (``VmHWM``; current RSS if that is unavailable)."""
+    try:
+        with open(f"/proc/{proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        return proc.memory_info().rss
+    except (OSError, psutil.Error):
+        return 0
+
+
+def child_role(proc: psutil.Process) -> str:
+    """'worker' for the ProcessPoolExecutor child, else a short name of the process."""
+    try:
+        cmd = " ".join(proc.cmdline())
+    except psutil.Error:
+        return "gone"
+    if "resource_tracker" in cmd:
+        return "resource_tracker"
+    if "spawn_main" in cmd or "multiprocessing" in cmd:
+        return "worker"
+    return cmd[:60]
+
+
+def poll_peaks(proc: subprocess.Popen, result: RunResult) -> None:
+    """Poll the converter and its children until it exits; keep the highest VmHWM seen."""
+    main = psutil.Process(proc.pid)
+    roles: dict[int, str] = {}
+    while proc.poll() is None:
+        result.peak_main = max(result.peak_main, peak_rss(main))
+        try:
+            children = main.children(recursive=True)
+        except psutil.Error:
+            children = []
+        for child in children:
+            role = roles.setdefault(child.pid, child_role(child))
+            hwm = peak_rss(child)
+            if role == "worker":
+                result.peak_child = max(result.peak_child, hwm)
+            else:
+                result.other_children[role] = max(result.other_children.get(role, 0), hwm)
+        time.sleep(POLL_S)
+
+
+def run_converter(src: Path, dst: Path, fmt: str, log_path: Path, code: Path) -> RunResult:
+    """Run the converter as a subprocess, sampling peak RSS; return timing and memory."""
+    paths = [str(code), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    with open(log_path, "w+") as log:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            converter_command(src, dst, fmt), cwd=code, env=env, stdout=log, stderr=log
+        )
+        result = RunResult(seconds=0.0, returncode=-1, stderr="")
+        poll_peaks(proc, result)
+        result.seconds = time.perf_counter() - t0
+        result.returncode = proc.returncode
+        log.seek(0)
+        result.stderr = log.read()
+    return result
+
+
+HEADER = (
+    f"{'pairs':>8} {'format':>11} {'src GB':>7} {'seconds':>8} {'MB/s':>7} {'disk MB/s':>9} "
+    f"{'ratio':>6} {'RSS main MB':>11} {'RSS child MB':>12}  targets"
+)
+
+
+def table_row(n_pairs: int, fmt: str, nbytes: int, disk: float, r: RunResult) -> str:
+    """One table line, with the target checks."""
+    tput = nbytes / r.seconds
+    ratio = tput / disk
+    main_mb, child_mb = r.peak_main / MB, r.peak_child / MB
+    checks = [
+        f"ratio>={TARGET_RATIO:.2f} {'ok' if ratio >= TARGET_RATIO else 'MISS'}",
+        f"main<={TARGET_RSS_MB:.0f} {'ok' if main_mb <= TARGET_RSS_MB else 'MISS'}",
+        f"child<={TARGET_RSS_MB:.0f} {'ok' if child_mb <= TARGET_RSS_MB else 'MISS'}",
+    ]
+    return (
+        f"{n_pairs:>8} {fmt:>11} {nbytes / 1e9:>7.2f} {r.seconds:>8.1f} {tput / MB:>7.0f} "
+        f"{disk / MB:>9.0f} {ratio:>6.2f} {main_mb:>11.0f} {child_mb:>12.0f}  {', '.join(checks)}"
+    )
+
+
+def bench_size(args: argparse.Namespace, n_pairs: int, formats: list[str]) -> list[tuple]:
+    """Generate/reuse one dataset, measure the disk, convert to every format; return rows."""
+    try:
+        src = ensure_dataset(args.workdir, n_pairs, args.code)
+    except Exception:  # report and go on with the other sizes
+        print(f"[{n_pairs}] dataset generation FAILED:")
+        traceback.print_exc(file=sys.stdout)
+        return []
+    nbytes = source_bytes(src)
+    disk = disk_write_speed(args.workdir, args.disk_test_bytes)
+    print(f"[{n_pairs}] source {nbytes / 1e9:.2f} GB; disk sequential write {disk / MB:.0f} MB/s")
+    rows = []
+    for fmt in formats:
+        dst = args.workdir / f"store_{n_pairs}_{fmt}"
+        print(f"[{n_pairs}] {fmt}: {drop_caches()}")
+        r = run_converter(src, dst, fmt, args.workdir / f"convert_{n_pairs}_{fmt}.log", args.code)
+        if r.returncode != 0:
+            print(f"[{n_pairs}] {fmt}: converter FAILED (exit {r.returncode}); its output:")
+            print(r.stderr, end="")
+            continue
+        if r.other_children:
+            other = ", ".join(f"{k} {v / MB:.0f} MB" for k, v in r.other_children.items())
+            print(f"[{n_pairs}] {fmt}: other child processes (peak RSS): {other}")
+        rows.append((n_pairs, fmt, nbytes, disk, r))
+        print(f"[{n_pairs}] {fmt}: {table_row(*rows[-1])}", flush=True)
+        if not args.keep_stores:
+            shutil.rmtree(dst, ignore_errors=True)
+    return rows
+
+
+def print_summary(rows: list[tuple]) -> None:
+    """Print the table and how peak RSS changes between the smallest and largest size."""
+    print()
+    print(HEADER)
+    for row in rows:
+        print(table_row(*row))
+    print()
+    for fmt in dict.fromkeys(r[1] for r in rows):
+        mine = sorted((r for r in rows if r[1] == fmt), key=lambda r: r[0])
+        if len(mine) < 2:
+            continue
+        lo, hi = mine[0], mine[-1]
+        print(
+            f"{fmt}: peak RSS at {hi[0]} vs {lo[0]} pairs: main "
+            f"{hi[4].peak_main / max(1, lo[4].peak_main):.2f}x, child "
+            f"{hi[4].peak_child / max(1, lo[4].peak_child):.2f}x (target: about 1x)"
+        )
+
+
+def snapshot_code(workdir: Path) -> Path:
+    """Copy the package code into ``workdir/code_snapshot``; return that directory."""
+    dst = workdir / "code_snapshot"
+    shutil.rmtree(dst, ignore_errors=True)
+    for pkg in ("jasper_mmap", "converters"):
+        shutil.copytree(REPO / pkg, dst / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    return dst
+
+
+def code_hash(code: Path) -> str:
+    """Short hash of every ``.py`` file of the package code in ``code``."""
+    h = hashlib.blake2b(digest_size=8)
+    for path in sorted(code.glob("*/**/*.py")):
+        h.update(path.relative_to(code).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def git_state() -> str:
+    """HEAD commit and the package files modified since, so a result can be traced to code."""
+    try:
+        git = ["git", "-C", str(REPO)]
+        head = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        )
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--", "jasper_mmap", "converters"],
+            capture_output=True,
+            text=True,
+        )
+    except OSError as e:
+        return f"unknown ({e})"
+    changed = " ".join(line[3:] for line in dirty.stdout.splitlines()) or "none"
+    return f"HEAD {head.stdout.strip() or '?'}; package files changed since: {changed}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark and print the table."""
+    args = parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    formats = [f for f in args.formats.split(",") if f]
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    args.workdir = args.workdir.absolute()
+    print("command:", shlex.join([sys.executable, *sys.argv]))
+    print("converter:", shlex.join(converter_command(Path("SRC"), Path("DST"), "F")))
+    print(
+        f"targets: throughput >= {TARGET_RATIO:.0%} of disk write speed; peak RSS <= "
+        f"{TARGET_RSS_MB:.0f} MB and about the same at every size (MB = 1e6 bytes)"
+    )
+    args.code = REPO if args.no_snapshot else snapshot_code(args.workdir)
+    print(f"code: {args.code} (hash {code_hash(args.code)}); working tree: {git_state()}")
+    print(f"host: {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.1f} GiB RAM")
+    rows = []
+    for n_pairs in sizes:
+        rows += bench_size(args, n_pairs, formats)
+    print_summary(rows)
+
+
+if __name__ == "__main__":
+    main()
