@@ -10,8 +10,10 @@ Memory is bounded by a few blocks (``block_bytes``), whatever the dataset size.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from jasper_mmap import __version__
-from jasper_mmap._atomic import partial_dir, publish_dir, remove_stale_partials
+from jasper_mmap._atomic import fsync_dir, partial_dir, publish_dir, remove_stale_partials
 from jasper_mmap._dtypes import to_float32, to_stored
 from jasper_mmap.errors import ArtifactError, ArtifactMissingError, ConfigError, StoreExistsError
 from jasper_mmap.layout import (
@@ -215,14 +217,40 @@ class _Progress:
         self.bar.close()
 
 
+def _prefetched_blocks(art: TensorArtifact, rows: int):
+    """Yield ``(start, rows block)`` while a thread already reads the next block.
+
+    ``pread`` releases the GIL, so reading block k+1 overlaps checking and writing block k;
+    two blocks are in memory at a time.
+    """
+    n = art.shape[0]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="convert-pt-read") as pool:
+        pending = pool.submit(art.read_rows, 0, min(n, rows)) if n else None
+        for start in range(0, n, rows):
+            block = pending.result()
+            nxt = start + rows
+            pending = pool.submit(art.read_rows, nxt, min(n, nxt + rows)) if nxt < n else None
+            yield start, block
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root`` (once, before publishing)."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
 def _stream_tensor(p: _Planned, writer, limits, allow_nonfinite, block_bytes, progress) -> dict:
     art = p.art
     stats = Stats()
     split = SplitCheck(art.path, limits["n_pairs"]) if p.spec.role == "split" else None
     rows = max(1, block_bytes // max(1, art.row_bytes))
-    n = art.shape[0]
-    for start in range(0, n, rows):
-        block = art.read_rows(start, min(n, start + rows))
+    for start, block in _prefetched_blocks(art, rows):
         if block.dtype.byteorder == ">":
             block = block.astype(block.dtype.newbyteorder("<"))
         if art.dtype == "torch.bfloat16":
@@ -295,45 +323,56 @@ def _copy_keywords(tmp: Path, p: _Planned, writer, kw: dict, block_bytes: int, p
     return kw[f"{key}_stats"]
 
 
-def _verify(tmp: Path, units: dict[str, list[_Planned]], samples: int = 32) -> None:
-    """Reopen the written store and compare shapes, dtypes and sampled rows with the sources."""
-    rng = np.random.default_rng(0)
+def _source_rows(p: _Planned, idx: np.ndarray) -> np.ndarray:
+    """Rows ``idx`` of the source as readers should see them (cast, stored, widened)."""
+    want = np.concatenate([p.art.read_rows(i, i + 1) for i in idx])
+    if want.dtype.byteorder == ">":
+        want = want.astype(want.dtype.newbyteorder("<"))
+    if p.art.dtype == "torch.bfloat16":
+        want = to_float32(want.view(np.uint16), "bfloat16")
+    return to_float32(to_stored(want.astype(np.dtype(p.out)), p.stored), p.stored)
+
+
+def _verify_array(tmp: Path, p: _Planned, rng: np.random.Generator, samples: int) -> None:
+    # a fresh store per array, closed at once: the pages each check maps are let go before
+    # the next (large page-cache folios make even a few rows map megabytes)
     with open_store(tmp) as store:
-        for planned in units.values():
-            for p in planned:
-                name = p.spec.name
-                if store.shape(name) != tuple(p.shape):
-                    raise ArtifactError(
-                        f"{tmp}: verification failed: {name} has shape {store.shape(name)}, "
-                        f"expected {p.shape}. This is a bug; please report it."
-                    )
-                n = p.shape[0]
-                if n == 0:
-                    continue
-                idx = np.unique(np.concatenate([[0, n - 1], rng.integers(0, n, samples)]))
-                got = store.gather(name, idx)
-                if p.art is None:
-                    continue  # keyword arrays are checked against the parser's totals below
-                want = np.concatenate([p.art.read_rows(i, i + 1) for i in idx])
-                if want.dtype.byteorder == ">":
-                    want = want.astype(want.dtype.newbyteorder("<"))
-                if p.art.dtype == "torch.bfloat16":
-                    want = to_float32(want.view(np.uint16), "bfloat16")
-                want = to_float32(to_stored(want.astype(np.dtype(p.out)), p.stored), p.stored)
-                if got.dtype != np.dtype(p.out) or got.tobytes() != want.tobytes():
-                    raise ArtifactError(
-                        f"{tmp}: verification failed: rows {idx[:8].tolist()} of {name} "
-                        f"differ from {p.art.path}. The store was not published. Check the "
-                        f"disk (dmesg) and convert again."
-                    )
-        offsets = store.gather(
-            "pair_keyword_offsets", [0, store.shape("pair_keyword_offsets")[0] - 1]
-        )
-        if offsets[0] != 0 or offsets[1] != store.shape("pair_keyword_values")[0]:
+        name = p.spec.name
+        if store.shape(name) != tuple(p.shape):
             raise ArtifactError(
-                f"{tmp}: verification failed: keyword offsets {offsets.tolist()} do not "
-                f"span the {store.shape('pair_keyword_values')[0]} values. Convert again."
+                f"{tmp}: verification failed: {name} has shape {store.shape(name)}, "
+                f"expected {p.shape}. This is a bug; please report it."
             )
+        n = p.shape[0]
+        if n == 0:
+            return
+        idx = np.unique(np.concatenate([[0, n - 1], rng.integers(0, n, samples)]))
+        got = store.gather(name, idx)
+        if p.art is None:  # keyword arrays: checked against the parser's totals
+            if name == "pair_keyword_offsets" and (
+                got[0] != 0
+                or got[-1] != store.shape("pair_keyword_values")[0]
+                or (np.diff(got) < 0).any()
+            ):
+                raise ArtifactError(
+                    f"{tmp}: verification failed: keyword offsets {got[:8].tolist()} do not "
+                    f"span the values. The store was not published; convert again."
+                )
+            return
+        if got.dtype != np.dtype(p.out) or got.tobytes() != _source_rows(p, idx).tobytes():
+            raise ArtifactError(
+                f"{tmp}: verification failed: rows {idx[:8].tolist()} of {name} differ "
+                f"from {p.art.path}. The store was not published. Check the disk (dmesg) "
+                f"and convert again."
+            )
+
+
+def _verify(tmp: Path, units: dict[str, list[_Planned]], samples: int = 32) -> None:
+    """Reopen the written store; compare shapes, dtypes and sampled rows with the sources."""
+    rng = np.random.default_rng(0)
+    for planned in units.values():
+        for p in planned:
+            _verify_array(tmp, p, rng, samples)
 
 
 def _check_destination(dst: Path, overwrite: bool) -> None:
@@ -451,6 +490,7 @@ def convert_pt(
         }
         write_json_atomic(tmp / MANIFEST, manifest)
         _verify(tmp, units)
+        _fsync_tree(tmp)
         publish_dir(tmp, dst, replace=overwrite)
     except BaseException:
         if bar is not None:

@@ -1,12 +1,13 @@
 """Read ``.pt`` artifacts without ever holding one whole in RAM, and without running pickles.
 
-Tensors: ``torch.load(path, map_location="meta", weights_only=True)`` unpickles only the small
-``data.pkl`` record (safely: ``weights_only`` refuses any global that is not a tensor part) and
-yields a *meta* tensor with the shape, dtype, strides and storage offset, plus the byte offset
-of its storage inside the zip (``untyped_storage()._checkpoint_offset``; torch's own loader sets
-it for meta/fake loading). Rows are then read with ``os.pread`` into a reused buffer. We do not
-use ``torch.load(mmap=True)``: it maps the file with a private writable mapping, which Linux
-charges against the commit limit in full and refuses for files larger than RAM.
+Tensors: the small ``data.pkl`` record of the zip archive is unpickled by a restricted
+unpickler that admits only the globals a plain tensor needs (``torch._utils._rebuild_tensor_v2``,
+``torch.<Type>Storage``, ``collections.OrderedDict``), each replaced by a harmless stand-in:
+the same allow-list idea as ``torch.load(weights_only=True)``, but it never imports torch (a
+second and ~200 MB per process). It yields shape, dtype, strides and storage offset; the zip's
+local header gives the byte offset of the storage record. Rows are then read with ``os.pread``.
+We do not use ``torch.load(mmap=True)``: it maps the file with a private writable mapping,
+which Linux charges against the commit limit in full and refuses for files larger than RAM.
 
 Keyword ids (a Python list of lists of int, from ``torch.save`` or plain ``pickle``): a small
 streaming decoder of the pickle opcodes such a list uses. It never builds the whole list, never
@@ -182,16 +183,133 @@ class TensorArtifact:
         return out
 
 
+class _StorageRef:
+    __slots__ = ("dtype", "key", "numel")
+
+    def __init__(self, dtype: str, key: str, numel: int) -> None:
+        self.dtype, self.key, self.numel = dtype, key, numel
+
+
+class _TensorRef:
+    def __init__(
+        self, storage: object, offset: object, size: object, stride: object, *_: object
+    ) -> None:
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+
+
+class _StorageType:
+    def __init__(self, dtype: str) -> None:
+        self.dtype = dtype
+
+
+#: torch.save writes typed storages as GLOBAL "torch <Name>Storage"
+_STORAGES = {
+    "FloatStorage": "torch.float32",
+    "DoubleStorage": "torch.float64",
+    "HalfStorage": "torch.float16",
+    "BFloat16Storage": "torch.bfloat16",
+    "LongStorage": "torch.int64",
+    "IntStorage": "torch.int32",
+    "ShortStorage": "torch.int16",
+    "CharStorage": "torch.int8",
+    "ByteStorage": "torch.uint8",
+    "BoolStorage": "torch.bool",
+}
+
+
+class _TensorUnpickler(pickle.Unpickler):
+    """Unpickles ``data.pkl`` of a one-tensor torch archive into a :class:`_TensorRef`.
+
+    ``find_class`` admits only the tensor-rebuild function, storage types and OrderedDict, each
+    mapped to a harmless stand-in, so nothing from the file is ever imported or called (the same
+    allow-list idea as ``torch.load(weights_only=True)``, without importing torch).
+    """
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _TensorRef
+        if (module, name) == ("collections", "OrderedDict"):
+            return dict
+        if module == "torch" and name in _STORAGES:
+            return _StorageType(_STORAGES[name])
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+
+    def persistent_load(self, pid: object) -> _StorageRef:
+        if not (
+            isinstance(pid, tuple)
+            and len(pid) == 5
+            and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType)
+            and isinstance(pid[4], int)
+        ):
+            raise pickle.UnpicklingError(f"persistent id {str(pid)[:80]} is not a tensor storage")
+        return _StorageRef(pid[1].dtype, str(pid[2]), pid[4])
+
+
+def _record_offset(z: zipfile.ZipFile, path: Path, name: str) -> tuple[int, int]:
+    """(byte offset, size) of the stored (uncompressed) record ``name`` inside the zip file."""
+    try:
+        info = z.getinfo(name)
+    except KeyError:
+        raise ArtifactError(
+            f"{path}: torch archive lacks the record {name} its pickle refers to "
+            f"(truncated or corrupt). Re-run the dataset builder."
+        ) from None
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise ArtifactError(
+            f"{path}: record {name} is compressed; torch archives store data "
+            f"uncompressed. Save the tensor with torch.save."
+        )
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        head = f.read(30)
+    if len(head) < 30 or head[:4] != b"PK\x03\x04":
+        raise ArtifactError(
+            f"{path}: zip local header of {name} is damaged. Re-run the dataset builder."
+        )
+    name_len, extra_len = struct.unpack("<HH", head[26:30])
+    return info.header_offset + 30 + name_len + extra_len, info.file_size
+
+
+def _describe(path: Path) -> tuple[_TensorRef, int, int, str]:
+    """Unpickle the tensor's metadata; return (tensor ref, storage offset, storage bytes, order)."""
+    prefix, order = _zip_prefix(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            raw = z.read(prefix + "data.pkl")
+            ref = _TensorUnpickler(io.BytesIO(raw)).load()
+            if not isinstance(ref, _TensorRef):
+                raise ArtifactError(
+                    f"{path}: should hold one tensor, but holds a {type(ref).__name__}. "
+                    f"Save the tensor itself with torch.save(tensor, path)."
+                )
+            if not isinstance(ref.storage, _StorageRef):
+                raise pickle.UnpicklingError("tensor without a storage")
+            base, size = _record_offset(z, path, f"{prefix}data/{ref.storage.key}")
+    except pickle.UnpicklingError as e:
+        raise ArtifactError(
+            f"{path}: refused to load: its pickle asks for something other than plain "
+            f"tensors ({str(e)[:200]}). It was not executed. Re-save the tensor with "
+            f"torch.save from trusted code."
+        ) from None
+    except (zipfile.BadZipFile, EOFError, ValueError, TypeError, struct.error) as e:
+        if isinstance(e, ArtifactError):
+            raise
+        raise ArtifactError(
+            f"{path}: torch archive is corrupt or truncated ({type(e).__name__}: "
+            f"{str(e)[:200]}). Re-run the dataset builder to write it again."
+        ) from None
+    return ref, base, size, order
+
+
 def open_tensor(path: Path) -> TensorArtifact:
-    """Describe the tensor in ``path`` without reading its data.
+    """Describe the tensor in ``path`` without reading its data (and without importing torch).
 
     Raises:
         ArtifactMissingError: the file does not exist.
         ArtifactError: legacy format, not a torch archive, truncated, unsafe pickle, or not a
             single tensor.
     """
-    import torch  # deferred: importing torch costs ~200 MB and a second
-
     kind = _sniff(path)
     if kind == "pickle":
         if _is_legacy(path):
@@ -205,53 +323,53 @@ def open_tensor(path: Path) -> TensorArtifact:
             f"{path}: is not a torch archive (it does not start with a zip or pickle "
             f"header). Save the tensor with torch.save."
         )
-    _, order = _zip_prefix(path)
-    try:
-        meta = torch.load(path, map_location="meta", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ArtifactError(
-            f"{path}: refused to load: its pickle asks for something other than plain "
-            f"tensors ({first[:200]}). It was not executed. Re-save the tensor with "
-            f"torch.save from trusted code."
-        ) from None
-    except Exception as e:  # torch raises RuntimeError/ValueError/EOFError for corrupt archives
-        raise ArtifactError(
-            f"{path}: torch archive is corrupt or truncated ({type(e).__name__}: "
-            f"{str(e)[:200]}). Re-run the dataset builder to write it again."
-        ) from None
-    if not isinstance(meta, torch.Tensor):
-        raise ArtifactError(
-            f"{path}: should hold one tensor, but holds a {type(meta).__name__}. "
-            f"Save the tensor itself with torch.save(tensor, path)."
-        )
-    dtype = str(meta.dtype)
-    if dtype not in _TORCH_TO_NUMPY:
-        raise ArtifactError(
-            f"{path}: tensor dtype {dtype} is not supported. Save it as float32 or int64."
-        )
+    ref, base, nbytes, order = _describe(path)
+    dtype = ref.storage.dtype
     np_dtype = np.dtype(_TORCH_TO_NUMPY[dtype]).newbyteorder("<" if order == "little" else ">")
-    storage = meta.untyped_storage()
-    base = getattr(storage, "_checkpoint_offset", None)
-    if base is None:
+    shape, stride, offset = ref.size, ref.stride, ref.offset
+    if not (
+        isinstance(shape, tuple)
+        and isinstance(stride, tuple)
+        and isinstance(offset, int)
+        and len(shape) == len(stride)
+        and all(type(v) is int and v >= 0 for v in shape + stride)
+    ):
         raise ArtifactError(
-            f"{path}: torch did not report the data offset of the tensor's storage "
-            f"(torch {torch.__version__}). Use torch >= 2.4."
+            f"{path}: tensor metadata is malformed (size={shape!r}, stride={stride!r}). "
+            f"Re-save the tensor with torch.save."
         )
-    end = base + storage.nbytes()
-    if end > os.path.getsize(path):
+    if nbytes < ref.storage.numel * np_dtype.itemsize:
+        raise ArtifactError(
+            f"{path}: storage record is shorter than the tensor needs (truncated). "
+            f"Re-run the dataset builder to write it again."
+        )
+    if base + nbytes > os.path.getsize(path):
         raise ArtifactError(
             f"{path}: file ends inside the tensor data (truncated). "
             f"Re-run the dataset builder to write it again."
         )
+    last = (
+        offset + sum((n - 1) * st for n, st in zip(shape, stride, strict=True))
+        if all(shape)
+        else offset
+    )
+    if last >= max(ref.storage.numel, 1) and all(shape):
+        raise ArtifactError(
+            f"{path}: tensor reaches past its storage (corrupt metadata). Re-save it."
+        )
+    contiguous = all(
+        stride[k] == int(np.prod(shape[k + 1 :], dtype=np.int64))
+        for k in range(len(shape))
+        if shape[k] > 1
+    )
     return TensorArtifact(
         path=path,
-        shape=tuple(meta.shape),
+        shape=shape,
         dtype=dtype,
         np_dtype=np_dtype,
-        _offset=base + meta.storage_offset() * meta.element_size(),
-        _strides=tuple(meta.stride()),
-        _contiguous=meta.is_contiguous(),
+        _offset=base + offset * np_dtype.itemsize,
+        _strides=stride,
+        _contiguous=contiguous,
     )
 
 

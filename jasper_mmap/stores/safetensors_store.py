@@ -138,9 +138,7 @@ class SafetensorsWriter(StoreWriter):
             raise RuntimeError(
                 f"{self._path}: array {name!r} is incomplete ({self._written} bytes)"
             )
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        self._file.close()  # the converter fsyncs the whole store once, before publishing
         self._file = None
         rel = self._path.relative_to(self.root).as_posix()
         return {name: {"file": rel, "key": name} for name, _ in self._order}
