@@ -10,7 +10,6 @@ Memory is bounded by a few blocks (``block_bytes``), whatever the dataset size.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from jasper_mmap import __version__
-from jasper_mmap._atomic import fsync_dir, partial_dir, publish_dir, remove_stale_partials
+from jasper_mmap._atomic import fsync_tree, partial_dir, publish_dir, remove_stale_partials
 from jasper_mmap._dtypes import to_float32, to_stored
 from jasper_mmap.errors import ArtifactError, ArtifactMissingError, ConfigError, StoreExistsError
 from jasper_mmap.layout import (
@@ -231,18 +230,6 @@ def _prefetched_blocks(art: TensorArtifact, rows: int):
             nxt = start + rows
             pending = pool.submit(art.read_rows, nxt, min(n, nxt + rows)) if nxt < n else None
             yield start, block
-
-
-def _fsync_tree(root: Path) -> None:
-    """fsync every file and directory under ``root`` (once, before publishing)."""
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))
 
 
 def _stream_tensor(p: _Planned, writer, limits, allow_nonfinite, block_bytes, progress) -> dict:
@@ -469,6 +456,7 @@ def convert_pt(
             "created_unix": time.time(),
             "sources": {k: sources[k] for k in ("hard_negatives.pt", "negative_tiers.pt")},
         }
+        write_json_atomic(tmp / NEGATIVES_DIR / f"{generation_name(0)}.json", pointer)
         write_json_atomic(tmp / NEGATIVES_DIR / POINTER, pointer)
         shutil.copyfile(src / CONFIG, tmp / CONFIG)
         manifest = {
@@ -490,7 +478,7 @@ def convert_pt(
         }
         write_json_atomic(tmp / MANIFEST, manifest)
         _verify(tmp, units)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         publish_dir(tmp, dst, replace=overwrite)
     except BaseException:
         if bar is not None:

@@ -18,7 +18,7 @@ import secrets
 import shutil
 from pathlib import Path
 
-__all__ = ["partial_dir", "publish_dir", "remove_stale_partials", "fsync_dir"]
+__all__ = ["partial_dir", "publish_dir", "remove_stale_partials", "fsync_dir", "fsync_tree"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,18 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root`` (once, before publishing it)."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
 
 
 def _exchange(a: Path, b: Path) -> bool:

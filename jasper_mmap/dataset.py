@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ArtifactMissingError, SampleIndexError
+from .errors import ArtifactMissingError, SampleIndexError, StoreNotFoundError
 from .layout import CONFIG, SPLITS
 from .resolve import resolve_store
 from .steering import VARIANTS, SteeringSchedule, draw_variants, variant_index
@@ -79,6 +79,8 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         seed: seed of the steering draw; default ``config.json``'s ``random_seed``, else 42.
         cache_dir: where to keep the store converted from a ``.pt`` directory.
         store_format: backend used when converting a ``.pt`` directory.
+        report_generation: add a tenth key, ``negatives_generation`` ([B] int64), naming the
+            negatives generation each batch was served from (NOTE [hot reload]).
 
     Raises:
         StoreNotFoundError, ArtifactMissingError: the directory, its config or the split is missing.
@@ -94,6 +96,7 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         seed: int | None = None,
         cache_dir: str | Path | None = None,
         store_format: str = "safetensors",
+        report_generation: bool = False,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split should be one of {SPLITS}, but got split={split!r}")
@@ -119,6 +122,8 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
             )
         self._control = torch.zeros(8, dtype=torch.int64).share_memory_()
         self._control[_FORCED] = -1
+        self._control[_GENERATION] = self._store.generation
+        self.report_generation = report_generation
         self.set_epoch(epoch)
 
     # -- the seed's attributes -------------------------------------------------------------
@@ -170,6 +175,51 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         ``None`` restores the stochastic draw. Reaches workers at their next batch."""
         self._control[_FORCED] = variant_index(variant)
 
+    @property
+    def negatives_generation(self) -> int:
+        """The negatives generation batches are served from (after the next batch starts)."""
+        return int(self._control[_GENERATION])
+
+    def reload_negatives(self) -> int:
+        """Pick up new hard negatives; every worker uses them from its next batch.
+
+        For a dataset opened from a ``.pt`` directory, changed ``hard_negatives.pt`` /
+        ``negative_tiers.pt`` are first validated and published as a new generation of its
+        store (streaming). Then the store's newest published generation (see
+        :func:`jasper_mmap.publish_negatives`) becomes the one batches are served from.
+
+        Returns:
+            The generation now in use.
+
+        Raises:
+            ArtifactError: the new negatives are invalid; the old generation stays in use.
+        """
+        from .resolve import refresh_negatives
+
+        if self.store_path != self.dataset_dir.expanduser().absolute():
+            refresh_negatives(self.dataset_dir.expanduser().absolute(), self.store_path)
+        generation = self.store.live_generation()
+        self.store.use_generation(generation)
+        self._control[_GENERATION] = generation
+        log.info("%s: serving negatives generation %d", self.store_path, generation)
+        return generation
+
+    def _serve_generation(self, generation: int) -> int:
+        """Point this process's store at ``generation``; fall back to the live one if removed."""
+        try:
+            self.store.use_generation(generation)
+        except StoreNotFoundError:
+            live = self.store.live_generation()
+            log.warning(
+                "%s: negatives generation %d was removed before this process used it; serving "
+                "the live generation %d",
+                self.store_path,
+                generation,
+                live,
+            )
+            self.store.use_generation(live)
+        return self.store.generation
+
     # -- reading -------------------------------------------------------------------------------
     def _check_indices(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -186,6 +236,7 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         idx = self._check_indices(indices)
         control = self._control.tolist()  # one consistent snapshot for the whole batch
         store, b = self.store, idx.size
+        generation = self._serve_generation(control[_GENERATION])
         pairs = store.gather(f"{self.split}_idx", idx)
         qs = store.gather("pair_index", pairs)
         negs = store.gather("hard_negatives", pairs)
@@ -214,6 +265,8 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
             "steering_variant": variants,
             "negative_tiers": tiers,
         }
+        if self.report_generation:
+            out["negatives_generation"] = np.full(b, generation, dtype=np.int64)
         return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
 
     def __getitems__(self, indices: Sequence[int]) -> SampleBatch:

@@ -170,11 +170,20 @@ def read_manifest(store_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-def read_pointer(store_dir: Path) -> dict[str, Any]:
-    """Read ``negatives/CURRENT.json``: the live negatives generation of a store."""
-    path = Path(store_dir) / NEGATIVES_DIR / POINTER
+def read_pointer(store_dir: Path, generation: int | None = None) -> dict[str, Any]:
+    """Read the description of a negatives generation.
+
+    With ``generation=None``: ``negatives/CURRENT.json``, the live generation. Otherwise
+    ``negatives/gen-NNNNNN.json``, the description every generation keeps beside its data.
+
+    Raises:
+        StoreNotFoundError: the file is missing (a generation removed after newer ones).
+        StoreFormatError: it is not valid JSON or lacks ``generation``/``arrays``.
+    """
+    name = POINTER if generation is None else f"{generation_name(generation)}.json"
+    path = Path(store_dir) / NEGATIVES_DIR / name
     fix = f"Re-create the store with `convert-pt SRC {store_dir} --overwrite`."
-    pointer = _read_json(path, "negatives pointer", fix)
+    pointer = _read_json(path, "negatives generation description", fix)
     if not isinstance(pointer.get("generation"), int) or not isinstance(
         pointer.get("arrays"), dict
     ):

@@ -70,13 +70,13 @@ def create_loader(
     ``distributed=True`` a ``DistributedSampler`` shards the split across ranks.
     ``dataloader_kwargs`` go to the DataLoader and override these defaults (``shuffle``,
     ``persistent_workers``, ``prefetch_factor``, ``multiprocessing_context``, ...); dataset
-    options (``seed``, ``cache_dir``, ``store_format``) are taken out of them first.
+    options (``seed``, ``cache_dir``, ``store_format``, ``report_generation``) are taken out first.
 
     Returns:
         The DataLoader, with ``.dataset_obj`` (the dataset) and ``.sampler_obj`` (the
         DistributedSampler, or None).
     """
-    ds_keys = ("seed", "cache_dir", "store_format", "device")
+    ds_keys = ("seed", "cache_dir", "store_format", "device", "report_generation")
     ds_kwargs = {k: dataloader_kwargs.pop(k) for k in ds_keys if k in dataloader_kwargs}
     dataset = JASPERSteeringDataset(dataset_dir, split, epoch, **ds_kwargs)
     train = split == "train"

@@ -19,11 +19,13 @@ from pathlib import Path
 from .errors import ArtifactMissingError, StoreNotFoundError
 from .layout import CONFIG, MANIFEST, read_manifest
 
-__all__ = ["resolve_store", "STORE_DIRNAME"]
+__all__ = ["resolve_store", "refresh_negatives", "STORE_DIRNAME", "NEGATIVE_FILES"]
 
 log = logging.getLogger(__name__)
 
 STORE_DIRNAME = ".jasper_mmap_store"
+#: handled by negatives generations (NOTE [hot reload]), not by rebuilding the store
+NEGATIVE_FILES = ("hard_negatives.pt", "negative_tiers.pt")
 
 
 def _current_sources(src: Path) -> dict[str, dict]:
@@ -43,7 +45,30 @@ def _stale_files(store: Path, src: Path) -> list[str] | None:
     except (KeyError, ValueError, OSError):
         return None
     current = _current_sources(src)
-    return sorted(n for n in set(recorded) | set(current) if recorded.get(n) != current.get(n))
+    names = (set(recorded) | set(current)) - set(NEGATIVE_FILES)
+    return sorted(n for n in names if recorded.get(n) != current.get(n))
+
+
+def refresh_negatives(src: Path, store: Path) -> int | None:
+    """Publish ``src``'s negatives ``.pt`` files as a new generation if they changed.
+
+    Returns:
+        The new generation, or None when the live one already matches the files.
+    """
+    from converters.pt_reader import fingerprint
+
+    from .layout import read_pointer
+    from .negatives import publish_negatives
+
+    current = {n: fingerprint(src / n) for n in NEGATIVE_FILES}
+    if read_pointer(store).get("sources") == current:
+        return None
+    log.info(
+        "%s: %s changed; publishing them as a new negatives generation",
+        src,
+        " / ".join(NEGATIVE_FILES),
+    )
+    return publish_negatives(store, *(src / n for n in NEGATIVE_FILES), sources=current)
 
 
 def _store_location(src: Path, cache_dir: str | Path | None) -> Path:
@@ -87,6 +112,7 @@ def resolve_store(
         stale = _stale_files(store, src)
         if stale == []:
             log.debug("%s: store %s is up to date", src, store)
+            refresh_negatives(src, store)
             return store
         from converters import convert_pt
 

@@ -9,6 +9,7 @@ in ``jasper_mmap/dataset.py`` once it exists).
 from __future__ import annotations
 
 import abc
+import fcntl
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import numpy as np
 
 from .._dtypes import to_float32
 from ..errors import SampleIndexError, StoreCorruptError
-from ..layout import NEGATIVES_DIR, read_manifest, read_pointer
+from ..layout import NEGATIVES_DIR, generation_name, read_manifest, read_pointer
 
 __all__ = ["Store", "StoreWriter", "NEGATIVE_ARRAYS"]
 
@@ -42,7 +43,7 @@ class Store(abc.ABC):
     # -- pickling: paths and small state only ------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_handles"] = {}
+        state["_handles"] = {}  # maps and leases are per process
         return state
 
     # -- metadata ------------------------------------------------------------------------------
@@ -53,10 +54,60 @@ class Store(abc.ABC):
 
     @property
     def negatives_pointer(self) -> dict[str, Any]:
-        """The negatives generation this object reads (``negatives/CURRENT.json`` at first use)."""
+        """Description of the negatives generation this object reads.
+
+        The live one (``negatives/CURRENT.json``) at first use, until :meth:`use_generation`.
+        """
         if self._pointer is None:
             self._pointer = read_pointer(self.path)
         return self._pointer
+
+    @property
+    def generation(self) -> int:
+        """The negatives generation this object reads."""
+        return int(self.negatives_pointer["generation"])
+
+    def live_generation(self) -> int:
+        """The generation ``negatives/CURRENT.json`` names now (one small file read)."""
+        return int(read_pointer(self.path)["generation"])
+
+    def use_generation(self, generation: int) -> None:
+        """Read negatives from ``generation`` from now on; drops the old generation's maps.
+
+        Raises:
+            StoreNotFoundError: that generation was removed (see NOTE [negatives generations]).
+        """
+        if self._pointer is not None and self.generation == generation:
+            return
+        pointer = read_pointer(self.path, generation)
+        self._drop_negatives()
+        self._pointer = pointer
+
+    def _drop_negatives(self) -> None:
+        if self._pointer is None:
+            return
+        files = {e["file"] for e in self._pointer["arrays"].values()}
+        for key in [k for k in self._handles if k.startswith(f"{NEGATIVES_DIR}/")]:
+            del self._handles[key]
+        self._release_files(files)
+        lease = self._handles.pop("__lease__", None)
+        if lease is not None:
+            lease.close()  # releases the shared lock: the generation may now be removed
+
+    def _release_files(self, files: set[str]) -> None:  # noqa: B027 - optional hook
+        """Backend hook: forget per-file handles of ``files`` (relative paths)."""
+
+    def _take_lease(self) -> None:
+        """Hold a shared lock on the generation's description while its data is mapped."""
+        if "__lease__" in self._handles:
+            return
+        path = self.path / NEGATIVES_DIR / f"{generation_name(self.generation)}.json"
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - kept open as the lease
+        except FileNotFoundError:
+            return  # stores written before leases existed; nothing to protect
+        fcntl.flock(f, fcntl.LOCK_SH)
+        self._handles["__lease__"] = f
 
     def names(self) -> list[str]:
         """Names of every array in the store, negatives included."""
@@ -86,9 +137,11 @@ class Store(abc.ABC):
         """The backend's lazily opened handle of ``name`` (memmap view or zarr array)."""
         key = name
         if name in NEGATIVE_ARRAYS:
-            key = f"{NEGATIVES_DIR}/{self.negatives_pointer['generation']}/{name}"
+            key = f"{NEGATIVES_DIR}/{self.generation}/{name}"
         handle = self._handles.get(key)
         if handle is None:
+            if name in NEGATIVE_ARRAYS:
+                self._take_lease()
             handle = self._open_array(name, self.entry(name))
             self._handles[key] = handle
         return handle
@@ -116,6 +169,9 @@ class Store(abc.ABC):
 
     def close(self) -> None:
         """Drop every handle this process opened; the store can be used again afterwards."""
+        lease = self._handles.pop("__lease__", None)
+        if lease is not None:
+            lease.close()
         self._handles.clear()
 
     def __enter__(self) -> Store:

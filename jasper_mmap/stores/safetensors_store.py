@@ -209,9 +209,19 @@ class SafetensorsStore(Store):
     def _gather_raw(self, name: str, idx: np.ndarray) -> np.ndarray:
         return np.take(self.raw(name), idx, axis=0)
 
+    def _release_files(self, files: set[str]) -> None:
+        mapped = self._handles.get("__files__", {})
+        for name in files:
+            m = mapped.pop(name, None)
+            if m is not None and m.map is not None:
+                try:
+                    m.map.close()
+                except BufferError:
+                    pass  # a view is still alive; the map closes when it is released
+
     def close(self) -> None:
         files = self._handles.get("__files__", {})
-        self._handles = {}
+        super().close()
         for mapped in files.values():
             if mapped.map is not None:
                 try:

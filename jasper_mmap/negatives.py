@@ -1,0 +1,210 @@
+"""Publishing new hard negatives as a new generation of a store (hot reload).
+
+# NOTE [hot reload]
+A publisher (``publish_negatives``, or ``reload_negatives`` after a miner rewrote the ``.pt``
+files) validates the new ``hard_negatives``/``negative_tiers`` block by block, streams them into
+``STORE/.negatives.partial-PID-TOKEN/`` (a name no reader opens), renames the finished file/group to
+``negatives/gen-NNNNNN.*``, writes its description ``gen-NNNNNN.json`` and then replaces
+``negatives/CURRENT.json`` with one atomic ``os.replace``: that rename is the publication.
+A publisher killed at any point leaves CURRENT naming the previous, complete generation.
+Publishers on one store are serialized by a lock file.
+
+Readers never follow CURRENT on their own: ``reload_negatives()`` reads it and writes the
+generation number into the dataset's control block (NOTE [worker start-up] in dataset.py);
+every process switches at the start of its next batch, so a batch is always served from one
+generation. A process holds a shared ``flock`` on ``gen-NNNNNN.json`` while it maps that
+generation. After publishing, the publisher removes generations older than the newest ``keep``
+(default 2) whose lock it can take exclusively, i.e. that no process maps any more; a mapped
+file is never rewritten, and unlinking it leaves existing maps valid.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._atomic import fsync_dir, fsync_tree, partial_dir, remove_stale_partials
+from .errors import ArtifactError
+from .layout import NEGATIVES_DIR, POINTER, generation_name, read_pointer, write_json_atomic
+from .stores import WRITERS, open_store
+
+__all__ = ["publish_negatives", "KEEP_GENERATIONS"]
+
+log = logging.getLogger(__name__)
+
+KEEP_GENERATIONS = 2
+_BLOCK_ROWS = 1 << 16
+
+
+class _Rows:
+    """Row-block access to an in-memory array or a ``.pt`` file, with a name for errors."""
+
+    def __init__(self, value: Any, what: str) -> None:
+        self.what = what
+        if isinstance(value, str | os.PathLike):
+            from converters.pt_reader import open_tensor
+
+            self.art = open_tensor(Path(value))
+            self.path, self.shape, self.kind = str(value), self.art.shape, self.art.np_dtype.kind
+            self.read = lambda a, b: self.art.read_rows(a, b).astype(np.int64)
+        else:
+            arr = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+            self.path, self.shape, self.kind = f"the {what} array", arr.shape, arr.dtype.kind
+            self.read = lambda a, b: np.asarray(arr[a:b], dtype=np.int64)
+
+
+def _check(rows: _Rows, n_pairs: int, n_neg: int) -> None:
+    if rows.kind not in "iu":
+        raise ArtifactError(
+            f"{rows.path}: {rows.what} should hold integers, but has dtype kind "
+            f"{rows.kind!r}. Pass an int64 tensor or array."
+        )
+    if tuple(rows.shape) != (n_pairs, n_neg):
+        raise ArtifactError(
+            f"{rows.path}: {rows.what} should have shape [{n_pairs}, {n_neg}] (N_pairs, n_neg "
+            f"of the store), but has {list(rows.shape)}. Re-run the miner."
+        )
+
+
+def _stream(rows: _Rows, writer, lo: int, hi: int, what: str) -> dict[str, int]:
+    """Write ``rows`` block by block, checking every value is in ``[lo, hi)``; min/max."""
+    n, vmin, vmax = rows.shape[0], None, None
+    for start in range(0, n, _BLOCK_ROWS):
+        block = rows.read(start, min(n, start + _BLOCK_ROWS))
+        if block.size and (block.min() < lo or block.max() >= hi):
+            bad = np.flatnonzero(((block < lo) | (block >= hi)).any(axis=1))[:5]
+            raise ArtifactError(
+                f"{rows.path}: {what} should be in [{lo}, {hi}), but rows "
+                f"{(bad + start).tolist()} hold {block[bad].tolist()}. The old "
+                f"negatives stay in use; fix the miner and publish again."
+            )
+        if block.size:
+            vmin = int(block.min()) if vmin is None else min(vmin, int(block.min()))
+            vmax = int(block.max()) if vmax is None else max(vmax, int(block.max()))
+        writer.write(rows.what, block)
+    return {"min": vmin, "max": vmax}
+
+
+def _next_generation(neg_dir: Path) -> int:
+    gens = [int(p.stem.split("-")[1]) for p in neg_dir.glob("gen-*.json")]
+    return max([read_pointer(neg_dir.parent)["generation"], *gens]) + 1
+
+
+def _collect(neg_dir: Path, current: int, keep: int) -> list[int]:
+    """Remove generations older than the newest ``keep`` that no process holds."""
+    removed = []
+    for meta in sorted(neg_dir.glob("gen-*.json")):
+        g = int(meta.stem.split("-")[1])
+        if g > current - keep:
+            continue
+        with open(meta, "rb") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a reader still maps it; a later publish retries
+            for data in neg_dir.glob(f"{generation_name(g)}.*"):
+                if data.suffix != ".json":
+                    data.unlink()
+            shutil.rmtree(neg_dir / generation_name(g), ignore_errors=True)  # zarr group
+            meta.unlink()
+        removed.append(g)
+    return removed
+
+
+def publish_negatives(
+    path: str | Path,
+    hard_negatives: Any,
+    negative_tiers: Any,
+    *,
+    keep: int = KEEP_GENERATIONS,
+    sources: dict[str, Any] | None = None,
+) -> int:
+    """Validate and publish new negatives as the next generation of a store.
+
+    Args:
+        path: a store, or a ``.pt`` dataset directory (its cached store is used; see
+            :func:`jasper_mmap.resolve.resolve_store`).
+        hard_negatives: ``[N_pairs, n_neg]`` source rows: tensor, numpy array or ``.pt`` path.
+        negative_tiers: ``[N_pairs, n_neg]`` tiers in 1..4, same forms.
+        keep: generations kept besides those still mapped by a reader (at least 2).
+        sources: fingerprints of the ``.pt`` files the arrays came from (recorded).
+
+    Returns:
+        The new generation number. Readers switch at their next ``reload_negatives()``.
+
+    Raises:
+        ArtifactError: wrong shape, non-integer dtype, a negative past the sources, a tier
+            outside 1..4. Nothing is published and the old generation stays in use.
+    """
+    from .resolve import resolve_store
+
+    store_path = resolve_store(path)
+    store = open_store(store_path)
+    c = store.counts
+    negs, tiers = _Rows(hard_negatives, "hard_negatives"), _Rows(negative_tiers, "negative_tiers")
+    for rows in (negs, tiers):
+        _check(rows, c["n_pairs"], c["n_neg"])
+    neg_dir = store_path / NEGATIVES_DIR
+    with open(neg_dir / ".publish.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        remove_stale_partials(neg_dir)
+        g = _next_generation(neg_dir)
+        tmp = partial_dir(neg_dir)  # STORE/.negatives.partial-PID-TOKEN: same filesystem
+        try:
+            entries = _write_generation(store, tmp, g, negs, tiers, c["n_sources"])
+            for item in tmp.glob(f"{generation_name(g)}*"):  # the file, or the zarr group
+                os.rename(item, neg_dir / item.name)
+            fsync_dir(neg_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        desc = {
+            "generation": g,
+            "arrays": entries,
+            "created_unix": time.time(),
+            "sources": sources or {},
+        }
+        write_json_atomic(neg_dir / f"{generation_name(g)}.json", desc)
+        write_json_atomic(neg_dir / POINTER, desc)  # the publication
+        fsync_dir(neg_dir)
+        removed = _collect(neg_dir, g, max(2, keep))
+    log.info(
+        "published negatives generation %d in %s (removed %s)", g, store_path, removed or "none"
+    )
+    return g
+
+
+def _write_generation(store, tmp: Path, g: int, negs: _Rows, tiers: _Rows, n_sources: int) -> dict:
+    writer = WRITERS[store.backend](tmp)
+    shape = tuple(negs.shape)
+    unit = generation_name(g)
+    writer.begin_unit(
+        unit, [("hard_negatives", shape, "int64"), ("negative_tiers", shape, "int64")]
+    )
+    try:
+        stats = {
+            "hard_negatives": _stream(negs, writer, 0, n_sources, "negative source rows"),
+            "negative_tiers": _stream(tiers, writer, 1, 5, "tiers"),
+        }
+        written = writer.end_unit()
+    except BaseException:
+        writer.abort()
+        raise
+    fsync_tree(tmp)
+    return {
+        name: {
+            "file": f"{NEGATIVES_DIR}/{e['file']}",
+            "key": e["key"],
+            "shape": list(shape),
+            "dtype": "int64",
+            "stored_dtype": "int64",
+            "stats": stats[name],
+        }
+        for name, e in written.items()
+    }
