@@ -26,6 +26,7 @@ _LAZY = {
     "set_epoch": "loader",
     "validate_first_batch": "loader",
     "VARIANTS": "steering",
+    "publish_negatives": "negatives",
 }
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "VARIANTS",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "publish_negatives",
 ]
 
 
