@@ -4,18 +4,18 @@ For each dataset size this script
 
 1. generates a synthetic ``.pt`` dataset (D=384, n_neg=12) in ``--workdir``, or reuses one
    whose ``config.json`` matches;
-2. measures the disk's sequential write speed: ~2 GiB of random bytes in 16 MiB blocks,
-   written with plain Python file writes, then fsync;
-3. for each format, drops the page cache (``sync`` + ``/proc/sys/vm/drop_caches``), runs
-   ``python -m converters.cli SRC DST --quiet --overwrite --format F`` as a subprocess and
-   polls the peak RSS (``VmHWM``) of the converter process and of its keyword-parsing child
-   (the ``ProcessPoolExecutor`` worker) every ~20 ms;
+2. for each format: drops the page cache, measures the disk's sequential write speed just
+   before the conversion (as many random bytes as the dataset holds, in 16 MiB blocks, plain
+   Python writes, then fsync), drops the cache again (``sync`` + ``/proc/sys/vm/drop_caches``),
+   runs ``python -m converters.cli SRC DST --quiet --overwrite --format F`` as a subprocess
+   and polls the peak RSS (``VmHWM``) of the converter process and of its keyword-parsing
+   child process every ~20 ms;
 4. prints one table row per size and format.
 
-The package code (``jasper_mmap``, ``converters``) is copied into ``WORKDIR/code_snapshot``
+With ``--snapshot`` the package code (``jasper_mmap``, ``converters``) is copied into ``WORKDIR/code_snapshot``
 at the start and every conversion runs from that copy, so edits made to the working tree
-while the benchmark runs cannot mix versions within one table (``--no-snapshot`` runs the
-live tree). The copy's git commit, changed files and content hash are printed.
+while the benchmark runs cannot mix versions within one table. The code's git commit,
+changed files and content hash are printed.
 
 Targets: throughput >= 70% of the disk write speed; peak RSS <= 600 MB, about the same at
 every size. MB = 10**6 bytes throughout.
@@ -71,8 +71,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sizes", default="200000,800000", help="comma-separated n_pairs values")
     p.add_argument("--formats", default="safetensors,zarr", help="comma-separated formats")
     p.add_argument("--workdir", type=Path, default=Path("bench_out"), help="datasets and stores")
-    p.add_argument("--disk-test-bytes", type=int, default=DISK_TEST_BYTES)
-    p.add_argument("--no-snapshot", action="store_true", help="run the live tree's code")
+    p.add_argument(
+        "--disk-test-bytes",
+        type=int,
+        default=0,
+        help="bytes of the disk write test (default: the dataset's size, i.e. as much as "
+        "the conversion writes)",
+    )
+    p.add_argument(
+        "--snapshot",
+        action="store_true",
+        help="run a copy of the package code taken at start (for runs while editing)",
+    )
     p.add_argument("--keep-stores", action="store_true", help="do not delete converted stores")
     return p.parse_args(argv)
 
@@ -254,11 +264,16 @@ def bench_size(args: argparse.Namespace, n_pairs: int, formats: list[str]) -> li
         traceback.print_exc(file=sys.stdout)
         return []
     nbytes = source_bytes(src)
-    disk = disk_write_speed(args.workdir, args.disk_test_bytes)
-    print(f"[{n_pairs}] source {nbytes / 1e9:.2f} GB; disk sequential write {disk / MB:.0f} MB/s")
+    print(f"[{n_pairs}] source {nbytes / 1e9:.2f} GB")
     rows = []
     for fmt in formats:
         dst = args.workdir / f"store_{n_pairs}_{fmt}"
+        print(f"[{n_pairs}] {fmt}: {drop_caches()}")
+        disk = disk_write_speed(args.workdir, args.disk_test_bytes or nbytes)
+        print(
+            f"[{n_pairs}] {fmt}: disk sequential write just before: {disk / MB:.0f} MB/s "
+            f"({(args.disk_test_bytes or nbytes) / 1e9:.2f} GB, fsynced)"
+        )
         print(f"[{n_pairs}] {fmt}: {drop_caches()}")
         r = run_converter(src, dst, fmt, args.workdir / f"convert_{n_pairs}_{fmt}.log", args.code)
         if r.returncode != 0:
@@ -342,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
         f"targets: throughput >= {TARGET_RATIO:.0%} of disk write speed; peak RSS <= "
         f"{TARGET_RSS_MB:.0f} MB and about the same at every size (MB = 1e6 bytes)"
     )
-    args.code = REPO if args.no_snapshot else snapshot_code(args.workdir)
+    args.code = snapshot_code(args.workdir) if args.snapshot else REPO
     print(f"code: {args.code} (hash {code_hash(args.code)}); working tree: {git_state()}")
     print(f"host: {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.1f} GiB RAM")
     rows = []
