@@ -14,7 +14,7 @@ datasets or two jobs on one machine never collide.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import torch
 
 from .errors import ArtifactMissingError, SampleIndexError, StoreNotFoundError
 from .layout import CONFIG, SPLITS
+from .preload import Preloaded
 from .resolve import resolve_store
 from .steering import VARIANTS, SteeringSchedule, draw_variants, variant_index
 from .stores import Store, open_store
@@ -75,7 +76,13 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
             see :func:`jasper_mmap.resolve.resolve_store`).
         split: ``"train"``, ``"val"`` or ``"test"``.
         epoch: initial epoch of the steering curriculum.
-        device: ``None``/``"cpu"``: batches are CPU tensors.
+        device: ``None``/``"cpu"``: batches are CPU tensors read from the memory maps.
+            ``"cuda"`` (or a ``torch.device``): the split is preloaded onto that device (see
+            :mod:`jasper_mmap.preload`) and batches are gathered there.
+        preload: preload the split into this process's memory on ``device`` (implied for a
+            CUDA device; ``device="cpu", preload=True`` keeps a small split in RAM).
+        preload_budget_bytes: refuse a preload needing more (default for CUDA: the device's
+            free memory minus a margin).
         seed: seed of the steering draw; default ``config.json``'s ``random_seed``, else 42.
         cache_dir: where to keep the store converted from a ``.pt`` directory.
         store_format: backend used when converting a ``.pt`` directory.
@@ -97,6 +104,8 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         cache_dir: str | Path | None = None,
         store_format: str = "safetensors",
         report_generation: bool = False,
+        preload: bool | None = None,
+        preload_budget_bytes: int | None = None,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split should be one of {SPLITS}, but got split={split!r}")
@@ -115,11 +124,15 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         self.seed = int(seed if seed is not None else self.config.get("random_seed", 42))
         self.schedule = SteeringSchedule.from_config(self.config, str(self.store_path / CONFIG))
         self.device = torch.device(device if device is not None else "cpu")
-        if self.device.type != "cpu":
-            raise NotImplementedError(
-                f"device={self.device}: device preload is not implemented yet; "
-                f"use device='cpu' with create_loader(pin_memory=True)."
+        self.preload = self.device.type != "cpu" if preload is None else bool(preload)
+        if self.device.type != "cpu" and not self.preload:
+            raise ValueError(
+                f"device={self.device} needs preload=True (batches are gathered on the device)"
             )
+        self.preload_budget_bytes = preload_budget_bytes
+        self._preloaded: Preloaded | None = None
+        if self.preload:
+            self._preloaded = Preloaded(self._store, split, self.device, preload_budget_bytes)
         self._control = torch.zeros(8, dtype=torch.int64).share_memory_()
         self._control[_FORCED] = -1
         self._control[_GENERATION] = self._store.generation
@@ -156,9 +169,13 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         """MB of data this object holds in this process's own memory (not bytes mapped).
 
         Rows read through the memory maps live in the page cache, shared and evictable, and are
-        not counted; with memory-mapped reading this is the control block only.
+        not counted; with memory-mapped reading this is the control block only. With a preload
+        it is the bytes of the preloaded tensors, on :attr:`device`.
         """
-        return self._control.numel() * self._control.element_size() / 2**20
+        held = self._control.numel() * self._control.element_size()
+        if self._preloaded is not None:
+            held += self._preloaded.nbytes
+        return held / 2**20
 
     def __len__(self) -> int:
         return self._len
@@ -201,6 +218,8 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         generation = self.store.live_generation()
         self.store.use_generation(generation)
         self._control[_GENERATION] = generation
+        if self._preloaded is not None and self._preloaded.generation != generation:
+            self._preloaded.refresh_negatives(self.store)
         log.info("%s: serving negatives generation %d", self.store_path, generation)
         return generation
 
@@ -235,6 +254,8 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         """The batch of samples ``indices``: nine keys, one vectorized gather per array."""
         idx = self._check_indices(indices)
         control = self._control.tolist()  # one consistent snapshot for the whole batch
+        if self.preload:
+            return self._preloaded_batch(idx, control)
         store, b = self.store, idx.size
         generation = self._serve_generation(control[_GENERATION])
         pairs = store.gather(f"{self.split}_idx", idx)
@@ -268,6 +289,60 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         if self.report_generation:
             out["negatives_generation"] = np.full(b, generation, dtype=np.int64)
         return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+
+    def _preloaded_batch(self, idx: np.ndarray, control: list[int]) -> dict[str, torch.Tensor]:
+        if self._preloaded is None:  # unpickled in a DataLoader worker
+            if self.device.type != "cpu":
+                raise RuntimeError(
+                    f"{self.store_path}: a dataset preloaded to {self.device} serves batches in "
+                    f"the process that made it; use num_workers=0 (create_loader does)."
+                )
+            self._preloaded = Preloaded(
+                self.store, self.split, self.device, self.preload_budget_bytes
+            )
+        pre = self._preloaded
+        if pre.generation != control[_GENERATION]:
+            self._serve_generation(control[_GENERATION])
+            pre.refresh_negatives(self.store)
+        epoch = control[_EPOCH]
+        variants = draw_variants(
+            self.seed, epoch, pre.pairs[idx], self.schedule.probs(epoch), control[_FORCED]
+        )
+        batch = pre.batch(idx, variants)
+        if self.report_generation:
+            batch["negatives_generation"] = torch.full(
+                (idx.size,), pre.generation, device=self.device
+            )
+        return batch
+
+    def iter_batches(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        seed: int | None = None,
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches of the whole split without a DataLoader: the fast path for preloaded data.
+
+        The order is a permutation drawn from (``seed`` or the dataset's seed, current epoch)
+        when ``shuffle``; each batch is one :meth:`get_batch`.
+        """
+        n = self._len
+        if shuffle:
+            g = torch.Generator().manual_seed(
+                (seed if seed is not None else self.seed) * 1_000_003 + self.epoch
+            )
+            order = torch.randperm(n, generator=g).numpy()
+        else:
+            order = np.arange(n)
+        stop = n - n % batch_size if drop_last else n
+        for lo in range(0, stop, batch_size):
+            yield self.get_batch(order[lo : lo + batch_size])
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_preloaded"] = None  # rebuilt lazily (CPU) in the process that unpickles it
+        return state
 
     def __getitems__(self, indices: Sequence[int]) -> SampleBatch:
         """Batched fetch used by ``torch.utils.data.DataLoader`` (one gather per array)."""

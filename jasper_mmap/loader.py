@@ -76,9 +76,24 @@ def create_loader(
         The DataLoader, with ``.dataset_obj`` (the dataset) and ``.sampler_obj`` (the
         DistributedSampler, or None).
     """
-    ds_keys = ("seed", "cache_dir", "store_format", "device", "report_generation")
+    ds_keys = (
+        "seed",
+        "cache_dir",
+        "store_format",
+        "device",
+        "report_generation",
+        "preload",
+        "preload_budget_bytes",
+    )
     ds_kwargs = {k: dataloader_kwargs.pop(k) for k in ds_keys if k in dataloader_kwargs}
     dataset = JASPERSteeringDataset(dataset_dir, split, epoch, **ds_kwargs)
+    if dataset.device.type != "cpu":
+        if num_workers:
+            raise ValueError(
+                f"num_workers should be 0 for a dataset preloaded to {dataset.device} (batches "
+                f"are gathered on the device in this process), but got num_workers={num_workers}"
+            )
+        pin_memory = False
     train = split == "train"
     drop_last = train if drop_last is None else drop_last
     shuffle = dataloader_kwargs.pop("shuffle", train)
