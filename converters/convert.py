@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from jasper_mmap import __version__
 from jasper_mmap._atomic import fsync_tree, partial_dir, publish_dir, remove_stale_partials
 from jasper_mmap._dtypes import to_float32, to_stored
 from jasper_mmap.errors import ArtifactError, ArtifactMissingError, ConfigError, StoreExistsError
@@ -27,14 +26,11 @@ from jasper_mmap.layout import (
     ARRAYS,
     CONFIG,
     FLOAT_ROLES,
-    FORMAT_NAME,
-    FORMAT_VERSION,
     MANIFEST,
     NEGATIVES_DIR,
-    POINTER,
     ArraySpec,
     generation_name,
-    write_json_atomic,
+    write_store_metadata,
 )
 from jasper_mmap.stores import WRITERS, open_store
 
@@ -447,36 +443,18 @@ def convert_pt(
         kw = kw_future.result()
         counts["n_keyword_values"] = kw["nnz"]
         bar.update(kw_path.stat().st_size, "verify")
-        neg = {k: entries.pop(k) for k in ("hard_negatives", "negative_tiers")}
         sources = {p.name: fingerprint(p) for p in sorted(src.glob("*.pt"))}
         sources[CONFIG] = fingerprint(src / CONFIG)
-        pointer = {
-            "generation": 0,
-            "arrays": neg,
-            "created_unix": time.time(),
-            "sources": {k: sources[k] for k in ("hard_negatives.pt", "negative_tiers.pt")},
-        }
-        write_json_atomic(tmp / NEGATIVES_DIR / f"{generation_name(0)}.json", pointer)
-        write_json_atomic(tmp / NEGATIVES_DIR / POINTER, pointer)
         shutil.copyfile(src / CONFIG, tmp / CONFIG)
-        manifest = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "backend": format,
-            "converter": {"name": "jasper_mmap.convert_pt", "version": __version__},
-            "created_unix": time.time(),
-            "dtype_option": dtype,
-            "counts": counts,
-            "splits": {
-                s: entries[f"{s}_idx"]["shape"][0]
-                for s in ("train", "val", "test")
-                if f"{s}_idx" in entries
-            },
-            "arrays": entries,
-            "negatives_initial": neg,
-            "source": {"dir": str(src), "files": sources},
-        }
-        write_json_atomic(tmp / MANIFEST, manifest)
+        write_store_metadata(
+            tmp,
+            format,
+            entries,
+            counts,
+            writer="jasper_mmap.convert_pt",
+            source={"dir": str(src), "files": sources},
+            dtype_option=dtype,
+        )
         _verify(tmp, units)
         fsync_tree(tmp)
         publish_dir(tmp, dst, replace=overwrite)

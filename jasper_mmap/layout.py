@@ -43,6 +43,7 @@ __all__ = [
     "write_json_atomic",
     "read_pointer",
     "generation_name",
+    "write_store_metadata",
 ]
 
 FORMAT_NAME = "jasper-mmap-store"
@@ -192,3 +193,49 @@ def read_pointer(store_dir: Path, generation: int | None = None) -> dict[str, An
             f"but got keys {sorted(pointer)}. {fix}"
         )
     return pointer
+
+
+def write_store_metadata(
+    tmp: Path,
+    backend: str,
+    entries: dict[str, dict[str, Any]],
+    counts: dict[str, int],
+    *,
+    writer: str,
+    source: dict[str, Any],
+    dtype_option: str = "keep",
+) -> None:
+    """Write generation 0's description, ``negatives/CURRENT.json`` and ``manifest.json``.
+
+    ``entries`` holds every array's manifest entry, negatives included (they move into the
+    generation's description). ``source["files"]`` are the fingerprints of the inputs.
+    """
+    import time
+
+    from . import __version__
+
+    entries = dict(entries)
+    neg = {k: entries.pop(k) for k in ("hard_negatives", "negative_tiers")}
+    files = source.get("files", {})
+    pointer = {
+        "generation": 0,
+        "arrays": neg,
+        "created_unix": time.time(),
+        "sources": {k: files[k] for k in ("hard_negatives.pt", "negative_tiers.pt") if k in files},
+    }
+    write_json_atomic(tmp / NEGATIVES_DIR / f"{generation_name(0)}.json", pointer)
+    write_json_atomic(tmp / NEGATIVES_DIR / POINTER, pointer)
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "backend": backend,
+        "converter": {"name": writer, "version": __version__},
+        "created_unix": time.time(),
+        "dtype_option": dtype_option,
+        "counts": counts,
+        "splits": {s: entries[f"{s}_idx"]["shape"][0] for s in SPLITS if f"{s}_idx" in entries},
+        "arrays": entries,
+        "negatives_initial": neg,
+        "source": source,
+    }
+    write_json_atomic(tmp / MANIFEST, manifest)
