@@ -1,0 +1,345 @@
+"""Synthetic stores of any size, written block by block with bounded memory.
+
+Unlike :func:`jasper_mmap.synthetic.make_pt_dataset` (which builds each artifact in RAM and
+saves it with torch), this writes straight into a safetensors store, so a store larger than RAM
+can be made on any machine. Every row is a pure function of (seed, array, block), so a block
+can be regenerated when another array needs it (sources from questions, steering from
+questions), and the layout keeps clusters contiguous so "a random source of cluster c" is one
+integer draw:
+
+* question ``q`` belongs to cluster ``q * C // n_questions``; pair ``p`` asks question
+  ``p // 2`` and targets source ``p`` (so ``n_sources = n_pairs = 2 * n_questions``);
+* questions are ``normalize(centroid + noise)`` (noise of norm ~0.8), sources
+  ``normalize(question + noise)`` (norm ~0.5);
+* steering: the cluster centroid, the normalized mean of the pair's keywords (the centroid for
+  a pair without keywords), and ``normalize(centroid - question)``;
+* negatives in the seeds' four tiers (3:4:3:2): same cluster, one of the 3 nearest clusters,
+  the nearest cluster, a random cluster from the farther half;
+* splits by pair number: ``p % every == 0`` is val, ``== 1`` test, the rest train (or, with
+  ``sparse_train``, only ``== 2``: a smaller train split that still spans the whole store).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from ._atomic import fsync_tree, partial_dir, publish_dir, remove_stale_partials
+from .errors import StoreExistsError
+from .layout import CONFIG, write_store_metadata
+from .stores.safetensors_store import SafetensorsWriter
+from .synthetic import _normalize, _tier_counts
+
+__all__ = ["make_store", "pairs_for_bytes"]
+
+log = logging.getLogger(__name__)
+
+_BLOCK = 16384  # pairs per block (an even number: two pairs per question)
+
+
+def pairs_for_bytes(nbytes: int, dim: int = 384, n_neg: int = 12) -> int:
+    """Number of pairs whose store is about ``nbytes`` (float32 embeddings)."""
+    per_pair = 4 * dim * (3 + 1 + 0.5) + 8 * (2 + 2 * n_neg + 1 + 1 + 2.5) + 8 + 8
+    return int(nbytes // per_pair) // 2 * 2
+
+
+class _Gen:
+    """Deterministic blocks of every array of one synthetic dataset."""
+
+    def __init__(
+        self,
+        n_pairs: int,
+        dim: int,
+        n_neg: int,
+        n_clusters: int,
+        n_keywords: int,
+        seed: int,
+        every: int,
+        sparse_train: bool = False,
+    ) -> None:
+        self.P, self.Q, self.D, self.K, self.C = n_pairs, n_pairs // 2, dim, n_keywords, n_clusters
+        self.n_neg, self.seed, self.every, self.sparse_train = n_neg, seed, every, sparse_train
+        rng = self.rng("tables", 0)
+        self.centroids = _normalize(rng.standard_normal((n_clusters, dim)))
+        kw_cluster = rng.integers(0, n_clusters, n_keywords)
+        self.keywords = _normalize(
+            self.centroids[kw_cluster] + 0.3 * rng.standard_normal((n_keywords, dim))
+        )
+        sim = self.centroids @ self.centroids.T
+        np.fill_diagonal(sim, -np.inf)
+        self.by_sim = np.argsort(-sim, axis=1)
+        self.n_kw = np.concatenate(
+            [self.rng("nkw", b).integers(0, 6, hi - lo, dtype=np.int8) for b, lo, hi in self.blocks()]
+        )
+        self.kw_offsets = np.concatenate([[0], np.cumsum(self.n_kw)])
+
+    def rng(self, what: str, block: int) -> np.random.Generator:
+        key = [self.seed, sum(map(ord, what)) * 7919 + len(what), block]
+        return np.random.default_rng(key)
+
+    def blocks(self) -> Iterator[tuple[int, int, int]]:
+        for b, lo in enumerate(range(0, self.P, _BLOCK)):
+            yield b, lo, min(self.P, lo + _BLOCK)
+
+    def cluster_of_question(self, q: np.ndarray) -> np.ndarray:
+        return (q * self.C // self.Q).astype(np.int64)
+
+    def cluster_range(self, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sources of cluster c: [2 * first question, 2 * last question + 2)."""
+        first = -(-c * self.Q // self.C)
+        end = -(-(c + 1) * self.Q // self.C)
+        return 2 * first, 2 * end
+
+    def questions(self, b: int, lo: int, hi: int) -> np.ndarray:
+        q = np.arange(lo // 2, (hi + 1) // 2)
+        noise = self.rng("q", b).standard_normal((q.size, self.D), dtype=np.float32)
+        return _normalize(
+            self.centroids[self.cluster_of_question(q)] + (0.8 / np.sqrt(self.D)) * noise
+        )
+
+    def sources(self, b: int, lo: int, hi: int) -> np.ndarray:
+        q = np.repeat(self.questions(b, lo, hi), 2, axis=0)[: hi - lo]
+        noise = self.rng("s", b).standard_normal(q.shape, dtype=np.float32)
+        return _normalize(q + (0.5 / np.sqrt(self.D)) * noise)
+
+    def cluster(self, lo: int, hi: int) -> np.ndarray:
+        return self.cluster_of_question(np.arange(lo, hi) // 2)
+
+    def keyword_ids(self, b: int, lo: int, hi: int) -> np.ndarray:
+        n = int(self.kw_offsets[hi] - self.kw_offsets[lo])
+        return self.rng("kw", b).integers(0, self.K, n)
+
+    def steering(self, kind: str, b: int, lo: int, hi: int) -> np.ndarray:
+        cent = self.centroids[self.cluster(lo, hi)]
+        if kind == "steering_centroid":
+            return cent
+        if kind == "steering_residual":
+            q = np.repeat(self.questions(b, lo, hi), 2, axis=0)[: hi - lo]
+            return _normalize(cent - q)
+        ids, n = self.keyword_ids(b, lo, hi), self.n_kw[lo:hi]
+        out = cent.copy()
+        has = np.flatnonzero(n > 0)
+        if has.size:
+            starts = (self.kw_offsets[lo:hi] - self.kw_offsets[lo])[has]
+            out[has] = np.add.reduceat(self.keywords[ids], starts, axis=0)
+        return _normalize(out)
+
+    def negatives(self, b: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        rng, c = self.rng("neg", b), self.cluster(lo, hi)
+        cols, tiers = [], []
+        for tier, k in enumerate(_tier_counts(self.n_neg), start=1):
+            for _ in range(k):
+                if tier == 1 or self.C == 1:
+                    cc = c
+                elif tier == 2:
+                    cc = self.by_sim[c, rng.integers(0, min(3, self.C - 1), c.size)]
+                elif tier == 3:
+                    cc = self.by_sim[c, 0]
+                else:
+                    cc = self.by_sim[c, rng.integers((self.C - 1) // 2, self.C - 1, c.size)]
+                a, e = self.cluster_range(cc)
+                n = a + (rng.random(c.size) * (e - a)).astype(np.int64)
+                clash = n == np.arange(lo, hi)
+                n[clash] = np.where(n[clash] + 1 < e[clash], n[clash] + 1, a[clash])
+                cols.append(n)
+                tiers.append(np.full(c.size, tier))
+        return np.stack(cols, 1), np.stack(tiers, 1)
+
+    def split(self, name: str) -> np.ndarray:
+        p = np.arange(self.P)
+        r = p % self.every
+        train = r == 2 if self.sparse_train else r >= 2
+        return p[{"val": r == 0, "test": r == 1, "train": train}[name]]
+
+
+def _write_rows(
+    writer: SafetensorsWriter, name: str, blocks: Iterator[np.ndarray], stats: dict
+) -> None:
+    lo_, hi_ = None, None
+    for block in blocks:
+        writer.write(name, np.ascontiguousarray(block))
+        if block.size:
+            lo_ = block.min().item() if lo_ is None else min(lo_, block.min().item())
+            hi_ = block.max().item() if hi_ is None else max(hi_, block.max().item())
+    stats[name] = {"min": lo_, "max": hi_}
+
+
+def make_store(
+    dst: str | Path,
+    n_pairs: int,
+    *,
+    dim: int = 384,
+    n_neg: int = 12,
+    n_clusters: int = 64,
+    n_keywords: int = 20000,
+    seed: int = 0,
+    every: int = 10,
+    sparse_train: bool = False,
+    overwrite: bool = False,
+    progress=None,
+) -> Path:
+    """Write a synthetic safetensors store of ``n_pairs`` pairs at ``dst``, block by block.
+
+    Memory stays at a few blocks (``_BLOCK`` pairs) plus 9 bytes per pair (keyword counts and
+    offsets), whatever the embedding bytes. The store appears with one atomic rename when complete.
+    """
+    dst = Path(dst).absolute()
+    if dst.exists() and not overwrite:
+        raise StoreExistsError(
+            f"{dst}: already exists. Pass overwrite=True (--overwrite) to replace it."
+        )
+    n_pairs = n_pairs // 2 * 2
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    g = _Gen(n_pairs, dim, n_neg, n_clusters, n_keywords, seed, every, sparse_train)
+    remove_stale_partials(dst)
+    tmp = partial_dir(dst)
+    t0 = time.perf_counter()
+    try:
+        entries, stats = _write_all(g, tmp, progress)
+        counts = {
+            "embedding_dim": dim,
+            "n_neg": n_neg,
+            "n_pairs": n_pairs,
+            "n_questions": g.Q,
+            "n_sources": n_pairs,
+            "n_keywords": n_keywords,
+            "n_clusters": n_clusters,
+            "n_keyword_values": int(g.kw_offsets[-1]),
+        }
+        for name, e in entries.items():
+            e["stats"] = stats.get(name, {})
+        config = {
+            **counts,
+            "steering_probabilities": {
+                "zero": 0.25,
+                "centroid": 0.25,
+                "keyword": 0.25,
+                "residual": 0.25,
+            },
+            "curriculum": {"zero_prob_start": 0.5, "zero_prob_end": 0.1, "epochs_total": 100},
+            "random_seed": 42,
+            "builder": "jasper_mmap.synthetic_store",
+            "seed": seed,
+        }
+        (tmp / CONFIG).write_text(json.dumps(config, indent=1))
+        write_store_metadata(
+            tmp,
+            "safetensors",
+            entries,
+            counts,
+            writer="jasper_mmap.synthetic_store",
+            source={"dir": None, "files": {}},
+        )
+        fsync_tree(tmp)
+        publish_dir(tmp, dst, replace=overwrite)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info(
+        "wrote synthetic store %s (%d pairs) in %.1f s", dst, n_pairs, time.perf_counter() - t0
+    )
+    return dst
+
+
+def _write_all(g: _Gen, tmp: Path, progress) -> tuple[dict, dict]:
+    P, Q, D, k = g.P, g.Q, g.D, g.n_neg
+    nnz = int(g.kw_offsets[-1])
+    units = {
+        "embeddings": [
+            ("question_embs", (Q, D)),
+            ("source_embs", (P, D)),
+            ("keyword_embs", (g.K, D)),
+            ("centroid_embs", (g.C, D)),
+        ],
+        "steering": [
+            (n, (P, D))
+            for n in ("steering_centroid", "steering_keyword_weighted", "steering_residual")
+        ],
+        "pairs": [
+            ("pair_index", (P, 2)),
+            ("pair_cluster_id", (P,)),
+            ("pair_relevance", (P,)),
+            ("centroid_distances", (P,)),
+            ("pair_keyword_offsets", (P + 1,)),
+            ("pair_keyword_values", (nnz,)),
+        ],
+        "splits": [(f"{s}_idx", (g.split(s).size,)) for s in ("train", "val", "test")],
+        "negatives/gen-000000": [("hard_negatives", (P, k)), ("negative_tiers", (P, k))],
+    }
+    writer, entries, stats = SafetensorsWriter(tmp), {}, {}
+    for unit, arrays in units.items():
+        specs = [
+            (
+                n,
+                s,
+                "float32"
+                if n.endswith("embs")
+                or n.startswith("steering")
+                or n in ("pair_relevance", "centroid_distances")
+                else "int64",
+            )
+            for n, s in arrays
+        ]
+        writer.begin_unit(unit, specs)
+        for name, _, _ in specs:
+            _write_rows(writer, name, _rows(g, name), stats)
+            if progress is not None:
+                progress(name)
+        for name, e in writer.end_unit().items():
+            shape, dtype = next((s, d) for n, s, d in specs if n == name)
+            entries[name] = {
+                **e,
+                "shape": list(shape),
+                "dtype": dtype,
+                "stored_dtype": dtype,
+                "source": None,
+                "source_dtype": None,
+            }
+    return entries, stats
+
+
+def _rows(g: _Gen, name: str) -> Iterator[np.ndarray]:
+    """Blocks of rows of array ``name``, in order."""
+    if name == "question_embs":
+        for b, lo, hi in g.blocks():
+            yield g.questions(b, lo, hi)
+    elif name == "source_embs":
+        for b, lo, hi in g.blocks():
+            yield g.sources(b, lo, hi)
+    elif name in ("keyword_embs", "centroid_embs"):
+        yield g.keywords if name == "keyword_embs" else g.centroids
+    elif name.startswith("steering"):
+        for b, lo, hi in g.blocks():
+            yield g.steering(name, b, lo, hi).astype(np.float32)
+    elif name.endswith("_idx"):
+        yield g.split(name[:-4])
+    elif name == "pair_keyword_offsets":
+        yield g.kw_offsets.astype(np.int64)
+    else:
+        yield from _pair_rows(g, name)
+
+
+def _pair_rows(g: _Gen, name: str) -> Iterator[np.ndarray]:
+    for b, lo, hi in g.blocks():
+        if name == "pair_index":
+            yield np.stack([np.arange(lo, hi) // 2, np.arange(lo, hi)], 1)
+        elif name == "pair_cluster_id":
+            yield g.cluster(lo, hi)
+        elif name == "pair_relevance":
+            yield g.rng("rel", b).uniform(0.5, 1.0, hi - lo).astype(np.float32)
+        elif name == "centroid_distances":
+            q = np.repeat(g.questions(b, lo, hi), 2, axis=0)[: hi - lo]
+            cos = (q * g.centroids[g.cluster(lo, hi)]).sum(1)
+            yield np.clip(1.0 - cos, 0.0, 2.0).astype(np.float32)
+        elif name == "pair_keyword_values":
+            yield g.keyword_ids(b, lo, hi)
+        elif name in ("hard_negatives", "negative_tiers"):
+            negs, tiers = g.negatives(b, lo, hi)
+            yield negs if name == "hard_negatives" else tiers

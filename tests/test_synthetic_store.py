@@ -1,0 +1,64 @@
+"""make_store: a synthetic store written block by block, consistent with the seeds' semantics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jasper_mmap import create_loader, open_store, validate_first_batch
+from jasper_mmap.errors import StoreExistsError
+from jasper_mmap.synthetic_store import _BLOCK, make_store
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    # more than two blocks, so block boundaries are exercised
+    return make_store(
+        tmp_path_factory.mktemp("ss") / "s",
+        2 * _BLOCK + 1000,
+        dim=8,
+        n_neg=6,
+        n_clusters=5,
+        n_keywords=50,
+    )
+
+
+def test_store_is_consistent(store):
+    s = open_store(store)
+    c = s.counts
+    P = c["n_pairs"]
+    assert (P, c["n_questions"], c["n_sources"]) == (2 * _BLOCK + 1000, P // 2, P)
+    pi = s.read("pair_index")
+    np.testing.assert_array_equal(pi[:, 1], np.arange(P))
+    np.testing.assert_array_equal(pi[:, 0], np.arange(P) // 2)
+    cluster = s.read("pair_cluster_id")
+    negs, tiers = s.read("hard_negatives"), s.read("negative_tiers")
+    assert (negs != np.arange(P)[:, None]).all()  # never the target itself
+    assert set(np.unique(tiers)) == {1, 2, 3, 4}
+    same = cluster[negs] == cluster[:, None]
+    assert same[tiers == 1].all() and not same[tiers == 4].any()
+    np.testing.assert_array_equal(s.read("steering_centroid"), s.read("centroid_embs")[cluster])
+    splits = [s.read(f"{n}_idx") for n in ("train", "val", "test")]
+    assert sum(map(len, splits)) == P and len(np.unique(np.concatenate(splits))) == P
+    off = s.read("pair_keyword_offsets")
+    assert off[0] == 0 and off[-1] == c["n_keyword_values"] and (np.diff(off) >= 0).all()
+    q, src = s.read("question_embs"), s.read("source_embs")
+    cos = (q[pi[:, 0]] * src).sum(1)
+    assert cos.mean() > 0.8  # a question sits near its target
+    assert np.allclose(np.linalg.norm(src, axis=1), 1, atol=1e-5)
+
+
+def test_loader_serves_it_and_it_is_deterministic(store, tmp_path):
+    assert validate_first_batch(create_loader(store, "train", 64))["batch_size"] == 64
+    again = make_store(
+        tmp_path / "again", 2 * _BLOCK + 1000, dim=8, n_neg=6, n_clusters=5, n_keywords=50
+    )
+    for f in ("embeddings.safetensors", "steering.safetensors", "pairs.safetensors"):
+        assert (store / f).read_bytes() == (again / f).read_bytes()
+    with pytest.raises(StoreExistsError, match="already exists"):
+        make_store(again, 100, dim=8)
+    sparse = make_store(
+        tmp_path / "sparse", 1000, dim=8, n_neg=6, n_clusters=5, n_keywords=50, sparse_train=True
+    )
+    train = open_store(sparse).read("train_idx")
+    assert len(train) == 100 and train.max() > 900  # a tenth of the pairs, spread over the store
