@@ -35,7 +35,7 @@ from .layout import CONFIG, write_store_metadata
 from .stores.safetensors_store import SafetensorsWriter
 from .synthetic import _normalize, _tier_counts
 
-__all__ = ["make_store", "pairs_for_bytes"]
+__all__ = ["make_store", "make_pt_dir", "pairs_for_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,10 @@ class _Gen:
         np.fill_diagonal(sim, -np.inf)
         self.by_sim = np.argsort(-sim, axis=1)
         self.n_kw = np.concatenate(
-            [self.rng("nkw", b).integers(0, 6, hi - lo, dtype=np.int8) for b, lo, hi in self.blocks()]
+            [
+                self.rng("nkw", b).integers(0, 6, hi - lo, dtype=np.int8)
+                for b, lo, hi in self.blocks()
+            ]
         )
         self.kw_offsets = np.concatenate([[0], np.cumsum(self.n_kw)])
 
@@ -201,31 +204,22 @@ def make_store(
     t0 = time.perf_counter()
     try:
         entries, stats = _write_all(g, tmp, progress)
+        config = _config(g)
         counts = {
-            "embedding_dim": dim,
-            "n_neg": n_neg,
-            "n_pairs": n_pairs,
-            "n_questions": g.Q,
-            "n_sources": n_pairs,
-            "n_keywords": n_keywords,
-            "n_clusters": n_clusters,
-            "n_keyword_values": int(g.kw_offsets[-1]),
+            k: config[k]
+            for k in (
+                "embedding_dim",
+                "n_neg",
+                "n_pairs",
+                "n_questions",
+                "n_sources",
+                "n_keywords",
+                "n_clusters",
+            )
         }
+        counts["n_keyword_values"] = int(g.kw_offsets[-1])
         for name, e in entries.items():
             e["stats"] = stats.get(name, {})
-        config = {
-            **counts,
-            "steering_probabilities": {
-                "zero": 0.25,
-                "centroid": 0.25,
-                "keyword": 0.25,
-                "residual": 0.25,
-            },
-            "curriculum": {"zero_prob_start": 0.5, "zero_prob_end": 0.1, "epochs_total": 100},
-            "random_seed": 42,
-            "builder": "jasper_mmap.synthetic_store",
-            "seed": seed,
-        }
         (tmp / CONFIG).write_text(json.dumps(config, indent=1))
         write_store_metadata(
             tmp,
@@ -248,10 +242,81 @@ def make_store(
     return dst
 
 
-def _write_all(g: _Gen, tmp: Path, progress) -> tuple[dict, dict]:
+def _config(g: _Gen) -> dict:
+    return {
+        "embedding_dim": g.D,
+        "n_neg": g.n_neg,
+        "n_pairs": g.P,
+        "n_questions": g.Q,
+        "n_sources": g.P,
+        "n_keywords": g.K,
+        "n_clusters": g.C,
+        "steering_probabilities": {
+            "zero": 0.25,
+            "centroid": 0.25,
+            "keyword": 0.25,
+            "residual": 0.25,
+        },
+        "curriculum": {"zero_prob_start": 0.5, "zero_prob_end": 0.1, "epochs_total": 100},
+        "random_seed": 42,
+        "builder": "jasper_mmap.synthetic_store",
+        "seed": g.seed,
+    }
+
+
+def make_pt_dir(
+    dst: str | Path,
+    n_pairs: int,
+    *,
+    dim: int = 384,
+    n_neg: int = 12,
+    n_clusters: int = 64,
+    n_keywords: int = 20000,
+    seed: int = 0,
+    every: int = 10,
+    sparse_train: bool = False,
+) -> Path:
+    """Write the same synthetic dataset as a ``.pt`` directory (FORMAT.md), streaming.
+
+    Every artifact is written block by block (:mod:`jasper_mmap.pt_writer`), so the directory
+    (and any single file in it) can be larger than RAM; ``pair_keyword_ids.pt`` is a plain pickle.
+    """
+    from .pt_writer import write_lists_pickle, write_tensor_pt
+
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    g = _Gen(n_pairs // 2 * 2, dim, n_neg, n_clusters, n_keywords, seed, every, sparse_train)
+    for unit, arrays in _units(g).items():
+        for name, shape in arrays:
+            if name == "pair_keyword_offsets":
+                write_lists_pickle(dst / "pair_keyword_ids.pt", _keyword_lists(g))
+            elif name != "pair_keyword_values":
+                write_tensor_pt(dst / f"{name}.pt", shape, _dtype(name), _rows(g, name))
+        log.debug("wrote unit %s", unit)
+    (dst / CONFIG).write_text(json.dumps(_config(g), indent=1))
+    return dst
+
+
+def _keyword_lists(g: _Gen) -> Iterator[np.ndarray]:
+    for b, lo, hi in g.blocks():
+        ids, off = g.keyword_ids(b, lo, hi), g.kw_offsets[lo : hi + 1] - g.kw_offsets[lo]
+        for i in range(hi - lo):
+            yield ids[off[i] : off[i + 1]]
+
+
+def _dtype(name: str) -> str:
+    floats = (
+        name.endswith("embs")
+        or name.startswith("steering")
+        or name in ("pair_relevance", "centroid_distances")
+    )
+    return "float32" if floats else "int64"
+
+
+def _units(g: _Gen) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
     P, Q, D, k = g.P, g.Q, g.D, g.n_neg
     nnz = int(g.kw_offsets[-1])
-    units = {
+    return {
         "embeddings": [
             ("question_embs", (Q, D)),
             ("source_embs", (P, D)),
@@ -273,20 +338,12 @@ def _write_all(g: _Gen, tmp: Path, progress) -> tuple[dict, dict]:
         "splits": [(f"{s}_idx", (g.split(s).size,)) for s in ("train", "val", "test")],
         "negatives/gen-000000": [("hard_negatives", (P, k)), ("negative_tiers", (P, k))],
     }
+
+
+def _write_all(g: _Gen, tmp: Path, progress) -> tuple[dict, dict]:
     writer, entries, stats = SafetensorsWriter(tmp), {}, {}
-    for unit, arrays in units.items():
-        specs = [
-            (
-                n,
-                s,
-                "float32"
-                if n.endswith("embs")
-                or n.startswith("steering")
-                or n in ("pair_relevance", "centroid_distances")
-                else "int64",
-            )
-            for n, s in arrays
-        ]
+    for unit, arrays in _units(g).items():
+        specs = [(n, s, _dtype(n)) for n, s in arrays]
         writer.begin_unit(unit, specs)
         for name, _, _ in specs:
             _write_rows(writer, name, _rows(g, name), stats)

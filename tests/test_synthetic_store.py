@@ -62,3 +62,18 @@ def test_loader_serves_it_and_it_is_deterministic(store, tmp_path):
     )
     train = open_store(sparse).read("train_idx")
     assert len(train) == 100 and train.max() > 900  # a tenth of the pairs, spread over the store
+
+
+def test_pt_dir_of_the_same_data_converts_to_the_same_store(tmp_path, store):
+    import torch
+
+    from converters import convert_pt
+    from jasper_mmap.synthetic_store import make_pt_dir
+
+    src = make_pt_dir(tmp_path / "pt", 2 * _BLOCK + 1000, dim=8, n_neg=6, n_clusters=5, n_keywords=50)
+    t = torch.load(src / "source_embs.pt", weights_only=True)  # torch reads the streamed archive
+    assert t.shape == (2 * _BLOCK + 1000, 8) and t.dtype == torch.float32
+    converted = open_store(convert_pt(src, tmp_path / "converted", progress=False))
+    direct = open_store(store)
+    for name in direct.names():
+        assert converted.read(name).tobytes() == direct.read(name).tobytes(), name
