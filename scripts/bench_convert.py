@@ -87,6 +87,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+#: above this many pairs datasets are generated with jasper_mmap.synthetic_store.make_pt_dir
+#: (streamed, bounded memory) instead of jasper_mmap.synthetic.make_pt_dataset (in RAM)
+STREAMING_FROM = 1_000_000
+
+
 def expected_config(n_pairs: int) -> dict[str, int]:
     """The config.json counts the synthetic dataset of ``n_pairs`` pairs must have."""
     return {
@@ -127,7 +132,14 @@ def ensure_dataset(workdir: Path, n_pairs: int, code: Path) -> Path:
     if cfg_path.exists():
         cfg_path.unlink()  # config.json is written last: its presence marks a complete dataset
     t0 = time.perf_counter()
-    make_pt_dataset(src, spec)
+    if n_pairs > STREAMING_FROM:  # too large to build in RAM: the block-by-block generator
+        from jasper_mmap.synthetic_store import make_pt_dir
+
+        make_pt_dir(
+            src, n_pairs, dim=DIM, n_neg=N_NEG, n_clusters=N_CLUSTERS, n_keywords=N_KEYWORDS
+        )
+    else:
+        make_pt_dataset(src, spec)
     print(f"[{n_pairs}] generated dataset {src} in {time.perf_counter() - t0:.1f} s")
     return src
 
