@@ -46,6 +46,14 @@ BATCH_KEYS = (
 )
 _STEERING_TABLES = {1: "steering_centroid", 2: "steering_keyword_weighted", 3: "steering_residual"}
 _EPOCH, _FORCED, _GENERATION = 0, 1, 2  # slots of the control block
+_PAIR_ARRAYS = (
+    "pair_index",
+    "hard_negatives",
+    "negative_tiers",
+    "pair_cluster_id",
+    "pair_relevance",
+    "centroid_distances",
+)
 
 
 class SampleBatch(Sequence):
@@ -258,23 +266,23 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
             return self._preloaded_batch(idx, control)
         store, b = self.store, idx.size
         generation = self._serve_generation(control[_GENERATION])
+        epoch = control[_EPOCH]
         pairs = store.gather(f"{self.split}_idx", idx)
+        variants = draw_variants(
+            self.seed, epoch, pairs, self.schedule.probs(epoch), control[_FORCED]
+        )
+        chosen = {table: pairs[variants == v] for v, table in _STEERING_TABLES.items()}
+        store.prefetch({name: pairs for name in _PAIR_ARRAYS} | chosen)  # NOTE [batch prefetch]
         qs = store.gather("pair_index", pairs)
         negs = store.gather("hard_negatives", pairs)
+        sources = np.concatenate([qs[:, 1], negs.reshape(-1)])
+        store.prefetch({"question_embs": qs[:, 0], "source_embs": sources})
         tiers = store.gather("negative_tiers", pairs)
-        rows = store.gather("source_embs", np.concatenate([qs[:, 1], negs.reshape(-1)]))
-        variants = draw_variants(
-            self.seed,
-            control[_EPOCH],
-            pairs,
-            self.schedule.probs(control[_EPOCH]),
-            control[_FORCED],
-        )
+        rows = store.gather("source_embs", sources)
         steering = np.zeros((b, self.embedding_dim), dtype=np.float32)
         for v, table in _STEERING_TABLES.items():
-            chosen = np.flatnonzero(variants == v)
-            if chosen.size:
-                steering[chosen] = store.gather(table, pairs[chosen])
+            if chosen[table].size:
+                steering[variants == v] = store.gather(table, chosen[table])
         out = {
             "question_emb": store.gather("question_embs", qs[:, 0]),
             "target_source_emb": rows[:b],

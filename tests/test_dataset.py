@@ -307,3 +307,20 @@ def test_validate_first_batch_names_key_and_rows(pt_dataset):
         BatchValidationError, match=r"relevance should be in \[0.0, 1.0\], but batch rows \[2\]"
     ):
         validate_first_batch(loader)
+
+
+@pytest.mark.parametrize("advice", ["random", "normal"])
+def test_read_ahead_advice_and_prefetch_do_not_change_batches(src, tmp_path, monkeypatch, advice):
+    from jasper_mmap.stores.safetensors_store import choose_advice
+
+    monkeypatch.setenv("JASPER_MMAP_MADVISE", advice)
+    assert choose_advice(10**15) == advice
+    ds = JASPERSteeringDataset(src, "train", epoch=2)
+    assert ds.store.advice == advice
+    idx = np.array([0, 95, 3, 3, 50])
+    got = ds.get_batch(idx)
+    want = _expected(src, "train", idx, epoch=2)
+    for key in BATCH_KEYS:
+        np.testing.assert_array_equal(got[key].numpy(), want[key], err_msg=key)
+    monkeypatch.delenv("JASPER_MMAP_MADVISE")
+    assert choose_advice(1) == "normal" and choose_advice(10**15) == "random"

@@ -70,7 +70,9 @@ def test_pt_dir_of_the_same_data_converts_to_the_same_store(tmp_path, store):
     from converters import convert_pt
     from jasper_mmap.synthetic_store import make_pt_dir
 
-    src = make_pt_dir(tmp_path / "pt", 2 * _BLOCK + 1000, dim=8, n_neg=6, n_clusters=5, n_keywords=50)
+    src = make_pt_dir(
+        tmp_path / "pt", 2 * _BLOCK + 1000, dim=8, n_neg=6, n_clusters=5, n_keywords=50
+    )
     t = torch.load(src / "source_embs.pt", weights_only=True)  # torch reads the streamed archive
     assert t.shape == (2 * _BLOCK + 1000, 8) and t.dtype == torch.float32
     converted = open_store(convert_pt(src, tmp_path / "converted", progress=False))

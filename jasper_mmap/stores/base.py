@@ -162,6 +162,14 @@ class Store(abc.ABC):
         out = self._gather_raw(name, idx)
         return to_float32(out, self.entry(name)["stored_dtype"])
 
+    def prefetch(self, rows: dict[str, np.ndarray]) -> None:  # noqa: B027 - optional hook
+        """Hint that rows ``{array: indices}`` will be gathered soon (asynchronous read-ahead).
+
+        Backends that read through memory maps start the reads of all these rows at once, so a
+        batch from a cold store costs a few round trips to the disk instead of one per row.
+        The default does nothing.
+        """
+
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Return the contiguous rows ``start:stop`` of ``name`` as a numpy array (a copy)."""
         raw = self._read_raw(name, start, stop)
