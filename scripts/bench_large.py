@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -153,6 +154,9 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=Path("bench_out"))
     ap.add_argument("--gb", type=float, default=32)
     ap.add_argument("--probe-batches", type=int, default=400)
+    ap.add_argument(
+        "--json", type=Path, help="append the figures to this JSON-lines file (for plots)"
+    )
     args = ap.parse_args()
     print("$", " ".join([sys.executable, *sys.argv]))
     with open("/proc/meminfo") as f:
@@ -173,6 +177,22 @@ def main() -> int:
     reads = row_reads(store, order[: args.probe_batches])
     per_sample = len(reads) / sum(len(b) for b in order[: args.probe_batches])
     print(f"{per_sample:.2f} large rows per sample ({len(reads)} in {args.probe_batches} batches)")
+    if args.json:
+        size = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
+        with open(args.json, "a") as f:
+            f.write(
+                json.dumps(
+                    {
+                        "bench": "large",
+                        "store_bytes": size,
+                        "rates": {
+                            "full pass, num_workers=2": rate,
+                            "first batches cold, num_workers=2": first,
+                        },
+                    }
+                )
+                + "\n"
+            )
     for threads in (2, 32):
         disk = disk_rows_per_s(reads, threads)
         print(

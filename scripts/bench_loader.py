@@ -14,6 +14,7 @@ the main process and workers over one full epoch of (b).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -71,7 +72,6 @@ class InRamDataset(torch.utils.data.Dataset):
 
     def __init__(self, src: Path, seed: int = 42) -> None:
         self.t = {n: torch.load(src / f"{n}.pt", weights_only=True) for n in NAMES}
-        import json
 
         self.sched = SteeringSchedule.from_config(json.loads((src / "config.json").read_text()))
         self.gen = torch.Generator().manual_seed(seed)
@@ -178,6 +178,9 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=200000)
     ap.add_argument("--pairs-large", type=int, default=800000)
     ap.add_argument("--batches", type=int, default=300, help="batches timed per configuration")
+    ap.add_argument(
+        "--json", type=Path, help="append the figures to this JSON-lines file (for plots)"
+    )
     args = ap.parse_args()
     print("$", " ".join([sys.executable, *sys.argv]))
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}")
