@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import StoreFormatError, StoreNotFoundError
+from .errors import StoreCorruptError, StoreFormatError, StoreNotFoundError
 
 __all__ = [
     "FORMAT_NAME",
@@ -162,13 +162,31 @@ def read_manifest(store_dir: Path) -> dict[str, Any]:
             f"{store_dir / MANIFEST}: format_version should be an integer in 1..{FORMAT_VERSION}, "
             f"but got format_version={version!r}. Upgrade jasper_mmap or {fix[0].lower()}{fix[1:]}"
         )
-    for key, kind in (("backend", str), ("arrays", dict), ("counts", dict)):
+    for key, kind in (("backend", str), ("arrays", dict), ("counts", dict), ("files", dict)):
         if not isinstance(manifest.get(key), kind):
             raise StoreFormatError(
                 f"{store_dir / MANIFEST}: key {key!r} should be a {kind.__name__}, but got "
                 f"{type(manifest.get(key)).__name__}. {fix}"
             )
+    _check_sizes(store_dir, manifest["files"], fix)
     return manifest
+
+
+def _check_sizes(store_dir: Path, sizes: dict[str, int], fix: str) -> None:
+    """O(number of files): every data file exists with the size recorded at conversion."""
+    for rel, want in sizes.items():
+        path = store_dir / rel
+        try:
+            got = path.stat().st_size
+        except FileNotFoundError:
+            raise StoreNotFoundError(
+                f"{path}: store file is missing (the manifest lists it). {fix}"
+            ) from None
+        if got != want:
+            raise StoreCorruptError(
+                f"{path}: file is {got} bytes, but the manifest records {want} (truncated, "
+                f"appended to or replaced). {fix}"
+            )
 
 
 def read_pointer(store_dir: Path, generation: int | None = None) -> dict[str, Any]:
@@ -225,7 +243,13 @@ def write_store_metadata(
     }
     write_json_atomic(tmp / NEGATIVES_DIR / f"{generation_name(0)}.json", pointer)
     write_json_atomic(tmp / NEGATIVES_DIR / POINTER, pointer)
+    sizes = {
+        e["file"]: (tmp / e["file"]).stat().st_size
+        for e in entries.values()
+        if (tmp / e["file"]).is_file()
+    }
     manifest = {
+        "files": sizes,
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "backend": backend,

@@ -158,3 +158,25 @@ def test_truncated_safetensors_file_is_reported_not_sigbus(tmp_path, pt_dataset)
         f.truncate(path.stat().st_size - 100)
     with pytest.raises(StoreCorruptError, match="truncated"):
         open_store(dst).gather("question_embs", [0])
+
+
+def test_open_checks_file_sizes_against_the_manifest(tmp_path, pt_dataset):
+    from converters import convert_pt
+
+    dst = convert_pt(pt_dataset, tmp_path / "s", progress=False)
+    assert set(open_store(dst).manifest["files"]) == {
+        "embeddings.safetensors",
+        "pairs.safetensors",
+        "steering.safetensors",
+        "splits.safetensors",
+    }
+    with open(dst / "steering.safetensors", "ab") as f:
+        f.write(b"\0" * 8)
+    with pytest.raises(
+        StoreCorruptError,
+        match=r"steering.safetensors: file is \d+ bytes, but the manifest records",
+    ):
+        open_store(dst)  # at open, before any row is read
+    (dst / "steering.safetensors").unlink()
+    with pytest.raises(StoreNotFoundError, match="steering.safetensors: store file is missing"):
+        open_store(dst)
