@@ -201,6 +201,7 @@ def _write_generation(store, tmp: Path, g: int, negs: _Rows, tiers: _Rows, n_sou
         name: {
             "file": f"{NEGATIVES_DIR}/{e['file']}",
             "key": e["key"],
+            "crc32": e["crc32"],
             "shape": list(shape),
             "dtype": "int64",
             "stored_dtype": "int64",

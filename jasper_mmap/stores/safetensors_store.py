@@ -28,6 +28,7 @@ import json
 import mmap
 import os
 import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +119,7 @@ class SafetensorsWriter(StoreWriter):
         self._unit, self._path = unit, path
         self._file = open(path, "wb")  # noqa: SIM115 - closed in end_unit/abort
         self._file.write(struct.pack("<Q", len(blob)) + blob)
-        self._pos, self._written = 0, 0
+        self._pos, self._written, self._crc = 0, 0, {}
         self._skip_empty()
 
     def _skip_empty(self) -> None:
@@ -140,6 +141,7 @@ class SafetensorsWriter(StoreWriter):
             raise RuntimeError(f"{self._path}: too many rows for {name!r}")
         self._file.write(memoryview(data).cast("B"))
         self._written += data.nbytes
+        self._crc[name] = zlib.crc32(memoryview(data).cast("B"), self._crc.get(name, 0))
         self._skip_empty()
 
     def end_unit(self) -> dict[str, dict[str, Any]]:
@@ -151,7 +153,10 @@ class SafetensorsWriter(StoreWriter):
         self._file.close()  # the converter fsyncs the whole store once, before publishing
         self._file = None
         rel = self._path.relative_to(self.root).as_posix()
-        return {name: {"file": rel, "key": name} for name, _ in self._order}
+        return {
+            name: {"file": rel, "key": name, "crc32": self._crc.get(name, 0)}
+            for name, _ in self._order
+        }
 
     def abort(self) -> None:
         if self._file is not None:

@@ -19,6 +19,7 @@ or remote (fsspec) access. Bfloat16 has no zarr data type, so such arrays are st
 from __future__ import annotations
 
 import math
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,7 @@ class ZarrWriter(StoreWriter):
                 "buf": [],
                 "buffered": 0,
                 "pos": 0,
+                "crc": 0,
             }
 
     def write(self, name: str, block: np.ndarray) -> None:
@@ -106,6 +108,7 @@ class ZarrWriter(StoreWriter):
         if st["pos"] + n > st["shape"][0]:
             raise RuntimeError(f"{self.root}: too many rows for {st['path']!r}")
         st["arr"][st["pos"] : st["pos"] + n] = head
+        st["crc"] = zlib.crc32(memoryview(np.ascontiguousarray(head)).cast("B"), st["crc"])
         st["pos"] += n
         st["buf"] = [rest] if rest.shape[0] else []
         st["buffered"] = rest.shape[0]
@@ -119,7 +122,7 @@ class ZarrWriter(StoreWriter):
                 raise RuntimeError(
                     f"{self.root}: array {st['path']!r} is incomplete ({st['pos']} rows)"
                 )
-            entries[name] = {"file": st["path"], "key": name}
+            entries[name] = {"file": st["path"], "key": name, "crc32": st["crc"]}
         self._arrays = {}
         return entries
 
