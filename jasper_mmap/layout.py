@@ -175,6 +175,17 @@ def read_manifest(store_dir: Path) -> dict[str, Any]:
 def _check_sizes(store_dir: Path, sizes: dict[str, int], fix: str) -> None:
     """O(number of files): every data file exists with the size recorded at conversion."""
     for rel, want in sizes.items():
+        if (
+            type(want) is not int
+            or not rel
+            or "\0" in rel
+            or Path(rel).is_absolute()
+            or ".." in Path(rel).parts
+        ):
+            raise StoreFormatError(
+                f"{store_dir / MANIFEST}: 'files' should map relative paths inside the store "
+                f"to sizes, but has {rel!r}: {want!r}. {fix}"
+            )
         path = store_dir / rel
         try:
             got = path.stat().st_size

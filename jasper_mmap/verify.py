@@ -1,0 +1,181 @@
+"""Full integrity check of a store, streamed with bounded memory: ``jasper-mmap verify``.
+
+Opening a store checks only what costs O(1) (manifest, format version, file sizes). ``verify``
+reads every array once, block by block, without mapping it (so memory stays at a block), and
+checks: the crc32 recorded at conversion, every index against the counts it refers to, tiers
+1..4, split indices (in range, no repeats, not empty), keyword offsets, relevance and centroid
+distance ranges, and NaN/Inf. It reports every problem it finds, not only the first.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._dtypes import numpy_dtype, to_float32
+from .errors import JasperError
+from .stores import Store, open_store
+
+__all__ = ["verify_store", "VerifyReport", "store_info"]
+
+_BLOCK_BYTES = 16 << 20
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify_store`` found: one line per array, and the problems."""
+
+    store: Path
+    checked: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def __str__(self) -> str:
+        head = f"{self.store}: {len(self.checked)} arrays checked, "
+        if self.ok:
+            return head + "no problems"
+        return (
+            head
+            + f"{len(self.problems)} problem(s):\n"
+            + "\n".join(f"  - {p}" for p in self.problems)
+        )
+
+
+def _blocks(store: Store, name: str) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, raw block) of array ``name``, read with ``pread`` (safetensors) or slices."""
+    entry = store.entry(name)
+    shape, dtype = tuple(entry["shape"]), numpy_dtype(entry["stored_dtype"])
+    row = max(1, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
+    step = max(1, _BLOCK_BYTES // row)
+    if store.backend != "safetensors":
+        for lo in range(0, shape[0], step):
+            yield lo, np.ascontiguousarray(store.raw(name)[lo : lo + step])
+        return
+    from .stores.safetensors_store import read_header
+
+    path = store.path / entry["file"]
+    start, header = read_header(path)
+    base = start + header[entry["key"]]["data_offsets"][0]
+    with open(path, "rb", buffering=0) as f:
+        for lo in range(0, shape[0], step):
+            n = min(step, shape[0] - lo)
+            raw = _pread(f.fileno(), n * row, base + lo * row)
+            yield lo, np.frombuffer(raw, dtype=dtype).reshape((n, *shape[1:]))
+
+
+def _pread(fd: int, n: int, offset: int) -> bytes:
+    import os
+
+    out = bytearray()
+    while len(out) < n:
+        chunk = os.pread(fd, n - len(out), offset + len(out))
+        if not chunk:
+            raise EOFError(f"file ends {n - len(out)} bytes early")
+        out += chunk
+    return bytes(out)
+
+
+def _check_array(store: Store, name: str, progress) -> None:
+    from converters.checks import SplitCheck, Stats, check_block
+
+    entry, counts = store.entry(name), store.counts
+    split = (
+        SplitCheck(store.path / entry["file"], counts["n_pairs"]) if name.endswith("_idx") else None
+    )
+    crc, stats, prev_end = 0, Stats(), 0
+    where = store.path / entry["file"]
+    for lo, raw in _blocks(store, name):
+        crc = zlib.crc32(memoryview(np.ascontiguousarray(raw)).cast("B"), crc)
+        block = to_float32(raw, entry["stored_dtype"])
+        allowed = bool(
+            entry.get("stats", {}).get("nonfinite_rows")
+        )  # converted with --allow-nonfinite
+        check_block(where, name, block, lo, counts, stats, allow_nonfinite=allowed)
+        if split is not None:
+            split.update(block, lo)
+        if name == "pair_keyword_offsets" and block.size:
+            if block[0] < prev_end or (np.diff(block) < 0).any():
+                raise ValueError(
+                    f"{where}: pair_keyword_offsets should not decrease (near row {lo})"
+                )
+            prev_end = int(block[-1])
+        if progress is not None:
+            progress(raw.nbytes)
+    if split is not None:
+        split.finish()
+    if name == "pair_keyword_offsets" and prev_end != store.shape("pair_keyword_values")[0]:
+        raise ValueError(
+            f"{where}: pair_keyword_offsets should end at {store.shape('pair_keyword_values')[0]} "
+            f"(the number of keyword values), but ends at {prev_end}"
+        )
+    if "crc32" in entry and crc != entry["crc32"]:
+        raise ValueError(
+            f"{where}: {name} has crc32 {crc:08x}, but {entry['crc32']:08x} was recorded when it "
+            f"was written: its bytes changed on disk"
+        )
+
+
+def verify_store(path: str | Path, progress: bool | None = None) -> VerifyReport:
+    """Check every array of the store at ``path`` (see the module docstring); never raises
+    for a problem in the data, which goes into the report instead.
+
+    Raises:
+        StoreNotFoundError, StoreFormatError, StoreCorruptError: the store cannot be opened.
+    """
+    from tqdm.auto import tqdm
+
+    store = open_store(path)
+    report = VerifyReport(Path(path))
+    names = store.names()
+    total = sum(
+        int(np.prod(store.shape(n), dtype=np.int64))
+        * numpy_dtype(store.entry(n)["stored_dtype"]).itemsize
+        for n in names
+    )
+    with tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        desc="verify",
+        disable=None if progress is None else not progress,
+    ) as bar:
+        for name in names:
+            try:
+                _check_array(store, name, bar.update)
+            except (JasperError, ValueError, EOFError, OSError) as e:
+                report.problems.append(str(e))
+            report.checked.append(name)
+    return report
+
+
+def store_info(path: str | Path) -> dict[str, Any]:
+    """A summary of a store from its manifest: backend, counts, arrays, negatives generation."""
+    store = open_store(path)
+    arrays = {}
+    for name in store.names():
+        e = store.entry(name)
+        nbytes = int(np.prod(e["shape"], dtype=np.int64)) * numpy_dtype(e["stored_dtype"]).itemsize
+        arrays[name] = {
+            "shape": e["shape"],
+            "stored_dtype": e["stored_dtype"],
+            "bytes": nbytes,
+            "file": e["file"],
+        }
+    return {
+        "store": str(store.path),
+        "backend": store.backend,
+        "format_version": store.manifest["format_version"],
+        "counts": store.counts,
+        "splits": store.manifest.get("splits", {}),
+        "negatives_generation": store.generation,
+        "arrays": arrays,
+        "bytes": sum(a["bytes"] for a in arrays.values()),
+    }
