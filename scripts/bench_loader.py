@@ -220,6 +220,15 @@ def main() -> int:
     )
     for k, v in rates.items():
         print(f"  {k:55s} {v:10.0f} samples/s")
+    if args.json:
+        size = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
+        with open(args.json, "a") as f:
+            f.write(
+                json.dumps(
+                    {"bench": "loader", "pairs": args.pairs, "store_bytes": size, "rates": rates}
+                )
+                + "\n"
+            )
     b0 = rates["(b) jasper_mmap create_loader, num_workers=0"]
     print(
         f"  (b)/(a) at num_workers=0: {b0 / rates['(a) in-RAM per-sample baseline, num_workers=0']:.1f}x "
