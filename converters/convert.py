@@ -21,7 +21,14 @@ import numpy as np
 
 from jasper_mmap._atomic import fsync_tree, partial_dir, publish_dir, remove_stale_partials
 from jasper_mmap._dtypes import to_float32, to_stored
-from jasper_mmap.errors import ArtifactError, ArtifactMissingError, ConfigError, StoreExistsError
+from jasper_mmap.errors import (
+    ArtifactError,
+    ArtifactMissingError,
+    ConfigError,
+    JasperError,
+    StoreExistsError,
+    write_error,
+)
 from jasper_mmap.layout import (
     ARRAYS,
     CONFIG,
@@ -427,7 +434,10 @@ def convert_pt(
         raise ArtifactMissingError(
             f"{kw_path}: required artifact is missing. Re-run the dataset builder."
         )
-    tmp = partial_dir(dst)
+    try:
+        tmp = partial_dir(dst)
+    except OSError as e:
+        raise write_error(dst.parent, e, "a temporary directory for the store") from e
     bar = None
     kw_future = None
     try:
@@ -458,12 +468,14 @@ def convert_pt(
         _verify(tmp, units)
         fsync_tree(tmp)
         publish_dir(tmp, dst, replace=overwrite)
-    except BaseException:
+    except BaseException as e:
         if bar is not None:
             bar.close()
         if kw_future is not None:
             kw_future.cancel()
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, JasperError):
+            raise write_error(dst, e, "the store") from e
         raise
     bar.close()
     kw_future.cancel()

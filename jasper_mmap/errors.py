@@ -7,6 +7,8 @@ what was found, what was expected and how to fix it.
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "JasperError",
     "ArtifactMissingError",
@@ -17,6 +19,8 @@ __all__ = [
     "StoreCorruptError",
     "StoreExistsError",
     "SampleIndexError",
+    "StoreWriteError",
+    "write_error",
 ]
 
 
@@ -54,3 +58,32 @@ class StoreExistsError(JasperError, FileExistsError):
 
 class SampleIndexError(JasperError, IndexError):
     """A sample or row index is outside the valid range."""
+
+
+class StoreWriteError(JasperError, OSError):
+    """Writing a store or a negatives generation failed (disk full, read-only, permissions)."""
+
+
+_WRITE_ERRNOS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the filesystem is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+def write_error(target: object, e: OSError, what: str) -> OSError:
+    """Turn an OSError met while writing ``target`` into a StoreWriteError with the fix.
+
+    Errors that are not about the destination (other errnos) are returned unchanged.
+    """
+    if e.errno not in _WRITE_ERRNOS:
+        return e
+    err = StoreWriteError(
+        f"{target}: could not write {what}: {_WRITE_ERRNOS[e.errno]} ({e.strerror}). "
+        f"Nothing was published and the previous state is intact; free space or choose "
+        f"a writable destination, then run again."
+    )
+    err.errno = e.errno  # (not strerror: OSError would then print only "[Errno N] strerror")
+    return err

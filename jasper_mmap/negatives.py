@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ._atomic import fsync_dir, fsync_tree, partial_dir, remove_stale_partials
-from .errors import ArtifactError
+from .errors import ArtifactError, JasperError, write_error
 from .layout import NEGATIVES_DIR, POINTER, generation_name, read_pointer, write_json_atomic
 from .stores import WRITERS, open_store
 
@@ -156,14 +156,19 @@ def publish_negatives(
         fcntl.flock(lock, fcntl.LOCK_EX)
         remove_stale_partials(neg_dir)
         g = _next_generation(neg_dir)
-        tmp = partial_dir(neg_dir)  # STORE/.negatives.partial-PID-TOKEN: same filesystem
         try:
-            entries = _write_generation(store, tmp, g, negs, tiers, c["n_sources"])
-            for item in tmp.glob(f"{generation_name(g)}*"):  # the file, or the zarr group
-                os.rename(item, neg_dir / item.name)
-            fsync_dir(neg_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            tmp = partial_dir(neg_dir)  # STORE/.negatives.partial-PID-TOKEN: same filesystem
+            try:
+                entries = _write_generation(store, tmp, g, negs, tiers, c["n_sources"])
+                for item in tmp.glob(f"{generation_name(g)}*"):  # the file, or the zarr group
+                    os.rename(item, neg_dir / item.name)
+                fsync_dir(neg_dir)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError as e:
+            if isinstance(e, JasperError):
+                raise
+            raise write_error(store_path, e, f"negatives generation {g}") from e
         desc = {
             "generation": g,
             "arrays": entries,

@@ -102,7 +102,8 @@ def test_stale_partial_of_a_dead_run_is_removed(tmp_path, pt_dataset):
     assert _leftovers(tmp_path) == []
 
 
-def test_sigkill_mid_conversion_publishes_nothing_and_rerun_succeeds(tmp_path):
+@pytest.mark.parametrize("point", ["embeddings.safetensors", "steering.safetensors", "negatives"])
+def test_sigkill_mid_conversion_publishes_nothing_and_rerun_succeeds(tmp_path, point):
     src = make_pt_dataset(tmp_path / "ds", SyntheticSpec(n_pairs=4000, dim=64, n_neg=8))
     code = (
         "import sys; from converters import convert_pt; "
@@ -110,11 +111,11 @@ def test_sigkill_mid_conversion_publishes_nothing_and_rerun_succeeds(tmp_path):
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(src), str(tmp_path / "store")])
     deadline = time.monotonic() + 60
-    while not list(tmp_path.glob(".store.partial-*/embeddings.safetensors")):
+    while not list(tmp_path.glob(f".store.partial-*/{point}")):
         assert proc.poll() is None and time.monotonic() < deadline, (
             "converter ended before the kill"
         )
-        time.sleep(0.005)
+        time.sleep(0.002)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert not (tmp_path / "store").exists()
@@ -156,3 +157,34 @@ def test_cli_shows_a_byte_progress_bar_when_asked(tmp_path, pt_dataset, capsys):
     convert_pt(pt_dataset, tmp_path / "s", progress=True)
     err = capsys.readouterr().err
     assert "convert-pt" in err and "B/s" in err and "100%" in err
+
+
+def test_full_disk_and_unwritable_destination_get_clear_errors(tmp_path, pt_dataset, monkeypatch):
+    import errno
+
+    import converters.convert as conv
+    from jasper_mmap.errors import StoreWriteError
+
+    original = SafetensorsWriter.write
+
+    def full(self, name, block):
+        if name == "steering_residual":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, name, block)
+
+    monkeypatch.setattr(SafetensorsWriter, "write", full)
+    with pytest.raises(
+        StoreWriteError,
+        match=r"store: could not write the store: the disk is full .*Nothing was published",
+    ):
+        convert_pt(pt_dataset, tmp_path / "store", progress=False)
+    assert not (tmp_path / "store").exists() and _leftovers(tmp_path) == []
+    monkeypatch.setattr(SafetensorsWriter, "write", original)
+
+    def read_only(dst):
+        raise PermissionError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(conv, "partial_dir", read_only)
+    with pytest.raises(StoreWriteError, match="the filesystem is read-only") as info:
+        convert_pt(pt_dataset, tmp_path / "store", progress=False)
+    assert isinstance(info.value, OSError) and info.value.errno == errno.EROFS

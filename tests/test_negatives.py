@@ -133,23 +133,32 @@ import sys, time
 from pathlib import Path
 import numpy as np
 import jasper_mmap.negatives as N
-real = N._stream
-def slow(rows, writer, lo, hi, what):
-    out = real(rows, writer, lo, hi, what)
-    Path(sys.argv[2]).write_text("half")  # kill point: hard_negatives written, tiers not yet
+point = sys.argv[3]
+real_stream, real_json = N._stream, N.write_json_atomic
+def pause():
+    Path(sys.argv[2]).write_text(point)
     time.sleep(60)
+def stream(rows, writer, lo, hi, what):
+    out = real_stream(rows, writer, lo, hi, what)
+    if point == "data":  # hard_negatives written, tiers not yet
+        pause()
     return out
-N._stream = slow
+def write_json(path, obj):
+    if point == "pointer" and path.name == "CURRENT.json":  # generation complete, not yet published
+        pause()
+    return real_json(path, obj)
+N._stream, N.write_json_atomic = stream, write_json
 n = np.arange(120)[:, None] * np.ones((1, 6), dtype=np.int64)
 N.publish_negatives(sys.argv[1], n % 120, np.ones((120, 6), dtype=np.int64))
 """
 
 
-def test_publisher_killed_mid_write_leaves_previous_generation(store, tmp_path):
+@pytest.mark.parametrize("point", ["data", "pointer"])
+def test_publisher_killed_mid_write_leaves_previous_generation(store, tmp_path, point):
     ds = JASPERSteeringDataset(store, "train")
     want = ds.get_batch(np.arange(16))
     flag = tmp_path / "flag"
-    proc = subprocess.Popen([sys.executable, "-c", _KILL_CODE, str(store), str(flag)])
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_CODE, str(store), str(flag), point])
     deadline = time.monotonic() + 60
     while not flag.exists():
         assert proc.poll() is None and time.monotonic() < deadline
@@ -160,7 +169,11 @@ def test_publisher_killed_mid_write_leaves_previous_generation(store, tmp_path):
     assert again.reload_negatives() == 0
     got = again.get_batch(np.arange(16))
     assert all(torch.equal(want[k], got[k]) for k in want)
-    assert publish_negatives(store, *table(1, 120, 6, 120)) == 1  # a rerun succeeds
+    g = publish_negatives(store, *table(1, 120, 6, 120))  # a rerun succeeds
+    assert g == (
+        1 if point == "data" else 2
+    )  # a complete but unpublished generation keeps its number
+    assert again.reload_negatives() == g
     assert not [p for p in store.iterdir() if "partial" in p.name]  # the dead run's leftovers went
 
 
@@ -239,3 +252,27 @@ def test_stress_publisher_and_persistent_workers_never_tear_a_batch(store):
     pub.join(timeout=60)
     assert pub.exitcode == 0
     assert batches > 20 and len(seen) >= 3, (batches, seen)
+
+
+def test_publish_on_a_full_disk_keeps_the_old_generation(store, monkeypatch):
+    import errno
+
+    from jasper_mmap.errors import StoreWriteError
+    from jasper_mmap.stores import WRITERS
+
+    writer = WRITERS[open_store(store).backend]
+    original = writer.write
+
+    def full(self, name, block):
+        if name == "negative_tiers":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, name, block)
+
+    monkeypatch.setattr(writer, "write", full)
+    with pytest.raises(
+        StoreWriteError, match="could not write negatives generation 1: the disk is full"
+    ):
+        publish_negatives(store, *table(1, 120, 6, 120))
+    assert open_store(store).live_generation() == 0
+    assert not [p for p in store.iterdir() if "partial" in p.name]
+    assert not list((store / "negatives").glob("gen-000001*"))
