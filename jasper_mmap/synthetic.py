@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["SyntheticSpec", "make_pt_dataset"]
+__all__ = ["SyntheticSpec", "make_pt_dataset", "synthetic_config"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,23 @@ def _draw_from_clusters(
     """One random source row from each cluster in ``clusters`` (sources sorted by cluster)."""
     size = np.maximum(sizes[clusters], 1)
     return order[starts[clusters] + (rng.random(clusters.shape) * size).astype(np.int64)]
+
+
+def synthetic_config(counts: dict[str, int], builder: str, **extra: object) -> dict[str, object]:
+    """config.json of a synthetic dataset: its counts, uniform steering, the seeds' curriculum."""
+    return {
+        **counts,
+        "steering_probabilities": {
+            "zero": 0.25,
+            "centroid": 0.25,
+            "keyword": 0.25,
+            "residual": 0.25,
+        },
+        "curriculum": {"zero_prob_start": 0.5, "zero_prob_end": 0.1, "epochs_total": 100},
+        "random_seed": 42,
+        "builder": builder,
+        **extra,
+    }
 
 
 def make_pt_dataset(
@@ -190,23 +207,17 @@ def make_pt_dataset(
     put("val_idx", np.sort(perm[:n_val]))
     put("test_idx", np.sort(perm[n_val : n_val + n_test]))
     put("train_idx", np.sort(perm[n_val + n_test :]))
-    config = {
-        "embedding_dim": D,
-        "n_neg": s.n_neg,
-        "n_pairs": P,
-        "n_questions": s.n_questions,
-        "n_sources": s.n_sources,
-        "n_keywords": s.n_keywords,
-        "n_clusters": C,
-        "steering_probabilities": {
-            "zero": 0.25,
-            "centroid": 0.25,
-            "keyword": 0.25,
-            "residual": 0.25,
+    config = synthetic_config(
+        {
+            "embedding_dim": D,
+            "n_neg": s.n_neg,
+            "n_pairs": P,
+            "n_questions": s.n_questions,
+            "n_sources": s.n_sources,
+            "n_keywords": s.n_keywords,
+            "n_clusters": C,
         },
-        "curriculum": {"zero_prob_start": 0.5, "zero_prob_end": 0.1, "epochs_total": 100},
-        "random_seed": 42,
-        "builder": "jasper_mmap.synthetic",
-    }
+        builder="jasper_mmap.synthetic",
+    )
     (out / "config.json").write_text(json.dumps(config, indent=1))
     return out

@@ -33,7 +33,7 @@ from ._atomic import fsync_tree, partial_dir, publish_dir, remove_stale_partials
 from .errors import StoreExistsError
 from .layout import CONFIG, write_store_metadata
 from .stores.safetensors_store import SafetensorsWriter
-from .synthetic import _normalize, _tier_counts
+from .synthetic import _normalize, _tier_counts, synthetic_config
 
 __all__ = ["make_store", "make_pt_dir", "pairs_for_bytes"]
 
@@ -243,7 +243,7 @@ def make_store(
 
 
 def _config(g: _Gen) -> dict:
-    return {
+    counts = {
         "embedding_dim": g.D,
         "n_neg": g.n_neg,
         "n_pairs": g.P,
@@ -251,17 +251,8 @@ def _config(g: _Gen) -> dict:
         "n_sources": g.P,
         "n_keywords": g.K,
         "n_clusters": g.C,
-        "steering_probabilities": {
-            "zero": 0.25,
-            "centroid": 0.25,
-            "keyword": 0.25,
-            "residual": 0.25,
-        },
-        "curriculum": {"zero_prob_start": 0.5, "zero_prob_end": 0.1, "epochs_total": 100},
-        "random_seed": 42,
-        "builder": "jasper_mmap.synthetic_store",
-        "seed": g.seed,
     }
+    return synthetic_config(counts, builder="jasper_mmap.synthetic_store", seed=g.seed)
 
 
 def make_pt_dir(

@@ -15,45 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from benchlib import NAMES, B, ensure_dataset
 
 from jasper_mmap import JASPERSteeringDataset, create_loader
 from jasper_mmap.steering import SteeringSchedule
-from jasper_mmap.synthetic import SyntheticSpec, make_pt_dataset
-
-B = 128
-NAMES = [
-    "question_embs",
-    "source_embs",
-    "pair_index",
-    "hard_negatives",
-    "negative_tiers",
-    "pair_cluster_id",
-    "pair_relevance",
-    "centroid_distances",
-    "steering_centroid",
-    "steering_keyword_weighted",
-    "steering_residual",
-]
-
-
-def ensure_store(workdir: Path, pairs: int) -> tuple[Path, Path]:
-    src, store = workdir / f"pt_{pairs}", workdir / f"store_{pairs}"
-    if not (src / "config.json").exists():
-        make_pt_dataset(
-            src, SyntheticSpec(n_pairs=pairs, dim=384, n_neg=12, n_keywords=20000, n_clusters=64)
-        )
-    if not (store / "manifest.json").exists():
-        subprocess.run(
-            [sys.executable, "-m", "converters.cli", str(src), str(store), "--quiet"], check=True
-        )
-    return src, store
 
 
 class SeedGpuDataset(torch.utils.data.Dataset):
@@ -124,7 +95,7 @@ def main() -> int:
     print("$", " ".join([sys.executable, *sys.argv]))
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    src, store = ensure_store(args.workdir, args.pairs)
+    src, store = ensure_dataset(args.workdir, args.pairs)
     t = time.perf_counter()
     pre = JASPERSteeringDataset(store, args.split, device="cuda")
     print(

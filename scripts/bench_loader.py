@@ -16,33 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from benchlib import NAMES, B, ensure_dataset
 
 from jasper_mmap import JASPERSteeringDataset, create_loader
 from jasper_mmap.steering import SteeringSchedule, draw_variants
-from jasper_mmap.synthetic import SyntheticSpec, make_pt_dataset
-
-B = 128
-NAMES = [
-    "question_embs",
-    "source_embs",
-    "pair_index",
-    "hard_negatives",
-    "negative_tiers",
-    "pair_cluster_id",
-    "pair_relevance",
-    "centroid_distances",
-    "steering_centroid",
-    "steering_keyword_weighted",
-    "steering_residual",
-    "train_idx",
-]
 
 
 def rss_anon_mb(pid: int) -> float:
@@ -53,25 +36,11 @@ def rss_anon_mb(pid: int) -> float:
     return float("nan")
 
 
-def ensure_dataset(workdir: Path, pairs: int) -> tuple[Path, Path]:
-    src = workdir / f"pt_{pairs}"
-    if not (src / "config.json").exists():
-        make_pt_dataset(
-            src, SyntheticSpec(n_pairs=pairs, dim=384, n_neg=12, n_keywords=20000, n_clusters=64)
-        )
-    store = workdir / f"store_{pairs}"
-    if not (store / "manifest.json").exists():
-        subprocess.run(
-            [sys.executable, "-m", "converters.cli", str(src), str(store), "--quiet"], check=True
-        )
-    return src, store
-
-
 class InRamDataset(torch.utils.data.Dataset):
     """The seed's way: all tensors in RAM, one sample per __getitem__."""
 
     def __init__(self, src: Path, seed: int = 42) -> None:
-        self.t = {n: torch.load(src / f"{n}.pt", weights_only=True) for n in NAMES}
+        self.t = {n: torch.load(src / f"{n}.pt", weights_only=True) for n in [*NAMES, "train_idx"]}
 
         self.sched = SteeringSchedule.from_config(json.loads((src / "config.json").read_text()))
         self.gen = torch.Generator().manual_seed(seed)

@@ -16,28 +16,14 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from benchlib import ensure_dataset
 
 from jasper_mmap import create_loader, open_store, publish_negatives
-from jasper_mmap.synthetic import SyntheticSpec, make_pt_dataset
-
-
-def ensure_store(workdir: Path, pairs: int) -> Path:
-    src, store = workdir / f"pt_{pairs}", workdir / f"store_{pairs}"
-    if not (src / "config.json").exists():
-        make_pt_dataset(
-            src, SyntheticSpec(n_pairs=pairs, dim=384, n_neg=12, n_keywords=20000, n_clusters=64)
-        )
-    if not (store / "manifest.json").exists():
-        subprocess.run(
-            [sys.executable, "-m", "converters.cli", str(src), str(store), "--quiet"], check=True
-        )
-    return store
 
 
 def new_table(seed: int, n_pairs: int, n_neg: int, n_sources: int) -> tuple[np.ndarray, np.ndarray]:
@@ -64,7 +50,7 @@ def main() -> int:
     ap.add_argument("--every", type=int, default=50, help="batches between reloads")
     args = ap.parse_args()
     print("$", " ".join([sys.executable, *sys.argv]))
-    store = ensure_store(args.workdir, args.pairs)
+    _, store = ensure_dataset(args.workdir, args.pairs)
     ctx = mp.get_context("spawn")
     requests, replies = ctx.Queue(), ctx.Queue()
     proc = ctx.Process(target=miner, args=(str(store), requests, replies))
