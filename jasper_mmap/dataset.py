@@ -94,6 +94,8 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         seed: seed of the steering draw; default ``config.json``'s ``random_seed``, else 42.
         cache_dir: where to keep the store converted from a ``.pt`` directory.
         store_format: backend used when converting a ``.pt`` directory.
+        check_sources: refuse a store whose source ``.pt`` directory still exists and changed
+            since conversion (``StoreStaleError``); False reads it as it is.
         report_generation: add a tenth key, ``negatives_generation`` ([B] int64), naming the
             negatives generation each batch was served from (NOTE [hot reload]).
 
@@ -114,12 +116,13 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         report_generation: bool = False,
         preload: bool | None = None,
         preload_budget_bytes: int | None = None,
+        check_sources: bool = True,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split should be one of {SPLITS}, but got split={split!r}")
         self.dataset_dir = Path(dataset_dir)
         self.split = split
-        self.store_path = resolve_store(dataset_dir, cache_dir, store_format)
+        self.store_path = resolve_store(dataset_dir, cache_dir, store_format, check_sources)
         self._store: Store | None = open_store(self.store_path)
         manifest = self._store.manifest
         if f"{split}_idx" not in manifest["arrays"]:

@@ -20,6 +20,7 @@ __all__ = [
     "StoreExistsError",
     "SampleIndexError",
     "StoreWriteError",
+    "StoreStaleError",
     "write_error",
 ]
 
@@ -54,6 +55,10 @@ class StoreCorruptError(JasperError, ValueError):
 
 class StoreExistsError(JasperError, FileExistsError):
     """The destination of a conversion already exists and overwriting was not asked for."""
+
+
+class StoreStaleError(JasperError, ValueError):
+    """A store's source ``.pt`` files changed after it was converted."""
 
 
 class SampleIndexError(JasperError, IndexError):

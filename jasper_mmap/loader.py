@@ -84,6 +84,7 @@ def create_loader(
         "report_generation",
         "preload",
         "preload_budget_bytes",
+        "check_sources",
     )
     ds_kwargs = {k: dataloader_kwargs.pop(k) for k in ds_keys if k in dataloader_kwargs}
     dataset = JASPERSteeringDataset(dataset_dir, split, epoch, **ds_kwargs)

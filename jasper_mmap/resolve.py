@@ -16,7 +16,7 @@ import logging
 import os
 from pathlib import Path
 
-from .errors import ArtifactMissingError, StoreNotFoundError
+from .errors import ArtifactMissingError, StoreNotFoundError, StoreStaleError
 from .layout import CONFIG, MANIFEST, read_manifest
 
 __all__ = ["resolve_store", "refresh_negatives", "STORE_DIRNAME", "NEGATIVE_FILES"]
@@ -71,6 +71,21 @@ def refresh_negatives(src: Path, store: Path) -> int | None:
     return publish_negatives(store, *(src / n for n in NEGATIVE_FILES), sources=current)
 
 
+def _check_sources(store: Path) -> None:
+    """Refuse a store whose recorded source directory exists and changed since conversion."""
+    source = read_manifest(store).get("source") or {}
+    src = Path(source["dir"]) if source.get("dir") else None
+    if src is None or not src.is_dir() or not source.get("files"):
+        return
+    stale = _stale_files(store, src)
+    if stale:
+        raise StoreStaleError(
+            f"{store}: its source files {', '.join(stale)} in {src} changed since it was converted. Re-run "
+            f"`convert-pt {src} {store} --overwrite`, open {src} itself (it converts when needed), or pass "
+            f"check_sources=False to read the store as it is."
+        )
+
+
 def _store_location(src: Path, cache_dir: str | Path | None) -> Path:
     if cache_dir is not None:
         tag = hashlib.blake2b(str(src).encode(), digest_size=6).hexdigest()
@@ -83,13 +98,20 @@ def _store_location(src: Path, cache_dir: str | Path | None) -> Path:
 
 
 def resolve_store(
-    dataset_dir: str | Path, cache_dir: str | Path | None = None, store_format: str = "safetensors"
+    dataset_dir: str | Path,
+    cache_dir: str | Path | None = None,
+    store_format: str = "safetensors",
+    check_sources: bool = True,
 ) -> Path:
     """Return the store to read for ``dataset_dir``, converting or refreshing it if needed.
+
+    A store passed directly is checked against the ``.pt`` files it was converted from, when
+    that directory still exists (``check_sources=False`` skips this).
 
     Raises:
         StoreNotFoundError: ``dataset_dir`` does not exist or is not a directory.
         ArtifactMissingError: it is neither a store nor a dataset directory with config.json.
+        StoreStaleError: a store whose source ``.pt`` files changed since conversion.
     """
     src = Path(dataset_dir).expanduser().absolute()
     if not src.is_dir():
@@ -99,6 +121,8 @@ def resolve_store(
             f"directory of .pt artifacts."
         )
     if (src / MANIFEST).exists():
+        if check_sources:
+            _check_sources(src)
         return src
     if not (src / CONFIG).exists():
         raise ArtifactMissingError(

@@ -324,3 +324,27 @@ def test_read_ahead_advice_and_prefetch_do_not_change_batches(src, tmp_path, mon
         np.testing.assert_array_equal(got[key].numpy(), want[key], err_msg=key)
     monkeypatch.delenv("JASPER_MMAP_MADVISE")
     assert choose_advice(1) == "normal" and choose_advice(10**15) == "random"
+
+
+def test_a_store_whose_sources_changed_is_refused_at_open(src, tmp_path):
+    from converters import convert_pt
+    from jasper_mmap.errors import StoreStaleError
+
+    store = convert_pt(src, tmp_path / "store", progress=False)
+    JASPERSteeringDataset(store, "train")
+    negs = load_pt(src / "hard_negatives.pt")
+    torch.save(
+        torch.from_numpy(negs[::-1].copy()), src / "hard_negatives.pt"
+    )  # negatives: hot reload's job
+    JASPERSteeringDataset(store, "train")
+    rel = load_pt(src / "pair_relevance.pt")
+    torch.save(torch.from_numpy(rel * 0.5), src / "pair_relevance.pt")
+    with pytest.raises(
+        StoreStaleError,
+        match=r"source files pair_relevance.pt in .* changed since it was converted",
+    ):
+        JASPERSteeringDataset(store, "train")
+    ds = JASPERSteeringDataset(store, "train", check_sources=False)
+    assert len(ds) == 96
+    shutil.rmtree(src)  # sources gone: nothing to compare with
+    JASPERSteeringDataset(store, "train")
