@@ -43,7 +43,7 @@ from jasper_mmap.stores import WRITERS, open_store
 
 from .checks import COUNT_KEYS, SplitCheck, Stats, check_block, read_config
 from .keywords import KeywordJob
-from .pt_reader import TensorArtifact, fingerprint, open_tensor
+from .pt_reader import TensorArtifact, open_tensor, source_fingerprints
 
 __all__ = ["convert_pt", "FORMATS", "DTYPES"]
 
@@ -453,8 +453,7 @@ def convert_pt(
         kw = kw_future.result()
         counts["n_keyword_values"] = kw["nnz"]
         bar.update(kw_path.stat().st_size, "verify")
-        sources = {p.name: fingerprint(p) for p in sorted(src.glob("*.pt"))}
-        sources[CONFIG] = fingerprint(src / CONFIG)
+        sources = source_fingerprints(src)
         shutil.copyfile(src / CONFIG, tmp / CONFIG)
         write_store_metadata(
             tmp,

@@ -17,7 +17,7 @@ import numpy as np
 from jasper_mmap.errors import ArtifactError
 
 from .checks import Stats
-from .pt_reader import iter_keyword_rows
+from .keyword_pickle import iter_keyword_rows
 
 __all__ = ["parse_keywords", "KeywordJob"]
 

@@ -29,11 +29,9 @@ NEGATIVE_FILES = ("hard_negatives.pt", "negative_tiers.pt")
 
 
 def _current_sources(src: Path) -> dict[str, dict]:
-    from converters.pt_reader import fingerprint
+    from converters.pt_reader import source_fingerprints
 
-    files = {p.name: fingerprint(p) for p in sorted(src.glob("*.pt"))}
-    files[CONFIG] = fingerprint(src / CONFIG)
-    return files
+    return source_fingerprints(src)
 
 
 def _stale_files(store: Path, src: Path) -> list[str] | None:
