@@ -280,26 +280,28 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         negs = store.gather("hard_negatives", pairs)
         sources = np.concatenate([qs[:, 1], negs.reshape(-1)])
         store.prefetch({"question_embs": qs[:, 0], "source_embs": sources})
-        tiers = store.gather("negative_tiers", pairs)
-        rows = store.gather("source_embs", sources)
-        steering = np.zeros((b, self.embedding_dim), dtype=np.float32)
+        d, k = self.embedding_dim, negs.shape[1]
+        new = _output_allocator()
+        rows = new((b * (1 + k), d), torch.float32)
+        store.gather("source_embs", sources, rows.numpy())
+        steering = new((b, d), torch.float32).zero_()
         for v, table in _STEERING_TABLES.items():
             if chosen[table].size:
-                steering[variants == v] = store.gather(table, chosen[table])
+                steering.numpy()[variants == v] = store.gather(table, chosen[table])
         out = {
-            "question_emb": store.gather("question_embs", qs[:, 0]),
+            "question_emb": _gather_into(
+                store, new, "question_embs", qs[:, 0], (b, d), torch.float32
+            ),
             "target_source_emb": rows[:b],
             "steering": steering,
-            "negative_embs": rows[b:].reshape(b, negs.shape[1], -1),
-            "cluster_id": store.gather("pair_cluster_id", pairs),
-            "relevance": store.gather("pair_relevance", pairs),
-            "centroid_distance": store.gather("centroid_distances", pairs),
-            "steering_variant": variants,
-            "negative_tiers": tiers,
+            "negative_embs": rows[b:].view(b, k, d),
         }
+        for key, (name, shape, dtype) in _PAIR_KEYS.items():
+            out[key] = _gather_into(store, new, name, pairs, shape(b, k), dtype)
+        out["steering_variant"] = torch.from_numpy(variants)
         if self.report_generation:
-            out["negatives_generation"] = np.full(b, generation, dtype=np.int64)
-        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+            out["negatives_generation"] = torch.full((b,), generation, dtype=torch.int64)
+        return {key: out[key] for key in (*BATCH_KEYS, "negatives_generation") if key in out}
 
     def _preloaded_batch(self, idx: np.ndarray, control: list[int]) -> dict[str, torch.Tensor]:
         if self._preloaded is None:  # unpickled in a DataLoader worker
@@ -410,6 +412,36 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
             for s in SPLITS
             if store.has(f"{s}_idx")
         }
+
+
+#: batch key -> (array, shape from (B, n_neg), dtype) of the pair-level outputs
+_PAIR_KEYS = {
+    "cluster_id": ("pair_cluster_id", lambda b, k: (b,), torch.int64),
+    "relevance": ("pair_relevance", lambda b, k: (b,), torch.float32),
+    "centroid_distance": ("centroid_distances", lambda b, k: (b,), torch.float32),
+    "negative_tiers": ("negative_tiers", lambda b, k: (b, k), torch.int64),
+}
+
+
+def _gather_into(
+    store: Store, new, name: str, rows: np.ndarray, shape: tuple[int, ...], dtype
+) -> torch.Tensor:
+    out = new(shape, dtype)
+    store.gather(name, rows, out.numpy())
+    return out
+
+
+def _output_allocator():
+    """Allocator of a batch's output arrays.
+
+    In a DataLoader worker the batch must travel to the main process through shared memory;
+    torch would copy every tensor there when the batch is queued. Allocating the outputs in
+    shared memory up front lets the gathers write them in place, which saves that copy (~2.7 MB
+    per batch at B=128, D=384, n_neg=12). Elsewhere, ordinary tensors.
+    """
+    if torch.utils.data.get_worker_info() is None:
+        return lambda shape, dtype: torch.empty(shape, dtype=dtype)
+    return lambda shape, dtype: torch.empty(shape, dtype=dtype).share_memory_()
 
 
 def _read_config(store_path: Path) -> dict[str, Any]:

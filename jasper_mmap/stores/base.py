@@ -146,8 +146,10 @@ class Store(abc.ABC):
             self._handles[key] = handle
         return handle
 
-    def gather(self, name: str, index: np.ndarray | list[int]) -> np.ndarray:
-        """Return rows ``index`` of array ``name`` as a new numpy array (floats as float32).
+    def gather(
+        self, name: str, index: np.ndarray | list[int], out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Return rows ``index`` of array ``name`` (floats as float32), in ``out`` if given.
 
         Raises:
             SampleIndexError: an index is negative or not below the array's length.
@@ -159,8 +161,14 @@ class Store(abc.ABC):
             raise SampleIndexError(
                 f"{self.path}: rows of {name!r} should be in [0, {n}), but got {bad[:5].tolist()}"
             )
-        out = self._gather_raw(name, idx)
-        return to_float32(out, self.entry(name)["stored_dtype"])
+        stored = self.entry(name)["stored_dtype"]
+        if out is not None and stored in ("float32", "int64"):
+            return self._gather_raw(name, idx, out)  # straight into the caller's buffer
+        result = to_float32(self._gather_raw(name, idx), stored)
+        if out is None:
+            return result
+        out[...] = result
+        return out
 
     def prefetch(self, rows: dict[str, np.ndarray]) -> None:  # noqa: B027 - optional hook
         """Hint that rows ``{array: indices}`` will be gathered soon (asynchronous read-ahead).
@@ -193,8 +201,12 @@ class Store(abc.ABC):
     def _open_array(self, name: str, entry: dict[str, Any]) -> Any:
         """Open array ``name`` described by manifest ``entry``; check its size in O(1)."""
 
-    def _gather_raw(self, name: str, idx: np.ndarray) -> np.ndarray:
-        return self.raw(name)[idx]
+    def _gather_raw(self, name: str, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        rows = self.raw(name)[idx]
+        if out is None:
+            return rows
+        out[...] = rows
+        return out
 
     def _read_raw(self, name: str, start: int, stop: int | None) -> np.ndarray:
         return self.raw(name)[start:stop]

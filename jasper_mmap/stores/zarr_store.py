@@ -159,8 +159,10 @@ class ZarrStore(Store):
             )
         return arr
 
-    def _gather_raw(self, name: str, idx: np.ndarray) -> np.ndarray:
+    def _gather_raw(self, name: str, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         arr = self.raw(name)
-        if idx.size == 0:
-            return np.empty((0, *arr.shape[1:]), dtype=arr.dtype)
-        return arr.oindex[idx]
+        rows = np.empty((0, *arr.shape[1:]), dtype=arr.dtype) if idx.size == 0 else arr.oindex[idx]
+        if out is None:
+            return rows
+        out[...] = rows
+        return out
