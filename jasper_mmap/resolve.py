@@ -28,10 +28,22 @@ STORE_DIRNAME = ".jasper_mmap_store"
 NEGATIVE_FILES = ("hard_negatives.pt", "negative_tiers.pt")
 
 
-def _current_sources(src: Path) -> dict[str, dict]:
-    from converters.pt_reader import source_fingerprints
+def _changed(path: Path, recorded: dict | None) -> bool:
+    """Whether ``path`` differs from its recorded fingerprint.
 
-    return source_fingerprints(src)
+    Size and mtime equal to the record mean unchanged (as make and rsync assume); otherwise the
+    first/last 64 KiB hash decides, so a file that was only touched is not a change.
+    """
+    from converters.pt_reader import fingerprint
+
+    if recorded is None or not path.is_file():
+        return True
+    st = path.stat()
+    if st.st_size == recorded.get("size") and st.st_mtime_ns == recorded.get("mtime_ns"):
+        return False
+    return fingerprint(path)["head_tail_blake2b"] != recorded.get("head_tail_blake2b") or (
+        st.st_size != recorded.get("size")
+    )
 
 
 def _stale_files(store: Path, src: Path) -> list[str] | None:
@@ -42,9 +54,8 @@ def _stale_files(store: Path, src: Path) -> list[str] | None:
         recorded = read_manifest(store)["source"]["files"]
     except (KeyError, ValueError, OSError):
         return None
-    current = _current_sources(src)
-    names = (set(recorded) | set(current)) - set(NEGATIVE_FILES)
-    return sorted(n for n in names if recorded.get(n) != current.get(n))
+    names = ({p.name for p in src.glob("*.pt")} | set(recorded) | {CONFIG}) - set(NEGATIVE_FILES)
+    return sorted(n for n in names if _changed(src / n, recorded.get(n)))
 
 
 def refresh_negatives(src: Path, store: Path) -> int | None:

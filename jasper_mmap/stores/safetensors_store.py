@@ -255,7 +255,8 @@ class SafetensorsStore(Store):
         return arr.reshape(shape)
 
     def _gather_raw(self, name: str, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        return np.take(self.raw(name), idx, axis=0, out=out)
+        # indices were range-checked by gather(); mode="clip" keeps numpy from buffering ``out``
+        return np.take(self.raw(name), idx, axis=0, out=out, mode="clip")
 
     def prefetch(self, rows: dict[str, np.ndarray]) -> None:
         """``MADV_WILLNEED`` on the pages of the given rows, when the store exceeds RAM/2.
