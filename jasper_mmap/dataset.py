@@ -283,11 +283,7 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         d, k = self.embedding_dim, negs.shape[1]
         gather = _gatherer(store)
         rows = gather("source_embs", sources, (b * (1 + k), d), torch.float32)
-        steering = (
-            torch.from_numpy(np.zeros((b, d), np.float32))
-            if gather.local
-            else torch.zeros((b, d)).share_memory_()
-        )
+        steering = gather.zeros((b, d))  # variant 0: zero steering
         for v, table in _STEERING_TABLES.items():
             if chosen[table].size:
                 steering.numpy()[variants == v] = store.gather(table, chosen[table])
@@ -436,6 +432,11 @@ class _gatherer:
 
     def __init__(self, store: Store) -> None:
         self.store, self.local = store, torch.utils.data.get_worker_info() is None
+
+    def zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.local:
+            return torch.from_numpy(np.zeros(shape, np.float32))
+        return torch.zeros(shape).share_memory_()
 
     def __call__(
         self, name: str, rows: np.ndarray, shape: tuple[int, ...], dtype: torch.dtype
