@@ -46,14 +46,18 @@ def _changed(path: Path, recorded: dict | None) -> bool:
     )
 
 
-def _stale_files(store: Path, src: Path) -> list[str] | None:
-    """Names of source files that changed since ``store`` was built; None if no usable store."""
+def _recorded_sources(store: Path) -> dict | None:
+    """The source fingerprints in ``store``'s manifest; None if there is no usable store."""
     if not (store / MANIFEST).exists():
         return None
     try:
-        recorded = read_manifest(store)["source"]["files"]
-    except (KeyError, ValueError, OSError):
+        return read_manifest(store)["source"]["files"]
+    except (KeyError, TypeError, ValueError, OSError):
         return None
+
+
+def _stale_files(recorded: dict, src: Path) -> list[str]:
+    """Names of ``src``'s files (negatives aside) that differ from their ``recorded`` fingerprints."""
     names = ({p.name for p in src.glob("*.pt")} | set(recorded) | {CONFIG}) - set(NEGATIVE_FILES)
     return sorted(n for n in names if _changed(src / n, recorded.get(n)))
 
@@ -69,9 +73,10 @@ def refresh_negatives(src: Path, store: Path) -> int | None:
     from .layout import read_pointer
     from .negatives import publish_negatives
 
-    current = {n: fingerprint(src / n) for n in NEGATIVE_FILES}
-    if read_pointer(store).get("sources") == current:
+    recorded = read_pointer(store).get("sources") or {}
+    if not any(_changed(src / n, recorded.get(n)) for n in NEGATIVE_FILES):
         return None
+    current = {n: fingerprint(src / n) for n in NEGATIVE_FILES}
     log.info(
         "%s: %s changed; publishing them as a new negatives generation",
         src,
@@ -84,9 +89,10 @@ def _check_sources(store: Path) -> None:
     """Refuse a store whose recorded source directory exists and changed since conversion."""
     source = read_manifest(store).get("source") or {}
     src = Path(source["dir"]) if source.get("dir") else None
-    if src is None or not src.is_dir() or not source.get("files"):
+    files = source.get("files")
+    if src is None or not src.is_dir() or not files or not isinstance(files, dict):
         return
-    stale = _stale_files(store, src)
+    stale = _stale_files(files, src)
     if stale:
         raise StoreStaleError(
             f"{store}: its source files {', '.join(stale)} in {src} changed since it was converted. Re-run "
@@ -142,7 +148,8 @@ def resolve_store(
     store.parent.mkdir(parents=True, exist_ok=True)
     with open(store.parent / f".{store.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        stale = _stale_files(store, src)
+        recorded = _recorded_sources(store)
+        stale = None if recorded is None else _stale_files(recorded, src)
         if stale == []:
             log.debug("%s: store %s is up to date", src, store)
             refresh_negatives(src, store)
