@@ -1,4 +1,4 @@
-"""converters: turn a directory of ``.pt`` artifacts into a jasper_mmap store (``convert-pt``)."""
+"""jasper_mmap.converters (the top-level converters/ folder): turn a directory of ``.pt`` artifacts into a jasper_mmap store (``convert-pt``)."""
 
 from .convert import DTYPES, FORMATS, convert_pt
 

@@ -1,4 +1,4 @@
-"""``convert-pt SRC DST``: the command-line face of :func:`converters.convert_pt`."""
+"""``convert-pt SRC DST``: the command-line face of :func:`jasper_mmap.converters.convert_pt`."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ local header gives the byte offset of the storage record. Rows are then read wit
 We do not use ``torch.load(mmap=True)``: it maps the file with a private writable mapping,
 which Linux charges against the commit limit in full and refuses for files larger than RAM.
 
-Keyword ids (a pickled list of lists) are decoded by :mod:`converters.keyword_pickle`.
+Keyword ids (a pickled list of lists) are decoded by :mod:`jasper_mmap.converters.keyword_pickle`.
 """
 
 from __future__ import annotations

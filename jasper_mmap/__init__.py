@@ -1,7 +1,7 @@
 """jasper_mmap: out-of-core, memory-mapped datasets for training JASPER predictors.
 
 Convert a directory of ``.pt`` artifacts with ``convert-pt`` (or
-:func:`converters.convert_pt`), then train with :class:`JASPERSteeringDataset` /
+:func:`jasper_mmap.converters.convert_pt`), then train with :class:`JASPERSteeringDataset` /
 :func:`create_loader`, which read rows lazily from the store.
 
 The dataset and loader modules import torch; they are loaded on first use, so that the store

@@ -26,7 +26,7 @@ __all__ = [
 
 
 class JasperError(Exception):
-    """Base class of every error raised on purpose by jasper_mmap and converters."""
+    """Base class of every error raised on purpose by jasper_mmap and its converters."""
 
 
 class ArtifactMissingError(JasperError, FileNotFoundError):

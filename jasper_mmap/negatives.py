@@ -49,7 +49,7 @@ class _Rows:
     def __init__(self, value: Any, what: str) -> None:
         self.what = what
         if isinstance(value, str | os.PathLike):
-            from converters.pt_reader import open_tensor
+            from jasper_mmap.converters.pt_reader import open_tensor
 
             self.art = open_tensor(Path(value))
             self.path, self.shape, self.kind = str(value), self.art.shape, self.art.np_dtype.kind

@@ -34,7 +34,7 @@ def _changed(path: Path, recorded: dict | None) -> bool:
     Size and mtime equal to the record mean unchanged (as make and rsync assume); otherwise the
     first/last 64 KiB hash decides, so a file that was only touched is not a change.
     """
-    from converters.pt_reader import fingerprint
+    from jasper_mmap.converters.pt_reader import fingerprint
 
     if recorded is None or not path.is_file():
         return True
@@ -68,7 +68,7 @@ def refresh_negatives(src: Path, store: Path) -> int | None:
     Returns:
         The new generation, or None when the live one already matches the files.
     """
-    from converters.pt_reader import fingerprint
+    from jasper_mmap.converters.pt_reader import fingerprint
 
     from .layout import read_pointer
     from .negatives import publish_negatives
@@ -154,7 +154,7 @@ def resolve_store(
             log.debug("%s: store %s is up to date", src, store)
             refresh_negatives(src, store)
             return store
-        from converters import convert_pt
+        from jasper_mmap.converters import convert_pt
 
         if stale is None:
             log.info(

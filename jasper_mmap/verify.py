@@ -84,7 +84,7 @@ def _pread(fd: int, n: int, offset: int) -> bytes:
 
 
 def _check_array(store: Store, name: str, progress) -> None:
-    from converters.checks import SplitCheck, Stats, check_block
+    from jasper_mmap.converters.checks import SplitCheck, Stats, check_block
 
     entry, counts = store.entry(name), store.counts
     split = (

@@ -7,7 +7,7 @@ For each dataset size this script
 2. for each format: drops the page cache, measures the disk's sequential write speed just
    before the conversion (as many random bytes as the dataset holds, in 16 MiB blocks, plain
    Python writes, then fsync), drops the cache again (``sync`` + ``/proc/sys/vm/drop_caches``),
-   runs ``python -m converters.cli SRC DST --quiet --overwrite --format F`` as a subprocess
+   runs ``python -m jasper_mmap.converters.cli SRC DST --quiet --overwrite --format F`` as a subprocess
    and polls the peak RSS (``VmHWM``) of the converter process and of its keyword-parsing
    child process every ~20 ms;
 4. prints one table row per size and format.
@@ -178,7 +178,7 @@ def drop_caches() -> str:
 
 def converter_command(src: Path, dst: Path, fmt: str) -> list[str]:
     """The converter's command line."""
-    cli = [sys.executable, "-m", "converters.cli", str(src), str(dst)]
+    cli = [sys.executable, "-m", "jasper_mmap.converters.cli", str(src), str(dst)]
     return [*cli, "--quiet", "--overwrite", "--format", fmt]
 
 
@@ -325,8 +325,10 @@ def snapshot_code(workdir: Path) -> Path:
     """Copy the package code into ``workdir/code_snapshot``; return that directory."""
     dst = workdir / "code_snapshot"
     shutil.rmtree(dst, ignore_errors=True)
-    for pkg in ("jasper_mmap", "converters"):
-        shutil.copytree(REPO / pkg, dst / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(REPO / "jasper_mmap", dst / "jasper_mmap", ignore=ignore)
+    # installed as jasper_mmap.converters (pyproject's package-dir mapping)
+    shutil.copytree(REPO / "converters", dst / "jasper_mmap" / "converters", ignore=ignore)
     return dst
 
 

@@ -35,6 +35,7 @@ def ensure_dataset(workdir: Path, pairs: int) -> tuple[Path, Path]:
         )
     if not (store / "manifest.json").exists():
         subprocess.run(
-            [sys.executable, "-m", "converters.cli", str(src), str(store), "--quiet"], check=True
+            [sys.executable, "-m", "jasper_mmap.converters.cli", str(src), str(store), "--quiet"],
+            check=True,
         )
     return src, store

@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from converters import convert_pt
 from jasper_mmap import create_loader, set_epoch, validate_first_batch
+from jasper_mmap.converters import convert_pt
 from jasper_mmap.synthetic import SyntheticSpec, make_pt_dataset
 
 

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from converters import convert_pt
+from jasper_mmap.converters import convert_pt
 from jasper_mmap.synthetic import SyntheticSpec, make_pt_dataset
 
 BACKENDS = ("safetensors", "zarr")

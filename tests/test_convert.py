@@ -13,9 +13,9 @@ import pytest
 import torch
 from helpers import load_pt
 
-from converters import convert_pt
-from converters.cli import main as cli_main
 from jasper_mmap import open_store
+from jasper_mmap.converters import convert_pt
+from jasper_mmap.converters.cli import main as cli_main
 from jasper_mmap.errors import ArtifactError, StoreExistsError
 from jasper_mmap.stores.safetensors_store import SafetensorsWriter
 from jasper_mmap.synthetic import SyntheticSpec, make_pt_dataset
@@ -106,7 +106,7 @@ def test_stale_partial_of_a_dead_run_is_removed(tmp_path, pt_dataset):
 def test_sigkill_mid_conversion_publishes_nothing_and_rerun_succeeds(tmp_path, point):
     src = make_pt_dataset(tmp_path / "ds", SyntheticSpec(n_pairs=4000, dim=64, n_neg=8))
     code = (
-        "import sys; from converters import convert_pt; "
+        "import sys; from jasper_mmap.converters import convert_pt; "
         "convert_pt(sys.argv[1], sys.argv[2], progress=False, block_bytes=4096)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(src), str(tmp_path / "store")])
@@ -162,7 +162,7 @@ def test_cli_shows_a_byte_progress_bar_when_asked(tmp_path, pt_dataset, capsys):
 def test_full_disk_and_unwritable_destination_get_clear_errors(tmp_path, pt_dataset, monkeypatch):
     import errno
 
-    import converters.convert as conv
+    import jasper_mmap.converters.convert as conv
     from jasper_mmap.errors import StoreWriteError
 
     original = SafetensorsWriter.write

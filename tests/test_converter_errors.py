@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from converters import convert_pt
 from jasper_mmap import open_store
+from jasper_mmap.converters import convert_pt
 from jasper_mmap.errors import (
     ArtifactError,
     ArtifactMissingError,

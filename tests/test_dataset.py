@@ -327,7 +327,7 @@ def test_read_ahead_advice_and_prefetch_do_not_change_batches(src, tmp_path, mon
 
 
 def test_a_store_whose_sources_changed_is_refused_at_open(src, tmp_path):
-    from converters import convert_pt
+    from jasper_mmap.converters import convert_pt
     from jasper_mmap.errors import StoreStaleError
 
     store = convert_pt(src, tmp_path / "store", progress=False)

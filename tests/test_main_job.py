@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from converters import convert_pt
+from jasper_mmap.converters import convert_pt
 from jasper_mmap.synthetic import SyntheticSpec, make_pt_dataset
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "main_job.py"

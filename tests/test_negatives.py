@@ -15,8 +15,8 @@ import pytest
 import torch
 from helpers import load_pt
 
-from converters import convert_pt
 from jasper_mmap import JASPERSteeringDataset, create_loader, open_store, publish_negatives
+from jasper_mmap.converters import convert_pt
 from jasper_mmap.errors import ArtifactError
 
 

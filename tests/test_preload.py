@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from converters import convert_pt
 from jasper_mmap import BATCH_KEYS, JASPERSteeringDataset, create_loader, publish_negatives
+from jasper_mmap.converters import convert_pt
 from jasper_mmap.preload import PreloadTooLargeError
 
 DEVICES = [

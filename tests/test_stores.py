@@ -83,7 +83,7 @@ class TestStoreContract:
 
 
 def test_safe_open_reads_our_files_bit_exactly(tmp_path, pt_dataset):
-    from converters import convert_pt
+    from jasper_mmap.converters import convert_pt
 
     dst = convert_pt(pt_dataset, tmp_path / "s", progress=False)
     store = open_store(dst)
@@ -98,7 +98,7 @@ def test_safe_open_reads_our_files_bit_exactly(tmp_path, pt_dataset):
 
 
 def test_zarr_open_group_reads_our_group_bit_exactly(tmp_path, pt_dataset):
-    from converters import convert_pt
+    from jasper_mmap.converters import convert_pt
 
     dst = convert_pt(pt_dataset, tmp_path / "z", format="zarr", progress=False)
     group = zarr.open_group(str(dst), mode="r")
@@ -114,7 +114,7 @@ def test_zarr_open_group_reads_our_group_bit_exactly(tmp_path, pt_dataset):
 @pytest.mark.parametrize("backend", ["safetensors", "zarr"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_reduced_precision_halves_bytes_and_reads_float32(tmp_path, pt_dataset, backend, dtype):
-    from converters import convert_pt
+    from jasper_mmap.converters import convert_pt
 
     dst = convert_pt(pt_dataset, tmp_path / "r", format=backend, dtype=dtype, progress=False)
     store = open_store(dst)
@@ -150,7 +150,7 @@ def test_open_errors_name_the_problem(tmp_path, store_path):
 
 
 def test_truncated_safetensors_file_is_reported_not_sigbus(tmp_path, pt_dataset):
-    from converters import convert_pt
+    from jasper_mmap.converters import convert_pt
 
     dst = convert_pt(pt_dataset, tmp_path / "t", progress=False)
     path = dst / "embeddings.safetensors"
@@ -161,7 +161,7 @@ def test_truncated_safetensors_file_is_reported_not_sigbus(tmp_path, pt_dataset)
 
 
 def test_open_checks_file_sizes_against_the_manifest(tmp_path, pt_dataset):
-    from converters import convert_pt
+    from jasper_mmap.converters import convert_pt
 
     dst = convert_pt(pt_dataset, tmp_path / "s", progress=False)
     assert set(open_store(dst).manifest["files"]) == {

@@ -67,7 +67,7 @@ def test_loader_serves_it_and_it_is_deterministic(store, tmp_path):
 def test_pt_dir_of_the_same_data_converts_to_the_same_store(tmp_path, store):
     import torch
 
-    from converters import convert_pt
+    from jasper_mmap.converters import convert_pt
     from jasper_mmap.synthetic_store import make_pt_dir
 
     src = make_pt_dir(

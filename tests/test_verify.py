@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from converters import convert_pt
 from jasper_mmap.cli import main as cli_main
+from jasper_mmap.converters import convert_pt
 from jasper_mmap.errors import JasperError
 from jasper_mmap.layout import read_manifest
 from jasper_mmap.stores import open_store
