@@ -52,8 +52,27 @@ log = logging.getLogger(__name__)
 FORMATS = ("safetensors", "zarr")
 DTYPES = ("keep", "float16", "bfloat16")
 UNIT_ORDER = ("embeddings", "steering", "pairs", "splits", NEGATIVES_DIR)
-_FLOAT_SOURCES = {"torch.float32", "torch.float64", "torch.float16", "torch.bfloat16"}
-_INT_SOURCES = {"torch.int64", "torch.int32", "torch.int16", "torch.int8", "torch.uint8"}
+#: float8 tensors are decoded to float32 by the reader (numpy has no float8)
+_FLOAT_SOURCES = {
+    "torch.float32",
+    "torch.float64",
+    "torch.float16",
+    "torch.bfloat16",
+    "torch.float8_e4m3fn",
+    "torch.float8_e5m2",
+    "torch.float8_e4m3fnuz",
+    "torch.float8_e5m2fnuz",
+}
+_INT_SOURCES = {
+    "torch.int64",
+    "torch.int32",
+    "torch.int16",
+    "torch.int8",
+    "torch.uint8",
+    "torch.uint16",
+    "torch.uint32",
+    "torch.uint64",
+}
 
 
 @dataclass
