@@ -19,21 +19,25 @@ from typing import Any
 
 import numpy as np
 
-from jasper_mmap._atomic import fsync_tree, partial_dir, publish_dir, remove_stale_partials
+from jasper_mmap._atomic import (
+    check_destination,
+    fsync_tree,
+    partial_dir,
+    publish_dir,
+    remove_stale_partials,
+)
 from jasper_mmap._dtypes import to_float32, to_stored
 from jasper_mmap.errors import (
     ArtifactError,
     ArtifactMissingError,
     ConfigError,
     JasperError,
-    StoreExistsError,
     write_error,
 )
 from jasper_mmap.layout import (
     ARRAYS,
     CONFIG,
     FLOAT_ROLES,
-    MANIFEST,
     NEGATIVES_DIR,
     ArraySpec,
     generation_name,
@@ -384,23 +388,6 @@ def _verify(tmp: Path, units: dict[str, list[_Planned]], samples: int = 32) -> N
             _verify_array(tmp, p, rng, samples)
 
 
-def _check_destination(dst: Path, overwrite: bool) -> None:
-    if dst.is_file():
-        raise StoreExistsError(
-            f"{dst}: destination is a file, not a directory. Choose another path."
-        )
-    if dst.exists() and any(dst.iterdir()) and not overwrite:
-        what = "a store" if (dst / MANIFEST).exists() else "a non-empty directory"
-        raise StoreExistsError(
-            f"{dst}: destination already exists and is {what}. Pass --overwrite "
-            f"(overwrite=True) to replace it, or choose another path."
-        )
-    if not dst.parent.is_dir():
-        raise ArtifactMissingError(
-            f"{dst.parent}: parent directory of the destination does not exist. Create it first."
-        )
-
-
 def convert_pt(
     src: str | Path,
     dst: str | Path,
@@ -416,12 +403,15 @@ def convert_pt(
 
     Args:
         src: dataset directory (``config.json`` + ``.pt`` artifacts; see FORMAT.md).
-        dst: store directory to create. Made visible only when complete and verified.
+        dst: store directory to create. Made visible only when complete and verified. A
+            symlink is followed: the store it points to is replaced.
         format: ``"safetensors"`` (memory-mapped files) or ``"zarr"`` (one zarr v3 group).
         dtype: ``"keep"``, or ``"float16"``/``"bfloat16"`` to store embeddings and steering
             vectors at half precision (readers still return float32). float64 is always cast
             to float32.
-        overwrite: replace an existing ``dst`` (atomically) instead of refusing.
+        overwrite: replace an existing store at ``dst`` (atomically) instead of refusing. Only
+            a jasper_mmap store is ever replaced; never ``src``, a directory holding ``src``,
+            or any other non-empty directory.
         allow_nonfinite: convert NaN/Inf embedding rows instead of refusing them.
         progress: show a progress bar; ``None`` shows one when stderr is a terminal.
         block_bytes: rows are streamed in blocks of about this many bytes.
@@ -431,9 +421,11 @@ def convert_pt(
 
     Raises:
         ArtifactMissingError, ArtifactError, ConfigError: bad input, named in the message.
-        StoreExistsError: ``dst`` exists and ``overwrite`` is false.
+        StoreExistsError: ``dst`` is a store and ``overwrite`` is false; ``dst`` is, or holds,
+            ``src``; ``dst`` is a file or a non-empty directory that is not a store; another
+            process published at ``dst`` meanwhile.
     """
-    src, dst = Path(src).absolute(), Path(dst).absolute()
+    src, dst = Path(src).expanduser().absolute(), Path(dst).expanduser().absolute()
     if format not in FORMATS:
         raise ValueError(f"format should be one of {FORMATS}, but got format={format!r}")
     if dtype not in DTYPES:
@@ -444,7 +436,7 @@ def convert_pt(
         )
     t0 = time.perf_counter()
     config = read_config(src)
-    _check_destination(dst, overwrite)
+    dst = check_destination(dst, overwrite=overwrite, inputs=[src])  # NOTE [never destroy ...]
     remove_stale_partials(dst)
     arts = _open_all(src)
     counts = _check_shapes(src, arts, config)

@@ -5,20 +5,44 @@ name no reader ever opens, then make it visible with one ``rename``. Replacing a
 directory uses Linux ``renameat2(RENAME_EXCHANGE)``, which swaps the two names atomically, so
 readers see either the old or the new directory, never neither; where that call is missing
 (other kernels, other filesystems) it falls back to two renames with a short window.
+
+# NOTE [never destroy what we did not make]
+Every writer that can replace a directory (``convert_pt``, ``make_store``, ``make_pt_dir``)
+first calls :func:`check_destination`. It resolves symlinks, so the checks below apply to the
+directory that would really be replaced, and the temporary directory is made beside that one
+(a symlinked destination replaces the store it points to; no ``.partial`` is left beside the
+link). It refuses a destination that is, or contains, one of the writer's inputs, whatever path
+leads there; it refuses any non-empty directory that is not one of ours (``is_ours``), with or
+without ``overwrite``. :func:`publish_dir` checks again what it swapped out before deleting it,
+so a directory that appeared at the destination meanwhile is put back, not deleted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
+import json
 import logging
 import os
 import secrets
 import shutil
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-__all__ = ["partial_dir", "publish_dir", "remove_stale_partials", "fsync_dir", "fsync_tree"]
+from .errors import StoreExistsError, StoreNotFoundError
+
+__all__ = [
+    "partial_dir",
+    "publish_dir",
+    "remove_stale_partials",
+    "fsync_dir",
+    "fsync_tree",
+    "check_destination",
+    "is_store",
+    "publishing",
+]
 
 log = logging.getLogger(__name__)
 
@@ -95,22 +119,149 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a))
 
 
-def publish_dir(tmp: Path, dst: Path, replace: bool) -> None:
+def is_store(path: Path) -> bool:
+    """Whether ``path`` is a jasper_mmap store: a directory whose manifest names our format."""
+    from .layout import FORMAT_NAME, MANIFEST
+
+    try:
+        with open(Path(path) / MANIFEST, encoding="utf-8") as f:
+            return json.load(f).get("format") == FORMAT_NAME
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _is_empty_dir(path: Path) -> bool:
+    with os.scandir(path) as it:
+        return next(it, None) is None
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def check_destination(
+    dst: str | Path,
+    *,
+    overwrite: bool,
+    is_ours: Callable[[Path], bool] = is_store,
+    inputs: Iterable[str | Path] = (),
+    what: str = "a jasper_mmap store",
+) -> Path:
+    """Check that a writer may publish at ``dst``; return the real path to publish at.
+
+    See NOTE [never destroy what we did not make]. An absent or empty directory is always
+    fine; an existing one of ours needs ``overwrite``; anything else is refused.
+
+    Raises:
+        StoreExistsError: ``dst`` is a file, holds or is one of ``inputs``, is a non-empty
+            directory that is not ``what``, or is ours and ``overwrite`` is false.
+        StoreNotFoundError: the parent directory of ``dst`` does not exist.
+    """
+    given = Path(dst).expanduser().absolute()
+    real = given.resolve()
+    shown = given if real == given else f"{given} (a link to {real})"
+    for src in inputs:
+        src_real = Path(src).expanduser().resolve()
+        if _within(src_real, real):
+            rel = "is" if src_real == real else "contains"
+            raise StoreExistsError(
+                f"{shown}: the destination {rel} the input {src_real}; writing there would "
+                f"destroy it. Choose a destination outside the input, e.g. {real.parent}/"
+                f"{src_real.name}_store."
+            )
+    if not real.exists() and not real.parent.is_dir():
+        raise StoreNotFoundError(
+            f"{shown}: the destination's parent directory {real.parent} does not exist. "
+            f"Create it first."
+        )
+    if real.exists() and not real.is_dir():
+        raise StoreExistsError(
+            f"{shown}: the destination is a file, not a directory. Choose another path."
+        )
+    if real.is_dir() and not _is_empty_dir(real):
+        if not is_ours(real):
+            names = sorted(p.name for p in real.iterdir())[:3]
+            raise StoreExistsError(
+                f"{shown}: the destination is a non-empty directory that is not {what} "
+                f"(it holds {names}...). It is never replaced; choose a new or empty directory."
+            )
+        if not overwrite:
+            raise StoreExistsError(
+                f"{shown}: the destination already exists and is {what}. Pass --overwrite "
+                f"(overwrite=True) to replace it, or choose another path."
+            )
+    return real
+
+
+def publish_dir(
+    tmp: Path, dst: Path, replace: bool, is_ours: Callable[[Path], bool] = is_store
+) -> None:
     """Make ``tmp`` visible as ``dst`` with one rename; with ``replace``, swap out the old one.
 
-    The old directory (when replaced) is deleted after the swap.
+    ``dst`` must be the real path :func:`check_destination` returned. The old directory (when
+    replaced) is deleted after the swap, but only if ``is_ours`` still holds for it; otherwise
+    it is put back and StoreExistsError is raised.
+
+    Raises:
+        StoreExistsError: another process published a non-empty ``dst`` meanwhile.
     """
     fsync_dir(tmp)
-    if dst.exists() and replace:
+    if dst.exists() and replace and not _is_empty_dir(dst):
         if _exchange(tmp, dst):
-            fsync_dir(dst.parent)
-            shutil.rmtree(tmp, ignore_errors=True)
+            _delete_swapped_out(tmp, dst, is_ours, swap_back=lambda: _exchange(tmp, dst))
             return
         old = dst.parent / f".{dst.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
         os.rename(dst, old)
         os.rename(tmp, dst)
-        fsync_dir(dst.parent)
+        _delete_swapped_out(old, dst, is_ours, swap_back=None)
+        return
+    try:
+        os.rename(tmp, dst)  # replaces an empty directory; fails on a non-empty one or a file
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise StoreExistsError(
+                f"{dst}: another process published something there while this one was "
+                f"writing; it was left as it is and nothing of this run was published."
+            ) from None
+        raise
+    fsync_dir(dst.parent)
+
+
+def _delete_swapped_out(old: Path, dst: Path, is_ours, swap_back) -> None:
+    fsync_dir(dst.parent)
+    if is_ours(old) or _is_empty_dir(old):
         shutil.rmtree(old, ignore_errors=True)
         return
-    os.rename(tmp, dst)  # fails if dst appeared meanwhile (non-empty dir) or is a file
-    fsync_dir(dst.parent)
+    if swap_back is not None and swap_back():
+        fsync_dir(dst.parent)
+        shutil.rmtree(old, ignore_errors=True)  # ``old`` is our new directory again
+        raise StoreExistsError(
+            f"{dst}: changed into something that is not ours while this run was writing; it "
+            f"was put back unchanged and nothing was published."
+        )
+    log.warning("%s replaced something that was not ours; it is kept at %s", dst, old)
+
+
+@contextlib.contextmanager
+def publishing(
+    dst: str | Path,
+    *,
+    overwrite: bool,
+    is_ours: Callable[[Path], bool] = is_store,
+    what: str = "a jasper_mmap store",
+) -> Iterator[tuple[Path, Path]]:
+    """Check ``dst``, yield ``(temporary directory, real destination)``, publish on success.
+
+    The block writes into the temporary directory; when it returns, the directory is fsynced
+    and published at the destination with one rename (:func:`publish_dir`). On any exception
+    it is removed and nothing is published.
+    """
+    real = check_destination(dst, overwrite=overwrite, is_ours=is_ours, what=what)
+    remove_stale_partials(real)
+    tmp = partial_dir(real)
+    try:
+        yield tmp, real
+        fsync_tree(tmp)
+        publish_dir(tmp, real, replace=overwrite, is_ours=is_ours)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # already gone once published

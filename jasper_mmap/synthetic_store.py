@@ -29,13 +29,19 @@ from pathlib import Path
 
 import numpy as np
 
-from ._atomic import fsync_tree, partial_dir, publish_dir, remove_stale_partials
-from .errors import StoreExistsError
+from ._atomic import publishing
 from .layout import CONFIG, write_store_metadata
 from .stores.safetensors_store import SafetensorsWriter
 from .synthetic import _normalize, _tier_counts, synthetic_config
 
-__all__ = ["make_store", "make_pt_dir", "pairs_for_bytes"]
+__all__ = [
+    "make_store",
+    "make_pt_dir",
+    "pairs_for_bytes",
+    "is_synthetic_pt_dir",
+    "mark_synthetic_pt_dir",
+    "SYNTHETIC_MARKER",
+]
 
 log = logging.getLogger(__name__)
 
@@ -191,32 +197,15 @@ def make_store(
     Memory stays at a few blocks (``_BLOCK`` pairs) plus 9 bytes per pair (keyword counts and
     offsets), whatever the embedding bytes. The store appears with one atomic rename when complete.
     """
-    dst = Path(dst).absolute()
-    if dst.exists() and not overwrite:
-        raise StoreExistsError(
-            f"{dst}: already exists. Pass overwrite=True (--overwrite) to replace it."
-        )
+    Path(dst).expanduser().absolute().parent.mkdir(parents=True, exist_ok=True)
     n_pairs = n_pairs // 2 * 2
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    g = _Gen(n_pairs, dim, n_neg, n_clusters, n_keywords, seed, every, sparse_train)
-    remove_stale_partials(dst)
-    tmp = partial_dir(dst)
     t0 = time.perf_counter()
-    try:
+    with publishing(dst, overwrite=overwrite) as (tmp, dst):  # NOTE [never destroy ...]
+        g = _Gen(n_pairs, dim, n_neg, n_clusters, n_keywords, seed, every, sparse_train)
         entries, stats = _write_all(g, tmp, progress)
         config = _config(g)
-        counts = {
-            k: config[k]
-            for k in (
-                "embedding_dim",
-                "n_neg",
-                "n_pairs",
-                "n_questions",
-                "n_sources",
-                "n_keywords",
-                "n_clusters",
-            )
-        }
+        keys = ("embedding_dim", "n_neg", "n_pairs", "n_questions", "n_sources")
+        counts = {k: config[k] for k in (*keys, "n_keywords", "n_clusters")}
         counts["n_keyword_values"] = int(g.kw_offsets[-1])
         for name, e in entries.items():
             e["stats"] = stats.get(name, {})
@@ -229,13 +218,6 @@ def make_store(
             writer="jasper_mmap.synthetic_store",
             source={"dir": None, "files": {}},
         )
-        fsync_tree(tmp)
-        publish_dir(tmp, dst, replace=overwrite)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info(
         "wrote synthetic store %s (%d pairs) in %.1f s", dst, n_pairs, time.perf_counter() - t0
     )
@@ -255,6 +237,20 @@ def _config(g: _Gen) -> dict:
     return synthetic_config(counts, builder="jasper_mmap.synthetic_store", seed=g.seed)
 
 
+#: marks a ``.pt`` directory written by :func:`make_pt_dir`: the only kind it replaces
+SYNTHETIC_MARKER = ".jasper_mmap_synthetic"
+
+
+def mark_synthetic_pt_dir(path: Path) -> None:
+    """Mark ``path`` as a synthetic ``.pt`` directory that :func:`make_pt_dir` may replace."""
+    (Path(path) / SYNTHETIC_MARKER).write_text("written by jasper_mmap's synthetic generators\n")
+
+
+def is_synthetic_pt_dir(path: Path) -> bool:
+    """Whether ``path`` is a ``.pt`` directory written by :func:`make_pt_dir`."""
+    return (Path(path) / SYNTHETIC_MARKER).is_file()
+
+
 def make_pt_dir(
     dst: str | Path,
     n_pairs: int,
@@ -266,25 +262,38 @@ def make_pt_dir(
     seed: int = 0,
     every: int = 10,
     sparse_train: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Write the same synthetic dataset as a ``.pt`` directory (FORMAT.md), streaming.
 
     Every artifact is written block by block (:mod:`jasper_mmap.pt_writer`), so the directory
     (and any single file in it) can be larger than RAM; ``pair_keyword_ids.pt`` is a plain pickle.
+    The directory is built under a temporary name and appears with one rename. An existing
+    non-empty ``dst`` is replaced only with ``overwrite`` and only if this function wrote it
+    (it holds ``SYNTHETIC_MARKER``); any other directory is refused.
+
+    Raises:
+        StoreExistsError: ``dst`` is not empty and is not a synthetic directory we wrote, or
+            ``overwrite`` is false.
     """
     from .pt_writer import write_lists_pickle, write_tensor_pt
 
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    g = _Gen(n_pairs // 2 * 2, dim, n_neg, n_clusters, n_keywords, seed, every, sparse_train)
-    for unit, arrays in _units(g).items():
-        for name, shape in arrays:
-            if name == "pair_keyword_offsets":
-                write_lists_pickle(dst / "pair_keyword_ids.pt", _keyword_lists(g))
-            elif name != "pair_keyword_values":
-                write_tensor_pt(dst / f"{name}.pt", shape, _dtype(name), _rows(g, name))
-        log.debug("wrote unit %s", unit)
-    (dst / CONFIG).write_text(json.dumps(_config(g), indent=1))
+    Path(dst).expanduser().absolute().parent.mkdir(parents=True, exist_ok=True)
+    what = "a synthetic .pt directory written by make_pt_dir"
+    with publishing(dst, overwrite=overwrite, is_ours=is_synthetic_pt_dir, what=what) as (
+        tmp,
+        dst,
+    ):
+        g = _Gen(n_pairs // 2 * 2, dim, n_neg, n_clusters, n_keywords, seed, every, sparse_train)
+        for unit, arrays in _units(g).items():
+            for name, shape in arrays:
+                if name == "pair_keyword_offsets":
+                    write_lists_pickle(tmp / "pair_keyword_ids.pt", _keyword_lists(g))
+                elif name != "pair_keyword_values":
+                    write_tensor_pt(tmp / f"{name}.pt", shape, _dtype(name), _rows(g, name))
+            log.debug("wrote unit %s", unit)
+        (tmp / CONFIG).write_text(json.dumps(_config(g), indent=1))
+        mark_synthetic_pt_dir(tmp)
     return dst
 
 

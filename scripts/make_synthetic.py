@@ -19,8 +19,28 @@ import sys
 import time
 from pathlib import Path
 
+from jasper_mmap._atomic import publishing
+from jasper_mmap.errors import JasperError
 from jasper_mmap.synthetic import SyntheticSpec, make_pt_dataset
-from jasper_mmap.synthetic_store import make_pt_dir, make_store, pairs_for_bytes
+from jasper_mmap.synthetic_store import (
+    is_synthetic_pt_dir,
+    make_pt_dir,
+    make_store,
+    mark_synthetic_pt_dir,
+    pairs_for_bytes,
+)
+
+
+def _make_in_ram(dst: Path, spec: SyntheticSpec, overwrite: bool) -> Path:
+    """make_pt_dataset with make_pt_dir's rules: atomic, and never over a directory not ours."""
+    what = "a synthetic .pt directory written by these scripts"
+    with publishing(dst, overwrite=overwrite, is_ours=is_synthetic_pt_dir, what=what) as (
+        tmp,
+        real,
+    ):
+        make_pt_dataset(tmp, spec)
+        mark_synthetic_pt_dir(tmp)
+    return real
 
 
 def main() -> int:
@@ -44,20 +64,28 @@ def main() -> int:
         action="store_true",
         help="train split = every tenth pair (a small split that spans the whole store)",
     )
-    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace DST if these scripts made it (a store, or a .pt directory with the "
+        "synthetic marker); any other directory is refused",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     pairs = args.pairs or pairs_for_bytes(args.gb * 1e9, args.dim, args.n_neg)
     kw = dict(dim=args.dim, n_neg=args.n_neg, seed=args.seed, sparse_train=args.sparse_train)
     t = time.perf_counter()
-    if args.store:
-        make_store(args.dst, pairs, overwrite=args.overwrite, **kw)
-    elif args.in_ram:
-        make_pt_dataset(
-            args.dst, SyntheticSpec(n_pairs=pairs, dim=args.dim, n_neg=args.n_neg, seed=args.seed)
-        )
-    else:
-        make_pt_dir(args.dst, pairs, **kw)
+    try:
+        if args.store:
+            make_store(args.dst, pairs, overwrite=args.overwrite, **kw)
+        elif args.in_ram:
+            spec = SyntheticSpec(n_pairs=pairs, dim=args.dim, n_neg=args.n_neg, seed=args.seed)
+            _make_in_ram(args.dst, spec, args.overwrite)
+        else:
+            make_pt_dir(args.dst, pairs, overwrite=args.overwrite, **kw)
+    except JasperError as e:
+        print(f"make_synthetic: error: {e}", file=sys.stderr)
+        return 1
     size = sum(f.stat().st_size for f in args.dst.rglob("*") if f.is_file())
     secs = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
