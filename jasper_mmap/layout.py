@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import StoreCorruptError, StoreFormatError, StoreNotFoundError
+from .errors import JasperError, StoreFormatError, StoreNotFoundError, write_error
 
 __all__ = [
     "FORMAT_NAME",
@@ -39,6 +40,7 @@ __all__ = [
     "ARRAYS",
     "FLOAT_ROLES",
     "SPLITS",
+    "load_manifest",
     "read_manifest",
     "write_json_atomic",
     "read_pointer",
@@ -110,24 +112,41 @@ def generation_name(generation: int) -> str:
     return f"gen-{generation:06d}"
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` via a temporary file and one atomic ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_json_atomic(path: Path, obj: Any, what: str | None = None) -> None:
+    """Write ``obj`` as JSON to ``path`` via a temporary file and one atomic ``os.replace``.
+
+    On any failure the temporary file is removed and ``path`` is left as it was.
+
+    Raises:
+        StoreWriteError: the disk is full, the filesystem read-only, permission denied.
+        OSError, TypeError, ValueError: anything else (``obj`` not JSON-serializable...).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass  # never created, or already renamed
+        if isinstance(e, OSError) and not isinstance(e, JasperError):
+            raise write_error(path, e, what or path.name) from e
+        raise
 
 
 def _read_json(path: Path, what: str, fix: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise StoreNotFoundError(f"{path}: {what} is missing. {fix}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, OSError) as e:  # JSONDecodeError, UnicodeDecodeError, EISDIR...
         raise StoreFormatError(f"{path}: {what} is not valid JSON ({e}). {fix}") from None
     if not isinstance(obj, dict):
         raise StoreFormatError(
@@ -136,91 +155,98 @@ def _read_json(path: Path, what: str, fix: str) -> dict[str, Any]:
     return obj
 
 
-def read_manifest(store_dir: Path) -> dict[str, Any]:
-    """Read and check a store's manifest: format name, version and the keys readers need.
+def load_manifest(store_dir: Path) -> dict[str, Any]:
+    """Read a store's manifest and check it is ours (format name) and of a version we read.
+
+    Its contents are not checked further: see :func:`read_manifest`.
 
     Raises:
         StoreNotFoundError: the directory or its manifest does not exist.
-        StoreFormatError: the manifest is not ours, of a newer version, or incomplete.
+        StoreFormatError: the manifest is not JSON, not ours, or of a newer version.
     """
     store_dir = Path(store_dir)
     if not store_dir.is_dir():
         kind = "is not a directory" if store_dir.exists() else "does not exist"
         raise StoreNotFoundError(
-            f"{store_dir}: store directory {kind}. Create it with `convert-pt SRC {store_dir}`."
+            f"{store_dir}: store directory {kind}. Check the path, or create a store there "
+            f"with `convert-pt SRC {store_dir}`."
         )
-    fix = f"Re-create the store with `convert-pt SRC {store_dir} --overwrite`."
-    manifest = _read_json(store_dir / MANIFEST, "manifest.json", fix)
+    path = store_dir / MANIFEST
+    if not path.exists() and (store_dir / CONFIG).is_file():
+        raise StoreNotFoundError(
+            f"{path}: manifest.json is missing: {store_dir} is a .pt dataset directory, not a "
+            f"store. Convert it with `convert-pt {store_dir} STORE` (STORE: a new directory), or "
+            f"open {store_dir} directly (JASPERSteeringDataset converts it once)."
+        )
+    not_ours = (
+        f"{store_dir} is not a jasper_mmap store, or its manifest is damaged. Check the path; "
+        f"a damaged store must be converted again from its .pt dataset."
+    )
+    manifest = _read_json(path, "manifest.json", not_ours)
     if manifest.get("format") != FORMAT_NAME:
         raise StoreFormatError(
-            f"{store_dir / MANIFEST}: format should be {FORMAT_NAME!r}, "
-            f"but got format={manifest.get('format')!r}. This is not a jasper_mmap store. {fix}"
+            f"{path}: format should be {FORMAT_NAME!r}, but got "
+            f"format={manifest.get('format')!r:.60}. {not_ours}"
         )
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version < 1 or version > FORMAT_VERSION:
+    if type(version) is not int or version < 1 or version > FORMAT_VERSION:
         raise StoreFormatError(
-            f"{store_dir / MANIFEST}: format_version should be an integer in 1..{FORMAT_VERSION}, "
-            f"but got format_version={version!r}. Upgrade jasper_mmap or {fix[0].lower()}{fix[1:]}"
+            f"{path}: format_version should be an integer in 1..{FORMAT_VERSION}, but got "
+            f"format_version={version!r:.40}. Upgrade jasper_mmap, or re-create the store with "
+            f"`convert-pt SRC {store_dir} --overwrite`."
         )
-    for key, kind in (("backend", str), ("arrays", dict), ("counts", dict), ("files", dict)):
-        if not isinstance(manifest.get(key), kind):
-            raise StoreFormatError(
-                f"{store_dir / MANIFEST}: key {key!r} should be a {kind.__name__}, but got "
-                f"{type(manifest.get(key)).__name__}. {fix}"
-            )
-    _check_sizes(store_dir, manifest["files"], fix)
     return manifest
 
 
-def _check_sizes(store_dir: Path, sizes: dict[str, int], fix: str) -> None:
-    """O(number of files): every data file exists with the size recorded at conversion."""
-    for rel, want in sizes.items():
-        if (
-            type(want) is not int
-            or not rel
-            or "\0" in rel
-            or Path(rel).is_absolute()
-            or ".." in Path(rel).parts
-        ):
-            raise StoreFormatError(
-                f"{store_dir / MANIFEST}: 'files' should map relative paths inside the store "
-                f"to sizes, but has {rel!r}: {want!r}. {fix}"
-            )
-        path = store_dir / rel
-        try:
-            got = path.stat().st_size
-        except FileNotFoundError:
-            raise StoreNotFoundError(
-                f"{path}: store file is missing (the manifest lists it). {fix}"
-            ) from None
-        if got != want:
-            raise StoreCorruptError(
-                f"{path}: file is {got} bytes, but the manifest records {want} (truncated, "
-                f"appended to or replaced). {fix}"
-            )
+def read_manifest(store_dir: Path) -> dict[str, Any]:
+    """Read a store's manifest and check its structure and the sizes of its data files.
+
+    Checks what :func:`load_manifest` checks, then the types of every field and array entry,
+    required arrays, dtypes, shapes against ``counts``, and that every recorded data file
+    exists with its recorded size (O(number of files); see ``jasper_mmap.integrity``).
+
+    Raises:
+        StoreNotFoundError: the directory, its manifest or a data file does not exist.
+        StoreFormatError: the manifest is not ours, of a newer version, or malformed.
+        StoreCorruptError: a data file's size differs from the recorded one.
+    """
+    from .integrity import file_problems
+    from .schema import manifest_problems, raise_problems, store_fix
+
+    store_dir = Path(store_dir)
+    manifest = load_manifest(store_dir)
+    problems = manifest_problems(store_dir, manifest)
+    if not problems:
+        fix = store_fix(store_dir, manifest)
+        where = str(store_dir / MANIFEST)
+        problems = file_problems(store_dir, manifest["files"], where, fix=fix)
+    raise_problems(problems, store_dir)
+    return manifest
 
 
-def read_pointer(store_dir: Path, generation: int | None = None) -> dict[str, Any]:
+def read_pointer(
+    store_dir: Path, generation: int | None = None, *, check: bool = True
+) -> dict[str, Any]:
     """Read the description of a negatives generation.
 
     With ``generation=None``: ``negatives/CURRENT.json``, the live generation. Otherwise
     ``negatives/gen-NNNNNN.json``, the description every generation keeps beside its data.
+    With ``check`` (default) its structure is checked: ``generation``, both arrays' entries
+    (types, known dtypes), ``files``; not its data files (``integrity.generation_problems``).
 
     Raises:
         StoreNotFoundError: the file is missing (a generation removed after newer ones).
-        StoreFormatError: it is not valid JSON or lacks ``generation``/``arrays``.
+        StoreFormatError: it is not valid JSON or malformed.
     """
+    from .schema import pointer_problems, raise_problems, store_fix
+
     name = POINTER if generation is None else f"{generation_name(generation)}.json"
     path = Path(store_dir) / NEGATIVES_DIR / name
-    fix = f"Re-create the store with `convert-pt SRC {store_dir} --overwrite`."
+    fix = f"Publish the negatives again (publish_negatives), or {store_fix(store_dir)[0].lower()}"
+    fix += store_fix(store_dir)[1:]
     pointer = _read_json(path, "negatives generation description", fix)
-    if not isinstance(pointer.get("generation"), int) or not isinstance(
-        pointer.get("arrays"), dict
-    ):
-        raise StoreFormatError(
-            f"{path}: should hold an integer 'generation' and an 'arrays' object, "
-            f"but got keys {sorted(pointer)}. {fix}"
-        )
+    if check:
+        raise_problems(pointer_problems(path, pointer, fix), store_dir)
     return pointer
 
 
@@ -233,15 +259,20 @@ def write_store_metadata(
     writer: str,
     source: dict[str, Any],
     dtype_option: str = "keep",
+    warnings: list[str] | None = None,
 ) -> None:
     """Write generation 0's description, ``negatives/CURRENT.json`` and ``manifest.json``.
 
     ``entries`` holds every array's manifest entry, negatives included (they move into the
     generation's description). ``source["files"]`` are the fingerprints of the inputs.
+    ``warnings`` (lenient-input notices of the converter) are recorded for ``jasper-mmap
+    info``/``verify`` to show. Every data file is recorded with its size: the manifest's
+    ``files``, and the generation's own ``files`` (NOTE [recorded files] in integrity.py).
     """
     import time
 
     from . import __version__
+    from .integrity import data_files, entry_files
 
     entries = dict(entries)
     neg = {k: entries.pop(k) for k in ("hard_negatives", "negative_tiers")}
@@ -250,17 +281,14 @@ def write_store_metadata(
         "generation": 0,
         "arrays": neg,
         "created_unix": time.time(),
+        "files": entry_files(tmp, neg),
         "sources": {k: files[k] for k in ("hard_negatives.pt", "negative_tiers.pt") if k in files},
     }
     write_json_atomic(tmp / NEGATIVES_DIR / f"{generation_name(0)}.json", pointer)
     write_json_atomic(tmp / NEGATIVES_DIR / POINTER, pointer)
-    sizes = {
-        e["file"]: (tmp / e["file"]).stat().st_size
-        for e in entries.values()
-        if (tmp / e["file"]).is_file()
-    }
+    groups = [r for r in (f"{NEGATIVES_DIR}/zarr.json",) if (tmp / r).is_file()]
     manifest = {
-        "files": sizes,
+        "files": {**entry_files(tmp, entries), **data_files(tmp, groups)},
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "backend": backend,
@@ -272,5 +300,6 @@ def write_store_metadata(
         "arrays": entries,
         "negatives_initial": neg,
         "source": source,
+        "warnings": list(warnings or []),
     }
     write_json_atomic(tmp / MANIFEST, manifest)

@@ -1,10 +1,13 @@
 """Full integrity check of a store, streamed with bounded memory: ``jasper-mmap verify``.
 
-Opening a store checks only what costs O(1) (manifest, format version, file sizes). ``verify``
-reads every array once, block by block, without mapping it (so memory stays at a block), and
+Opening a store checks its structure in O(number of files) (``jasper_mmap.integrity``:
+manifest, config.json, file sizes, safetensors headers / zarr metadata, the live negatives
+generation). ``verify`` reports every one of those problems, then reads every array whose
+structure is sound once, block by block, without mapping it (so memory stays at a block), and
 checks: the crc32 recorded at conversion, every index against the counts it refers to, tiers
 1..4, split indices (in range, no repeats, not empty), keyword offsets, relevance and centroid
-distance ranges, and NaN/Inf. It reports every problem it finds, not only the first.
+distance ranges, and NaN/Inf. It reports every problem it finds, not only the first, shows the
+manifest's ``warnings`` (lenient-input notices of the converter), and never raises.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import numpy as np
 
 from ._dtypes import numpy_dtype, to_float32
 from .errors import JasperError
-from .stores import Store, open_store
+from .integrity import store_problems
+from .layout import load_manifest
+from .stores import BACKENDS, Store, open_store
 
 __all__ = ["verify_store", "VerifyReport", "store_info"]
 
@@ -28,25 +33,27 @@ _BLOCK_BYTES = 16 << 20
 
 @dataclass
 class VerifyReport:
-    """What ``verify_store`` found: one line per array, and the problems."""
+    """What ``verify_store`` found: the arrays read, the problems, the manifest's warnings."""
 
     store: Path
     checked: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    data_read: bool = True
 
     @property
     def ok(self) -> bool:
+        """No problems (warnings do not count)."""
         return not self.problems
 
     def __str__(self) -> str:
         head = f"{self.store}: {len(self.checked)} arrays checked, "
-        if self.ok:
-            return head + "no problems"
-        return (
-            head
-            + f"{len(self.problems)} problem(s):\n"
-            + "\n".join(f"  - {p}" for p in self.problems)
-        )
+        lines = [head + (f"{len(self.problems)} problem(s):" if self.problems else "no problems")]
+        lines += [f"  - {p}" for p in self.problems]
+        if not self.data_read:
+            lines.append("  (array data not read: fix the problems above, then verify again)")
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
 
 
 def _blocks(store: Store, name: str) -> Iterator[tuple[int, np.ndarray]]:
@@ -57,7 +64,7 @@ def _blocks(store: Store, name: str) -> Iterator[tuple[int, np.ndarray]]:
     step = max(1, _BLOCK_BYTES // row)
     if store.backend != "safetensors":
         for lo in range(0, shape[0], step):
-            yield lo, np.ascontiguousarray(store.raw(name)[lo : lo + step])
+            yield lo, np.ascontiguousarray(store._read_raw(name, lo, lo + step))
         return
     from .stores.safetensors_store import read_header
 
@@ -124,40 +131,62 @@ def _check_array(store: Store, name: str, progress) -> None:
 
 
 def verify_store(path: str | Path, progress: bool | None = None) -> VerifyReport:
-    """Check every array of the store at ``path`` (see the module docstring); never raises
-    for a problem in the data, which goes into the report instead.
+    """Check the store at ``path`` (see the module docstring). Never raises for a problem of
+    the store, however damaged: every problem goes into the report."""
+    report = VerifyReport(Path(path))
+    try:
+        manifest = load_manifest(Path(path))
+    except JasperError as e:
+        report.problems.append(str(e))
+        report.data_read = False
+        return report
+    warnings = manifest.get("warnings")
+    if isinstance(warnings, list):
+        report.warnings = [w for w in warnings if isinstance(w, str)]
+    problems = store_problems(path, manifest)
+    report.problems += [p.message for p in problems]
+    if any(not p.arrays for p in problems):
+        report.data_read = False
+        return report
+    bad = {a for p in problems for a in p.arrays}
+    store = BACKENDS[manifest["backend"]](path, manifest)
+    names = [n for n in store.names() if n not in bad]
+    _check_arrays(store, names, report, progress)
+    store.close()
+    return report
 
-    Raises:
-        StoreNotFoundError, StoreFormatError, StoreCorruptError: the store cannot be opened.
-    """
+
+def _check_arrays(store: Store, names: list[str], report: VerifyReport, progress) -> None:
+    """Read and check each of ``names``; every failure becomes a problem of ``report``."""
     from tqdm.auto import tqdm
 
-    store = open_store(path)
-    report = VerifyReport(Path(path))
-    names = store.names()
     total = sum(
         int(np.prod(store.shape(n), dtype=np.int64))
         * numpy_dtype(store.entry(n)["stored_dtype"]).itemsize
         for n in names
     )
-    with tqdm(
-        total=total,
-        unit="B",
-        unit_scale=True,
-        desc="verify",
-        disable=None if progress is None else not progress,
-    ) as bar:
+    disable = None if progress is None else not progress
+    with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=disable) as bar:
         for name in names:
             try:
                 _check_array(store, name, bar.update)
             except (JasperError, ValueError, EOFError, OSError) as e:
                 report.problems.append(str(e))
+            except Exception as e:  # a damaged store must never crash verify
+                report.problems.append(
+                    f"{store.path}: array {name!r} could not be checked ({type(e).__name__}: "
+                    f"{e}). This is unexpected; please report it with this message."
+                )
             report.checked.append(name)
-    return report
 
 
 def store_info(path: str | Path) -> dict[str, Any]:
-    """A summary of a store from its manifest: backend, counts, arrays, negatives generation."""
+    """A summary of a store from its manifest: backend, counts, arrays, negatives generation,
+    and the converter's warnings.
+
+    Raises:
+        StoreNotFoundError, StoreFormatError, StoreCorruptError: the store cannot be opened.
+    """
     store = open_store(path)
     arrays = {}
     for name in store.names():
@@ -178,4 +207,5 @@ def store_info(path: str | Path) -> dict[str, Any]:
         "negatives_generation": store.generation,
         "arrays": arrays,
         "bytes": sum(a["bytes"] for a in arrays.values()),
+        "warnings": list(store.manifest.get("warnings", [])),
     }

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import StoreFormatError
-from ..layout import read_manifest
+from ..integrity import raise_problems, store_problems
+from ..layout import load_manifest
 from .base import NEGATIVE_ARRAYS, Store, StoreWriter
 from .safetensors_store import SafetensorsStore, SafetensorsWriter
 from .zarr_store import ZarrStore, ZarrWriter
@@ -17,18 +17,20 @@ WRITERS: dict[str, type[StoreWriter]] = {"safetensors": SafetensorsWriter, "zarr
 
 
 def open_store(path: str | Path) -> Store:
-    """Open the store at ``path``. Reads only ``manifest.json``; data is mapped on first use.
+    """Open the store at ``path``; data is mapped on first use.
+
+    Checks the store's structure in O(number of files), reading no array data
+    (``jasper_mmap.integrity.store_problems``): the manifest field by field, ``config.json``,
+    every recorded data file's size, each safetensors header or zarr array metadata against
+    the manifest, and the live negatives generation. Raises the first problem found.
 
     Raises:
-        StoreNotFoundError: ``path`` or its manifest does not exist.
-        StoreFormatError: the manifest is not a jasper_mmap store, or of an unknown version
-            or backend.
+        StoreNotFoundError: ``path``, its manifest, ``config.json`` or a data file is missing.
+        StoreFormatError: the manifest is not a jasper_mmap store, of an unknown version or
+            backend, or malformed.
+        StoreCorruptError: a data file disagrees with the manifest (size, header, metadata).
     """
-    manifest = read_manifest(Path(path))
-    backend = manifest["backend"]
-    if backend not in BACKENDS:
-        raise StoreFormatError(
-            f"{Path(path) / 'manifest.json'}: backend should be one of {sorted(BACKENDS)}, but got "
-            f"backend={backend!r}. Upgrade jasper_mmap or re-create the store with convert-pt."
-        )
-    return BACKENDS[backend](path, manifest)
+    path = Path(path)
+    manifest = load_manifest(path)
+    raise_problems(store_problems(path, manifest), path)
+    return BACKENDS[manifest["backend"]](path, manifest)

@@ -25,6 +25,7 @@ keeps the default for a store up to half of RAM and uses ``MADV_RANDOM`` above t
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -35,24 +36,41 @@ from typing import Any
 import numpy as np
 
 from .._dtypes import numpy_dtype, safetensors_code
-from ..errors import StoreCorruptError, StoreFormatError, StoreNotFoundError
+from ..errors import JasperError, StoreCorruptError, StoreFormatError, StoreNotFoundError
+from ..schema import Problem, is_count, raise_problems, store_fix, type_name
 from .base import Store, StoreWriter
 
-__all__ = ["SafetensorsStore", "SafetensorsWriter", "read_header", "choose_advice"]
+__all__ = [
+    "SafetensorsStore",
+    "SafetensorsWriter",
+    "read_header",
+    "header_problems",
+    "layout_problems",
+    "tensor_problems",
+    "choose_advice",
+]
 
 _ALIGN = 8
 #: a header larger than this is not ours (ours are a few kilobytes)
 _MAX_HEADER = 100 * 1024 * 1024
+_FIX = "Re-create the store with `convert-pt SRC STORE --overwrite`."
+#: bytes per element of every safetensors dtype code
+_CODE_SIZES = {
+    **dict.fromkeys(("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0"), 1),
+    **dict.fromkeys(("I16", "U16", "F16", "BF16"), 2),
+    **dict.fromkeys(("I32", "U32", "F32"), 4),
+    **dict.fromkeys(("I64", "U64", "F64"), 8),
+}
 
 
-def read_header(path: Path) -> tuple[int, dict[str, Any]]:
+def read_header(path: Path, fix: str = _FIX) -> tuple[int, dict[str, Any]]:
     """Return ``(data_start, header)`` of safetensors file ``path``; reads only the header.
 
     Raises:
         StoreNotFoundError: the file is missing.
         StoreFormatError: the header is truncated, too large or not valid JSON.
+        StoreCorruptError: the file cannot be read (a directory, an I/O error).
     """
-    fix = "Re-create the store with `convert-pt SRC STORE --overwrite`."
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -66,8 +84,10 @@ def read_header(path: Path) -> tuple[int, dict[str, Any]]:
                     f"{path}: header length {n} is implausible (over {_MAX_HEADER}). {fix}"
                 )
             raw = f.read(n)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise StoreNotFoundError(f"{path}: store file is missing. {fix}") from None
+    except OSError as e:
+        raise StoreCorruptError(f"{path}: store file cannot be read ({e}). {fix}") from None
     if len(raw) != n:
         raise StoreFormatError(
             f"{path}: header should be {n} bytes, but the file ends after {len(raw)}. {fix}"
@@ -79,6 +99,112 @@ def read_header(path: Path) -> tuple[int, dict[str, Any]]:
     if not isinstance(header, dict):
         raise StoreFormatError(f"{path}: header should be a JSON object. {fix}")
     return 8 + n, header
+
+
+def _tensor_findings(meta: Any) -> list[str]:
+    """What is wrong with one header entry ``{"dtype", "shape", "data_offsets"}``."""
+    if not isinstance(meta, dict):
+        return [f"should be an object, but is {type_name(meta)}"]
+    code, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+    found = []
+    if not isinstance(code, str) or code not in _CODE_SIZES:
+        found.append(f"dtype {code!r:.20} is not a safetensors dtype")
+    if not isinstance(shape, list) or not all(is_count(d) for d in shape):
+        found.append(f"shape {shape!r:.40} should be a list of non-negative integers")
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(is_count(v) for v in offsets)
+        and offsets[0] <= offsets[1]
+    ):
+        found.append(f"data_offsets {offsets!r:.40} should be [begin, end], 0 <= begin <= end")
+    if not found:
+        need = math.prod(shape) * _CODE_SIZES[code]
+        if offsets[1] - offsets[0] != need:
+            found.append(
+                f"data_offsets {offsets} span {offsets[1] - offsets[0]} bytes, but shape "
+                f"{shape} of {code} needs {need}"
+            )
+    return found
+
+
+def layout_problems(
+    path: Path, header: dict[str, Any], data_start: int, size: int, fix: str, arrays=()
+) -> list[Problem]:
+    """Every header entry well formed, and the tensors tiling the data section exactly, as
+    ``safetensors.safe_open`` requires (no gap, no overlap, nothing past the file's end)."""
+    problems, spans = [], []
+    for key, meta in header.items():
+        if key == "__metadata__":
+            if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+                problems.append(f"__metadata__ should be an object of strings: {meta!r:.40}")
+            continue
+        found = _tensor_findings(meta)
+        problems += [f"header entry {key!r}: {f}" for f in found]
+        if not found:
+            spans.append((*meta["data_offsets"], key))
+    pos = 0
+    for begin, end, key in sorted(spans) if not problems else ():
+        if begin != pos:
+            problems.append(
+                f"tensor {key!r} starts at byte {begin} of the data, but the tensors before it "
+                f"end at byte {pos} (a gap or an overlap; safetensors readers refuse it)"
+            )
+            break
+        pos = end
+    if not problems and data_start + pos != size:
+        problems.append(
+            f"file is {size} bytes, but its header describes {data_start + pos} bytes "
+            f"(truncated or appended to)"
+        )
+    return [Problem(StoreCorruptError, f"{path}: {p}. {fix}", tuple(arrays)) for p in problems]
+
+
+def tensor_problems(
+    path: Path, header: dict[str, Any], name: str, entry: dict[str, Any], fix: str
+) -> list[Problem]:
+    """The header's tensor of array ``name`` against its (well-formed) manifest ``entry``."""
+    key = entry["key"]
+    meta = header.get(key)
+    if key == "__metadata__" or meta is None:
+        msg = f"{path}: has no tensor {key!r} that the manifest lists (array {name!r}). {fix}"
+        return [Problem(StoreCorruptError, msg, (name,))]
+    found = _tensor_findings(meta)
+    if not found:
+        code = safetensors_code(entry["stored_dtype"])
+        if meta["dtype"] != code:
+            found.append(f"has dtype {meta['dtype']}, but the manifest says {code}")
+        if meta["shape"] != entry["shape"]:
+            found.append(f"has shape {meta['shape']}, but the manifest says {entry['shape']}")
+        want = entry.get("data_offsets")
+        if want is not None and meta["data_offsets"] != want:
+            found.append(
+                f"has data_offsets {meta['data_offsets']}, but the manifest recorded {want}"
+            )
+    return [
+        Problem(StoreCorruptError, f"{path}: tensor {key!r} {f}. {fix}", (name,)) for f in found
+    ]
+
+
+def header_problems(store_dir: Path, entries: dict[str, dict[str, Any]], fix: str) -> list[Problem]:
+    """Each safetensors file's header (read once) against the manifest ``entries`` it holds."""
+    by_file: dict[str, list[str]] = {}
+    for name, e in entries.items():
+        by_file.setdefault(e["file"], []).append(name)
+    problems = []
+    for rel, names in by_file.items():
+        path = Path(store_dir) / rel
+        try:
+            start, header = read_header(path, fix)
+            size = os.path.getsize(path)
+        except (JasperError, OSError) as e:
+            err = type(e) if isinstance(e, JasperError) else StoreCorruptError
+            problems.append(Problem(err, str(e), tuple(sorted(names))))
+            continue
+        problems += layout_problems(path, header, start, size, fix, sorted(names))
+        for name in names:
+            problems += tensor_problems(path, header, name, entries[name], fix)
+    return problems
 
 
 class SafetensorsWriter(StoreWriter):
@@ -153,10 +279,16 @@ class SafetensorsWriter(StoreWriter):
         self._file.close()  # the converter fsyncs the whole store once, before publishing
         self._file = None
         rel = self._path.relative_to(self.root).as_posix()
-        return {
-            name: {"file": rel, "key": name, "crc32": self._crc.get(name, 0)}
-            for name, _ in self._order
-        }
+        entries, offset = {}, 0
+        for name, nbytes in self._order:
+            entries[name] = {
+                "file": rel,
+                "key": name,
+                "crc32": self._crc.get(name, 0),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            offset += nbytes
+        return entries
 
     def abort(self) -> None:
         if self._file is not None:
@@ -184,22 +316,23 @@ def _address(m: mmap.mmap) -> int:
 class _MappedFile:
     """One read-only mapping of a safetensors file and its parsed header."""
 
-    def __init__(self, path: Path, advice: str = "normal") -> None:
-        self.data_start, self.header = read_header(path)
-        size = os.path.getsize(path)
-        ends = [v["data_offsets"][1] for k, v in self.header.items() if k != "__metadata__"]
-        expected = self.data_start + max(ends, default=0)
-        if size != expected:
-            raise StoreCorruptError(
-                f"{path}: file is {size} bytes but its header describes {expected} bytes "
-                f"(truncated or appended to). Re-create the store with `convert-pt SRC STORE --overwrite`."
-            )
-        self.map = None
-        if size > self.data_start:
-            with open(path, "rb") as f:
+    def __init__(
+        self, path: Path, advice: str = "normal", fix: str = _FIX, store_dir: Path | None = None
+    ) -> None:
+        self.data_start, self.header = read_header(path, fix)
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - closed below
+        except OSError as e:
+            raise StoreCorruptError(f"{path}: store file cannot be read ({e}). {fix}") from None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            problems = layout_problems(path, self.header, self.data_start, size, fix)
+            raise_problems(problems, store_dir or path.parent)
+            self.map = None
+            if size > self.data_start:
                 self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            if advice == "random" and hasattr(mmap, "MADV_RANDOM"):
-                self.map.madvise(mmap.MADV_RANDOM)
+                if advice == "random" and hasattr(mmap, "MADV_RANDOM"):
+                    self.map.madvise(mmap.MADV_RANDOM)
 
 
 class SafetensorsStore(Store):
@@ -225,23 +358,14 @@ class SafetensorsStore(Store):
 
     def _open_array(self, name: str, entry: dict[str, Any]) -> np.ndarray:
         path = self.path / entry["file"]
+        fix = store_fix(self.path, self.manifest)
         files = self._handles.setdefault("__files__", {})
         mapped = files.get(entry["file"])
         if mapped is None:
-            mapped = files[entry["file"]] = _MappedFile(path, self._advice())
-        meta = mapped.header.get(entry["key"])
-        if meta is None:
-            raise StoreCorruptError(
-                f"{path}: has no tensor {entry['key']!r} that the manifest lists. "
-                f"Re-create the store with `convert-pt SRC {self.path} --overwrite`."
-            )
-        self._check_shape(name, entry, tuple(meta["shape"]), str(path))
+            mapped = files[entry["file"]] = _MappedFile(path, self._advice(), fix, self.path)
+        raise_problems(tensor_problems(path, mapped.header, name, entry, fix), self.path)
+        meta = mapped.header[entry["key"]]
         dtype = numpy_dtype(entry["stored_dtype"])
-        if meta["dtype"] != safetensors_code(entry["stored_dtype"]):
-            raise StoreCorruptError(
-                f"{path}: tensor {name!r} has dtype {meta['dtype']}, the manifest says "
-                f"{entry['stored_dtype']}. Re-create the store."
-            )
         begin, end = meta["data_offsets"]
         shape = tuple(meta["shape"])
         if end == begin:
@@ -254,9 +378,15 @@ class SafetensorsStore(Store):
         )
         return arr.reshape(shape)
 
-    def _gather_raw(self, name: str, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    def _gather_raw(
+        self,
+        name: str,
+        idx: np.ndarray,
+        out: np.ndarray | None = None,
+        generation: int | None = None,
+    ) -> np.ndarray:
         # indices were range-checked by gather(); mode="clip" keeps numpy from buffering ``out``
-        return np.take(self.raw(name), idx, axis=0, out=out, mode="clip")
+        return np.take(self.raw(name, generation), idx, axis=0, out=out, mode="clip")
 
     def prefetch(self, rows: dict[str, np.ndarray]) -> None:
         """``MADV_WILLNEED`` on the pages of the given rows, when the store exceeds RAM/2.

@@ -18,19 +18,33 @@ or remote (fsspec) access. Bfloat16 has no zarr data type, so such arrays are st
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
+import os
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
+from zarr.storage import LocalStore
 
-from .._dtypes import numpy_dtype
-from ..errors import StoreCorruptError, StoreNotFoundError
+from .._dtypes import STORED_DTYPES, numpy_dtype
+from ..errors import JasperError, StoreCorruptError, StoreFormatError, StoreNotFoundError
+from ..layout import MANIFEST
+from ..schema import Problem, is_count, store_fix, type_name
 from .base import Store, StoreWriter
 
-__all__ = ["ZarrStore", "ZarrWriter", "ZARR_CHUNK_BYTES", "ZARR_SHARD_BYTES", "chunk_rows"]
+__all__ = [
+    "ZarrStore",
+    "ZarrWriter",
+    "ZARR_CHUNK_BYTES",
+    "ZARR_SHARD_BYTES",
+    "chunk_rows",
+    "metadata_problems",
+]
 
 ZARR_CHUNK_BYTES = 128 * 1024
 ZARR_SHARD_BYTES = 8 * 1024 * 1024
@@ -82,6 +96,7 @@ class ZarrWriter(StoreWriter):
                 compressors=None,
                 fill_value=0,
                 attributes={"logical_dtype": dtype},
+                config={"write_empty_chunks": True},  # every shard exists: NOTE [recorded files]
             )
             path = f"{prefix}/{name}" if prefix else name
             self._arrays[name] = {
@@ -127,42 +142,227 @@ class ZarrWriter(StoreWriter):
         return entries
 
 
+_META_NAMES = ("zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata")
+#: stored dtype -> zarr v3 ``data_type`` of the raw bytes
+_DATA_TYPES = {name: np_dtype.name for name, (np_dtype, _) in STORED_DTYPES.items()}
+
+
+class _MissingChunk(Exception):
+    """A chunk/shard file that the store records is gone (raised through zarr's reads)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+class _StrictLocalStore(LocalStore):
+    """A read-only ``LocalStore`` that fails on a missing chunk file instead of returning None
+    (which zarr serves as the fill value: zeros). For stores whose every chunk file exists
+    (NOTE [recorded files] in integrity.py); metadata keys keep zarr's behaviour."""
+
+    async def get(self, key: str, prototype=None, byte_range=None):
+        got = await super().get(key, prototype, byte_range)
+        if got is None and key.rsplit("/", 1)[-1] not in _META_NAMES:
+            raise _MissingChunk(key)
+        return got
+
+
+def _json_findings(meta: Any, entry: dict[str, Any]) -> list[str]:
+    """What in an array's ``zarr.json`` disagrees with its (well-formed) manifest ``entry``."""
+    if not isinstance(meta, dict):
+        return [f"should be a JSON object, but is {type_name(meta)}"]
+    found = []
+    if meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
+        found.append("should describe a zarr v3 array (zarr_format 3, node_type array)")
+    if meta.get("shape") != entry["shape"]:
+        found.append(f"has shape {meta.get('shape')!r:.40}, the manifest says {entry['shape']}")
+    want = _DATA_TYPES[entry["stored_dtype"]]
+    if meta.get("data_type") != want:
+        found.append(f"has data_type {meta.get('data_type')!r:.20}, the manifest says {want!r}")
+    attrs = meta.get("attributes")
+    logical = attrs.get("logical_dtype") if isinstance(attrs, dict) else None
+    if logical not in (None, entry["stored_dtype"]):
+        found.append(
+            f"has logical_dtype {logical!r:.20}, the manifest says {entry['stored_dtype']!r}"
+        )
+    if _grid(meta, len(entry["shape"])) is None:
+        found.append("has a chunk grid or chunk key encoding zarr_store cannot read")
+    if not isinstance(meta.get("codecs"), list) or not meta["codecs"]:
+        found.append("should list its codecs")
+    return found
+
+
+def _grid(meta: dict[str, Any], ndim: int) -> tuple[list[int], str, str] | None:
+    """(chunk shape, key prefix, separator) of a regular grid, or None."""
+    grid, enc = meta.get("chunk_grid"), meta.get("chunk_key_encoding")
+    if not (isinstance(grid, dict) and isinstance(enc, dict) and grid.get("name") == "regular"):
+        return None
+    conf, econf = grid.get("configuration"), enc.get("configuration", {})
+    chunks = conf.get("chunk_shape") if isinstance(conf, dict) else None
+    if not (isinstance(chunks, list) and len(chunks) == ndim and all(is_count(c) for c in chunks)):
+        return None
+    if not all(chunks) or not isinstance(econf, dict) or enc.get("name") not in ("default", "v2"):
+        return None
+    sep = econf.get("separator", "/" if enc["name"] == "default" else ".")
+    if sep not in ("/", "."):
+        return None
+    return chunks, ("c" if enc["name"] == "default" else ""), sep
+
+
+def _chunk_keys(meta: dict[str, Any], shape: list[int]) -> Iterator[str]:
+    """The key of every chunk (shard) file of an array, in grid order."""
+    chunks, prefix, sep = _grid(meta, len(shape))
+    counts = [math.ceil(n / c) for n, c in zip(shape, chunks, strict=True)]
+    for coords in itertools.product(*(range(n) for n in counts)):
+        parts = ([prefix] if prefix else []) + [str(c) for c in coords]
+        yield sep.join(parts) if parts else "0"
+
+
+def metadata_problems(
+    store_dir: Path, entries: dict[str, dict[str, Any]], files: dict[str, int], fix: str
+) -> list[Problem]:
+    """Each array's ``zarr.json`` against its manifest entry (shape, dtype, grid); with recorded
+    ``files`` (NOTE [recorded files]), also that every chunk file the grid implies is recorded.
+    Reads one small JSON file per array."""
+    problems = []
+    for name, entry in entries.items():
+        path = os.path.join(store_dir, entry["file"], "zarr.json")
+        try:
+            with open(path, "rb") as f:
+                meta = json.loads(f.read())
+        except (FileNotFoundError, NotADirectoryError):
+            msg = f"{path}: zarr array metadata is missing (array {name!r}). {fix}"
+            problems.append(Problem(StoreNotFoundError, msg, (name,)))
+            continue
+        except (OSError, ValueError) as e:
+            msg = f"{path}: zarr array metadata is not valid JSON ({e}). {fix}"
+            problems.append(Problem(StoreCorruptError, msg, (name,)))
+            continue
+        found = _json_findings(meta, entry)
+        problems += [Problem(StoreCorruptError, f"{path}: {f}. {fix}", (name,)) for f in found]
+        if found or not files:
+            continue
+        for key in _chunk_keys(meta, entry["shape"]):
+            rel = f"{entry['file']}/{key}"
+            if rel not in files:
+                problems.append(
+                    Problem(
+                        StoreFormatError,
+                        f"{Path(store_dir) / MANIFEST}: 'files' does not record {rel}, a chunk "
+                        f"file of array {name!r}, so it cannot be checked. {fix}",
+                        (name,),
+                    )
+                )
+                break
+    return problems
+
+
 class ZarrStore(Store):
-    """Reads a zarr-backend store with ``zarr.open_group``; rows via orthogonal indexing."""
+    """Reads a zarr-backend store with ``zarr.open_group``; rows via orthogonal indexing.
+
+    A store whose manifest records its files (NOTE [recorded files]) is read through
+    :class:`_StrictLocalStore`, so a chunk file removed after opening raises instead of
+    reading as zeros; every read error (checksum, decode) is re-raised naming the file.
+    """
 
     backend = "zarr"
 
-    def _open_array(self, name: str, entry: dict[str, Any]) -> Any:
+    def _fix(self) -> str:
+        return store_fix(self.path, self.manifest)
+
+    def _group(self) -> Any:
         group = self._handles.get("__group__")
-        if group is None:
-            try:
+        if group is not None:
+            return group
+        try:
+            if self.manifest.get("files"):
+                local = _StrictLocalStore(self.path, read_only=True)
+                group = zarr.open_group(store=local, mode="r", zarr_format=3)
+            else:  # written before every file was recorded: missing chunks are legitimate
                 group = zarr.open_group(str(self.path), mode="r", zarr_format=3)
-            except FileNotFoundError as e:
-                raise StoreNotFoundError(
-                    f"{self.path}: zarr group is missing ({e}). Re-create the store "
-                    f"with `convert-pt SRC {self.path} --format zarr --overwrite`."
-                ) from None
-            self._handles["__group__"] = group
+        except FileNotFoundError as e:
+            raise StoreNotFoundError(
+                f"{self.path}/zarr.json: zarr group is missing ({e}). {self._fix()}"
+            ) from None
+        except Exception as e:  # zarr raises many kinds for damaged metadata
+            raise StoreCorruptError(
+                f"{self.path}/zarr.json: zarr group cannot be opened ({type(e).__name__}: "
+                f"{e}). {self._fix()}"
+            ) from e
+        self._handles["__group__"] = group
+        return group
+
+    def _open_array(self, name: str, entry: dict[str, Any]) -> Any:
+        group = self._group()
+        where = f"{self.path}/{entry['file']}"
         try:
             arr = group[entry["file"]]
         except KeyError:
             raise StoreCorruptError(
-                f"{self.path}: zarr array {entry['file']!r} listed in the manifest is "
-                f"missing. Re-create the store with `convert-pt SRC {self.path} "
-                f"--format zarr --overwrite`."
+                f"{where}: zarr array listed in the manifest is missing. {self._fix()}"
             ) from None
-        self._check_shape(name, entry, tuple(arr.shape), f"{self.path}/{entry['file']}")
+        except Exception as e:
+            raise StoreCorruptError(
+                f"{where}/zarr.json: zarr array cannot be opened ({type(e).__name__}: {e}). "
+                f"{self._fix()}"
+            ) from e
+        if not isinstance(arr, zarr.Array):
+            raise StoreCorruptError(f"{where}: should be a zarr array, not a group. {self._fix()}")
+        self._check_shape(name, entry, tuple(arr.shape), where)
         if arr.dtype != numpy_dtype(entry["stored_dtype"]):
             raise StoreCorruptError(
-                f"{self.path}/{entry['file']}: dtype {arr.dtype} differs from the "
-                f"manifest's {entry['stored_dtype']}. Re-create the store."
+                f"{where}: dtype {arr.dtype} differs from the manifest's "
+                f"{entry['stored_dtype']}. {self._fix()}"
             )
         return arr
 
-    def _gather_raw(self, name: str, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        arr = self.raw(name)
-        rows = np.empty((0, *arr.shape[1:]), dtype=arr.dtype) if idx.size == 0 else arr.oindex[idx]
+    def _read(self, name: str, arr: Any, rows: Any, first_rows: np.ndarray) -> np.ndarray:
+        """``arr[rows]`` (orthogonal), every zarr failure re-raised as our error naming the file."""
+        try:
+            return arr.oindex[rows] if isinstance(rows, np.ndarray) else arr[rows]
+        except _MissingChunk as e:
+            raise StoreNotFoundError(
+                f"{self.path / e.key}: chunk file of array {name!r} is missing (it was there "
+                f"when the store was opened). {self._fix()}"
+            ) from None
+        except JasperError:
+            raise
+        except Exception as e:
+            raise StoreCorruptError(
+                f"{self.path}/{self.entry(name)['file']}: reading rows of {name!r} failed "
+                f"({type(e).__name__}: {e}); damaged chunk file(s) "
+                f"{self._chunk_files(arr, first_rows)}. {self._fix()}"
+            ) from e
+
+    def _chunk_files(self, arr: Any, rows: np.ndarray) -> list[str]:
+        """The chunk (shard) files holding ``rows`` of ``arr`` (at most 3, for messages)."""
+        per_file = (arr.shards or arr.chunks)[0]
+        coords = np.unique(np.asarray(rows, dtype=np.int64) // max(1, per_file))[:3]
+        tail = (0,) * (arr.ndim - 1)
+        return [
+            str(self.path / arr.path / arr.metadata.encode_chunk_key((int(c), *tail)))
+            for c in coords.tolist()
+        ]
+
+    def _gather_raw(
+        self,
+        name: str,
+        idx: np.ndarray,
+        out: np.ndarray | None = None,
+        generation: int | None = None,
+    ) -> np.ndarray:
+        arr = self.raw(name, generation)
+        if idx.size == 0:
+            rows = np.empty((0, *arr.shape[1:]), dtype=arr.dtype)
+        else:
+            rows = self._read(name, arr, idx, idx)
         if out is None:
             return rows
         out[...] = rows
         return out
+
+    def _read_raw(self, name: str, start: int, stop: int | None) -> np.ndarray:
+        arr = self.raw(name)
+        lo, hi, _ = slice(start, stop).indices(arr.shape[0])
+        ends = np.array([lo, max(lo, hi - 1)], dtype=np.int64)  # first and last row read
+        return self._read(name, arr, slice(start, stop), ends)

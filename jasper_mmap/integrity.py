@@ -1,0 +1,310 @@
+"""Structural checks of a store in O(number of files), reading no array data.
+
+``store_problems`` is the one function that looks at a store's structure: the manifest (types
+of every field of every entry, required arrays, known dtypes, shapes consistent with
+``counts``), ``config.json``, every data file recorded in the manifest (present, with the size
+recorded when it was written), each safetensors header or zarr array metadata against the
+manifest, and the live negatives generation. It returns every problem it finds, each with the
+error class it maps to: ``open_store`` raises the first, ``jasper-mmap verify`` lists them all.
+
+# NOTE [recorded files]
+When a store is written, ``write_store_metadata`` records every data file with its size: the
+manifest's ``files`` holds the safetensors files, or every zarr chunk/shard file and
+``zarr.json`` of the group; each negatives generation's description holds its own ``files``.
+Opening checks them all (one ``stat`` each), so a removed zarr shard is refused at open instead
+of being read as zeros (zarr serves a missing chunk as its fill value). Manifests written
+before this (zarr ones recorded no files) keep the old, weaker check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .errors import JasperError, StoreCorruptError, StoreFormatError, StoreNotFoundError
+from .layout import CONFIG, MANIFEST, NEGATIVES_DIR, POINTER
+from .schema import (
+    BACKEND_NAMES,
+    NEGATIVE_NAMES,
+    SPECS,
+    Problem,
+    bad_rel,
+    counts_problems,
+    manifest_problems,
+    pointer_problems,
+    raise_problems,
+    shape_problems,
+    store_fix,
+    type_name,
+)
+
+__all__ = [
+    "Problem",
+    "data_files",
+    "entry_files",
+    "file_problems",
+    "check_files",
+    "generation_problems",
+    "store_problems",
+    "raise_problems",
+    "store_fix",
+]
+
+
+def data_files(root: Path, rels: Iterable[str]) -> dict[str, int]:
+    """Every file under each of ``rels`` (a file, or a directory walked recursively), with its
+    size, keyed by its path relative to ``root`` (``/``-separated, sorted).
+
+    Raises:
+        StoreNotFoundError: one of ``rels`` does not exist under ``root``.
+    """
+    root = Path(root)
+    out: dict[str, int] = {}
+    for rel in rels:
+        path = root / rel
+        if path.is_file():
+            out[Path(rel).as_posix()] = path.stat().st_size
+        elif path.is_dir():
+            for dirpath, _, names in os.walk(path):
+                for name in names:
+                    p = Path(dirpath, name)
+                    out[p.relative_to(root).as_posix()] = p.stat().st_size
+        else:
+            raise StoreNotFoundError(
+                f"{path}: data file or directory to record is missing; the store being written "
+                f"is incomplete. This is a bug; please report it."
+            )
+    return dict(sorted(out.items()))
+
+
+def entry_files(root: Path, entries: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """``data_files`` of the arrays ``entries`` describe (manifest entries with ``file``), plus
+    the ``zarr.json`` of the zarr groups holding them (for a negatives generation: its group)."""
+    rels = {e["file"] for e in entries.values()}
+    for rel in list(rels):
+        parent = Path(rel).parent
+        meta = (parent / "zarr.json").as_posix()
+        if (root / rel).is_dir() and (Path(root) / meta).is_file():
+            rels.add(meta)
+    return data_files(root, sorted(rels))
+
+
+def _owners(rel: str, entries: dict[str, Any]) -> tuple[str, ...]:
+    """Names of the arrays whose data lives in store file ``rel``."""
+    return tuple(
+        sorted(
+            name
+            for name, e in entries.items()
+            if isinstance(e, dict)
+            and isinstance(e.get("file"), str)
+            and (rel == e["file"] or rel.startswith(e["file"] + "/"))
+        )
+    )
+
+
+def file_problems(
+    store_dir: Path,
+    files: Any,
+    where: str,
+    *,
+    fix: str | None = None,
+    entries: dict[str, Any] | None = None,
+) -> list[Problem]:
+    """O(number of files): every file in ``files`` exists with the recorded size.
+
+    ``where`` names the file that records them (for the messages); ``entries`` (manifest
+    entries) lets each problem name the arrays it concerns.
+    """
+    store_dir = Path(store_dir)
+    fix = fix or store_fix(store_dir)
+    if not isinstance(files, dict):
+        return [
+            Problem(
+                StoreFormatError,
+                f"{where}: 'files' should be an object of relative paths to sizes, but got "
+                f"{type(files).__name__}. {fix}",
+            )
+        ]
+    problems = []
+    base = os.fspath(store_dir)
+    label = "the manifest" if Path(where).name == MANIFEST else Path(where).name
+    for rel, want in files.items():
+        if bad_rel(rel) or type(want) is not int or want < 0:
+            problems.append(
+                Problem(
+                    StoreFormatError,
+                    f"{where}: 'files' should map relative paths inside the store to sizes, "
+                    f"but has {rel!r}: {want!r}. {fix}",
+                )
+            )
+            continue
+        path = os.path.join(base, rel)
+        try:
+            got = os.stat(path).st_size
+        except (FileNotFoundError, NotADirectoryError):
+            msg = f"{path}: store file is missing ({label} lists it). {fix}"
+            problems.append(Problem(StoreNotFoundError, msg, _owners(rel, entries or {})))
+            continue
+        if got != want:
+            msg = (
+                f"{path}: file is {got} bytes, but {label} records {want} (truncated, "
+                f"appended to or replaced). {fix}"
+            )
+            problems.append(Problem(StoreCorruptError, msg, _owners(rel, entries or {})))
+    return problems
+
+
+def check_files(store_dir: Path, files: dict[str, int], where: str, *, fix: str | None = None):
+    """Raise for the first file of ``files`` that is missing or has another size.
+
+    Raises:
+        StoreNotFoundError: a file is missing. StoreCorruptError: a file has another size.
+        StoreFormatError: ``files`` is not an object of relative paths to sizes.
+    """
+    problems = file_problems(store_dir, files, where, fix=fix)
+    raise_problems(problems, store_dir)
+
+
+def _config_problems(store_dir: Path, fix: str) -> list[Problem]:
+    path = Path(store_dir) / CONFIG
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (FileNotFoundError, NotADirectoryError):
+        return [
+            Problem(
+                StoreNotFoundError,
+                f"{path}: config.json is missing (the dataset's config.json is kept in the "
+                f"store). Copy the dataset's config.json there, or: {fix}",
+            )
+        ]
+    except (OSError, ValueError) as e:
+        return [Problem(StoreFormatError, f"{path}: config.json is not valid JSON ({e}). {fix}")]
+    if not isinstance(config, dict):
+        return [
+            Problem(
+                StoreFormatError,
+                f"{path}: config.json should be a JSON object, but got {type_name(config)}. {fix}",
+            )
+        ]
+    return []
+
+
+def _recorded(files: dict[str, Any], entries: dict[str, Any], backend: str, where: str, fix):
+    """New-style records (NOTE [recorded files]) must list every array's data file."""
+    if not files:
+        return []  # written before every file was recorded
+    problems = []
+    for name, e in entries.items():
+        rel = e["file"] if backend == "safetensors" else f"{e['file']}/zarr.json"
+        if rel not in files:
+            problems.append(
+                Problem(
+                    StoreFormatError,
+                    f"{where}: 'files' does not record {rel} (array {name!r}), so its size "
+                    f"cannot be checked. {fix}",
+                    (name,),
+                )
+            )
+    return problems
+
+
+def _backend_problems(
+    store_dir: Path, backend: str, entries: dict, files: dict, fix: str
+) -> list[Problem]:
+    """Each safetensors header / zarr array metadata against the manifest entries."""
+    if backend == "safetensors":
+        from .stores.safetensors_store import header_problems
+
+        return header_problems(store_dir, entries, fix)
+    from .stores.zarr_store import metadata_problems
+
+    return metadata_problems(store_dir, entries, files, fix)
+
+
+def generation_problems(
+    store_dir: Path, pointer: dict[str, Any], manifest: dict[str, Any], path: Path | None = None
+) -> list[Problem]:
+    """A negatives generation's description (``pointer``, read from ``path``) against the
+    store: structure, shapes ``[n_pairs, n_neg]``, its recorded files, its data headers."""
+    store_dir = Path(store_dir)
+    path = path or store_dir / NEGATIVES_DIR / POINTER
+    fix = (
+        "Publish the negatives again (publish_negatives), or "
+        + store_fix(store_dir, manifest)[0].lower()
+        + store_fix(store_dir, manifest)[1:]
+    )
+    problems = pointer_problems(path, pointer, fix)
+    if problems:
+        return problems
+    entries = pointer["arrays"]
+    counts = manifest["counts"]
+    for name in NEGATIVE_NAMES:
+        problems += shape_problems(name, entries[name], counts, str(path), fix)
+    files = pointer.get("files", {})
+    problems += file_problems(store_dir, files, str(path), fix=fix, entries=entries)
+    problems += _recorded(files, entries, manifest["backend"], str(path), fix)
+    if not problems:
+        problems += _backend_problems(store_dir, manifest["backend"], entries, files, fix)
+    return problems
+
+
+def _live_generation_problems(store_dir: Path, manifest: dict[str, Any]) -> list[Problem]:
+    """Problems of the live generation; re-read once if a publisher switched it meanwhile."""
+    from .layout import read_pointer
+
+    problems: list[Problem] = []
+    for _ in range(3):
+        try:
+            pointer = read_pointer(store_dir, check=False)
+        except JasperError as e:
+            return [Problem(type(e), str(e))]
+        problems = generation_problems(store_dir, pointer, manifest)
+        if not problems:
+            return []
+        try:
+            again = read_pointer(store_dir, check=False).get("generation")
+        except JasperError:
+            again = None
+        if again == pointer.get("generation"):
+            break
+    return problems
+
+
+def store_problems(store_dir: str | Path, manifest: dict[str, Any] | None = None) -> list[Problem]:
+    """Every structural problem of the store at ``store_dir``, in O(number of files).
+
+    Reads ``manifest.json`` (unless ``manifest`` is given), ``config.json``, the safetensors
+    headers or zarr ``zarr.json`` files and ``negatives/CURRENT.json``, and stats every
+    recorded file; reads no array data. Never raises for a problem of the store. A problem
+    whose ``arrays`` is empty concerns the whole store.
+    """
+    from .layout import load_manifest
+
+    store_dir = Path(store_dir)
+    if manifest is None:
+        try:
+            manifest = load_manifest(store_dir)
+        except JasperError as e:
+            return [Problem(type(e), str(e))]
+    problems = manifest_problems(store_dir, manifest)
+    fix = store_fix(store_dir, manifest)
+    problems += _config_problems(store_dir, fix)
+    where = str(store_dir / MANIFEST)
+    files, backend, arrays = manifest.get("files"), manifest.get("backend"), manifest.get("arrays")
+    if not isinstance(arrays, dict):
+        arrays = {}
+    if isinstance(files, dict):
+        problems += file_problems(store_dir, files, where, fix=fix, entries=arrays)
+    if backend not in BACKEND_NAMES or not isinstance(files, dict):
+        return problems
+    bad = {a for p in problems for a in p.arrays}
+    good = {n: e for n, e in arrays.items() if n in SPECS and n not in bad | set(NEGATIVE_NAMES)}
+    problems += _recorded(files, good, backend, where, fix)
+    problems += _backend_problems(store_dir, backend, good, files, fix)
+    if not counts_problems(manifest.get("counts"), where, fix):
+        problems += _live_generation_problems(store_dir, manifest)
+    return problems
