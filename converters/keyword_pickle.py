@@ -1,41 +1,83 @@
-"""A streaming decoder of pickled "list of lists of int" (``pair_keyword_ids.pt``).
+"""A streaming decoder of a pickled "list of lists of int" (``pair_keyword_ids.pt``).
 
-The list comes from ``torch.save`` (a zip archive whose ``data.pkl`` is the pickle) or from plain
-``pickle``. The decoder understands only the opcodes such a list uses; it never builds the whole
-list, never imports or calls anything, and rejects any other opcode with a clear error.
+The list comes from ``torch.save`` (a zip archive whose ``data.pkl`` is the pickle, any
+``pickle_protocol``) or from plain ``pickle.dump`` with protocol 0 to 5. What is valid is what
+the pickle *builds*, as ``torch.load(weights_only=True)`` would build it: an outer list or tuple
+of inner lists or tuples of ints (bools count as the ints 0 and 1, as they do in Python and in
+``torch.load``'s result). The same inner object may appear at many rows (pickle then writes
+memo references), far apart too.
+
+The decoder interprets only the opcodes that build lists, tuples and ints (every protocol's
+forms of them, including the text forms of protocol 0), never imports or calls anything, and
+refuses any other opcode (strings, floats, dicts, globals, calls, tensors...) naming what it
+found, without executing it. It streams: rows are committed as soon as they can no longer
+change, also inside one huge APPENDS batch or an outer tuple (whose items pickle keeps on its
+stack until the closing TUPLE), so memory is bounded by one row, one input block and one output
+block, plus 12 bytes per memo key (see :mod:`jasper_mmap.converters.keyword_rows`).
+
+Deliberate limits, none of which ``pickle.dump``/``torch.save`` ever write: a pickle that leaves
+objects on its stack at STOP, an inner list appended to after it became part of the outer list,
+an integer encoded in more than 1 MiB, more than ``_MAX_STACK`` pending objects.
 """
 
 from __future__ import annotations
 
-import io
+import contextlib
+import logging
+import pickletools
 import struct
+import tempfile
+import threading
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from jasper_mmap.errors import ArtifactError
 
-from .pt_reader import LEGACY_FIX, LEGACY_MAGIC, _sniff, _zip_prefix
+from .keyword_rows import Mark, Refused, Row, RowSink, RowStack
+from .pt_reader import LEGACY_FIX, _is_legacy, _sniff, _zip_prefix
 
-__all__ = ["iter_keyword_rows"]
+__all__ = ["decode_keyword_rows", "KeywordsCancelled"]
 
-_INT_OPS = {b"K"[0]: (1, "<B"), b"M"[0]: (2, "<H"), b"J"[0]: (4, "<i")}
-_MEMO_OPS = {b"q"[0]: 1, b"r"[0]: 4}  # BINPUT, LONG_BINPUT (arg = memo index)
-_GET_OPS = {b"h"[0]: 1, b"j"[0]: 4}  # BINGET, LONG_BINGET
-_MARK, _EMPTY_LIST, _APPEND, _APPENDS = b"("[0], b"]"[0], b"a"[0], b"e"[0]
-_PROTO, _FRAME, _STOP, _MEMOIZE, _LONG1 = 0x80, 0x95, b"."[0], 0x94, 0x8A
+log = logging.getLogger(__name__)
+
+#: values (and rows) per output block handed to ``on_rows``
+BLOCK_VALUES = 1 << 17
+#: bytes read from the pickle at a time (cancellation is checked once per read)
+_READ = 1 << 16
+#: most objects the pickle stack may hold (one inner list of a million ids is not a keyword list)
+_MAX_STACK = 1 << 20
+#: longest accepted text line (protocol 0 ints) and integer encoding
+_MAX_LINE, _MAX_LONG = 4400, 1 << 20
+_INT64 = 1 << 63
+#: first bytes of a protocol 0/1 pickle of a list or tuple: MARK, EMPTY_LIST, EMPTY_TUPLE
+_OLD_PICKLE_STARTS = (b"(", b"]", b")")
+_I32, _U32 = struct.Struct("<i").unpack_from, struct.Struct("<I").unpack_from
+#: what a refused opcode would build, for the message
+_FOUND = {
+    **dict.fromkeys(["FLOAT", "BINFLOAT"], "a float"),
+    **dict.fromkeys(
+        ["STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE"]
+        + ["BINUNICODE8"],
+        "a string",
+    ),
+    **dict.fromkeys(["BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8"], "bytes"),
+    **dict.fromkeys(["NEXT_BUFFER", "READONLY_BUFFER"], "an out-of-band buffer"),
+    **dict.fromkeys(["EMPTY_DICT", "DICT", "SETITEM", "SETITEMS"], "a dict"),
+    **dict.fromkeys(["EMPTY_SET", "ADDITEMS", "FROZENSET"], "a set"),
+    "NONE": "None",
+    **dict.fromkeys(["GLOBAL", "STACK_GLOBAL", "INST", "EXT1", "EXT2", "EXT4"], "a Python global"),
+    **dict.fromkeys(["REDUCE", "BUILD", "OBJ", "NEWOBJ", "NEWOBJ_EX"], "an object construction"),
+    **dict.fromkeys(["PERSID", "BINPERSID"], "a tensor storage reference"),
+    **dict.fromkeys(["POP", "POP_MARK", "DUP"], "a POP/DUP stack operation"),
+}
 
 
-class _Row:
-    """An inner list: its values until it is written out, then only its memo key and length."""
-
-    __slots__ = ("vals", "key")
-
-    def __init__(self) -> None:
-        self.vals: list[int] | None = []
-        self.key = -1
+class KeywordsCancelled(Exception):
+    """Decoding was stopped through its ``stop`` event."""
 
 
 def _bad(path: Path, what: str) -> ArtifactError:
@@ -45,182 +87,261 @@ def _bad(path: Path, what: str) -> ArtifactError:
     )
 
 
-def _pickle_stream(path: Path) -> io.BufferedIOBase:
+@contextlib.contextmanager
+def _pickle_stream(path: Path):
+    """Open the pickle of ``path``: a torch archive's ``data.pkl``, or the file itself."""
     kind = _sniff(path)
     if kind == "zip":
         prefix, _ = _zip_prefix(path)
         with zipfile.ZipFile(path) as z:
-            others = [n for n in z.namelist() if n.startswith(prefix + "data/")]
-            if others:
-                raise _bad(path, f"the archive holds tensor data ({len(others)} storages)")
-        return zipfile.ZipFile(path).open(prefix + "data.pkl")
-    if kind == "pickle":
-        return open(path, "rb")  # noqa: SIM115 - closed by the caller
-    raise ArtifactError(
-        f"{path}: is neither a torch archive nor a pickle. Save the keyword ids with "
-        f"torch.save(list_of_lists, path)."
-    )
+            storages = [n for n in z.namelist() if n.startswith(prefix + "data/")]
+            if storages:
+                raise _bad(path, f"the archive holds tensor data ({len(storages)} storages)")
+            with z.open(prefix + "data.pkl") as f:
+                yield f
+        return
+    if kind == "pickle" and _is_legacy(path):
+        raise ArtifactError(f"{path}: not a zip-format torch archive. {LEGACY_FIX}")
+    if kind == "unknown":
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if head[:1] not in _OLD_PICKLE_STARTS:
+            raise ArtifactError(
+                f"{path}: is neither a torch archive nor a pickled list (it starts with "
+                f"{head!r}). Save the keyword ids with torch.save(list_of_lists, path)."
+            )
+    with open(path, "rb") as f:
+        yield f
 
 
-def iter_keyword_rows(path: Path, block: int = 1 << 20) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield ``(row_lengths, values)`` int64 blocks of the list of lists in ``path``, in order.
+def decode_keyword_rows(
+    path: Path,
+    on_rows: Callable[[np.ndarray, np.ndarray], None],
+    *,
+    spill: BinaryIO | None = None,
+    block: int = BLOCK_VALUES,
+    stop: threading.Event | None = None,
+) -> None:
+    """Decode the list of lists in ``path``, handing int64 ``(row_lengths, values)`` blocks
+    to ``on_rows`` in order.
 
-    Memory is bounded: one input block, one outer APPENDS batch (pickle writes 1000 items per
-    batch), the last ``_RECENT`` inner lists, and one status byte per inner list. Raises
-    ArtifactError for anything that is not a list of lists of int (legacy torch files, tensors,
-    strings, globals...) without executing it.
+    Args:
+        path: ``pair_keyword_ids.pt`` (torch archive or plain pickle).
+        on_rows: called per block of about ``block`` values (or rows).
+        spill: a binary file open for writing and reading; every block's values are written
+            to it (a memo reference to a row committed long ago is re-read from there). A
+            temporary file when ``None``.
+        block: values (and rows) per block.
+        stop: when set, decoding stops soon with :class:`KeywordsCancelled`.
+
+    Raises:
+        ArtifactError: anything that is not a list of lists of int (legacy torch files, tensors,
+            strings, globals...), named in the message; nothing is executed.
     """
-    with _pickle_stream(path) as f:
-        yield from _KeywordDecoder(f, path, block)
+    with contextlib.ExitStack() as stack:
+        if spill is None:
+            spill = stack.enter_context(tempfile.TemporaryFile())
+        f = stack.enter_context(_pickle_stream(path))
+        _Decoder(f, path, spill, on_rows, block, stop).run()
 
 
-_RECENT = 4096
-_UNKNOWN, _EMPTY_DONE, _FULL_DONE = 0, 1, 2
+class _Decoder:
+    """The opcode interpreter; see :func:`decode_keyword_rows`."""
 
+    def __init__(self, f, path, spill, on_rows, block, stop) -> None:
+        self.f, self.path, self.on_rows, self.stop = f, path, on_rows, stop
+        self.sink = RowSink(spill, block, self._flush)
+        self.rows = RowStack(self.sink)
+        self.bools = False
+        self.buf, self.i, self.base, self.eof = b"", 0, 0, False
 
-class _KeywordDecoder:
-    """Iterator over (lengths, values) blocks; see :func:`iter_keyword_rows`."""
+    def _flush(self) -> None:
+        if self.sink.lens:
+            self.on_rows(*self.sink.take())
+        if self.stop is not None and self.stop.is_set():
+            raise KeywordsCancelled()
 
-    def __init__(self, f: io.BufferedIOBase, path: Path, block: int) -> None:
-        self.f, self.path, self.block = f, path, block
-        self.stack: list[object] = []  # ints, _Row, "outer", None (MARK)
-        self.recent: dict[int, _Row] = {}  # memo key -> row, for the last _RECENT rows
-        self.status = np.zeros(1024, dtype=np.uint8)  # memo key -> _EMPTY_DONE / _FULL_DONE
-        self.memo_keys = 0
-        self.lens: list[int] = []
-        self.vals: list[int] = []
+    def _pos(self) -> int:
+        return self.base + self.i
 
-    def _memo(self, key: int) -> None:
-        top = self.stack[-1]
-        self.memo_keys = max(self.memo_keys, key + 1)
-        if isinstance(top, _Row):
-            top.key = key
-            self.recent[key] = top
-            if len(self.recent) > 2 * _RECENT:
-                for k in sorted(self.recent)[:_RECENT]:
-                    del self.recent[k]
+    def _need(self, n: int) -> None:
+        """Make ``buf[i : i + n]`` available unless the input ends first."""
+        if len(self.buf) - self.i >= n or self.eof:
+            return
+        parts, have = [self.buf[self.i :]], len(self.buf) - self.i
+        while have < n:
+            more = self.f.read(max(_READ, n - have))
+            if not more:
+                self.eof = True
+                break
+            parts.append(more)
+            have += len(more)
+        self.base += self.i
+        self.buf, self.i = b"".join(parts), 0
+        if self.stop is not None and self.stop.is_set():
+            raise KeywordsCancelled()
+        if len(self.rows.stack) > _MAX_STACK:
+            raise _bad(self.path, f"its pickle keeps over {_MAX_STACK} objects pending")
 
-    def _get(self, key: int) -> None:
-        row = self.recent.get(key)
-        if row is None:
-            state = self.status[key] if key < len(self.status) else _UNKNOWN
-            if state != _EMPTY_DONE:
-                raise _bad(
-                    self.path,
-                    "it re-uses one non-empty inner list object many rows apart; "
-                    "save distinct lists ([list(x) for x in ids])",
-                )
-            row = _Row()
-        self.stack.append(row)
-
-    def _emit(self, rows: list[object]) -> None:
-        for row in rows:
-            if not isinstance(row, _Row):
-                raise _bad(self.path, f"the outer list holds a {type(row).__name__}")
-            if row.vals is None:
-                raise _bad(
-                    self.path,
-                    "one non-empty inner list object appears several times; "
-                    "save distinct lists ([list(x) for x in ids])",
-                )
-            self.lens.append(len(row.vals))
-            self.vals.extend(row.vals)
-            if row.key >= 0:
-                if row.key >= len(self.status):
-                    self.status = np.concatenate([self.status, np.zeros_like(self.status)])
-                self.status[row.key] = _EMPTY_DONE if not row.vals else _FULL_DONE
-            if row.vals:
-                row.vals = None  # a flushed non-empty row keeps no values
-
-    def _append(self, many: bool) -> None:
-        stack = self.stack
-        if many:
-            try:
-                m = len(stack) - 1 - stack[::-1].index(None)
-            except ValueError:
-                raise _bad(self.path, "an APPENDS opcode has no MARK") from None
-            items, target = stack[m + 1 :], stack[m - 1] if m >= 1 else None
-            del stack[m:]
-        else:
-            if len(stack) < 2:
-                raise _bad(self.path, "an APPEND has no list to append to")
-            items, target = [stack.pop()], stack[-1]
-        if isinstance(target, _Row):
-            if target.vals is None or not all(type(v) is int for v in items):
-                raise _bad(self.path, "an inner list holds something other than ints")
-            target.vals.extend(items)
-        elif target == "outer":
-            self._emit(items)
-        else:
-            raise _bad(self.path, "an append targets something other than a list")
-
-    def _finish(self) -> None:
-        stack = self.stack
-        if len(stack) == 1 and type(stack[0]) is int and stack[0] == LEGACY_MAGIC:
-            raise ArtifactError(f"{self.path}: {LEGACY_FIX}")
-        if stack != ["outer"]:
-            what = type(stack[0]).__name__ if stack else "nothing"
-            raise _bad(self.path, f"the pickle holds a {what}")
-
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def run(self) -> None:
         try:
-            yield from self._run()
-        except (struct.error, IndexError):
+            self._loop()
+            self.rows.finish()
+        except Refused as e:
+            raise _bad(self.path, str(e)) from None
+        except (IndexError, struct.error):
+            if not self.eof:
+                raise
             raise _bad(self.path, "the pickle ends inside an opcode (truncated file)") from None
-        except OverflowError:
-            raise _bad(self.path, "it holds an integer too large for int64") from None
+        self._flush()
+        if self.bools:
+            log.warning(
+                "%s: pair_keyword_ids holds bools (True/False); read as keyword ids 1/0, "
+                "as Python and torch.load treat them",
+                self.path,
+            )
 
-    def _run(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        buf, i, eof = b"", 0, False
-        stack = self.stack
+    # -- the opcode loop ------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        rows = self.rows
+        stack, marks, memo = rows.stack, rows.marks, rows.memo
+        push_row, put, get = rows.push_row, rows.put, rows.get
+        buf, i, limit = self.buf, self.i, -1
         while True:
-            if len(buf) - i < 300 and not eof:  # room for the longest opcode we accept
-                more = self.f.read(self.block)
-                eof = not more
-                buf, i = buf[i:] + more, 0
-            if i >= len(buf):
-                raise _bad(self.path, "the pickle ends before its STOP opcode (truncated file)")
+            if i > limit:  # keep room for the longest fixed-size opcode (LONG1)
+                self.buf, self.i = buf, i
+                self._need(300)
+                buf, i = self.buf, self.i
+                limit = len(buf) - (1 if self.eof else 300)
+                if i >= len(buf):
+                    raise _bad(self.path, "the pickle ends before its STOP opcode (truncated file)")
             op = buf[i]
             i += 1
-            if op in _INT_OPS:
-                n, fmt = _INT_OPS[op]
-                stack.append(struct.unpack_from(fmt, buf, i)[0])
-                i += n
-            elif op == _APPENDS or op == _APPEND:
-                self._append(op == _APPENDS)
-                if len(self.vals) >= self.block // 8 or len(self.lens) >= self.block // 8:
-                    yield np.array(self.lens, dtype=np.int64), np.array(self.vals, dtype=np.int64)
-                    self.lens, self.vals = [], []
-            elif op == _MARK:
-                stack.append(None)
-            elif op == _EMPTY_LIST:
-                stack.append(_Row() if stack else "outer")
-            elif op in _MEMO_OPS:
-                n = _MEMO_OPS[op]
-                self._memo(buf[i] if n == 1 else struct.unpack_from("<I", buf, i)[0])
-                i += n
-            elif op == _MEMOIZE:
-                self._memo(self.memo_keys)
-            elif op in _GET_OPS:
-                n = _GET_OPS[op]
-                self._get(buf[i] if n == 1 else struct.unpack_from("<I", buf, i)[0])
-                i += n
-            elif op == _LONG1:
-                n = buf[i]
-                stack.append(int.from_bytes(buf[i + 1 : i + 1 + n], "little", signed=True))
-                i += 1 + n
-            elif op == _PROTO:
+            if op == 0x4B:  # K BININT1
+                stack.append(buf[i])
                 i += 1
-            elif op == _FRAME:
-                i += 8
-            elif op == _STOP:
-                break
+            elif op == 0x5D:  # ] EMPTY_LIST
+                push_row(Row([], False))
+            elif op == 0x28:  # ( MARK
+                marks.append(len(stack))
+                stack.append(Mark())
+            elif op == 0x65:  # e APPENDS
+                rows.appends()
+            elif op == 0x4D:  # M BININT2
+                stack.append(buf[i] | buf[i + 1] << 8)
+                i += 2
+            elif op == 0x71 or op == 0x94:  # q BINPUT, MEMOIZE
+                if op == 0x71:
+                    put(buf[i])
+                    i += 1
+                else:
+                    put(memo.count)
+            elif op == 0x68:  # h BINGET
+                get(buf[i])
+                i += 1
+            elif op == 0x4A:  # J BININT
+                stack.append(_I32(buf, i)[0])
+                i += 4
+            elif op == 0x61:  # a APPEND
+                rows.append()
+            elif 0x85 <= op <= 0x87:  # TUPLE1, TUPLE2, TUPLE3
+                rows.tuple_n(op - 0x84)
+            elif op == 0x74 or op == 0x29:  # t TUPLE, ) EMPTY_TUPLE
+                if op == 0x74:
+                    self.rows.close_mark(True)
+                else:
+                    push_row(Row([], True))
+            elif op == 0x72 or op == 0x6A:  # r LONG_BINPUT, j LONG_BINGET
+                key = _U32(buf, i)[0]
+                i += 4
+                if op == 0x72:
+                    put(key)
+                else:
+                    get(key)
+            elif op == 0x88 or op == 0x89:  # NEWTRUE, NEWFALSE
+                stack.append(1 if op == 0x88 else 0)
+                self.bools = True
+            elif op == 0x2E:  # . STOP
+                return
             else:
-                raise _bad(
-                    self.path,
-                    f"its pickle uses opcode {bytes([op])!r} at byte {i - 1}, which "
-                    f"such a list never needs (nothing was executed)",
+                self.buf, self.i = buf, i
+                self._rare(op)
+                buf, i, limit = self.buf, self.i, -1
+
+    def _rare(self, op: int) -> None:
+        """Opcodes of other protocols' forms (text ints, LONG1/4, LIST, PUT/GET, FRAME...)."""
+        if op == 0x8A or op == 0x8B:  # LONG1, LONG4
+            self._need(4)
+            n = self.buf[self.i] if op == 0x8A else _I32(self.buf, self.i)[0]
+            self.i += 1 if op == 0x8A else 4
+            if not 0 <= n <= _MAX_LONG:
+                raise _bad(self.path, f"it holds an integer encoded in {n} bytes")
+            self._need(n)
+            data = self.buf[self.i : self.i + n]
+            if len(data) < n:
+                raise IndexError
+            self.i += n
+            self._push_int(int.from_bytes(data, "little", signed=True))
+        elif op == 0x49 or op == 0x4C:  # I INT, L LONG (protocol 0 text)
+            line = self._line()
+            if op == 0x49 and line in (b"00", b"01"):  # pickle's True and False
+                self.bools = True
+                self.rows.stack.append(int(line == b"01"))
+            else:
+                self._push_int(
+                    self._text_int(line[:-1] if op == 0x4C and line.endswith(b"L") else line, 0)
                 )
-        self._finish()
-        if self.lens:
-            yield np.array(self.lens, dtype=np.int64), np.array(self.vals, dtype=np.int64)
+        elif op == 0x70 or op == 0x67:  # p PUT, g GET (protocol 0 text)
+            key = self._text_int(self._line(), 10)
+            if key < 0:
+                raise _bad(self.path, f"it uses the negative memo key {key} (corrupt pickle)")
+            if op == 0x70:
+                self.rows.put(key)
+            else:
+                self.rows.get(key)
+        elif op == 0x6C:  # l LIST
+            self.rows.close_mark(False)
+        elif op == 0x80 or op == 0x95:  # PROTO, FRAME (frames are transparent here)
+            self._need(9)
+            if op == 0x80 and self.buf[self.i] > 5:
+                raise _bad(self.path, f"it uses pickle protocol {self.buf[self.i]} (known: 0-5)")
+            self.i += 1 if op == 0x80 else 8
+        else:
+            raise _bad(self.path, self._refused(op))
+
+    def _line(self) -> bytes:
+        """The text argument of a protocol 0 opcode, without its newline."""
+        self._need(_MAX_LINE + 1)
+        j = self.buf.find(b"\n", self.i, self.i + _MAX_LINE + 1)
+        if j < 0:
+            if len(self.buf) - self.i <= _MAX_LINE:
+                raise IndexError
+            raise _bad(self.path, f"a text opcode argument is over {_MAX_LINE} bytes long")
+        line, self.i = self.buf[self.i : j], j + 1
+        return line
+
+    def _text_int(self, text: bytes, base: int) -> int:
+        try:
+            return int(text, base)
+        except ValueError:
+            raise _bad(self.path, f"a text integer reads {text[:40]!r}, not a number") from None
+
+    def _push_int(self, v: int) -> None:
+        if not -_INT64 <= v < _INT64:
+            shown = v if v.bit_length() < 200 else f"a {v.bit_length()}-bit number"
+            raise _bad(self.path, f"it holds an integer too large for int64 ({shown})")
+        self.rows.stack.append(v)
+
+    def _refused(self, op: int) -> str:
+        """What a refused opcode builds, for the message."""
+        code, pos = pickletools.code2op.get(chr(op)), self._pos() - 1
+        if code is None:
+            return f"its pickle has the byte {bytes([op])!r} at byte {pos}, not an opcode"
+        what = _FOUND.get(code.name, "something other than lists and ints")
+        if code.name in ("GLOBAL", "INST"):
+            with contextlib.suppress(IndexError, ValueError):
+                self._need(_MAX_LINE + 1)
+                module, name = self.buf[self.i :].split(b"\n", 2)[:2]
+                what += f" {(module + b'.' + name).decode(errors='replace')[:160]}"
+        return f"its pickle holds {what} (opcode {code.name} at byte {pos}; nothing was executed)"

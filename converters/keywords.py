@@ -1,14 +1,18 @@
-"""Keyword ids -> offsets + values arrays, run in a child process beside the tensor streaming.
+"""Keyword ids -> offsets + values arrays, decoded in a thread beside the tensor streaming.
 
-Decoding the ragged ``pair_keyword_ids`` pickle is Python-speed work (about 7 us per pair), so
-:func:`convert_pt` runs it in a spawned child process while the main process streams the large
-tensors; it writes two raw int64 files into the store's temporary directory, which the main
-process then copies into the ``pairs`` unit.
+Decoding the ragged ``pair_keyword_ids`` pickle is Python-speed work (a few microseconds per
+pair), so :func:`convert_pt` runs it in a thread of its own process while the main thread streams
+the large tensors (whose ``pread``, numpy checks and writes release the GIL). A thread, not a
+child process: a process would need the ``spawn`` start method, which re-imports the user's
+script (hanging scripts without an ``if __name__ == "__main__":`` guard) and cannot start inside
+daemonic processes such as ``multiprocessing.Pool`` workers. The thread writes two raw int64
+files into the store's temporary directory, which the main thread then copies into the
+``pairs`` unit.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +21,14 @@ import numpy as np
 from jasper_mmap.errors import ArtifactError
 
 from .checks import Stats
-from .keyword_pickle import iter_keyword_rows
+from .keyword_pickle import KeywordsCancelled, decode_keyword_rows
 
 __all__ = ["parse_keywords", "KeywordJob"]
 
 
-def parse_keywords(path: str, tmp: str, n_pairs: int, n_keywords: int) -> dict[str, Any]:
+def parse_keywords(
+    path: str, tmp: str, n_pairs: int, n_keywords: int, stop: threading.Event | None = None
+) -> dict[str, Any]:
     """Decode ``path`` into ``tmp/.kw_offsets.bin`` (n_pairs + 1) and ``tmp/.kw_values.bin``.
 
     Returns:
@@ -30,26 +36,33 @@ def parse_keywords(path: str, tmp: str, n_pairs: int, n_keywords: int) -> dict[s
 
     Raises:
         ArtifactError: not a list of lists of int, wrong number of rows, ids out of range.
+        KeywordsCancelled: ``stop`` was set.
     """
     src, out = Path(path), Path(tmp)
     stats = Stats()
-    rows = nnz = 0
-    with open(out / ".kw_offsets.bin", "wb") as fo, open(out / ".kw_values.bin", "wb") as fv:
+    done = {"rows": 0, "nnz": 0}
+    with open(out / ".kw_offsets.bin", "wb") as fo, open(out / ".kw_values.bin", "w+b") as fv:
         fo.write(np.zeros(1, dtype=np.int64).tobytes())
-        for lengths, values in iter_keyword_rows(src):
+
+        def on_rows(lengths: np.ndarray, values: np.ndarray) -> None:
             ends = np.cumsum(lengths)
-            _check_ids(src, values, ends, rows, n_keywords)
+            _check_ids(src, values, ends, done["rows"], n_keywords)
             stats.update(values)
-            fo.write((nnz + ends).tobytes())
-            fv.write(values.tobytes())
-            rows += lengths.size
-            nnz += values.size
-    if rows != n_pairs:
+            fo.write((done["nnz"] + ends).tobytes())
+            done["rows"] += lengths.size
+            done["nnz"] += values.size
+
+        decode_keyword_rows(src, on_rows, spill=fv, stop=stop)
+    if done["rows"] != n_pairs:
         raise ArtifactError(
             f"{src}: should hold one list per pair ({n_pairs}, as pair_index.pt has), "
-            f"but holds {rows}. Re-run the dataset builder."
+            f"but holds {done['rows']}. Re-run the dataset builder."
         )
-    return {"nnz": nnz, "values_stats": stats.as_dict(), "offsets_stats": {"min": 0, "max": nnz}}
+    return {
+        "nnz": done["nnz"],
+        "values_stats": stats.as_dict(),
+        "offsets_stats": {"min": 0, "max": done["nnz"]},
+    }
 
 
 def _check_ids(
@@ -66,50 +79,43 @@ def _check_ids(
         )
 
 
-def _child(conn, *args: Any) -> None:
-    try:
-        conn.send((True, parse_keywords(*args)))
-    except BaseException as e:  # noqa: BLE001 - sent to the parent, which re-raises it
-        conn.send((False, e))
-    finally:
-        conn.close()
-
-
 class KeywordJob:
-    """:func:`parse_keywords` in a spawned child process; ``result()`` waits, ``cancel()`` kills."""
+    """:func:`parse_keywords` in a thread; ``result()`` waits for it, ``cancel()`` stops it.
+
+    Errors raised while decoding are re-raised by ``result()`` as they are (same type and
+    message). ``cancel()`` sets a flag the decoder checks at least every 64 KiB of input, then
+    joins the thread, so no thread outlives the job.
+    """
 
     def __init__(self, path: str, tmp: str, n_pairs: int, n_keywords: int) -> None:
-        ctx = mp.get_context("spawn")
-        self._conn, child_conn = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(
-            target=_child,
-            args=(child_conn, path, tmp, n_pairs, n_keywords),
-            name="convert-pt-keywords",
-            daemon=True,
-        )
-        self._proc.start()
-        child_conn.close()
+        self._stop = threading.Event()
         self._result: dict[str, Any] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run,
+            args=(path, tmp, n_pairs, n_keywords),
+            name="convert-pt-keywords",
+        )
+        self._thread.start()
+
+    def _run(self, *args: Any) -> None:
+        try:
+            self._result = parse_keywords(*args, stop=self._stop)
+        except KeywordsCancelled:
+            pass
+        except BaseException as e:  # noqa: BLE001 - handed to the caller by result()
+            self._error = e
 
     def result(self) -> dict[str, Any]:
-        """Wait for the child; return its result or re-raise its error."""
+        """Wait for the decoding; return its result or raise its error."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
         if self._result is None:
-            try:
-                ok, value = self._conn.recv()
-            except EOFError:
-                self._proc.join()
-                raise RuntimeError(
-                    f"keyword parser process died (exit code {self._proc.exitcode})"
-                ) from None
-            self._proc.join()
-            if not ok:
-                raise value
-            self._result = value
+            raise RuntimeError("keyword decoding was cancelled before it finished")
         return self._result
 
     def cancel(self) -> None:
-        """Stop the child if it still runs and reap it."""
-        if self._proc.is_alive():
-            self._proc.kill()
-        self._proc.join()
-        self._conn.close()
+        """Stop the decoding if it still runs, and wait for its thread to end."""
+        self._stop.set()
+        self._thread.join()
