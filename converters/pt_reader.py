@@ -1,24 +1,30 @@
 """Read ``.pt`` artifacts without ever holding one whole in RAM, and without running pickles.
 
-Tensors: the small ``data.pkl`` record of the zip archive is unpickled by a restricted
-unpickler that admits only the globals a plain tensor needs (``torch._utils._rebuild_tensor_v2``,
-``torch.<Type>Storage``, ``collections.OrderedDict``), each replaced by a harmless stand-in:
-the same allow-list idea as ``torch.load(weights_only=True)``, but it never imports torch (a
-second and ~200 MB per process). It yields shape, dtype, strides and storage offset; the zip's
-local header gives the byte offset of the storage record. Rows are then read with ``os.pread``.
-We do not use ``torch.load(mmap=True)``: it maps the file with a private writable mapping,
-which Linux charges against the commit limit in full and refuses for files larger than RAM.
+Tensors: the small ``data.pkl`` record of the zip archive is unpickled by the restricted
+unpickler of :mod:`jasper_mmap.converters.tensor_pickle`, which admits only the globals a plain
+tensor needs (the same allow-list idea as ``torch.load(weights_only=True)``, each global
+replaced by a harmless stand-in), and never imports torch (a second and ~200 MB per process). It
+yields dtype, shape, strides, storage offset and storage record; every one is checked against
+the record's size before any row is read, so corrupt metadata gives an ArtifactError naming the
+file, never bytes from outside the tensor. The zip's local header gives the byte offset of the
+storage record; rows are then read with ``os.pread``. We do not use ``torch.load(mmap=True)``:
+it maps the file with a private writable mapping, which Linux charges against the commit limit
+in full and refuses for files larger than RAM.
+
+float8 tensors come back decoded to float32 (numpy has no float8) through a 256-entry table
+built from each format's definition (bit-exact with torch's ``.float()``, NaN payloads
+included); a tensor saved with its negative or conjugate bit set comes back resolved.
 
 Keyword ids (a pickled list of lists) are decoded by :mod:`jasper_mmap.converters.keyword_pickle`.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
-import io
 import logging
+import math
 import os
-import pickle
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -27,6 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from jasper_mmap.errors import ArtifactError, ArtifactMissingError
+
+from .tensor_pickle import DTYPE_ITEMSIZE, Malformed, TensorMeta, Unsafe, read_tensor_meta
 
 __all__ = ["TensorArtifact", "open_tensor", "fingerprint", "source_fingerprints", "LEGACY_FIX"]
 
@@ -39,18 +47,59 @@ LEGACY_FIX = (
     "`torch.save(torch.load(p, weights_only=True), p)`, then convert again."
 )
 
-_TORCH_TO_NUMPY = {
-    "torch.float32": "f4",
-    "torch.float64": "f8",
-    "torch.float16": "f2",
-    "torch.bfloat16": "u2",
-    "torch.int64": "i8",
-    "torch.int32": "i4",
-    "torch.int16": "i2",
-    "torch.int8": "i1",
-    "torch.uint8": "u1",
-    "torch.bool": "?",
+#: numpy dtype of the elements in the file (bfloat16 as uint16 bits, float8 as uint8 codes)
+_RAW = {
+    **{k: k for k in ("float32", "float64", "float16", "int64", "int32", "int16", "int8")},
+    **{k: k for k in ("uint8", "uint16", "uint32", "uint64", "bool", "complex64", "complex128")},
+    "bfloat16": "uint16",
+    **dict.fromkeys(["float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"], "u1"),
 }
+#: float8 formats: exponent bits, mantissa bits, exponent bias, special values
+_FLOAT8 = {
+    "float8_e4m3fn": (4, 3, 7, "fn"),
+    "float8_e5m2": (5, 2, 15, "ieee"),
+    "float8_e4m3fnuz": (4, 3, 8, "fnuz"),
+    "float8_e5m2fnuz": (5, 2, 16, "fnuz"),
+}
+#: the byteorder record says how multi-byte elements are stored
+_BYTEORDERS = {b"little": "<", b"big": ">"}
+#: zip parsing errors of a damaged archive (a negative seek raises OSError EINVAL)
+_ZIP_ERRORS = (zipfile.BadZipFile, EOFError, ValueError, struct.error, NotImplementedError)
+
+
+def _float8_table(exp_bits: int, man_bits: int, bias: int, special: str) -> np.ndarray:
+    """float32 value of each of the 256 codes of a float8 format.
+
+    ``fn``: no infinities, NaN where exponent and mantissa bits are all ones; ``ieee``: IEEE 754
+    infinities and NaNs; ``fnuz``: no infinities and no negative zero, code 0x80 is the NaN.
+    NaN bit patterns are those torch's ``.float()`` produces.
+    """
+    c = np.arange(256, dtype=np.int64)
+    s, e, m = c >> 7, (c >> man_bits) & ((1 << exp_bits) - 1), c & ((1 << man_bits) - 1)
+    magnitude = np.where(
+        e == 0,
+        m * 2.0 ** (1 - bias - man_bits),  # subnormals
+        (m + 2.0**man_bits) * 2.0 ** (e - bias - man_bits),
+    )
+    out = np.where(s == 1, -magnitude, magnitude).astype(np.float32)
+    top = e == (1 << exp_bits) - 1
+    if special == "ieee":
+        out[top & (m == 0)] = np.where(s[top & (m == 0)] == 1, -np.inf, np.inf)
+        nan = top & (m != 0)
+    elif special == "fn":
+        nan = top & (m == (1 << man_bits) - 1)
+    else:
+        nan = c == 0x80
+    bits = out.view(np.uint32)
+    if special == "fnuz":
+        bits[nan] = 0x7F800001
+    else:
+        bits[nan] = (s[nan] << 31 | 0x7FC00000 | m[nan] << (23 - man_bits)).astype(np.uint32)
+    out.flags.writeable = False
+    return out
+
+
+_FLOAT8_TABLES = {name: _float8_table(*spec) for name, spec in _FLOAT8.items()}
 
 
 def fingerprint(path: Path) -> dict[str, object]:
@@ -100,8 +149,15 @@ def _sniff(path: Path) -> str:
     return "unknown"
 
 
+def _corrupt(path: Path, e: BaseException) -> ArtifactError:
+    return ArtifactError(
+        f"{path}: torch archive is corrupt or truncated ({type(e).__name__}: "
+        f"{str(e)[:200]}). Re-run the dataset builder to write it again."
+    )
+
+
 def _zip_prefix(path: Path) -> tuple[str, str]:
-    """Return ``(archive prefix, byteorder)`` of a torch zip archive, or raise ArtifactError."""
+    """Return ``(archive prefix, numpy byte order '<' or '>')`` of a torch zip archive."""
     try:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
@@ -112,15 +168,24 @@ def _zip_prefix(path: Path) -> tuple[str, str]:
                     f"Save the object with torch.save."
                 )
             prefix = pkl[0][: -len("data.pkl")]
-            order = (
-                z.read(prefix + "byteorder").decode() if prefix + "byteorder" in names else "little"
-            )
-            return prefix, order
-    except zipfile.BadZipFile as e:
+            if prefix + "byteorder" not in names:
+                return prefix, "<"
+            with z.open(prefix + "byteorder") as f:
+                order = f.read(16)
+    except OSError as e:
+        if e.errno not in (None, errno.EINVAL):
+            raise
+        raise _corrupt(path, e) from None
+    except _ZIP_ERRORS as e:
+        if isinstance(e, ArtifactError):
+            raise
+        raise _corrupt(path, e) from None
+    if order not in _BYTEORDERS:
         raise ArtifactError(
-            f"{path}: torch archive is truncated or corrupt ({e}). "
-            f"Re-run the dataset builder to write it again."
-        ) from None
+            f"{path}: its byteorder record says {order[:16]!r}, not little or big (corrupt). "
+            f"Re-save the tensor with torch.save."
+        )
+    return prefix, _BYTEORDERS[order]
 
 
 @dataclass
@@ -131,7 +196,8 @@ class TensorArtifact:
         path: the ``.pt`` file.
         shape: tensor shape.
         dtype: torch dtype name (``"torch.float32"``...).
-        np_dtype: numpy dtype of the raw elements (bfloat16 as ``uint16`` bits).
+        np_dtype: numpy dtype of the arrays ``read_rows`` returns: the elements' own (in the
+            file's byte order), bfloat16 as ``uint16`` bits, float8 decoded to float32.
     """
 
     path: Path
@@ -141,113 +207,66 @@ class TensorArtifact:
     _offset: int  # byte offset of element [0, 0, ...] in the file
     _strides: tuple[int, ...]  # element strides
     _contiguous: bool
+    _raw: np.dtype | None = None  # dtype of the stored elements, when not np_dtype (float8)
+    _neg: bool = False  # the negative bit: values are the stored ones negated
+    _conj: bool = False  # the conjugate bit
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.np_dtype.itemsize
+        """Bytes of the whole tensor as ``read_rows`` returns it."""
+        return math.prod(self.shape) * self.np_dtype.itemsize
 
     @property
     def row_bytes(self) -> int:
-        return int(np.prod(self.shape[1:], dtype=np.int64)) * self.np_dtype.itemsize
+        """Bytes of one row as ``read_rows`` returns it."""
+        return math.prod(self.shape[1:]) * self.np_dtype.itemsize
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         """Return rows ``start:stop`` as a new C-contiguous array of ``np_dtype``."""
-        n = stop - start
-        out = np.empty((n, *self.shape[1:]), dtype=self.np_dtype)
-        if n == 0 or out.nbytes == 0:
-            return out
-        if self._contiguous:
-            pos = self._offset + start * self.row_bytes
-            view = memoryview(out).cast("B")
-            with open(self.path, "rb", buffering=0) as f:
-                got = 0
-                while got < out.nbytes:
-                    k = os.preadv(f.fileno(), [view[got:]], pos + got)
-                    if k == 0:
-                        raise ArtifactError(
-                            f"{self.path}: file ends inside the tensor data (truncated). "
-                            f"Re-run the dataset builder to write it again."
-                        )
-                    got += k
-            return out
-        item = self.np_dtype.itemsize
-        mm = np.memmap(self.path, mode="r", dtype=np.uint8)
-        base = (
-            mm[self._offset :].view(self.np_dtype)
-            if (len(mm) - self._offset) % item == 0
-            else mm[self._offset : self._offset + (len(mm) - self._offset) // item * item].view(
-                self.np_dtype
-            )
-        )
+        if not 0 <= start <= stop <= self.shape[0]:
+            raise IndexError(f"rows {start}:{stop} of a tensor of {self.shape[0]} rows")
+        raw = np.empty((stop - start, *self.shape[1:]), dtype=self._raw or self.np_dtype)
+        if raw.nbytes:
+            if self._contiguous:
+                self._pread(raw, start)
+            else:
+                self._gather(raw, start, stop)
+        if self._raw is not None:
+            raw = _FLOAT8_TABLES[self.dtype.removeprefix("torch.")][raw]
+        if self._neg and self.dtype == "torch.bfloat16":
+            raw ^= np.uint16(0x8000)  # bfloat16 as raw bits: flip the sign bit
+        elif self._neg:
+            np.negative(raw, out=raw)
+        if self._conj:
+            np.conjugate(raw, out=raw)
+        return raw
+
+    def _pread(self, out: np.ndarray, start: int) -> None:
+        pos = self._offset + start * math.prod(self.shape[1:]) * out.itemsize
+        view = memoryview(out).cast("B")
+        with open(self.path, "rb", buffering=0) as f:
+            got = 0
+            while got < out.nbytes:
+                k = os.preadv(f.fileno(), [view[got:]], pos + got)
+                if k == 0:
+                    raise ArtifactError(
+                        f"{self.path}: file ends inside the tensor data (truncated). "
+                        f"Re-run the dataset builder to write it again."
+                    )
+                got += k
+
+    def _gather(self, out: np.ndarray, start: int, stop: int) -> None:
+        """Strided rows (a non-contiguous view was saved) through a read-only map."""
+        item = out.itemsize
+        first = self._offset + start * self._strides[0] * item
+        span = item * (1 + sum((n - 1) * s for n, s in zip(out.shape, self._strides, strict=True)))
+        mm = np.memmap(self.path, mode="r", dtype=np.uint8, offset=first, shape=(span,))
+        base = np.ndarray((span // item,), dtype=out.dtype, buffer=mm)
         strided = np.lib.stride_tricks.as_strided(
-            base, shape=self.shape, strides=tuple(s * item for s in self._strides), writeable=False
+            base, shape=out.shape, strides=tuple(s * item for s in self._strides), writeable=False
         )
-        out[...] = strided[start:stop]
+        out[...] = strided
         del strided, base, mm
-        return out
-
-
-class _StorageRef:
-    __slots__ = ("dtype", "key", "numel")
-
-    def __init__(self, dtype: str, key: str, numel: int) -> None:
-        self.dtype, self.key, self.numel = dtype, key, numel
-
-
-class _TensorRef:
-    def __init__(
-        self, storage: object, offset: object, size: object, stride: object, *_: object
-    ) -> None:
-        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
-
-
-class _StorageType:
-    def __init__(self, dtype: str) -> None:
-        self.dtype = dtype
-
-
-#: torch.save writes typed storages as GLOBAL "torch <Name>Storage"
-_STORAGES = {
-    "FloatStorage": "torch.float32",
-    "DoubleStorage": "torch.float64",
-    "HalfStorage": "torch.float16",
-    "BFloat16Storage": "torch.bfloat16",
-    "LongStorage": "torch.int64",
-    "IntStorage": "torch.int32",
-    "ShortStorage": "torch.int16",
-    "CharStorage": "torch.int8",
-    "ByteStorage": "torch.uint8",
-    "BoolStorage": "torch.bool",
-}
-
-
-class _TensorUnpickler(pickle.Unpickler):
-    """Unpickles ``data.pkl`` of a one-tensor torch archive into a :class:`_TensorRef`.
-
-    ``find_class`` admits only the tensor-rebuild function, storage types and OrderedDict, each
-    mapped to a harmless stand-in, so nothing from the file is ever imported or called (the same
-    allow-list idea as ``torch.load(weights_only=True)``, without importing torch).
-    """
-
-    def find_class(self, module: str, name: str) -> object:
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return _TensorRef
-        if (module, name) == ("collections", "OrderedDict"):
-            return dict
-        if module == "torch" and name in _STORAGES:
-            return _StorageType(_STORAGES[name])
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
-
-    def persistent_load(self, pid: object) -> _StorageRef:
-        if not (
-            isinstance(pid, tuple)
-            and len(pid) == 5
-            and pid[0] == "storage"
-            and isinstance(pid[1], _StorageType)
-            and isinstance(pid[4], int)
-        ):
-            raise pickle.UnpicklingError(f"persistent id {str(pid)[:80]} is not a tensor storage")
-        return _StorageRef(pid[1].dtype, str(pid[2]), pid[4])
 
 
 def _record_offset(z: zipfile.ZipFile, path: Path, name: str) -> tuple[int, int]:
@@ -267,43 +286,43 @@ def _record_offset(z: zipfile.ZipFile, path: Path, name: str) -> tuple[int, int]
     with open(path, "rb") as f:
         f.seek(info.header_offset)
         head = f.read(30)
-    if len(head) < 30 or head[:4] != b"PK\x03\x04":
+        name_len, extra_len = struct.unpack("<HH", head[26:30]) if len(head) == 30 else (0, 0)
+        stored_name = f.read(name_len)
+    if head[:4] != b"PK\x03\x04" or stored_name != info.orig_filename.encode():
         raise ArtifactError(
             f"{path}: zip local header of {name} is damaged. Re-run the dataset builder."
         )
-    name_len, extra_len = struct.unpack("<HH", head[26:30])
     return info.header_offset + 30 + name_len + extra_len, info.file_size
 
 
-def _describe(path: Path) -> tuple[_TensorRef, int, int, str]:
-    """Unpickle the tensor's metadata; return (tensor ref, storage offset, storage bytes, order)."""
+def _describe(path: Path) -> tuple[TensorMeta, int, int, str]:
+    """The tensor's metadata, its storage record's (byte offset, size) and the byte order."""
     prefix, order = _zip_prefix(path)
     try:
         with zipfile.ZipFile(path) as z:
-            raw = z.read(prefix + "data.pkl")
-            ref = _TensorUnpickler(io.BytesIO(raw)).load()
-            if not isinstance(ref, _TensorRef):
-                raise ArtifactError(
-                    f"{path}: should hold one tensor, but holds a {type(ref).__name__}. "
-                    f"Save the tensor itself with torch.save(tensor, path)."
-                )
-            if not isinstance(ref.storage, _StorageRef):
-                raise pickle.UnpicklingError("tensor without a storage")
-            base, size = _record_offset(z, path, f"{prefix}data/{ref.storage.key}")
-    except pickle.UnpicklingError as e:
+            pkl = z.getinfo(prefix + "data.pkl")
+            if pkl.file_size > 1 << 20:
+                raise Malformed(f"its pickle record is {pkl.file_size} bytes (a tensor's is tiny)")
+            meta = read_tensor_meta(z.read(pkl))
+            base, size = _record_offset(z, path, f"{prefix}data/{meta.key}")
+    except Unsafe as e:
         raise ArtifactError(
             f"{path}: refused to load: its pickle asks for something other than plain "
             f"tensors ({str(e)[:200]}). It was not executed. Re-save the tensor with "
             f"torch.save from trusted code."
         ) from None
-    except (zipfile.BadZipFile, EOFError, ValueError, TypeError, struct.error) as e:
-        if isinstance(e, ArtifactError):
-            raise
+    except Malformed as e:
         raise ArtifactError(
-            f"{path}: torch archive is corrupt or truncated ({type(e).__name__}: "
-            f"{str(e)[:200]}). Re-run the dataset builder to write it again."
+            f"{path}: should hold one tensor, but {e}. Save the tensor itself with "
+            f"torch.save(tensor, path)."
         ) from None
-    return ref, base, size, order
+    except ArtifactError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any other failure of a corrupt record
+        if isinstance(e, OSError) and e.errno not in (None, errno.EINVAL):
+            raise
+        raise _corrupt(path, e) from None
+    return meta, base, size, order
 
 
 def open_tensor(path: Path) -> TensorArtifact:
@@ -311,8 +330,9 @@ def open_tensor(path: Path) -> TensorArtifact:
 
     Raises:
         ArtifactMissingError: the file does not exist.
-        ArtifactError: legacy format, not a torch archive, truncated, unsafe pickle, or not a
-            single tensor.
+        ArtifactError: legacy format, not a torch archive, truncated, unsafe pickle, not a
+            single tensor, a dtype without numpy equivalent, or metadata (offset, size, stride,
+            storage key, numel, dtype) that does not fit the storage record.
     """
     kind = _sniff(path)
     if kind == "pickle":
@@ -327,51 +347,42 @@ def open_tensor(path: Path) -> TensorArtifact:
             f"{path}: is not a torch archive (it does not start with a zip or pickle "
             f"header). Save the tensor with torch.save."
         )
-    ref, base, nbytes, order = _describe(path)
-    dtype = ref.storage.dtype
-    np_dtype = np.dtype(_TORCH_TO_NUMPY[dtype]).newbyteorder("<" if order == "little" else ">")
-    shape, stride, offset = ref.size, ref.stride, ref.offset
-    if not (
-        isinstance(shape, tuple)
-        and isinstance(stride, tuple)
-        and isinstance(offset, int)
-        and len(shape) == len(stride)
-        and all(type(v) is int and v >= 0 for v in shape + stride)
-    ):
-        raise ArtifactError(
-            f"{path}: tensor metadata is malformed (size={shape!r}, stride={stride!r}). "
-            f"Re-save the tensor with torch.save."
-        )
-    if nbytes < ref.storage.numel * np_dtype.itemsize:
-        raise ArtifactError(
-            f"{path}: storage record is shorter than the tensor needs (truncated). "
-            f"Re-run the dataset builder to write it again."
-        )
-    if base + nbytes > os.path.getsize(path):
-        raise ArtifactError(
-            f"{path}: file ends inside the tensor data (truncated). "
-            f"Re-run the dataset builder to write it again."
-        )
-    last = (
-        offset + sum((n - 1) * st for n, st in zip(shape, stride, strict=True))
-        if all(shape)
-        else offset
-    )
-    if last >= max(ref.storage.numel, 1) and all(shape):
-        raise ArtifactError(
-            f"{path}: tensor reaches past its storage (corrupt metadata). Re-save it."
-        )
+    meta, base, record_bytes, order = _describe(path)
+    _check_bounds(path, meta, base, record_bytes)
+    item = DTYPE_ITEMSIZE[meta.dtype]
+    raw = np.dtype(_RAW[meta.dtype]).newbyteorder(order if item > 1 else "=")
+    shape, stride = meta.size, meta.stride
     contiguous = all(
-        stride[k] == int(np.prod(shape[k + 1 :], dtype=np.int64))
-        for k in range(len(shape))
-        if shape[k] > 1
+        stride[k] == math.prod(shape[k + 1 :]) for k in range(len(shape)) if shape[k] > 1
     )
     return TensorArtifact(
         path=path,
         shape=shape,
-        dtype=dtype,
-        np_dtype=np_dtype,
-        _offset=base + offset * np_dtype.itemsize,
+        dtype=f"torch.{meta.dtype}",
+        np_dtype=np.dtype(np.float32) if meta.dtype in _FLOAT8 else raw,
+        _offset=base + meta.offset * item,
         _strides=stride,
         _contiguous=contiguous,
+        _raw=raw if meta.dtype in _FLOAT8 else None,
+        _neg=meta.neg,
+        _conj=meta.conj,
     )
+
+
+def _check_bounds(path: Path, meta: TensorMeta, base: int, record_bytes: int) -> None:
+    """The tensor must lie inside its storage, and the storage inside its record and file."""
+    storage_bytes = meta.numel * DTYPE_ITEMSIZE[meta.storage_dtype]
+    if record_bytes < storage_bytes or base + record_bytes > os.path.getsize(path):
+        raise ArtifactError(
+            f"{path}: its storage record holds {record_bytes} bytes but the tensor's storage "
+            f"needs {storage_bytes}, or the file ends inside it (truncated). Re-run the "
+            f"dataset builder to write it again."
+        )
+    item, numel = DTYPE_ITEMSIZE[meta.dtype], math.prod(meta.size)
+    reach = 1 + sum((n - 1) * s for n, s in zip(meta.size, meta.stride, strict=True))
+    if numel and ((meta.offset + reach) * item > storage_bytes or numel * item >= 1 << 62):
+        raise ArtifactError(
+            f"{path}: tensor of shape {list(meta.size)[:8]}, strides {list(meta.stride)[:8]} "
+            f"and storage offset {meta.offset} reaches past its storage of {storage_bytes} "
+            f"bytes (corrupt metadata). Re-save it with torch.save(tensor, path)."
+        )
