@@ -34,6 +34,7 @@ from jasper_mmap.errors import (
     JasperError,
     write_error,
 )
+from jasper_mmap.fingerprints import source_fingerprints
 from jasper_mmap.layout import (
     ARRAYS,
     CONFIG,
@@ -47,7 +48,7 @@ from jasper_mmap.stores import WRITERS, open_store
 
 from .checks import COUNT_KEYS, SplitCheck, Stats, check_block, read_config
 from .keywords import KeywordJob
-from .pt_reader import TensorArtifact, open_tensor, source_fingerprints
+from .pt_reader import TensorArtifact, open_tensor
 
 __all__ = ["convert_pt", "FORMATS", "DTYPES"]
 

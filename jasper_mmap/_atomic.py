@@ -37,6 +37,7 @@ __all__ = [
     "partial_dir",
     "publish_dir",
     "remove_stale_partials",
+    "remove_stale_partials_in",
     "fsync_dir",
     "fsync_tree",
     "check_destination",
@@ -69,14 +70,27 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_stale_partials(dst: Path) -> list[Path]:
     """Remove ``.<dst>.partial-*`` directories whose writer process no longer exists."""
+    return _remove_dead(dst.parent.glob(f".{dst.name}.partial-*"))
+
+
+def remove_stale_partials_in(directory: Path) -> list[Path]:
+    """Remove every ``.*.partial-*`` file or directory in ``directory`` whose writer is gone
+    (temporary files of :func:`jasper_mmap.layout.write_json_atomic` included)."""
+    return _remove_dead(Path(directory).glob(".*.partial-*"))
+
+
+def _remove_dead(candidates: Iterable[Path]) -> list[Path]:
     removed = []
-    for p in dst.parent.glob(f".{dst.name}.partial-*"):
+    for p in candidates:
         try:
             pid = int(p.name.rsplit("partial-", 1)[1].split("-")[0])
         except (IndexError, ValueError):
             continue
         if pid != os.getpid() and not _pid_alive(pid):
-            shutil.rmtree(p, ignore_errors=True)
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
             removed.append(p)
             log.info("removed %s left by an interrupted run (pid %d)", p, pid)
     return removed

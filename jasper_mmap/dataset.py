@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ArtifactMissingError, SampleIndexError, StoreNotFoundError
+from .errors import ArtifactMissingError, SampleIndexError
 from .layout import CONFIG, SPLITS
 from .preload import Preloaded
 from .resolve import resolve_store
@@ -234,22 +234,6 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         log.info("%s: serving negatives generation %d", self.store_path, generation)
         return generation
 
-    def _serve_generation(self, generation: int) -> int:
-        """Point this process's store at ``generation``; fall back to the live one if removed."""
-        try:
-            self.store.use_generation(generation)
-        except StoreNotFoundError:
-            live = self.store.live_generation()
-            log.warning(
-                "%s: negatives generation %d was removed before this process used it; serving "
-                "the live generation %d",
-                self.store_path,
-                generation,
-                live,
-            )
-            self.store.use_generation(live)
-        return self.store.generation
-
     # -- reading -------------------------------------------------------------------------------
     def _check_indices(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -267,9 +251,18 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         control = self._control.tolist()  # one consistent snapshot for the whole batch
         if self.preload:
             return self._preloaded_batch(idx, control)
-        store, b = self.store, idx.size
-        generation = self._serve_generation(control[_GENERATION])
-        epoch = control[_EPOCH]
+        store = self.store
+        # NOTE [generation leases]: the batch reads one generation, leased until it is done
+        with store.pinned(control[_GENERATION], serve=True) as generation:
+            out = self._gather_batch(store, idx, control, generation)
+        if self.report_generation:
+            out["negatives_generation"] = torch.full((idx.size,), generation, dtype=torch.int64)
+        return out
+
+    def _gather_batch(
+        self, store: Store, idx: np.ndarray, control: list[int], generation: int
+    ) -> dict[str, torch.Tensor]:
+        b, epoch = idx.size, control[_EPOCH]
         pairs = store.gather(f"{self.split}_idx", idx)
         variants = draw_variants(
             self.seed, epoch, pairs, self.schedule.probs(epoch), control[_FORCED]
@@ -277,11 +270,11 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         chosen = {table: pairs[variants == v] for v, table in _STEERING_TABLES.items()}
         store.prefetch({name: pairs for name in _PAIR_ARRAYS} | chosen)  # NOTE [batch prefetch]
         qs = store.gather("pair_index", pairs)
-        negs = store.gather("hard_negatives", pairs)
+        negs = store.gather("hard_negatives", pairs, generation=generation)
         sources = np.concatenate([qs[:, 1], negs.reshape(-1)])
         store.prefetch({"question_embs": qs[:, 0], "source_embs": sources})
         d, k = self.embedding_dim, negs.shape[1]
-        gather = _gatherer(store)
+        gather = _gatherer(store, generation)
         rows = gather("source_embs", sources, (b * (1 + k), d), torch.float32)
         steering = gather.zeros((b, d))  # variant 0: zero steering
         for v, table in _STEERING_TABLES.items():
@@ -296,9 +289,7 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         for key, (name, shape, dtype) in _PAIR_KEYS.items():
             out[key] = gather(name, pairs, shape(b, k), dtype)
         out["steering_variant"] = torch.from_numpy(variants)
-        if self.report_generation:
-            out["negatives_generation"] = torch.full((b,), generation, dtype=torch.int64)
-        return {key: out[key] for key in (*BATCH_KEYS, "negatives_generation") if key in out}
+        return {key: out[key] for key in BATCH_KEYS}
 
     def _preloaded_batch(self, idx: np.ndarray, control: list[int]) -> dict[str, torch.Tensor]:
         if self._preloaded is None:  # unpickled in a DataLoader worker
@@ -312,7 +303,7 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
             )
         pre = self._preloaded
         if pre.generation != control[_GENERATION]:
-            self._serve_generation(control[_GENERATION])
+            self.store.serve(control[_GENERATION])
             pre.refresh_negatives(self.store)
         epoch = control[_EPOCH]
         variants = draw_variants(
@@ -430,8 +421,9 @@ class _gatherer:
     used there.
     """
 
-    def __init__(self, store: Store) -> None:
-        self.store, self.local = store, torch.utils.data.get_worker_info() is None
+    def __init__(self, store: Store, generation: int) -> None:
+        self.store, self.generation = store, generation
+        self.local = torch.utils.data.get_worker_info() is None
 
     def zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
         if self.local:
@@ -442,9 +434,9 @@ class _gatherer:
         self, name: str, rows: np.ndarray, shape: tuple[int, ...], dtype: torch.dtype
     ) -> torch.Tensor:
         if self.local:
-            return torch.from_numpy(self.store.gather(name, rows))
+            return torch.from_numpy(self.store.gather(name, rows, generation=self.generation))
         out = torch.empty(shape, dtype=dtype).share_memory_()
-        self.store.gather(name, rows, out.numpy())
+        self.store.gather(name, rows, out.numpy(), generation=self.generation)
         return out
 
 

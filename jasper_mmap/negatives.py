@@ -30,8 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from ._atomic import fsync_dir, fsync_tree, partial_dir, remove_stale_partials
+from ._atomic import (
+    fsync_dir,
+    fsync_tree,
+    partial_dir,
+    remove_stale_partials,
+    remove_stale_partials_in,
+)
 from .errors import ArtifactError, JasperError, write_error
+from .integrity import entry_files
 from .layout import NEGATIVES_DIR, POINTER, generation_name, read_pointer, write_json_atomic
 from .stores import WRITERS, open_store
 
@@ -134,7 +141,9 @@ def publish_negatives(
         hard_negatives: ``[N_pairs, n_neg]`` source rows: tensor, numpy array or ``.pt`` path.
         negative_tiers: ``[N_pairs, n_neg]`` tiers in 1..4, same forms.
         keep: generations kept besides those still mapped by a reader (at least 2).
-        sources: fingerprints of the ``.pt`` files the arrays came from (recorded).
+        sources: fingerprints of the ``.pt`` files the arrays came from; by default those of
+            the live generation are carried forward (they say which ``.pt`` files were last
+            taken in, so unchanged ``.pt`` files are never republished over this one).
 
     Returns:
         The new generation number. Readers switch at their next ``reload_negatives()``.
@@ -142,6 +151,8 @@ def publish_negatives(
     Raises:
         ArtifactError: wrong shape, non-integer dtype, a negative past the sources, a tier
             outside 1..4. Nothing is published and the old generation stays in use.
+        StoreWriteError: the disk is full, the filesystem read-only, permission denied.
+            Nothing is published; leftovers are removed now or by the next publish.
     """
     from .resolve import resolve_store
 
@@ -152,37 +163,52 @@ def publish_negatives(
     for rows in (negs, tiers):
         _check(rows, c["n_pairs"], c["n_neg"])
     neg_dir = store_path / NEGATIVES_DIR
-    with open(neg_dir / ".publish.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        remove_stale_partials(neg_dir)
-        g = _next_generation(neg_dir)
-        try:
-            tmp = partial_dir(neg_dir)  # STORE/.negatives.partial-PID-TOKEN: same filesystem
-            try:
-                entries = _write_generation(store, tmp, g, negs, tiers, c["n_sources"])
-                for item in tmp.glob(f"{generation_name(g)}*"):  # the file, or the zarr group
-                    os.rename(item, neg_dir / item.name)
-                fsync_dir(neg_dir)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        except OSError as e:
-            if isinstance(e, JasperError):
-                raise
-            raise write_error(store_path, e, f"negatives generation {g}") from e
-        desc = {
-            "generation": g,
-            "arrays": entries,
-            "created_unix": time.time(),
-            "sources": sources or {},
-        }
-        write_json_atomic(neg_dir / f"{generation_name(g)}.json", desc)
-        write_json_atomic(neg_dir / POINTER, desc)  # the publication
-        fsync_dir(neg_dir)
-        removed = _collect(neg_dir, g, max(2, keep))
+    try:
+        with open(neg_dir / ".publish.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            g, removed = _publish_locked(store, neg_dir, negs, tiers, sources, keep)
+    except OSError as e:
+        if isinstance(e, JasperError):
+            raise
+        raise write_error(store_path, e, "a negatives generation") from e
     log.info(
         "published negatives generation %d in %s (removed %s)", g, store_path, removed or "none"
     )
     return g
+
+
+def _publish_locked(store, neg_dir: Path, negs, tiers, sources, keep) -> tuple[int, list[int]]:
+    """Write, describe and publish the next generation (the publish lock is held)."""
+    remove_stale_partials(neg_dir)  # STORE/.negatives.partial-*: killed publishers' data
+    remove_stale_partials_in(neg_dir)  # their half-written descriptions
+    previous = read_pointer(store.path)
+    g = _next_generation(neg_dir)
+    what = f"negatives generation {g}"
+    try:
+        tmp = partial_dir(neg_dir)  # STORE/.negatives.partial-PID-TOKEN: same filesystem
+        try:
+            entries = _write_generation(store, tmp, g, negs, tiers, store.counts["n_sources"])
+            for item in tmp.glob(f"{generation_name(g)}*"):  # the file, or the zarr group
+                os.rename(item, neg_dir / item.name)
+            fsync_dir(neg_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        if isinstance(e, JasperError):
+            raise
+        raise write_error(store.path, e, what) from e
+    desc = {
+        "generation": g,
+        "arrays": entries,
+        "files": entry_files(store.path, entries),
+        "created_unix": time.time(),
+        # the .pt negatives last taken in, carried forward (resolve.negatives_to_take_in)
+        "sources": previous.get("sources", {}) if sources is None else sources,
+    }
+    write_json_atomic(neg_dir / f"{generation_name(g)}.json", desc, what)
+    write_json_atomic(neg_dir / POINTER, desc, what)  # the publication
+    fsync_dir(neg_dir)
+    return g, _collect(neg_dir, g, max(2, keep))
 
 
 def _write_generation(store, tmp: Path, g: int, negs: _Rows, tiers: _Rows, n_sources: int) -> dict:

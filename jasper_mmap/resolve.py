@@ -3,47 +3,44 @@
 A store directory (it has ``manifest.json``) is used as it is. A ``.pt`` dataset directory is
 converted once into a store kept beside the data (``DATASET/.jasper_mmap_store``), or under
 ``cache_dir`` when given, or under ``~/.cache/jasper_mmap`` when the dataset directory is not
-writable. The store is reused while the ``.pt`` files and ``config.json`` match the fingerprints
-(size, mtime, first/last 64 KiB) recorded in its manifest, and rebuilt when any changed. A file
-lock keeps two processes (DDP ranks, two jobs) from converting the same directory at once.
+writable. The store is reused while the dataset's own files match the fingerprints recorded in
+its manifest (:mod:`jasper_mmap.fingerprints`), and rebuilt when any changed. A file lock keeps
+two processes (DDP ranks, two jobs) from converting the same directory at once; a process that
+waits says which process holds it and for how long.
+
+Rewritten negatives ``.pt`` files are not a reason to rebuild: they are published as a new
+negatives generation (NOTE [hot reload] in negatives.py), unless a newer publication is live,
+or their ``n_neg`` changed (then the store is rebuilt).
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import logging
 import os
+import socket
+import time
 from pathlib import Path
+from typing import Any
 
-from .errors import ArtifactMissingError, StoreNotFoundError, StoreStaleError
-from .layout import CONFIG, MANIFEST, read_manifest
+from .errors import ArtifactError, ArtifactMissingError, StoreNotFoundError, StoreStaleError
+from .fingerprints import (
+    NEGATIVE_FILES,
+    changed,
+    dataset_file_names,
+    fingerprint,
+)
+from .layout import CONFIG, MANIFEST, read_manifest, read_pointer
 
 __all__ = ["resolve_store", "refresh_negatives", "STORE_DIRNAME", "NEGATIVE_FILES"]
 
 log = logging.getLogger(__name__)
 
 STORE_DIRNAME = ".jasper_mmap_store"
-#: handled by negatives generations (NOTE [hot reload]), not by rebuilding the store
-NEGATIVE_FILES = ("hard_negatives.pt", "negative_tiers.pt")
-
-
-def _changed(path: Path, recorded: dict | None) -> bool:
-    """Whether ``path`` differs from its recorded fingerprint.
-
-    Size and mtime equal to the record mean unchanged (as make and rsync assume); otherwise the
-    first/last 64 KiB hash decides, so a file that was only touched is not a change.
-    """
-    from jasper_mmap.converters.pt_reader import fingerprint
-
-    if recorded is None or not path.is_file():
-        return True
-    st = path.stat()
-    if st.st_size == recorded.get("size") and st.st_mtime_ns == recorded.get("mtime_ns"):
-        return False
-    return fingerprint(path)["head_tail_blake2b"] != recorded.get("head_tail_blake2b") or (
-        st.st_size != recorded.get("size")
-    )
+#: how often a process waiting for another's conversion says so again
+WAIT_LOG_SECONDS = 30.0
 
 
 def _recorded_sources(store: Path) -> dict | None:
@@ -51,44 +48,79 @@ def _recorded_sources(store: Path) -> dict | None:
     if not (store / MANIFEST).exists():
         return None
     try:
-        return read_manifest(store)["source"]["files"]
+        files = read_manifest(store)["source"]["files"]
     except (KeyError, TypeError, ValueError, OSError):
         return None
+    return files if isinstance(files, dict) else None
 
 
 def _stale_files(recorded: dict, src: Path) -> list[str]:
-    """Names of ``src``'s files (negatives aside) that differ from their ``recorded`` fingerprints."""
-    names = ({p.name for p in src.glob("*.pt")} | set(recorded) | {CONFIG}) - set(NEGATIVE_FILES)
-    return sorted(n for n in names if _changed(src / n, recorded.get(n)))
+    """The dataset's own files (negatives aside) that differ from their fingerprints."""
+    own = {n for n in dataset_file_names() if (src / n).is_file()}
+    names = (own | set(recorded) | {CONFIG}) - set(NEGATIVE_FILES)
+    return sorted(n for n in names if changed(src / n, recorded.get(n)))
+
+
+def _negatives_n_neg(src: Path) -> int | None:
+    """``n_neg`` of the negatives ``.pt`` files (None when they disagree or cannot be read)."""
+    from .converters.pt_reader import open_tensor
+
+    try:
+        shapes = {open_tensor(src / n).shape for n in NEGATIVE_FILES}
+    except (ArtifactError, ArtifactMissingError):
+        return None
+    shape = shapes.pop() if len(shapes) == 1 else None
+    return shape[1] if shape is not None and len(shape) == 2 else None
+
+
+def negatives_to_take_in(src: Path, store: Path) -> bool:
+    """Whether ``src``'s negatives files should be published into ``store`` now.
+
+    They should when they changed since they were last taken in (the fingerprints that every
+    generation carries forward as ``sources``) and are newer than the live publication: a
+    ``publish_negatives`` call made after the files were written wins over them.
+    """
+    pointer = read_pointer(store)
+    recorded = pointer.get("sources") or {}
+    moved = [n for n in NEGATIVE_FILES if changed(src / n, recorded.get(n))]
+    if not moved:
+        return False
+    newest = max((src / n).stat().st_mtime for n in moved if (src / n).is_file())
+    if newest <= float(pointer.get("created_unix", 0.0)):
+        log.info(
+            "%s: %s changed, but generation %d was published after them; keeping it",
+            src,
+            " / ".join(moved),
+            pointer["generation"],
+        )
+        return False
+    return True
 
 
 def refresh_negatives(src: Path, store: Path) -> int | None:
-    """Publish ``src``'s negatives ``.pt`` files as a new generation if they changed.
+    """Publish ``src``'s negatives ``.pt`` files as a new generation if they should be.
 
     Returns:
-        The new generation, or None when the live one already matches the files.
-    """
-    from jasper_mmap.converters.pt_reader import fingerprint
+        The new generation, or None when nothing was published (see
+        :func:`negatives_to_take_in`).
 
-    from .layout import read_pointer
+    Raises:
+        ArtifactError: the files are invalid, or their ``n_neg`` differs from the store's (a
+            running dataset cannot change it; opening the directory again rebuilds the store).
+    """
     from .negatives import publish_negatives
 
-    recorded = read_pointer(store).get("sources") or {}
-    if not any(_changed(src / n, recorded.get(n)) for n in NEGATIVE_FILES):
+    if not negatives_to_take_in(src, store):
         return None
     current = {n: fingerprint(src / n) for n in NEGATIVE_FILES}
-    log.info(
-        "%s: %s changed; publishing them as a new negatives generation",
-        src,
-        " / ".join(NEGATIVE_FILES),
-    )
+    log.info("%s: publishing the rewritten %s as a new generation", src, " / ".join(current))
     return publish_negatives(store, *(src / n for n in NEGATIVE_FILES), sources=current)
 
 
 def _check_sources(store: Path) -> None:
     """Refuse a store whose recorded source directory exists and changed since conversion."""
     source = read_manifest(store).get("source") or {}
-    src = Path(source["dir"]) if source.get("dir") else None
+    src = Path(source["dir"]) if isinstance(source.get("dir"), str) else None
     files = source.get("files")
     if src is None or not src.is_dir() or not files or not isinstance(files, dict):
         return
@@ -112,16 +144,76 @@ def _store_location(src: Path, cache_dir: str | Path | None) -> Path:
     return _store_location(src, fallback)
 
 
+def _holder(lock_file: Any) -> str:
+    """Who holds the conversion lock, from what the holder wrote into the lock file."""
+    try:
+        lock_file.seek(0)
+        info = json.loads(lock_file.read() or "{}")
+        ago = time.time() - float(info["since"])
+        return f"process {info['pid']} on {info['host']}, converting for {ago:.0f} s"
+    except (ValueError, KeyError, TypeError, OSError):
+        return "another process"
+
+
+def _lock_exclusive(lock_file: Any, src: Path) -> None:
+    """Take the conversion lock; while waiting, log who holds it (every WAIT_LOG_SECONDS)."""
+    t0, said = time.monotonic(), None
+    while True:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if said is None or time.monotonic() - said >= WAIT_LOG_SECONDS:
+                log.info(
+                    "%s: waiting for %s (waited %.0f s so far)",
+                    src,
+                    _holder(lock_file),
+                    time.monotonic() - t0,
+                )
+                said = time.monotonic()
+            time.sleep(0.2)
+    lock_file.seek(0)
+    lock_file.truncate()
+    lock_file.write(
+        json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
+    )
+    lock_file.flush()
+
+
+def _convert(src: Path, store: Path, store_format: str, options: dict[str, Any], why: str):
+    from .converters import convert_pt
+
+    log.info("%s: %s; converting the dataset into %s", src, why, store)
+    convert_pt(src, store, format=store_format, overwrite=True, progress=None, **options)
+
+
+def _rebuild_reason(src: Path, store: Path) -> str | None:
+    """Why ``store`` must be (re)built from ``src``, or None when it is up to date."""
+    recorded = _recorded_sources(store)
+    if recorded is None:
+        return "no store yet (converted once, reused while the files are unchanged)"
+    stale = _stale_files(recorded, src)
+    if stale:
+        return f"{', '.join(stale)} changed since the store was built"
+    n_neg = _negatives_n_neg(src)
+    have = read_manifest(store)["counts"].get("n_neg")
+    if n_neg is not None and n_neg != have and negatives_to_take_in(src, store):
+        return f"the negatives files now hold n_neg={n_neg} (the store has {have})"
+    return None
+
+
 def resolve_store(
     dataset_dir: str | Path,
     cache_dir: str | Path | None = None,
     store_format: str = "safetensors",
     check_sources: bool = True,
+    convert_options: dict[str, Any] | None = None,
 ) -> Path:
     """Return the store to read for ``dataset_dir``, converting or refreshing it if needed.
 
     A store passed directly is checked against the ``.pt`` files it was converted from, when
-    that directory still exists (``check_sources=False`` skips this).
+    that directory still exists (``check_sources=False`` skips this). ``convert_options`` go to
+    :func:`jasper_mmap.converters.convert_pt` when a conversion is needed.
 
     Raises:
         StoreNotFoundError: ``dataset_dir`` does not exist or is not a directory.
@@ -142,29 +234,15 @@ def resolve_store(
     if not (src / CONFIG).exists():
         raise ArtifactMissingError(
             f"{src}: has neither manifest.json (a store) nor config.json (a .pt "
-            f"dataset). Check the path; see FORMAT.md for the dataset layout."
+            f"dataset). Check the path; docs/dataset_format.md describes the dataset layout."
         )
     store = _store_location(src, cache_dir)
     store.parent.mkdir(parents=True, exist_ok=True)
-    with open(store.parent / f".{store.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        recorded = _recorded_sources(store)
-        stale = None if recorded is None else _stale_files(recorded, src)
-        if stale == []:
-            log.debug("%s: store %s is up to date", src, store)
+    with open(store.parent / f".{store.name}.lock", "a+") as lock:
+        _lock_exclusive(lock, src)
+        why = _rebuild_reason(src, store)
+        if why is None:
             refresh_negatives(src, store)
-            return store
-        from jasper_mmap.converters import convert_pt
-
-        if stale is None:
-            log.info(
-                "%s: converting the .pt files into %s (once; reused while they are unchanged)",
-                src,
-                store,
-            )
         else:
-            log.info(
-                "%s: %s changed since %s was built; rebuilding it", src, ", ".join(stale), store
-            )
-        convert_pt(src, store, format=store_format, overwrite=True, progress=None)
+            _convert(src, store, store_format, convert_options or {}, why)
     return store

@@ -143,10 +143,10 @@ def stream(rows, writer, lo, hi, what):
     if point == "data":  # hard_negatives written, tiers not yet
         pause()
     return out
-def write_json(path, obj):
+def write_json(path, obj, *rest):
     if point == "pointer" and path.name == "CURRENT.json":  # generation complete, not yet published
         pause()
-    return real_json(path, obj)
+    return real_json(path, obj, *rest)
 N._stream, N.write_json_atomic = stream, write_json
 n = np.arange(120)[:, None] * np.ones((1, 6), dtype=np.int64)
 N.publish_negatives(sys.argv[1], n % 120, np.ones((120, 6), dtype=np.int64))
@@ -221,7 +221,12 @@ def _publisher(store: str, first: int, count: int, done) -> None:
 
 
 @pytest.mark.parametrize("store", ["safetensors"], indirect=True)
-def test_stress_publisher_and_persistent_workers_never_tear_a_batch(store):
+@pytest.mark.parametrize(
+    "workers,persistent",
+    [(2, True), (2, False), (0, False)],
+    ids=["persistent-workers", "fresh-workers", "no-workers"],
+)
+def test_stress_publisher_and_workers_never_tear_a_batch(store, workers, persistent):
     s = open_store(store)
     sources, split = s.read("source_embs"), s.read("train_idx")
     publish_negatives(store, *table(1, 120, 6, 120))  # generation 1 follows the checkable table
@@ -229,8 +234,8 @@ def test_stress_publisher_and_persistent_workers_never_tear_a_batch(store):
         store,
         "train",
         batch_size=8,
-        num_workers=2,
-        persistent_workers=True,
+        num_workers=workers,
+        persistent_workers=persistent,
         shuffle=False,
         drop_last=False,
         report_generation=True,
@@ -238,7 +243,7 @@ def test_stress_publisher_and_persistent_workers_never_tear_a_batch(store):
     loader.dataset_obj.reload_negatives()
     ctx = mp.get_context("spawn")
     done = ctx.Event()
-    pub = ctx.Process(target=_publisher, args=(str(store), 2, 25, done))
+    pub = ctx.Process(target=_publisher, args=(str(store), 2, 15, done))
     pub.start()
     seen, batches, epochs = set(), 0, 0
     deadline = time.monotonic() + 120

@@ -9,23 +9,75 @@ in ``jasper_mmap/dataset.py`` once it exists).
 from __future__ import annotations
 
 import abc
+import contextlib
 import fcntl
+import logging
+import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .._dtypes import to_float32
-from ..errors import SampleIndexError, StoreCorruptError
+from ..errors import SampleIndexError, StoreCorruptError, StoreNotFoundError
 from ..layout import NEGATIVES_DIR, generation_name, read_manifest, read_pointer
 
 __all__ = ["Store", "StoreWriter", "NEGATIVE_ARRAYS"]
 
 NEGATIVE_ARRAYS = ("hard_negatives", "negative_tiers")
 
+log = logging.getLogger(__name__)
+
+
+class _Generation:
+    """A negatives generation this process leases: its description and the locked file."""
+
+    __slots__ = ("desc", "lease", "pins")
+
+    def __init__(self, desc: dict[str, Any], lease: Any) -> None:
+        self.desc, self.lease, self.pins = desc, lease, 0
+
+
+def _acquire(store_dir: Path, generation: int) -> _Generation:
+    """Lease ``generation``: a shared ``flock`` on its description, held while it is mapped.
+
+    # NOTE [generation leases]
+    The collector in ``negatives.py`` removes a generation only while it holds an exclusive
+    lock on its description, and unlinks the description last. So: open, lock shared, and if
+    the file was unlinked in between (``st_nlink == 0``) the generation is gone. Once the
+    shared lock is held the generation stays on disk until the lease is closed.
+
+    Raises:
+        StoreNotFoundError: the generation was removed (or never existed).
+    """
+    path = store_dir / NEGATIVES_DIR / f"{generation_name(generation)}.json"
+    gone = StoreNotFoundError(
+        f"{path}: negatives generation {generation} was removed after newer ones were "
+        f"published (or never existed). Call reload_negatives() to serve the live one."
+    )
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - kept open as the lease
+    except FileNotFoundError:
+        raise gone from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_SH)
+        if os.fstat(f.fileno()).st_nlink == 0:
+            raise gone
+        desc = read_pointer(store_dir, generation)
+    except BaseException:
+        f.close()
+        raise
+    return _Generation(desc, f)
+
 
 class Store(abc.ABC):
     """Read side of a store. Subclasses implement :meth:`_open_array`.
+
+    Thread-safe: handles are opened under a lock, and a batch pins the negatives generation
+    it reads (:meth:`pinned`), so concurrent gathers never see a generation released under
+    them. Every generation this process reads is leased (NOTE [generation leases]).
 
     Args:
         path: the store directory.
@@ -37,14 +89,27 @@ class Store(abc.ABC):
     def __init__(self, path: str | Path, manifest: dict[str, Any] | None = None) -> None:
         self.path = Path(path)
         self.manifest = manifest if manifest is not None else read_manifest(self.path)
-        self._pointer: dict[str, Any] | None = None
+        self._generation: int | None = None  # the generation served when none is named
+        self._gens: dict[int, _Generation] = {}  # per process: leased generations
         self._handles: dict[str, Any] = {}
+        self._lock = threading.RLock()
+        self._pid = os.getpid()
 
     # -- pickling: paths and small state only ------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_handles"] = {}  # maps and leases are per process
+        state.update(_handles={}, _gens={}, _lock=None)  # maps and leases are per process
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock, self._pid = threading.RLock(), os.getpid()
+
+    def _guard(self) -> threading.RLock:
+        """This process's lock (a forked child gets a fresh one: the parent's may be held)."""
+        if self._pid != os.getpid():
+            self._lock, self._pid = threading.RLock(), os.getpid()
+        return self._lock
 
     # -- metadata ------------------------------------------------------------------------------
     @property
@@ -53,70 +118,122 @@ class Store(abc.ABC):
         return self.manifest["counts"]
 
     @property
-    def negatives_pointer(self) -> dict[str, Any]:
-        """Description of the negatives generation this object reads.
-
-        The live one (``negatives/CURRENT.json``) at first use, until :meth:`use_generation`.
-        """
-        if self._pointer is None:
-            self._pointer = read_pointer(self.path)
-        return self._pointer
+    def generation(self) -> int:
+        """The negatives generation served when none is named: the live one at first use,
+        until :meth:`use_generation`."""
+        with self._guard():
+            if self._generation is None:
+                self._generation = self._lease_live()
+            return self._generation
 
     @property
-    def generation(self) -> int:
-        """The negatives generation this object reads."""
-        return int(self.negatives_pointer["generation"])
+    def negatives_pointer(self) -> dict[str, Any]:
+        """Description of :attr:`generation` (its arrays, sources and files)."""
+        return self._leased(self.generation).desc
 
     def live_generation(self) -> int:
         """The generation ``negatives/CURRENT.json`` names now (one small file read)."""
         return int(read_pointer(self.path)["generation"])
 
+    def _lease_live(self) -> int:
+        """Lease the live generation (retried: it can be superseded and removed meanwhile)."""
+        for _ in range(9):
+            g = self.live_generation()
+            try:
+                self._leased(g)
+                return g
+            except StoreNotFoundError:
+                pass
+        g = self.live_generation()
+        self._leased(g)
+        return g
+
+    def _leased(self, generation: int) -> _Generation:
+        with self._guard():
+            gen = self._gens.get(generation)
+            if gen is None:
+                gen = self._gens[generation] = _acquire(self.path, generation)
+            return gen
+
     def use_generation(self, generation: int) -> None:
-        """Read negatives from ``generation`` from now on; drops the old generation's maps.
+        """Serve ``generation`` from now on (leasing it); let go of generations no batch pins.
 
         Raises:
-            StoreNotFoundError: that generation was removed (see NOTE [negatives generations]).
+            StoreNotFoundError: that generation was removed (NOTE [generation leases]).
         """
-        if self._pointer is not None and self.generation == generation:
-            return
-        pointer = read_pointer(self.path, generation)
-        self._drop_negatives()
-        self._pointer = pointer
+        with self._guard():
+            if self._generation == generation and generation in self._gens:
+                return  # already served and leased by this process
+            self._leased(generation)
+            self._generation = generation
+            for g in [g for g, gen in self._gens.items() if g != generation and not gen.pins]:
+                self._release(g)
 
-    def _drop_negatives(self) -> None:
-        if self._pointer is None:
-            return
-        files = {e["file"] for e in self._pointer["arrays"].values()}
-        for key in [k for k in self._handles if k.startswith(f"{NEGATIVES_DIR}/")]:
+    def serve(self, generation: int) -> int:
+        """:meth:`use_generation`, falling back to the live generation if ``generation`` was
+        removed (with a warning); returns the generation now served."""
+        with self._guard():
+            try:
+                self.use_generation(generation)
+            except StoreNotFoundError:
+                live = self._lease_live()
+                log.warning(
+                    "%s: negatives generation %d was removed before this process used it; "
+                    "serving the live generation %d",
+                    self.path,
+                    generation,
+                    live,
+                )
+                self.use_generation(live)
+            return self._generation
+
+    @contextlib.contextmanager
+    def pinned(self, generation: int | None = None, *, serve: bool = False) -> Iterator[int]:
+        """Keep ``generation`` (default: :attr:`generation`) leased and mapped for a block.
+
+        With ``serve``, first :meth:`serve` it (so a removed one falls back to the live one).
+        Yields the generation pinned; gathers inside pass it as ``generation=``.
+
+        Raises:
+            StoreNotFoundError: that generation was removed (without ``serve``).
+        """
+        with self._guard():
+            g = self.generation if generation is None else generation
+            if serve:
+                g = self.serve(g)
+            self._leased(g).pins += 1
+        try:
+            yield g
+        finally:
+            with self._guard():
+                gen = self._gens.get(g)
+                if gen is not None:
+                    gen.pins -= 1
+                    if not gen.pins and g != self._generation:
+                        self._release(g)
+
+    def _release(self, generation: int) -> None:
+        """Drop the maps and the lease of ``generation`` (under the lock)."""
+        gen = self._gens.pop(generation)
+        prefix = f"{NEGATIVES_DIR}/{generation}/"
+        for key in [k for k in self._handles if k.startswith(prefix)]:
             del self._handles[key]
-        self._release_files(files)
-        lease = self._handles.pop("__lease__", None)
-        if lease is not None:
-            lease.close()  # releases the shared lock: the generation may now be removed
+        self._release_files({e["file"] for e in gen.desc["arrays"].values()})
+        gen.lease.close()  # releases the shared lock: the generation may now be removed
 
     def _release_files(self, files: set[str]) -> None:  # noqa: B027 - optional hook
         """Backend hook: forget per-file handles of ``files`` (relative paths)."""
-
-    def _take_lease(self) -> None:
-        """Hold a shared lock on the generation's description while its data is mapped."""
-        if "__lease__" in self._handles:
-            return
-        path = self.path / NEGATIVES_DIR / f"{generation_name(self.generation)}.json"
-        try:
-            f = open(path, "rb")  # noqa: SIM115 - kept open as the lease
-        except FileNotFoundError:
-            return  # stores written before leases existed; nothing to protect
-        fcntl.flock(f, fcntl.LOCK_SH)
-        self._handles["__lease__"] = f
 
     def names(self) -> list[str]:
         """Names of every array in the store, negatives included."""
         return sorted(set(self.manifest["arrays"]) | set(NEGATIVE_ARRAYS))
 
-    def entry(self, name: str) -> dict[str, Any]:
-        """Manifest entry of array ``name`` (negatives: from the live generation's pointer)."""
+    def entry(self, name: str, generation: int | None = None) -> dict[str, Any]:
+        """Manifest entry of array ``name`` (negatives: from ``generation``'s description,
+        default :attr:`generation`)."""
         if name in NEGATIVE_ARRAYS:
-            return self.negatives_pointer["arrays"][name]
+            g = self.generation if generation is None else generation
+            return self._leased(g).desc["arrays"][name]
         try:
             return self.manifest["arrays"][name]
         except KeyError:
@@ -128,43 +245,54 @@ class Store(abc.ABC):
         """Whether the store holds array ``name`` (optional splits may be absent)."""
         return name in NEGATIVE_ARRAYS or name in self.manifest["arrays"]
 
-    def shape(self, name: str) -> tuple[int, ...]:
+    def shape(self, name: str, generation: int | None = None) -> tuple[int, ...]:
         """Shape of array ``name`` as recorded in the manifest (no file access)."""
-        return tuple(self.entry(name)["shape"])
+        return tuple(self.entry(name, generation)["shape"])
 
     # -- data ------------------------------------------------------------------------------
-    def raw(self, name: str) -> Any:
-        """The backend's lazily opened handle of ``name`` (memmap view or zarr array)."""
+    def raw(self, name: str, generation: int | None = None) -> Any:
+        """The backend's lazily opened handle of ``name`` (memmap view or zarr array).
+
+        Negatives come from ``generation`` (default :attr:`generation`), which is leased.
+        """
         key = name
         if name in NEGATIVE_ARRAYS:
-            key = f"{NEGATIVES_DIR}/{self.generation}/{name}"
+            g = self.generation if generation is None else generation
+            key = f"{NEGATIVES_DIR}/{g}/{name}"
         handle = self._handles.get(key)
         if handle is None:
-            if name in NEGATIVE_ARRAYS:
-                self._take_lease()
-            handle = self._open_array(name, self.entry(name))
-            self._handles[key] = handle
+            with self._guard():
+                handle = self._handles.get(key)
+                if handle is None:
+                    entry = self.entry(name, g) if name in NEGATIVE_ARRAYS else self.entry(name)
+                    handle = self._handles[key] = self._open_array(name, entry)
         return handle
 
     def gather(
-        self, name: str, index: np.ndarray | list[int], out: np.ndarray | None = None
+        self,
+        name: str,
+        index: np.ndarray | list[int],
+        out: np.ndarray | None = None,
+        generation: int | None = None,
     ) -> np.ndarray:
         """Return rows ``index`` of array ``name`` (floats as float32), in ``out`` if given.
+
+        Negatives come from ``generation`` (default :attr:`generation`).
 
         Raises:
             SampleIndexError: an index is negative or not below the array's length.
         """
         idx = np.asarray(index, dtype=np.int64)
-        n = self.shape(name)[0]
+        n = self.shape(name, generation)[0]
         if idx.size and (idx.min() < 0 or idx.max() >= n):
             bad = idx[(idx < 0) | (idx >= n)]
             raise SampleIndexError(
                 f"{self.path}: rows of {name!r} should be in [0, {n}), but got {bad[:5].tolist()}"
             )
-        stored = self.entry(name)["stored_dtype"]
+        stored = self.entry(name, generation)["stored_dtype"]
         if out is not None and stored in ("float32", "int64"):
-            return self._gather_raw(name, idx, out)  # straight into the caller's buffer
-        result = to_float32(self._gather_raw(name, idx), stored)
+            return self._gather_raw(name, idx, out, generation)  # into the caller's buffer
+        result = to_float32(self._gather_raw(name, idx, None, generation), stored)
         if out is None:
             return result
         out[...] = result
@@ -184,11 +312,13 @@ class Store(abc.ABC):
         return to_float32(np.array(raw), self.entry(name)["stored_dtype"])
 
     def close(self) -> None:
-        """Drop every handle this process opened; the store can be used again afterwards."""
-        lease = self._handles.pop("__lease__", None)
-        if lease is not None:
-            lease.close()
-        self._handles.clear()
+        """Drop every handle and lease this process holds; the store can be used again."""
+        with self._guard():
+            for gen in self._gens.values():
+                gen.lease.close()
+            self._gens.clear()
+            self._handles.clear()
+            self._generation = None
 
     def __enter__(self) -> Store:
         return self
@@ -201,8 +331,14 @@ class Store(abc.ABC):
     def _open_array(self, name: str, entry: dict[str, Any]) -> Any:
         """Open array ``name`` described by manifest ``entry``; check its size in O(1)."""
 
-    def _gather_raw(self, name: str, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        rows = self.raw(name)[idx]
+    def _gather_raw(
+        self,
+        name: str,
+        idx: np.ndarray,
+        out: np.ndarray | None = None,
+        generation: int | None = None,
+    ) -> np.ndarray:
+        rows = self.raw(name, generation)[idx]
         if out is None:
             return rows
         out[...] = rows
