@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -73,8 +74,16 @@ def main(argv: list[str] | None = None) -> int:
         print("convert-pt: interrupted; nothing was published", file=sys.stderr)
         return 130
     if not args.quiet:
-        print(f"wrote {dst} ({args.format}) in {time.perf_counter() - t0:.1f} s")
+        _print(f"wrote {dst} ({args.format}) in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _print(line: str) -> None:
+    """Print for people; a closed pipe (``convert-pt ... | head``) is not an error."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

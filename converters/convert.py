@@ -22,6 +22,7 @@ import numpy as np
 from jasper_mmap._atomic import (
     check_destination,
     fsync_tree,
+    is_store,
     partial_dir,
     publish_dir,
     remove_stale_partials,
@@ -389,6 +390,29 @@ def _verify(tmp: Path, units: dict[str, list[_Planned]], samples: int = 32) -> N
             _verify_array(tmp, p, rng, samples)
 
 
+def _check_source(src: Path) -> None:
+    """SRC must be a dataset directory; say what was probably meant when it is not."""
+    if is_store(src):
+        raise ArtifactError(
+            f"{src}: is already a jasper_mmap store, not a dataset directory of .pt files. "
+            f"Open it directly (JASPERSteeringDataset({str(src)!r}, ...)); to change its format "
+            f"or precision, convert the original .pt directory it was made from."
+        )
+    if src.is_file():
+        hint = (
+            f" Did you mean its directory, {src.parent}?" if (src.parent / CONFIG).is_file() else ""
+        )
+        raise ArtifactError(
+            f"{src}: is a file; convert-pt takes the dataset directory that holds config.json "
+            f"and the .pt files.{hint}"
+        )
+    if not src.is_dir():
+        raise ArtifactMissingError(
+            f"{src}: dataset directory does not exist. Check the path; it should hold "
+            f"config.json and the .pt files (docs/dataset_format.md)."
+        )
+
+
 def convert_pt(
     src: str | Path,
     dst: str | Path,
@@ -431,10 +455,7 @@ def convert_pt(
         raise ValueError(f"format should be one of {FORMATS}, but got format={format!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype should be one of {DTYPES}, but got dtype={dtype!r}")
-    if not src.is_dir():
-        raise ArtifactMissingError(
-            f"{src}: dataset directory does not exist (or is not a directory)."
-        )
+    _check_source(src)
     t0 = time.perf_counter()
     config = read_config(src)
     dst = check_destination(dst, overwrite=overwrite, inputs=[src])  # NOTE [never destroy ...]
@@ -490,5 +511,5 @@ def convert_pt(
         raise
     bar.close()
     kw_future.cancel()
-    log.info("converted %s -> %s (%s, %.1f s)", src, dst, format, time.perf_counter() - t0)
+    log.debug("converted %s -> %s (%s, %.1f s)", src, dst, format, time.perf_counter() - t0)
     return dst

@@ -73,6 +73,7 @@ _WRITE_ERRNOS = {
     errno.ENOSPC: "the disk is full",
     errno.EDQUOT: "the disk quota is exceeded",
     errno.EROFS: "the filesystem is read-only",
+    errno.EFBIG: "a file would exceed the file size limit (ulimit -f) or the filesystem's",
     errno.EACCES: "permission denied",
     errno.EPERM: "operation not permitted",
 }

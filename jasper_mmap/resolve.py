@@ -112,6 +112,14 @@ def refresh_negatives(src: Path, store: Path) -> int | None:
 
     if not negatives_to_take_in(src, store):
         return None
+    n_neg, have = _negatives_n_neg(src), read_manifest(store)["counts"].get("n_neg")
+    if n_neg is not None and n_neg != have:
+        raise ArtifactError(
+            f"{src}: the rewritten negatives hold n_neg={n_neg}, but this dataset was opened "
+            f"with n_neg={have}; a running dataset cannot change n_neg (its batches have that "
+            f"shape). Open the dataset again (its store is rebuilt with n_neg={n_neg}), or "
+            f"write negatives with n_neg={have}."
+        )
     current = {n: fingerprint(src / n) for n in NEGATIVE_FILES}
     log.info("%s: publishing the rewritten %s as a new generation", src, " / ".join(current))
     return publish_negatives(store, *(src / n for n in NEGATIVE_FILES), sources=current)

@@ -2,7 +2,7 @@
 
     python scripts/main_job.py [--workdir example_out] [--pairs 20000] [--epochs 6]
 
-Makes a small synthetic `.pt` dataset, converts it into a store with a progress bar, and
+Makes a small synthetic `.pt` dataset, converts it into a store (a progress bar on a terminal), and
 trains the seed documents' `SimpleJASPERPredictor` with their InfoNCE loss for a few epochs
 through `create_loader` (2 workers, persistent, steering curriculum). Prints per-epoch
 train/val loss, throughput and memory, then the seeds' zero-vs-centroid steering validation
@@ -135,7 +135,7 @@ def main() -> int:
     spec = SyntheticSpec(n_pairs=args.pairs, dim=args.dim, n_neg=12, n_keywords=2000, n_clusters=32)
     make_pt_dataset(src, spec)
     print(f"made {src}: {args.pairs} pairs, D={args.dim}")
-    convert_pt(src, store, overwrite=True, progress=True)
+    convert_pt(src, store, overwrite=True, progress=None)  # a bar on a terminal only
     print(f"converted to {store}")
     history = train(store, args.epochs, args.workers)
     zero, centroid = history["val_zero"], history["val_centroid"]
