@@ -172,7 +172,7 @@ def load_manifest(store_dir: Path) -> dict[str, Any]:
             f"with `convert-pt SRC {store_dir}`."
         )
     path = store_dir / MANIFEST
-    if not path.exists() and (store_dir / CONFIG).is_file():
+    if not path.exists() and (store_dir / CONFIG).is_file() and any(store_dir.glob("*.pt")):
         raise StoreNotFoundError(
             f"{path}: manifest.json is missing: {store_dir} is a .pt dataset directory, not a "
             f"store. Convert it with `convert-pt {store_dir} STORE` (STORE: a new directory), or "

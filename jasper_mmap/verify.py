@@ -12,6 +12,7 @@ manifest's ``warnings`` (lenient-input notices of the converter), and never rais
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from ._dtypes import numpy_dtype, to_float32
 from .errors import JasperError
 from .integrity import store_problems
 from .layout import load_manifest
-from .stores import BACKENDS, Store, open_store
+from .stores import BACKENDS, NEGATIVE_ARRAYS, Store, open_store
 
 __all__ = ["verify_store", "VerifyReport", "store_info"]
 
@@ -149,6 +150,8 @@ def verify_store(path: str | Path, progress: bool | None = None) -> VerifyReport
         report.data_read = False
         return report
     bad = {a for p in problems for a in p.arrays}
+    if bad & set(NEGATIVE_ARRAYS):  # one description holds both: neither can be trusted
+        bad |= set(NEGATIVE_ARRAYS)
     store = BACKENDS[manifest["backend"]](path, manifest)
     names = [n for n in store.names() if n not in bad]
     _check_arrays(store, names, report, progress)
@@ -160,14 +163,17 @@ def _check_arrays(store: Store, names: list[str], report: VerifyReport, progress
     """Read and check each of ``names``; every failure becomes a problem of ``report``."""
     from tqdm.auto import tqdm
 
-    total = sum(
-        int(np.prod(store.shape(n), dtype=np.int64))
-        * numpy_dtype(store.entry(n)["stored_dtype"]).itemsize
-        for n in names
-    )
+    sizes = {}
+    for name in names:
+        try:
+            e = store.entry(name)  # negatives: read from CURRENT.json now, which may change
+            sizes[name] = math.prod(e["shape"]) * numpy_dtype(e["stored_dtype"]).itemsize
+        except JasperError as e:
+            report.problems.append(str(e))
+    total = sum(sizes.values())
     disable = None if progress is None else not progress
     with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=disable) as bar:
-        for name in names:
+        for name in sizes:
             try:
                 _check_array(store, name, bar.update)
             except (JasperError, ValueError, EOFError, OSError) as e:

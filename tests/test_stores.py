@@ -71,6 +71,22 @@ class TestStoreContract:
         assert files["source_embs.pt"]["size"] == (pt_dataset / "source_embs.pt").stat().st_size
         assert store.negatives_pointer["generation"] == 0
 
+    def test_every_data_file_is_recorded_with_its_size(self, store_path):
+        """manifest.json `files` + the generation's own `files` = every data file on disk."""
+        import json
+
+        store = open_store(store_path)
+        recorded = {**store.manifest["files"], **store.negatives_pointer["files"]}
+        meta = {"manifest.json", "config.json", "CURRENT.json", "gen-000000.json"}
+        on_disk = {
+            p.relative_to(store_path).as_posix(): p.stat().st_size
+            for p in store_path.rglob("*")
+            if p.is_file() and p.name not in meta
+        }
+        assert recorded == on_disk
+        gen = json.loads((store_path / "negatives" / "gen-000000.json").read_text())
+        assert gen["files"] == store.negatives_pointer["files"]
+
     def test_pickles_small_and_reopens_after_pickling(self, store_path):
         store = open_store(store_path)
         before = store.gather("source_embs", [1, 2])

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import shutil
 import struct
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from jasper_mmap.cli import EXIT_BROKEN_PIPE
 from jasper_mmap.cli import main as cli_main
 from jasper_mmap.converters import convert_pt
 from jasper_mmap.errors import JasperError
@@ -137,3 +145,181 @@ def test_any_safetensors_header_bytes_give_our_error(tmp_path, blob, claimed):
             read_header(path)
         except JasperError:
             pass
+
+
+def test_info_and_verify_show_the_manifests_warnings(store, capsys):
+    m = json.loads((store / "manifest.json").read_text())
+    assert m["warnings"] == []  # always recorded, empty for a clean conversion
+    m["warnings"] = ["config.json: n_keywords=41, but keyword_embs.pt has 40 rows; kept 40"]
+    (store / "manifest.json").write_text(json.dumps(m))
+    assert cli_main(["info", str(store)]) == 0
+    assert "  warning: config.json: n_keywords=41" in capsys.readouterr().out
+    assert cli_main(["info", str(store), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["warnings"] == m["warnings"]
+    assert cli_main(["verify", str(store), "-q"]) == 0  # warnings are not problems
+    out = capsys.readouterr().out
+    assert "no problems" in out and "warning: config.json: n_keywords=41" in out
+
+
+def test_info_on_a_pt_dataset_directory_says_so_without_overwrite(pt_dataset, tmp_path, capsys):
+    assert cli_main(["info", str(pt_dataset)]) == 1
+    err = capsys.readouterr().err
+    assert "is a .pt dataset directory, not a store" in err, err
+    assert f"convert-pt {pt_dataset} STORE" in err and "--overwrite" not in err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "manifest.json").write_text('{"format": "something else"}')
+    assert cli_main(["verify", str(tmp_path / "other"), "-q"]) == 1
+    out = capsys.readouterr().out
+    assert "is not a jasper_mmap store" in out and "--overwrite" not in out
+
+
+@pytest.mark.parametrize("command", [["info"], ["info", "--json"], ["verify", "-q"]])
+def test_closed_output_pipe_is_quiet(store, command):
+    """`jasper-mmap info STORE | head -1`: no BrokenPipeError traceback."""
+    args = [sys.executable, "-m", "jasper_mmap.cli", command[0], str(store), *command[1:]]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before anything is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == EXIT_BROKEN_PIPE, err
+    assert err == "", err
+
+
+# -- structure-aware fuzzing: mutations of the manifest and of safetensors headers -------------
+
+_ODD = st.sampled_from(
+    [None, True, 0, -1, 1, 7, 2**63, 1.5, "", "x", "float8", "int64", "bfloat16", "F32", "I32"]
+    + [[], {}, [0], [1, 2], [0, 0], [2, 1], [-1, 16], ["a"], {"a": 1}]
+)
+
+
+@pytest.fixture(scope="module")
+def fuzz_stores(tmp_path_factory, pt_dataset):
+    """Per backend: a good store, every array's bytes, its counts (the reference)."""
+    out = {}
+    for backend in ("safetensors", "zarr"):
+        path = convert_pt(
+            pt_dataset, tmp_path_factory.mktemp("fuzz") / backend, format=backend, progress=False
+        )
+        s = open_store(path)
+        out[backend] = (path, {n: s.read(n).tobytes() for n in s.names()}, dict(s.counts))
+    return out
+
+
+def _paths(obj, prefix=()):
+    """Every path to a value inside ``obj`` (dict keys, list indices)."""
+    items = (
+        obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    )
+    for k, v in items:
+        yield (*prefix, k)
+        yield from _paths(v, (*prefix, k))
+
+
+def _get(obj, path):
+    for k in path:
+        obj = obj[k]
+    return obj
+
+
+def _mutate(obj, data) -> str:
+    """Apply one structure-aware mutation to ``obj`` in place; return what was done."""
+    paths = list(_paths(obj))
+    path = data.draw(st.sampled_from(paths))
+    parent, key = _get(obj, path[:-1]), path[-1]
+    op = data.draw(st.sampled_from(["delete", "set", "rename", "swap", "nudge", "dtype"]))
+    if op == "delete":
+        del parent[key]
+    elif op == "set":
+        parent[key] = data.draw(_ODD | _JSON)
+    elif op == "rename" and isinstance(parent, dict):
+        new = data.draw(st.sampled_from([f"{key}X", *(k for k in parent if k != key)] or [key]))
+        parent[new] = parent.pop(key)
+    elif op == "swap":  # with the value of the same key elsewhere (another entry's shape...)
+        twins = [p for p in paths if p[-1] == key and p != path and p[: len(path)] != path]
+        if twins:
+            other = data.draw(st.sampled_from(twins))
+            oparent = _get(obj, other[:-1])
+            parent[key], oparent[other[-1]] = oparent[other[-1]], parent[key]
+    elif op == "nudge" and type(parent[key]) is int:
+        parent[key] += data.draw(st.sampled_from([-8, -1, 1, 8]))
+    elif op == "dtype" and isinstance(parent[key], str):
+        parent[key] = data.draw(
+            st.sampled_from(["float32", "float16", "bfloat16", "int64", "F32", "F16", "BF16"])
+            | st.sampled_from(["I64", "I32", "U8", "F64", "XX"])
+        )
+    return f"{op} {path}"
+
+
+def _check_outcome(path: Path, reference, what: str) -> None:
+    """Open raises only our errors, or the store reads exactly as before; verify never
+    raises, and passes only a store that reads exactly as before."""
+    ref_path, arrays, counts = reference
+    try:
+        s = open_store(path)
+    except JasperError:
+        opened = False
+    else:
+        opened = True
+        assert dict(s.counts) == counts, what
+        for name, raw in arrays.items():
+            assert s.read(name).tobytes() == raw, (what, name)
+        s.close()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        status = cli_main(["verify", str(path), "-q"])
+    text = out.getvalue()
+    assert status in (0, 1) and "unexpected" not in text and "Traceback" not in text, text
+    assert status == 1 or opened, (what, text)
+
+
+def _linked_copy(src: Path, dst: Path) -> Path:
+    """A copy whose data files are hard links (cheap); rewrite a file by replacing it."""
+    return shutil.copytree(src, dst, copy_function=os.link)
+
+
+@pytest.mark.parametrize("backend", ["safetensors", "zarr"])
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_manifest_mutations_give_our_error_or_the_same_data(fuzz_stores, backend, data):
+    src, *_ = fuzz_stores[backend]
+    target = data.draw(st.sampled_from(["manifest.json", "negatives/CURRENT.json"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        store = _linked_copy(src, Path(tmp) / "s")
+        obj = json.loads((store / target).read_text())
+        what = _mutate(obj, data)
+        (store / target).unlink()
+        (store / target).write_text(json.dumps(obj))
+        _check_outcome(store, fuzz_stores[backend], f"{target}: {what}")
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_safetensors_header_mutations_give_our_error_or_the_same_data(fuzz_stores, data):
+    src, *_ = fuzz_stores["safetensors"]
+    rel = data.draw(
+        st.sampled_from(["embeddings", "pairs", "steering", "splits", "negatives/gen-000000"]).map(
+            lambda u: f"{u}.safetensors"
+        )
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        store = _linked_copy(src, Path(tmp) / "s")
+        raw = (store / rel).read_bytes()
+        n = struct.unpack("<Q", raw[:8])[0]
+        header = json.loads(raw[8 : 8 + n])
+        what = _mutate(header, data)
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob = blob.ljust(n) if len(blob) <= n else blob
+        (store / rel).unlink()
+        (store / rel).write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n :])
+        if len(blob) != n and data.draw(st.booleans()):  # consistent tampering: re-recorded
+            for meta in ("manifest.json", "negatives/CURRENT.json"):
+                obj = json.loads((store / meta).read_text())
+                if rel in obj.get("files", {}):
+                    obj["files"][rel] = (store / rel).stat().st_size
+                    (store / meta).unlink()
+                    (store / meta).write_text(json.dumps(obj))
+        _check_outcome(store, fuzz_stores["safetensors"], f"{rel} header: {what}")
