@@ -1,0 +1,325 @@
+"""``convert_pt_to_hdf5``: write upstream's ``dataset.h5`` from a ``.pt`` directory, streamed.
+
+The file has exactly the groups, dataset names, shapes and dtypes that upstream's
+``JASPERSteeringDataset.convert_pt_to_hdf5`` writes (UPSTREAM_API.md): tensors keep the dtype
+torch saved them with, ``pair_data/keyword_ids/<i>`` is one int32 dataset per pair, and
+``splits/*`` holds the splits whose ``{split}_idx.pt`` exists. Two things differ on purpose:
+
+- **Streaming.** Tensors are read block by block with ``open_tensor(...).read_rows`` and
+  written into pre-created datasets; keyword ids come from ``iter_keyword_rows``. Memory stays
+  a few blocks whatever the size (upstream loads every tensor whole).
+- **Atomic.** The file is written as ``.dataset.h5.partial-PID-TOKEN`` in the same directory,
+  fsynced, and published with one ``os.replace``; an existing ``dataset.h5`` is replaced (as
+  upstream overwrites it), but readers never see a half-written file and a failed run leaves
+  the old one untouched. A killed run's partial file is removed by the next run.
+- **Chunks** are full rows of about 1 MiB (upstream lets h5py guess, which splits columns);
+  readers cannot tell the difference, and row blocks then decompress each chunk once.
+- bfloat16 tensors, which upstream cannot convert (numpy has no bfloat16), are widened to
+  float32 (exact), with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jasper_mmap._atomic import fsync_dir
+from jasper_mmap._dtypes import to_float32
+from jasper_mmap.errors import (
+    ArtifactError,
+    ArtifactMissingError,
+    JasperError,
+    StoreExistsError,
+    StoreWriteError,
+    write_error,
+)
+
+from . import keyword_pickle
+from .h5_source import H5_NAME, H5_PATHS, KEYWORDS_PATH, KINDS, TORCH_DTYPES, require_h5py
+from .pt_reader import TensorArtifact, open_tensor
+
+__all__ = ["convert_pt_to_hdf5"]
+
+log = logging.getLogger(__name__)
+
+#: upstream's write order: group -> store array names
+_GROUPS = {
+    "embeddings": ["question_embs", "source_embs", "keyword_embs", "centroid_embs"],
+    "pair_data": ["pair_index", "pair_cluster_id", "pair_relevance"],
+    "negatives": ["hard_negatives", "negative_tiers"],
+    "steering": [
+        "steering_centroid",
+        "steering_keyword_weighted",
+        "steering_residual",
+        "centroid_distances",
+    ],
+    "splits": ["train_idx", "val_idx", "test_idx"],
+}
+_NUMPY_OF = {torch: np.dtype(f"<{kind}{size}") for (kind, size), torch in TORCH_DTYPES.items()}
+_CHUNK_BYTES = 1 << 20
+
+
+def _stored_dtype(art: TensorArtifact) -> np.dtype:
+    """The dtype the tensor is written with: as torch saved it; bfloat16 widened to float32."""
+    if art.dtype == "torch.bfloat16":
+        log.warning("%s: bfloat16 is written as float32 (HDF5 has no bfloat16)", art.path)
+        return np.dtype("<f4")
+    if art.dtype not in _NUMPY_OF:
+        raise ArtifactError(
+            f"{art.path}: holds {art.dtype}, which HDF5 (and upstream's converter) cannot "
+            f"store. Re-save it as float32 (or int64), or convert with convert-pt instead."
+        )
+    return _NUMPY_OF[art.dtype]
+
+
+def _open_inputs(src: Path) -> dict[str, TensorArtifact]:
+    """Describe every input tensor (no data read); check dtype kinds and dimensions."""
+    arts: dict[str, TensorArtifact] = {}
+    for name, (h5name, kind, ndim) in H5_PATHS.items():
+        path = src / f"{name}.pt"
+        if name in ("val_idx", "test_idx") and not path.exists():
+            log.info("%s: no %s; dataset.h5 gets no %s", src, path.name, h5name)
+            continue
+        art = arts[name] = open_tensor(path)
+        np_kind = (
+            "f" if art.dtype == "torch.bfloat16" else _NUMPY_OF.get(art.dtype, art.np_dtype).kind
+        )
+        if len(art.shape) != ndim or np_kind not in KINDS[kind]:
+            raise ArtifactError(
+                f"{art.path}: should be a {ndim}-D tensor of "
+                f"{'floats' if kind == 'float' else 'integers'} (for {h5name}), but is "
+                f"{list(art.shape)} {art.dtype}. Re-run the dataset builder."
+            )
+    return arts
+
+
+def _chunk_rows(shape: tuple[int, ...], itemsize: int) -> int:
+    row = int(np.prod(shape[1:], dtype=np.int64)) * itemsize
+    return max(1, min(max(shape[0], 1), _CHUNK_BYTES // max(row, 1)))
+
+
+def _write_array(group: Any, leaf: str, art: TensorArtifact, compression, block_bytes) -> None:
+    """Create ``group/leaf`` (chunked, compressed) and stream the tensor into it."""
+    t0 = time.perf_counter()
+    dtype = _stored_dtype(art)
+    rows = _chunk_rows(art.shape, dtype.itemsize)
+    chunked = all(art.shape[1:]) and art.shape[0] > 0
+    ds = group.create_dataset(
+        leaf,
+        shape=art.shape,
+        dtype=dtype,
+        chunks=(rows, *art.shape[1:]) if chunked else None,
+        compression=compression if chunked else None,
+    )
+    n = art.shape[0]
+    step = rows * max(1, block_bytes // max(1, rows * art.row_bytes))
+    for start in range(0, n if chunked else 0, step):
+        block = art.read_rows(start, min(n, start + step))
+        if art.dtype == "torch.bfloat16":
+            block = to_float32(block.view(np.uint16), "bfloat16")
+        ds[start : start + block.shape[0]] = block.astype(dtype, copy=False)
+    log.info(
+        "dataset.h5: wrote %s %s %s (%.1f MB) in %.1f s",
+        ds.name.lstrip("/"),
+        list(art.shape),
+        dtype.name,
+        art.nbytes / 1e6,
+        time.perf_counter() - t0,
+    )
+
+
+def _write_keywords(group: Any, kw_path: Path, n_pairs: int) -> None:
+    """One int32 dataset per pair under ``pair_data/keyword_ids``, as upstream writes them."""
+    h5py = require_h5py()
+    h5d, h5p, h5s, h5t = h5py.h5d, h5py.h5p, h5py.h5s, h5py.h5t
+    t0 = time.perf_counter()
+    gid = group.create_group("keyword_ids").id
+    dcpl = h5p.create(h5p.DATASET_CREATE)
+    dcpl.set_obj_track_times(False)  # what h5py's create_dataset sets
+    lcpl = h5p.create(h5p.LINK_CREATE)
+    lcpl.set_create_intermediate_group(True)
+    spaces: dict[int, Any] = {}
+    row = 0
+
+    def write_block(lengths: np.ndarray, values: np.ndarray) -> None:
+        nonlocal row
+        ids = _as_int32(kw_path, lengths, values, row)
+        start = 0
+        for end in np.cumsum(lengths).tolist():
+            n = end - start
+            space = spaces.get(n)
+            if space is None:
+                space = spaces[n] = h5s.create_simple((n,))
+            ds = h5d.create(gid, b"%d" % row, h5t.STD_I32LE, space, dcpl=dcpl, lcpl=lcpl)
+            if n:
+                ds.write(h5s.ALL, h5s.ALL, ids[start:end])
+            start, row = end, row + 1
+
+    _each_keyword_block(kw_path, write_block)
+    if row != n_pairs:
+        raise ArtifactError(
+            f"{kw_path}: should hold one list per pair ({n_pairs}, as pair_index.pt has), "
+            f"but holds {row}. Re-run the dataset builder."
+        )
+    log.info(
+        "dataset.h5: wrote %s (%d datasets) in %.1f s",
+        KEYWORDS_PATH,
+        row,
+        time.perf_counter() - t0,
+    )
+
+
+def _each_keyword_block(path: Path, fn: Callable[[np.ndarray, np.ndarray], None]) -> None:
+    """Call ``fn(lengths, values)`` per int64 block of the streamed keyword pickle.
+
+    Works with the decoder's iterator (``iter_keyword_rows``) or callback
+    (``decode_keyword_rows``) form, whichever :mod:`.keyword_pickle` offers.
+    """
+    if hasattr(keyword_pickle, "iter_keyword_rows"):
+        for lengths, values in keyword_pickle.iter_keyword_rows(path):
+            fn(lengths, values)
+    else:
+        keyword_pickle.decode_keyword_rows(path, fn)
+
+
+def _as_int32(path: Path, lengths: np.ndarray, values: np.ndarray, row: int) -> np.ndarray:
+    """The block's values as int32 (upstream's dtype); ids that do not fit are an error."""
+    bad = np.flatnonzero((values < -(2**31)) | (values >= 2**31))
+    if bad.size:
+        pair = row + int(np.searchsorted(np.cumsum(lengths), bad[0], side="right"))
+        raise ArtifactError(
+            f"{path}: the keyword ids of pair {pair} hold {int(values[bad[0]])}, which does not "
+            f"fit int32 (upstream's dtype for keyword_ids). Keyword ids are rows of "
+            f"keyword_embs.pt: re-run the dataset builder."
+        )
+    return values.astype(np.int32)
+
+
+def _check_compression(compression: Any) -> None:
+    """Refuse a compression h5py cannot apply, before anything is written."""
+    h5py = require_h5py()
+    try:
+        with h5py.File(
+            f"check-{secrets.token_hex(4)}", "w", driver="core", backing_store=False
+        ) as f:
+            f.create_dataset("x", shape=(4,), dtype="<f4", chunks=(4,), compression=compression)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"compression should be 'gzip', 'lzf', a gzip level 0-9 or None, but got "
+            f"compression={compression!r} ({e})."
+        ) from None
+
+
+def _target(src: Path) -> Path:
+    """``src/dataset.h5``, or the file a symlink there points to; a directory is refused."""
+    final = src / H5_NAME
+    if final.is_symlink():
+        final = final.resolve()
+    if final.is_dir():
+        raise StoreExistsError(
+            f"{final}: is a directory, so dataset.h5 cannot be written there. Move it away."
+        )
+    return final
+
+
+def _remove_stale(final: Path) -> None:
+    """Remove ``.dataset.h5.partial-PID-*`` files whose writer process no longer exists."""
+    for p in final.parent.glob(f".{final.name}.partial-*"):
+        try:
+            pid = int(p.name.rsplit("partial-", 1)[1].split("-")[0])
+            os.kill(pid, 0)
+        except (IndexError, ValueError):
+            continue
+        except ProcessLookupError:
+            p.unlink(missing_ok=True)
+            log.info("removed %s left by an interrupted run (pid %d)", p, pid)
+        except PermissionError:
+            continue
+
+
+def _write_failure(final: Path, e: OSError) -> OSError:
+    err = write_error(final, e, "dataset.h5")
+    if err is not e:
+        return err
+    return StoreWriteError(
+        f"{final}: could not write dataset.h5 ({str(e).splitlines()[0][:200]}). Nothing was "
+        f"replaced; check free space and permissions of {final.parent}, then run again."
+    )
+
+
+def _write_file(tmp: Path, src: Path, arts: dict[str, TensorArtifact], compression) -> None:
+    h5py = require_h5py()
+    with h5py.File(tmp, "w") as f:
+        groups = {g: f.create_group(g) for g in _GROUPS}
+        for g, names in _GROUPS.items():
+            for name in names:
+                if name in arts:
+                    leaf = H5_PATHS[name][0].split("/")[1]
+                    _write_array(groups[g], leaf, arts[name], compression, 16 << 20)
+            if g == "pair_data":
+                _write_keywords(groups[g], src / "pair_keyword_ids.pt", arts[names[0]].shape[0])
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def convert_pt_to_hdf5(dataset_dir: str | Path, compression: Any = "gzip") -> Path:
+    """Write ``dataset_dir/dataset.h5`` from the directory's ``.pt`` files (upstream's layout).
+
+    Args:
+        dataset_dir: a ``.pt`` dataset directory (FORMAT.md).
+        compression: h5py compression of the tensor datasets: ``"gzip"`` (upstream's
+            default), ``"lzf"``, a gzip level 0-9, or None. Keyword datasets are never
+            compressed (as upstream).
+
+    Returns:
+        The path of ``dataset.h5``.
+
+    Raises:
+        ImportError: h5py is not installed.
+        ValueError: ``compression`` is not one h5py can apply.
+        ArtifactMissingError, ArtifactError: a missing or bad ``.pt`` file, named.
+        StoreExistsError: ``dataset.h5`` is a directory.
+        StoreWriteError: the file could not be written (disk full, permissions).
+    """
+    require_h5py()
+    src = Path(dataset_dir).absolute()
+    if not src.is_dir():
+        raise ArtifactMissingError(
+            f"{src}: dataset directory does not exist (or is not a directory)."
+        )
+    _check_compression(compression)
+    arts = _open_inputs(src)
+    if not (src / "pair_keyword_ids.pt").exists():
+        raise ArtifactMissingError(
+            f"{src / 'pair_keyword_ids.pt'}: required artifact is missing. "
+            f"Re-run the dataset builder."
+        )
+    final = _target(src)
+    _remove_stale(final)
+    tmp = final.with_name(f".{final.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+    t0 = time.perf_counter()
+    try:
+        _write_file(tmp, src, arts, compression)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, JasperError):
+            raise _write_failure(final, e) from e
+        raise
+    pt_bytes = sum(a.path.stat().st_size for a in arts.values())
+    log.info(
+        "wrote %s in %.1f s: %.1f MB (the tensors' .pt files: %.1f MB)",
+        final,
+        time.perf_counter() - t0,
+        final.stat().st_size / 1e6,
+        pt_bytes / 1e6,
+    )
+    return final
