@@ -423,6 +423,7 @@ def convert_pt(
     allow_nonfinite: bool = False,
     progress: bool | None = None,
     block_bytes: int = 16 << 20,
+    source: str = "auto",
 ) -> Path:
     """Convert the ``.pt`` dataset directory ``src`` into a store at ``dst``.
 

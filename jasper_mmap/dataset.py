@@ -1,18 +1,16 @@
-"""``JASPERSteeringDataset``: the seed's in-RAM dataset, reading rows lazily from a store.
+"""``JASPERSteeringDataset``: the in-RAM dataset's API, reading rows lazily from a store.
 
-# NOTE [worker start-up]
-The dataset pickles paths, the small manifest/config and a shared control block; the store's
-maps are opened on first use inside each process (``Store.__getstate__`` drops them), so spawn
-and forkserver workers cost kilobytes, and forked workers never share a file offset or a zarr
-event loop they did not open. The control block is an 8-value int64 tensor in shared memory:
-``torch.multiprocessing`` hands DataLoader workers a handle to the same memory (fork inherits
-it), so ``set_epoch``/``force_steering`` written by the main process are read by every worker,
-persistent ones too, at the start of their next batch. Each dataset has its own block, so two
-datasets or two jobs on one machine never collide.
+The constructor, attributes, curriculum, errors and logging are those of the in-RAM dataset
+(RAG_supporters' ``JASPERSteeringDataset``), so a user changes one import. What differs on
+purpose is listed in the README ("Switching from the in-RAM dataset"): rows are read through
+memory maps by default, a batch is one vectorized gather, and the steering draw is a pure
+function of (seed, epoch, sample) (NOTE [counter-based steering RNG] in steering.py). Changes
+reach DataLoader workers through the control block (NOTE [worker start-up] in control.py).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,12 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ArtifactMissingError, SampleIndexError
+from .control import ControlBlock, Snapshot
+from .errors import ArtifactMissingError, ConfigError, SampleIndexError
 from .layout import CONFIG, SPLITS
 from .preload import Preloaded
-from .resolve import resolve_store
-from .steering import VARIANTS, SteeringSchedule, draw_variants, variant_index
+from .resolve import resolve_dataset
+from .steering import VARIANTS, SteeringSchedule, distribution, draw_variants, variant_index
 from .stores import Store, open_store
+from .tables import TABLES, KeywordLists, table_tensor
 
 __all__ = ["JASPERSteeringDataset", "SampleBatch", "BATCH_KEYS"]
 
@@ -45,7 +45,6 @@ BATCH_KEYS = (
     "negative_tiers",
 )
 _STEERING_TABLES = {1: "steering_centroid", 2: "steering_keyword_weighted", 3: "steering_residual"}
-_EPOCH, _FORCED, _GENERATION = 0, 1, 2  # slots of the control block
 _PAIR_ARRAYS = (
     "pair_index",
     "hard_negatives",
@@ -59,6 +58,7 @@ _PAIR_ARRAYS = (
 class SampleBatch(Sequence):
     """What ``__getitems__`` returns: a whole batch that also reads as a list of samples.
 
+    ``batch["question_emb"]`` gives a key of the whole batch; ``batch[i]`` gives sample ``i``.
     ``create_loader``'s collate function returns :attr:`batch` as it is (the fast path); the
     default collate of a plain ``DataLoader`` iterates the samples and stacks them again.
     """
@@ -69,38 +69,71 @@ class SampleBatch(Sequence):
     def __len__(self) -> int:
         return int(self.batch["relevance"].shape[0])
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, i: int | str) -> Any:
+        if isinstance(i, str):
+            return self.batch[i]
         if not -len(self) <= i < len(self):
             raise IndexError(i)
         return {k: v[i] for k, v in self.batch.items()}
+
+    def keys(self):
+        return self.batch.keys()
+
+
+def _memory_mode(device: torch.device, use_mmap: bool | None, preload: bool | None) -> bool:
+    """Whether the split is preloaded (True) or read through the memory maps (False)."""
+    if use_mmap is not None and preload is not None and bool(use_mmap) == bool(preload):
+        raise ValueError(
+            f"use_mmap={use_mmap} and preload={preload} contradict each other; pass one "
+            f"(use_mmap=False means the same as preload=True)"
+        )
+    if device.type != "cpu":
+        if use_mmap:
+            log.warning("use_mmap=True is ignored for device=%s: the split is preloaded", device)
+        if preload is False:
+            raise ValueError(
+                f"device={device} needs the split preloaded (batches are gathered on the device)"
+            )
+        return True
+    if preload is not None:
+        return bool(preload)
+    return use_mmap is False
 
 
 class JASPERSteeringDataset(torch.utils.data.Dataset):
     """Pre-computed (question, steering, target, negatives) samples, read lazily from a store.
 
     Args:
-        dataset_dir: a store made by ``convert-pt``, or a directory of ``.pt`` artifacts (then
-            converted once into a store kept beside it and reused while the files are unchanged;
-            see :func:`jasper_mmap.resolve.resolve_store`).
+        dataset_dir: a store made by ``convert-pt``, or a dataset directory of ``.pt`` files or
+            an upstream ``dataset.h5`` (then converted once into a store kept beside it and
+            reused while the files are unchanged; see :func:`jasper_mmap.resolve.resolve_store`).
         split: ``"train"``, ``"val"`` or ``"test"``.
         epoch: initial epoch of the steering curriculum.
-        device: ``None``/``"cpu"``: batches are CPU tensors read from the memory maps.
-            ``"cuda"`` (or a ``torch.device``): the split is preloaded onto that device (see
-            :mod:`jasper_mmap.preload`) and batches are gathered there.
-        preload: preload the split into this process's memory on ``device`` (implied for a
-            CUDA device; ``device="cpu", preload=True`` keeps a small split in RAM).
-        preload_budget_bytes: refuse a preload needing more (default for CUDA: the device's
-            free memory minus a margin).
+        device: ``None``/``"cpu"``: batches are CPU tensors. A CUDA device: the split is
+            preloaded onto it (:mod:`jasper_mmap.preload`) and batches are gathered there.
+        storage_format: the source files of a dataset directory: ``"auto"`` (``dataset.h5``
+            when it exists and h5py is installed, else the ``.pt`` files), ``"pt"`` or
+            ``"hdf5"``. :attr:`storage_format` says which was used.
+        use_mmap: ``None``/``True``: read rows through memory maps (the default; the in-RAM
+            dataset decided by size). ``False``: hold the split in RAM (a CPU preload).
+            :attr:`use_mmap` says which is in effect.
         seed: seed of the steering draw; default ``config.json``'s ``random_seed``, else 42.
-        cache_dir: where to keep the store converted from a ``.pt`` directory.
-        store_format: backend used when converting a ``.pt`` directory.
-        check_sources: refuse a store whose source ``.pt`` directory still exists and changed
-            since conversion (``StoreStaleError``); False reads it as it is.
+        cache_dir: where to keep the store converted from a dataset directory.
+        store_format: backend of that store (``"safetensors"`` or ``"zarr"``).
         report_generation: add a tenth key, ``negatives_generation`` ([B] int64), naming the
             negatives generation each batch was served from (NOTE [hot reload]).
+        preload: same as ``use_mmap=False`` (kept for older code).
+        preload_budget_bytes: refuse a preload needing more (default for CUDA: the device's
+            free memory minus a margin).
+        check_sources: refuse a store whose source directory still exists and changed since
+            conversion (``StoreStaleError``); False reads it as it is.
+        allow_nonfinite: when a dataset directory is converted, accept NaN/Inf embedding
+            rows (as ``convert-pt --allow-nonfinite``).
 
     Raises:
-        StoreNotFoundError, ArtifactMissingError: the directory, its config or the split is missing.
+        ValueError: (also ``FileNotFoundError`` where a file is missing) the directory, its
+            config, its data files or the split do not exist; ``storage_format`` is invalid or
+            its files are absent; the data are invalid (indices out of range, ...).
     """
 
     def __init__(
@@ -109,6 +142,8 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         split: str = "train",
         epoch: int = 0,
         device: str | torch.device | None = None,
+        storage_format: str = "auto",
+        use_mmap: bool | None = None,
         *,
         seed: int | None = None,
         cache_dir: str | Path | None = None,
@@ -117,40 +152,65 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         preload: bool | None = None,
         preload_budget_bytes: int | None = None,
         check_sources: bool = True,
+        allow_nonfinite: bool = False,
     ) -> None:
         if split not in SPLITS:
-            raise ValueError(f"split should be one of {SPLITS}, but got split={split!r}")
-        self.dataset_dir = Path(dataset_dir)
-        self.split = split
-        self.store_path = resolve_store(dataset_dir, cache_dir, store_format, check_sources)
-        self._store: Store | None = open_store(self.store_path)
-        manifest = self._store.manifest
-        if f"{split}_idx" not in manifest["arrays"]:
-            raise ArtifactMissingError(
-                f"{self.store_path}: has no {split!r} split (its dataset had no {split}_idx.pt); splits "
-                f"present: {sorted(manifest.get('splits', {}))}. Add {split}_idx.pt and convert again."
+            raise ValueError(
+                f"Split file not found: {Path(dataset_dir) / f'{split}_idx.pt'}. Valid splits "
+                f"are: train, val, test (got split={split!r})"
             )
-        self._len = int(manifest["arrays"][f"{split}_idx"]["shape"][0])
+        self.dataset_dir, self.split = Path(dataset_dir), split
+        resolved = resolve_dataset(
+            dataset_dir,
+            cache_dir,
+            store_format,
+            check_sources,
+            storage_format=storage_format,
+            convert_options={"allow_nonfinite": allow_nonfinite},
+        )
+        self.store_path, self.storage_format = resolved.store, resolved.storage_format
+        self._source_dir = resolved.source_dir  # the dataset directory it follows, if any
+        self._store: Store | None = open_store(self.store_path)
+        self._len = self._split_length(self._store.manifest)
         self.config = _read_config(self.store_path)
         self.seed = int(seed if seed is not None else self.config.get("random_seed", 42))
         self.schedule = SteeringSchedule.from_config(self.config, str(self.store_path / CONFIG))
         self.device = torch.device(device if device is not None else "cpu")
-        self.preload = self.device.type != "cpu" if preload is None else bool(preload)
-        if self.device.type != "cpu" and not self.preload:
-            raise ValueError(
-                f"device={self.device} needs preload=True (batches are gathered on the device)"
-            )
+        self.preload = _memory_mode(self.device, use_mmap, preload)
+        self.use_mmap = not self.preload
         self.preload_budget_bytes = preload_budget_bytes
+        self.report_generation = report_generation
+        self._tables: dict[str, Any] = {}
+        self._closed = False
         self._preloaded: Preloaded | None = None
         if self.preload:
             self._preloaded = Preloaded(self._store, split, self.device, preload_budget_bytes)
-        self._control = torch.zeros(8, dtype=torch.int64).share_memory_()
-        self._control[_FORCED] = -1
-        self._control[_GENERATION] = self._store.generation
-        self.report_generation = report_generation
+        self._control = ControlBlock(epoch, self._store.generation)
         self.set_epoch(epoch)
+        log.info(
+            "Dataset initialized: %d samples, embedding_dim=%d, n_neg=%d, device=%s, "
+            "memory=%.1f MB (%s, %s split of %s)",
+            self._len,
+            self.embedding_dim,
+            self.n_neg,
+            self.device,
+            self.memory_usage_mb,
+            "memory-mapped" if self.use_mmap else "preloaded",
+            split,
+            self.store_path,
+        )
 
-    # -- the seed's attributes -------------------------------------------------------------
+    def _split_length(self, manifest: dict[str, Any]) -> int:
+        entry = manifest["arrays"].get(f"{self.split}_idx")
+        if entry is None:
+            raise ArtifactMissingError(
+                f"Split file not found: {self.dataset_dir / f'{self.split}_idx.pt'} (the store "
+                f"{self.store_path} has splits {sorted(manifest.get('splits', {}))}). Add "
+                f"{self.split}_idx.pt to the dataset directory, or use another split."
+            )
+        return int(entry["shape"][0])
+
+    # -- the in-RAM dataset's attributes ---------------------------------------------------
     @property
     def store(self) -> Store:
         """The store, opened lazily in this process."""
@@ -168,52 +228,115 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
 
     @property
     def epoch(self) -> int:
-        return int(self._control[_EPOCH])
+        """The curriculum epoch (same as :attr:`current_epoch`)."""
+        return self._control.snapshot().epoch
+
+    @property
+    def current_epoch(self) -> int:
+        """The curriculum epoch; assigning it is :meth:`set_epoch`."""
+        return self.epoch
+
+    @current_epoch.setter
+    def current_epoch(self, epoch: int) -> None:
+        self.set_epoch(epoch)
 
     @property
     def steering_probs(self) -> dict[str, float]:
-        """Variant probabilities at the current epoch (a forced variant overrides them)."""
-        return dict(zip(VARIANTS, self.schedule.probs(self.epoch).tolist(), strict=True))
+        """Variant probabilities in effect: the curriculum's at the current epoch (the in-RAM
+        dataset's formula, as it computes them), or those assigned since the last
+        :meth:`set_epoch`. A forced variant (:meth:`force_steering`) overrides both."""
+        snap = self._control.snapshot()
+        if snap.override is not None:
+            return dict(zip(VARIANTS, snap.override.tolist(), strict=True))
+        return self.schedule.as_dict(snap.epoch)
+
+    @steering_probs.setter
+    def steering_probs(self, probs: dict[str, float]) -> None:
+        where = f"steering_probs assigned to the {self.split} dataset"
+        self._control.set_override(distribution(probs, where))
+        log.info("Steering probabilities set to %s until the next set_epoch", _fmt(probs))
 
     @property
     def memory_usage_mb(self) -> float:
-        """MB of data this object holds in this process's own memory (not bytes mapped).
+        """MB this object holds in this process's own memory (not bytes mapped).
 
         Rows read through the memory maps live in the page cache, shared and evictable, and are
         not counted; with memory-mapped reading this is the control block only. With a preload
-        it is the bytes of the preloaded tensors, on :attr:`device`.
+        it adds the bytes of the preloaded tensors, on :attr:`device`.
         """
-        held = self._control.numel() * self._control.element_size()
+        held = self._control.nbytes
         if self._preloaded is not None:
             held += self._preloaded.nbytes
         return held / 2**20
+
+    def _table(self, attr: str) -> Any:
+        """Table attribute ``attr`` (see :mod:`jasper_mmap.tables`), made on first access."""
+        if self._closed:
+            raise AttributeError(
+                f"{type(self).__name__}.{attr}: the tables were released by close(); "
+                f"open the dataset again to read them"
+            )
+        generation = self._control.snapshot().generation
+        key = (attr, generation) if attr in ("hard_negatives", "negative_tiers") else attr
+        if key not in self._tables:
+            self._tables[key] = self._make_table(attr, generation)
+        return self._tables[key]
+
+    def _make_table(self, attr: str, generation: int) -> Any:
+        store = self.store
+        if attr == "pair_keyword_ids":
+            return KeywordLists(store.raw("pair_keyword_offsets"), store.raw("pair_keyword_values"))
+        name = TABLES[attr] or f"{self.split}_idx"
+        if name in ("hard_negatives", "negative_tiers"):
+            generation = store.serve(generation)
+        t = table_tensor(store, name, generation)
+        return t.to(self.device) if self.device.type != "cpu" else t
 
     def __len__(self) -> int:
         return self._len
 
     # -- control -------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
-        """Select the curriculum epoch; reaches DataLoader workers at their next batch."""
-        if int(epoch) < 0:
-            raise ValueError(f"epoch should be >= 0, but got epoch={epoch}")
-        self._control[_EPOCH] = int(epoch)
+        """Select the curriculum epoch (drops assigned probabilities); reaches DataLoader
+        workers at their next batch.
+
+        Raises:
+            ConfigError: the curriculum gives probabilities the draw cannot use at ``epoch``.
+        """
+        epoch = int(epoch)
+        self.schedule.probs(epoch)  # refuse now, not at the first batch
+        self._control.set(epoch=epoch)
+        self._control.set_override(None)
+        log.info("Set epoch %d, steering probs: %s", epoch, _fmt(self.schedule.as_dict(epoch)))
 
     def force_steering(self, variant: str | None) -> None:
         """Serve every sample with ``variant`` ("zero", "centroid", "keyword", "residual");
         ``None`` restores the stochastic draw. Reaches workers at their next batch."""
-        self._control[_FORCED] = variant_index(variant)
+        try:
+            index = variant_index(variant)
+        except ValueError:
+            raise ValueError(
+                f"Invalid steering variant: {variant!r}. Must be one of: zero, centroid, "
+                f"keyword, residual (or None)"
+            ) from None
+        self._control.set(forced=index)
+        if variant is None:
+            log.info("Restored stochastic steering selection")
+        else:
+            log.info("Forced steering variant: %s", variant)
 
     @property
     def negatives_generation(self) -> int:
         """The negatives generation batches are served from (after the next batch starts)."""
-        return int(self._control[_GENERATION])
+        return self._control.snapshot().generation
 
     def reload_negatives(self) -> int:
         """Pick up new hard negatives; every worker uses them from its next batch.
 
-        For a dataset opened from a ``.pt`` directory, changed ``hard_negatives.pt`` /
-        ``negative_tiers.pt`` are first validated and published as a new generation of its
-        store (streaming). Then the store's newest published generation (see
+        For a dataset opened from a ``.pt`` directory, ``hard_negatives.pt`` /
+        ``negative_tiers.pt`` rewritten since they were last taken in are first validated and
+        published as a new generation of its store (streaming), unless a newer publication is
+        live. Then the store's newest published generation (see
         :func:`jasper_mmap.publish_negatives`) becomes the one batches are served from.
 
         Returns:
@@ -224,14 +347,15 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         """
         from .resolve import refresh_negatives
 
-        if self.store_path != self.dataset_dir.expanduser().absolute():
-            refresh_negatives(self.dataset_dir.expanduser().absolute(), self.store_path)
+        log.info("Reloading hard negatives from disk...")
+        if self._source_dir is not None:
+            refresh_negatives(self._source_dir, self.store_path)
         generation = self.store.live_generation()
-        self.store.use_generation(generation)
-        self._control[_GENERATION] = generation
+        self.store.use_generation(generation)  # leased here: NOTE [generation leases]
+        self._control.set(generation=generation)
         if self._preloaded is not None and self._preloaded.generation != generation:
             self._preloaded.refresh_negatives(self.store)
-        log.info("%s: serving negatives generation %d", self.store_path, generation)
+        log.info("Hard negatives reloaded successfully (generation %d)", generation)
         return generation
 
     # -- reading -------------------------------------------------------------------------------
@@ -240,33 +364,35 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         if idx.size and (idx.min() < 0 or idx.max() >= self._len):
             bad = idx[(idx < 0) | (idx >= self._len)][:5].tolist()
             raise SampleIndexError(
-                f"{self.store_path}: {self.split} has {self._len} samples, indices should "
-                f"be in [0, {self._len}), but got {bad}"
+                f"Index {bad[0] if len(bad) == 1 else bad} out of range [0, {self._len}) for "
+                f"the {self.split} split of {self.store_path}"
             )
         return idx
 
     def get_batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
         """The batch of samples ``indices``: nine keys, one vectorized gather per array."""
         idx = self._check_indices(indices)
-        control = self._control.tolist()  # one consistent snapshot for the whole batch
+        snap = self._control.snapshot()  # one consistent reading for the whole batch
         if self.preload:
-            return self._preloaded_batch(idx, control)
+            return self._preloaded_batch(idx, snap)
         store = self.store
         # NOTE [generation leases]: the batch reads one generation, leased until it is done
-        with store.pinned(control[_GENERATION], serve=True) as generation:
-            out = self._gather_batch(store, idx, control, generation)
+        with store.pinned(snap.generation, serve=True) as generation:
+            out = self._gather_batch(store, idx, snap, generation)
         if self.report_generation:
             out["negatives_generation"] = torch.full((idx.size,), generation, dtype=torch.int64)
         return out
 
+    def _variants(self, pairs: np.ndarray, snap: Snapshot) -> np.ndarray:
+        probs = snap.override if snap.override is not None else self.schedule.probs(snap.epoch)
+        return draw_variants(self.seed, snap.epoch, pairs, probs, snap.forced)
+
     def _gather_batch(
-        self, store: Store, idx: np.ndarray, control: list[int], generation: int
+        self, store: Store, idx: np.ndarray, snap: Snapshot, generation: int
     ) -> dict[str, torch.Tensor]:
-        b, epoch = idx.size, control[_EPOCH]
+        b = idx.size
         pairs = store.gather(f"{self.split}_idx", idx)
-        variants = draw_variants(
-            self.seed, epoch, pairs, self.schedule.probs(epoch), control[_FORCED]
-        )
+        variants = self._variants(pairs, snap)
         chosen = {table: pairs[variants == v] for v, table in _STEERING_TABLES.items()}
         store.prefetch({name: pairs for name in _PAIR_ARRAYS} | chosen)  # NOTE [batch prefetch]
         qs = store.gather("pair_index", pairs)
@@ -291,9 +417,9 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         out["steering_variant"] = torch.from_numpy(variants)
         return {key: out[key] for key in BATCH_KEYS}
 
-    def _preloaded_batch(self, idx: np.ndarray, control: list[int]) -> dict[str, torch.Tensor]:
-        if self._preloaded is None:  # unpickled in a DataLoader worker
-            if self.device.type != "cpu":
+    def _preloaded_batch(self, idx: np.ndarray, snap: Snapshot) -> dict[str, torch.Tensor]:
+        if self._preloaded is None:  # unpickled in a DataLoader worker, or after close()
+            if self.device.type != "cpu" and torch.utils.data.get_worker_info() is not None:
                 raise RuntimeError(
                     f"{self.store_path}: a dataset preloaded to {self.device} serves batches in "
                     f"the process that made it; use num_workers=0 (create_loader does)."
@@ -302,14 +428,10 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
                 self.store, self.split, self.device, self.preload_budget_bytes
             )
         pre = self._preloaded
-        if pre.generation != control[_GENERATION]:
-            self.store.serve(control[_GENERATION])
+        if pre.generation != snap.generation:
+            self.store.serve(snap.generation)
             pre.refresh_negatives(self.store)
-        epoch = control[_EPOCH]
-        variants = draw_variants(
-            self.seed, epoch, pre.pairs[idx], self.schedule.probs(epoch), control[_FORCED]
-        )
-        batch = pre.batch(idx, variants)
+        batch = pre.batch(idx, self._variants(pre.pairs[idx], snap))
         if self.report_generation:
             batch["negatives_generation"] = torch.full(
                 (idx.size,), pre.generation, device=self.device
@@ -343,6 +465,7 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_preloaded"] = None  # rebuilt lazily (CPU) in the process that unpickles it
+        state["_tables"] = {}
         return state
 
     def __getitems__(self, indices: Sequence[int]) -> SampleBatch:
@@ -350,36 +473,55 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         return SampleBatch(self.get_batch(indices))
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
-        """One sample (shapes without the batch dimension)."""
-        if not isinstance(idx, int | np.integer):
+        """One sample (shapes without the batch dimension); ``idx`` may be an int, a numpy
+        integer or a 0-d integer tensor.
+
+        Raises:
+            IndexError: ``idx`` is negative or not below ``len(self)``.
+        """
+        if isinstance(idx, torch.Tensor) and idx.ndim == 0 and not idx.is_floating_point():
+            idx = int(idx)
+        if isinstance(idx, bool) or not isinstance(idx, int | np.integer):
             raise TypeError(
                 f"index should be an int, but got {type(idx).__name__}; use get_batch for many"
             )
         return SampleBatch(self.get_batch([int(idx)]))[0]
 
     # -- lifetime -------------------------------------------------------------------------------
-    def close(self) -> None:
-        """Release this process's maps (reopened on next use)."""
+    def _release(self) -> None:
+        self._tables.clear()
         if self._store is not None:
             self._store.close()
+
+    def close(self) -> None:
+        """Release this process's maps, leases and preloaded tensors; the table attributes
+        are gone until the dataset is used again (a batch reopens the maps)."""
+        log.info(
+            "Dataset closed. Split: %s, Device: %s, Memory: %.1f MB",
+            self.split,
+            self.device,
+            self.memory_usage_mb,
+        )
+        self._release()
+        self._preloaded = None
+        self._closed = True
 
     def __enter__(self) -> JASPERSteeringDataset:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        log.debug("closing %s split %s (%d samples)", self.store_path, self.split, self._len)
         self.close()
 
     def __del__(self) -> None:
         try:
-            self.close()
+            self._release()
         except Exception:  # noqa: BLE001 - never raise from a finalizer
             pass
 
     def __repr__(self) -> str:
         return (
             f"JASPERSteeringDataset({str(self.store_path)!r}, split={self.split!r}, len={self._len}, "
-            f"epoch={self.epoch}, backend={self.store.backend!r})"
+            f"epoch={self.epoch}, storage_format={self.storage_format!r}, use_mmap={self.use_mmap})"
         )
 
     @staticmethod
@@ -387,19 +529,44 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         dataset_dir: str | Path,
         epoch: int = 0,
         device: str | torch.device | None = None,
+        storage_format: str = "auto",
+        use_mmap: bool | None = None,
         **kwargs: Any,
     ) -> dict[str, JASPERSteeringDataset]:
-        """One dataset per split present in the store (train, and val/test when they exist)."""
-        store = open_store(
-            resolve_store(
-                dataset_dir, kwargs.get("cache_dir"), kwargs.get("store_format", "safetensors")
-            )
+        """One dataset per split the dataset has (train, and val/test when they exist)."""
+        first = JASPERSteeringDataset(
+            dataset_dir, "train", epoch, device, storage_format, use_mmap, **kwargs
         )
-        return {
-            s: JASPERSteeringDataset(dataset_dir, s, epoch, device, **kwargs)
-            for s in SPLITS
-            if store.has(f"{s}_idx")
-        }
+        splits = {"train": first}
+        for s in ("val", "test"):
+            if first.store.has(f"{s}_idx"):
+                splits[s] = JASPERSteeringDataset(
+                    dataset_dir, s, epoch, device, storage_format, use_mmap, **kwargs
+                )
+        return splits
+
+    @staticmethod
+    def convert_pt_to_hdf5(dataset_dir: str | Path, compression: str | None = "gzip") -> Path:
+        """Write the in-RAM dataset's ``dataset.h5`` from a ``.pt`` directory (streaming).
+
+        Raises:
+            ImportError: h5py is not installed (``pip install 'jasper_mmap[hdf5]'``).
+        """
+        from .converters.h5_writer import convert_pt_to_hdf5
+
+        return convert_pt_to_hdf5(dataset_dir, compression)
+
+
+def _table_property(attr: str) -> property:
+    return property(
+        lambda self: self._table(attr),
+        doc=f"``{attr}`` of the in-RAM dataset: a read-only tensor over the store's map "
+        f"(see :mod:`jasper_mmap.tables`).",
+    )
+
+
+for _attr in TABLES:
+    setattr(JASPERSteeringDataset, _attr, _table_property(_attr))
 
 
 #: batch key -> (array, shape from (B, n_neg), dtype) of the pair-level outputs
@@ -440,8 +607,19 @@ class _gatherer:
         return out
 
 
-def _read_config(store_path: Path) -> dict[str, Any]:
-    import json
+def _fmt(probs: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={float(v):.2f}" for k, v in probs.items())
 
-    with open(store_path / CONFIG, encoding="utf-8") as f:
-        return json.load(f)
+
+def _read_config(store_path: Path) -> dict[str, Any]:
+    path = store_path / CONFIG
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise ArtifactMissingError(f"Config file not found: {path}. Re-create the store.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: is not valid JSON ({e}). Fix the file.") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: should be a JSON object. Fix the file.")
+    return config

@@ -29,8 +29,11 @@ class JasperError(Exception):
     """Base class of every error raised on purpose by jasper_mmap and its converters."""
 
 
-class ArtifactMissingError(JasperError, FileNotFoundError):
-    """A required input file (``.pt`` artifact, ``config.json``, split) does not exist."""
+class ArtifactMissingError(JasperError, FileNotFoundError, ValueError):
+    """A required input file (``.pt`` artifact, ``config.json``, split) does not exist.
+
+    Also a ValueError: the in-RAM dataset raised ValueError for these, and its users catch it.
+    """
 
 
 class ArtifactError(JasperError, ValueError):
@@ -41,8 +44,9 @@ class ConfigError(JasperError, ValueError):
     """``config.json`` is missing keys, holds wrong types, or disagrees with the files."""
 
 
-class StoreNotFoundError(JasperError, FileNotFoundError):
-    """A store directory or one of its files does not exist."""
+class StoreNotFoundError(JasperError, FileNotFoundError, ValueError):
+    """A store directory or one of its files does not exist (also a ValueError, as
+    :class:`ArtifactMissingError`)."""
 
 
 class StoreFormatError(JasperError, ValueError):

@@ -22,19 +22,24 @@ import logging
 import os
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import ArtifactError, ArtifactMissingError, StoreNotFoundError, StoreStaleError
-from .fingerprints import (
-    NEGATIVE_FILES,
-    changed,
-    dataset_file_names,
-    fingerprint,
-)
+from .fingerprints import H5_FILE, NEGATIVE_FILES, changed, dataset_file_names, fingerprint
 from .layout import CONFIG, MANIFEST, read_manifest, read_pointer
 
-__all__ = ["resolve_store", "refresh_negatives", "STORE_DIRNAME", "NEGATIVE_FILES"]
+__all__ = [
+    "resolve_store",
+    "resolve_dataset",
+    "detect_storage_format",
+    "refresh_negatives",
+    "Resolved",
+    "STORE_DIRNAME",
+    "NEGATIVE_FILES",
+    "STORAGE_FORMATS",
+]
 
 log = logging.getLogger(__name__)
 
@@ -141,15 +146,17 @@ def _check_sources(store: Path) -> None:
         )
 
 
-def _store_location(src: Path, cache_dir: str | Path | None) -> Path:
+def _store_location(src: Path, cache_dir: str | Path | None, fmt: str = "pt") -> Path:
+    """Where the store of dataset directory ``src`` (from its ``fmt`` files) is kept."""
+    suffix = "" if fmt == "pt" else f"_{fmt}"
     if cache_dir is not None:
         tag = hashlib.blake2b(str(src).encode(), digest_size=6).hexdigest()
-        return Path(cache_dir).expanduser().absolute() / f"{src.name}-{tag}"
+        return Path(cache_dir).expanduser().absolute() / f"{src.name}-{tag}{suffix}"
     if os.access(src, os.W_OK):
-        return src / STORE_DIRNAME
+        return src / f"{STORE_DIRNAME}{suffix}"
     fallback = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "jasper_mmap"
     log.info("%s is not writable; keeping its store under %s", src, fallback)
-    return _store_location(src, fallback)
+    return _store_location(src, fallback, fmt)
 
 
 def _holder(lock_file: Any) -> str:
@@ -210,41 +217,120 @@ def _rebuild_reason(src: Path, store: Path) -> str | None:
     return None
 
 
-def resolve_store(
+STORAGE_FORMATS = ("auto", "pt", "hdf5")
+
+
+def _h5py_available() -> bool:
+    try:
+        import h5py  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def detect_storage_format(src: Path, requested: str) -> str:
+    """Which source files of dataset directory ``src`` to read: ``"pt"`` or ``"hdf5"``.
+
+    As the in-RAM dataset decides: ``"auto"`` takes ``dataset.h5`` when it exists and h5py is
+    installed, else the ``.pt`` files; ``"pt"``/``"hdf5"`` insist on theirs.
+
+    Raises:
+        ValueError: an unknown ``requested``, or the files it needs are absent (an
+            ``ArtifactMissingError``, also a FileNotFoundError), or h5py is missing.
+    """
+    if requested not in STORAGE_FORMATS:
+        raise ValueError(f"Invalid storage_format: {requested!r}. Must be 'auto', 'pt', or 'hdf5'")
+    h5, pt = (src / H5_FILE).is_file(), (src / "question_embs.pt").is_file()
+    if requested == "auto":
+        if h5 and _h5py_available():
+            return "hdf5"
+        if pt:
+            return "pt"
+        raise ArtifactMissingError(
+            f"No dataset files found in {src}. Expected either dataset.h5 or *.pt files "
+            f"(docs/dataset_format.md)."
+        )
+    if requested == "hdf5":
+        if not _h5py_available():
+            raise ValueError(
+                "HDF5 format requested but h5py is not installed. Install with: "
+                "pip install 'jasper_mmap[hdf5]' (or pip install h5py)"
+            )
+        if not h5:
+            raise ArtifactMissingError(f"HDF5 file not found: {src / H5_FILE}")
+        return "hdf5"
+    if not pt:
+        raise ArtifactMissingError(f"PT files not found in {src} (no question_embs.pt)")
+    return "pt"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a ``dataset_dir`` resolved to."""
+
+    store: Path  # the store to open
+    storage_format: str  # "pt" or "hdf5": the source the store was made from
+    source_dir: Path | None  # the dataset directory it follows, or None for a store given
+
+
+def _store_format_of(store: Path, requested: str) -> str:
+    source = read_manifest(store).get("source") or {}
+    recorded = source.get("format", "pt") if isinstance(source, dict) else "pt"
+    recorded = recorded if recorded in ("pt", "hdf5") else "pt"
+    if requested not in STORAGE_FORMATS:
+        detect_storage_format(store, requested)  # the in-RAM dataset's ValueError
+    if requested not in ("auto", recorded):
+        raise ValueError(
+            f"{store}: is a store converted from {recorded} files; storage_format="
+            f"{requested!r} cannot apply to it. Pass storage_format='auto', or open the "
+            f"dataset directory it was converted from."
+        )
+    return recorded
+
+
+def resolve_dataset(
     dataset_dir: str | Path,
     cache_dir: str | Path | None = None,
     store_format: str = "safetensors",
     check_sources: bool = True,
+    *,
+    storage_format: str = "auto",
     convert_options: dict[str, Any] | None = None,
-) -> Path:
-    """Return the store to read for ``dataset_dir``, converting or refreshing it if needed.
+) -> Resolved:
+    """Resolve ``dataset_dir`` to a store, converting or refreshing it if needed.
 
-    A store passed directly is checked against the ``.pt`` files it was converted from, when
-    that directory still exists (``check_sources=False`` skips this). ``convert_options`` go to
-    :func:`jasper_mmap.converters.convert_pt` when a conversion is needed.
+    A store passed directly is checked against the dataset directory it was converted from,
+    when that directory still exists (``check_sources=False`` skips this). A dataset directory
+    is converted (``.pt`` or ``dataset.h5``, per ``storage_format``; see
+    :func:`detect_storage_format`) into a cached store, reused while its files are unchanged.
+    ``convert_options`` go to :func:`jasper_mmap.converters.convert_pt`.
 
     Raises:
-        StoreNotFoundError: ``dataset_dir`` does not exist or is not a directory.
-        ArtifactMissingError: it is neither a store nor a dataset directory with config.json.
-        StoreStaleError: a store whose source ``.pt`` files changed since conversion.
+        StoreNotFoundError: ``dataset_dir`` does not exist (a ValueError too).
+        ArtifactMissingError: it has no config.json, or not the files asked for.
+        StoreStaleError: a store whose source files changed since conversion.
+        ValueError: an unknown ``storage_format``, or h5py missing for ``"hdf5"``.
     """
     src = Path(dataset_dir).expanduser().absolute()
     if not src.is_dir():
         what = "is not a directory" if src.exists() else "does not exist"
         raise StoreNotFoundError(
-            f"{src}: dataset directory {what}. Pass a store made by convert-pt or a "
-            f"directory of .pt artifacts."
+            f"Dataset directory not found: {src} ({what}). Pass a store made by convert-pt "
+            f"or a dataset directory of .pt files or dataset.h5."
         )
     if (src / MANIFEST).exists():
+        fmt = _store_format_of(src, storage_format)
         if check_sources:
             _check_sources(src)
-        return src
+        return Resolved(src, fmt, None)
     if not (src / CONFIG).exists():
         raise ArtifactMissingError(
-            f"{src}: has neither manifest.json (a store) nor config.json (a .pt "
-            f"dataset). Check the path; docs/dataset_format.md describes the dataset layout."
+            f"Config file not found: {src / CONFIG}. {src} is neither a store (manifest.json) "
+            f"nor a dataset directory (config.json + .pt files or dataset.h5); "
+            f"docs/dataset_format.md describes the layout."
         )
-    store = _store_location(src, cache_dir)
+    fmt = detect_storage_format(src, storage_format)
+    store = _store_location(src, cache_dir, fmt)
     store.parent.mkdir(parents=True, exist_ok=True)
     with open(store.parent / f".{store.name}.lock", "a+") as lock:
         _lock_exclusive(lock, src)
@@ -252,5 +338,19 @@ def resolve_store(
         if why is None:
             refresh_negatives(src, store)
         else:
-            _convert(src, store, store_format, convert_options or {}, why)
-    return store
+            options = {**(convert_options or {}), "source": fmt}
+            _convert(src, store, store_format, options, why)
+    return Resolved(store, fmt, src)
+
+
+def resolve_store(
+    dataset_dir: str | Path,
+    cache_dir: str | Path | None = None,
+    store_format: str = "safetensors",
+    check_sources: bool = True,
+    convert_options: dict[str, Any] | None = None,
+) -> Path:
+    """The store to read for ``dataset_dir`` (see :func:`resolve_dataset`)."""
+    return resolve_dataset(
+        dataset_dir, cache_dir, store_format, check_sources, convert_options=convert_options
+    ).store

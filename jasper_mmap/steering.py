@@ -19,7 +19,15 @@ import numpy as np
 
 from .errors import ConfigError
 
-__all__ = ["VARIANTS", "SteeringSchedule", "uniform", "draw_variants", "variant_index"]
+__all__ = [
+    "VARIANTS",
+    "SteeringSchedule",
+    "compute_steering_probs",
+    "distribution",
+    "uniform",
+    "draw_variants",
+    "variant_index",
+]
 
 log = logging.getLogger(__name__)
 
@@ -59,75 +67,107 @@ def variant_index(variant: str | None) -> int:
     return VARIANTS.index(variant)
 
 
+#: what the in-RAM dataset's formula uses for a curriculum key or a base key that is missing
+CURRICULUM_DEFAULTS = {"zero_prob_start": 0.5, "zero_prob_end": 0.1, "epochs_total": 100}
+MISSING_BASE_PROB = 0.3
+
+
+def compute_steering_probs(config: Mapping[str, Any], epoch: int) -> dict[str, float]:
+    """The in-RAM dataset's ``_compute_steering_probs``, edge cases included.
+
+    No (or an empty) ``curriculum``: ``steering_probabilities`` as it is. Otherwise, whatever
+    else the block holds, the zero probability moves linearly from ``zero_prob_start`` to
+    ``zero_prob_end`` over ``epochs_total`` epochs (defaults 0.5, 0.1, 100; ``epochs_total`` 0
+    counts as 1), and the rest is shared in proportion to the base probabilities without zero
+    (a missing base key counts as 0.3); with a base zero of 1 the rest goes to centroid.
+    """
+    base = config["steering_probabilities"]
+    curriculum = config.get("curriculum") or {}
+    if not curriculum:
+        return dict(base)
+    c = {**CURRICULUM_DEFAULTS, **curriculum}
+    progress = min(epoch / max(c["epochs_total"], 1), 1.0)
+    zero = c["zero_prob_start"] + (c["zero_prob_end"] - c["zero_prob_start"]) * progress
+    remaining = 1.0 - zero
+    total_non_zero = 1.0 - base.get("zero", 0.0)
+    if total_non_zero > 0:
+        scale = remaining / total_non_zero
+        rest = {v: base.get(v, MISSING_BASE_PROB) * scale for v in VARIANTS[1:]}
+        return {"zero": zero, **rest}
+    return {"zero": zero, "centroid": remaining, "keyword": 0.0, "residual": 0.0}
+
+
+def distribution(probs: Mapping[str, Any], where: str) -> np.ndarray:
+    """The four variant probabilities to draw from, checked.
+
+    Raises:
+        ConfigError: a name other than the four variants, a value that is not a finite
+            non-negative number, or a sum that is not 1 (the in-RAM dataset could not draw
+            from them either).
+    """
+    unknown = sorted(set(probs) - set(VARIANTS))
+    try:
+        p = np.array([float(probs.get(v, 0.0)) for v in VARIANTS])
+    except (TypeError, ValueError, AttributeError):
+        p = np.array([np.nan])
+    if unknown or not np.isfinite(p).all() or (p < 0).any() or abs(p.sum() - 1.0) > 1e-6:
+        raise ConfigError(
+            f"{where}: steering probabilities should map {VARIANTS} to finite non-negative "
+            f"numbers summing to 1, but they are {dict(probs)!r} (sum {p.sum():.6g}). Fix "
+            f"steering_probabilities/curriculum in config.json (a missing base key counts as "
+            f"{MISSING_BASE_PROB} under a curriculum), or assign valid ones."
+        )
+    return p / p.sum()
+
+
 @dataclass(frozen=True)
 class SteeringSchedule:
-    """Variant probabilities per epoch, from ``config.json``.
+    """Variant probabilities per epoch, from ``config.json`` (see :func:`compute_steering_probs`).
 
-    With a curriculum holding ``zero_prob_start``/``zero_prob_end``/``epochs_total``, the zero
-    probability moves linearly from start (epoch 0) to end (epoch ``epochs_total`` and later);
-    the other three share the rest in proportion to ``steering_probabilities``. Without one,
-    ``steering_probabilities`` (default uniform) holds at every epoch.
+    Attributes:
+        config: the ``steering_probabilities`` and ``curriculum`` blocks.
+        where: the file they came from, for error messages.
     """
 
-    base: tuple[float, float, float, float]
-    zero_start: float | None = None
-    zero_end: float | None = None
-    epochs_total: int = 0
+    config: Mapping[str, Any]
+    where: str = "config.json"
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], where: str = "config.json") -> SteeringSchedule:
-        raw = config.get("steering_probabilities") or {v: 0.25 for v in VARIANTS}
-        try:
-            base = np.array([float(raw.get(v, 0.0)) for v in VARIANTS])
-        except (TypeError, ValueError, AttributeError):
+        """Check the blocks' types (not their values: see :meth:`probs`).
+
+        Raises:
+            ConfigError: ``steering_probabilities`` missing or not an object, ``curriculum``
+                not an object, or a curriculum value that is not a number.
+        """
+        base, cur = config.get("steering_probabilities"), config.get("curriculum")
+        if not isinstance(base, Mapping):
             raise ConfigError(
-                f"{where}: steering_probabilities should map {VARIANTS} to numbers, but got "
-                f"{raw!r}. Fix the file."
-            ) from None
-        if (base < 0).any() or base.sum() <= 0:
-            raise ConfigError(
-                f"{where}: steering_probabilities should be non-negative with a positive sum, "
-                f"but got {raw!r}. Fix the file."
+                f"{where}: steering_probabilities should be an object mapping {VARIANTS} to "
+                f"probabilities, but got {base!r}. Add it to config.json."
             )
-        base = tuple((base / base.sum()).tolist())
-        cur = config.get("curriculum")
-        if not cur:
-            return cls(base)
-        if "zero_prob_start" not in cur and "zero_prob_end" not in cur:
-            log.info(
-                "%s: curriculum %s has no zero_prob_* keys; steering probabilities stay fixed",
-                where,
-                sorted(cur),
-            )
-            return cls(base)
-        try:
-            start, end = float(cur["zero_prob_start"]), float(cur["zero_prob_end"])
-            total = int(cur.get("epochs_total", 0))
-        except (KeyError, TypeError, ValueError):
-            raise ConfigError(
-                f"{where}: curriculum should hold numeric zero_prob_start, zero_prob_end and "
-                f"epochs_total, but got {cur!r}. Fix the file."
-            ) from None
-        if not (0 <= start <= 1 and 0 <= end <= 1) or total < 0:
-            raise ConfigError(
-                f"{where}: curriculum zero probabilities should be in [0, 1] and epochs_total "
-                f">= 0, but got {cur!r}. Fix the file."
-            )
-        return cls(base, start, end, total)
+        if cur is not None and not isinstance(cur, Mapping):
+            raise ConfigError(f"{where}: curriculum should be an object, but got {cur!r}.")
+        for key in CURRICULUM_DEFAULTS:
+            value = (cur or {}).get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(
+                    f"{where}: curriculum {key} should be a number, but got {key}={value!r}."
+                )
+        return cls({"steering_probabilities": dict(base), "curriculum": dict(cur or {})}, where)
+
+    def as_dict(self, epoch: int) -> dict[str, float]:
+        """The in-RAM dataset's ``steering_probs`` at ``epoch`` (unchecked, as it computes it)."""
+        return compute_steering_probs(self.config, epoch)
 
     def probs(self, epoch: int) -> np.ndarray:
-        """Probabilities of (zero, centroid, keyword, residual) at ``epoch``."""
-        base = np.array(self.base)
-        if self.zero_start is None:
-            return base
-        t = (
-            1.0
-            if self.epochs_total == 0
-            else min(max(epoch, 0), self.epochs_total) / self.epochs_total
-        )
-        zero = self.zero_start + (self.zero_end - self.zero_start) * t
-        rest = base[1:] / base[1:].sum() if base[1:].sum() > 0 else np.full(3, 1 / 3)
-        return np.concatenate([[zero], (1.0 - zero) * rest])
+        """Probabilities of (zero, centroid, keyword, residual) at ``epoch``, checked.
+
+        Raises:
+            ConfigError: the formula gives values the draw cannot use (NaN, negative, a sum
+                other than 1) at this epoch.
+        """
+        return distribution(self.as_dict(epoch), f"{self.where} at epoch {epoch}")
 
 
 def draw_variants(

@@ -119,7 +119,8 @@ def test_error_classes_subclass_builtins():
     for cls in (ArtifactMissingError, ArtifactError, ConfigError, StoreExistsError):
         assert issubclass(cls, JasperError)
     assert not issubclass(ArtifactError, FileNotFoundError)
-    assert not issubclass(ArtifactMissingError, ValueError)
+    # missing files are ValueErrors too: the in-RAM dataset raised ValueError for them
+    assert issubclass(ArtifactMissingError, ValueError)
 
 
 # -- missing files ---------------------------------------------------------------------------

@@ -221,12 +221,19 @@ def test_waiting_for_the_conversion_lock_names_the_holder(src, caplog, monkeypat
     holder.write(json.dumps({"pid": 4242, "host": "nodeA", "since": time.time() - 75}))
     holder.flush()
     monkeypatch.setattr(resolve, "WAIT_LOG_SECONDS", 0.1)
-    import threading
+    real_holder, calls = resolve._holder, []
 
-    threading.Timer(0.5, holder.close).start()
+    def holder_then_release(lock_file):  # the holder finishes once the waiter has said so
+        calls.append(real_holder(lock_file))
+        if len(calls) == 2:
+            holder.close()
+        return calls[-1]
+
+    monkeypatch.setattr(resolve, "_holder", holder_then_release)
     with caplog.at_level(logging.INFO, logger="jasper_mmap.resolve"):
         resolve_store(src)
     assert "waiting for process 4242 on nodeA, converting for 7" in caplog.text
+    assert len(calls) == 2, "the waiter logs again every WAIT_LOG_SECONDS"
     assert open_store(src / STORE_DIRNAME).counts["n_pairs"] == 120
     info = json.loads(lock_path.read_text())
     assert info["pid"] == os.getpid()
