@@ -91,7 +91,9 @@ class KeywordLists(Sequence):
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Sequence) or isinstance(other, str | bytes):
             return NotImplemented
-        return len(self) == len(other) and all(a == list(b) for a, b in zip(self, other, strict=True))
+        return len(self) == len(other) and all(
+            a == list(b) for a, b in zip(self, other, strict=True)
+        )
 
     __hash__ = None  # type: ignore[assignment]
 

@@ -282,7 +282,9 @@ def test_clear_errors_for_missing_dir_config_split_and_corrupt_indices(tmp_path,
             JASPERSteeringDataset(tmp_path / "missing", "train")
     (tmp_path / "empty").mkdir()
     for cls in (ArtifactMissingError, FileNotFoundError, ValueError):
-        with pytest.raises(cls, match="Config file not found: .*empty/config.json.*neither a store"):
+        with pytest.raises(
+            cls, match="Config file not found: .*empty/config.json.*neither a store"
+        ):
             JASPERSteeringDataset(tmp_path / "empty", "train")
     (src / "test_idx.pt").unlink()
     for cls in (ArtifactMissingError, ValueError):
