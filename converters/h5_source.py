@@ -14,20 +14,18 @@ the split comes from ``splits/{split}``; ``train`` is required, ``val``/``test``
 ``H5Source.split_sources`` tells which file each split came from.
 
 # NOTE [chunk cache]
-Upstream lets h5py guess chunk shapes, which split the columns: a [400k, 384] float32 table is
-chunked (6250, 6), so rows 0:6250 span 64 gzip chunks. A row block that ends inside such a
-chunk row would decompress those 64 chunks again for the next block. While a table is being
-streamed (consecutive ``read_rows`` calls) its dataset is held with a chunk cache that holds
-one chunk row (at most 64 MiB); any other read, or reaching the last row, drops the handle and
-its cache, so memory stays a few MiB per table whatever the file size.
+Upstream lets h5py guess chunk shapes, which split columns: a [400k, 384] float32 table gets
+(6250, 6) chunks, so a row block ending inside a chunk row would decompress its 64 chunks again
+for the next block. While a table is streamed (consecutive ``read_rows``) its dataset is held
+with a chunk cache of one chunk row (at most 64 MiB); any other read, or the last row, drops
+the handle and its cache, so memory stays bounded whatever the file size.
 
 # NOTE [keyword pass]
-``pair_data/keyword_ids`` holds one small int32 dataset per pair (a million for a million
-pairs). Opening them through h5py's high-level API costs ~200-470 us each here; the pass opens
-each by its decimal name with ``h5py.h5d.open`` in numeric order (no listing or sorting of
-names), checks its type and rank, and for the usual contiguous int32 layout reads the bytes
-with one ``os.pread`` at the offset HDF5 reports (``H5Dget_offset``); other integer layouts go
-through ``H5Dread``. Measured figures are in the module's tests' docstring and the README.
+``pair_data/keyword_ids`` holds one small int32 dataset per pair. ``group[str(i)][:]`` costs
+~200 us each here; the pass opens each by its decimal name with ``h5py.h5d.open`` in numeric
+order (no listing or sorting of names), checks type and rank, and for the usual contiguous
+int32 layout reads the bytes with one ``os.pread`` at the offset HDF5 reports
+(``H5Dget_offset``): ~80 us each. Other integer layouts go through ``H5Dread``.
 
 # NOTE [metadata cache]
 A scan opens every object header once, so HDF5's adaptive metadata cache sees a low hit rate
@@ -41,7 +39,6 @@ stays ~45 MB above the open file (400k pairs), and the file's own settings come 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -64,8 +61,6 @@ __all__ = [
     "open_h5_source",
     "iter_h5_keyword_rows",
     "require_h5py",
-    "TORCH_DTYPES",
-    "KINDS",
 ]
 
 log = logging.getLogger(__name__)
@@ -95,21 +90,13 @@ H5_PATHS: dict[str, tuple[str, str, int]] = {
 }
 SPLIT_NAMES = ("train", "val", "test")
 
-#: numpy (kind, itemsize) -> torch dtype name
+#: numpy (kind, itemsize) -> torch dtype name: float16..64, int8..64, uint8..64, bool
 TORCH_DTYPES = {
-    ("f", 2): "torch.float16",
-    ("f", 4): "torch.float32",
-    ("f", 8): "torch.float64",
-    ("i", 1): "torch.int8",
-    ("i", 2): "torch.int16",
-    ("i", 4): "torch.int32",
-    ("i", 8): "torch.int64",
-    ("u", 1): "torch.uint8",
-    ("u", 2): "torch.uint16",
-    ("u", 4): "torch.uint32",
-    ("u", 8): "torch.uint64",
-    ("b", 1): "torch.bool",
-}
+    (k, n): f"torch.{name}{8 * n}"
+    for k, name in (("f", "float"), ("i", "int"), ("u", "uint"))
+    for n in (1, 2, 4, 8)
+    if (k, n) != ("f", 1)
+} | {("b", 1): "torch.bool"}
 KINDS = {"float": ("f",), "int": ("i", "u")}
 _CACHE_MAX = 64 << 20
 #: keyword pass: metadata cache room besides the group's name heap, and eviction period
@@ -235,26 +222,21 @@ class H5Array:
         self._closed = False
 
     def _check(self, dtype: np.dtype, shape: tuple[int, ...], kind: str, ndim: int) -> None:
-        if dtype.kind not in KINDS[kind] or (dtype.kind, dtype.itemsize) not in TORCH_DTYPES:
+        ok = dtype.kind in KINDS[kind] and (dtype.kind, dtype.itemsize) in TORCH_DTYPES
+        if not ok or len(shape) != ndim:
             raise ArtifactError(
-                f"{self.path}: should hold {'floats' if kind == 'float' else 'integers'}, "
-                f"but holds {dtype}. {fix_text(self.file_path)}"
-            )
-        if len(shape) != ndim:
-            raise ArtifactError(
-                f"{self.path}: should be {ndim}-D, but has shape {list(shape)}. "
-                f"{fix_text(self.file_path)}"
+                f"{self.path}: should be a {ndim}-D array of "
+                f"{'floats' if kind == 'float' else 'integers'}, but has shape {list(shape)} "
+                f"and dtype {dtype}. {fix_text(self.file_path)}"
             )
 
     def _cache_bytes(self, ds: Any) -> int:
         """Chunk cache that holds one chunk row (see NOTE [chunk cache]), capped."""
         if not ds.chunks:
             return 0
-        per_chunk = int(np.prod(ds.chunks)) * ds.dtype.itemsize
-        across = int(
-            np.prod([-(-n // c) for n, c in zip(ds.shape[1:], ds.chunks[1:], strict=True)])
-        )
-        return min(_CACHE_MAX, max(1 << 20, 2 * per_chunk * across))
+        across = [-(-n // c) for n, c in zip(ds.shape[1:], ds.chunks[1:], strict=True)]
+        row = int(np.prod(ds.chunks)) * ds.dtype.itemsize * int(np.prod(across))
+        return min(_CACHE_MAX, max(1 << 20, 2 * row))
 
     @property
     def nbytes(self) -> int:
@@ -436,35 +418,6 @@ def iter_h5_keyword_rows(
         yield from _KeywordPass(src.path, src._keywords.id, n, block_rows)
 
 
-class _MetadataCache:
-    """The file's HDF5 metadata cache during a keyword pass; see NOTE [metadata cache]."""
-
-    def __init__(self, fid: Any, size: int) -> None:
-        self.fid, self.saved = fid, fid.get_mdc_config()
-        self.big = self._config(size)
-        self.small = self._config(1 << 20)
-        fid.set_mdc_config(self.big)
-
-    def _config(self, size: int) -> Any:
-        c = self.fid.get_mdc_config()
-        c.set_initial_size, c.initial_size, c.max_size = True, size, size
-        c.min_size = min(c.min_size, size)
-        c.incr_mode = c.flash_incr_mode = c.decr_mode = 0  # off: the size is ours
-        return c
-
-    @contextlib.contextmanager
-    def evicting(self) -> Iterator[None]:
-        """Shrink the cache for the next metadata load (which evicts), then grow it back."""
-        self.fid.set_mdc_config(self.small)
-        try:
-            yield
-        finally:
-            self.fid.set_mdc_config(self.big)
-
-    def restore(self) -> None:
-        self.fid.set_mdc_config(self.saved)
-
-
 class _KeywordPass:
     """One pass over the per-pair keyword datasets; see NOTE [keyword pass]."""
 
@@ -478,24 +431,29 @@ class _KeywordPass:
         self.values = np.empty(4 * len(self.lengths), dtype=np.int32)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        links = self.gid.get_num_objs()
-        if links > self.n_pairs:
+        links, n = self.gid.get_num_objs(), self.n_pairs
+        if links > n:
             log.warning(
-                "%s:%s holds %d datasets for %d pairs; the extra ones are ignored (as upstream "
-                "does)",
-                self.path,
-                KEYWORDS_PATH,
-                links,
-                self.n_pairs,
+                "%s: %d keyword datasets, %d pairs; extra ones ignored", self.path, links, n
             )
-        fid = require_h5py().h5i.get_file_id(self.gid)
-        self.mdc = _MetadataCache(fid, _MDC_BASE + 32 * self.n_pairs)
+        self.fid = require_h5py().h5i.get_file_id(self.gid)
+        saved = self.fid.get_mdc_config()
+        self.big, self.small = self._mdc(_MDC_BASE + 32 * n), self._mdc(1 << 20)
+        self.fid.set_mdc_config(self.big)
         fd = os.open(self.path, os.O_RDONLY)
         try:
             yield from self._blocks(fd)
         finally:
             os.close(fd)
-            self.mdc.restore()
+            self.fid.set_mdc_config(saved)
+
+    def _mdc(self, size: int) -> Any:
+        """Metadata cache settings of a fixed ``size``; see NOTE [metadata cache]."""
+        c = self.fid.get_mdc_config()
+        c.set_initial_size, c.initial_size, c.max_size = True, size, size
+        c.min_size = min(c.min_size, size)
+        c.incr_mode = c.flash_incr_mode = c.decr_mode = 0  # adaptive resizing off
+        return c
 
     def _blocks(self, fd: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         k = pos = 0
@@ -543,11 +501,11 @@ class _KeywordPass:
 
     def _open(self, i: int) -> Any:
         name = b"%d" % i
+        evict = i % _EVICT_EVERY == 0 < i
+        if evict:
+            self.fid.set_mdc_config(self.small)  # the open below evicts the cached headers
         try:
-            if i % _EVICT_EVERY or not i:
-                return self.h5d.open(self.gid, name)
-            with self.mdc.evicting():
-                return self.h5d.open(self.gid, name)
+            ds = self.h5d.open(self.gid, name)
         except (KeyError, ValueError, OSError, RuntimeError, TypeError) as e:
             if not self.gid.links.exists(name):
                 raise ArtifactError(
@@ -556,6 +514,9 @@ class _KeywordPass:
                     f"{fix_text(self.path)}"
                 ) from None
             raise self._bad(i, f"is not a readable dataset ({_brief(e)})") from None
+        if evict:
+            self.fid.set_mdc_config(self.big)
+        return ds
 
     def _bad(self, i: int, what: str) -> JasperError:
         return ArtifactError(
