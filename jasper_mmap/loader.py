@@ -23,6 +23,7 @@ __all__ = [
     "create_loader",
     "set_epoch",
     "validate_first_batch",
+    "first_batch_summary",
     "collate_batch",
     "seed_worker",
     "BatchValidationError",
@@ -31,8 +32,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class BatchValidationError(JasperError, ValueError):
-    """A batch has a missing key, a wrong shape or dtype, NaN/Inf, or a value out of range."""
+class BatchValidationError(JasperError, AssertionError, ValueError):
+    """A batch has a missing key, a wrong shape or dtype, NaN/Inf, or a value out of range.
+
+    An AssertionError, as the in-RAM dataset's ``validate_first_batch`` raised (its docs tell
+    users to catch that), and a ValueError.
+    """
 
 
 def collate_batch(data: Any) -> Any:
@@ -80,11 +85,14 @@ def create_loader(
         "seed",
         "cache_dir",
         "store_format",
+        "storage_format",
+        "use_mmap",
         "device",
         "report_generation",
         "preload",
         "preload_budget_bytes",
         "check_sources",
+        "allow_nonfinite",
     )
     ds_kwargs = {k: dataloader_kwargs.pop(k) for k in ds_keys if k in dataloader_kwargs}
     dataset = JASPERSteeringDataset(dataset_dir, split, epoch, **ds_kwargs)
@@ -112,7 +120,7 @@ def create_loader(
         "num_workers": num_workers,
         "drop_last": drop_last,
         "collate_fn": collate_batch,
-        "pin_memory": pin_memory and torch.cuda.is_available(),
+        "pin_memory": pin_memory,
         "worker_init_fn": seed_worker,
     }
     if dataloader_kwargs.get("batch_sampler") is not None:  # it decides batches alone
@@ -134,12 +142,13 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
         sampler.set_epoch(epoch)
 
 
+#: checked as the in-RAM dataset checks them (tiers are not: it never did)
 _RANGES = {
     "relevance": (0.0, 1.0),
     "centroid_distance": (0.0, 2.0),
     "steering_variant": (0, 3),
-    "negative_tiers": (1, 4),
 }
+_EMBEDDING_KEYS = ("question_emb", "target_source_emb", "steering", "negative_embs")
 _DTYPES = {
     "cluster_id": torch.int64,
     "steering_variant": torch.int64,
@@ -151,14 +160,26 @@ def _rows(mask: torch.Tensor) -> list[int]:
     return torch.nonzero(mask.reshape(mask.shape[0], -1).any(dim=1)).flatten()[:5].tolist()
 
 
-def validate_first_batch(loader: DataLoader) -> dict[str, Any]:
+def validate_first_batch(loader: DataLoader) -> bool:
     """Fetch the first batch and check keys, shapes, dtypes, NaN/Inf and value ranges.
 
     Returns:
-        A summary: batch size, embedding dim, n_neg, and the variant counts.
+        True (the summary is :func:`first_batch_summary`).
 
     Raises:
-        BatchValidationError: naming the key and the first offending rows.
+        BatchValidationError: an AssertionError (and ValueError) naming the key and the first
+            offending rows.
+    """
+    first_batch_summary(loader)
+    return True
+
+
+def first_batch_summary(loader: DataLoader) -> dict[str, Any]:
+    """:func:`validate_first_batch`'s checks; returns batch size, embedding dim, n_neg and the
+    variant counts of the first batch.
+
+    Raises:
+        BatchValidationError: as :func:`validate_first_batch`.
     """
     batch = next(iter(loader))
     missing = [k for k in BATCH_KEYS if k not in batch]
@@ -178,7 +199,7 @@ def validate_first_batch(loader: DataLoader) -> dict[str, Any]:
         "negative_tiers": (b, n_neg),
     }
     dataset = getattr(loader, "dataset_obj", loader.dataset)
-    n_clusters = dataset.store.counts["n_clusters"] if hasattr(dataset, "store") else None
+    n_clusters = len(dataset.centroid_embs) if hasattr(dataset, "centroid_embs") else None
     for key, shape in shapes.items():
         t = batch[key]
         if tuple(t.shape) != shape:
@@ -186,7 +207,7 @@ def validate_first_batch(loader: DataLoader) -> dict[str, Any]:
         want = _DTYPES.get(key, torch.float32)
         if t.dtype != want:
             raise BatchValidationError(f"{key} should be {want}, but got {t.dtype}")
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if key in _EMBEDDING_KEYS and not torch.isfinite(t).all():
             raise BatchValidationError(
                 f"{key} holds NaN/Inf in batch rows {_rows(~torch.isfinite(t))}"
             )

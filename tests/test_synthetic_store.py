@@ -7,6 +7,7 @@ import pytest
 
 from jasper_mmap import create_loader, open_store, validate_first_batch
 from jasper_mmap.errors import StoreExistsError
+from jasper_mmap.loader import first_batch_summary
 from jasper_mmap.synthetic_store import _BLOCK, make_store
 
 
@@ -49,7 +50,9 @@ def test_store_is_consistent(store):
 
 
 def test_loader_serves_it_and_it_is_deterministic(store, tmp_path):
-    assert validate_first_batch(create_loader(store, "train", 64))["batch_size"] == 64
+    loader = create_loader(store, "train", 64)
+    assert validate_first_batch(loader) is True
+    assert first_batch_summary(loader)["batch_size"] == 64
     again = make_store(
         tmp_path / "again", 2 * _BLOCK + 1000, dim=8, n_neg=6, n_clusters=5, n_keywords=50
     )
