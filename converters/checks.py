@@ -17,7 +17,7 @@ import numpy as np
 
 from jasper_mmap.errors import ArtifactError, ArtifactMissingError, ConfigError
 
-__all__ = ["read_config", "Stats", "check_block", "SplitCheck", "COUNT_KEYS"]
+__all__ = ["read_config", "Stats", "check_block", "SplitCheck", "COUNT_KEYS", "Notices"]
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +114,52 @@ def _range_error(
 _BOUNDS: dict[str, tuple[int, int | str, str]] = {
     "pair_cluster_id": (0, "n_clusters", "cluster ids"),
     "hard_negatives": (0, "n_sources", "negative source rows"),
-    "negative_tiers": (1, 5, "tiers"),
     "pair_keyword_values": (0, "n_keywords", "keyword rows"),
 }
+#: array -> (lowest, highest (inclusive), what): values outside are unusual, not wrong. The
+#: in-RAM dataset accepted them, so they become notices (Notices), not refusals.
+_USUAL: dict[str, tuple[float, float, str]] = {
+    "negative_tiers": (1, 4, "tiers"),
+    "pair_relevance": (0.0, 1.0, "relevance values"),
+    "centroid_distances": (0.0, 2.0, "centroid distances"),
+}
+_TOL = 1e-4
+
+
+class Notices:
+    """Unusual but accepted input (values outside the usual ranges, repeated split pairs, counts
+    in config.json that disagree with the files), counted per file and reported once each.
+
+    With ``strict=True`` the first one raises ArtifactError instead (for callers that refuse
+    such input).
+    """
+
+    def __init__(self, strict: bool = False) -> None:
+        self.strict = strict
+        self._found: dict[tuple[str, str], list[Any]] = {}
+
+    def add(self, where: Path | str, what: str, count: int, example: str) -> None:
+        """``count`` more rows of ``where`` show ``what`` (``example`` says where, first seen)."""
+        if self.strict:
+            raise ArtifactError(f"{where}: {what}: {example}. {REBUILD}")
+        entry = self._found.setdefault((str(where), what), [0, example])
+        entry[0] += count
+
+    def note(self, message: str) -> None:
+        """A notice that is not about rows (a count in config.json, ...)."""
+        if self.strict:
+            raise ConfigError(message)
+        self._found.setdefault((message, ""), [0, ""])
+
+    def messages(self) -> list[str]:
+        """One line per kind of notice, in the order first seen."""
+        return [
+            where
+            if not what
+            else f"{where}: {what} ({count} in all; {example}); the in-RAM dataset accepted "
+            f"this, so it was kept as it is"
+            for (where, what), (count, example) in self._found.items()
+        ]
 
 
 def check_block(
@@ -127,8 +170,13 @@ def check_block(
     limits: dict[str, int],
     stats: Stats,
     allow_nonfinite: bool,
+    notices: Notices | None = None,
 ) -> None:
-    """Check one block (rows ``start:``) of array ``name``; update ``stats``."""
+    """Check one block (rows ``start:``) of array ``name``; update ``stats``.
+
+    Values that would mis-index (out of range, negative) and NaN/Inf (unless allowed) raise;
+    unusual values go to ``notices`` (raised when ``notices`` is None).
+    """
     before = stats.nonfinite_rows
     stats.update(block)
     if stats.nonfinite_rows > before and not allow_nonfinite:
@@ -151,26 +199,25 @@ def check_block(
         hi = limits[hi] if isinstance(hi, str) else hi
         if block.min() < lo or block.max() >= hi:
             raise _range_error(path, block, start, lo, hi, what)
-    elif name in ("pair_relevance", "centroid_distances") and block.size:
-        lo, hi = (0.0, 1.0) if name == "pair_relevance" else (0.0, 2.0)
-        tol = 1e-4
-        finite = block[np.isfinite(block)]
-        if finite.size and (finite.min() < lo - tol or finite.max() > hi + tol):
-            bad = np.flatnonzero((block < lo - tol) | (block > hi + tol))
-            raise ArtifactError(
-                f"{path}: values should be in [{lo}, {hi}], but rows "
-                f"{(bad[:5] + start).tolist()} hold {block[bad[:5]].tolist()}. {REBUILD}"
-            )
+    elif name in _USUAL and block.size:
+        lo, hi, what = _USUAL[name]
+        outside = (block < lo - _TOL) | (block > hi + _TOL)
+        rows = np.flatnonzero(outside.reshape(block.shape[0], -1).any(axis=1))
+        if rows.size:
+            notices = notices if notices is not None else Notices(strict=True)
+            example = f"rows {(rows[:5] + start).tolist()} hold {block[rows[:5]].tolist()}"
+            notices.add(path, f"{what} outside [{lo}, {hi}]", rows.size, example)
 
 
 class SplitCheck:
-    """Checks a split's pair indices block by block: in ``[0, n_pairs)``, no repeats, non-empty.
+    """Checks a split's pair indices block by block: in ``[0, n_pairs)``, non-empty; repeats are
+    notices (or errors without ``notices``).
 
     Keeps one byte per pair (a seen-map), never the split itself.
     """
 
-    def __init__(self, path: Path, n_pairs: int) -> None:
-        self.path, self.n_pairs = path, n_pairs
+    def __init__(self, path: Path, n_pairs: int, notices: Notices | None = None) -> None:
+        self.path, self.n_pairs, self.notices = path, n_pairs, notices
         self.seen = np.zeros(n_pairs, dtype=bool)
         self.count = 0
 
@@ -181,11 +228,10 @@ class SplitCheck:
             raise _range_error(self.path, block, start, 0, self.n_pairs, "pair indices")
         uniq, counts = np.unique(block, return_counts=True)
         repeated = uniq[(counts > 1) | self.seen[uniq]]
-        if repeated.size:
-            raise ArtifactError(
-                f"{self.path}: split repeats pairs (e.g. pairs {repeated[:5].tolist()}); "
-                f"each pair should appear once. {REBUILD}"
-            )
+        if repeated.size:  # the in-RAM dataset served such pairs more than once per epoch
+            notices = self.notices if self.notices is not None else Notices(strict=True)
+            example = f"pairs {repeated[:5].tolist()} appear more than once"
+            notices.add(self.path, "split repeats pairs", repeated.size, example)
         self.seen[block] = True
         self.count += block.size
 

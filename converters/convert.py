@@ -22,7 +22,6 @@ import numpy as np
 from jasper_mmap._atomic import (
     check_destination,
     fsync_tree,
-    is_store,
     partial_dir,
     publish_dir,
     remove_stale_partials,
@@ -30,8 +29,6 @@ from jasper_mmap._atomic import (
 from jasper_mmap._dtypes import to_float32, to_stored
 from jasper_mmap.errors import (
     ArtifactError,
-    ArtifactMissingError,
-    ConfigError,
     JasperError,
     write_error,
 )
@@ -47,9 +44,11 @@ from jasper_mmap.layout import (
 )
 from jasper_mmap.stores import WRITERS, open_store
 
-from .checks import COUNT_KEYS, SplitCheck, Stats, check_block, read_config
+from .checks import Notices, SplitCheck, Stats, check_block, read_config
 from .keywords import KeywordJob
-from .pt_reader import TensorArtifact, open_tensor
+from .pt_reader import TensorArtifact
+from .shapes import check_shapes, check_source
+from .sources import detect_storage_format, open_source
 
 __all__ = ["convert_pt", "FORMATS", "DTYPES"]
 
@@ -58,27 +57,6 @@ log = logging.getLogger(__name__)
 FORMATS = ("safetensors", "zarr")
 DTYPES = ("keep", "float16", "bfloat16")
 UNIT_ORDER = ("embeddings", "steering", "pairs", "splits", NEGATIVES_DIR)
-#: float8 tensors are decoded to float32 by the reader (numpy has no float8)
-_FLOAT_SOURCES = {
-    "torch.float32",
-    "torch.float64",
-    "torch.float16",
-    "torch.bfloat16",
-    "torch.float8_e4m3fn",
-    "torch.float8_e5m2",
-    "torch.float8_e4m3fnuz",
-    "torch.float8_e5m2fnuz",
-}
-_INT_SOURCES = {
-    "torch.int64",
-    "torch.int32",
-    "torch.int16",
-    "torch.int8",
-    "torch.uint8",
-    "torch.uint16",
-    "torch.uint32",
-    "torch.uint64",
-}
 
 
 @dataclass
@@ -96,112 +74,6 @@ def _stored_dtype(spec: ArraySpec, art: TensorArtifact, dtype: str) -> str:
             return dtype
         return {"torch.float16": "float16", "torch.bfloat16": "bfloat16"}.get(art.dtype, "float32")
     return "float32" if spec.role == "float" else "int64"
-
-
-def _open_all(src: Path) -> dict[str, TensorArtifact]:
-    arts = {}
-    for spec in ARRAYS:
-        if spec.source is None or spec.name == "pair_keyword_offsets":
-            continue
-        path = src / spec.source
-        if not path.exists() and not spec.required:
-            log.info(
-                "%s: no %s split; the store will have none", src, spec.name.removesuffix("_idx")
-            )
-            continue
-        arts[spec.name] = open_tensor(path)
-    return arts
-
-
-def _expect(art: TensorArtifact, ndim: int, kinds: set[str], what: str) -> None:
-    if len(art.shape) != ndim:
-        raise ArtifactError(
-            f"{art.path}: should be a {ndim}-D tensor ({what}), but has shape "
-            f"{list(art.shape)}. Re-run the dataset builder."
-        )
-    if art.dtype not in kinds:
-        want = "a float" if kinds is _FLOAT_SOURCES else "an integer"
-        raise ArtifactError(
-            f"{art.path}: should hold {want} dtype ({what}), but holds {art.dtype}. "
-            f"Re-run the dataset builder."
-        )
-
-
-def _check_shapes(
-    src: Path, arts: dict[str, TensorArtifact], config: dict[str, Any]
-) -> dict[str, int]:
-    """Check every shape/dtype against the others and config.json; return the counts."""
-    emb = ["question_embs", "source_embs", "keyword_embs", "centroid_embs"]
-    steer = ["steering_centroid", "steering_keyword_weighted", "steering_residual"]
-    for name in emb + steer:
-        _expect(arts[name], 2, _FLOAT_SOURCES, "rows of embeddings")
-    dims = {arts[n].shape[1] for n in emb + steer}
-    want_d = config.get("embedding_dim")
-    found = {arts[n].path.name: arts[n].shape[1] for n in emb + steer}
-    if len(dims) == 1 and want_d is not None and dims != {want_d}:
-        raise ConfigError(
-            f"{src / 'config.json'}: embedding_dim={want_d}, but every embedding and steering file "
-            f"has dimension {dims.pop()}. The files are the truth: fix config.json."
-        )
-    if len(dims) > 1:
-        raise ArtifactError(
-            f"{src}: embedding dimensions disagree: config.json says embedding_dim="
-            f"{want_d}, the files have {found}. Re-run the dataset builder so all agree."
-        )
-    _expect(arts["pair_index"], 2, _INT_SOURCES, "question row, source row per pair")
-    n_pairs = arts["pair_index"].shape[0]
-    if arts["pair_index"].shape[1] != 2:
-        raise ArtifactError(
-            f"{arts['pair_index'].path}: should have shape [N_pairs, 2], but has "
-            f"{list(arts['pair_index'].shape)}. Re-run the dataset builder."
-        )
-    pair_level = {
-        "pair_cluster_id": _INT_SOURCES,
-        "pair_relevance": _FLOAT_SOURCES,
-        "centroid_distances": _FLOAT_SOURCES,
-    }
-    for name, kinds in pair_level.items():
-        _expect(arts[name], 1, kinds, "one value per pair")
-    for name in ("hard_negatives", "negative_tiers"):
-        _expect(arts[name], 2, _INT_SOURCES, "[N_pairs, n_neg]")
-    for name in [*pair_level, *steer, "hard_negatives", "negative_tiers"]:
-        if arts[name].shape[0] != n_pairs:
-            raise ArtifactError(
-                f"{arts[name].path}: should have {n_pairs} rows (one per pair, as "
-                f"pair_index.pt has), but has {arts[name].shape[0]}. Re-run the dataset builder."
-            )
-    n_neg = arts["hard_negatives"].shape[1]
-    if arts["negative_tiers"].shape != arts["hard_negatives"].shape:
-        raise ArtifactError(
-            f"{arts['negative_tiers'].path}: shape {list(arts['negative_tiers'].shape)} "
-            f"should equal hard_negatives' {list(arts['hard_negatives'].shape)}. Re-run the miner."
-        )
-    if config.get("n_neg") is not None and config["n_neg"] != n_neg:
-        raise ConfigError(
-            f"{src / 'config.json'}: n_neg={config['n_neg']}, but hard_negatives.pt has "
-            f"{n_neg} negatives per pair. Fix config.json or the negatives."
-        )
-    for name in ("train_idx", "val_idx", "test_idx"):
-        if name in arts:
-            _expect(arts[name], 1, _INT_SOURCES, "pair rows of the split")
-    for key, name in COUNT_KEYS.items():
-        if config.get(key) is not None and config[key] != arts[name].shape[0]:
-            raise ConfigError(
-                f"{src / 'config.json'}: {key}={config[key]}, but {arts[name].path.name} has "
-                f"{arts[name].shape[0]} rows. The files are the truth: fix config.json."
-            )
-    for art in arts.values():
-        if art.dtype == "torch.float64":
-            log.warning("%s: float64 is cast to float32", art.path)
-    return {
-        "embedding_dim": dims.pop(),
-        "n_neg": n_neg,
-        "n_pairs": n_pairs,
-        "n_questions": arts["question_embs"].shape[0],
-        "n_sources": arts["source_embs"].shape[0],
-        "n_keywords": arts["keyword_embs"].shape[0],
-        "n_clusters": arts["centroid_embs"].shape[0],
-    }
 
 
 def _plan(
@@ -260,55 +132,64 @@ def _prefetched_blocks(art: TensorArtifact, rows: int):
             yield start, block
 
 
-def _stream_tensor(p: _Planned, writer, limits, allow_nonfinite, block_bytes, progress) -> dict:
+@dataclass
+class _Run:
+    """One conversion's settings and what it found, handed down the streaming functions."""
+
+    tmp: Path
+    writer: Any
+    limits: dict[str, int]
+    allow_nonfinite: bool
+    block_bytes: int
+    progress: _Progress
+    notices: Notices
+    keywords: KeywordJob
+
+
+def _stream_tensor(p: _Planned, run: _Run) -> dict:
     art = p.art
     stats = Stats()
-    split = SplitCheck(art.path, limits["n_pairs"]) if p.spec.role == "split" else None
-    rows = max(1, block_bytes // max(1, art.row_bytes))
+    split = None
+    if p.spec.role == "split":
+        split = SplitCheck(art.path, run.limits["n_pairs"], run.notices)
+    rows = max(1, run.block_bytes // max(1, art.row_bytes))
     for start, block in _prefetched_blocks(art, rows):
         if block.dtype.byteorder == ">":
             block = block.astype(block.dtype.newbyteorder("<"))
         if art.dtype == "torch.bfloat16":
             block = to_float32(block.view(np.uint16), "bfloat16")
-        if p.out == "float32":
-            block = block.astype(np.float32, copy=False)
-            check_block(art.path, p.spec.name, block, start, limits, stats, allow_nonfinite)
-        else:
-            block = block.astype(np.int64, copy=False)
-            check_block(art.path, p.spec.name, block, start, limits, stats, False)
-            if split is not None:
-                split.update(block, start)
-        writer.write(p.spec.name, to_stored(block, p.stored))
-        progress.update(block.shape[0] * art.row_bytes, p.spec.name)
+        floats = p.out == "float32"
+        block = block.astype(np.float32 if floats else np.int64, copy=False)
+        allow = run.allow_nonfinite and floats
+        check_block(art.path, p.spec.name, block, start, run.limits, stats, allow, run.notices)
+        if split is not None:
+            split.update(block, start)
+        run.writer.write(p.spec.name, to_stored(block, p.stored))
+        run.progress.update(block.shape[0] * art.row_bytes, p.spec.name)
     if split is not None:
         split.finish()
     return stats.as_dict()
 
 
-def _write_units(
-    tmp, units, writer, arts, limits, kw_future, allow_nonfinite, block_bytes, progress
-):
+def _write_units(units: dict[str, list[_Planned]], run: _Run) -> dict[str, dict[str, Any]]:
     entries: dict[str, dict[str, Any]] = {}
-    stats: dict[str, dict[str, Any]] = {}
     for unit in UNIT_ORDER:
         planned = units[unit]
         if not planned:
             continue
         name_unit = f"{NEGATIVES_DIR}/{generation_name(0)}" if unit == NEGATIVES_DIR else unit
-        if unit == "pairs":
-            kw = kw_future.result()
-            for p in planned:
-                if p.spec.name == "pair_keyword_values":
-                    p.shape = (kw["nnz"],)
-        writer.begin_unit(name_unit, [(p.spec.name, p.shape, p.stored) for p in planned])
+        kw = run.keywords.result() if unit == "pairs" else None
         for p in planned:
-            if p.art is not None:
-                stats[p.spec.name] = _stream_tensor(
-                    p, writer, limits, allow_nonfinite, block_bytes, progress
-                )
-            else:
-                stats[p.spec.name] = _copy_keywords(tmp, p, writer, kw, block_bytes, progress)
-        for name, e in writer.end_unit().items():
+            if p.spec.name == "pair_keyword_values":
+                p.shape = (kw["nnz"],)
+        run.writer.begin_unit(name_unit, [(p.spec.name, p.shape, p.stored) for p in planned])
+        stats = {
+            p.spec.name: _stream_tensor(p, run)
+            if p.art is not None
+            else _copy_keywords(run.tmp, p, run.writer, kw, run.block_bytes, run.progress)
+            for p in planned
+        }
+        for name, e in run.writer.end_unit().items():
             p = next(q for q in planned if q.spec.name == name)
             entries[name] = {
                 **e,
@@ -390,29 +271,6 @@ def _verify(tmp: Path, units: dict[str, list[_Planned]], samples: int = 32) -> N
             _verify_array(tmp, p, rng, samples)
 
 
-def _check_source(src: Path) -> None:
-    """SRC must be a dataset directory; say what was probably meant when it is not."""
-    if is_store(src):
-        raise ArtifactError(
-            f"{src}: is already a jasper_mmap store, not a dataset directory of .pt files. "
-            f"Open it directly (JASPERSteeringDataset({str(src)!r}, ...)); to change its format "
-            f"or precision, convert the original .pt directory it was made from."
-        )
-    if src.is_file():
-        hint = (
-            f" Did you mean its directory, {src.parent}?" if (src.parent / CONFIG).is_file() else ""
-        )
-        raise ArtifactError(
-            f"{src}: is a file; convert-pt takes the dataset directory that holds config.json "
-            f"and the .pt files.{hint}"
-        )
-    if not src.is_dir():
-        raise ArtifactMissingError(
-            f"{src}: dataset directory does not exist. Check the path; it should hold "
-            f"config.json and the .pt files (docs/dataset_format.md)."
-        )
-
-
 def convert_pt(
     src: str | Path,
     dst: str | Path,
@@ -425,10 +283,11 @@ def convert_pt(
     block_bytes: int = 16 << 20,
     source: str = "auto",
 ) -> Path:
-    """Convert the ``.pt`` dataset directory ``src`` into a store at ``dst``.
+    """Convert the dataset directory ``src`` into a store at ``dst``.
 
     Args:
-        src: dataset directory (``config.json`` + ``.pt`` artifacts; see FORMAT.md).
+        src: dataset directory: ``config.json`` plus the ``.pt`` artifacts, or an upstream
+            ``dataset.h5`` (see docs/dataset_format.md).
         dst: store directory to create. Made visible only when complete and verified. A
             symlink is followed: the store it points to is replaced.
         format: ``"safetensors"`` (memory-mapped files) or ``"zarr"`` (one zarr v3 group).
@@ -441,76 +300,116 @@ def convert_pt(
         allow_nonfinite: convert NaN/Inf embedding rows instead of refusing them.
         progress: show a progress bar; ``None`` shows one when stderr is a terminal.
         block_bytes: rows are streamed in blocks of about this many bytes.
+        source: which files of ``src`` to read: ``"pt"``, ``"hdf5"`` (``dataset.h5``), or
+            ``"auto"`` (``dataset.h5`` when present and h5py is installed, as the in-RAM
+            dataset decides).
 
     Returns:
         The store path.
 
     Raises:
         ArtifactMissingError, ArtifactError, ConfigError: bad input, named in the message.
+            Unusual but valid input (counts in config.json that disagree with the files,
+            values outside their usual ranges, splits that repeat pairs) is converted, logged
+            as warnings and recorded in the manifest's ``warnings``.
         StoreExistsError: ``dst`` is a store and ``overwrite`` is false; ``dst`` is, or holds,
             ``src``; ``dst`` is a file or a non-empty directory that is not a store; another
             process published at ``dst`` meanwhile.
+        StoreWriteError: the disk is full, the destination read-only, a file-size limit.
     """
     src, dst = Path(src).expanduser().absolute(), Path(dst).expanduser().absolute()
     if format not in FORMATS:
         raise ValueError(f"format should be one of {FORMATS}, but got format={format!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype should be one of {DTYPES}, but got dtype={dtype!r}")
-    _check_source(src)
+    check_source(src)
     t0 = time.perf_counter()
     config = read_config(src)
     dst = check_destination(dst, overwrite=overwrite, inputs=[src])  # NOTE [never destroy ...]
     remove_stale_partials(dst)
-    arts = _open_all(src)
-    counts = _check_shapes(src, arts, config)
-    kw_path = src / "pair_keyword_ids.pt"
-    if not kw_path.exists():
-        raise ArtifactMissingError(
-            f"{kw_path}: required artifact is missing. Re-run the dataset builder."
+    reader = open_source(src, detect_storage_format(src, source))
+    try:
+        notices = Notices()
+        counts = check_shapes(src, reader.arrays, config, notices)
+        _convert_into(
+            dst,
+            reader,
+            counts,
+            notices,
+            format,
+            dtype,
+            overwrite,
+            allow_nonfinite,
+            progress,
+            block_bytes,
         )
+    finally:
+        reader.close()
+    log.debug("converted %s -> %s (%s, %.1f s)", src, dst, format, time.perf_counter() - t0)
+    return dst
+
+
+def _convert_into(
+    dst, reader, counts, notices, format, dtype, overwrite, allow_nonfinite, progress, block_bytes
+) -> None:
+    """Stream ``reader`` into a temporary directory, verify it, publish it at ``dst``."""
     try:
         tmp = partial_dir(dst)
     except OSError as e:
         raise write_error(dst.parent, e, "a temporary directory for the store") from e
-    bar = None
-    kw_future = None
+    bar = keywords = None
     try:
-        kw_future = KeywordJob(str(kw_path), str(tmp), counts["n_pairs"], counts["n_keywords"])
-        units = _plan(arts, dtype, 0, counts["n_pairs"])
-        total = sum(a.nbytes for a in arts.values()) + kw_path.stat().st_size
-        bar = _Progress(total, progress)
-        writer = WRITERS[format](tmp)
-        limits = dict(counts)
-        entries = _write_units(
-            tmp, units, writer, arts, limits, kw_future, allow_nonfinite, block_bytes, bar
+        keywords = KeywordJob(
+            str(reader.keyword_path),
+            str(tmp),
+            counts["n_pairs"],
+            counts["n_keywords"],
+            decode=reader.decode_keywords,
         )
-        kw = kw_future.result()
-        counts["n_keyword_values"] = kw["nnz"]
-        bar.update(kw_path.stat().st_size, "verify")
-        sources = source_fingerprints(src)
-        shutil.copyfile(src / CONFIG, tmp / CONFIG)
+        arts = reader.arrays
+        units = _plan(arts, dtype, 0, counts["n_pairs"])
+        bar = _Progress(sum(a.nbytes for a in arts.values()) + reader.keyword_bytes, progress)
+        run = _Run(
+            tmp,
+            WRITERS[format](tmp),
+            dict(counts),
+            allow_nonfinite,
+            block_bytes,
+            bar,
+            notices,
+            keywords,
+        )
+        entries = _write_units(units, run)
+        counts["n_keyword_values"] = keywords.result()["nnz"]
+        bar.update(reader.keyword_bytes, "verify")
+        for warning in notices.messages():
+            log.warning("%s", warning)
+        shutil.copyfile(reader.dir / CONFIG, tmp / CONFIG)
         write_store_metadata(
             tmp,
             format,
             entries,
             counts,
             writer="jasper_mmap.convert_pt",
-            source={"dir": str(src), "files": sources},
+            source={
+                "dir": str(reader.dir),
+                "format": reader.format,
+                "files": source_fingerprints(reader.dir),
+            },
             dtype_option=dtype,
+            warnings=notices.messages(),
         )
         _verify(tmp, units)
         fsync_tree(tmp)
         publish_dir(tmp, dst, replace=overwrite)
     except BaseException as e:
-        if bar is not None:
-            bar.close()
-        if kw_future is not None:
-            kw_future.cancel()
+        if keywords is not None:
+            keywords.cancel()
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and not isinstance(e, JasperError):
             raise write_error(dst, e, "the store") from e
         raise
-    bar.close()
-    kw_future.cancel()
-    log.debug("converted %s -> %s (%s, %.1f s)", src, dst, format, time.perf_counter() - t0)
-    return dst
+    finally:
+        if bar is not None:
+            bar.close()
+    keywords.cancel()

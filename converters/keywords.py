@@ -13,6 +13,7 @@ files into the store's temporary directory, which the main thread then copies in
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,17 @@ __all__ = ["parse_keywords", "KeywordJob"]
 
 
 def parse_keywords(
-    path: str, tmp: str, n_pairs: int, n_keywords: int, stop: threading.Event | None = None
+    path: str,
+    tmp: str,
+    n_pairs: int,
+    n_keywords: int,
+    stop: threading.Event | None = None,
+    decode: Callable[..., None] | None = None,
 ) -> dict[str, Any]:
     """Decode ``path`` into ``tmp/.kw_offsets.bin`` (n_pairs + 1) and ``tmp/.kw_values.bin``.
+
+    ``decode(on_rows, spill, stop)`` reads another kind of source (``dataset.h5``; see
+    :mod:`jasper_mmap.converters.sources`); by default ``path`` is a pickled list of lists.
 
     Returns:
         ``{"nnz", "offsets_stats", "values_stats"}``.
@@ -52,7 +61,10 @@ def parse_keywords(
             done["rows"] += lengths.size
             done["nnz"] += values.size
 
-        decode_keyword_rows(src, on_rows, spill=fv, stop=stop)
+        if decode is None:
+            decode_keyword_rows(src, on_rows, spill=fv, stop=stop)
+        else:
+            decode(on_rows, fv, stop or threading.Event())
     if done["rows"] != n_pairs:
         raise ArtifactError(
             f"{src}: should hold one list per pair ({n_pairs}, as pair_index.pt has), "
@@ -87,10 +99,18 @@ class KeywordJob:
     joins the thread, so no thread outlives the job.
     """
 
-    def __init__(self, path: str, tmp: str, n_pairs: int, n_keywords: int) -> None:
+    def __init__(
+        self,
+        path: str,
+        tmp: str,
+        n_pairs: int,
+        n_keywords: int,
+        decode: Callable[..., None] | None = None,
+    ) -> None:
         self._stop = threading.Event()
         self._result: dict[str, Any] | None = None
         self._error: BaseException | None = None
+        self._decode = decode
         self._thread = threading.Thread(
             target=self._run,
             args=(path, tmp, n_pairs, n_keywords),
@@ -100,7 +120,7 @@ class KeywordJob:
 
     def _run(self, *args: Any) -> None:
         try:
-            self._result = parse_keywords(*args, stop=self._stop)
+            self._result = parse_keywords(*args, stop=self._stop, decode=self._decode)
         except KeywordsCancelled:
             pass
         except BaseException as e:  # noqa: BLE001 - handed to the caller by result()

@@ -80,12 +80,13 @@ def _check(rows: _Rows, n_pairs: int, n_neg: int) -> None:
         )
 
 
-def _stream(rows: _Rows, writer, lo: int, hi: int, what: str) -> dict[str, int]:
-    """Write ``rows`` block by block, checking every value is in ``[lo, hi)``; min/max."""
+def _stream(rows: _Rows, writer, lo: int | None, hi: int | None, what: str) -> dict[str, int]:
+    """Write ``rows`` block by block, checking every value is in ``[lo, hi)`` (when given);
+    return their min/max."""
     n, vmin, vmax = rows.shape[0], None, None
     for start in range(0, n, _BLOCK_ROWS):
         block = rows.read(start, min(n, start + _BLOCK_ROWS))
-        if block.size and (block.min() < lo or block.max() >= hi):
+        if lo is not None and block.size and (block.min() < lo or block.max() >= hi):
             bad = np.flatnonzero(((block < lo) | (block >= hi)).any(axis=1))[:5]
             raise ArtifactError(
                 f"{rows.path}: {what} should be in [{lo}, {hi}), but rows "
@@ -139,7 +140,7 @@ def publish_negatives(
         path: a store, or a ``.pt`` dataset directory (its cached store is used; see
             :func:`jasper_mmap.resolve.resolve_store`).
         hard_negatives: ``[N_pairs, n_neg]`` source rows: tensor, numpy array or ``.pt`` path.
-        negative_tiers: ``[N_pairs, n_neg]`` tiers in 1..4, same forms.
+        negative_tiers: ``[N_pairs, n_neg]`` tiers (usually 1..4), same forms.
         keep: generations kept besides those still mapped by a reader (at least 2).
         sources: fingerprints of the ``.pt`` files the arrays came from; by default those of
             the live generation are carried forward (they say which ``.pt`` files were last
@@ -149,8 +150,9 @@ def publish_negatives(
         The new generation number. Readers switch at their next ``reload_negatives()``.
 
     Raises:
-        ArtifactError: wrong shape, non-integer dtype, a negative past the sources, a tier
-            outside 1..4. Nothing is published and the old generation stays in use.
+        ArtifactError: wrong shape, non-integer dtype, a negative past the sources. Nothing
+            is published and the old generation stays in use. (Tiers outside 1..4 are
+            published with a warning: the in-RAM dataset passed tiers through.)
         StoreWriteError: the disk is full, the filesystem read-only, permission denied.
             Nothing is published; leftovers are removed now or by the next publish.
     """
@@ -197,9 +199,19 @@ def _publish_locked(store, neg_dir: Path, negs, tiers, sources, keep) -> tuple[i
         if isinstance(e, JasperError):
             raise
         raise write_error(store.path, e, what) from e
+    tier_range = entries["negative_tiers"]["stats"]
+    warnings = []
+    if tier_range["min"] is not None and (tier_range["min"] < 1 or tier_range["max"] > 4):
+        warnings.append(
+            f"{store.path}: generation {g} has tiers in [{tier_range['min']}, "
+            f"{tier_range['max']}], outside the usual 1..4; the in-RAM dataset passed tiers "
+            f"through as they were, so they are served as they are"
+        )
+        log.warning("%s", warnings[-1])
     desc = {
         "generation": g,
         "arrays": entries,
+        "warnings": warnings,
         "files": entry_files(store.path, entries),
         "created_unix": time.time(),
         # the .pt negatives last taken in, carried forward (resolve.negatives_to_take_in)
@@ -221,7 +233,7 @@ def _write_generation(store, tmp: Path, g: int, negs: _Rows, tiers: _Rows, n_sou
     try:
         stats = {
             "hard_negatives": _stream(negs, writer, 0, n_sources, "negative source rows"),
-            "negative_tiers": _stream(tiers, writer, 1, 5, "tiers"),
+            "negative_tiers": _stream(tiers, writer, None, None, "tiers"),  # labels: see below
         }
         written = writer.end_unit()
     except BaseException:

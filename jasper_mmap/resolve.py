@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .converters.sources import STORAGE_FORMATS, detect_storage_format
 from .errors import ArtifactError, ArtifactMissingError, StoreNotFoundError, StoreStaleError
-from .fingerprints import H5_FILE, NEGATIVE_FILES, changed, dataset_file_names, fingerprint
+from .fingerprints import NEGATIVE_FILES, changed, dataset_file_names, fingerprint
 from .layout import CONFIG, MANIFEST, read_manifest, read_pointer
 
 __all__ = [
@@ -215,53 +216,6 @@ def _rebuild_reason(src: Path, store: Path) -> str | None:
     if n_neg is not None and n_neg != have and negatives_to_take_in(src, store):
         return f"the negatives files now hold n_neg={n_neg} (the store has {have})"
     return None
-
-
-STORAGE_FORMATS = ("auto", "pt", "hdf5")
-
-
-def _h5py_available() -> bool:
-    try:
-        import h5py  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def detect_storage_format(src: Path, requested: str) -> str:
-    """Which source files of dataset directory ``src`` to read: ``"pt"`` or ``"hdf5"``.
-
-    As the in-RAM dataset decides: ``"auto"`` takes ``dataset.h5`` when it exists and h5py is
-    installed, else the ``.pt`` files; ``"pt"``/``"hdf5"`` insist on theirs.
-
-    Raises:
-        ValueError: an unknown ``requested``, or the files it needs are absent (an
-            ``ArtifactMissingError``, also a FileNotFoundError), or h5py is missing.
-    """
-    if requested not in STORAGE_FORMATS:
-        raise ValueError(f"Invalid storage_format: {requested!r}. Must be 'auto', 'pt', or 'hdf5'")
-    h5, pt = (src / H5_FILE).is_file(), (src / "question_embs.pt").is_file()
-    if requested == "auto":
-        if h5 and _h5py_available():
-            return "hdf5"
-        if pt:
-            return "pt"
-        raise ArtifactMissingError(
-            f"No dataset files found in {src}. Expected either dataset.h5 or *.pt files "
-            f"(docs/dataset_format.md)."
-        )
-    if requested == "hdf5":
-        if not _h5py_available():
-            raise ValueError(
-                "HDF5 format requested but h5py is not installed. Install with: "
-                "pip install 'jasper_mmap[hdf5]' (or pip install h5py)"
-            )
-        if not h5:
-            raise ArtifactMissingError(f"HDF5 file not found: {src / H5_FILE}")
-        return "hdf5"
-    if not pt:
-        raise ArtifactMissingError(f"PT files not found in {src} (no question_embs.pt)")
-    return "pt"
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,18 @@ def expect_error(tmp_path: Path, exc: type[Exception], path: Path, problem: str,
     return info.value
 
 
+def expect_notice(tmp_path: Path, path: Path, problem: str, caplog) -> dict:
+    """Convert ``tmp_path/src``: it succeeds, and one warning naming ``path`` then ``problem``
+    (a regex) is logged and recorded in the manifest (unusual input the in-RAM dataset took)."""
+    pattern = re.compile("(?s)" + re.escape(str(path)) + ".*(?:" + problem + ")")
+    with caplog.at_level(logging.WARNING):
+        store = convert(tmp_path)
+    recorded = open_store(store).manifest["warnings"]
+    assert [w for w in recorded if pattern.search(w)], recorded
+    assert pattern.search(caplog.text), caplog.text
+    return open_store(store)
+
+
 class Evil:
     """Unpickling this runs ``touch marker``."""
 
@@ -197,15 +209,17 @@ def test_config_wrong_types(tmp_path, key, value, problem):
         ("n_pairs", "pair_index.pt", N_P),
     ],
 )
-def test_config_count_disagrees_with_file(tmp_path, key, file, rows):
+def test_config_count_disagrees_with_file(tmp_path, key, file, rows, caplog):
+    """The in-RAM dataset never read these counts: a notice, and the files are the truth."""
     src = make_src(tmp_path)
     edit_config(src, **{key: rows + 1})
-    expect_error(
+    store = expect_notice(
         tmp_path,
-        ConfigError,
         src / "config.json",
         rf"{key}={rows + 1}.*{re.escape(file)} has {rows} rows",
+        caplog,
     )
+    assert store.counts[key] == rows
 
 
 def test_config_wrong_n_neg(tmp_path):
@@ -589,37 +603,37 @@ def test_cluster_id_past_n_clusters(tmp_path):
 
 
 @pytest.mark.parametrize("tier", [0, 5, -1])
-def test_tier_outside_1_to_4(tmp_path, tier):
+def test_tier_outside_1_to_4(tmp_path, tier, caplog):
+    """Tiers are labels the in-RAM dataset passed through: kept as they are, with a notice."""
     src = make_src(tmp_path)
     edit(src, "negative_tiers", lambda t: t.__setitem__((6, 1), tier))
-    expect_error(
-        tmp_path,
-        ArtifactError,
-        pt(src, "negative_tiers"),
-        r"tiers should be in \[1, 5\).*rows \[6\]",
+    store = expect_notice(
+        tmp_path, pt(src, "negative_tiers"), r"tiers outside \[1, 4\].*rows \[6\]", caplog
     )
+    assert store.read("negative_tiers")[6, 1] == tier
 
 
 @pytest.mark.parametrize("value", [1.5, -0.25])
-def test_relevance_outside_0_1(tmp_path, value):
+def test_relevance_outside_0_1(tmp_path, value, caplog):
     src = make_src(tmp_path)
     edit(src, "pair_relevance", lambda t: t.__setitem__(8, value))
-    expect_error(
+    store = expect_notice(
         tmp_path,
-        ArtifactError,
         pt(src, "pair_relevance"),
-        rf"values should be in \[0\.0, 1\.0\].*rows \[8\] hold \[{value}\]",
+        rf"relevance values outside \[0\.0, 1\.0\].*rows \[8\] hold \[{value}\]",
+        caplog,
     )
+    assert store.read("pair_relevance")[8] == pytest.approx(value)
 
 
-def test_centroid_distance_outside_0_2(tmp_path):
+def test_centroid_distance_outside_0_2(tmp_path, caplog):
     src = make_src(tmp_path)
     edit(src, "centroid_distances", lambda t: t.__setitem__(8, 2.5))
-    expect_error(
+    expect_notice(
         tmp_path,
-        ArtifactError,
         pt(src, "centroid_distances"),
-        r"values should be in \[0\.0, 2\.0\].*rows \[8\] hold \[2\.5\]",
+        r"centroid distances outside \[0\.0, 2\.0\].*rows \[8\] hold \[2\.5\]",
+        caplog,
     )
 
 
@@ -632,17 +646,16 @@ def test_empty_split(tmp_path):
     expect_error(tmp_path, ArtifactError, pt(src, "val_idx"), "split is empty")
 
 
-def test_split_repeating_pairs(tmp_path):
+def test_split_repeating_pairs(tmp_path, caplog):
+    """The in-RAM dataset served a repeated pair twice per epoch; so does the store."""
     src = make_src(tmp_path)
     t = load(src, "train_idx").clone()
     t[10] = t[3]
     save(src, "train_idx", t)
-    expect_error(
-        tmp_path,
-        ArtifactError,
-        pt(src, "train_idx"),
-        rf"split repeats pairs \(e\.g\. pairs \[{int(t[3])}\]\)",
+    store = expect_notice(
+        tmp_path, pt(src, "train_idx"), rf"split repeats pairs.*pairs \[{int(t[3])}\]", caplog
     )
+    assert store.read("train_idx")[10] == store.read("train_idx")[3]
 
 
 # -- shapes ----------------------------------------------------------------------------------

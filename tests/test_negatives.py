@@ -111,10 +111,6 @@ def test_invalid_publish_is_refused_and_old_generation_stays(store):
         ArtifactError, match=r"negative source rows should be in \[0, 120\), but rows \[7\]"
     ):
         publish_negatives(store, bad_negs, tiers)
-    bad_tiers = tiers.copy()
-    bad_tiers[3] = 0
-    with pytest.raises(ArtifactError, match=r"tiers should be in \[1, 5\), but rows \[3\]"):
-        publish_negatives(store, negs, bad_tiers)
     with pytest.raises(ArtifactError, match=r"should have shape \[120, 6\].*but has \[120, 5\]"):
         publish_negatives(store, negs[:, :5], tiers[:, :5])
     with pytest.raises(ArtifactError, match="should hold integers"):
@@ -175,6 +171,22 @@ def test_publisher_killed_mid_write_leaves_previous_generation(store, tmp_path, 
     )  # a complete but unpublished generation keeps its number
     assert again.reload_negatives() == g
     assert not [p for p in store.iterdir() if "partial" in p.name]  # the dead run's leftovers went
+
+
+def test_unusual_tiers_are_published_with_a_warning(store, caplog):
+    """Tiers are labels the in-RAM dataset passed through; a miner's tier 0 is served as 0."""
+    import logging
+
+    negs, tiers = table(1, 120, 6, 120)
+    tiers[3] = 0
+    with caplog.at_level(logging.WARNING):
+        g = publish_negatives(store, negs, tiers)
+    assert "outside the usual 1..4" in caplog.text
+    s = open_store(store)
+    assert s.live_generation() == g and any("1..4" in w for w in s.negatives_pointer["warnings"])
+    ds = JASPERSteeringDataset(store, "train")
+    pair = s.read("train_idx")[0]
+    assert ds.get_batch([0])["negative_tiers"][0].tolist() == tiers[pair].tolist()
 
 
 def test_disk_use_stays_bounded_over_many_reloads(store):

@@ -1,0 +1,163 @@
+"""Conversion sources behind one small interface: a ``.pt`` directory or an upstream ``dataset.h5``.
+
+The converter reads every dataset the same way, whichever files hold it (the way the stores
+hide their backends):
+
+* ``arrays``: the store's array names (``jasper_mmap.layout.ARRAYS``) mapped to readers with
+  ``path``, ``shape``, ``dtype`` (a torch dtype name), ``np_dtype``, ``nbytes``, ``row_bytes``
+  and ``read_rows(start, stop)``; optional splits that are absent are left out;
+* ``decode_keywords(on_rows, spill, stop)``: hands ``(lengths, values)`` int64 blocks of the
+  per-pair keyword lists to ``on_rows``, in pair order;
+* ``keyword_path`` and ``keyword_bytes``: what errors name and progress counts;
+* ``close()``.
+
+:class:`PtSource` reads ``.pt`` files (:mod:`~jasper_mmap.converters.pt_reader`,
+:mod:`~jasper_mmap.converters.keyword_pickle`); :class:`H5DatasetSource` reads ``dataset.h5``
+(:mod:`~jasper_mmap.converters.h5_source`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from jasper_mmap.errors import ArtifactMissingError
+from jasper_mmap.fingerprints import H5_FILE
+from jasper_mmap.layout import ARRAYS
+
+from .keyword_pickle import KeywordsCancelled, decode_keyword_rows
+from .pt_reader import open_tensor
+
+__all__ = [
+    "open_source",
+    "detect_storage_format",
+    "PtSource",
+    "H5DatasetSource",
+    "SOURCE_FORMATS",
+    "STORAGE_FORMATS",
+]
+
+log = logging.getLogger(__name__)
+
+SOURCE_FORMATS = ("pt", "hdf5")
+STORAGE_FORMATS = ("auto", *SOURCE_FORMATS)
+KEYWORD_FILE = "pair_keyword_ids.pt"
+OnRows = Callable[[np.ndarray, np.ndarray], None]
+
+
+class PtSource:
+    """A dataset directory of ``.pt`` files (docs/dataset_format.md)."""
+
+    format = "pt"
+
+    def __init__(self, src: Path) -> None:
+        self.dir = src
+        self.arrays: dict[str, Any] = {}
+        for spec in ARRAYS:
+            if spec.source is None or spec.name == "pair_keyword_offsets":
+                continue
+            path = src / spec.source
+            if not path.exists() and not spec.required:
+                split = spec.name.removesuffix("_idx")
+                log.info("%s: no %s split; the store will have none", src, split)
+                continue
+            self.arrays[spec.name] = open_tensor(path)
+        self.keyword_path = src / KEYWORD_FILE
+        if not self.keyword_path.exists():
+            raise ArtifactMissingError(
+                f"{self.keyword_path}: required artifact is missing. Re-run the dataset builder."
+            )
+        self.keyword_bytes = self.keyword_path.stat().st_size
+
+    def decode_keywords(self, on_rows: OnRows, spill: BinaryIO, stop: threading.Event) -> None:
+        decode_keyword_rows(self.keyword_path, on_rows, spill=spill, stop=stop)
+
+    def close(self) -> None:
+        """Nothing is held open between reads."""
+
+
+class H5DatasetSource:
+    """An upstream ``dataset.h5`` (with ``{split}_idx.pt`` files beside it winning, as upstream)."""
+
+    format = "hdf5"
+
+    def __init__(self, src: Path) -> None:
+        from .h5_source import open_h5_source
+
+        self.dir = src
+        self._h5 = open_h5_source(src)
+        self.arrays = self._h5.arrays
+        self.keyword_path = self._h5.path
+        self.keyword_bytes = 0  # inside dataset.h5, whose bytes the arrays already count
+
+    def decode_keywords(self, on_rows: OnRows, spill: BinaryIO, stop: threading.Event) -> None:
+        del spill  # no memo references in HDF5: each pair's list is its own dataset
+        for lengths, values in self._h5.keyword_rows():
+            if stop.is_set():
+                raise KeywordsCancelled()
+            on_rows(lengths, values)
+
+    def close(self) -> None:
+        self._h5.close()
+
+
+def open_source(src: Path, format: str) -> PtSource | H5DatasetSource:
+    """Open dataset directory ``src`` as a ``"pt"`` or ``"hdf5"`` source (only metadata is read).
+
+    Raises:
+        ArtifactMissingError, ArtifactError: missing or malformed files, named in the message.
+        ImportError: ``"hdf5"`` without h5py.
+    """
+    if format not in SOURCE_FORMATS:
+        raise ValueError(f"source should be one of {SOURCE_FORMATS}, but got source={format!r}")
+    return PtSource(src) if format == "pt" else H5DatasetSource(src)
+
+
+def _h5py_available() -> bool:
+    try:
+        import h5py  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def detect_storage_format(src: Path, requested: str) -> str:
+    """Which source files of dataset directory ``src`` to read: ``"pt"`` or ``"hdf5"``.
+
+    As the in-RAM dataset decides: ``"auto"`` takes ``dataset.h5`` when it exists and h5py is
+    installed, else the ``.pt`` files; ``"pt"``/``"hdf5"`` insist on theirs.
+
+    Raises:
+        ValueError: an unknown ``requested``, or the files it needs are absent (an
+            ``ArtifactMissingError``, also a FileNotFoundError), or h5py is missing.
+    """
+    if requested not in STORAGE_FORMATS:
+        raise ValueError(f"Invalid storage_format: {requested!r}. Must be 'auto', 'pt', or 'hdf5'")
+    h5 = (src / H5_FILE).is_file()
+    pt = any((src / spec.source).is_file() for spec in ARRAYS if spec.source)  # any of ours
+    if requested == "auto":
+        if h5 and _h5py_available():
+            return "hdf5"
+        if pt:
+            return "pt"
+        raise ArtifactMissingError(
+            f"No dataset files found in {src}. Expected either dataset.h5 or *.pt files "
+            f"(docs/dataset_format.md)."
+        )
+    if requested == "hdf5":
+        if not _h5py_available():
+            raise ValueError(
+                "HDF5 format requested but h5py is not installed. Install with: "
+                "pip install 'jasper_mmap[hdf5]' (or pip install h5py)"
+            )
+        if not h5:
+            raise ArtifactMissingError(f"HDF5 file not found: {src / H5_FILE}")
+        return "hdf5"
+    if not pt:
+        raise ArtifactMissingError(f"PT files not found in {src} (none of the dataset's .pt files)")
+    return "pt"
