@@ -48,6 +48,7 @@ __all__ = [
     "file_problems",
     "check_files",
     "generation_problems",
+    "check_generation",
     "store_problems",
     "raise_problems",
     "store_fix",
@@ -157,7 +158,9 @@ def file_problems(
     return problems
 
 
-def check_files(store_dir: Path, files: dict[str, int], where: str, *, fix: str | None = None):
+def check_files(
+    store_dir: Path, files: dict[str, int], where: str, *, fix: str | None = None
+) -> None:
     """Raise for the first file of ``files`` that is missing or has another size.
 
     Raises:
@@ -225,6 +228,11 @@ def _backend_problems(
     return metadata_problems(store_dir, entries, files, fix)
 
 
+def _generation_fix(store_dir: Path, manifest: dict[str, Any]) -> str:
+    again = store_fix(store_dir, manifest)
+    return f"Publish the negatives again (publish_negatives), or {again[0].lower()}{again[1:]}"
+
+
 def generation_problems(
     store_dir: Path, pointer: dict[str, Any], manifest: dict[str, Any], path: Path | None = None
 ) -> list[Problem]:
@@ -232,11 +240,7 @@ def generation_problems(
     store: structure, shapes ``[n_pairs, n_neg]``, its recorded files, its data headers."""
     store_dir = Path(store_dir)
     path = path or store_dir / NEGATIVES_DIR / POINTER
-    fix = (
-        "Publish the negatives again (publish_negatives), or "
-        + store_fix(store_dir, manifest)[0].lower()
-        + store_fix(store_dir, manifest)[1:]
-    )
+    fix = _generation_fix(store_dir, manifest)
     problems = pointer_problems(path, pointer, fix)
     if problems:
         return problems
@@ -252,17 +256,58 @@ def generation_problems(
     return problems
 
 
+def check_generation(
+    store_dir: Path, pointer: dict[str, Any], manifest: dict[str, Any], path: Path | None = None
+) -> None:
+    """Raise the first of :func:`generation_problems` (for a generation about to be read).
+
+    Raises:
+        StoreNotFoundError, StoreFormatError, StoreCorruptError: naming the file.
+    """
+    raise_problems(generation_problems(store_dir, pointer, manifest, path), store_dir)
+
+
+def _named_generation(store_dir: Path, pointer: dict[str, Any], manifest: dict[str, Any]):
+    """The generation ``CURRENT.json`` (``pointer``) names: its own description
+    ``gen-NNNNNN.json`` (what readers use) in full, and the pointer agreeing with it."""
+    from .layout import generation_name, read_pointer
+
+    g, fix = pointer["generation"], _generation_fix(store_dir, manifest)
+    path = store_dir / NEGATIVES_DIR / f"{generation_name(g)}.json"
+    try:
+        desc = read_pointer(store_dir, g, check=False)
+    except StoreNotFoundError:
+        msg = f"{path}: negatives generation {g}, which {POINTER} names, has no description. {fix}"
+        return [Problem(StoreNotFoundError, msg)]
+    except JasperError as e:
+        return [Problem(type(e), str(e))]
+    problems = generation_problems(store_dir, desc, manifest, path)
+    differ = [k for k in ("generation", "arrays", "files") if desc.get(k) != pointer.get(k)]
+    if not problems and differ:
+        msg = (
+            f"{store_dir / NEGATIVES_DIR / POINTER}: {differ} differ from {path.name}'s (both "
+            f"are written from one description when a generation is published). {fix}"
+        )
+        problems.append(Problem(StoreFormatError, msg, NEGATIVE_NAMES))
+    return problems
+
+
 def _live_generation_problems(store_dir: Path, manifest: dict[str, Any]) -> list[Problem]:
-    """Problems of the live generation; re-read once if a publisher switched it meanwhile."""
+    """Problems of the live generation (``CURRENT.json``, then the description it names);
+    read again (up to twice) if a publisher switched ``CURRENT.json`` meanwhile, so a
+    generation removed after a newer one went live is not reported."""
     from .layout import read_pointer
 
+    current = store_dir / NEGATIVES_DIR / POINTER
     problems: list[Problem] = []
     for _ in range(3):
         try:
             pointer = read_pointer(store_dir, check=False)
         except JasperError as e:
             return [Problem(type(e), str(e))]
-        problems = generation_problems(store_dir, pointer, manifest)
+        problems = pointer_problems(current, pointer, _generation_fix(store_dir, manifest))
+        if not problems:
+            problems = _named_generation(store_dir, pointer, manifest)
         if not problems:
             return []
         try:

@@ -30,6 +30,8 @@ from .stores import BACKENDS, NEGATIVE_ARRAYS, Store, open_store
 __all__ = ["verify_store", "VerifyReport", "store_info"]
 
 _BLOCK_BYTES = 16 << 20
+#: the offsets are checked against the values' length
+_KEYWORD_ARRAYS = ("pair_keyword_offsets", "pair_keyword_values")
 
 
 @dataclass
@@ -150,8 +152,9 @@ def verify_store(path: str | Path, progress: bool | None = None) -> VerifyReport
         report.data_read = False
         return report
     bad = {a for p in problems for a in p.arrays}
-    if bad & set(NEGATIVE_ARRAYS):  # one description holds both: neither can be trusted
-        bad |= set(NEGATIVE_ARRAYS)
+    for pair in (NEGATIVE_ARRAYS, _KEYWORD_ARRAYS):  # checked together: both or neither
+        if bad & set(pair):
+            bad |= set(pair)
     store = BACKENDS[manifest["backend"]](path, manifest)
     names = [n for n in store.names() if n not in bad]
     _check_arrays(store, names, report, progress)

@@ -30,7 +30,7 @@ from jasper_mmap.errors import (
     StoreNotFoundError,
     StoreWriteError,
 )
-from jasper_mmap.integrity import check_files, data_files
+from jasper_mmap.integrity import check_files, check_generation, data_files
 from jasper_mmap.layout import write_json_atomic
 from jasper_mmap.verify import verify_store
 
@@ -84,6 +84,11 @@ def manifest(fn):
 
 def pointer(fn):
     return edit_json("negatives/CURRENT.json", fn)
+
+
+def generation(fn):
+    """The same change to CURRENT.json and to the description it names (they agree)."""
+    return lambda store: (pointer(fn)(store), edit_json(f"{GEN}.json", fn)(store))
 
 
 def entry(name: str, key: str, value):
@@ -360,7 +365,7 @@ CASES: list[Case] = [
         "counts-n_neg-wrong",
         counts("n_neg", 7),
         FMT,
-        r"negatives/CURRENT\.json: array 'hard_negatives' has shape \[120, 6\], but counts .*n_neg=7",
+        r"negatives/gen-000000\.json: array .hard_negatives. has shape \[120, 6\], but counts .*n_neg=7",
     ),
     *(
         Case(
@@ -674,14 +679,14 @@ CASES: list[Case] = [
         "removed-gen",
         remove(f"{GEN}.safetensors"),
         MISSING,
-        rf"{GEN}\.safetensors: store file is missing \(CURRENT\.json lists it\)",
+        rf"{GEN}\.safetensors: store file is missing \(gen-000000\.json lists it\)",
         ST,
     ),
     Case(
         "truncated-gen",
         truncate(f"{GEN}.safetensors"),
         CORRUPT,
-        rf"{GEN}\.safetensors: file is \d+ bytes, but CURRENT\.json records",
+        rf"{GEN}\.safetensors: file is \d+ bytes, but gen-000000\.json records",
         ST,
     ),
     *(
@@ -689,7 +694,7 @@ CASES: list[Case] = [
             f"removed-{rel}",
             remove(rel),
             MISSING,
-            rf"{re.escape(rel)}: store file is missing \(CURRENT\.json lists it\)",
+            rf"{re.escape(rel)}: store file is missing \(gen-000000\.json lists it\)",
             ZARR,
         )
         for rel in [
@@ -702,7 +707,7 @@ CASES: list[Case] = [
         "truncated-gen-shard",
         truncate(f"{GEN}/negative_tiers/c/0/0", 4),
         CORRUPT,
-        rf"{GEN}/negative_tiers/c/0/0: file is \d+ bytes, but CURRENT\.json records",
+        rf"{GEN}/negative_tiers/c/0/0: file is \d+ bytes, but gen-000000\.json records",
         ZARR,
     ),
     Case(
@@ -983,6 +988,7 @@ for array in ["question_embs", "train_idx", f"{GEN}/hard_negatives"]:
 
 # the live negatives generation's description
 P = r"negatives/CURRENT\.json: .*"
+G = r"negatives/gen-000000\.json: .*"
 CASES += [
     Case(
         "pointer-missing",
@@ -1042,7 +1048,49 @@ CASES += [
         "pointer-shape",
         pointer(lambda p: p["arrays"]["hard_negatives"].__setitem__("shape", [120, 7])),
         FMT,
-        P + r"array 'hard_negatives' has shape \[120, 7\], but counts",
+        P + r"\['arrays'\] differ from gen-000000\.json's",
+    ),
+    Case(
+        "generation-shape",
+        generation(lambda p: p["arrays"]["hard_negatives"].__setitem__("shape", [120, 7])),
+        FMT,
+        G + r"array 'hard_negatives' has shape \[120, 7\], but counts",
+    ),
+    Case(
+        "generation-stored_dtype",
+        generation(lambda p: p["arrays"]["negative_tiers"].__setitem__("stored_dtype", "float32")),
+        FMT,
+        r"negatives/(CURRENT|gen-000000)\.json: .*'negative_tiers'.*'float32' is not allowed",
+    ),
+    Case(
+        "generation-files-size",
+        generation(lambda p: p["files"].__setitem__(next(iter(p["files"])), 1)),
+        CORRUPT,
+        r"negatives/gen-000000\S*: file is \d+ bytes, but gen-000000\.json records 1",
+    ),
+    Case(
+        "generation-description-only",
+        edit_json(f"{GEN}.json", lambda p: p["arrays"]["hard_negatives"].__setitem__("key", "x")),
+        FMT,
+        G + r"'key' should be 'hard_negatives'",
+    ),
+    Case(
+        "generation-description-missing",
+        remove(f"{GEN}.json"),
+        MISSING,
+        G + r"negatives generation 0, which CURRENT\.json names, has no description",
+    ),
+    Case(
+        "generation-description-not-json",
+        write_text(f"{GEN}.json", "{nope"),
+        FMT,
+        G + r"negatives generation description is not valid JSON",
+    ),
+    Case(
+        "pointer-generation-nudged",
+        pointer(lambda p: p.__setitem__("generation", 1)),
+        MISSING,
+        r"gen-000001\.json: negatives generation 1, which CURRENT\.json names, has no description",
     ),
     Case(
         "pointer-shape-str",
@@ -1071,8 +1119,8 @@ CASES += [
     Case(
         "pointer-files-size",
         pointer(lambda p: p["files"].__setitem__(next(iter(p["files"])), 1)),
-        CORRUPT,
-        r"negatives/gen-000000\S*: file is \d+ bytes, but CURRENT\.json records 1",
+        FMT,
+        P + r"\['files'\] differ from gen-000000\.json's",
     ),
     Case(
         "pointer-not-object",
@@ -1155,6 +1203,8 @@ def test_zarr_chunk_removed_after_open_raises_not_zeros(good, tmp_path, rel):
         s.gather(name, [0, 1])
     with pytest.raises(StoreNotFoundError, match=re.escape(rel)):
         s.read(name)
+    with pytest.raises(StoreNotFoundError, match=re.escape(rel)):  # the handle tables.py uses
+        s.raw(name)[...]
 
 
 def test_zarr_damaged_shard_names_the_file(good, tmp_path):
@@ -1171,6 +1221,8 @@ def test_zarr_damaged_shard_names_the_file(good, tmp_path):
         s.gather("source_embs", [3])
     with pytest.raises(StoreCorruptError, match=r"source_embs/c/0/0"):
         s.read("source_embs", 0, 5)
+    with pytest.raises(StoreCorruptError, match=r"source_embs/c/0/0"):
+        s.raw("source_embs")[...]
     report = verify_store(store, progress=False)
     assert not report.ok and any("source_embs/c/0/0" in p for p in report.problems), str(report)
 
@@ -1289,3 +1341,25 @@ def test_write_json_atomic_other_failures_are_raised_as_they_are(tmp_path):
         write_json_atomic(tmp_path / "missing" / "x.json", {})
     write_json_atomic(target, {"a": 1})
     assert json.loads(target.read_text()) == {"a": 1} and list(tmp_path.iterdir()) == [target]
+
+
+@pytest.mark.parametrize("backend", BOTH)
+def test_check_generation_checks_a_generation_before_it_is_read(good, tmp_path, backend):
+    store = shutil.copytree(good[backend], tmp_path / "s")
+    m = json.loads((store / "manifest.json").read_text())
+    path = store / f"{GEN}.json"
+    desc = json.loads(path.read_text())
+    check_generation(store, desc, m, path)  # a good one passes
+    rel = sorted(desc["files"])[-1]
+    with open(store / rel, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(
+        StoreCorruptError,
+        match=rf"{re.escape(rel)}: file is \d+ bytes, but gen-000000\.json records",
+    ):
+        check_generation(store, desc, m, path)
+    desc["arrays"]["negative_tiers"]["shape"] = [120, 5]
+    with pytest.raises(
+        StoreFormatError, match=r"gen-000000\.json: array 'negative_tiers' has shape \[120, 5\]"
+    ):
+        check_generation(store, desc, m, path)

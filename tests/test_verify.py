@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -62,10 +64,7 @@ def test_verify_reports_changed_bytes_and_bad_indices(store, capsys):
     report = verify_store(store, progress=False)
     text = str(report)
     assert not report.ok and len(report.problems) == 2, text
-    assert (
-        "pairs.safetensors: question rows (column 0) should be in [0, 60), but rows [7] hold [1000000]"
-        in text
-    )
+    assert re.search(r"pairs\.safetensors: .*question.*rows \[7\] hold \[1000000\]", text), text
     assert "steering_residual has crc32" in text and "its bytes changed on disk" in text
     assert cli_main(["verify", str(store), "-q"]) == 1
     assert "2 problem(s)" in capsys.readouterr().out
@@ -194,14 +193,15 @@ _ODD = st.sampled_from(
 
 @pytest.fixture(scope="module")
 def fuzz_stores(tmp_path_factory, pt_dataset):
-    """Per backend: a good store, every array's bytes, its counts (the reference)."""
+    """Per backend: a good store, a digest of every array's bytes, its counts (the reference)."""
     out = {}
     for backend in ("safetensors", "zarr"):
         path = convert_pt(
             pt_dataset, tmp_path_factory.mktemp("fuzz") / backend, format=backend, progress=False
         )
         s = open_store(path)
-        out[backend] = (path, {n: s.read(n).tobytes() for n in s.names()}, dict(s.counts))
+        digests = {n: hashlib.blake2b(s.read(n).tobytes()).hexdigest() for n in s.names()}
+        out[backend] = (path, digests, dict(s.counts))
     return out
 
 
@@ -261,8 +261,8 @@ def _check_outcome(path: Path, reference, what: str) -> None:
     else:
         opened = True
         assert dict(s.counts) == counts, what
-        for name, raw in arrays.items():
-            assert s.read(name).tobytes() == raw, (what, name)
+        for name, digest in arrays.items():
+            assert hashlib.blake2b(s.read(name).tobytes()).hexdigest() == digest, (what, name)
         s.close()
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):

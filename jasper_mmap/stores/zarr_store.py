@@ -147,11 +147,11 @@ _META_NAMES = ("zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata")
 _DATA_TYPES = {name: np_dtype.name for name, (np_dtype, _) in STORED_DTYPES.items()}
 
 
-class _MissingChunk(Exception):
+class _MissingChunk(StoreNotFoundError):
     """A chunk/shard file that the store records is gone (raised through zarr's reads)."""
 
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
+    def __init__(self, root: Path, key: str) -> None:
+        super().__init__(f"{root / key}: chunk file is missing (the store records it)")
         self.key = key
 
 
@@ -163,7 +163,7 @@ class _StrictLocalStore(LocalStore):
     async def get(self, key: str, prototype=None, byte_range=None):
         got = await super().get(key, prototype, byte_range)
         if got is None and key.rsplit("/", 1)[-1] not in _META_NAMES:
-            raise _MissingChunk(key)
+            raise _MissingChunk(self.root, key)
         return got
 
 
@@ -314,35 +314,7 @@ class ZarrStore(Store):
                 f"{where}: dtype {arr.dtype} differs from the manifest's "
                 f"{entry['stored_dtype']}. {self._fix()}"
             )
-        return arr
-
-    def _read(self, name: str, arr: Any, rows: Any, first_rows: np.ndarray) -> np.ndarray:
-        """``arr[rows]`` (orthogonal), every zarr failure re-raised as our error naming the file."""
-        try:
-            return arr.oindex[rows] if isinstance(rows, np.ndarray) else arr[rows]
-        except _MissingChunk as e:
-            raise StoreNotFoundError(
-                f"{self.path / e.key}: chunk file of array {name!r} is missing (it was there "
-                f"when the store was opened). {self._fix()}"
-            ) from None
-        except JasperError:
-            raise
-        except Exception as e:
-            raise StoreCorruptError(
-                f"{self.path}/{self.entry(name)['file']}: reading rows of {name!r} failed "
-                f"({type(e).__name__}: {e}); damaged chunk file(s) "
-                f"{self._chunk_files(arr, first_rows)}. {self._fix()}"
-            ) from e
-
-    def _chunk_files(self, arr: Any, rows: np.ndarray) -> list[str]:
-        """The chunk (shard) files holding ``rows`` of ``arr`` (at most 3, for messages)."""
-        per_file = (arr.shards or arr.chunks)[0]
-        coords = np.unique(np.asarray(rows, dtype=np.int64) // max(1, per_file))[:3]
-        tail = (0,) * (arr.ndim - 1)
-        return [
-            str(self.path / arr.path / arr.metadata.encode_chunk_key((int(c), *tail)))
-            for c in coords.tolist()
-        ]
+        return _CheckedArray(arr, name, self.path, self._fix())
 
     def _gather_raw(
         self,
@@ -355,14 +327,77 @@ class ZarrStore(Store):
         if idx.size == 0:
             rows = np.empty((0, *arr.shape[1:]), dtype=arr.dtype)
         else:
-            rows = self._read(name, arr, idx, idx)
+            rows = arr.oindex[idx]
         if out is None:
             return rows
         out[...] = rows
         return out
 
-    def _read_raw(self, name: str, start: int, stop: int | None) -> np.ndarray:
-        arr = self.raw(name)
-        lo, hi, _ = slice(start, stop).indices(arr.shape[0])
-        ends = np.array([lo, max(lo, hi - 1)], dtype=np.int64)  # first and last row read
-        return self._read(name, arr, slice(start, stop), ends)
+
+class _CheckedArray:
+    """A zarr array whose reads (``a[key]``, ``a.oindex[rows]``) re-raise every failure as our
+    error naming the file: a missing chunk as StoreNotFoundError, anything zarr raises for a
+    damaged one (checksum, decode) as StoreCorruptError. Other attributes are the array's."""
+
+    def __init__(self, arr: zarr.Array, name: str, root: Path, fix: str) -> None:
+        self._arr, self._name, self._root, self._fix = arr, name, root, fix
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._arr, attr)
+
+    def __len__(self) -> int:
+        return self._arr.shape[0]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return self._read(lambda: self._arr[key], key)
+
+    @property
+    def oindex(self) -> Any:
+        """Orthogonal indexing, checked like ``a[key]``."""
+        outer = self
+
+        class _OIndex:
+            def __getitem__(self, key: Any) -> np.ndarray:
+                return outer._read(lambda: outer._arr.oindex[key], key)
+
+        return _OIndex()
+
+    def _read(self, fn, key: Any) -> np.ndarray:
+        try:
+            return fn()
+        except _MissingChunk as e:
+            raise StoreNotFoundError(
+                f"{self._root / e.key}: chunk file of array {self._name!r} is missing (it was "
+                f"there when the store was opened). {self._fix}"
+            ) from None
+        except JasperError:
+            raise
+        except Exception as e:
+            raise StoreCorruptError(
+                f"{self._root / self._arr.path}: reading rows of {self._name!r} failed "
+                f"({type(e).__name__}: {e}); damaged chunk file(s) {self._touched(key)}. "
+                f"{self._fix}"
+            ) from e
+
+    def _touched(self, key: Any) -> list[str] | str:
+        try:
+            return self._files(key)
+        except Exception:  # only naming files for a message: never hide the real error
+            return f"under {self._root / self._arr.path}"
+
+    def _files(self, key: Any) -> list[str]:
+        """The chunk (shard) files the read of ``key`` touched (at most 3, for messages)."""
+        first = key[0] if isinstance(key, tuple) and key else key
+        n = self._arr.shape[0] if self._arr.ndim else 1
+        if isinstance(first, slice):
+            lo, hi, _ = first.indices(n)
+            rows = np.array([lo, max(lo, hi - 1)])
+        elif first is Ellipsis or (isinstance(first, tuple) and not first):
+            rows = np.array([0, max(0, n - 1)])
+        else:
+            rows = np.atleast_1d(np.asarray(first, dtype=np.int64)) % max(1, n)
+        per_file = (self._arr.shards or self._arr.chunks or (1,))[0]
+        coords = np.unique(rows // max(1, per_file))[:3].tolist()
+        tail = (0,) * max(0, self._arr.ndim - 1)
+        key_of = self._arr.metadata.encode_chunk_key
+        return [str(self._root / self._arr.path / key_of((int(c), *tail))) for c in coords]
