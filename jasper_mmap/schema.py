@@ -178,6 +178,7 @@ def _dtype_findings(spec, entry: dict[str, Any]) -> list[str]:
 
 
 def _optional_findings(entry: dict[str, Any]) -> list[str]:
+    """What is wrong with an entry's optional fields (``crc32``, ``stats``, ``data_offsets``...)."""
     found = []
     crc = entry.get("crc32")
     if "crc32" in entry and not (type(crc) is int and 0 <= crc < _MAX_CRC):
@@ -222,7 +223,9 @@ def expected_shape(name: str, counts: dict[str, int]) -> tuple[int | None, ...]:
     }.get(name, (None,) if name.endswith("_idx") else (p,))
 
 
-def shape_problems(name: str, entry: Any, counts: dict[str, int], where: str, fix: str):
+def shape_problems(
+    name: str, entry: Any, counts: dict[str, int], where: str, fix: str
+) -> list[Problem]:
     """The entry's shape against ``counts`` (entries already checked by ``entry_problems``)."""
     want = expected_shape(name, counts)
     shape = entry["shape"]
@@ -249,10 +252,12 @@ def shape_problems(name: str, entry: Any, counts: dict[str, int], where: str, fi
 
 
 def _counts_text(counts: dict[str, int]) -> str:
+    """The counts, for messages."""
     return ", ".join(f"{k}={counts[k]}" for k in COUNT_KEYS)
 
 
 def counts_problems(counts: Any, where: str, fix: str) -> list[Problem]:
+    """``counts`` is an object holding every count of ``COUNT_KEYS`` as an integer >= 0."""
     if not isinstance(counts, dict):
         return [
             Problem(
@@ -303,6 +308,7 @@ def _top_level_problems(manifest: dict[str, Any], where: str, fix: str) -> list[
 
 
 def _source_findings(source: Any) -> list[str]:
+    """What is wrong with the manifest's ``source`` (read by ``resolve`` before any open)."""
     if not isinstance(source, dict):
         return []
     found = []
