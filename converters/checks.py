@@ -98,15 +98,29 @@ class Stats:
         return out
 
 
+#: what the values index -> the in-RAM dataset's words for a reference past the end
+_REFERENCES = {
+    "question rows (column 0)": ("pair_index references question", "questions"),
+    "source rows (column 1)": ("pair_index references source", "sources"),
+    "negative source rows": ("hard_negatives references source", "sources"),
+    "pair indices": ("Split indices reference pair", "pairs"),
+    "cluster ids": ("pair_cluster_id references cluster", "clusters"),
+    "keyword rows": ("pair_keyword_ids references keyword", "keywords"),
+}
+
+
 def _range_error(
     path: Path, block: np.ndarray, start: int, lo: int, hi: int, what: str
 ) -> ArtifactError:
-    bad = np.flatnonzero(((block < lo) | (block >= hi)).reshape(block.shape[0], -1).any(axis=1))
+    outside = (block < lo) | (block >= hi)
+    bad = np.flatnonzero(outside.reshape(block.shape[0], -1).any(axis=1))
     rows = (bad[:5] + start).tolist()
     vals = block[bad[:5]].tolist()
+    first = int(block[outside].flat[0])
+    refers, things = _REFERENCES.get(what, (f"{what} hold", "rows"))
     return ArtifactError(
-        f"{path}: {what} should be in [{lo}, {hi}), but rows {rows} hold {vals} "
-        f"({len(bad)} bad rows in this block). {REBUILD}"
+        f"{path}: {refers} {first}, but only {hi} {things} exist ({what} should be in "
+        f"[{lo}, {hi}); rows {rows} hold {vals}; {len(bad)} bad rows in this block). {REBUILD}"
     )
 
 

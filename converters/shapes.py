@@ -75,7 +75,7 @@ def check_shapes(
         _expect(arts[name], 2, FLOAT_SOURCES, "rows of embeddings")
     dims = {arts[n].shape[1] for n in emb + steer}
     want_d = config.get("embedding_dim")
-    found = {arts[n].path.name: arts[n].shape[1] for n in emb + steer}
+    found = {Path(str(arts[n].path)).name: arts[n].shape[1] for n in emb + steer}
     if len(dims) == 1 and want_d is not None and dims != {want_d}:
         raise ConfigError(
             f"{src / 'config.json'}: embedding_dim={want_d}, but every embedding and steering file "

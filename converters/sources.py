@@ -6,8 +6,8 @@ hide their backends):
 * ``arrays``: the store's array names (``jasper_mmap.layout.ARRAYS``) mapped to readers with
   ``path``, ``shape``, ``dtype`` (a torch dtype name), ``np_dtype``, ``nbytes``, ``row_bytes``
   and ``read_rows(start, stop)``; optional splits that are absent are left out;
-* ``decode_keywords(on_rows, spill, stop)``: hands ``(lengths, values)`` int64 blocks of the
-  per-pair keyword lists to ``on_rows``, in pair order;
+* ``decode_keywords(on_rows, spill, stop)``: writes the values of the per-pair keyword lists to
+  ``spill`` and hands ``(lengths, values)`` int64 blocks to ``on_rows``, in pair order;
 * ``keyword_path`` and ``keyword_bytes``: what errors name and progress counts;
 * ``close()``.
 
@@ -96,10 +96,12 @@ class H5DatasetSource:
         self.keyword_bytes = 0  # inside dataset.h5, whose bytes the arrays already count
 
     def decode_keywords(self, on_rows: OnRows, spill: BinaryIO, stop: threading.Event) -> None:
-        del spill  # no memo references in HDF5: each pair's list is its own dataset
+        # as the pickle decoder does: every block's values go to ``spill``, then to ``on_rows``
         for lengths, values in self._h5.keyword_rows():
             if stop.is_set():
                 raise KeywordsCancelled()
+            spill.write(np.ascontiguousarray(values, dtype="<i8").tobytes())
+            spill.flush()
             on_rows(lengths, values)
 
     def close(self) -> None:
