@@ -14,8 +14,8 @@ torch saved them with, ``pair_data/keyword_ids/<i>`` is one int32 dataset per pa
   the old one untouched. A killed run's partial file is removed by the next run.
 - **Chunks** are full rows of about 1 MiB (upstream lets h5py guess, which splits columns);
   readers cannot tell the difference, and row blocks then decompress each chunk once.
-- bfloat16 tensors, which upstream cannot convert (numpy has no bfloat16), are widened to
-  float32 (exact), with a warning.
+- bfloat16 and float8 tensors, which upstream cannot convert (numpy has neither), are
+  widened to float32 (exact), with a warning.
 """
 
 from __future__ import annotations
@@ -66,17 +66,22 @@ _NUMPY_OF = {torch: np.dtype(f"<{kind}{size}") for (kind, size), torch in TORCH_
 _CHUNK_BYTES = 1 << 20
 
 
-def _stored_dtype(art: TensorArtifact) -> np.dtype:
-    """The dtype the tensor is written with: as torch saved it; bfloat16 widened to float32."""
-    if art.dtype == "torch.bfloat16":
-        log.warning("%s: bfloat16 is written as float32 (HDF5 has no bfloat16)", art.path)
+def _is_bf16_bits(art: TensorArtifact) -> bool:
+    return art.dtype == "torch.bfloat16" and art.np_dtype.kind == "u"
+
+
+def _stored_dtype(art: TensorArtifact, warn: bool = False) -> np.dtype:
+    """The dtype the tensor is written with: as torch saved it; bfloat16/float8 as float32."""
+    if art.dtype in _NUMPY_OF:
+        return _NUMPY_OF[art.dtype]
+    if _is_bf16_bits(art) or (art.dtype.startswith("torch.float") and art.np_dtype.kind == "f"):
+        if warn:
+            log.warning("%s: %s is written as float32 (HDF5 has no such type)", art.path, art.dtype)
         return np.dtype("<f4")
-    if art.dtype not in _NUMPY_OF:
-        raise ArtifactError(
-            f"{art.path}: holds {art.dtype}, which HDF5 (and upstream's converter) cannot "
-            f"store. Re-save it as float32 (or int64), or convert with convert-pt instead."
-        )
-    return _NUMPY_OF[art.dtype]
+    raise ArtifactError(
+        f"{art.path}: holds {art.dtype}, which HDF5 (and upstream's converter) cannot "
+        f"store. Re-save it as float32 (or int64), or convert with convert-pt instead."
+    )
 
 
 def _open_inputs(src: Path) -> dict[str, TensorArtifact]:
@@ -88,10 +93,7 @@ def _open_inputs(src: Path) -> dict[str, TensorArtifact]:
             log.info("%s: no %s; dataset.h5 gets no %s", src, path.name, h5name)
             continue
         art = arts[name] = open_tensor(path)
-        np_kind = (
-            "f" if art.dtype == "torch.bfloat16" else _NUMPY_OF.get(art.dtype, art.np_dtype).kind
-        )
-        if len(art.shape) != ndim or np_kind not in KINDS[kind]:
+        if len(art.shape) != ndim or _stored_dtype(art).kind not in KINDS[kind]:
             raise ArtifactError(
                 f"{art.path}: should be a {ndim}-D tensor of "
                 f"{'floats' if kind == 'float' else 'integers'} (for {h5name}), but is "
@@ -108,7 +110,7 @@ def _chunk_rows(shape: tuple[int, ...], itemsize: int) -> int:
 def _write_array(group: Any, leaf: str, art: TensorArtifact, compression, block_bytes) -> None:
     """Create ``group/leaf`` (chunked, compressed) and stream the tensor into it."""
     t0 = time.perf_counter()
-    dtype = _stored_dtype(art)
+    dtype = _stored_dtype(art, warn=True)
     rows = _chunk_rows(art.shape, dtype.itemsize)
     chunked = all(art.shape[1:]) and art.shape[0] > 0
     ds = group.create_dataset(
@@ -122,7 +124,7 @@ def _write_array(group: Any, leaf: str, art: TensorArtifact, compression, block_
     step = rows * max(1, block_bytes // max(1, rows * art.row_bytes))
     for start in range(0, n if chunked else 0, step):
         block = art.read_rows(start, min(n, start + step))
-        if art.dtype == "torch.bfloat16":
+        if _is_bf16_bits(art):
             block = to_float32(block.view(np.uint16), "bfloat16")
         ds[start : start + block.shape[0]] = block.astype(dtype, copy=False)
     log.info(

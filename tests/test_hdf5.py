@@ -571,15 +571,21 @@ def test_writer_without_optional_splits(pt_dir, tmp_path):
         assert sorted(f["splits"]) == ["train", "val"]
 
 
-def test_writer_widens_bfloat16(pt_dir, tmp_path, caplog):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_writer_widens_types_hdf5_lacks(pt_dir, tmp_path, caplog, dtype):
     d = _copy(pt_dir, tmp_path)
-    t = torch.load(d / "keyword_embs.pt", weights_only=True).to(torch.bfloat16)
+    t = torch.load(d / "keyword_embs.pt", weights_only=True).to(dtype)
     torch.save(t, d / "keyword_embs.pt")
+    try:
+        if open_tensor(d / "keyword_embs.pt").np_dtype.kind not in "fu":
+            pytest.skip("this pt_reader hands out float8 bits, not values")
+    except ArtifactError:
+        pytest.skip("this pt_reader does not read float8 tensors")
     convert_pt_to_hdf5(d)
     with h5py.File(d / "dataset.h5", "r") as f:
         assert f["embeddings/keywords"].dtype == np.float32
         assert np.array_equal(f["embeddings/keywords"][:], t.float().numpy())
-    assert "bfloat16 is written as float32" in caplog.text
+    assert f"{dtype} is written as float32" in caplog.text
 
 
 @pytest.mark.parametrize(
