@@ -316,6 +316,19 @@ def test_keyword_pass_with_a_userblock_and_cache_evictions(pt_dir, kw_lists, tmp
         assert cfg.incr_mode == 1  # the file's own cache settings are back
 
 
+def test_keyword_pass_in_a_thread_beside_array_reads(h5_dir, pt_dir, kw_lists, monkeypatch):
+    """As the converter runs it: keywords decoded in a thread while tables stream."""
+    monkeypatch.setattr(h5_source, "_EVICT_EVERY", 8)
+    want = {n: open_tensor(pt_dir / f"{n}.pt") for n in H5_PATHS}
+    with open_h5_source(h5_dir) as src, ThreadPoolExecutor(1) as pool:
+        for _ in range(3):
+            lists = pool.submit(keyword_lists, src)
+            for name, arr in src.arrays.items():
+                want_bytes = want[name].read_rows(0, want[name].shape[0]).tobytes()
+                assert read_all(arr, 5).tobytes() == want_bytes
+            assert lists.result() == kw_lists
+
+
 def test_extra_keyword_datasets_are_ignored_like_upstream(h5_dir, kw_lists, tmp_path, caplog):
     shutil.copy(h5_dir / "dataset.h5", tmp_path / "dataset.h5")
     with h5py.File(tmp_path / "dataset.h5", "r+") as f:
