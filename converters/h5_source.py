@@ -3,9 +3,9 @@
 ``open_h5_source(dataset_dir)`` returns an :class:`H5Source` whose ``arrays`` offer the same
 interface as :class:`~jasper_mmap.converters.pt_reader.TensorArtifact` (``path``, ``shape``,
 ``dtype``, ``np_dtype``, ``nbytes``, ``row_bytes``, ``read_rows``), keyed by the store's array
-names, and whose ``keyword_rows()`` yields ``(lengths, values)`` int64 blocks like
-:func:`~jasper_mmap.converters.keyword_pickle.iter_keyword_rows`. The HDF5 layout is the one
-upstream's ``convert_pt_to_hdf5`` writes (UPSTREAM_API.md); :data:`H5_PATHS` maps the names.
+names, and whose ``keyword_rows()`` yields ``(lengths, values)`` int64 blocks like those
+``keyword_pickle.decode_keyword_rows`` hands out. The HDF5 layout is the one upstream's
+``convert_pt_to_hdf5`` writes (UPSTREAM_API.md); :data:`H5_PATHS` maps the names.
 
 # NOTE [split source]
 Upstream reads ``{split}_idx.pt`` even in HDF5 mode, so a ``{split}_idx.pt`` beside

@@ -6,7 +6,7 @@ torch saved them with, ``pair_data/keyword_ids/<i>`` is one int32 dataset per pa
 ``splits/*`` holds the splits whose ``{split}_idx.pt`` exists. Two things differ on purpose:
 
 - **Streaming.** Tensors are read block by block with ``open_tensor(...).read_rows`` and
-  written into pre-created datasets; keyword ids come from ``iter_keyword_rows``. Memory stays
+  written into pre-created datasets; keyword ids come from ``decode_keyword_rows``. Memory stays
   a few blocks whatever the size (upstream loads every tensor whole).
 - **Atomic.** The file is written as ``.dataset.h5.partial-PID-TOKEN`` in the same directory,
   fsynced, and published with one ``os.replace``; an existing ``dataset.h5`` is replaced (as
@@ -24,7 +24,6 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +40,8 @@ from jasper_mmap.errors import (
     write_error,
 )
 
-from . import keyword_pickle
 from .h5_source import H5_NAME, H5_PATHS, KEYWORDS_PATH, KINDS, TORCH_DTYPES, require_h5py
+from .keyword_pickle import decode_keyword_rows
 from .pt_reader import TensorArtifact, open_tensor
 
 __all__ = ["convert_pt_to_hdf5"]
@@ -164,7 +163,7 @@ def _write_keywords(group: Any, kw_path: Path, n_pairs: int) -> None:
                 ds.write(h5s.ALL, h5s.ALL, ids[start:end])
             start, row = end, row + 1
 
-    _each_keyword_block(kw_path, write_block)
+    decode_keyword_rows(kw_path, write_block)
     if row != n_pairs:
         raise ArtifactError(
             f"{kw_path}: should hold one list per pair ({n_pairs}, as pair_index.pt has), "
@@ -176,19 +175,6 @@ def _write_keywords(group: Any, kw_path: Path, n_pairs: int) -> None:
         row,
         time.perf_counter() - t0,
     )
-
-
-def _each_keyword_block(path: Path, fn: Callable[[np.ndarray, np.ndarray], None]) -> None:
-    """Call ``fn(lengths, values)`` per int64 block of the streamed keyword pickle.
-
-    Works with the decoder's iterator (``iter_keyword_rows``) or callback
-    (``decode_keyword_rows``) form, whichever :mod:`.keyword_pickle` offers.
-    """
-    if hasattr(keyword_pickle, "iter_keyword_rows"):
-        for lengths, values in keyword_pickle.iter_keyword_rows(path):
-            fn(lengths, values)
-    else:
-        keyword_pickle.decode_keyword_rows(path, fn)
 
 
 def _as_int32(path: Path, lengths: np.ndarray, values: np.ndarray, row: int) -> np.ndarray:
