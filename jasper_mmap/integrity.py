@@ -133,7 +133,7 @@ def file_problems(
     base = os.fspath(store_dir)
     label = "the manifest" if Path(where).name == MANIFEST else Path(where).name
     for rel, want in files.items():
-        if bad_rel(rel) or type(want) is not int or want < 0:
+        if type(want) is not int or want < 0 or bad_rel(rel):
             problems.append(
                 Problem(
                     StoreFormatError,

@@ -99,13 +99,9 @@ def store_fix(store_dir: str | Path, manifest: Any = None) -> str:
 
 def bad_rel(rel: Any) -> bool:
     """Whether ``rel`` is not a usable path inside a store."""
-    return (
-        not isinstance(rel, str)
-        or not rel
-        or "\0" in rel
-        or rel.startswith("/")
-        or ".." in rel.split("/")
-    )
+    if not isinstance(rel, str) or not rel or rel[0] == "/" or "\0" in rel:
+        return True
+    return ".." in rel and ".." in rel.split("/")
 
 
 def is_count(v: Any) -> bool:

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -209,13 +208,18 @@ def _grid(meta: dict[str, Any], ndim: int) -> tuple[list[int], str, str] | None:
     return chunks, ("c" if enc["name"] == "default" else ""), sep
 
 
-def _chunk_keys(meta: dict[str, Any], shape: list[int]) -> Iterator[str]:
+def _chunk_keys(meta: dict[str, Any], shape: list[int]) -> list[str]:
     """The key of every chunk (shard) file of an array, in grid order."""
     chunks, prefix, sep = _grid(meta, len(shape))
     counts = [math.ceil(n / c) for n, c in zip(shape, chunks, strict=True)]
-    for coords in itertools.product(*(range(n) for n in counts)):
-        parts = ([prefix] if prefix else []) + [str(c) for c in coords]
-        yield sep.join(parts) if parts else "0"
+    if not shape:
+        return [prefix or "0"]
+    head = f"{prefix}{sep}" if prefix else ""
+    if all(c == 1 for c in counts[1:]):  # full-width chunks, as we write them: fast path
+        tail = f"{sep}0" * (len(shape) - 1)
+        return [f"{head}{i}{tail}" for i in range(counts[0])]
+    grid = itertools.product(*(range(n) for n in counts))
+    return [head + sep.join(str(c) for c in coords) for coords in grid]
 
 
 def metadata_problems(
