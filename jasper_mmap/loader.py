@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .dataset import BATCH_KEYS, JASPERSteeringDataset, SampleBatch
 from .errors import JasperError
+from .threaded import ThreadedBatches
 
 __all__ = [
     "create_loader",
+    "JasperLoader",
+    "WORKER_MODES",
     "set_epoch",
     "validate_first_batch",
     "first_batch_summary",
@@ -58,6 +62,57 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+WORKER_MODES = ("thread", "process")
+
+
+class JasperLoader(DataLoader):
+    """A ``torch.utils.data.DataLoader`` whose ``num_workers`` are gather threads by default.
+
+    ``worker_mode="thread"``: ``num_workers`` threads of this process gather batches in
+    parallel, ``prefetch_factor * num_workers`` ahead, in sampler order, with no per-batch
+    process transport (NOTE [thread loading] in threaded.py); ``num_workers=0`` gathers in
+    the loop. ``worker_mode="process"``: the DataLoader's own worker processes, for users who
+    add per-sample Python work of their own (a custom collate function, say) that threads
+    would serialize on the GIL. Batches are bit-identical in every mode.
+    """
+
+    def __init__(self, dataset: Any, *, worker_mode: str = "thread", **kwargs: Any) -> None:
+        if worker_mode not in WORKER_MODES:
+            raise ValueError(
+                f"worker_mode should be one of {WORKER_MODES}, but got worker_mode={worker_mode!r}"
+            )
+        super().__init__(dataset, **kwargs)
+        self.worker_mode = worker_mode
+
+    @property
+    def in_flight(self) -> int:
+        """Batches gathered ahead at most in thread mode (memory: this x one batch's bytes)."""
+        return (self.prefetch_factor or 1) * self.num_workers if self.num_workers else 1
+
+    def __iter__(self) -> Any:
+        threads = self.worker_mode == "thread" and self._auto_collation
+        if not threads or getattr(self.dataset, "device", torch.device("cpu")).type != "cpu":
+            if threads:  # a dataset on the GPU gathers there, in this thread
+                return _inline(self.dataset, self._index_sampler, self.collate_fn, False)
+            return super().__iter__()
+        pin = bool(self.pin_memory) and torch.cuda.is_available()
+        if self.num_workers == 0:
+            return _inline(self.dataset, self._index_sampler, self.collate_fn, pin)
+        return ThreadedBatches(
+            self.dataset,
+            self._index_sampler,
+            self.collate_fn,
+            self.num_workers,
+            self.in_flight,
+            pin,
+        )
+
+
+def _inline(dataset: Any, batches: Any, collate: Any, pin: bool) -> Iterator[Any]:
+    for indices in batches:
+        yield collate(dataset.__getitems__(indices, pin_memory=pin))
+
+
 def create_loader(
     dataset_dir: str | Path,
     split: str,
@@ -67,19 +122,25 @@ def create_loader(
     epoch: int = 0,
     drop_last: bool | None = None,
     pin_memory: bool = True,
+    *,
+    worker_mode: str = "thread",
     **dataloader_kwargs: Any,
-) -> DataLoader:
+) -> JasperLoader:
     """A DataLoader over ``JASPERSteeringDataset(dataset_dir, split, epoch)`` on the batched path.
 
     Train shuffles and drops the last partial batch by default; val/test do neither. With
     ``distributed=True`` a ``DistributedSampler`` shards the split across ranks.
-    ``dataloader_kwargs`` go to the DataLoader and override these defaults (``shuffle``,
-    ``persistent_workers``, ``prefetch_factor``, ``multiprocessing_context``, ...); dataset
-    options (``seed``, ``cache_dir``, ``store_format``, ``report_generation``) are taken out first.
+    ``num_workers`` gather threads (``worker_mode="thread"``, the default) or worker processes
+    (``worker_mode="process"``); see :class:`JasperLoader`. ``pin_memory`` (with CUDA) gathers
+    straight into pinned memory. ``dataloader_kwargs`` go to the DataLoader and override these
+    defaults (``shuffle``, ``prefetch_factor``, ``persistent_workers``,
+    ``multiprocessing_context``, ...); dataset options (``seed``, ``cache_dir``,
+    ``store_format``, ``storage_format``, ``use_mmap``, ``report_generation``, ...) are taken
+    out first.
 
     Returns:
-        The DataLoader, with ``.dataset_obj`` (the dataset) and ``.sampler_obj`` (the
-        DistributedSampler, or None).
+        A :class:`JasperLoader` (a ``torch.utils.data.DataLoader``), with ``.dataset_obj``
+        (the dataset) and ``.sampler_obj`` (the DistributedSampler, or None).
     """
     ds_keys = (
         "seed",
@@ -97,10 +158,11 @@ def create_loader(
     ds_kwargs = {k: dataloader_kwargs.pop(k) for k in ds_keys if k in dataloader_kwargs}
     dataset = JASPERSteeringDataset(dataset_dir, split, epoch, **ds_kwargs)
     if dataset.device.type != "cpu":
-        if num_workers:
+        if num_workers and worker_mode == "process":
             raise ValueError(
-                f"num_workers should be 0 for a dataset preloaded to {dataset.device} (batches "
-                f"are gathered on the device in this process), but got num_workers={num_workers}"
+                f"num_workers should be 0 for a dataset preloaded to {dataset.device} with "
+                f"worker_mode='process' (batches are gathered on the device in this process), "
+                f"but got num_workers={num_workers}"
             )
         pin_memory = False
     train = split == "train"
@@ -127,9 +189,18 @@ def create_loader(
         for key in ("batch_size", "shuffle", "sampler", "drop_last"):
             kwargs.pop(key)
     kwargs.update(dataloader_kwargs)
-    loader = DataLoader(dataset, **kwargs)
+    loader = JasperLoader(dataset, worker_mode=worker_mode, **kwargs)
     loader.dataset_obj = dataset
     loader.sampler_obj = sampler
+    log.info(
+        "Created %s DataLoader: %d samples, batch_size=%s, num_workers=%d (%s), distributed=%s",
+        split,
+        len(dataset),
+        batch_size,
+        num_workers,
+        "threads" if worker_mode == "thread" else "processes",
+        distributed,
+    )
     return loader
 
 

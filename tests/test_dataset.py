@@ -129,12 +129,14 @@ def _loader(src, **kw):
 @pytest.mark.parametrize(
     "layout",
     [
+        dict(num_workers=2, worker_mode="process"),
+        dict(num_workers=2, persistent_workers=True, worker_mode="process"),
+        dict(num_workers=4, batch_size=5, worker_mode="process"),
+        dict(num_workers=2, multiprocessing_context="spawn", worker_mode="process"),
         dict(num_workers=2),
-        dict(num_workers=2, persistent_workers=True),
-        dict(num_workers=4, batch_size=5),
-        dict(num_workers=2, multiprocessing_context="spawn"),
+        dict(num_workers=4, batch_size=5, prefetch_factor=1),
     ],
-    ids=["fork2", "fork2-persistent", "fork4-b5", "spawn2"],
+    ids=["fork2", "fork2-persistent", "fork4-b5", "spawn2", "threads2", "threads4-b5"],
 )
 def test_variants_identical_under_any_worker_layout(pt_dataset, layout):
     reference = _variants(_loader(pt_dataset, num_workers=0))
@@ -186,7 +188,12 @@ def test_the_builders_distance_curriculum_block_takes_the_default_schedule(src):
 @pytest.mark.parametrize("context", ["fork", "spawn"])
 def test_set_epoch_and_force_steering_reach_persistent_workers(big, context):
     loader = _loader(
-        big, num_workers=2, persistent_workers=True, batch_size=256, multiprocessing_context=context
+        big,
+        num_workers=2,
+        persistent_workers=True,
+        batch_size=256,
+        multiprocessing_context=context,
+        worker_mode="process",
     )
     ds = loader.dataset_obj
     first = _variants(loader)

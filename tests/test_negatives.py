@@ -70,7 +70,8 @@ def test_seed_flow_overwrite_pt_then_reload(src):
     ]
 
 
-def test_publish_and_reload_with_persistent_workers_mid_epoch(store):
+@pytest.mark.parametrize("mode", ["process", "thread"])
+def test_publish_and_reload_with_persistent_workers_mid_epoch(store, mode):
     s = open_store(store)
     sources, split = s.read("source_embs"), s.read("train_idx")
     assert publish_negatives(store, *table(1, 120, 6, 120)) == 1  # a checkable starting table
@@ -83,6 +84,7 @@ def test_publish_and_reload_with_persistent_workers_mid_epoch(store):
         shuffle=False,
         drop_last=False,
         report_generation=True,
+        worker_mode=mode,
     )
     assert loader.dataset_obj.negatives_generation == 1
     it = iter(loader)
@@ -94,6 +96,9 @@ def test_publish_and_reload_with_persistent_workers_mid_epoch(store):
     prefetched = 2 * 2  # prefetch_factor * num_workers batches were produced before the reload
     assert len(gens) > prefetched and set(gens[prefetched:]) == {2}, gens
     assert gens == sorted(gens)  # never back to the old generation
+    if mode == "thread":  # threads gather the batches after the reload's next: all new
+        assert set(gens[prefetched:]) == {2}
+        return
     workers = [w.pid for w in loader._iterator._workers]
     assert {check_batch(b, sources, split[4 * k : 4 * k + 4], 6) for k, b in enumerate(loader)} == {
         2
@@ -234,11 +239,11 @@ def _publisher(store: str, first: int, count: int, done) -> None:
 
 @pytest.mark.parametrize("store", ["safetensors"], indirect=True)
 @pytest.mark.parametrize(
-    "workers,persistent",
-    [(2, True), (2, False), (0, False)],
-    ids=["persistent-workers", "fresh-workers", "no-workers"],
+    "workers,persistent,mode",
+    [(2, True, "process"), (2, False, "process"), (0, False, "thread"), (4, False, "thread")],
+    ids=["persistent-workers", "fresh-workers", "no-workers", "threads"],
 )
-def test_stress_publisher_and_workers_never_tear_a_batch(store, workers, persistent):
+def test_stress_publisher_and_workers_never_tear_a_batch(store, workers, persistent, mode):
     s = open_store(store)
     sources, split = s.read("source_embs"), s.read("train_idx")
     publish_negatives(store, *table(1, 120, 6, 120))  # generation 1 follows the checkable table
@@ -248,6 +253,7 @@ def test_stress_publisher_and_workers_never_tear_a_batch(store, workers, persist
         batch_size=8,
         num_workers=workers,
         persistent_workers=persistent,
+        worker_mode=mode,
         shuffle=False,
         drop_last=False,
         report_generation=True,

@@ -216,7 +216,7 @@ def test_waiting_for_the_conversion_lock_names_the_holder(src, caplog, monkeypat
     import jasper_mmap.resolve as resolve
 
     lock_path = src / f".{STORE_DIRNAME}.lock"
-    holder = open(lock_path, "a+")
+    holder = open(lock_path, "w")  # (the copied fixture may hold an old lock file)
     fcntl.flock(holder, fcntl.LOCK_EX)
     holder.write(json.dumps({"pid": 4242, "host": "nodeA", "since": time.time() - 75}))
     holder.flush()
