@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import pickletools
 import struct
 import tempfile
@@ -56,6 +57,8 @@ _INT64 = 1 << 63
 #: first bytes of a protocol 0/1 pickle of a list or tuple: MARK, EMPTY_LIST, EMPTY_TUPLE
 _OLD_PICKLE_STARTS = (b"(", b"]", b")")
 _I32, _U32 = struct.Struct("<i").unpack_from, struct.Struct("<I").unpack_from
+_U64 = struct.Struct("<Q").unpack_from
+_TRUNCATED = "the pickle ends inside an opcode (truncated file)"
 #: what a refused opcode would build, for the message
 _FOUND = {
     **dict.fromkeys(["FLOAT", "BINFLOAT"], "a float"),
@@ -74,6 +77,24 @@ _FOUND = {
     **dict.fromkeys(["PERSID", "BINPERSID"], "a tensor storage reference"),
     **dict.fromkeys(["POP", "POP_MARK", "DUP"], "a POP/DUP stack operation"),
 }
+
+
+def _stack_global(dec: _Decoder, limit: int) -> str | None:
+    """``module.name`` when the SHORT_BINUNICODE being refused starts a STACK_GLOBAL's pair
+    of strings (protocol 4 names a global so); the decoder stands at its length byte."""
+    dec._need(limit)
+    buf, i, parts = dec.buf, dec.i, []
+    while i < len(buf):
+        n = buf[i]
+        parts.append(buf[i + 1 : i + 1 + n].decode(errors="replace")[:80])
+        i += 1 + n
+        i += buf[i : i + 1] == b"\x94"  # MEMOIZE
+        if len(parts) == 2:
+            return ".".join(parts) if buf[i : i + 1] == b"\x93" else None
+        if buf[i : i + 1] != b"\x8c":
+            return None
+        i += 1
+    return None
 
 
 class KeywordsCancelled(Exception):
@@ -98,7 +119,7 @@ def _pickle_stream(path: Path):
             if storages:
                 raise _bad(path, f"the archive holds tensor data ({len(storages)} storages)")
             with z.open(prefix + "data.pkl") as f:
-                yield f
+                yield f, z.getinfo(prefix + "data.pkl").file_size
         return
     if kind == "pickle" and _is_legacy(path):
         raise ArtifactError(f"{path}: not a zip-format torch archive. {LEGACY_FIX}")
@@ -111,7 +132,7 @@ def _pickle_stream(path: Path):
                 f"{head!r}). Save the keyword ids with torch.save(list_of_lists, path)."
             )
     with open(path, "rb") as f:
-        yield f
+        yield f, os.fstat(f.fileno()).st_size
 
 
 def decode_keyword_rows(
@@ -141,19 +162,20 @@ def decode_keyword_rows(
     with contextlib.ExitStack() as stack:
         if spill is None:
             spill = stack.enter_context(tempfile.TemporaryFile())
-        f = stack.enter_context(_pickle_stream(path))
-        _Decoder(f, path, spill, on_rows, block, stop).run()
+        f, size = stack.enter_context(_pickle_stream(path))
+        _Decoder(f, size, path, spill, on_rows, block, stop).run()
 
 
 class _Decoder:
     """The opcode interpreter; see :func:`decode_keyword_rows`."""
 
-    def __init__(self, f, path, spill, on_rows, block, stop) -> None:
-        self.f, self.path, self.on_rows, self.stop = f, path, on_rows, stop
+    def __init__(self, f, size, path, spill, on_rows, block, stop) -> None:
+        self.f, self.size, self.path, self.on_rows, self.stop = f, size, path, on_rows, stop
         self.sink = RowSink(spill, block, self._flush)
         self.rows = RowStack(self.sink)
         self.bools = False
         self.buf, self.i, self.base, self.eof = b"", 0, 0, False
+        self.frame_end: int | None = None  # end of the current pickle frame (FRAME opcode)
 
     def _flush(self) -> None:
         if self.sink.lens:
@@ -192,7 +214,7 @@ class _Decoder:
         except (IndexError, struct.error):
             if not self.eof:
                 raise
-            raise _bad(self.path, "the pickle ends inside an opcode (truncated file)") from None
+            raise _bad(self.path, _TRUNCATED) from None
         self._flush()
         if self.bools:
             log.warning(
@@ -209,13 +231,10 @@ class _Decoder:
         push_row, put, get = rows.push_row, rows.put, rows.get
         buf, i, limit = self.buf, self.i, -1
         while True:
-            if i > limit:  # keep room for the longest fixed-size opcode (LONG1)
+            if i > limit:  # room for the longest fixed-size opcode (LONG1), or a frame's end
                 self.buf, self.i = buf, i
-                self._need(300)
+                limit = self._slow_path()
                 buf, i = self.buf, self.i
-                limit = len(buf) - (1 if self.eof else 300)
-                if i >= len(buf):
-                    raise _bad(self.path, "the pickle ends before its STOP opcode (truncated file)")
             op = buf[i]
             i += 1
             if op == 0x4B:  # K BININT1
@@ -269,6 +288,20 @@ class _Decoder:
                 self._rare(op)
                 buf, i, limit = self.buf, self.i, -1
 
+    def _slow_path(self) -> int:
+        """Refill the buffer and check frame ends; return the position of the next check."""
+        if self.frame_end is not None and self._pos() >= self.frame_end:
+            if self._pos() > self.frame_end:  # pickle refuses this (its _Unframer does)
+                raise _bad(self.path, "an opcode crosses the end of its pickle frame (corrupt)")
+            self.frame_end = None
+        self._need(300)
+        if self.i >= len(self.buf):
+            raise _bad(self.path, "the pickle ends before its STOP opcode (truncated file)")
+        limit = len(self.buf) - (1 if self.eof else 300)
+        if self.frame_end is not None:
+            limit = min(limit, self.frame_end - self.base - 1)
+        return limit
+
     def _rare(self, op: int) -> None:
         """Opcodes of other protocols' forms (text ints, LONG1/4, LIST, PUT/GET, FRAME...)."""
         if op == 0x8A or op == 0x8B:  # LONG1, LONG4
@@ -280,7 +313,7 @@ class _Decoder:
             self._need(n)
             data = self.buf[self.i : self.i + n]
             if len(data) < n:
-                raise IndexError
+                raise _bad(self.path, _TRUNCATED)
             self.i += n
             self._push_int(int.from_bytes(data, "little", signed=True))
         elif op == 0x49 or op == 0x4C:  # I INT, L LONG (protocol 0 text)
@@ -302,11 +335,20 @@ class _Decoder:
                 self.rows.get(key)
         elif op == 0x6C:  # l LIST
             self.rows.close_mark(False)
-        elif op == 0x80 or op == 0x95:  # PROTO, FRAME (frames are transparent here)
-            self._need(9)
-            if op == 0x80 and self.buf[self.i] > 5:
+        elif op == 0x80:  # PROTO
+            self._need(1)
+            if self.buf[self.i] > 5:
                 raise _bad(self.path, f"it uses pickle protocol {self.buf[self.i]} (known: 0-5)")
-            self.i += 1 if op == 0x80 else 8
+            self.i += 1
+        elif op == 0x95:  # FRAME: opcodes may not cross its end, as pickle requires
+            if self.frame_end is not None:
+                raise _bad(self.path, "a pickle frame begins inside the previous one (corrupt)")
+            self._need(8)
+            n = _U64(self.buf, self.i)[0]
+            self.i += 8
+            if n > self.size - self._pos():
+                raise _bad(self.path, _TRUNCATED)
+            self.frame_end = self._pos() + n
         else:
             raise _bad(self.path, self._refused(op))
 
@@ -316,7 +358,7 @@ class _Decoder:
         j = self.buf.find(b"\n", self.i, self.i + _MAX_LINE + 1)
         if j < 0:
             if len(self.buf) - self.i <= _MAX_LINE:
-                raise IndexError
+                raise _bad(self.path, _TRUNCATED)
             raise _bad(self.path, f"a text opcode argument is over {_MAX_LINE} bytes long")
         line, self.i = self.buf[self.i : j], j + 1
         return line
@@ -344,4 +386,8 @@ class _Decoder:
                 self._need(_MAX_LINE + 1)
                 module, name = self.buf[self.i :].split(b"\n", 2)[:2]
                 what += f" {(module + b'.' + name).decode(errors='replace')[:160]}"
+        elif code.name == "SHORT_BINUNICODE":  # protocol 4 names a global by two strings
+            found = _stack_global(self, 600)
+            if found:
+                what, code = f"a Python global {found}", pickletools.code2op["\x93"]
         return f"its pickle holds {what} (opcode {code.name} at byte {pos}; nothing was executed)"

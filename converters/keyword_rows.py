@@ -168,7 +168,7 @@ class RowSink:
         n, lens, out = len(vals), self.lens, self.vals
         if row.off < 0:
             row.off, row.n, row.sealed = self.total, n, True
-            if row.keys and 0 < n <= self.CACHE_VALUES:  # it may be referenced again
+            if row.keys and 0 < n <= self.CACHE_VALUES and self.CACHE_ROWS:  # may recur
                 if len(self.cache) >= self.CACHE_ROWS:
                     self.cache.popitem(last=False)
                 self.cache[row.off] = vals

@@ -372,11 +372,11 @@ def open_tensor(path: Path) -> TensorArtifact:
 def _check_bounds(path: Path, meta: TensorMeta, base: int, record_bytes: int) -> None:
     """The tensor must lie inside its storage, and the storage inside its record and file."""
     storage_bytes = meta.numel * DTYPE_ITEMSIZE[meta.storage_dtype]
-    if record_bytes < storage_bytes or base + record_bytes > os.path.getsize(path):
+    if record_bytes != storage_bytes or base + record_bytes > os.path.getsize(path):
         raise ArtifactError(
-            f"{path}: its storage record holds {record_bytes} bytes but the tensor's storage "
-            f"needs {storage_bytes}, or the file ends inside it (truncated). Re-run the "
-            f"dataset builder to write it again."
+            f"{path}: its storage record holds {record_bytes} bytes but its pickle says the "
+            f"storage has {storage_bytes}, or the file ends inside it (truncated or corrupt). "
+            f"Re-run the dataset builder to write it again."
         )
     item, numel = DTYPE_ITEMSIZE[meta.dtype], math.prod(meta.size)
     reach = 1 + sum((n - 1) * s for n, s in zip(meta.size, meta.stride, strict=True))

@@ -60,15 +60,20 @@ _OTHER_DTYPES = {
 #: rebuild functions torch.load(weights_only=True) admits that cannot yield rows to read
 _NO_ROWS = {
     "_rebuild_meta_tensor_no_storage": "a meta tensor (it has no data)",
-    "_rebuild_sparse_tensor": "a sparse tensor",
-    "_rebuild_qtensor": "a quantized tensor",
-    "_rebuild_nested_tensor": "a nested tensor",
+    "_rebuild_sparse_tensor": "a sparse tensor (save t.to_dense())",
+    "_rebuild_qtensor": "a quantized tensor (save t.dequantize())",
+    "_rebuild_nested_tensor": "a nested tensor (save a padded dense tensor)",
     "_rebuild_wrapper_subclass": "a tensor subclass without storage",
     "_rebuild_device_tensor_from_numpy": "a tensor rebuilt from numpy",
 }
+#: other torch objects weights_only admits (sizes, devices, layouts, quantization schemes)
+_TORCH_OBJECTS = {"Size", "device", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr"}
+_TORCH_OBJECTS |= {"sparse_bsc", "per_tensor_affine", "per_tensor_symmetric", "per_channel_affine"}
+_TORCH_OBJECTS |= {"per_channel_symmetric", "per_channel_affine_float_qparams"}
 _TENSOR_FNS = ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3")
 _WRAPPERS = ("_rebuild_parameter", "_rebuild_parameter_with_state", "_rebuild_from_type_v2")
 _MAX_PICKLE = 1 << 20
+_INT64 = 1 << 63
 
 
 class Malformed(Exception):
@@ -111,6 +116,9 @@ class _Call(_Frozen):
     def __init__(self, fn: str, args: tuple) -> None:
         self.fn, self.args = fn, args
 
+    def __repr__(self) -> str:
+        return f"{self.fn}(...)"
+
 
 class _StandIn(_Frozen):
     """Replaces a rebuild function: calling it records the call, nothing else."""
@@ -119,6 +127,9 @@ class _StandIn(_Frozen):
 
     def __init__(self, fn: str) -> None:
         self.fn = fn
+
+    def __repr__(self) -> str:
+        return self.fn
 
     def __call__(self, *args: object) -> _Call:
         return _Call(self.fn, args)
@@ -132,12 +143,25 @@ class _Named(_Frozen):
     def __init__(self, kind: str, name: str) -> None:
         self.kind, self.name = kind, name
 
+    def __repr__(self) -> str:
+        return f"torch.{self.name}"
+
 
 class _Storage(_Frozen):
     __slots__ = ("dtype", "key", "numel")
 
     def __init__(self, dtype: str, key: str, numel: int) -> None:
         self.dtype, self.key, self.numel = dtype, key, numel
+
+    def __repr__(self) -> str:
+        return f"storage {self.key!r}"
+
+
+def _latin1(text: object, encoding: object = "latin1") -> bytes:
+    """Stand-in for ``_codecs.encode`` as pickle protocol 2 uses it for bytes objects."""
+    if type(text) is not str or encoding not in ("latin1", "latin-1"):
+        raise Malformed("its pickle encodes bytes in an unexpected way")
+    return text.encode("latin1")
 
 
 def _find(module: str, name: str) -> object:
@@ -146,10 +170,14 @@ def _find(module: str, name: str) -> object:
         return _StandIn(name)
     if (module, name) == ("torch._tensor", "_rebuild_from_type_v2"):
         return _StandIn(name)
-    if (module, name) == ("torch.serialization", "_get_layout"):
-        return _StandIn(name)
+    if (module, name) == ("torch.serialization", "_get_layout") or (
+        module == "torch" and name in _TORCH_OBJECTS
+    ):
+        return _StandIn(name)  # (only sparse or quantized tensors use them: refused later)
     if (module, name) == ("collections", "OrderedDict"):
         return dict
+    if (module, name) == ("_codecs", "encode"):  # protocol 2's way to write bytes
+        return _latin1
     if module == "torch" and name in _STORAGES:
         return _Named("storage", _STORAGES[name])
     if (module, name) == ("torch.storage", "UntypedStorage"):
@@ -282,8 +310,8 @@ def _plain(fn: str, args: tuple) -> TensorMeta:
         raise Malformed(
             f"its tensor metadata is malformed (size={size!r:.80}, stride={stride!r:.80})"
         )
-    if type(offset) is not int or offset < 0:
-        raise Malformed(f"its storage offset is {offset!r:.40}, not an integer >= 0")
+    if type(offset) is not int or not 0 <= offset < _INT64:
+        raise Malformed(f"its storage offset is {offset!r:.40}, not an int64 >= 0")
     neg, conj = _flags(flags, dtype)
     return TensorMeta(
         dtype, storage.dtype, storage.key, storage.numel, offset, shape, strides, neg, conj
@@ -291,8 +319,8 @@ def _plain(fn: str, args: tuple) -> TensorMeta:
 
 
 def _ints(x: object) -> tuple[int, ...] | None:
-    """``x`` as a tuple of non-negative ints, or None."""
-    if type(x) not in (tuple, list) or not all(type(v) is int and v >= 0 for v in x):
+    """``x`` as a tuple of non-negative int64 values, or None."""
+    if type(x) not in (tuple, list) or not all(type(v) is int and 0 <= v < _INT64 for v in x):
         return None
     return tuple(x)
 
