@@ -431,7 +431,11 @@ class _KeywordPass:
         self.values = np.empty(4 * len(self.lengths), dtype=np.int32)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        links, n = self.gid.get_num_objs(), self.n_pairs
+        n = self.n_pairs
+        try:
+            links = self.gid.get_num_objs()
+        except (OSError, RuntimeError, ValueError, KeyError) as e:
+            raise self._corrupt(e) from None
         if links > n:
             log.warning(
                 "%s: %d keyword datasets, %d pairs; extra ones ignored", self.path, links, n
@@ -507,7 +511,7 @@ class _KeywordPass:
         try:
             ds = self.h5d.open(self.gid, name)
         except (KeyError, ValueError, OSError, RuntimeError, TypeError) as e:
-            if not self.gid.links.exists(name):
+            if not self._exists(name, e):
                 raise ArtifactError(
                     f"{self.path}:{KEYWORDS_PATH}/{i}: the keyword ids of pair {i} are missing "
                     f"(upstream writes one dataset per pair, named 0..{self.n_pairs - 1}). "
@@ -517,6 +521,18 @@ class _KeywordPass:
         if evict:
             self.fid.set_mdc_config(self.big)
         return ds
+
+    def _exists(self, name: bytes, err: BaseException) -> bool:
+        try:
+            return self.gid.links.exists(name)
+        except (KeyError, ValueError, OSError, RuntimeError, TypeError):
+            raise self._corrupt(err) from None
+
+    def _corrupt(self, e: BaseException) -> JasperError:
+        return ArtifactError(
+            f"{self.path}:{KEYWORDS_PATH}: the group's metadata is corrupt ({_brief(e)}). "
+            f"{fix_text(self.path)}"
+        )
 
     def _bad(self, i: int, what: str) -> JasperError:
         return ArtifactError(

@@ -33,6 +33,7 @@ from jasper_mmap.converters.pt_reader import TensorArtifact, open_tensor
 from jasper_mmap.errors import (
     ArtifactError,
     ArtifactMissingError,
+    JasperError,
     SampleIndexError,
     StoreExistsError,
 )
@@ -504,6 +505,31 @@ def test_missing_file(tmp_path):
     (tmp_path / "dataset.h5").mkdir()
     with pytest.raises(ArtifactMissingError, match="HDF5 dataset file is not a file"):
         open_h5_source(tmp_path)
+
+
+def test_corrupted_files_raise_only_our_errors(h5_dir, tmp_path):
+    """Random byte flips (anywhere, in the metadata) and truncations: a JasperError or a clean
+    read, never a raw h5py/OSError/KeyError/RuntimeError."""
+    data = (h5_dir / "dataset.h5").read_bytes()
+    rng = np.random.default_rng(7)
+    for trial in range(90):
+        b = bytearray(data)
+        if trial % 3 == 0:
+            b[rng.integers(len(b))] = rng.integers(256)
+        elif trial % 3 == 1:
+            del b[rng.integers(len(b)) :]
+        else:
+            for pos in rng.integers(min(len(b), 8192), size=4):
+                b[pos] = rng.integers(256)
+        (tmp_path / "dataset.h5").write_bytes(bytes(b))
+        try:
+            with open_h5_source(tmp_path) as src:
+                for arr in src.arrays.values():
+                    read_all(arr, 50)
+                for _ in src.keyword_rows():
+                    pass
+        except JasperError:
+            pass
 
 
 # --------------------------------------------------------------------------- the writer
