@@ -340,10 +340,10 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
     def reload_negatives(self) -> int:
         """Pick up new hard negatives; every worker uses them from its next batch.
 
-        For a dataset opened from a ``.pt`` directory, ``hard_negatives.pt`` /
-        ``negative_tiers.pt`` rewritten since they were last taken in are first validated and
-        published as a new generation of its store (streaming), unless a newer publication is
-        live. Then the store's newest published generation (see
+        For a dataset opened from a dataset directory, negatives rewritten since they were last
+        taken in (``hard_negatives.pt``/``negative_tiers.pt``, or ``dataset.h5`` in ``hdf5``
+        mode) are first validated and published as a new generation of its store (streaming),
+        unless a newer publication is live. Then the store's newest published generation (see
         :func:`jasper_mmap.publish_negatives`) becomes the one batches are served from.
 
         Returns:
@@ -356,7 +356,7 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
 
         log.info("Reloading hard negatives from disk...")
         if self._source_dir is not None:
-            refresh_negatives(self._source_dir, self.store_path)
+            refresh_negatives(self._source_dir, self.store_path, self.storage_format)
         generation = self.store.live_generation()
         self.store.use_generation(generation)  # leased here: NOTE [generation leases]
         self._control.set(generation=generation)

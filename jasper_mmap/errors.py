@@ -19,6 +19,7 @@ __all__ = [
     "StoreCorruptError",
     "StoreExistsError",
     "SampleIndexError",
+    "StoreKeyError",
     "StoreWriteError",
     "StoreStaleError",
     "write_error",
@@ -63,6 +64,13 @@ class StoreExistsError(JasperError, FileExistsError):
 
 class StoreStaleError(JasperError, ValueError):
     """A store's source ``.pt`` files changed after it was converted."""
+
+
+class StoreKeyError(JasperError, KeyError):
+    """A store was asked for an array it does not hold."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0]) if self.args else ""
 
 
 class SampleIndexError(JasperError, IndexError):

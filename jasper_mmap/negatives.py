@@ -51,15 +51,18 @@ _BLOCK_ROWS = 1 << 16
 
 
 class _Rows:
-    """Row-block access to an in-memory array or a ``.pt`` file, with a name for errors."""
+    """Row-block access to an in-memory array, a ``.pt`` file or a source reader (anything
+    with ``read_rows``, ``shape``, ``np_dtype``, ``path``), with a name for errors."""
 
     def __init__(self, value: Any, what: str) -> None:
         self.what = what
         if isinstance(value, str | os.PathLike):
             from jasper_mmap.converters.pt_reader import open_tensor
 
-            self.art = open_tensor(Path(value))
-            self.path, self.shape, self.kind = str(value), self.art.shape, self.art.np_dtype.kind
+            value = open_tensor(Path(value))
+        if hasattr(value, "read_rows"):
+            self.art = value
+            self.path, self.shape, self.kind = str(value.path), value.shape, value.np_dtype.kind
             self.read = lambda a, b: self.art.read_rows(a, b).astype(np.int64)
         else:
             arr = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
@@ -139,7 +142,8 @@ def publish_negatives(
     Args:
         path: a store, or a ``.pt`` dataset directory (its cached store is used; see
             :func:`jasper_mmap.resolve.resolve_store`).
-        hard_negatives: ``[N_pairs, n_neg]`` source rows: tensor, numpy array or ``.pt`` path.
+        hard_negatives: ``[N_pairs, n_neg]`` source rows: tensor, numpy array, ``.pt`` path, or
+            a reader of :mod:`jasper_mmap.converters` (``read_rows``).
         negative_tiers: ``[N_pairs, n_neg]`` tiers (usually 1..4), same forms.
         keep: generations kept besides those still mapped by a reader (at least 2).
         sources: fingerprints of the ``.pt`` files the arrays came from; by default those of
@@ -158,7 +162,7 @@ def publish_negatives(
     """
     from .resolve import resolve_store
 
-    store_path = resolve_store(path)
+    store_path = resolve_store(path, check_sources=False)  # negatives are not a staleness
     store = open_store(store_path)
     c = store.counts
     negs, tiers = _Rows(hard_negatives, "hard_negatives"), _Rows(negative_tiers, "negative_tiers")
@@ -249,6 +253,7 @@ def _write_generation(store, tmp: Path, g: int, negs: _Rows, tiers: _Rows, n_sou
             "dtype": "int64",
             "stored_dtype": "int64",
             "stats": stats[name],
+            **({"data_offsets": e["data_offsets"]} if "data_offsets" in e else {}),
         }
         for name, e in written.items()
     }

@@ -15,6 +15,7 @@ or their ``n_neg`` changed (then the store is rebuilt).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -28,7 +29,7 @@ from typing import Any
 
 from .converters.sources import STORAGE_FORMATS, detect_storage_format
 from .errors import ArtifactError, ArtifactMissingError, StoreNotFoundError, StoreStaleError
-from .fingerprints import NEGATIVE_FILES, changed, dataset_file_names, fingerprint
+from .fingerprints import H5_FILE, NEGATIVE_FILES, changed, dataset_file_names, fingerprint
 from .layout import CONFIG, MANIFEST, read_manifest, read_pointer
 
 __all__ = [
@@ -67,31 +68,65 @@ def _stale_files(recorded: dict, src: Path) -> list[str]:
     return sorted(n for n in names if changed(src / n, recorded.get(n)))
 
 
-def _negatives_n_neg(src: Path) -> int | None:
-    """``n_neg`` of the negatives ``.pt`` files (None when they disagree or cannot be read)."""
+def _negative_files(fmt: str) -> tuple[str, ...]:
+    """The files that hold a dataset directory's negatives, for source format ``fmt``.
+
+    In ``hdf5`` mode they are inside ``dataset.h5`` (and ``.pt`` negatives beside it are
+    ignored, as the in-RAM dataset ignores them in that mode).
+    """
+    return (H5_FILE,) if fmt == "hdf5" else NEGATIVE_FILES
+
+
+@contextlib.contextmanager
+def _negative_readers(src: Path, fmt: str):
+    """(hard_negatives, negative_tiers) row readers of dataset directory ``src``."""
+    if fmt == "hdf5":
+        from .converters.h5_source import open_h5_source
+
+        with open_h5_source(src) as h5:
+            yield h5.arrays["hard_negatives"], h5.arrays["negative_tiers"]
+        return
     from .converters.pt_reader import open_tensor
 
+    yield tuple(open_tensor(src / n) for n in NEGATIVE_FILES)
+
+
+def _negatives_n_neg(src: Path, fmt: str = "pt") -> int | None:
+    """``n_neg`` of the negatives files (None when they disagree or cannot be read)."""
     try:
-        shapes = {open_tensor(src / n).shape for n in NEGATIVE_FILES}
-    except (ArtifactError, ArtifactMissingError):
+        with _negative_readers(src, fmt) as readers:
+            shapes = {tuple(r.shape) for r in readers}
+    except (ArtifactError, ArtifactMissingError, ImportError):
         return None
     shape = shapes.pop() if len(shapes) == 1 else None
     return shape[1] if shape is not None and len(shape) == 2 else None
 
 
-def negatives_to_take_in(src: Path, store: Path) -> bool:
+def _taken_in(store: Path, pointer: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """Fingerprints of the negatives files as last taken in: the live generation's record,
+    else (a store converted before the record existed, or from dataset.h5) the conversion's."""
+    recorded = dict(pointer.get("sources") or {})
+    missing = [n for n in names if n not in recorded]
+    if missing:
+        converted = (read_manifest(store).get("source") or {}).get("files") or {}
+        recorded.update({n: converted.get(n) for n in missing})
+    return recorded
+
+
+def negatives_to_take_in(src: Path, store: Path, fmt: str = "pt") -> bool:
     """Whether ``src``'s negatives files should be published into ``store`` now.
 
     They should when they changed since they were last taken in (the fingerprints that every
     generation carries forward as ``sources``) and are newer than the live publication: a
-    ``publish_negatives`` call made after the files were written wins over them.
+    ``publish_negatives`` call made after the files were written wins over them. Files that
+    do not exist are not news.
     """
-    pointer = read_pointer(store)
-    recorded = pointer.get("sources") or {}
-    moved = [n for n in NEGATIVE_FILES if changed(src / n, recorded.get(n))]
+    pointer, names = read_pointer(store), _negative_files(fmt)
+    recorded = _taken_in(store, pointer, names)
+    moved = [n for n in names if (src / n).is_file() and changed(src / n, recorded.get(n))]
     if not moved:
         return False
-    newest = max((src / n).stat().st_mtime for n in moved if (src / n).is_file())
+    newest = max((src / n).stat().st_mtime for n in moved)
     if newest <= float(pointer.get("created_unix", 0.0)):
         log.info(
             "%s: %s changed, but generation %d was published after them; keeping it",
@@ -103,12 +138,12 @@ def negatives_to_take_in(src: Path, store: Path) -> bool:
     return True
 
 
-def refresh_negatives(src: Path, store: Path) -> int | None:
-    """Publish ``src``'s negatives ``.pt`` files as a new generation if they should be.
+def refresh_negatives(src: Path, store: Path, fmt: str = "pt") -> int | None:
+    """Publish ``src``'s rewritten negatives (``.pt`` files, or ``dataset.h5`` in ``hdf5``
+    mode) as a new generation if they should be (:func:`negatives_to_take_in`).
 
     Returns:
-        The new generation, or None when nothing was published (see
-        :func:`negatives_to_take_in`).
+        The new generation, or None when nothing was published.
 
     Raises:
         ArtifactError: the files are invalid, or their ``n_neg`` differs from the store's (a
@@ -116,9 +151,9 @@ def refresh_negatives(src: Path, store: Path) -> int | None:
     """
     from .negatives import publish_negatives
 
-    if not negatives_to_take_in(src, store):
+    if not negatives_to_take_in(src, store, fmt):
         return None
-    n_neg, have = _negatives_n_neg(src), read_manifest(store)["counts"].get("n_neg")
+    n_neg, have = _negatives_n_neg(src, fmt), read_manifest(store)["counts"].get("n_neg")
     if n_neg is not None and n_neg != have:
         raise ArtifactError(
             f"{src}: the rewritten negatives hold n_neg={n_neg}, but this dataset was opened "
@@ -126,9 +161,11 @@ def refresh_negatives(src: Path, store: Path) -> int | None:
             f"shape). Open the dataset again (its store is rebuilt with n_neg={n_neg}), or "
             f"write negatives with n_neg={have}."
         )
-    current = {n: fingerprint(src / n) for n in NEGATIVE_FILES}
-    log.info("%s: publishing the rewritten %s as a new generation", src, " / ".join(current))
-    return publish_negatives(store, *(src / n for n in NEGATIVE_FILES), sources=current)
+    names = _negative_files(fmt)
+    current = {n: fingerprint(src / n) for n in names}
+    log.info("%s: publishing the rewritten negatives of %s as a new generation", src, names)
+    with _negative_readers(src, fmt) as (negs, tiers):
+        return publish_negatives(store, negs, tiers, sources=current)
 
 
 def _check_sources(store: Path) -> None:
@@ -203,7 +240,7 @@ def _convert(src: Path, store: Path, store_format: str, options: dict[str, Any],
     convert_pt(src, store, format=store_format, overwrite=True, progress=None, **options)
 
 
-def _rebuild_reason(src: Path, store: Path) -> str | None:
+def _rebuild_reason(src: Path, store: Path, fmt: str) -> str | None:
     """Why ``store`` must be (re)built from ``src``, or None when it is up to date."""
     recorded = _recorded_sources(store)
     if recorded is None:
@@ -211,9 +248,9 @@ def _rebuild_reason(src: Path, store: Path) -> str | None:
     stale = _stale_files(recorded, src)
     if stale:
         return f"{', '.join(stale)} changed since the store was built"
-    n_neg = _negatives_n_neg(src)
+    n_neg = _negatives_n_neg(src, fmt)
     have = read_manifest(store)["counts"].get("n_neg")
-    if n_neg is not None and n_neg != have and negatives_to_take_in(src, store):
+    if n_neg is not None and n_neg != have and negatives_to_take_in(src, store, fmt):
         return f"the negatives files now hold n_neg={n_neg} (the store has {have})"
     return None
 
@@ -288,9 +325,9 @@ def resolve_dataset(
     store.parent.mkdir(parents=True, exist_ok=True)
     with open(store.parent / f".{store.name}.lock", "a+") as lock:
         _lock_exclusive(lock, src)
-        why = _rebuild_reason(src, store)
+        why = _rebuild_reason(src, store, fmt)
         if why is None:
-            refresh_negatives(src, store)
+            refresh_negatives(src, store, fmt)
         else:
             options = {**(convert_options or {}), "source": fmt}
             _convert(src, store, store_format, options, why)

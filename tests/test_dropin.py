@@ -130,6 +130,44 @@ def test_an_h5_only_directory_opens_and_serves_the_same_batches(h5_only, pt_data
     ]
 
 
+def _rewrite_h5_negatives(directory: Path, negs: np.ndarray, tiers: np.ndarray) -> None:
+    """A miner that rewrites the negatives inside dataset.h5 (upstream's layout)."""
+    import time
+
+    import h5py
+
+    time.sleep(0.02)
+    with h5py.File(directory / "dataset.h5", "r+") as f:
+        f["negatives/hardnegatives"][...] = negs
+        f["negatives/tiers"][...] = tiers
+
+
+def test_an_h5_only_directory_reopens_and_reloads_negatives_from_dataset_h5(h5_only, pt_dataset):
+    """Every open after the first crashed; a reload ignored negatives rewritten in the file."""
+    first = JASPERSteeringDataset(h5_only, "train")
+    for split in ("val", "train"):  # the second and third opens reuse the store
+        assert JASPERSteeringDataset(h5_only, split).storage_format == "hdf5"
+    assert first.reload_negatives() == 0  # nothing changed: nothing published
+    negs = (load_pt(pt_dataset / "hard_negatives.pt") + 7) % 120
+    tiers = np.full_like(negs, 2)
+    _rewrite_h5_negatives(h5_only, negs, tiers)
+    assert first.reload_negatives() == 1
+    np.testing.assert_array_equal(first.hard_negatives.numpy(), negs)
+    assert (first.get_batch(np.arange(8))["negative_tiers"] == 2).all()
+    assert first.reload_negatives() == 1  # taken in once
+    again = JASPERSteeringDataset(h5_only, "train")  # dataset.h5 changed: a rebuilt store
+    np.testing.assert_array_equal(again.hard_negatives.numpy(), negs)
+
+
+def test_in_hdf5_mode_pt_negatives_beside_the_file_are_ignored(src):
+    JASPERSteeringDataset.convert_pt_to_hdf5(src)
+    ds = JASPERSteeringDataset(src, "train")
+    assert ds.storage_format == "hdf5"
+    before = ds.hard_negatives.clone()
+    torch.save(torch.from_numpy((before.numpy() + 1) % 120), src / "hard_negatives.pt")
+    assert ds.reload_negatives() == 0 and torch.equal(ds.hard_negatives, before)
+
+
 def test_auto_prefers_dataset_h5_as_the_in_ram_dataset_does(src):
     JASPERSteeringDataset.convert_pt_to_hdf5(src)
     assert JASPERSteeringDataset(src, "train").storage_format == "hdf5"

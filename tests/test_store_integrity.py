@@ -1197,9 +1197,9 @@ def test_zarr_chunk_removed_after_open_raises_not_zeros(good, tmp_path, rel):
     s = open_store(store)
     name = rel.split("/")[-4] if rel.startswith("negatives") else rel.split("/")[0]
     (store / rel).unlink()
-    with pytest.raises(
-        StoreNotFoundError, match=rf"{re.escape(rel)}: chunk file of array '{name}' is missing"
-    ):
+    # a negatives generation's files are checked when it is leased, before anything is mapped
+    missing = rf"{re.escape(rel)}: (chunk file of array '{name}'|store file) is missing"
+    with pytest.raises(StoreNotFoundError, match=missing):
         s.gather(name, [0, 1])
     with pytest.raises(StoreNotFoundError, match=re.escape(rel)):
         s.read(name)

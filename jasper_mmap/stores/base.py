@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from .._dtypes import to_float32
-from ..errors import SampleIndexError, StoreCorruptError, StoreNotFoundError
+from ..errors import SampleIndexError, StoreCorruptError, StoreKeyError, StoreNotFoundError
+from ..integrity import check_generation
 from ..layout import NEGATIVES_DIR, generation_name, read_manifest, read_pointer
 
 __all__ = ["Store", "StoreWriter", "NEGATIVE_ARRAYS"]
@@ -40,7 +41,9 @@ class _Generation:
         self.desc, self.lease, self.pins = desc, lease, 0
 
 
-def _acquire(store_dir: Path, generation: int) -> _Generation:
+def _acquire(
+    store_dir: Path, generation: int, manifest: dict[str, Any] | None = None
+) -> _Generation:
     """Lease ``generation``: a shared ``flock`` on its description, held while it is mapped.
 
     # NOTE [generation leases]
@@ -66,6 +69,8 @@ def _acquire(store_dir: Path, generation: int) -> _Generation:
         if os.fstat(f.fileno()).st_nlink == 0:
             raise gone
         desc = read_pointer(store_dir, generation)
+        if manifest is not None:  # its files, sizes and headers, before anything is mapped
+            check_generation(store_dir, desc, manifest, path)
     except BaseException:
         f.close()
         raise
@@ -152,7 +157,7 @@ class Store(abc.ABC):
         with self._guard():
             gen = self._gens.get(generation)
             if gen is None:
-                gen = self._gens[generation] = _acquire(self.path, generation)
+                gen = self._gens[generation] = _acquire(self.path, generation, self.manifest)
             return gen
 
     def use_generation(self, generation: int) -> None:
@@ -237,7 +242,7 @@ class Store(abc.ABC):
         try:
             return self.manifest["arrays"][name]
         except KeyError:
-            raise KeyError(
+            raise StoreKeyError(
                 f"{self.path}: the store has no array {name!r}; it has {self.names()}"
             ) from None
 
