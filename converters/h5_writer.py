@@ -12,6 +12,11 @@ torch saved them with, ``pair_data/keyword_ids/<i>`` is one int32 dataset per pa
   fsynced, and published with one ``os.replace``; an existing ``dataset.h5`` is replaced (as
   upstream overwrites it), but readers never see a half-written file and a failed run leaves
   the old one untouched. A killed run's partial file is removed by the next run.
+- **Isolated.** The HDF5 writing runs in a fresh interpreter (``python -m`` this module): after
+  a failed write (disk full) HDF5 can crash the process when the file is closed (seen with
+  h5py 3.16 / HDF5 2.0: a segfault in ``File.close``). The child reports its error first and
+  exits without closing; the caller gets the error (``StoreWriteError`` for a full disk),
+  the partial file is removed and the old ``dataset.h5`` stays. Its log lines are relayed.
 - **Chunks** are full rows of about 1 MiB (upstream lets h5py guess, which splits columns);
   readers cannot tell the difference, and row blocks then decompress each chunk once.
 - bfloat16 and float8 tensors, which upstream cannot convert (numpy has neither), are
@@ -20,9 +25,15 @@ torch saved them with, ``pair_data/keyword_ids/<i>`` is one int32 dataset per pa
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import pickle
+import re
 import secrets
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -83,13 +94,14 @@ def _stored_dtype(art: TensorArtifact, warn: bool = False) -> np.dtype:
     )
 
 
-def _open_inputs(src: Path) -> dict[str, TensorArtifact]:
+def _open_inputs(src: Path, quiet: bool = False) -> dict[str, TensorArtifact]:
     """Describe every input tensor (no data read); check dtype kinds and dimensions."""
     arts: dict[str, TensorArtifact] = {}
     for name, (h5name, kind, ndim) in H5_PATHS.items():
         path = src / f"{name}.pt"
         if name in ("val_idx", "test_idx") and not path.exists():
-            log.info("%s: no %s; dataset.h5 gets no %s", src, path.name, h5name)
+            if not quiet:
+                log.info("%s: no %s; dataset.h5 gets no %s", src, path.name, h5name)
             continue
         art = arts[name] = open_tensor(path)
         if len(art.shape) != ndim or _stored_dtype(art).kind not in KINDS[kind]:
@@ -161,6 +173,7 @@ def _write_keywords(group: Any, kw_path: Path, n_pairs: int) -> None:
             ds = h5d.create(gid, b"%d" % row, h5t.STD_I32LE, space, dcpl=dcpl, lcpl=lcpl)
             if n:
                 ds.write(h5s.ALL, h5s.ALL, ids[start:end])
+            ds.close()  # here, not in a destructor, so a failed write raises (and is reported)
             start, row = end, row + 1
 
     decode_keyword_rows(kw_path, write_block)
@@ -243,18 +256,101 @@ def _write_failure(final: Path, e: OSError) -> OSError:
 
 
 def _write_file(tmp: Path, src: Path, arts: dict[str, TensorArtifact], compression) -> None:
+    """Write the whole file (in the child). No ``with``: on an error the file is left open."""
     h5py = require_h5py()
-    with h5py.File(tmp, "w") as f:
-        groups = {g: f.create_group(g) for g in _GROUPS}
-        for g, names in _GROUPS.items():
-            for name in names:
-                if name in arts:
-                    leaf = H5_PATHS[name][0].split("/")[1]
-                    _write_array(groups[g], leaf, arts[name], compression, 16 << 20)
-            if g == "pair_data":
-                _write_keywords(groups[g], src / "pair_keyword_ids.pt", arts[names[0]].shape[0])
+    f = h5py.File(tmp, "w")
+    groups = {g: f.create_group(g) for g in _GROUPS}
+    for g, names in _GROUPS.items():
+        for name in names:
+            if name in arts:
+                leaf = H5_PATHS[name][0].split("/")[1]
+                _write_array(groups[g], leaf, arts[name], compression, 16 << 20)
+        if g == "pair_data":
+            _write_keywords(groups[g], src / "pair_keyword_ids.pt", arts[names[0]].shape[0])
+    del groups
+    f.flush()  # a write failure surfaces here as an error, before the (crash-prone) close
+    f.close()
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
+
+
+class _JsonLines(logging.Handler):
+    """The child's log records, one JSON line each on stderr, for the parent to relay."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(json.dumps([record.levelno, record.getMessage()]) + "\n")
+        sys.stderr.flush()
+
+
+def _child(argv: list[str]) -> None:
+    """``python -m jasper_mmap.converters.h5_writer TMP SRC COMPRESSION_JSON``."""
+    if sys.platform == "linux":  # die with the parent (no orphan writing a removed file)
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    logging.basicConfig(level=logging.INFO, handlers=[_JsonLines()], force=True)
+    tmp, src, compression = Path(argv[0]), Path(argv[1]), json.loads(argv[2])
+    try:
+        _write_file(tmp, src, _open_inputs(src, quiet=True), compression)
+    except BaseException as e:
+        try:
+            report = pickle.dumps(e)
+        except Exception:  # noqa: BLE001 - an unpicklable error still gets reported
+            report = pickle.dumps(RuntimeError(f"{type(e).__name__}: {e}"))
+        sys.stdout.buffer.write(report)
+        sys.stdout.flush()
+        os._exit(1)  # HDF5 may crash closing a file it failed to write: never close it
+
+
+def _run_child(final: Path, tmp: Path, src: Path, compression: Any) -> None:
+    """Run :func:`_write_file` in a fresh interpreter; relay its logs, re-raise its error."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    cmd = [sys.executable, "-m", "jasper_mmap.converters.h5_writer"]
+    cmd += [str(tmp), str(src), json.dumps(compression)]
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    with proc:
+        try:
+            for line in proc.stderr:
+                try:
+                    level, msg = json.loads(line)
+                    log.log(level, "%s", msg)
+                except ValueError:
+                    log.debug("h5 writer: %s", line.decode(errors="replace").rstrip())
+            report = proc.stdout.read()
+        except BaseException:
+            proc.kill()
+            raise
+    if proc.returncode == 0:
+        return
+    if report:
+        err = pickle.loads(report)  # our own child's error (trusted)
+        if isinstance(err, Exception) and not isinstance(err, JasperError | OSError):
+            code = re.search(r"errno = (\d+)", str(err))  # HDF5 names the failed write's errno
+            err = OSError(int(code[1]) if code else None, f"{type(err).__name__}: {err}")
+        raise err
+    how = f"signal {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 else "exit"
+    raise StoreWriteError(
+        f"{final}: the HDF5 writer process died ({how}, code {proc.returncode}) without "
+        f"reporting an error (HDF5 can crash after a failed write, e.g. on a full disk). "
+        f"Nothing was replaced; check free space and memory, then run again."
+    )
+
+
+def _write_and_publish(final: Path, src: Path, compression: Any) -> None:
+    """Write a hidden partial file beside ``final``, then replace ``final`` with it at once."""
+    _remove_stale(final)
+    tmp = final.with_name(f".{final.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        _run_child(final, tmp, src, compression)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, JasperError):
+            raise _write_failure(final, e) from e
+        raise
 
 
 def convert_pt_to_hdf5(dataset_dir: str | Path, compression: Any = "gzip") -> Path:
@@ -290,18 +386,8 @@ def convert_pt_to_hdf5(dataset_dir: str | Path, compression: Any = "gzip") -> Pa
             f"Re-run the dataset builder."
         )
     final = _target(src)
-    _remove_stale(final)
-    tmp = final.with_name(f".{final.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
     t0 = time.perf_counter()
-    try:
-        _write_file(tmp, src, arts, compression)
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and not isinstance(e, JasperError):
-            raise _write_failure(final, e) from e
-        raise
+    _write_and_publish(final, src, compression)
     pt_bytes = sum(a.path.stat().st_size for a in arts.values())
     log.info(
         "wrote %s in %.1f s: %.1f MB (the tensors' .pt files: %.1f MB)",
@@ -311,3 +397,7 @@ def convert_pt_to_hdf5(dataset_dir: str | Path, compression: Any = "gzip") -> Pa
         pt_bytes / 1e6,
     )
     return final
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1:])

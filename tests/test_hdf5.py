@@ -584,6 +584,31 @@ def test_writer_removes_a_killed_runs_partial(pt_dir, tmp_path):
     assert not stale.exists() and live.exists()
 
 
+def test_full_disk_is_a_store_write_error_and_keeps_the_old_file(pt_dir, tmp_path):
+    """A file size limit (as a full disk) at several points: HDF5 raises, or crashes the
+    writer process; either way a StoreWriteError, the old file kept, no partial left."""
+    d = _copy(pt_dir, tmp_path)
+    (d / "dataset.h5").write_bytes(b"old")
+    code = (
+        "import resource, signal, sys\n"
+        "from jasper_mmap.converters.h5_writer import convert_pt_to_hdf5\n"
+        "from jasper_mmap.errors import StoreWriteError\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "for limit in (2000, 30000, 80000):\n"
+        "    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))\n"
+        "    try:\n"
+        "        convert_pt_to_hdf5(sys.argv[1])\n"
+        "    except StoreWriteError as e:\n"
+        "        print('StoreWriteError', 'Nothing was' in str(e))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(d)], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split() == ["StoreWriteError", "True"] * 3, out
+    assert (d / "dataset.h5").read_bytes() == b"old"
+    assert [p.name for p in d.iterdir() if "partial" in p.name] == []
+
+
 @pytest.mark.parametrize("compression", [None, "lzf", 9])
 def test_writer_compressions(pt_dir, tmp_path, compression):
     d = _copy(pt_dir, tmp_path)
