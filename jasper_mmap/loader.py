@@ -81,8 +81,21 @@ class JasperLoader(DataLoader):
             raise ValueError(
                 f"worker_mode should be one of {WORKER_MODES}, but got worker_mode={worker_mode!r}"
             )
+        self.worker_mode = worker_mode  # before DataLoader.__init__, which checks the workers
         super().__init__(dataset, **kwargs)
-        self.worker_mode = worker_mode
+
+    def check_worker_number_rationality(self) -> None:
+        """The DataLoader's warning about more worker processes than cores (processes only)."""
+        if self.worker_mode == "process":
+            super().check_worker_number_rationality()
+
+    def _epoch_batches(self) -> Iterator[Any]:
+        """The sampler's batches of a new epoch, drawn as the DataLoader's own iterators do:
+        the sampler iterator first, then one draw of the loader's generator (the workers' base
+        seed), so a seeded sampler gives the same order in every mode."""
+        batches = iter(self._index_sampler)
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        return batches
 
     @property
     def in_flight(self) -> int:
@@ -91,16 +104,16 @@ class JasperLoader(DataLoader):
 
     def __iter__(self) -> Any:
         threads = self.worker_mode == "thread" and self._auto_collation
-        if not threads or getattr(self.dataset, "device", torch.device("cpu")).type != "cpu":
-            if threads:  # a dataset on the GPU gathers there, in this thread
-                return _inline(self.dataset, self._index_sampler, self.collate_fn, False)
+        if not threads:
             return super().__iter__()
+        if getattr(self.dataset, "device", torch.device("cpu")).type != "cpu":
+            return _inline(self.dataset, self._epoch_batches(), self.collate_fn, False)  # on GPU
         pin = bool(self.pin_memory) and torch.cuda.is_available()
         if self.num_workers == 0:
-            return _inline(self.dataset, self._index_sampler, self.collate_fn, pin)
+            return _inline(self.dataset, self._epoch_batches(), self.collate_fn, pin)
         return ThreadedBatches(
             self.dataset,
-            self._index_sampler,
+            self._epoch_batches(),
             self.collate_fn,
             self.num_workers,
             self.in_flight,

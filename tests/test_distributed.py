@@ -15,7 +15,10 @@ def _rank(rank: int, world: int, init: str, store: str, out: str) -> None:
     try:
         result = {}
         for split in ("train", "val"):
-            loader = create_loader(store, split, batch_size=4, distributed=True, drop_last=False)
+            workers = 2 if split == "train" else 0  # gather threads on the train split
+            loader = create_loader(
+                store, split, batch_size=4, distributed=True, drop_last=False, num_workers=workers
+            )
             for epoch in (0, 1):
                 set_epoch(loader, epoch)
                 order = list(iter(loader.sampler_obj))

@@ -1,0 +1,291 @@
+"""create_loader(num_workers=N) as gather threads (NOTE [thread loading]): the same batches in
+every mode, semantics of set_epoch/force_steering/reload mid-epoch, errors with their own
+traceback, and nothing left behind after a break, an interrupt, garbage collection or exit."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from jasper_mmap import create_loader, publish_negatives, set_epoch
+from jasper_mmap.loader import JasperLoader
+
+KEYS = ("question_emb", "negative_embs", "steering", "steering_variant", "negative_tiers")
+
+
+def batches(loader) -> list[dict[str, torch.Tensor]]:
+    return [{k: b[k].clone() for k in KEYS} for b in loader]
+
+
+def loader_of(store, mode: str, workers: int, **kw) -> JasperLoader:
+    gen = torch.Generator().manual_seed(5)  # the same shuffled order for every loader
+    return create_loader(
+        store, "train", 8, num_workers=workers, worker_mode=mode, generator=gen, **kw
+    )
+
+
+def gather_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("jasper-gather")]
+
+
+def wait_until(cond, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+@pytest.fixture(scope="module")
+def reference(store_path):
+    return batches(loader_of(store_path, "thread", 0))
+
+
+@pytest.mark.parametrize(
+    "mode,workers,extra",
+    [
+        ("thread", 1, {}),
+        ("thread", 2, {}),
+        ("thread", 4, {"prefetch_factor": 1}),
+        ("thread", 3, {"prefetch_factor": 5}),
+        ("process", 2, {}),
+        ("process", 2, {"persistent_workers": True}),
+    ],
+    ids=["t1", "t2", "t4-pf1", "t3-pf5", "p2", "p2-persistent"],
+)
+def test_batches_are_bit_identical_in_every_mode(store_path, reference, mode, workers, extra):
+    loader = loader_of(store_path, mode, workers, **extra)
+    assert isinstance(loader, DataLoader) and loader.num_workers == workers
+    assert len(loader) == len(reference)
+    got = batches(loader)
+    assert len(got) == len(reference)
+    for a, b in zip(got, reference, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in KEYS)
+
+
+def test_the_epoch_order_is_the_samplers_as_a_plain_dataloader_draws_it(store_path, reference):
+    from jasper_mmap import JASPERSteeringDataset
+
+    ds = JASPERSteeringDataset(store_path, "train")
+    gen = torch.Generator().manual_seed(5)
+    plain = DataLoader(ds, 8, shuffle=True, drop_last=True, generator=gen)  # default collate
+    for a, b in zip(batches(plain), reference, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in KEYS)
+
+
+def test_loader_attributes_are_the_dataloaders(store_path):
+    loader = create_loader(store_path, "train", 16, num_workers=4, pin_memory=True)
+    assert isinstance(loader, DataLoader) and loader.dataset is loader.dataset_obj
+    assert (loader.batch_size, loader.num_workers, loader.pin_memory) == (16, 4, True)
+    assert loader.drop_last is True and loader.sampler_obj is None
+    assert len(loader) == len(loader.dataset_obj) // 16
+    assert loader.in_flight == 8  # prefetch_factor (2) x threads: the memory bound
+    with pytest.raises(ValueError, match="worker_mode should be one of"):
+        create_loader(store_path, "train", 16, worker_mode="fibers")
+
+
+def test_set_epoch_and_force_steering_between_epochs_reach_the_threads(store_path):
+    loader = create_loader(store_path, "train", 8, num_workers=2, shuffle=False)
+    ref = create_loader(store_path, "train", 8, num_workers=0, shuffle=False)
+    for epoch in (0, 7):
+        set_epoch(loader, epoch)
+        set_epoch(ref, epoch)
+        a = torch.cat([b["steering_variant"] for b in loader])
+        assert torch.equal(a, torch.cat([b["steering_variant"] for b in ref]))
+    loader.dataset_obj.force_steering("residual")
+    assert all((b["steering_variant"] == 3).all() for b in loader)
+
+
+def test_reload_mid_epoch_never_mixes_generations_within_a_batch(tmp_path, pt_dataset):
+    from test_negatives import check_batch, table
+
+    from jasper_mmap import open_store
+    from jasper_mmap.converters import convert_pt
+
+    store = convert_pt(pt_dataset, tmp_path / "s", progress=False)
+    s = open_store(store)
+    sources, split = s.read("source_embs"), s.read("train_idx")
+    publish_negatives(store, *table(1, 120, 6, 120))
+    loader = create_loader(
+        store, "train", 4, num_workers=3, shuffle=False, drop_last=False, report_generation=True
+    )
+    loader.dataset_obj.reload_negatives()
+    gens = []
+    for k, batch in enumerate(loader):
+        gens.append(check_batch(batch, sources, split[4 * k : 4 * k + 4], 6))
+        if k == 2:
+            publish_negatives(store, *table(2, 120, 6, 120))
+            loader.dataset_obj.reload_negatives()
+    in_flight = loader.in_flight
+    assert gens[: 3 + in_flight].count(1) >= 3 and set(gens[3 + in_flight :]) == {2}, gens
+    assert gens == sorted(gens)
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def test_an_error_while_gathering_surfaces_with_its_own_traceback(store_path, monkeypatch):
+    loader = create_loader(store_path, "train", 8, num_workers=2, shuffle=False)
+    ds = loader.dataset_obj
+    real = ds.get_batch
+
+    def broken(indices, pin_memory=False):
+        if 40 in list(indices):
+            raise Boom("row 40 is cursed")
+        return real(indices, pin_memory)
+
+    monkeypatch.setattr(ds, "get_batch", broken)
+    seen = 0
+    with pytest.raises(Boom, match="row 40 is cursed") as info:
+        for _ in loader:
+            seen += 1
+    assert seen == 5  # batches 0..4 came out in order, batch 5 (rows 40..47) raised
+    frames = "".join(traceback.format_tb(info.value.__traceback__))
+    assert "in broken" in frames, "the gather's own frames must be in the traceback"
+    assert wait_until(lambda: not gather_threads()), gather_threads()
+
+
+def test_breaking_out_and_garbage_collection_leave_no_threads(store_path):
+    before = set(threading.enumerate())
+    loader = create_loader(store_path, "train", 4, num_workers=4)
+    for k, _ in enumerate(loader):
+        if k == 2:
+            assert len(gather_threads()) == 4
+            break
+    gc.collect()
+    assert wait_until(lambda: not gather_threads()), gather_threads()
+    it = iter(loader)
+    next(it)
+    del it
+    gc.collect()
+    assert wait_until(lambda: not gather_threads())
+    assert set(threading.enumerate()) <= before | {threading.current_thread()}
+
+
+def test_an_epoch_run_to_the_end_joins_its_threads(store_path):
+    loader = create_loader(store_path, "val", 4, num_workers=3)
+    it = iter(loader)
+    assert sum(1 for _ in it) == len(loader)
+    assert not gather_threads()
+
+
+_SCRIPT = """
+import os, signal, sys, threading, time
+import torch
+from jasper_mmap import create_loader
+loader = create_loader(sys.argv[1], "train", 4, num_workers=4, pin_memory=True)
+mode = sys.argv[2]
+it = iter(loader)
+next(it)
+del it  # dropped mid-epoch: its threads are joined
+if mode == "interrupt":
+    threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    try:
+        while True:
+            for batch in loader:
+                time.sleep(0.01)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+elif mode == "exit-mid-epoch":
+    alive = iter(loader)
+    next(alive)
+    print("exiting with an iterator alive", flush=True)
+    sys.exit(0)
+elif mode == "unguarded-script":
+    print(sum(int(b["cluster_id"].sum()) for b in loader) >= 0, flush=True)
+print("threads left:", sorted(t.name for t in threading.enumerate()
+                             if t.name.startswith("jasper-gather") and t.is_alive()), flush=True)
+"""
+
+
+def _children() -> set[int]:
+    me = os.getpid()
+    out = set()
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == me:
+                out.add(int(p.name))
+    return out
+
+
+def _shm() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+@pytest.mark.parametrize("mode", ["interrupt", "exit-mid-epoch", "unguarded-script"])
+def test_interrupt_and_interpreter_exit_leave_nothing_and_never_hang(store_path, tmp_path, mode):
+    script = tmp_path / "train.py"
+    script.write_text(_SCRIPT)
+    shm_before, children_before = _shm(), _children()
+    proc = subprocess.run(
+        [sys.executable, str(script), str(store_path), mode],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "terminate called" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    if mode != "exit-mid-epoch":
+        assert "threads left: []" in proc.stdout, proc.stdout
+    if mode == "interrupt":
+        assert "interrupted" in proc.stdout
+    assert _shm() <= shm_before, "a shared-memory segment was left behind"
+    assert _children() <= children_before, "a child process was left behind"
+
+
+def test_a_sigint_while_waiting_for_a_batch_reaches_the_loop(store_path, tmp_path, monkeypatch):
+    """KeyboardInterrupt raised in the main thread while next() waits: threads are joined."""
+    loader = create_loader(store_path, "train", 4, num_workers=2, shuffle=False)
+    ds = loader.dataset_obj
+    real = ds.get_batch
+
+    def slow(indices, pin_memory=False):
+        time.sleep(0.2)
+        return real(indices, pin_memory)
+
+    monkeypatch.setattr(ds, "get_batch", slow)
+    timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        for _ in loader:
+            pass
+    timer.join()
+    assert wait_until(lambda: not gather_threads(), 5), gather_threads()
+
+
+def test_memory_is_bounded_by_the_batches_in_flight(store_path, monkeypatch):
+    """The threads never run further ahead than prefetch_factor x num_workers batches."""
+    loader = create_loader(store_path, "train", 4, num_workers=2, shuffle=False, prefetch_factor=2)
+    ds = loader.dataset_obj
+    real, started = ds.get_batch, []
+
+    def counted(indices, pin_memory=False):
+        started.append(int(indices[0]))
+        return real(indices, pin_memory)
+
+    monkeypatch.setattr(ds, "get_batch", counted)
+    it = iter(loader)
+    for k in range(5):
+        next(it)
+        time.sleep(0.05)  # time for the threads to run ahead as far as they may
+        assert len(started) <= k + 1 + loader.in_flight, (k, len(started))
+    it.close()
+    assert np.all(np.diff(sorted(started)) > 0)
