@@ -12,11 +12,13 @@ torch saved them with, ``pair_data/keyword_ids/<i>`` is one int32 dataset per pa
   fsynced, and published with one ``os.replace``; an existing ``dataset.h5`` is replaced (as
   upstream overwrites it), but readers never see a half-written file and a failed run leaves
   the old one untouched. A killed run's partial file is removed by the next run.
-- **Isolated.** The HDF5 writing runs in a fresh interpreter (``python -m`` this module): after
-  a failed write (disk full) HDF5 can crash the process when the file is closed (seen with
-  h5py 3.16 / HDF5 2.0: a segfault in ``File.close``). The child reports its error first and
-  exits without closing; the caller gets the error (``StoreWriteError`` for a full disk),
-  the partial file is removed and the old ``dataset.h5`` stays. Its log lines are relayed.
+- **Failed writes never reach HDF5.** After a failed write (disk full, ``ulimit -f``), HDF5
+  crashes the process when the file is closed or at exit (seen with h5py 3.16 / HDF5 2.0: a
+  segfault). So HDF5 writes through a Python file object (h5py's ``fileobj`` driver),
+  :class:`_GuardedFile`, that records the first failed write and from then on pretends to
+  write; the writer checks it after every array and every decoded block of keyword ids,
+  stops, closes the file (which cannot fail any more) and raises ``StoreWriteError``. The
+  partial file is removed and the old ``dataset.h5`` stays. No child process is started.
 - **Chunks** are full rows of about 1 MiB (upstream lets h5py guess, which splits columns);
   readers cannot tell the difference, and row blocks then decompress each chunk once.
 - bfloat16 and float8 tensors, which upstream cannot convert (numpy has neither), are
@@ -25,15 +27,10 @@ torch saved them with, ``pair_data/keyword_ids/<i>`` is one int32 dataset per pa
 
 from __future__ import annotations
 
-import json
+import io
 import logging
 import os
-import pickle
-import re
 import secrets
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -148,8 +145,9 @@ def _write_array(group: Any, leaf: str, art: TensorArtifact, compression, block_
     )
 
 
-def _write_keywords(group: Any, kw_path: Path, n_pairs: int) -> None:
-    """One int32 dataset per pair under ``pair_data/keyword_ids``, as upstream writes them."""
+def _write_keywords(group: Any, kw_path: Path, n_pairs: int, check: Any = None) -> None:
+    """One int32 dataset per pair under ``pair_data/keyword_ids``, as upstream writes them;
+    ``check()`` (a failed write so far?) is called once per decoded block."""
     h5py = require_h5py()
     h5d, h5p, h5s, h5t = h5py.h5d, h5py.h5p, h5py.h5s, h5py.h5t
     t0 = time.perf_counter()
@@ -173,8 +171,10 @@ def _write_keywords(group: Any, kw_path: Path, n_pairs: int) -> None:
             ds = h5d.create(gid, b"%d" % row, h5t.STD_I32LE, space, dcpl=dcpl, lcpl=lcpl)
             if n:
                 ds.write(h5s.ALL, h5s.ALL, ids[start:end])
-            ds.close()  # here, not in a destructor, so a failed write raises (and is reported)
+            ds.close()
             start, row = end, row + 1
+        if check is not None:
+            check()
 
     decode_keyword_rows(kw_path, write_block)
     if row != n_pairs:
@@ -255,87 +255,99 @@ def _write_failure(final: Path, e: OSError) -> OSError:
     )
 
 
+class _GuardedFile(io.RawIOBase):
+    """A file for h5py's ``fileobj`` driver that records a failed write instead of raising.
+
+    See the module docstring: HDF5 must never see a failed write. After the first failure the
+    remaining writes are skipped (the position moves on), so HDF5 finishes as if all went well
+    and the caller raises :attr:`error` instead.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self._f = open(path, "x+b", buffering=0)  # noqa: SIM115 - closed in close()
+        self.error: OSError | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self._f.seek(pos, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def readinto(self, b: Any) -> int:
+        return self._f.readinto(b)
+
+    def write(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        if self.error is None:
+            try:
+                done = 0
+                while done < len(view):  # a short write (disk filling) is retried until it fails
+                    done += self._f.write(view[done:]) or 0
+                return len(view)
+            except OSError as e:
+                self.error = e
+        self._f.seek(len(view), os.SEEK_CUR)
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        try:
+            return self._f.truncate(size)
+        except OSError as e:
+            self.error = self.error or e
+            return self.tell() if size is None else size
+
+    def check(self) -> None:
+        """Raise the first failed write, if any."""
+        if self.error is not None:
+            raise self.error
+
+    def fsync(self) -> None:
+        try:
+            os.fsync(self._f.fileno())
+        except OSError as e:
+            self.error = self.error or e
+        self.check()
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        super().close()
+
+
 def _write_file(tmp: Path, src: Path, arts: dict[str, TensorArtifact], compression) -> None:
-    """Write the whole file (in the child). No ``with``: on an error the file is left open."""
+    """Write the whole file into ``tmp`` through a :class:`_GuardedFile` (see above)."""
     h5py = require_h5py()
-    f = h5py.File(tmp, "w")
-    groups = {g: f.create_group(g) for g in _GROUPS}
-    for g, names in _GROUPS.items():
-        for name in names:
-            if name in arts:
-                leaf = H5_PATHS[name][0].split("/")[1]
-                _write_array(groups[g], leaf, arts[name], compression, 16 << 20)
-        if g == "pair_data":
-            _write_keywords(groups[g], src / "pair_keyword_ids.pt", arts[names[0]].shape[0])
-    del groups
-    f.flush()  # a write failure surfaces here as an error, before the (crash-prone) close
-    f.close()
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-class _JsonLines(logging.Handler):
-    """The child's log records, one JSON line each on stderr, for the parent to relay."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        sys.stderr.write(json.dumps([record.levelno, record.getMessage()]) + "\n")
-        sys.stderr.flush()
-
-
-def _child(argv: list[str]) -> None:
-    """``python -m jasper_mmap.converters.h5_writer TMP SRC COMPRESSION_JSON``."""
-    if sys.platform == "linux":  # die with the parent (no orphan writing a removed file)
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    logging.basicConfig(level=logging.INFO, handlers=[_JsonLines()], force=True)
-    tmp, src, compression = Path(argv[0]), Path(argv[1]), json.loads(argv[2])
+    guard = _GuardedFile(tmp)
     try:
-        _write_file(tmp, src, _open_inputs(src, quiet=True), compression)
-    except BaseException as e:
-        try:
-            report = pickle.dumps(e)
-        except Exception:  # noqa: BLE001 - an unpicklable error still gets reported
-            report = pickle.dumps(RuntimeError(f"{type(e).__name__}: {e}"))
-        sys.stdout.buffer.write(report)
-        sys.stdout.flush()
-        os._exit(1)  # HDF5 may crash closing a file it failed to write: never close it
-
-
-def _run_child(final: Path, tmp: Path, src: Path, compression: Any) -> None:
-    """Run :func:`_write_file` in a fresh interpreter; relay its logs, re-raise its error."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    cmd = [sys.executable, "-m", "jasper_mmap.converters.h5_writer"]
-    cmd += [str(tmp), str(src), json.dumps(compression)]
-    proc = subprocess.Popen(
-        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
-    )
-    with proc:
-        try:
-            for line in proc.stderr:
-                try:
-                    level, msg = json.loads(line)
-                    log.log(level, "%s", msg)
-                except ValueError:
-                    log.debug("h5 writer: %s", line.decode(errors="replace").rstrip())
-            report = proc.stdout.read()
-        except BaseException:
-            proc.kill()
-            raise
-    if proc.returncode == 0:
-        return
-    if report:
-        err = pickle.loads(report)  # our own child's error (trusted)
-        if isinstance(err, Exception) and not isinstance(err, JasperError | OSError):
-            code = re.search(r"errno = (\d+)", str(err))  # HDF5 names the failed write's errno
-            err = OSError(int(code[1]) if code else None, f"{type(err).__name__}: {err}")
-        raise err
-    how = f"signal {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 else "exit"
-    raise StoreWriteError(
-        f"{final}: the HDF5 writer process died ({how}, code {proc.returncode}) without "
-        f"reporting an error (HDF5 can crash after a failed write, e.g. on a full disk). "
-        f"Nothing was replaced; check free space and memory, then run again."
-    )
+        with h5py.File(guard, "w") as f:
+            groups = {g: f.create_group(g) for g in _GROUPS}
+            for g, names in _GROUPS.items():
+                for name in names:
+                    if name in arts:
+                        leaf = H5_PATHS[name][0].split("/")[1]
+                        _write_array(groups[g], leaf, arts[name], compression, 16 << 20)
+                        f.flush()
+                        guard.check()
+                if g == "pair_data":
+                    n = arts[names[0]].shape[0]
+                    _write_keywords(groups[g], src / "pair_keyword_ids.pt", n, guard.check)
+            del groups
+            f.flush()
+            guard.check()
+        guard.check()  # closing wrote the last metadata
+        guard.fsync()
+    finally:
+        guard.close()
 
 
 def _write_and_publish(final: Path, src: Path, compression: Any) -> None:
@@ -343,7 +355,7 @@ def _write_and_publish(final: Path, src: Path, compression: Any) -> None:
     _remove_stale(final)
     tmp = final.with_name(f".{final.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
     try:
-        _run_child(final, tmp, src, compression)
+        _write_file(tmp, src, _open_inputs(src, quiet=True), compression)
         os.replace(tmp, final)
         fsync_dir(final.parent)
     except BaseException as e:
@@ -397,7 +409,3 @@ def convert_pt_to_hdf5(dataset_dir: str | Path, compression: Any = "gzip") -> Pa
         pt_bytes / 1e6,
     )
     return final
-
-
-if __name__ == "__main__":
-    _child(sys.argv[1:])

@@ -515,3 +515,29 @@ def test_imports_go_one_way_core_then_converter_then_dataset():
     for path in (REPO / "converters").glob("*.py"):
         bad = {m for m in _imports(path, "jasper_mmap.converters") if m.split(".")[0] in UPPER}
         assert not bad, f"converter module {path.name} imports the dataset layer: {bad}"
+
+
+def test_library_calls_start_no_child_process(src, tmp_path, monkeypatch):
+    """Opening, converting (.pt and HDF5), publishing and loading with threads never fork,
+    spawn or exec (a child would re-run unguarded scripts or fail in daemonic workers)."""
+    import multiprocessing
+    import os as _os
+
+    def refuse(*a, **k):
+        raise AssertionError("library code started a child process")
+
+    for mod, name in (
+        (subprocess, "Popen"),
+        (_os, "fork"),
+        (_os, "posix_spawn"),
+        (multiprocessing.Process, "start"),
+    ):
+        monkeypatch.setattr(mod, name, refuse)
+    store = convert_pt(src, tmp_path / "store", progress=False)
+    JASPERSteeringDataset.convert_pt_to_hdf5(src)
+    ds = JASPERSteeringDataset(src, "train")  # converts dataset.h5 into a store
+    from jasper_mmap import publish_negatives
+
+    publish_negatives(store, load_pt(src / "hard_negatives.pt"), load_pt(src / "negative_tiers.pt"))
+    assert sum(len(b["relevance"]) for b in create_loader(store, "train", 8, num_workers=3)) > 0
+    assert len(ds.get_batch([0, 1])["relevance"]) == 2
