@@ -523,6 +523,8 @@ def test_library_calls_start_no_child_process(src, tmp_path, monkeypatch):
     import multiprocessing
     import os as _os
 
+    import h5py  # noqa: F401 - its first import runs `uname -p` (platform); not ours
+
     def refuse(*a, **k):
         raise AssertionError("library code started a child process")
 
