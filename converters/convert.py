@@ -394,7 +394,7 @@ def _convert_into(
             source={
                 "dir": str(reader.dir),
                 "format": reader.format,
-                "files": source_fingerprints(reader.dir),
+                "files": source_fingerprints(reader.dir, reader.format),
             },
             dtype_option=dtype,
             warnings=notices.messages(),

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .layout import ARRAYS, CONFIG
+from .layout import ARRAYS, CONFIG, SPLITS
 
 __all__ = [
     "fingerprint",
@@ -55,12 +55,15 @@ def changed(path: Path, recorded: dict[str, Any] | None) -> bool:
     return fingerprint(path)["head_tail_blake2b"] != recorded.get("head_tail_blake2b")
 
 
-def dataset_file_names() -> tuple[str, ...]:
-    """Names of every file a dataset directory may own (its other files are not ours)."""
-    pt = sorted({spec.source for spec in ARRAYS if spec.source is not None})
-    return (*pt, CONFIG, H5_FILE)
+def dataset_file_names(fmt: str = "pt") -> tuple[str, ...]:
+    """Names of the files a dataset directory's data come from, for source format ``fmt``
+    (``"pt"``: the ``.pt`` artifacts; ``"hdf5"``: ``dataset.h5`` and the split ``.pt`` files
+    that win over its splits); its other files are not ours."""
+    if fmt == "hdf5":
+        return (H5_FILE, *(f"{s}_idx.pt" for s in SPLITS), CONFIG)
+    return (*sorted({spec.source for spec in ARRAYS if spec.source is not None}), CONFIG)
 
 
-def source_fingerprints(src: Path) -> dict[str, dict[str, Any]]:
-    """Fingerprints of the dataset's own files that exist in directory ``src``."""
-    return {n: fingerprint(src / n) for n in dataset_file_names() if (src / n).is_file()}
+def source_fingerprints(src: Path, fmt: str = "pt") -> dict[str, dict[str, Any]]:
+    """Fingerprints of the dataset's own files (for ``fmt``) that exist in directory ``src``."""
+    return {n: fingerprint(src / n) for n in dataset_file_names(fmt) if (src / n).is_file()}

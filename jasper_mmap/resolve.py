@@ -61,9 +61,10 @@ def _recorded_sources(store: Path) -> dict | None:
     return files if isinstance(files, dict) else None
 
 
-def _stale_files(recorded: dict, src: Path) -> list[str]:
-    """The dataset's own files (negatives aside) that differ from their fingerprints."""
-    own = {n for n in dataset_file_names() if (src / n).is_file()}
+def _stale_files(recorded: dict, src: Path, fmt: str = "pt") -> list[str]:
+    """The dataset's own files for source format ``fmt`` (negatives aside) that differ from
+    their fingerprints."""
+    own = {n for n in dataset_file_names(fmt) if (src / n).is_file()}
     names = (own | set(recorded) | {CONFIG}) - set(NEGATIVE_FILES)
     return sorted(n for n in names if changed(src / n, recorded.get(n)))
 
@@ -175,7 +176,7 @@ def _check_sources(store: Path) -> None:
     files = source.get("files")
     if src is None or not src.is_dir() or not files or not isinstance(files, dict):
         return
-    stale = _stale_files(files, src)
+    stale = _stale_files(files, src, source.get("format", "pt"))
     if stale:
         raise StoreStaleError(
             f"{store}: its source files {', '.join(stale)} in {src} changed since it was converted. Re-run "
@@ -245,7 +246,7 @@ def _rebuild_reason(src: Path, store: Path, fmt: str) -> str | None:
     recorded = _recorded_sources(store)
     if recorded is None:
         return "no store yet (converted once, reused while the files are unchanged)"
-    stale = _stale_files(recorded, src)
+    stale = _stale_files(recorded, src, fmt)
     if stale:
         return f"{', '.join(stale)} changed since the store was built"
     n_neg = _negatives_n_neg(src, fmt)
