@@ -2,18 +2,42 @@
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from ..integrity import raise_problems, store_problems
 from ..layout import load_manifest
 from .base import NEGATIVE_ARRAYS, Store, StoreWriter
-from .safetensors_store import SafetensorsStore, SafetensorsWriter
-from .zarr_store import ZarrStore, ZarrWriter
 
 __all__ = ["open_store", "Store", "StoreWriter", "BACKENDS", "WRITERS", "NEGATIVE_ARRAYS"]
 
-BACKENDS: dict[str, type[Store]] = {"safetensors": SafetensorsStore, "zarr": ZarrStore}
-WRITERS: dict[str, type[StoreWriter]] = {"safetensors": SafetensorsWriter, "zarr": ZarrWriter}
+
+class _Backends(Mapping):
+    """Backend name -> class, each module imported on first use (zarr alone takes ~0.5 s to
+    import, which every ``import jasper_mmap`` and CLI call would otherwise pay)."""
+
+    def __init__(self, classes: dict[str, str]) -> None:
+        self._where = classes
+
+    def __getitem__(self, name: str) -> Any:
+        module, attr = self._where[name].split(":")
+        return getattr(importlib.import_module(module, __name__), attr)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+BACKENDS: Mapping[str, type[Store]] = _Backends(
+    {"safetensors": ".safetensors_store:SafetensorsStore", "zarr": ".zarr_store:ZarrStore"}
+)
+WRITERS: Mapping[str, type[StoreWriter]] = _Backends(
+    {"safetensors": ".safetensors_store:SafetensorsWriter", "zarr": ".zarr_store:ZarrWriter"}
+)
 
 
 def open_store(path: str | Path) -> Store:
