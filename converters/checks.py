@@ -39,7 +39,7 @@ def read_config(src: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ArtifactMissingError(
             f"{path}: config.json is missing. Every dataset directory needs one "
-            f"(embedding_dim, n_neg, steering_probabilities, ...); see FORMAT.md."
+            f"(embedding_dim, n_neg, steering_probabilities, ...); see docs/dataset_format.md."
         )
     try:
         with open(path, encoding="utf-8") as f:

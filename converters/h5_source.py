@@ -5,7 +5,7 @@ interface as :class:`~jasper_mmap.converters.pt_reader.TensorArtifact` (``path``
 ``dtype``, ``np_dtype``, ``nbytes``, ``row_bytes``, ``read_rows``), keyed by the store's array
 names, and whose ``keyword_rows()`` yields ``(lengths, values)`` int64 blocks like those
 ``keyword_pickle.decode_keyword_rows`` hands out. The HDF5 layout is the one upstream's
-``convert_pt_to_hdf5`` writes (UPSTREAM_API.md); :data:`H5_PATHS` maps the names.
+``convert_pt_to_hdf5`` writes (docs/dataset_format.md); :data:`H5_PATHS` maps the names.
 
 # NOTE [split source]
 Upstream reads ``{split}_idx.pt`` even in HDF5 mode, so a ``{split}_idx.pt`` beside
@@ -200,7 +200,7 @@ class H5Array:
             what = "is missing" if ds is None else "is a group, not a dataset"
             raise ArtifactError(
                 f"{self.path}: required HDF5 dataset {what} (upstream's layout, see "
-                f"UPSTREAM_API.md). {fix_text(file_path)}"
+                f"docs/dataset_format.md). {fix_text(file_path)}"
             )
         try:
             dtype, shape = ds.dtype, ds.shape

@@ -1,7 +1,7 @@
 """``convert_pt_to_hdf5``: write upstream's ``dataset.h5`` from a ``.pt`` directory, streamed.
 
 The file has exactly the groups, dataset names, shapes and dtypes that upstream's
-``JASPERSteeringDataset.convert_pt_to_hdf5`` writes (UPSTREAM_API.md): tensors keep the dtype
+``JASPERSteeringDataset.convert_pt_to_hdf5`` writes (docs/dataset_format.md): tensors keep the dtype
 torch saved them with, ``pair_data/keyword_ids/<i>`` is one int32 dataset per pair, and
 ``splits/*`` holds the splits whose ``{split}_idx.pt`` exists. Two things differ on purpose:
 
@@ -369,7 +369,7 @@ def convert_pt_to_hdf5(dataset_dir: str | Path, compression: Any = "gzip") -> Pa
     """Write ``dataset_dir/dataset.h5`` from the directory's ``.pt`` files (upstream's layout).
 
     Args:
-        dataset_dir: a ``.pt`` dataset directory (FORMAT.md).
+        dataset_dir: a ``.pt`` dataset directory (docs/dataset_format.md).
         compression: h5py compression of the tensor datasets: ``"gzip"`` (upstream's
             default), ``"lzf"``, a gzip level 0-9, or None. Keyword datasets are never
             compressed (as upstream).

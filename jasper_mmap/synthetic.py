@@ -92,7 +92,7 @@ def make_pt_dataset(
     save: Callable[[object, Path], None] | None = None,
     keyword_pickle: bool = False,
 ) -> Path:
-    """Write a ``.pt`` dataset directory (FORMAT.md layout) of the given size.
+    """Write a ``.pt`` dataset directory (docs/dataset_format.md) of the given size.
 
     Args:
         out: directory to create (may exist).

@@ -264,7 +264,7 @@ def make_pt_dir(
     sparse_train: bool = False,
     overwrite: bool = False,
 ) -> Path:
-    """Write the same synthetic dataset as a ``.pt`` directory (FORMAT.md), streaming.
+    """Write the same synthetic dataset as a ``.pt`` directory (docs/dataset_format.md), streaming.
 
     Every artifact is written block by block (:mod:`jasper_mmap.pt_writer`), so the directory
     (and any single file in it) can be larger than RAM; ``pair_keyword_ids.pt`` is a plain pickle.

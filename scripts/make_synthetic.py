@@ -1,11 +1,11 @@
 """Make a synthetic JASPER dataset of any size, as a `.pt` directory or straight into a store.
 
     python scripts/make_synthetic.py DST --gb 32 --store          # a 32 GB store, bounded memory
-    python scripts/make_synthetic.py DST --pairs 3600000          # a .pt directory (FORMAT.md)
+    python scripts/make_synthetic.py DST --pairs 3600000          # a .pt directory (docs/dataset_format.md)
     python scripts/make_synthetic.py DST --pairs 20000 --in-ram   # small, via torch.save
 
 Clustered embeddings (centroid + noise, normalized), steering vectors derived from the pair's
-cluster, keywords and question, and 4-tier negatives as the seed documents describe. Both
+cluster, keywords and question, and 4-tier negatives as the in-RAM dataset's documents describe. Both
 streaming forms write block by block (memory stays at a few hundred MB whatever the size); the
 `.pt` files are readable by `torch.load` and can each be larger than RAM.
 """

@@ -1,8 +1,8 @@
-"""convert_pt on broken inputs: one test per bad input of FORMAT.md's "What goes wrong" list.
+"""convert_pt on broken inputs: one test per bad input of docs/dataset_format.md's refusals.
 
 Every failing conversion must raise the specific error class with a message that names the
 offending file and the problem, and must leave nothing behind: no destination store and no
-hidden ``.partial`` directory beside it. Inputs that FORMAT.md says are legitimate (float16 or
+hidden ``.partial`` directory beside it. Inputs that docs/dataset_format.md says are legitimate (float16 or
 float64 embeddings, a missing test split, plain-pickle keyword ids) must convert and round-trip.
 """
 
@@ -234,7 +234,7 @@ def test_config_wrong_n_neg(tmp_path):
 
 
 def test_counts_may_be_missing_from_config(tmp_path):
-    """FORMAT.md: n_* counts are informative and may be missing; the files are the truth."""
+    """docs/dataset_format.md: n_* counts are informative and may be missing; the files are the truth."""
     src = make_src(tmp_path)
     config = json.loads((src / "config.json").read_text())
     for key in ("n_pairs", "n_questions", "n_sources", "n_keywords", "n_clusters", "n_neg"):
