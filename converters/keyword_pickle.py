@@ -17,7 +17,8 @@ block, plus 12 bytes per memo key (see :mod:`jasper_mmap.converters.keyword_rows
 
 Deliberate limits, none of which ``pickle.dump``/``torch.save`` ever write: a pickle that leaves
 objects on its stack at STOP, an inner list appended to after it became part of the outer list,
-an integer encoded in more than 1 MiB, more than ``_MAX_STACK`` pending objects.
+an integer encoded in more than 1 MiB, more than ``_MAX_STACK`` pending objects, an opcode that
+crosses the end of its pickle frame (pickle's own readers refuse that too).
 """
 
 from __future__ import annotations
@@ -226,6 +227,8 @@ class _Decoder:
     # -- the opcode loop ------------------------------------------------------------------
 
     def _loop(self) -> None:
+        """Interpret opcodes until STOP. One function with local names on purpose: this loop
+        runs once per opcode (~10 per row), and the common opcodes are handled inline."""
         rows = self.rows
         stack, marks, memo = rows.stack, rows.marks, rows.memo
         push_row, put, get = rows.push_row, rows.put, rows.get
@@ -305,34 +308,9 @@ class _Decoder:
     def _rare(self, op: int) -> None:
         """Opcodes of other protocols' forms (text ints, LONG1/4, LIST, PUT/GET, FRAME...)."""
         if op == 0x8A or op == 0x8B:  # LONG1, LONG4
-            self._need(4)
-            n = self.buf[self.i] if op == 0x8A else _I32(self.buf, self.i)[0]
-            self.i += 1 if op == 0x8A else 4
-            if not 0 <= n <= _MAX_LONG:
-                raise _bad(self.path, f"it holds an integer encoded in {n} bytes")
-            self._need(n)
-            data = self.buf[self.i : self.i + n]
-            if len(data) < n:
-                raise _bad(self.path, _TRUNCATED)
-            self.i += n
-            self._push_int(int.from_bytes(data, "little", signed=True))
-        elif op == 0x49 or op == 0x4C:  # I INT, L LONG (protocol 0 text)
-            line = self._line()
-            if op == 0x49 and line in (b"00", b"01"):  # pickle's True and False
-                self.bools = True
-                self.rows.stack.append(int(line == b"01"))
-            else:
-                self._push_int(
-                    self._text_int(line[:-1] if op == 0x4C and line.endswith(b"L") else line, 0)
-                )
-        elif op == 0x70 or op == 0x67:  # p PUT, g GET (protocol 0 text)
-            key = self._text_int(self._line(), 10)
-            if key < 0:
-                raise _bad(self.path, f"it uses the negative memo key {key} (corrupt pickle)")
-            if op == 0x70:
-                self.rows.put(key)
-            else:
-                self.rows.get(key)
+            self._long(op == 0x8A)
+        elif op in (0x49, 0x4C, 0x70, 0x67):  # INT, LONG, PUT, GET: protocol 0 text forms
+            self._text(op)
         elif op == 0x6C:  # l LIST
             self.rows.close_mark(False)
         elif op == 0x80:  # PROTO
@@ -340,17 +318,52 @@ class _Decoder:
             if self.buf[self.i] > 5:
                 raise _bad(self.path, f"it uses pickle protocol {self.buf[self.i]} (known: 0-5)")
             self.i += 1
-        elif op == 0x95:  # FRAME: opcodes may not cross its end, as pickle requires
-            if self.frame_end is not None:
-                raise _bad(self.path, "a pickle frame begins inside the previous one (corrupt)")
-            self._need(8)
-            n = _U64(self.buf, self.i)[0]
-            self.i += 8
-            if n > self.size - self._pos():
-                raise _bad(self.path, _TRUNCATED)
-            self.frame_end = self._pos() + n
+        elif op == 0x95:  # FRAME
+            self._frame()
         else:
             raise _bad(self.path, self._refused(op))
+
+    def _long(self, short: bool) -> None:
+        """LONG1 (one length byte) or LONG4: a little-endian two's complement integer."""
+        self._need(4)
+        n = self.buf[self.i] if short else _I32(self.buf, self.i)[0]
+        self.i += 1 if short else 4
+        if not 0 <= n <= _MAX_LONG:
+            raise _bad(self.path, f"it holds an integer encoded in {n} bytes")
+        self._need(n)
+        data = self.buf[self.i : self.i + n]
+        if len(data) < n:
+            raise _bad(self.path, _TRUNCATED)
+        self.i += n
+        self._push_int(int.from_bytes(data, "little", signed=True))
+
+    def _text(self, op: int) -> None:
+        """INT, LONG, PUT, GET with their decimal text argument (as pickle parses it)."""
+        line = self._line()
+        if op == 0x49 and line in (b"00", b"01"):  # pickle's False and True
+            self.bools = True
+            self.rows.stack.append(int(line == b"01"))
+        elif op in (0x49, 0x4C):
+            self._push_int(self._text_int(line[:-1] if line.endswith(b"L") else line, 0))
+        else:
+            key = self._text_int(line, 10)
+            if key < 0:
+                raise _bad(self.path, f"it uses the negative memo key {key} (corrupt pickle)")
+            if op == 0x70:
+                self.rows.put(key)
+            else:
+                self.rows.get(key)
+
+    def _frame(self) -> None:
+        """FRAME: transparent, but its bytes must exist and no opcode may cross its end."""
+        if self.frame_end is not None:
+            raise _bad(self.path, "a pickle frame begins inside the previous one (corrupt)")
+        self._need(8)
+        n = _U64(self.buf, self.i)[0]
+        self.i += 8
+        if n > self.size - self._pos():
+            raise _bad(self.path, _TRUNCATED)
+        self.frame_end = self._pos() + n
 
     def _line(self) -> bytes:
         """The text argument of a protocol 0 opcode, without its newline."""

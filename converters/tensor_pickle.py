@@ -10,6 +10,9 @@ admits exactly the globals ``torch.load(weights_only=True)`` admits for those, e
 a harmless stand-in that only records its arguments (nothing is imported or called, and torch
 itself is not imported), then checks every recorded field's type and range and returns a
 :class:`TensorMeta`. Anything else raises :class:`Malformed` saying what was found.
+
+The storage's location string (``"cpu"``, ``"cuda:0"``...) is not used: the bytes are the same
+wherever the tensor lived, as ``torch.load(..., map_location="cpu")`` reads them.
 """
 
 from __future__ import annotations

@@ -275,6 +275,19 @@ def test_keyword_thread_error_keeps_its_type_and_message(tmp_path, pt_dataset):
     assert not job._thread.is_alive()
 
 
+def test_keyword_check_raises_a_finished_failure_without_waiting(tmp_path):
+    bad = save_kw(tmp_path / "bad.pt", {"not": "a list"}, ("torch", 2))
+    job = KeywordJob(str(bad), str(tmp_path), 1, 10)
+    job._thread.join()
+    expect_refused(bad, job.check, "its pickle holds a dict")
+    job.cancel()
+    running = KeywordJob(str(_big_keyword_file(tmp_path)), str(tmp_path), 2_000_000, 10)
+    t0 = time.perf_counter()
+    running.check()  # still decoding: returns at once
+    assert time.perf_counter() - t0 < 0.1 and running._thread.is_alive()
+    running.cancel()
+
+
 def test_keyword_thread_unexpected_error_surfaces_unchanged(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise KeyError("decoder bug 1234")
