@@ -11,6 +11,7 @@ import time
 from jasper_mmap.errors import JasperError
 
 from .convert import DTYPES, FORMATS, convert_pt
+from .sources import STORAGE_FORMATS
 
 __all__ = ["main"]
 
@@ -21,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Convert a directory of JASPER .pt artifacts into a memory-mapped store "
         "(streaming: no artifact is ever held whole in RAM).",
     )
-    p.add_argument("src", help="dataset directory with config.json and the .pt artifacts")
+    p.add_argument("src", help="dataset directory: config.json and the .pt files, or dataset.h5")
     p.add_argument(
         "dst", help="store directory to create (appears only when complete and verified)"
     )
@@ -38,7 +39,18 @@ def _parser() -> argparse.ArgumentParser:
         help="precision of embeddings and steering vectors on disk; readers always return "
         "float32 (default: %(default)s)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing store at DST")
+    p.add_argument(
+        "--source",
+        choices=STORAGE_FORMATS,
+        default="auto",
+        help="which files of SRC to read: the .pt files, dataset.h5 (hdf5), or auto "
+        "(dataset.h5 when present and h5py is installed) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace DST if it is a jasper_mmap store (nothing else is ever replaced)",
+    )
     p.add_argument(
         "--allow-nonfinite",
         action="store_true",
@@ -66,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             allow_nonfinite=args.allow_nonfinite,
             progress=False if args.quiet else None,
+            source=args.source,
         )
-    except JasperError as e:
+    except (JasperError, ImportError) as e:  # ImportError: h5py missing for dataset.h5
         print(f"convert-pt: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

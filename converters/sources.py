@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from jasper_mmap.errors import ArtifactMissingError
+from jasper_mmap.errors import ArtifactMissingError, DependencyError
 from jasper_mmap.fingerprints import H5_FILE
 from jasper_mmap.layout import ARRAYS
 
@@ -153,7 +153,7 @@ def detect_storage_format(src: Path, requested: str) -> str:
         )
     if requested == "hdf5":
         if not _h5py_available():
-            raise ValueError(
+            raise DependencyError(
                 "HDF5 format requested but h5py is not installed. Install with: "
                 "pip install 'jasper_mmap[hdf5]' (or pip install h5py)"
             )

@@ -20,6 +20,7 @@ __all__ = [
     "StoreExistsError",
     "SampleIndexError",
     "StoreKeyError",
+    "DependencyError",
     "StoreWriteError",
     "StoreStaleError",
     "write_error",
@@ -71,6 +72,13 @@ class StoreKeyError(JasperError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the whole message
         return str(self.args[0]) if self.args else ""
+
+
+class DependencyError(JasperError, ImportError, ValueError):
+    """An optional dependency (h5py) that the requested input needs is not installed.
+
+    An ImportError, and a ValueError as the in-RAM dataset raised for ``storage_format="hdf5"``.
+    """
 
 
 class SampleIndexError(JasperError, IndexError):
