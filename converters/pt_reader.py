@@ -380,9 +380,10 @@ def _check_bounds(path: Path, meta: TensorMeta, base: int, record_bytes: int) ->
         )
     item, numel = DTYPE_ITEMSIZE[meta.dtype], math.prod(meta.size)
     reach = 1 + sum((n - 1) * s for n, s in zip(meta.size, meta.stride, strict=True))
-    if numel and ((meta.offset + reach) * item > storage_bytes or numel * item >= 1 << 62):
+    too_big = max(numel, math.prod(meta.size[1:])) * item >= 1 << 62  # (numpy's limit)
+    if too_big or (numel and (meta.offset + reach) * item > storage_bytes):
         raise ArtifactError(
             f"{path}: tensor of shape {list(meta.size)[:8]}, strides {list(meta.stride)[:8]} "
-            f"and storage offset {meta.offset} reaches past its storage of {storage_bytes} "
+            f"and storage offset {meta.offset} does not fit its storage of {storage_bytes} "
             f"bytes (corrupt metadata). Re-save it with torch.save(tensor, path)."
         )
