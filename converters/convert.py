@@ -44,7 +44,7 @@ from jasper_mmap.layout import (
 )
 from jasper_mmap.stores import WRITERS, open_store
 
-from .checks import Notices, SplitCheck, Stats, check_block, read_config
+from .checks import REBUILD, Notices, SplitCheck, Stats, check_block, read_config
 from .keywords import KeywordJob
 from .pt_reader import TensorArtifact
 from .shapes import check_shapes, check_source
@@ -159,6 +159,12 @@ def _stream_tensor(p: _Planned, run: _Run) -> dict:
         if art.dtype == "torch.bfloat16":
             block = to_float32(block.view(np.uint16), "bfloat16")
         floats = p.out == "float32"
+        if block.dtype == np.uint64 and block.size and block.max() > np.iinfo(np.int64).max:
+            rows = np.flatnonzero((block > np.iinfo(np.int64).max).reshape(len(block), -1).any(1))
+            raise ArtifactError(
+                f"{art.path}: rows {(rows[:5] + start).tolist()} hold uint64 values above "
+                f"2**63 - 1, which no index can be. {REBUILD}"
+            )
         block = block.astype(np.float32 if floats else np.int64, copy=False)
         allow = run.allow_nonfinite and floats
         check_block(art.path, p.spec.name, block, start, run.limits, stats, allow, run.notices)
@@ -166,6 +172,7 @@ def _stream_tensor(p: _Planned, run: _Run) -> dict:
             split.update(block, start)
         run.writer.write(p.spec.name, to_stored(block, p.stored))
         run.progress.update(block.shape[0] * art.row_bytes, p.spec.name)
+        run.keywords.check()  # a bad keyword file fails the conversion now, not at the pairs
     if split is not None:
         split.finish()
     return stats.as_dict()

@@ -67,7 +67,9 @@ def test_verification_refuses_a_store_whose_rows_differ(tmp_path, pt_dataset, mo
 def test_refuses_to_overwrite_without_flag_and_replaces_with_it(tmp_path, pt_dataset):
     dst = convert_pt(pt_dataset, tmp_path / "store", progress=False)
     before = (dst / "manifest.json").read_text()
-    with pytest.raises(StoreExistsError, match="already exists and is a jasper_mmap store.*--overwrite"):
+    with pytest.raises(
+        StoreExistsError, match="already exists and is a jasper_mmap store.*--overwrite"
+    ):
         convert_pt(pt_dataset, dst, progress=False)
     assert (dst / "manifest.json").read_text() == before
     convert_pt(pt_dataset, dst, format="zarr", overwrite=True, progress=False)

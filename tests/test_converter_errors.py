@@ -701,3 +701,34 @@ def test_failed_overwrite_keeps_existing_store(tmp_path):
     assert list(tmp_path.glob(".*partial*")) == []
     with pytest.raises(StoreExistsError, match=re.escape(str(dst))):
         convert(tmp_path)
+
+
+def test_uint64_index_above_int64_is_named_not_shown_negative(tmp_path):
+    src = make_src(tmp_path)
+    arr = load(src, "hard_negatives").numpy().astype(np.uint64)
+    arr[4, 2] = 2**63 + 5
+    save(src, "hard_negatives", torch.from_numpy(arr))
+    err = expect_error(
+        tmp_path, ArtifactError, pt(src, "hard_negatives"), r"rows \[4\] hold uint64"
+    )
+    assert "-" not in str(err).split("hold")[0][-12:]
+
+
+def test_a_bad_keyword_file_fails_before_the_tables_are_streamed(tmp_path, monkeypatch):
+    """The keyword thread's error is raised at the next block, not after every table."""
+    import jasper_mmap.converters.convert as conv
+
+    src = make_src(tmp_path)
+    torch.save([[0, 1], "not a list"] + [[1]] * (N_P - 2), pt(src, "pair_keyword_ids"))
+    streamed, real = [], conv._stream_tensor
+
+    def counting(p, run):
+        streamed.append(p.spec.name)
+        import time
+
+        time.sleep(0.05)  # give the keyword thread time to fail
+        return real(p, run)
+
+    monkeypatch.setattr(conv, "_stream_tensor", counting)
+    expect_error(tmp_path, ArtifactError, pt(src, "pair_keyword_ids"), "list of lists of int")
+    assert len(streamed) <= 3, streamed  # the embeddings unit alone has 4 tables
