@@ -21,7 +21,6 @@ Keyword ids (a pickled list of lists) are decoded by :mod:`jasper_mmap.converter
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import math
 import os
@@ -36,7 +35,7 @@ from jasper_mmap.errors import ArtifactError, ArtifactMissingError
 
 from .tensor_pickle import DTYPE_ITEMSIZE, Malformed, TensorMeta, Unsafe, read_tensor_meta
 
-__all__ = ["TensorArtifact", "open_tensor", "fingerprint", "source_fingerprints", "LEGACY_FIX"]
+__all__ = ["TensorArtifact", "open_tensor", "LEGACY_FIX"]
 
 log = logging.getLogger(__name__)
 
@@ -100,25 +99,6 @@ def _float8_table(exp_bits: int, man_bits: int, bias: int, special: str) -> np.n
 
 
 _FLOAT8_TABLES = {name: _float8_table(*spec) for name, spec in _FLOAT8.items()}
-
-
-def fingerprint(path: Path) -> dict[str, object]:
-    """Cheap identity of a source file: size, mtime and a hash of its first and last 64 KiB."""
-    st = os.stat(path)
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        h.update(f.read(65536))
-        if st.st_size > 65536:
-            f.seek(max(65536, st.st_size - 65536))
-            h.update(f.read(65536))
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "head_tail_blake2b": h.hexdigest()}
-
-
-def source_fingerprints(src: Path) -> dict[str, dict[str, object]]:
-    """Fingerprints of every ``.pt`` file and ``config.json`` of a dataset directory."""
-    files = {p.name: fingerprint(p) for p in sorted(src.glob("*.pt"))}
-    files["config.json"] = fingerprint(src / "config.json")
-    return files
 
 
 def _is_legacy(path: Path) -> bool:
