@@ -50,6 +50,14 @@ def wait_until(cond, seconds: float = 10.0) -> bool:
 
 
 @pytest.fixture(scope="module")
+def st_store(tmp_path_factory, pt_dataset):
+    """A safetensors store, for the tests of thread lifetime (not backend-specific)."""
+    from jasper_mmap.converters import convert_pt
+
+    return convert_pt(pt_dataset, tmp_path_factory.mktemp("st") / "s", progress=False)
+
+
+@pytest.fixture(scope="module")
 def reference(store_path):
     return batches(loader_of(store_path, "thread", 0))
 
@@ -86,20 +94,20 @@ def test_the_epoch_order_is_the_samplers_as_a_plain_dataloader_draws_it(store_pa
         assert all(torch.equal(a[k], b[k]) for k in KEYS)
 
 
-def test_loader_attributes_are_the_dataloaders(store_path):
-    loader = create_loader(store_path, "train", 16, num_workers=4, pin_memory=True)
+def test_loader_attributes_are_the_dataloaders(st_store):
+    loader = create_loader(st_store, "train", 16, num_workers=4, pin_memory=True)
     assert isinstance(loader, DataLoader) and loader.dataset is loader.dataset_obj
     assert (loader.batch_size, loader.num_workers, loader.pin_memory) == (16, 4, True)
     assert loader.drop_last is True and loader.sampler_obj is None
     assert len(loader) == len(loader.dataset_obj) // 16
     assert loader.in_flight == 8  # prefetch_factor (2) x threads: the memory bound
     with pytest.raises(ValueError, match="worker_mode should be one of"):
-        create_loader(store_path, "train", 16, worker_mode="fibers")
+        create_loader(st_store, "train", 16, worker_mode="fibers")
 
 
-def test_set_epoch_and_force_steering_between_epochs_reach_the_threads(store_path):
-    loader = create_loader(store_path, "train", 8, num_workers=2, shuffle=False)
-    ref = create_loader(store_path, "train", 8, num_workers=0, shuffle=False)
+def test_set_epoch_and_force_steering_between_epochs_reach_the_threads(st_store):
+    loader = create_loader(st_store, "train", 8, num_workers=2, shuffle=False)
+    ref = create_loader(st_store, "train", 8, num_workers=0, shuffle=False)
     for epoch in (0, 7):
         set_epoch(loader, epoch)
         set_epoch(ref, epoch)
@@ -138,8 +146,8 @@ class Boom(RuntimeError):
     pass
 
 
-def test_an_error_while_gathering_surfaces_with_its_own_traceback(store_path, monkeypatch):
-    loader = create_loader(store_path, "train", 8, num_workers=2, shuffle=False)
+def test_an_error_while_gathering_surfaces_with_its_own_traceback(st_store, monkeypatch):
+    loader = create_loader(st_store, "train", 8, num_workers=2, shuffle=False)
     ds = loader.dataset_obj
     real = ds.get_batch
 
@@ -159,9 +167,9 @@ def test_an_error_while_gathering_surfaces_with_its_own_traceback(store_path, mo
     assert wait_until(lambda: not gather_threads()), gather_threads()
 
 
-def test_breaking_out_and_garbage_collection_leave_no_threads(store_path):
+def test_breaking_out_and_garbage_collection_leave_no_threads(st_store):
     before = set(threading.enumerate())
-    loader = create_loader(store_path, "train", 4, num_workers=4)
+    loader = create_loader(st_store, "train", 4, num_workers=4)
     for k, _ in enumerate(loader):
         if k == 2:
             assert len(gather_threads()) == 4
@@ -176,8 +184,8 @@ def test_breaking_out_and_garbage_collection_leave_no_threads(store_path):
     assert set(threading.enumerate()) <= before | {threading.current_thread()}
 
 
-def test_an_epoch_run_to_the_end_joins_its_threads(store_path):
-    loader = create_loader(store_path, "val", 4, num_workers=3)
+def test_an_epoch_run_to_the_end_joins_its_threads(st_store):
+    loader = create_loader(st_store, "val", 4, num_workers=3)
     it = iter(loader)
     assert sum(1 for _ in it) == len(loader)
     assert not gather_threads()
@@ -231,12 +239,12 @@ def _shm() -> set[str]:
 
 
 @pytest.mark.parametrize("mode", ["interrupt", "exit-mid-epoch", "unguarded-script"])
-def test_interrupt_and_interpreter_exit_leave_nothing_and_never_hang(store_path, tmp_path, mode):
+def test_interrupt_and_interpreter_exit_leave_nothing_and_never_hang(st_store, tmp_path, mode):
     script = tmp_path / "train.py"
     script.write_text(_SCRIPT)
     shm_before, children_before = _shm(), _children()
     proc = subprocess.run(
-        [sys.executable, str(script), str(store_path), mode],
+        [sys.executable, str(script), str(st_store), mode],
         capture_output=True,
         text=True,
         timeout=120,
@@ -251,9 +259,9 @@ def test_interrupt_and_interpreter_exit_leave_nothing_and_never_hang(store_path,
     assert _children() <= children_before, "a child process was left behind"
 
 
-def test_a_sigint_while_waiting_for_a_batch_reaches_the_loop(store_path, tmp_path, monkeypatch):
+def test_a_sigint_while_waiting_for_a_batch_reaches_the_loop(st_store, tmp_path, monkeypatch):
     """KeyboardInterrupt raised in the main thread while next() waits: threads are joined."""
-    loader = create_loader(store_path, "train", 4, num_workers=2, shuffle=False)
+    loader = create_loader(st_store, "train", 4, num_workers=2, shuffle=False)
     ds = loader.dataset_obj
     real = ds.get_batch
 
@@ -271,9 +279,9 @@ def test_a_sigint_while_waiting_for_a_batch_reaches_the_loop(store_path, tmp_pat
     assert wait_until(lambda: not gather_threads(), 5), gather_threads()
 
 
-def test_memory_is_bounded_by_the_batches_in_flight(store_path, monkeypatch):
+def test_memory_is_bounded_by_the_batches_in_flight(st_store, monkeypatch):
     """The threads never run further ahead than prefetch_factor x num_workers batches."""
-    loader = create_loader(store_path, "train", 4, num_workers=2, shuffle=False, prefetch_factor=2)
+    loader = create_loader(st_store, "train", 4, num_workers=2, shuffle=False, prefetch_factor=2)
     ds = loader.dataset_obj
     real, started = ds.get_batch, []
 
