@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 _OPENING = threading.Lock()
 
-#: the nine keys of a batch, as in the seed documents
+#: the nine keys of a batch, as the in-RAM dataset returns them
 BATCH_KEYS = (
     "question_emb",
     "target_source_emb",

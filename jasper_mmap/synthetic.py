@@ -3,7 +3,7 @@
 Used by the tests (tiny), the README's example and the benchmarks (hundreds of thousands of
 pairs). Sources are ``normalize(centroid + noise)``; a question sits near its target source;
 steering vectors are derived from the pair's cluster, keywords and question as the seed
-documents describe; negatives are drawn in the seeds' four tiers (same cluster, adjacent
+documents describe; negatives are drawn in the in-RAM dataset's four tiers (same cluster, adjacent
 cluster, most similar other cluster, random distant cluster).
 
 Each artifact is generated and saved one at a time, so peak memory is about the largest
@@ -53,7 +53,7 @@ def _normalize(x: np.ndarray) -> np.ndarray:
 
 
 def _tier_counts(n_neg: int) -> list[int]:
-    """Split ``n_neg`` over the four tiers in the seeds' proportions 3:4:3:2."""
+    """Split ``n_neg`` over the four tiers in the in-RAM dataset's proportions 3:4:3:2."""
     raw = np.array([3, 4, 3, 2], dtype=float) * n_neg / 12
     counts = np.floor(raw).astype(int)
     for i in np.argsort(raw - counts)[::-1][: n_neg - counts.sum()]:
@@ -70,7 +70,7 @@ def _draw_from_clusters(
 
 
 def synthetic_config(counts: dict[str, int], builder: str, **extra: object) -> dict[str, object]:
-    """config.json of a synthetic dataset: its counts, uniform steering, the seeds' curriculum."""
+    """config.json of a synthetic dataset: its counts, uniform steering, the in-RAM dataset's curriculum."""
     return {
         **counts,
         "steering_probabilities": {

@@ -13,7 +13,7 @@ integer draw:
   ``normalize(question + noise)`` (norm ~0.5);
 * steering: the cluster centroid, the normalized mean of the pair's keywords (the centroid for
   a pair without keywords), and ``normalize(centroid - question)``;
-* negatives in the seeds' four tiers (3:4:3:2): same cluster, one of the 3 nearest clusters,
+* negatives in the in-RAM dataset's four tiers (3:4:3:2): same cluster, one of the 3 nearest clusters,
   the nearest cluster, a random cluster from the farther half;
 * splits by pair number: ``p % every == 0`` is val, ``== 1`` test, the rest train (or, with
   ``sparse_train``, only ``== 2``: a smaller train split that still spans the whole store).

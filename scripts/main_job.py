@@ -3,10 +3,10 @@
     python scripts/main_job.py [--workdir example_out] [--pairs 20000] [--epochs 6]
 
 Makes a small synthetic `.pt` dataset, converts it into a store (a progress bar on a terminal), and
-trains the seed documents' `SimpleJASPERPredictor` with their InfoNCE loss for a few epochs
-through `create_loader` (2 workers, persistent, steering curriculum). Prints per-epoch
-train/val loss, throughput and memory, then the seeds' zero-vs-centroid steering validation
-comparison, and saves a PNG plot of the loss curves. About a minute on 2 CPU cores.
+trains the in-RAM dataset's example `SimpleJASPERPredictor` with its InfoNCE loss for a few epochs
+through `create_loader` (2 gather threads, steering curriculum). Prints per-epoch
+train/val loss, throughput and memory, then the example's zero-vs-centroid steering validation
+comparison, and saves a PNG plot of the loss curves.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from jasper_mmap.synthetic import SyntheticSpec, make_pt_dataset
 
 
 class SimpleJASPERPredictor(nn.Module):
-    """Predict the target embedding from the question and the steering vector (the seeds')."""
+    """Predict the target embedding from the question and the steering vector (the in-RAM dataset's example)."""
 
     def __init__(self, embedding_dim: int, hidden_dim: int = 512) -> None:
         super().__init__()
@@ -43,7 +43,7 @@ class SimpleJASPERPredictor(nn.Module):
 
 
 def contrastive_loss(predicted, target, negatives, temperature: float = 0.07) -> torch.Tensor:
-    """InfoNCE: the target against the batch's hard negatives (the seeds' loss)."""
+    """InfoNCE: the target against the batch's hard negatives (the example's loss)."""
     predicted, target = F.normalize(predicted, dim=-1), F.normalize(target, dim=-1)
     negatives = F.normalize(negatives, dim=-1)
     pos = (predicted * target).sum(-1, keepdim=True) / temperature
@@ -77,7 +77,7 @@ def run_epoch(model, loader, optimizer=None) -> tuple[float, int, float]:
 def train(store: Path, epochs: int, workers: int, batch_size: int = 128, log=print) -> dict:
     """Train and validate; return the per-epoch losses and the steering comparison."""
     torch.manual_seed(0)
-    kw = dict(num_workers=workers, persistent_workers=workers > 0)
+    kw = dict(num_workers=workers)  # gather threads (NOTE [thread loading])
     train_loader = create_loader(store, "train", batch_size, **kw)
     val_loader = create_loader(store, "val", batch_size, **kw)
     validate_first_batch(train_loader)
