@@ -51,44 +51,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from bench_loader import InRamDataset, raw_bound, warm_page_cache
 from benchlib import B, ensure_dataset
+from main_job import SimpleJASPERPredictor, contrastive_loss  # the example's model and loss
 
 from jasper_mmap import create_loader, set_epoch
 
 INPUTS = ("question_emb", "target_source_emb", "steering", "negative_embs")
-
-
-# The seed's model and loss (training_example.md). main_job.py has the same model, but importing
-# it imports the converter package, and its loss builds the labels on the CPU (no --device cuda).
-class SimpleJASPERPredictor(nn.Module):
-    """Predict the target embedding from the question and the steering vector (the seed's)."""
-
-    def __init__(self, embedding_dim: int, hidden_dim: int = 512) -> None:
-        super().__init__()
-        self.predictor = nn.Sequential(
-            nn.Linear(embedding_dim * 2, hidden_dim),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, hidden_dim),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, embedding_dim),
-        )
-
-    def forward(self, question_emb: torch.Tensor, steering: torch.Tensor) -> torch.Tensor:
-        return self.predictor(torch.cat([question_emb, steering], dim=-1))
-
-
-def contrastive_loss(predicted, target, negatives, temperature: float = 0.07) -> torch.Tensor:
-    """The seed's InfoNCE loss: the target against the sample's hard negatives."""
-    predicted, target = F.normalize(predicted, dim=-1), F.normalize(target, dim=-1)
-    negatives = F.normalize(negatives, dim=-1)
-    pos = (predicted * target).sum(-1, keepdim=True) / temperature
-    neg = torch.bmm(negatives, predicted.unsqueeze(-1)).squeeze(-1) / temperature
-    logits = torch.cat([pos, neg], dim=1)
-    labels = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
-    return F.cross_entropy(logits, labels)
 
 
 class RandomBatches:

@@ -49,7 +49,8 @@ def contrastive_loss(predicted, target, negatives, temperature: float = 0.07) ->
     pos = (predicted * target).sum(-1, keepdim=True) / temperature
     neg = torch.bmm(negatives, predicted.unsqueeze(-1)).squeeze(-1) / temperature
     logits = torch.cat([pos, neg], dim=1)
-    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long))
+    labels = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
+    return F.cross_entropy(logits, labels)
 
 
 def rss_anon_mb() -> float:
