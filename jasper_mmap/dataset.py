@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .buffers import BufferPool
 from .control import ControlBlock, Snapshot
 from .errors import ArtifactMissingError, ConfigError, SampleIndexError
 from .layout import CONFIG, SPLITS
@@ -184,6 +185,7 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         self.preload_budget_bytes = preload_budget_bytes
         self.report_generation = report_generation
         self._tables: dict[str, Any] = {}
+        self._pool = BufferPool()  # NOTE [recycled batch buffers]; one per process
         self._closed = False
         self._preloaded: Preloaded | None = None
         if self.preload:
@@ -391,7 +393,8 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         store = self.store
         # NOTE [generation leases]: the batch reads one generation, leased until it is done
         with store.pinned(snap.generation, serve=True) as generation:
-            out = self._gather_batch(store, idx, snap, _gatherer(store, generation, pin_memory))
+            gather = _gatherer(store, generation, pin_memory, self._pool)
+            out = self._gather_batch(store, idx, snap, gather)
         if self.report_generation:
             out["negatives_generation"] = torch.full((idx.size,), generation, dtype=torch.int64)
         return out
@@ -502,6 +505,7 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
     # -- lifetime -------------------------------------------------------------------------------
     def _release(self) -> None:
         self._tables.clear()
+        self._pool.clear()
         if self._store is not None:
             self._store.close()
 
@@ -590,6 +594,9 @@ _PAIR_KEYS = {
 }
 
 
+_NP_DTYPES = {torch.float32: np.float32, torch.int64: np.int64}
+
+
 class _gatherer:
     """Gathers a batch's outputs as tensors, allocated where they will be used.
 
@@ -601,8 +608,10 @@ class _gatherer:
     Otherwise a plain gather, the fastest in the main process.
     """
 
-    def __init__(self, store: Store, generation: int, pin: bool = False) -> None:
-        self.store, self.generation = store, generation
+    def __init__(
+        self, store: Store, generation: int, pin: bool = False, pool: BufferPool | None = None
+    ) -> None:
+        self.store, self.generation, self.pool = store, generation, pool
         worker = torch.utils.data.get_worker_info() is not None
         self.mode = "shared" if worker else "pinned" if pin else "plain"
 
@@ -613,7 +622,11 @@ class _gatherer:
 
     def zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
         if self.mode == "plain":
-            return torch.from_numpy(np.zeros(shape, np.float32))
+            if self.pool is None:
+                return torch.from_numpy(np.zeros(shape, np.float32))
+            out = self.pool.empty(shape, np.float32)
+            out.fill(0)
+            return torch.from_numpy(out)
         return self._empty(shape, torch.float32).zero_()
 
     def adopt(self, values: np.ndarray) -> torch.Tensor:
@@ -627,7 +640,10 @@ class _gatherer:
         self, name: str, rows: np.ndarray, shape: tuple[int, ...], dtype: torch.dtype
     ) -> torch.Tensor:
         if self.mode == "plain":
-            return torch.from_numpy(self.store.gather(name, rows, generation=self.generation))
+            if self.pool is None:
+                return torch.from_numpy(self.store.gather(name, rows, generation=self.generation))
+            buf = self.pool.empty(shape, _NP_DTYPES[dtype])
+            return torch.from_numpy(self.store.gather(name, rows, buf, generation=self.generation))
         out = self._empty(shape, dtype)
         self.store.gather(name, rows, out.numpy(), generation=self.generation)
         return out

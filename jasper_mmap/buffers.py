@@ -1,0 +1,81 @@
+"""Output buffers of CPU batches, reused only once nothing refers to them.
+
+# NOTE [recycled batch buffers]
+A batch is ~3 MB of fresh tensors (B=128, D=384, n_neg=12). Allocating them anew for every
+batch makes glibc hand memory back to the kernel and take it again, so every batch pays
+~700-1100 page faults (zero-filled 4 KiB pages) before a byte is gathered: measured on the
+200k store, `getrusage` minor faults per training step, 1,104 with fresh outputs. A pool keeps
+up to ``capacity`` arrays per (shape, dtype) and gathers into one that nobody else refers to.
+
+When is an array free? Every tensor handed out is ``torch.from_numpy(array)``; its storage keeps
+one Python reference to ``array`` for as long as the storage lives: through the batch dict,
+any view, ``.numpy()``, a tensor autograd saved for backward, or a CPU ``.to()`` that returned
+the same tensor. So ``sys.getrefcount(array)`` equal to the pool's own references means no
+tensor, view or array made from it is alive, and only then is it reused. A batch kept by the
+user (appended to a list, say) is never written; the pool then allocates fresh arrays and
+keeps at most ``capacity`` of them per shape, so the memory it holds stays bounded at
+``capacity`` x batch bytes (:meth:`BufferPool.nbytes`).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import numpy as np
+
+__all__ = ["BufferPool"]
+
+
+def _free_refs() -> int:
+    """What ``sys.getrefcount`` says, in :meth:`BufferPool.empty`'s loop, of an array only the
+    pool refers to (3 on CPython 3.11: the list, the loop variable, the call's argument)."""
+    arrays = [np.empty(1)]
+    for array in arrays:
+        return sys.getrefcount(array)
+    raise AssertionError  # unreachable
+
+
+_FREE_REFS = _free_refs()
+
+
+class BufferPool:
+    """Reusable output arrays for CPU batches (NOTE [recycled batch buffers]).
+
+    Args:
+        capacity: arrays kept per (shape, dtype); a request beyond them is a fresh array.
+    """
+
+    def __init__(self, capacity: int = 8) -> None:
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._arrays: dict[tuple, list[np.ndarray]] = {}
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+        """An array of ``shape`` and ``dtype`` that nothing else refers to (contents arbitrary)."""
+        key = (tuple(shape), np.dtype(dtype).str)
+        with self._lock:  # the caller's reference exists before another thread can look
+            arrays = self._arrays.setdefault(key, [])
+            for array in arrays:
+                if sys.getrefcount(array) <= _FREE_REFS:
+                    return array
+            array = np.empty(shape, dtype)
+            if len(arrays) < self.capacity:
+                arrays.append(array)
+            return array
+
+    def __getstate__(self) -> dict:
+        return {"capacity": self.capacity}  # a pool is per process: pickles empty
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["capacity"])
+
+    def nbytes(self) -> int:
+        """Bytes of the arrays the pool keeps (free or in use)."""
+        with self._lock:
+            return sum(a.nbytes for arrays in self._arrays.values() for a in arrays)
+
+    def clear(self) -> None:
+        """Forget every array (those still in use stay valid; they are freed with their tensors)."""
+        with self._lock:
+            self._arrays.clear()
