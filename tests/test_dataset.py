@@ -366,3 +366,28 @@ def test_a_store_whose_sources_changed_is_refused_at_open(src, tmp_path):
     assert len(ds) == 96
     shutil.rmtree(src)  # sources gone: nothing to compare with
     JASPERSteeringDataset(store, "train")
+
+
+def test_batch_prefetch_advises_pages_inside_the_maps(src, monkeypatch):
+    """NOTE [batch prefetch]: every MADV_WILLNEED lands on mapped pages (madvise returns 0)."""
+    import ctypes
+
+    from jasper_mmap.stores import safetensors_store
+
+    if safetensors_store._MADVISE is None:
+        pytest.skip("no libc madvise here")
+    calls = []
+
+    def recorded(addr, length, advice):
+        ret = safetensors_store._libc_madvise()(addr, length, advice)
+        calls.append((ret, ctypes.get_errno()))
+        return ret
+
+    monkeypatch.setenv("JASPER_MMAP_MADVISE", "random")
+    monkeypatch.setattr(safetensors_store, "_MADVISE", recorded)
+    ds = JASPERSteeringDataset(src, "train", epoch=2)
+    idx = np.array([0, 95, 3, 50])
+    got = ds.get_batch(idx)
+    want = _expected(src, "train", idx, epoch=2)
+    np.testing.assert_array_equal(got["negative_embs"].numpy(), want["negative_embs"])
+    assert len(calls) >= 5 and all(ret == 0 for ret, _ in calls), calls[:5]

@@ -24,6 +24,7 @@ keeps the default for a store up to half of RAM and uses ``MADV_RANDOM`` above t
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import mmap
@@ -308,6 +309,25 @@ def choose_advice(store_bytes: int) -> str:
     return "normal" if store_bytes <= ram // 2 else "random"
 
 
+def _libc_madvise() -> Any:
+    """libc's ``madvise`` through ctypes, which drops the GIL for the call (None if absent).
+
+    ``mmap.madvise`` keeps the GIL during the system call, and ``MADV_WILLNEED`` on a file map
+    can block while the kernel queues the reads; with gather threads that stalled every other
+    thread, the training loop included (NOTE [batch prefetch]).
+    """
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_MADVISE = _libc_madvise()
+
+
 def _address(m: mmap.mmap) -> int:
     """Address of the first byte of a read-only map (through a zero-copy numpy view)."""
     return np.frombuffer(m, dtype=np.uint8, count=1).__array_interface__["data"][0]
@@ -395,7 +415,9 @@ class SafetensorsStore(Store):
         A worker that gathers rows of a cold map waits for one page fault at a time. Telling
         the kernel about every page of the batch first lets it read them all concurrently;
         the gather then finds them in the page cache. Below RAM/2 the store is expected to be
-        cached and the extra system calls (one per distinct page) are skipped.
+        cached and the extra system calls (one per distinct page) are skipped. The calls go
+        through ctypes, without the GIL: a blocked ``madvise`` must not stall the other gather
+        threads and the training loop.
         """
         if self._advice() != "random":
             return
@@ -408,11 +430,15 @@ class SafetensorsStore(Store):
             first = arr.__array_interface__["data"][0] - _address(mapped.map)
             pages = np.unique((first + np.asarray(idx, dtype=np.int64) * row) // mmap.PAGESIZE)
             span = -(-row // mmap.PAGESIZE) * mmap.PAGESIZE
-            for page in pages.tolist():
-                start = page * mmap.PAGESIZE
-                mapped.map.madvise(
-                    mmap.MADV_WILLNEED, start, min(span + mmap.PAGESIZE, len(mapped.map) - start)
-                )
+            starts = pages * mmap.PAGESIZE
+            lengths = np.minimum(span + mmap.PAGESIZE, len(mapped.map) - starts)
+            if _MADVISE is None:
+                for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+                    mapped.map.madvise(mmap.MADV_WILLNEED, start, length)
+                continue
+            base = _address(mapped.map)  # the map stays open: this thread holds its view
+            for start, length in zip((starts + base).tolist(), lengths.tolist(), strict=True):
+                _MADVISE(start, length, mmap.MADV_WILLNEED)  # a hint: errors are ignored
 
     def _release_files(self, files: set[str]) -> None:
         mapped = self._handles.get("__files__", {})
