@@ -30,7 +30,8 @@ from typing import Any
 from .converters.sources import STORAGE_FORMATS, detect_storage_format
 from .errors import ArtifactError, ArtifactMissingError, StoreNotFoundError, StoreStaleError
 from .fingerprints import H5_FILE, NEGATIVE_FILES, changed, dataset_file_names, fingerprint
-from .layout import CONFIG, MANIFEST, read_manifest, read_pointer
+from .layout import CONFIG, MANIFEST, load_manifest, read_manifest, read_pointer
+from .schema import source_findings
 
 __all__ = [
     "resolve_store",
@@ -169,9 +170,11 @@ def refresh_negatives(src: Path, store: Path, fmt: str = "pt") -> int | None:
         return publish_negatives(store, negs, tiers, sources=current)
 
 
-def _check_sources(store: Path) -> None:
+def _check_sources(store: Path, manifest: dict[str, Any]) -> None:
     """Refuse a store whose recorded source directory exists and changed since conversion."""
-    source = read_manifest(store).get("source") or {}
+    source = manifest.get("source") or {}
+    if not isinstance(source, dict) or source_findings(source):
+        return  # open_store, which comes next, names the malformed field
     src = Path(source["dir"]) if isinstance(source.get("dir"), str) else None
     files = source.get("files")
     if src is None or not src.is_dir() or not files or not isinstance(files, dict):
@@ -265,8 +268,8 @@ class Resolved:
     source_dir: Path | None  # the dataset directory it follows, or None for a store given
 
 
-def _store_format_of(store: Path, requested: str) -> str:
-    source = read_manifest(store).get("source") or {}
+def _store_format_of(store: Path, requested: str, manifest: dict[str, Any]) -> str:
+    source = manifest.get("source") or {}
     recorded = source.get("format", "pt") if isinstance(source, dict) else "pt"
     recorded = recorded if recorded in ("pt", "hdf5") else "pt"
     if requested not in STORAGE_FORMATS:
@@ -311,9 +314,11 @@ def resolve_dataset(
             f"or a dataset directory of .pt files or dataset.h5."
         )
     if (src / MANIFEST).exists():
-        fmt = _store_format_of(src, storage_format)
+        # ours and of a known version; open_store checks the rest of its structure next
+        manifest = load_manifest(src)
+        fmt = _store_format_of(src, storage_format, manifest)
         if check_sources:
-            _check_sources(src)
+            _check_sources(src, manifest)
         return Resolved(src, fmt, None)
     if not (src / CONFIG).exists():
         raise ArtifactMissingError(

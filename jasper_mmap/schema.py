@@ -299,11 +299,11 @@ def _top_level_problems(manifest: dict[str, Any], where: str, fix: str) -> list[
         isinstance(warnings, list) and all(isinstance(w, str) for w in warnings)
     ):
         found.append(f"'warnings' should be a list of strings, but is {warnings!r:.60}")
-    found += _source_findings(manifest.get("source"))
+    found += source_findings(manifest.get("source"))
     return [Problem(StoreFormatError, f"{where}: {f}. {fix}") for f in found]
 
 
-def _source_findings(source: Any) -> list[str]:
+def source_findings(source: Any) -> list[str]:
     """What is wrong with the manifest's ``source`` (read by ``resolve`` before any open)."""
     if not isinstance(source, dict):
         return []

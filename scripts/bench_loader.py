@@ -137,16 +137,21 @@ def open_time_ms(store: Path, repeats: int = 20) -> float:
     return float(np.median(times) * 1e3)
 
 
-def epoch_rss(store: Path, workers: int) -> str:
-    loader = create_loader(store, "train", B, num_workers=workers, persistent_workers=workers > 0)
-    pids = lambda: [os.getpid()] + ([w.pid for w in loader._iterator._workers] if workers else [])  # noqa: E731
+def epoch_rss(store: Path, workers: int, mode: str = "thread") -> str:
+    """RssAnon growth of every process over one epoch (worker processes, or gather threads)."""
+    loader = create_loader(
+        store, "train", B, num_workers=workers, worker_mode=mode, persistent_workers=workers > 0
+    )
+    procs = mode == "process" and workers > 0
+    pids = lambda: [os.getpid()] + ([w.pid for w in loader._iterator._workers] if procs else [])  # noqa: E731
     it = iter(loader)
     next(it)
     before = [rss_anon_mb(p) for p in pids()]
     n = B + drain(it)
     after = [rss_anon_mb(p) for p in pids()]
     grow = ", ".join(f"{a - b:+.1f}" for a, b in zip(after, before, strict=True))
-    return f"num_workers={workers}: {n} samples, RssAnon growth MB per process (main, workers...): {grow}"
+    what = f"num_workers={workers}" + (f", worker_mode={mode!r}" if workers else "")
+    return f"{what}: {n} samples, RssAnon growth MB per process (main, workers...): {grow}"
 
 
 def main() -> int:
@@ -220,8 +225,8 @@ def main() -> int:
         size = sum(f.stat().st_size for f in st.rglob("*") if f.is_file()) / 1e9
         print(f"  {pairs} pairs, store {size:.2f} GB: {open_time_ms(st):.2f} ms (target < 50 ms)")
     print("\nRssAnon over one full epoch of the train split:")
-    for workers in (0, 2):
-        print("  " + epoch_rss(store, workers))
+    for workers, mode in ((0, "thread"), (2, "thread"), (2, "process")):
+        print("  " + epoch_rss(store, workers, mode))
     return 0
 
 
