@@ -483,6 +483,11 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         state["_tables"] = {}
         return state
 
+    def reserve_batch_buffers(self, batches: int) -> None:
+        """Keep output buffers for ``batches`` CPU batches in flight at once (a loader calls
+        this with its prefetch depth; NOTE [recycled batch buffers])."""
+        self._pool.capacity = max(self._pool.capacity, batches)
+
     def __getitems__(self, indices: Sequence[int], pin_memory: bool = False) -> SampleBatch:
         """Batched fetch used by ``torch.utils.data.DataLoader`` (one gather per array)."""
         return SampleBatch(self.get_batch(indices, pin_memory))

@@ -8,6 +8,7 @@ calls ``dataset.__getitems__`` with a batch's indices (one vectorized gather per
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,6 +99,18 @@ class JasperLoader(DataLoader):
         return batches
 
     @property
+    def gather_threads(self) -> int:
+        """Threads that gather in thread mode: ``num_workers``, at most the CPUs this process
+        may run on. A gather is CPU work (warm pages) or waits on reads the batch prefetch
+        already queued (cold pages), so threads beyond the cores only contend: measured on 2
+        cores, 4 threads gathered 81k samples/s where 2 gathered 104k (README, Performance)."""
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cpus = os.cpu_count() or 1
+        return max(1, min(self.num_workers, cpus))
+
+    @property
     def in_flight(self) -> int:
         """Batches gathered ahead at most in thread mode (memory: this x one batch's bytes)."""
         return (self.prefetch_factor or 1) * self.num_workers if self.num_workers else 1
@@ -111,11 +124,14 @@ class JasperLoader(DataLoader):
         pin = bool(self.pin_memory) and torch.cuda.is_available()
         if self.num_workers == 0:
             return _inline(self.dataset, self._epoch_batches(), self.collate_fn, pin)
+        reserve = getattr(self.dataset, "reserve_batch_buffers", None)
+        if reserve is not None:  # the batches in flight and the one the loop holds
+            reserve(self.in_flight + 2)
         return ThreadedBatches(
             self.dataset,
             self._epoch_batches(),
             self.collate_fn,
-            self.num_workers,
+            self.gather_threads,
             self.in_flight,
             pin,
         )

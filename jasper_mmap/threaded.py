@@ -6,7 +6,8 @@ releases the GIL, so threads gather batches in parallel. Worker processes would 
 fast but then pay to move every batch: torch puts each output tensor in a new shared-memory
 segment that the main process maps and faults in, which costs more than the gather itself
 (measured: ~15k samples/s with 2-4 worker processes against ~70-90k for one thread; see the
-README's Performance section). So ``create_loader(num_workers=N)`` runs N gather threads:
+README's Performance section). So ``create_loader(num_workers=N)`` runs N gather threads
+(at most the CPUs the process may use; ``JasperLoader.gather_threads``):
 
 * Order: batch ``k`` is submitted when batch ``k - depth`` is handed out and handed out in
   sampler order, so at most ``depth`` = ``prefetch_factor * N`` batches are in flight or

@@ -172,7 +172,8 @@ def test_breaking_out_and_garbage_collection_leave_no_threads(st_store):
     loader = create_loader(st_store, "train", 4, num_workers=4)
     for k, _ in enumerate(loader):
         if k == 2:
-            assert len(gather_threads()) == 4
+            assert loader.gather_threads == min(4, len(os.sched_getaffinity(0)))
+            assert len(gather_threads()) == loader.gather_threads
             break
     gc.collect()
     assert wait_until(lambda: not gather_threads()), gather_threads()
@@ -297,3 +298,21 @@ def test_memory_is_bounded_by_the_batches_in_flight(st_store, monkeypatch):
         assert len(started) <= k + 1 + loader.in_flight, (k, len(started))
     it.close()
     assert np.all(np.diff(sorted(started)) > 0)
+
+
+@pytest.mark.parametrize("cpus,want", [(1, 1), (3, 3), (16, 4)])
+def test_gather_threads_are_at_most_the_cpus_and_batches_do_not_change(
+    st_store, monkeypatch, cpus, want
+):
+    expected = batches(loader_of(st_store, "thread", 0))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    loader = loader_of(st_store, "thread", 4, prefetch_factor=3)
+    assert loader.gather_threads == want and loader.in_flight == 12  # depth stays N x factor
+    seen = set()
+    got = []
+    for b in loader:
+        seen.add(len(gather_threads()))
+        got.append({k: b[k].clone() for k in KEYS})
+    assert max(seen) <= want
+    assert all(torch.equal(g[k], e[k]) for g, e in zip(got, expected, strict=True) for k in KEYS)
+    assert loader.dataset_obj._pool.capacity >= loader.in_flight + 2  # buffers for the depth
