@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from jasper_mmap import JASPERSteeringDataset, create_loader, open_store
 from jasper_mmap.converters import convert_pt
 from jasper_mmap.errors import ConfigError
 from jasper_mmap.steering import compute_steering_probs
+from jasper_mmap.synthetic import SyntheticSpec, make_pt_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 PT_FILES = [
@@ -157,6 +159,35 @@ def test_an_h5_only_directory_reopens_and_reloads_negatives_from_dataset_h5(h5_o
     assert first.reload_negatives() == 1  # taken in once
     again = JASPERSteeringDataset(h5_only, "train")  # dataset.h5 changed: a rebuilt store
     np.testing.assert_array_equal(again.hard_negatives.numpy(), negs)
+
+
+def test_negatives_rewritten_in_the_middle_of_a_large_dataset_h5_are_reloaded(tmp_path):
+    """The trainer's HDF5 flow on a file larger than the fingerprint's head and tail: the
+    rewritten negatives sit in the middle, where the head/tail hash cannot see them."""
+    from jasper_mmap.fingerprints import _EDGE
+
+    d = make_pt_dataset(tmp_path / "big", SyntheticSpec(n_pairs=3000, dim=32, n_neg=6))
+    JASPERSteeringDataset.convert_pt_to_hdf5(d)
+    for p in d.glob("*.pt"):
+        p.unlink()
+    assert (d / "dataset.h5").stat().st_size > 8 * _EDGE
+    ds = JASPERSteeringDataset(d, "train")
+    old = ds.hard_negatives.numpy().copy()
+    negs, tiers = (old + 11) % 3000, np.full_like(old, 3)
+    with open(d / "dataset.h5", "rb") as f:
+        head = f.read(_EDGE)
+    _rewrite_h5_negatives(d, negs, tiers)
+    with open(d / "dataset.h5", "rb") as f:
+        assert f.read(_EDGE) == head  # the change is invisible to the head/tail hash
+    assert ds.reload_negatives() == 1
+    np.testing.assert_array_equal(ds.hard_negatives.numpy(), negs)
+    assert (ds.get_batch(np.arange(8))["negative_tiers"] == 3).all()
+    assert ds.reload_negatives() == 1  # taken in once
+    os.utime(d / "dataset.h5")  # touched, same negatives: not republished
+    assert ds.reload_negatives() == 1
+    _rewrite_h5_negatives(d, old, tiers)
+    assert ds.reload_negatives() == 2
+    np.testing.assert_array_equal(ds.hard_negatives.numpy(), old)
 
 
 def test_in_hdf5_mode_pt_negatives_beside_the_file_are_ignored(src):
