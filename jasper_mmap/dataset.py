@@ -22,7 +22,7 @@ import torch
 
 from .buffers import BufferPool
 from .control import ControlBlock, Snapshot
-from .errors import ArtifactMissingError, ConfigError, SampleIndexError
+from .errors import ArtifactMissingError, ConfigError, DeviceUnavailableError, SampleIndexError
 from .layout import CONFIG, SPLITS
 from .preload import Preloaded
 from .resolve import resolve_dataset
@@ -180,6 +180,13 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         self.seed = int(seed if seed is not None else self.config.get("random_seed", 42))
         self.schedule = SteeringSchedule.from_config(self.config, str(self.store_path / CONFIG))
         self.device = torch.device(device if device is not None else "cpu")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise DeviceUnavailableError(
+                f"device={str(device)!r} was asked for, but CUDA is not available to this "
+                f"process (torch {torch.__version__}). Pass device=None for the memory-mapped "
+                f"CPU dataset (or use_mmap=False to hold the split in RAM), or run on a "
+                f"machine with a CUDA GPU and a CUDA build of torch."
+            )
         self.preload = _memory_mode(self.device, use_mmap, preload)
         self.use_mmap = not self.preload
         self.preload_budget_bytes = preload_budget_bytes

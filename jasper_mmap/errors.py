@@ -11,6 +11,7 @@ import errno
 
 __all__ = [
     "JasperError",
+    "DeviceUnavailableError",
     "ArtifactMissingError",
     "ArtifactError",
     "ConfigError",
@@ -83,6 +84,10 @@ class DependencyError(JasperError, ImportError, ValueError):
 
 class SampleIndexError(JasperError, IndexError):
     """A sample or row index is outside the valid range."""
+
+
+class DeviceUnavailableError(JasperError, RuntimeError):
+    """The device asked for (``device="cuda"``) is not available in this process."""
 
 
 class StoreWriteError(JasperError, OSError):

@@ -107,3 +107,17 @@ def test_cpu_preload_in_dataloader_workers_is_rebuilt_per_worker(store_path):
 def test_cuda_loader_refuses_workers(store_path):
     with pytest.raises(ValueError, match="num_workers should be 0"):
         create_loader(store_path, "val", 4, num_workers=2, device="cuda")
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(store_path, monkeypatch):
+    """The README's GPU snippet run on a machine without CUDA: our error, not torch's."""
+    from jasper_mmap.errors import DeviceUnavailableError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for call in (
+        lambda: JASPERSteeringDataset(store_path, "val", device="cuda"),
+        lambda: create_loader(store_path, "val", 4, device="cuda:0"),
+    ):
+        with pytest.raises(DeviceUnavailableError, match="CUDA is not available") as e:
+            call()
+        assert isinstance(e.value, RuntimeError) and "device=None" in str(e.value)
