@@ -202,11 +202,15 @@ it = iter(loader)
 next(it)
 del it  # dropped mid-epoch: its threads are joined
 if mode == "interrupt":
+    # a job started in the background of a non-interactive shell inherits SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    deadline = time.monotonic() + 30
     try:
-        while True:
+        while time.monotonic() < deadline:
             for batch in loader:
                 time.sleep(0.01)
+        print("no KeyboardInterrupt within 30 s", flush=True)
     except KeyboardInterrupt:
         print("interrupted", flush=True)
 elif mode == "exit-mid-epoch":
@@ -271,12 +275,16 @@ def test_a_sigint_while_waiting_for_a_batch_reaches_the_loop(st_store, tmp_path,
         return real(indices, pin_memory)
 
     monkeypatch.setattr(ds, "get_batch", slow)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # even if inherited ignored
     timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
     timer.start()
-    with pytest.raises(KeyboardInterrupt):
-        for _ in loader:
-            pass
-    timer.join()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            for _ in loader:
+                pass
+    finally:
+        timer.join()
+        signal.signal(signal.SIGINT, previous)
     assert wait_until(lambda: not gather_threads(), 5), gather_threads()
 
 
