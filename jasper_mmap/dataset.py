@@ -193,6 +193,7 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         self.report_generation = report_generation
         self._tables: dict[str, Any] = {}
         self._pool = BufferPool()  # NOTE [recycled batch buffers]; one per process
+        self._epoch_probs: dict[int, np.ndarray] = {}  # schedule.probs(epoch), checked once
         self._closed = False
         self._preloaded: Preloaded | None = None
         if self.preload:
@@ -407,7 +408,11 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         return out
 
     def _variants(self, pairs: np.ndarray, snap: Snapshot) -> np.ndarray:
-        probs = snap.override if snap.override is not None else self.schedule.probs(snap.epoch)
+        probs = snap.override
+        if probs is None:  # the schedule is fixed: compute and check each epoch's once
+            probs = self._epoch_probs.get(snap.epoch)
+            if probs is None:
+                probs = self._epoch_probs[snap.epoch] = self.schedule.probs(snap.epoch)
         return draw_variants(self.seed, snap.epoch, pairs, probs, snap.forced)
 
     def _gather_batch(
