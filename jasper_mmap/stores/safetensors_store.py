@@ -426,8 +426,8 @@ class SafetensorsStore(Store):
             if not idx.size or arr.base is None:
                 continue
             mapped = self._handles["__files__"][self.entry(name)["file"]]
-            row = arr.strides[0]
-            first = arr.__array_interface__["data"][0] - _address(mapped.map)
+            row, base = arr.strides[0], _address(mapped.map)  # the map stays open: arr views it
+            first = arr.__array_interface__["data"][0] - base
             pages = np.unique((first + np.asarray(idx, dtype=np.int64) * row) // mmap.PAGESIZE)
             span = -(-row // mmap.PAGESIZE) * mmap.PAGESIZE
             starts = pages * mmap.PAGESIZE
@@ -436,7 +436,6 @@ class SafetensorsStore(Store):
                 for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
                     mapped.map.madvise(mmap.MADV_WILLNEED, start, length)
                 continue
-            base = _address(mapped.map)  # the map stays open: this thread holds its view
             for start, length in zip((starts + base).tolist(), lengths.tolist(), strict=True):
                 _MADVISE(start, length, mmap.MADV_WILLNEED)  # a hint: errors are ignored
 
