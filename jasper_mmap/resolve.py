@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -122,10 +123,17 @@ def _h5_negatives_digest(src: Path) -> str:
 
     In HDF5 mode a miner rewrites the negatives in place, in the middle of the file, where the
     head/tail hash of a fingerprint cannot see them; this digest is what tells a rewrite from
-    a touch. Cost: one pass over ``N_pairs x n_neg`` values (~20 MB for 200k pairs).
+    a touch. Cost: one pass over ``N_pairs x n_neg`` values (~20 MB for 200k pairs), once per
+    state of the file (size, mtime) in a process.
     """
+    st = (src / H5_FILE).stat()
+    return _digest_at(str(src), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _digest_at(src: str, size: int, mtime_ns: int) -> str:
     h = hashlib.blake2b(digest_size=16)
-    with _negative_readers(src, "hdf5") as readers:
+    with _negative_readers(Path(src), "hdf5") as readers:
         for arr in readers:
             n = int(arr.shape[0])
             step = 65536
@@ -145,17 +153,20 @@ def _negatives_fingerprints(src: Path, fmt: str) -> dict[str, dict[str, Any]]:
 
 
 def _negatives_moved(src: Path, name: str, recorded: Any, fmt: str) -> bool:
-    """Whether negatives file ``name`` differs from what was last taken in."""
+    """Whether negatives file ``name`` differs from what was last taken in (a file that does
+    not exist is not news)."""
     path = src / name
-    if not path.is_file() or not changed(path, recorded):
-        if fmt != "hdf5" or not path.is_file() or not isinstance(recorded, dict):
-            return False
-        st = path.stat()  # same head and tail: in HDF5 mode that says nothing of the middle
-        if (st.st_size, st.st_mtime_ns) == (recorded.get("size"), recorded.get("mtime_ns")):
-            return False
-    if fmt == "hdf5" and isinstance(recorded, dict) and "negatives_blake2b" in recorded:
-        return _h5_negatives_digest(src) != recorded["negatives_blake2b"]
-    return True
+    if not path.is_file():
+        return False
+    if fmt != "hdf5":
+        return changed(path, recorded)
+    if not isinstance(recorded, dict):
+        return True
+    st = path.stat()  # dataset.h5: its head and tail say nothing of the negatives inside
+    if (st.st_size, st.st_mtime_ns) == (recorded.get("size"), recorded.get("mtime_ns")):
+        return False
+    digest = recorded.get("negatives_blake2b")  # none: taken in at conversion
+    return digest is None or _h5_negatives_digest(src) != digest
 
 
 def negatives_to_take_in(src: Path, store: Path, fmt: str = "pt") -> bool:
