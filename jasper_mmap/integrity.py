@@ -292,10 +292,13 @@ def _named_generation(store_dir: Path, pointer: dict[str, Any], manifest: dict[s
     return problems
 
 
-def _live_generation_problems(store_dir: Path, manifest: dict[str, Any]) -> list[Problem]:
+def _live_generation_problems(
+    store_dir: Path, manifest: dict[str, Any], verified: set[int] | None = None
+) -> list[Problem]:
     """Problems of the live generation (``CURRENT.json``, then the description it names);
     read again (up to twice) if a publisher switched ``CURRENT.json`` meanwhile, so a
-    generation removed after a newer one went live is not reported."""
+    generation removed after a newer one went live is not reported. A generation found
+    sound is added to ``verified``."""
     from .layout import read_pointer
 
     current = store_dir / NEGATIVES_DIR / POINTER
@@ -309,6 +312,8 @@ def _live_generation_problems(store_dir: Path, manifest: dict[str, Any]) -> list
         if not problems:
             problems = _named_generation(store_dir, pointer, manifest)
         if not problems:
+            if verified is not None:
+                verified.add(pointer["generation"])
             return []
         try:
             again = read_pointer(store_dir, check=False).get("generation")
@@ -319,13 +324,18 @@ def _live_generation_problems(store_dir: Path, manifest: dict[str, Any]) -> list
     return problems
 
 
-def store_problems(store_dir: str | Path, manifest: dict[str, Any] | None = None) -> list[Problem]:
+def store_problems(
+    store_dir: str | Path,
+    manifest: dict[str, Any] | None = None,
+    verified: set[int] | None = None,
+) -> list[Problem]:
     """Every structural problem of the store at ``store_dir``, in O(number of files).
 
     Reads ``manifest.json`` (unless ``manifest`` is given), ``config.json``, the safetensors
     headers or zarr ``zarr.json`` files and ``negatives/CURRENT.json``, and stats every
     recorded file; reads no array data. Never raises for a problem of the store. A problem
-    whose ``arrays`` is empty concerns the whole store.
+    whose ``arrays`` is empty concerns the whole store. The live negatives generation, when
+    found sound, is added to ``verified`` (its lease need not check it again).
     """
     from .layout import load_manifest
 
@@ -351,5 +361,5 @@ def store_problems(store_dir: str | Path, manifest: dict[str, Any] | None = None
     problems += _recorded(files, good, backend, where, fix)
     problems += _backend_problems(store_dir, backend, good, files, fix)
     if not counts_problems(manifest.get("counts"), where, fix):
-        problems += _live_generation_problems(store_dir, manifest)
+        problems += _live_generation_problems(store_dir, manifest, verified)
     return problems

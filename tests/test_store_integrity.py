@@ -1363,3 +1363,39 @@ def test_check_generation_checks_a_generation_before_it_is_read(good, tmp_path, 
         StoreFormatError, match=r"gen-000000\.json: array 'negative_tiers' has shape \[120, 5\]"
     ):
         check_generation(store, desc, m, path)
+
+
+@pytest.mark.parametrize("backend", BOTH)
+def test_open_checks_the_live_generation_once_and_later_ones_at_first_lease(
+    good, tmp_path, backend, monkeypatch
+):
+    """open_store checks the live generation; its first lease does not repeat that check, a
+    generation published later is checked when first leased, and a damaged one is refused."""
+    import pickle
+
+    from jasper_mmap import publish_negatives
+    from jasper_mmap.stores import base
+
+    store_dir = shutil.copytree(good[backend], tmp_path / "s")
+    checked = []
+    real = base.check_generation
+    monkeypatch.setattr(
+        base,
+        "check_generation",
+        lambda d, desc, m, p: checked.append(desc["generation"]) or real(d, desc, m, p),
+    )
+    store = open_store(store_dir)
+    assert store.generation == 0 and checked == []  # verified by open_store itself
+    assert pickle.loads(pickle.dumps(store))._verified == set()  # per process
+    negs, tiers = store.read("hard_negatives"), store.read("negative_tiers")
+    publish_negatives(store_dir, negs, tiers)
+    store.use_generation(1)
+    assert checked == [1]
+    publish_negatives(store_dir, negs, tiers)
+    rel = next(
+        r for r in json.loads((store_dir / "negatives/gen-000002.json").read_text())["files"]
+    )
+    with open(store_dir / rel, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(StoreCorruptError, match=re.escape(rel)):
+        store.use_generation(2)

@@ -56,5 +56,6 @@ def open_store(path: str | Path) -> Store:
     """
     path = Path(path)
     manifest = load_manifest(path)
-    raise_problems(store_problems(path, manifest), path)
-    return BACKENDS[manifest["backend"]](path, manifest)
+    verified: set[int] = set()
+    raise_problems(store_problems(path, manifest, verified), path)
+    return BACKENDS[manifest["backend"]](path, manifest, verified)

@@ -87,13 +87,22 @@ class Store(abc.ABC):
     Args:
         path: the store directory.
         manifest: its parsed manifest (read from ``path`` when omitted).
+        verified: negatives generations :func:`~jasper_mmap.stores.open_store` has just
+            checked (``integrity.store_problems``); their first lease skips that check.
     """
 
     backend: str = ""
 
-    def __init__(self, path: str | Path, manifest: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        manifest: dict[str, Any] | None = None,
+        verified: set[int] | None = None,
+    ) -> None:
         self.path = Path(path)
         self.manifest = manifest if manifest is not None else read_manifest(self.path)
+        # generations open_store has just checked: their first lease here skips the same check
+        self._verified = set(verified or ())
         self._generation: int | None = None  # the generation served when none is named
         self._gens: dict[int, _Generation] = {}  # per process: leased generations
         self._handles: dict[str, Any] = {}
@@ -103,7 +112,8 @@ class Store(abc.ABC):
     # -- pickling: paths and small state only ------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_handles={}, _gens={}, _lock=None)  # maps and leases are per process
+        # maps, leases and what was checked at open are per process
+        state.update(_handles={}, _gens={}, _lock=None, _verified=set())
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -157,7 +167,10 @@ class Store(abc.ABC):
         with self._guard():
             gen = self._gens.get(generation)
             if gen is None:
-                gen = self._gens[generation] = _acquire(self.path, generation, self.manifest)
+                checked = generation in self._verified
+                self._verified.discard(generation)  # later leases of it check again
+                manifest = None if checked else self.manifest
+                gen = self._gens[generation] = _acquire(self.path, generation, manifest)
             return gen
 
     def use_generation(self, generation: int) -> None:
