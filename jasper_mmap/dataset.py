@@ -174,7 +174,7 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         )
         self.store_path, self.storage_format = resolved.store, resolved.storage_format
         self._source_dir = resolved.source_dir  # the dataset directory it follows, if any
-        self._store: Store | None = open_store(self.store_path)
+        self._store: Store | None = open_store(self.store_path, resolved.manifest)
         self._len = self._split_length(self._store.manifest)
         self.config = _read_config(self.store_path)
         self.seed = int(seed if seed is not None else self.config.get("random_seed", 42))

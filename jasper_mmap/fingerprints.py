@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -43,16 +44,23 @@ def fingerprint(path: Path) -> dict[str, Any]:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "head_tail_blake2b": h.hexdigest()}
 
 
-def changed(path: Path, recorded: dict[str, Any] | None) -> bool:
-    """Whether ``path`` differs from its ``recorded`` fingerprint (missing counts as changed)."""
-    if not isinstance(recorded, dict) or not path.is_file():
+def changed(path: Path | str, recorded: dict[str, Any] | None) -> bool:
+    """Whether ``path`` differs from its ``recorded`` fingerprint (missing counts as changed).
+
+    One ``stat`` when size and mtime match the record (the common case, checked at every
+    open); the head/tail hash only when the mtime moved.
+    """
+    if not isinstance(recorded, dict):
         return True
-    st = path.stat()
-    if st.st_size != recorded.get("size"):
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    if not stat.S_ISREG(st.st_mode) or st.st_size != recorded.get("size"):
         return True
     if st.st_mtime_ns == recorded.get("mtime_ns"):
         return False
-    return fingerprint(path)["head_tail_blake2b"] != recorded.get("head_tail_blake2b")
+    return fingerprint(Path(path))["head_tail_blake2b"] != recorded.get("head_tail_blake2b")
 
 
 def dataset_file_names(fmt: str = "pt") -> tuple[str, ...]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -119,8 +120,7 @@ def file_problems(
     ``where`` names the file that records them (for the messages); ``entries`` (manifest
     entries) lets each problem name the arrays it concerns.
     """
-    store_dir = Path(store_dir)
-    fix = fix or store_fix(store_dir)
+    fix = fix or store_fix(Path(store_dir))
     if not isinstance(files, dict):
         return [
             Problem(
@@ -131,7 +131,8 @@ def file_problems(
         ]
     problems = []
     base = os.fspath(store_dir)
-    label = "the manifest" if Path(where).name == MANIFEST else Path(where).name
+    label = os.path.basename(where)
+    label = "the manifest" if label == MANIFEST else label
     for rel, want in files.items():
         if type(want) is not int or want < 0 or bad_rel(rel):
             problems.append(
@@ -267,9 +268,12 @@ def check_generation(
     raise_problems(generation_problems(store_dir, pointer, manifest, path), store_dir)
 
 
-def _named_generation(store_dir: Path, pointer: dict[str, Any], manifest: dict[str, Any]):
+def _named_generation(
+    store_dir: Path, pointer: dict[str, Any], manifest: dict[str, Any]
+) -> tuple[list[Problem], dict[str, Any] | None]:
     """The generation ``CURRENT.json`` (``pointer``) names: its own description
-    ``gen-NNNNNN.json`` (what readers use) in full, and the pointer agreeing with it."""
+    ``gen-NNNNNN.json`` (what readers use) in full, and the pointer agreeing with it.
+    Returns the problems and the description read (None when it could not be read)."""
     from .layout import generation_name, read_pointer
 
     g, fix = pointer["generation"], _generation_fix(store_dir, manifest)
@@ -278,9 +282,9 @@ def _named_generation(store_dir: Path, pointer: dict[str, Any], manifest: dict[s
         desc = read_pointer(store_dir, g, check=False)
     except StoreNotFoundError:
         msg = f"{path}: negatives generation {g}, which {POINTER} names, has no description. {fix}"
-        return [Problem(StoreNotFoundError, msg)]
+        return [Problem(StoreNotFoundError, msg)], None
     except JasperError as e:
-        return [Problem(type(e), str(e))]
+        return [Problem(type(e), str(e))], None
     problems = generation_problems(store_dir, desc, manifest, path)
     differ = [k for k in ("generation", "arrays", "files") if desc.get(k) != pointer.get(k)]
     if not problems and differ:
@@ -289,16 +293,16 @@ def _named_generation(store_dir: Path, pointer: dict[str, Any], manifest: dict[s
             f"are written from one description when a generation is published). {fix}"
         )
         problems.append(Problem(StoreFormatError, msg, NEGATIVE_NAMES))
-    return problems
+    return problems, desc
 
 
 def _live_generation_problems(
-    store_dir: Path, manifest: dict[str, Any], verified: set[int] | None = None
+    store_dir: Path, manifest: dict[str, Any], verified: dict[int, dict] | None = None
 ) -> list[Problem]:
     """Problems of the live generation (``CURRENT.json``, then the description it names);
     read again (up to twice) if a publisher switched ``CURRENT.json`` meanwhile, so a
     generation removed after a newer one went live is not reported. A generation found
-    sound is added to ``verified``."""
+    sound is recorded in ``verified`` (generation -> its description)."""
     from .layout import read_pointer
 
     current = store_dir / NEGATIVES_DIR / POINTER
@@ -310,11 +314,11 @@ def _live_generation_problems(
             return [Problem(type(e), str(e))]
         problems = pointer_problems(current, pointer, _generation_fix(store_dir, manifest))
         if not problems:
-            problems = _named_generation(store_dir, pointer, manifest)
-        if not problems:
-            if verified is not None:
-                verified.add(pointer["generation"])
-            return []
+            problems, desc = _named_generation(store_dir, pointer, manifest)
+            if not problems:
+                if verified is not None:
+                    verified[pointer["generation"]] = desc
+                return []
         try:
             again = read_pointer(store_dir, check=False).get("generation")
         except JasperError:
@@ -324,10 +328,77 @@ def _live_generation_problems(
     return problems
 
 
+# NOTE [checked stores]
+# A process that opens one store several times (its train, val and test splits; a trainer that
+# creates its datasets again) checks it in full once. After a full check finds no problem,
+# the state (device, inode, size, mtime, ctime) of every file it read or stat-ed is kept;
+# the next open stats those files again and, when every state is unchanged, skips reading
+# and checking them. Any write to a file moves its ctime, which no user can set back, and a
+# replaced file has another inode. A file whose ctime is within _RACY_SECONDS of the check
+# is not trusted (git's "racy" rule): a write during the check, or two writes within one
+# tick of the kernel's coarse clock, could otherwise go unseen. ``verify`` always checks in
+# full. Only ``open_store`` asks for this (``reuse=True``).
+_RACY_SECONDS = 2.0
+_CHECKED: dict[str, tuple[tuple[str, ...], tuple, dict[int, dict]]] = {}
+_CHECKED_MAX = 64
+
+
+def _file_states(store_dir: str, rels: tuple[str, ...]) -> tuple | None:
+    """The state of each file of ``store_dir`` in ``rels``; None when one is missing or was
+    changed too recently to be trusted (NOTE [checked stores])."""
+    now = time.time()
+    states = []
+    for rel in rels:
+        try:
+            st = os.stat(os.path.join(store_dir, rel))
+        except OSError:
+            return None
+        if now - st.st_ctime_ns / 1e9 < _RACY_SECONDS:
+            return None
+        states.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(states)
+
+
+def _checked_files(manifest: dict[str, Any], verified: dict[int, dict]) -> tuple[str, ...]:
+    """Every file a full check of a sound store read or stat-ed."""
+    from .layout import generation_name
+
+    rels = [MANIFEST, CONFIG, f"{NEGATIVES_DIR}/{POINTER}", *manifest["files"]]
+    for g, desc in verified.items():
+        rels += [f"{NEGATIVES_DIR}/{generation_name(g)}.json", *desc.get("files", {})]
+    return tuple(rels)
+
+
+def _remember_sound(store_dir: str, manifest: dict[str, Any], verified: dict[int, dict]):
+    rels = _checked_files(manifest, verified)
+    states = _file_states(store_dir, rels)
+    if states is None:
+        _CHECKED.pop(store_dir, None)
+        return
+    if len(_CHECKED) >= _CHECKED_MAX:
+        _CHECKED.pop(next(iter(_CHECKED)))
+    _CHECKED[store_dir] = (rels, states, dict(verified))
+
+
+def _known_sound(store_dir: str) -> dict[int, dict] | None:
+    """The generations verified by the last full check of ``store_dir``, when no file it
+    looked at changed since (NOTE [checked stores]); else None."""
+    hit = _CHECKED.get(store_dir)
+    if hit is None:
+        return None
+    rels, states, verified = hit
+    if _file_states(store_dir, rels) != states:
+        del _CHECKED[store_dir]
+        return None
+    return verified
+
+
 def store_problems(
     store_dir: str | Path,
     manifest: dict[str, Any] | None = None,
-    verified: set[int] | None = None,
+    verified: dict[int, dict] | None = None,
+    *,
+    reuse: bool = False,
 ) -> list[Problem]:
     """Every structural problem of the store at ``store_dir``, in O(number of files).
 
@@ -335,16 +406,37 @@ def store_problems(
     headers or zarr ``zarr.json`` files and ``negatives/CURRENT.json``, and stats every
     recorded file; reads no array data. Never raises for a problem of the store. A problem
     whose ``arrays`` is empty concerns the whole store. The live negatives generation, when
-    found sound, is added to ``verified`` (its lease need not check it again).
+    found sound, is recorded in ``verified`` with its description (its lease need not read
+    and check it again). ``reuse``: when this process found the store sound before and none
+    of the files looked at changed since, only stat them (NOTE [checked stores]).
     """
     from .layout import load_manifest
 
     store_dir = Path(store_dir)
+    key = os.fspath(store_dir)
+    if reuse:
+        known = _known_sound(key)
+        if known is not None:
+            if verified is not None:
+                verified.update(known)
+            return []
     if manifest is None:
         try:
             manifest = load_manifest(store_dir)
         except JasperError as e:
             return [Problem(type(e), str(e))]
+    live: dict[int, dict] = {}
+    problems = _structure_problems(store_dir, manifest, live)
+    if verified is not None:
+        verified.update(live)
+    if reuse and not problems:
+        _remember_sound(key, manifest, live)
+    return problems
+
+
+def _structure_problems(
+    store_dir: Path, manifest: dict[str, Any], verified: dict[int, dict]
+) -> list[Problem]:
     problems = manifest_problems(store_dir, manifest)
     fix = store_fix(store_dir, manifest)
     problems += _config_problems(store_dir, fix)

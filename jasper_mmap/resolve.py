@@ -67,10 +67,18 @@ def _recorded_sources(store: Path) -> dict | None:
 
 def _stale_files(recorded: dict, src: Path, fmt: str = "pt") -> list[str]:
     """The dataset's own files for source format ``fmt`` (negatives aside) that differ from
-    their fingerprints."""
-    own = {n for n in dataset_file_names(fmt) if (src / n).is_file()}
-    names = (own | set(recorded) | {CONFIG}) - set(NEGATIVE_FILES)
-    return sorted(n for n in names if changed(src / n, recorded.get(n)))
+    their fingerprints: recorded ones changed or gone, and unrecorded ones that appeared."""
+    base = os.fspath(src)
+    names = set(dataset_file_names(fmt)) | set(recorded) | {CONFIG}
+    stale = []
+    for n in sorted(names - set(NEGATIVE_FILES)):
+        path = os.path.join(base, n)
+        if n in recorded or n == CONFIG:
+            if changed(path, recorded.get(n)):
+                stale.append(n)
+        elif os.path.isfile(path):  # one of ours that the conversion did not see
+            stale.append(n)
+    return stale
 
 
 def _negative_files(fmt: str) -> tuple[str, ...]:
@@ -320,6 +328,7 @@ class Resolved:
     store: Path  # the store to open
     storage_format: str  # "pt" or "hdf5": the source the store was made from
     source_dir: Path | None  # the dataset directory it follows, or None for a store given
+    manifest: dict[str, Any] | None = None  # its manifest, when read here (load_manifest)
 
 
 def _store_format_of(store: Path, requested: str, manifest: dict[str, Any]) -> str:
@@ -373,7 +382,7 @@ def resolve_dataset(
         fmt = _store_format_of(src, storage_format, manifest)
         if check_sources:
             _check_sources(src, manifest)
-        return Resolved(src, fmt, None)
+        return Resolved(src, fmt, None, manifest)
     if not (src / CONFIG).exists():
         raise ArtifactMissingError(
             f"Config file not found: {src / CONFIG}. {src} is neither a store (manifest.json) "

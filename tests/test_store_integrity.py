@@ -1386,7 +1386,7 @@ def test_open_checks_the_live_generation_once_and_later_ones_at_first_lease(
     )
     store = open_store(store_dir)
     assert store.generation == 0 and checked == []  # verified by open_store itself
-    assert pickle.loads(pickle.dumps(store))._verified == set()  # per process
+    assert pickle.loads(pickle.dumps(store))._verified == {}  # per process
     negs, tiers = store.read("hard_negatives"), store.read("negative_tiers")
     publish_negatives(store_dir, negs, tiers)
     store.use_generation(1)
@@ -1399,3 +1399,97 @@ def test_open_checks_the_live_generation_once_and_later_ones_at_first_lease(
         f.write(b"\0")
     with pytest.raises(StoreCorruptError, match=re.escape(rel)):
         store.use_generation(2)
+
+
+# -- NOTE [checked stores]: a store found sound is not read again while no file changed -----
+
+
+@pytest.fixture
+def files_look_old(monkeypatch):
+    """Let integrity trust files written just now (the racy window is 2 s), and forget what
+    other tests found sound."""
+    from jasper_mmap import integrity
+
+    monkeypatch.setattr(integrity, "_RACY_SECONDS", -1e9)
+    monkeypatch.setattr(integrity, "_CHECKED", {})
+    return integrity
+
+
+def _count_full_checks(monkeypatch, integrity) -> list[int]:
+    calls: list[int] = []
+    real = integrity._structure_problems
+    monkeypatch.setattr(integrity, "_structure_problems", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize(("case", "backend"), PARAMS)
+def test_damage_after_a_sound_open_is_refused_at_the_next_open(
+    case, backend, good, tmp_path, files_look_old
+):
+    """Every case of the catalogue, done to a store this process already opened and found
+    sound (so its file states are remembered): the next open still refuses it."""
+    import time
+
+    store = shutil.copytree(good[backend], tmp_path / "s")
+    open_store(store)
+    assert str(store) in files_look_old._CHECKED
+    time.sleep(0.02)  # past a tick of the kernel's coarse clock, which stamps ctime
+    case.mutate(store)
+    with pytest.raises(case.error) as info:
+        open_store(store)
+    assert re.search(case.match, str(info.value)), str(info.value)
+
+
+@pytest.mark.parametrize("backend", BOTH)
+def test_a_sound_store_opened_again_is_only_stat_ed(
+    good, tmp_path, backend, files_look_old, monkeypatch
+):
+    """The second open of an unchanged store reads and checks nothing again, serves the same
+    live generation, and a dataset over it reads the same rows; a touch of any one file it
+    looked at (same bytes, new ctime) brings the full check back."""
+    import time
+
+    from jasper_mmap import publish_negatives
+
+    integrity = files_look_old
+    store_dir = shutil.copytree(good[backend], tmp_path / "s")
+    full = _count_full_checks(monkeypatch, integrity)
+    first = open_store(store_dir)
+    second = open_store(store_dir)
+    assert len(full) == 1
+    assert second.generation == first.generation == 0
+    ds = JASPERSteeringDataset(store_dir, "train", check_sources=False)
+    assert len(full) == 1
+    assert ds[0]["question_emb"].equal(JASPERSteeringDataset(store_dir, "train")[0]["question_emb"])
+    rels = integrity._CHECKED[str(store_dir)][0]
+    assert {"manifest.json", "config.json", "negatives/CURRENT.json", f"{GEN}.json"} <= set(rels)
+    for rel in ("config.json", f"{GEN}.json", rels[-1]):
+        time.sleep(0.02)
+        os.utime(store_dir / rel)  # content unchanged: a full check again, and it passes
+        before = len(full)
+        open_store(store_dir)
+        assert len(full) == before + 1, rel
+    negs, tiers = first.read("hard_negatives"), first.read("negative_tiers")
+    publish_negatives(store_dir, negs[:, ::-1].copy(), tiers[:, ::-1].copy())
+    before = len(full)
+    assert open_store(store_dir).generation == 1 and len(full) == before + 1
+
+
+def test_a_store_written_just_now_is_checked_in_full_at_every_open(good, tmp_path, monkeypatch):
+    """Within the racy window (files changed less than 2 s ago) nothing is remembered."""
+    from jasper_mmap import integrity
+
+    monkeypatch.setattr(integrity, "_CHECKED", {})
+    store_dir = shutil.copytree(good["safetensors"], tmp_path / "s")  # ctime: now
+    full = _count_full_checks(monkeypatch, integrity)
+    open_store(store_dir)
+    open_store(store_dir)
+    assert len(full) == 2 and str(store_dir) not in integrity._CHECKED
+
+
+def test_verify_always_checks_in_full(good, tmp_path, files_look_old, monkeypatch):
+    store_dir = shutil.copytree(good["safetensors"], tmp_path / "s")
+    open_store(store_dir)
+    full = _count_full_checks(monkeypatch, files_look_old)
+    assert cli_main(["verify", str(store_dir), "-q"]) == 0
+    assert len(full) == 1

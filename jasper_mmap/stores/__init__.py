@@ -40,13 +40,15 @@ WRITERS: Mapping[str, type[StoreWriter]] = _Backends(
 )
 
 
-def open_store(path: str | Path) -> Store:
+def open_store(path: str | Path, manifest: dict[str, Any] | None = None) -> Store:
     """Open the store at ``path``; data is mapped on first use.
 
     Checks the store's structure in O(number of files), reading no array data
     (``jasper_mmap.integrity.store_problems``): the manifest field by field, ``config.json``,
     every recorded data file's size, each safetensors header or zarr array metadata against
     the manifest, and the live negatives generation. Raises the first problem found.
+    ``manifest``: the manifest as :func:`~jasper_mmap.layout.load_manifest` just read it,
+    when the caller has it (it is not read again).
 
     Raises:
         StoreNotFoundError: ``path``, its manifest, ``config.json`` or a data file is missing.
@@ -55,7 +57,8 @@ def open_store(path: str | Path) -> Store:
         StoreCorruptError: a data file disagrees with the manifest (size, header, metadata).
     """
     path = Path(path)
-    manifest = load_manifest(path)
-    verified: set[int] = set()
-    raise_problems(store_problems(path, manifest, verified), path)
+    if manifest is None:
+        manifest = load_manifest(path)
+    verified: dict[int, dict[str, Any]] = {}
+    raise_problems(store_problems(path, manifest, verified, reuse=True), path)
     return BACKENDS[manifest["backend"]](path, manifest, verified)

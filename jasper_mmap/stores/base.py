@@ -42,9 +42,16 @@ class _Generation:
 
 
 def _acquire(
-    store_dir: Path, generation: int, manifest: dict[str, Any] | None = None
+    store_dir: Path,
+    generation: int,
+    manifest: dict[str, Any] | None = None,
+    desc: dict[str, Any] | None = None,
 ) -> _Generation:
     """Lease ``generation``: a shared ``flock`` on its description, held while it is mapped.
+
+    Its description is read and checked against ``manifest`` (when given), unless ``desc``
+    is the description just read and checked (by ``open_store``): generation numbers are
+    never reused and a description is never rewritten, so it is the file now locked.
 
     # NOTE [generation leases]
     The collector in ``negatives.py`` removes a generation only while it holds an exclusive
@@ -68,9 +75,10 @@ def _acquire(
         fcntl.flock(f, fcntl.LOCK_SH)
         if os.fstat(f.fileno()).st_nlink == 0:
             raise gone
-        desc = read_pointer(store_dir, generation)
-        if manifest is not None:  # its files, sizes and headers, before anything is mapped
-            check_generation(store_dir, desc, manifest, path)
+        if desc is None:
+            desc = read_pointer(store_dir, generation)
+            if manifest is not None:  # its files, sizes and headers, before anything is mapped
+                check_generation(store_dir, desc, manifest, path)
     except BaseException:
         f.close()
         raise
@@ -87,8 +95,9 @@ class Store(abc.ABC):
     Args:
         path: the store directory.
         manifest: its parsed manifest (read from ``path`` when omitted).
-        verified: negatives generations :func:`~jasper_mmap.stores.open_store` has just
-            checked (``integrity.store_problems``); their first lease skips that check.
+        verified: the live negatives generation :func:`~jasper_mmap.stores.open_store` has
+            just checked (``integrity.store_problems``), with its description: served first,
+            and its first lease skips reading and checking it again.
     """
 
     backend: str = ""
@@ -97,12 +106,12 @@ class Store(abc.ABC):
         self,
         path: str | Path,
         manifest: dict[str, Any] | None = None,
-        verified: set[int] | None = None,
+        verified: dict[int, dict[str, Any]] | None = None,
     ) -> None:
         self.path = Path(path)
         self.manifest = manifest if manifest is not None else read_manifest(self.path)
         # generations open_store has just checked: their first lease here skips the same check
-        self._verified = set(verified or ())
+        self._verified = dict(verified or {})
         self._generation: int | None = None  # the generation served when none is named
         self._gens: dict[int, _Generation] = {}  # per process: leased generations
         self._handles: dict[str, Any] = {}
@@ -113,7 +122,7 @@ class Store(abc.ABC):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         # maps, leases and what was checked at open are per process
-        state.update(_handles={}, _gens={}, _lock=None, _verified=set())
+        state.update(_handles={}, _gens={}, _lock=None, _verified={})
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -151,7 +160,14 @@ class Store(abc.ABC):
         return int(read_pointer(self.path)["generation"])
 
     def _lease_live(self) -> int:
-        """Lease the live generation (retried: it can be superseded and removed meanwhile)."""
+        """Lease the live generation (retried: it can be superseded and removed meanwhile).
+        Right after ``open_store``, the live generation it checked."""
+        for g in list(self._verified):
+            try:
+                self._leased(g)
+                return g
+            except StoreNotFoundError:
+                pass  # superseded and removed since: read CURRENT.json
         for _ in range(9):
             g = self.live_generation()
             try:
@@ -167,10 +183,8 @@ class Store(abc.ABC):
         with self._guard():
             gen = self._gens.get(generation)
             if gen is None:
-                checked = generation in self._verified
-                self._verified.discard(generation)  # later leases of it check again
-                manifest = None if checked else self.manifest
-                gen = self._gens[generation] = _acquire(self.path, generation, manifest)
+                desc = self._verified.pop(generation, None)  # later leases of it check again
+                gen = self._gens[generation] = _acquire(self.path, generation, self.manifest, desc)
             return gen
 
     def use_generation(self, generation: int) -> None:

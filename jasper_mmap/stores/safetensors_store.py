@@ -162,7 +162,7 @@ def layout_problems(
 
 
 def tensor_problems(
-    path: Path, header: dict[str, Any], name: str, entry: dict[str, Any], fix: str
+    path: Path | str, header: dict[str, Any], name: str, entry: dict[str, Any], fix: str
 ) -> list[Problem]:
     """The header's tensor of array ``name`` against its (well-formed) manifest ``entry``."""
     key = entry["key"]
@@ -193,10 +193,11 @@ def header_problems(store_dir: Path, entries: dict[str, dict[str, Any]], fix: st
     for name, e in entries.items():
         by_file.setdefault(e["file"], []).append(name)
     problems = []
+    base = os.fspath(store_dir)
     for rel, names in by_file.items():
-        path = Path(store_dir) / rel
+        path = os.path.join(base, rel)
         try:
-            start, header = read_header(path, fix)
+            start, header = read_header(Path(path), fix)
             size = os.path.getsize(path)
         except (JasperError, OSError) as e:
             err = type(e) if isinstance(e, JasperError) else StoreCorruptError
