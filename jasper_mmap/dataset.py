@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._dtypes import numpy_dtype
 from .buffers import BufferPool
 from .control import ControlBlock, Snapshot
 from .errors import ArtifactMissingError, ConfigError, DeviceUnavailableError, SampleIndexError
@@ -57,6 +59,53 @@ _PAIR_ARRAYS = (
     "pair_relevance",
     "centroid_distances",
 )
+
+
+# NOTE [dense arrays]
+# On a store larger than RAM the batch prefetch reads each row's pages (NOTE [batch prefetch]):
+# one 4 KiB random read per page. Some arrays are read mostly whole over a pass anyway: the
+# source table (1 + n_neg rows per sample), the question table, the per-pair arrays of a split
+# that spans the store. Reading those in 1 MiB windows around the rows asked for turns ~50
+# page reads into one read the disk serves at its bandwidth, and the windows stay in the page
+# cache for the rest of the pass. An array counts as dense when a pass over the split
+# references its rows at least DENSE_REFS_PER_WINDOW times per window (the cost of a window in
+# page reads, measured on the benchmark disk), densest first, while the dense arrays together
+# fit in half of RAM (beyond that, windows would be evicted before the pass used them). A
+# window is asked for once per epoch and process: asking again for each row's pages costs a
+# system call per page, which took the 32 GB pass from ~32k to ~12k samples/s; a window
+# evicted within an epoch anyway (memory pressure from elsewhere) is read a page per fault.
+# The steering tables (one row per sample, of one table in four) stay sparse.
+# JASPER_MMAP_DENSE=off reads every array page by page. Measured by scripts/bench_large.py
+# (README, "Larger than RAM").
+DENSE_REFS_PER_WINDOW = 50
+
+
+def dense_arrays(store: Store, split_len: int) -> frozenset[str]:
+    """Arrays of ``store`` that a pass over ``split_len`` samples reads mostly whole."""
+    from .stores.safetensors_store import DENSE_WINDOW, choose_advice
+
+    if os.environ.get("JASPER_MMAP_DENSE", "auto").lower() == "off":
+        return frozenset()
+    total = sum(_nbytes(e) for e in store.manifest["arrays"].values())
+    if choose_advice(total) != "random":
+        return frozenset()  # the store is expected to be cached: no prefetch at all
+    refs = dict.fromkeys(_PAIR_ARRAYS, split_len)
+    refs.update(question_embs=split_len, source_embs=split_len * (1 + store.counts["n_neg"]))
+    sizes = {n: _nbytes(store.entry(n)) for n in refs}
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    budget, dense = ram // 2, []
+    for name in sorted(refs, key=lambda n: -refs[n] / max(sizes[n], 1)):
+        windows = -(-sizes[name] // DENSE_WINDOW)
+        if refs[name] >= DENSE_REFS_PER_WINDOW * windows and sizes[name] <= budget:
+            dense.append(name)
+            budget -= sizes[name]
+    return frozenset(dense)
+
+
+def _nbytes(entry: dict[str, Any]) -> int:
+    return (
+        int(np.prod(entry["shape"], dtype=np.int64)) * numpy_dtype(entry["stored_dtype"]).itemsize
+    )
 
 
 class SampleBatch(Sequence):
@@ -415,6 +464,13 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
                 probs = self._epoch_probs[snap.epoch] = self.schedule.probs(snap.epoch)
         return draw_variants(self.seed, snap.epoch, pairs, probs, snap.forced)
 
+    def _dense_arrays(self, store: Store) -> frozenset[str]:
+        """The arrays a pass over this split reads mostly whole (NOTE [dense arrays])."""
+        dense = self.__dict__.get("_dense")
+        if dense is None:
+            dense = self._dense = dense_arrays(store, self._len)
+        return dense
+
     def _gather_batch(
         self, store: Store, idx: np.ndarray, snap: Snapshot, gather: _gatherer
     ) -> dict[str, torch.Tensor]:
@@ -422,11 +478,13 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         pairs = store.gather(f"{self.split}_idx", idx)
         variants = self._variants(pairs, snap)
         chosen = {table: pairs[variants == v] for v, table in _STEERING_TABLES.items()}
-        store.prefetch({name: pairs for name in _PAIR_ARRAYS} | chosen)  # NOTE [batch prefetch]
+        dense = self._dense_arrays(store)
+        # NOTE [batch prefetch], NOTE [dense arrays]
+        store.prefetch({name: pairs for name in _PAIR_ARRAYS} | chosen, dense, snap.epoch)
         qs = store.gather("pair_index", pairs)
         negs = store.gather("hard_negatives", pairs, generation=generation)
         sources = np.concatenate([qs[:, 1], negs.reshape(-1)])
-        store.prefetch({"question_embs": qs[:, 0], "source_embs": sources})
+        store.prefetch({"question_embs": qs[:, 0], "source_embs": sources}, dense, snap.epoch)
         d, k = self.embedding_dim, negs.shape[1]
         rows = gather("source_embs", sources, (b * (1 + k), d), torch.float32)
         steering = gather.zeros((b, d))  # variant 0: zero steering

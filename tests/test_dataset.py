@@ -391,3 +391,88 @@ def test_batch_prefetch_advises_pages_inside_the_maps(src, monkeypatch):
     want = _expected(src, "train", idx, epoch=2)
     np.testing.assert_array_equal(got["negative_embs"].numpy(), want["negative_embs"])
     assert len(calls) >= 5 and all(ret == 0 for ret, _ in calls), calls[:5]
+
+
+def _madvise_recorder(monkeypatch):
+    from jasper_mmap.stores import safetensors_store
+
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setenv("JASPER_MMAP_MADVISE", "random")  # as for a store larger than RAM/2
+    monkeypatch.setattr(
+        safetensors_store, "_MADVISE", lambda addr, n, advice: calls.append((addr, n)) or 0
+    )
+    return calls
+
+
+def _in(calls, arr) -> list[tuple[int, int]]:
+    """The calls that start inside array ``arr``'s bytes of its map."""
+    lo = arr.__array_interface__["data"][0]
+    window = 1 << 20
+    return [(a, n) for a, n in calls if lo - window < a < lo + arr.nbytes]
+
+
+def test_dense_arrays_are_prefetched_in_windows_once_and_sparse_ones_by_page(src, monkeypatch):
+    """NOTE [dense arrays]: on a store larger than RAM/2, the arrays a pass reads mostly whole
+    (source and question tables, per-pair arrays) are asked for in aligned windows, each once
+    per process; the steering tables page by page at every batch; batches are unchanged."""
+    import mmap
+
+    from jasper_mmap.dataset import dense_arrays
+    from jasper_mmap.stores.safetensors_store import DENSE_WINDOW
+
+    calls = _madvise_recorder(monkeypatch)
+    ds = JASPERSteeringDataset(src, "train", epoch=2)
+    dense = dense_arrays(ds.store, len(ds))
+    assert {"source_embs", "question_embs", "pair_index", "hard_negatives"} <= dense
+    assert not dense & {"steering_centroid", "steering_keyword_weighted", "steering_residual"}
+    ds.force_steering("centroid")
+    idx = np.array([0, 95, 3, 50, 7])
+    got = ds.get_batch(idx)
+    want = _expected(src, "train", idx, epoch=2, forced=1)
+    for key in BATCH_KEYS:
+        np.testing.assert_array_equal(got[key].numpy(), want[key], err_msg=key)
+    source, steer = ds.store.raw("source_embs"), ds.store.raw("steering_centroid")
+    base = source.__array_interface__["data"][0]
+    first_source = _in(calls, source)
+    assert first_source and all((a - base) % DENSE_WINDOW == 0 or a < base for a, _ in first_source)
+    assert _in(calls, steer)
+    page = mmap.PAGESIZE + -(-source.strides[0] // mmap.PAGESIZE) * mmap.PAGESIZE
+    assert max(n for _, n in first_source) > page, first_source  # a window
+    calls.clear()
+    ds.get_batch(idx)  # the same rows again: the windows were asked for already
+    assert not _in(calls, source) and _in(calls, steer)
+    ds.set_epoch(3)  # a new epoch asks for them again (in case they were evicted meanwhile)
+    ds.force_steering("centroid")
+    calls.clear()
+    ds.get_batch(idx)
+    assert max(n for _, n in _in(calls, source)) > page
+
+
+def test_dense_windows_can_be_turned_off_and_respect_half_of_ram(src, monkeypatch):
+    import os
+
+    from jasper_mmap import dataset as dataset_module
+    from jasper_mmap.dataset import _nbytes, dense_arrays
+
+    _madvise_recorder(monkeypatch)
+    ds = JASPERSteeringDataset(src, "train")
+    monkeypatch.setenv("JASPER_MMAP_DENSE", "off")
+    assert dense_arrays(ds.store, len(ds)) == frozenset()
+    monkeypatch.delenv("JASPER_MMAP_DENSE")
+    everything = dense_arrays(ds.store, len(ds))
+    sizes = {n: _nbytes(ds.store.entry(n)) for n in everything}
+    ram = sizes["source_embs"]  # half of it: the source table does not fit
+    real = os.sysconf
+    monkeypatch.setattr(
+        dataset_module.os,
+        "sysconf",
+        lambda k: {"SC_PAGE_SIZE": 1, "SC_PHYS_PAGES": ram}.get(k) or real(k),
+    )
+    some = dense_arrays(ds.store, len(ds))
+    assert some and "source_embs" not in some and some < everything
+    assert sum(sizes[n] for n in some) <= ram // 2
+    monkeypatch.setattr(dataset_module, "DENSE_REFS_PER_WINDOW", 10**9)  # a very slow disk
+    assert dense_arrays(ds.store, len(ds)) == frozenset()
+    monkeypatch.setenv("JASPER_MMAP_MADVISE", "normal")  # a store that fits: no prefetch at all
+    monkeypatch.setattr(dataset_module, "DENSE_REFS_PER_WINDOW", 50)
+    assert dense_arrays(ds.store, len(ds)) == frozenset()

@@ -330,12 +330,16 @@ class Store(abc.ABC):
         out[...] = result
         return out
 
-    def prefetch(self, rows: dict[str, np.ndarray]) -> None:  # noqa: B027 - optional hook
+    def prefetch(  # noqa: B027 - optional hook
+        self, rows: dict[str, np.ndarray], dense: frozenset[str] = frozenset(), epoch: int = 0
+    ) -> None:
         """Hint that rows ``{array: indices}`` will be gathered soon (asynchronous read-ahead).
 
         Backends that read through memory maps start the reads of all these rows at once, so a
         batch from a cold store costs a few round trips to the disk instead of one per row.
-        The default does nothing.
+        Arrays named in ``dense`` are read in large windows around each row, each window once
+        per ``epoch`` (most of them is read over a pass anyway: NOTE [dense arrays] in
+        dataset.py). The default does nothing.
         """
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:

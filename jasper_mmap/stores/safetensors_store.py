@@ -49,6 +49,7 @@ __all__ = [
     "layout_problems",
     "tensor_problems",
     "choose_advice",
+    "DENSE_WINDOW",
 ]
 
 _ALIGN = 8
@@ -298,6 +299,12 @@ class SafetensorsWriter(StoreWriter):
             self._file = None
 
 
+#: read unit of a dense array's prefetch (NOTE [dense arrays] in dataset.py): on the disk of
+#: the README's benchmarks, random 1 MiB reads ran at ~476 MiB/s and 4 KiB reads at ~24k/s
+#: (95 MiB/s): a window costs about as much as 50 single pages
+DENSE_WINDOW = 1 << 20
+
+
 def choose_advice(store_bytes: int) -> str:
     """``"normal"`` or ``"random"`` read-ahead for a store of ``store_bytes`` (NOTE above)."""
     forced = os.environ.get("JASPER_MMAP_MADVISE", "auto").lower()
@@ -356,6 +363,20 @@ class _MappedFile:
                     self.map.madvise(mmap.MADV_RANDOM)
 
 
+def _willneed(m: mmap.mmap, base: int, starts: np.ndarray, length: int) -> None:
+    """``MADV_WILLNEED`` on ``[start, start + length)`` of map ``m`` (at ``base``) for each
+    start, clipped to the map; through ctypes, without the GIL (NOTE [batch prefetch])."""
+    if not starts.size:
+        return
+    lengths = np.minimum(length, len(m) - starts)
+    if _MADVISE is None:
+        for start, n in zip(starts.tolist(), lengths.tolist(), strict=True):
+            m.madvise(mmap.MADV_WILLNEED, start, n)
+        return
+    for start, n in zip((starts + base).tolist(), lengths.tolist(), strict=True):
+        _MADVISE(start, n, mmap.MADV_WILLNEED)  # a hint: errors are ignored
+
+
 class SafetensorsStore(Store):
     """Reads a safetensors-backend store through read-only memory maps."""
 
@@ -409,8 +430,12 @@ class SafetensorsStore(Store):
         # indices were range-checked by gather(); mode="clip" keeps numpy from buffering ``out``
         return np.take(self.raw(name, generation), idx, axis=0, out=out, mode="clip")
 
-    def prefetch(self, rows: dict[str, np.ndarray]) -> None:
-        """``MADV_WILLNEED`` on the pages of the given rows, when the store exceeds RAM/2.
+    def prefetch(
+        self, rows: dict[str, np.ndarray], dense: frozenset[str] = frozenset(), epoch: int = 0
+    ) -> None:
+        """``MADV_WILLNEED`` on the pages of the given rows, when the store exceeds RAM/2; for
+        an array in ``dense``, on the aligned ``DENSE_WINDOW`` around each row instead, once
+        per window and ``epoch`` in this process (NOTE [dense arrays] in dataset.py).
 
         # NOTE [batch prefetch]
         A worker that gathers rows of a cold map waits for one page fault at a time. Telling
@@ -429,16 +454,24 @@ class SafetensorsStore(Store):
             mapped = self._handles["__files__"][self.entry(name)["file"]]
             row, base = arr.strides[0], _address(mapped.map)  # the map stays open: arr views it
             first = arr.__array_interface__["data"][0] - base
-            pages = np.unique((first + np.asarray(idx, dtype=np.int64) * row) // mmap.PAGESIZE)
-            span = -(-row // mmap.PAGESIZE) * mmap.PAGESIZE
-            starts = pages * mmap.PAGESIZE
-            lengths = np.minimum(span + mmap.PAGESIZE, len(mapped.map) - starts)
-            if _MADVISE is None:
-                for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
-                    mapped.map.madvise(mmap.MADV_WILLNEED, start, length)
+            offsets = first + np.asarray(idx, dtype=np.int64) * row
+            span = -(-row // mmap.PAGESIZE) * mmap.PAGESIZE  # a row may cross a block's end
+            if name in dense:  # NOTE [dense arrays]: a window each, the first time
+                windows = np.unique(offsets // DENSE_WINDOW)
+                asked = self._handles.get("__windows__")
+                if asked is None or asked.get("epoch") != epoch:  # asked again each epoch
+                    asked = self._handles["__windows__"] = {"epoch": epoch}
+                seen = asked.get((entry_file := self.entry(name)["file"], name))
+                if seen is None:
+                    seen = asked[entry_file, name] = np.zeros(
+                        len(mapped.map) // DENSE_WINDOW + 1, bool
+                    )
+                new = windows[~seen[windows]]
+                seen[new] = True
+                _willneed(mapped.map, base, new * DENSE_WINDOW, DENSE_WINDOW + span)
                 continue
-            for start, length in zip((starts + base).tolist(), lengths.tolist(), strict=True):
-                _MADVISE(start, length, mmap.MADV_WILLNEED)  # a hint: errors are ignored
+            pages = np.unique(offsets // mmap.PAGESIZE)
+            _willneed(mapped.map, base, pages * mmap.PAGESIZE, mmap.PAGESIZE + span)
 
     def _release_files(self, files: set[str]) -> None:
         mapped = self._handles.get("__files__", {})
