@@ -480,7 +480,9 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         chosen = {table: pairs[variants == v] for v, table in _STEERING_TABLES.items()}
         dense = self._dense_arrays(store)
         # NOTE [batch prefetch], NOTE [dense arrays]
-        store.prefetch({name: pairs for name in _PAIR_ARRAYS} | chosen, dense, snap.epoch)
+        store.prefetch(
+            {name: pairs for name in _PAIR_ARRAYS} | chosen, dense, snap.epoch, generation
+        )
         qs = store.gather("pair_index", pairs)
         negs = store.gather("hard_negatives", pairs, generation=generation)
         sources = np.concatenate([qs[:, 1], negs.reshape(-1)])

@@ -476,3 +476,39 @@ def test_dense_windows_can_be_turned_off_and_respect_half_of_ram(src, monkeypatc
     monkeypatch.setenv("JASPER_MMAP_MADVISE", "normal")  # a store that fits: no prefetch at all
     monkeypatch.setattr(dataset_module, "DENSE_REFS_PER_WINDOW", 50)
     assert dense_arrays(ds.store, len(ds)) == frozenset()
+
+
+def test_prefetch_advises_the_batchs_generation_not_the_one_served_meanwhile(
+    src, tmp_path, monkeypatch
+):
+    """A batch pins its negatives generation; a reload may switch the served one while it
+    runs. Its prefetch must advise that generation's map (mixing one generation's array with
+    another's map once indexed a window bitmap out of bounds under a racing publisher)."""
+    from jasper_mmap import open_store, publish_negatives
+    from jasper_mmap.converters import convert_pt
+
+    calls = _madvise_recorder(monkeypatch)
+    store_dir = convert_pt(src, tmp_path / "store", progress=False)
+    store = open_store(store_dir)
+    negs, tiers = store.read("hard_negatives"), store.read("negative_tiers")
+    publish_negatives(store_dir, negs[:, ::-1].copy(), tiers[:, ::-1].copy())
+    rows = {"hard_negatives": np.array([0, 5, 9])}
+    with store.pinned(0) as pinned:
+        store.use_generation(1)  # served from now on; generation 0 stays mapped: pinned
+        old, new = _map_range(store, 0), _map_range(store, 1)
+        for dense in (frozenset(), frozenset({"hard_negatives"})):
+            calls.clear()
+            store.prefetch(rows, dense, 0, pinned)
+            assert calls and all(old[0] <= a < old[1] for a, _ in calls), dense
+            calls.clear()
+            store.prefetch(rows, dense, 1)  # default: the served generation
+            assert calls and all(new[0] <= a < new[1] for a, _ in calls), dense
+
+
+def _map_range(store, generation: int) -> tuple[int, int]:
+    """Addresses of the map holding generation ``generation``'s hard_negatives."""
+    from jasper_mmap.stores.safetensors_store import _address
+
+    store.raw("hard_negatives", generation)
+    m = store._handles["__files__"][store.entry("hard_negatives", generation)["file"]].map
+    return _address(m), _address(m) + len(m)

@@ -240,10 +240,21 @@ def _publisher(store: str, first: int, count: int, done) -> None:
 @pytest.mark.parametrize("store", ["safetensors"], indirect=True)
 @pytest.mark.parametrize(
     "workers,persistent,mode",
-    [(2, True, "process"), (2, False, "process"), (0, False, "thread"), (4, False, "thread")],
-    ids=["persistent-workers", "fresh-workers", "no-workers", "threads"],
+    [
+        (2, True, "process"),
+        (2, False, "process"),
+        (0, False, "thread"),
+        (4, False, "thread"),
+        (4, False, "thread-larger-than-ram"),
+    ],
+    ids=["persistent-workers", "fresh-workers", "no-workers", "threads", "threads-random"],
 )
-def test_stress_publisher_and_workers_never_tear_a_batch(store, workers, persistent, mode):
+def test_stress_publisher_and_workers_never_tear_a_batch(
+    store, workers, persistent, mode, monkeypatch
+):
+    if mode == "thread-larger-than-ram":  # the batch prefetch and its dense windows run too
+        monkeypatch.setenv("JASPER_MMAP_MADVISE", "random")
+        mode = "thread"
     s = open_store(store)
     sources, split = s.read("source_embs"), s.read("train_idx")
     publish_negatives(store, *table(1, 120, 6, 120))  # generation 1 follows the checkable table

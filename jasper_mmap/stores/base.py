@@ -331,7 +331,11 @@ class Store(abc.ABC):
         return out
 
     def prefetch(  # noqa: B027 - optional hook
-        self, rows: dict[str, np.ndarray], dense: frozenset[str] = frozenset(), epoch: int = 0
+        self,
+        rows: dict[str, np.ndarray],
+        dense: frozenset[str] = frozenset(),
+        epoch: int = 0,
+        generation: int | None = None,
     ) -> None:
         """Hint that rows ``{array: indices}`` will be gathered soon (asynchronous read-ahead).
 
@@ -339,7 +343,8 @@ class Store(abc.ABC):
         batch from a cold store costs a few round trips to the disk instead of one per row.
         Arrays named in ``dense`` are read in large windows around each row, each window once
         per ``epoch`` (most of them is read over a pass anyway: NOTE [dense arrays] in
-        dataset.py). The default does nothing.
+        dataset.py). Negatives are those of ``generation`` (default :attr:`generation`): the
+        batch's. The default does nothing.
         """
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:

@@ -431,7 +431,11 @@ class SafetensorsStore(Store):
         return np.take(self.raw(name, generation), idx, axis=0, out=out, mode="clip")
 
     def prefetch(
-        self, rows: dict[str, np.ndarray], dense: frozenset[str] = frozenset(), epoch: int = 0
+        self,
+        rows: dict[str, np.ndarray],
+        dense: frozenset[str] = frozenset(),
+        epoch: int = 0,
+        generation: int | None = None,
     ) -> None:
         """``MADV_WILLNEED`` on the pages of the given rows, when the store exceeds RAM/2; for
         an array in ``dense``, on the aligned ``DENSE_WINDOW`` around each row instead, once
@@ -448,10 +452,12 @@ class SafetensorsStore(Store):
         if self._advice() != "random":
             return
         for name, idx in rows.items():
-            arr = self.raw(name)
+            # the array and its file of one generation: the batch's (a reload may switch
+            # the served one meanwhile)
+            arr, file = self.raw(name, generation), self.entry(name, generation)["file"]
             if not idx.size or arr.base is None:
                 continue
-            mapped = self._handles["__files__"][self.entry(name)["file"]]
+            mapped = self._handles["__files__"][file]
             row, base = arr.strides[0], _address(mapped.map)  # the map stays open: arr views it
             first = arr.__array_interface__["data"][0] - base
             offsets = first + np.asarray(idx, dtype=np.int64) * row
@@ -461,11 +467,9 @@ class SafetensorsStore(Store):
                 asked = self._handles.get("__windows__")
                 if asked is None or asked.get("epoch") != epoch:  # asked again each epoch
                     asked = self._handles["__windows__"] = {"epoch": epoch}
-                seen = asked.get((entry_file := self.entry(name)["file"], name))
+                seen = asked.get((file, name))
                 if seen is None:
-                    seen = asked[entry_file, name] = np.zeros(
-                        len(mapped.map) // DENSE_WINDOW + 1, bool
-                    )
+                    seen = asked[file, name] = np.zeros(len(mapped.map) // DENSE_WINDOW + 1, bool)
                 new = windows[~seen[windows]]
                 seen[new] = True
                 _willneed(mapped.map, base, new * DENSE_WINDOW, DENSE_WINDOW + span)
