@@ -63,8 +63,10 @@ class ControlBlock:
         with ControlBlock._writers:
             v = self._view
             v[_VERSION] += 1  # odd: a write is under way
-            change(v)
-            v[_VERSION] += 1
+            try:
+                change(v)
+            finally:  # even again, also when the change failed: readers must not spin
+                v[_VERSION] += 1
 
     def set(
         self, *, epoch: int | None = None, forced: int | None = None, generation: int | None = None

@@ -54,7 +54,7 @@ def changed(path: Path | str, recorded: dict[str, Any] | None) -> bool:
         return True
     try:
         st = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
+    except (OSError, ValueError):  # missing, a symlink loop, a NUL in the name...
         return True
     if not stat.S_ISREG(st.st_mode) or st.st_size != recorded.get("size"):
         return True

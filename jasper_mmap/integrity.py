@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -334,50 +335,60 @@ def _live_generation_problems(
 # the state (device, inode, size, mtime, ctime) of every file it read or stat-ed is kept;
 # the next open stats those files again and, when every state is unchanged, skips reading
 # and checking them. Any write to a file moves its ctime, which no user can set back, and a
-# replaced file has another inode. A file whose ctime is within _RACY_SECONDS of the check
-# is not trusted (git's "racy" rule): a write during the check, or two writes within one
-# tick of the kernel's coarse clock, could otherwise go unseen. ``verify`` always checks in
-# full. Only ``open_store`` asks for this (``reuse=True``).
+# replaced file has another inode. A file whose ctime is later than _RACY_SECONDS before the
+# check started is not remembered (git's "racy" rule): a write during the check (or between
+# reading the manifest and the check), or two writes within one tick of the kernel's coarse
+# clock, could otherwise go unseen. Only stores that record every file they hold (NOTE
+# [recorded files]) are remembered: for older ones the check reads files it does not list.
+# ``verify`` always checks in full. Only ``open_store`` asks for this (``reuse=True``).
 _RACY_SECONDS = 2.0
-_CHECKED: dict[str, tuple[tuple[str, ...], tuple, dict[int, dict]]] = {}
+_CHECKED: dict[str, tuple[tuple[str, ...], tuple, str]] = {}
 _CHECKED_MAX = 64
+_CHECKED_LOCK = threading.Lock()
 
 
-def _file_states(store_dir: str, rels: tuple[str, ...]) -> tuple | None:
-    """The state of each file of ``store_dir`` in ``rels``; None when one is missing or was
-    changed too recently to be trusted (NOTE [checked stores])."""
-    now = time.time()
+def _file_states(store_dir: str, rels: tuple[str, ...], before: float | None = None):
+    """The state of each file of ``store_dir`` in ``rels``; None when one is missing, or
+    (with ``before``) was changed later than ``_RACY_SECONDS`` before that time."""
     states = []
     for rel in rels:
         try:
             st = os.stat(os.path.join(store_dir, rel))
-        except OSError:
+        except (OSError, ValueError):
             return None
-        if now - st.st_ctime_ns / 1e9 < _RACY_SECONDS:
+        if before is not None and st.st_ctime_ns / 1e9 > before - _RACY_SECONDS:
             return None
         states.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
     return tuple(states)
 
 
-def _checked_files(manifest: dict[str, Any], verified: dict[int, dict]) -> tuple[str, ...]:
-    """Every file a full check of a sound store read or stat-ed."""
+def _checked_files(manifest: dict[str, Any], verified: dict[int, dict]) -> tuple[str, ...] | None:
+    """Every file a full check of a sound store read or stat-ed; None for a store written
+    before every file was recorded (its check reads files it does not list)."""
     from .layout import generation_name
 
-    rels = [MANIFEST, CONFIG, f"{NEGATIVES_DIR}/{POINTER}", *manifest["files"]]
+    files = manifest.get("files")
+    if not files or not all(desc.get("files") for desc in verified.values()):
+        return None
+    rels = [MANIFEST, CONFIG, f"{NEGATIVES_DIR}/{POINTER}", *files]
     for g, desc in verified.items():
-        rels += [f"{NEGATIVES_DIR}/{generation_name(g)}.json", *desc.get("files", {})]
+        rels += [f"{NEGATIVES_DIR}/{generation_name(g)}.json", *desc["files"]]
     return tuple(rels)
 
 
-def _remember_sound(store_dir: str, manifest: dict[str, Any], verified: dict[int, dict]):
+def _remember_sound(
+    store_dir: str, manifest: dict[str, Any], verified: dict[int, dict], started: float
+) -> None:
     rels = _checked_files(manifest, verified)
-    states = _file_states(store_dir, rels)
-    if states is None:
-        _CHECKED.pop(store_dir, None)
-        return
-    if len(_CHECKED) >= _CHECKED_MAX:
-        _CHECKED.pop(next(iter(_CHECKED)))
-    _CHECKED[store_dir] = (rels, states, dict(verified))
+    states = None if rels is None else _file_states(store_dir, rels, before=started)
+    with _CHECKED_LOCK:
+        if states is None:
+            _CHECKED.pop(store_dir, None)
+            return
+        while len(_CHECKED) >= _CHECKED_MAX:
+            _CHECKED.pop(next(iter(_CHECKED)))
+        # kept as JSON: each open gets its own copy of the descriptions
+        _CHECKED[store_dir] = (rels, states, json.dumps(verified))
 
 
 def _known_sound(store_dir: str) -> dict[int, dict] | None:
@@ -388,9 +399,11 @@ def _known_sound(store_dir: str) -> dict[int, dict] | None:
         return None
     rels, states, verified = hit
     if _file_states(store_dir, rels) != states:
-        del _CHECKED[store_dir]
+        with _CHECKED_LOCK:
+            if _CHECKED.get(store_dir) is hit:
+                del _CHECKED[store_dir]
         return None
-    return verified
+    return {int(g): desc for g, desc in json.loads(verified).items()}
 
 
 def store_problems(
@@ -426,11 +439,12 @@ def store_problems(
         except JasperError as e:
             return [Problem(type(e), str(e))]
     live: dict[int, dict] = {}
+    started = time.time()
     problems = _structure_problems(store_dir, manifest, live)
     if verified is not None:
         verified.update(live)
     if reuse and not problems:
-        _remember_sound(key, manifest, live)
+        _remember_sound(key, manifest, live, started)
     return problems
 
 

@@ -512,3 +512,23 @@ def _map_range(store, generation: int) -> tuple[int, int]:
     store.raw("hard_negatives", generation)
     m = store._handles["__files__"][store.entry("hard_negatives", generation)["file"]].map
     return _address(m), _address(m) + len(m)
+
+
+def test_prefetch_leaves_rows_outside_an_array_to_the_gather(src, monkeypatch):
+    """A damaged index reaches the prefetch before the gather's range check: it is skipped
+    there (the gather names it), for dense and sparse arrays alike."""
+    calls = _madvise_recorder(monkeypatch)
+    ds = JASPERSteeringDataset(src, "train")
+    bad = np.array([0, 10**9, -(10**9)])
+    for dense in (frozenset(), frozenset({"source_embs"})):
+        calls.clear()
+        ds.store.prefetch({"source_embs": bad}, dense, 0)
+        source = ds.store.raw("source_embs")
+        assert calls and _in(calls, source) == calls
+
+
+def test_a_failed_control_write_leaves_the_block_readable(src):
+    ds = JASPERSteeringDataset(src, "train")
+    with pytest.raises(OverflowError):
+        ds._control.set(epoch=2**64)
+    assert ds._control.snapshot().epoch == 0  # no endless wait on an odd version

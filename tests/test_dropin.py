@@ -574,3 +574,12 @@ def test_library_calls_start_no_child_process(src, tmp_path, monkeypatch):
     publish_negatives(store, load_pt(src / "hard_negatives.pt"), load_pt(src / "negative_tiers.pt"))
     assert sum(len(b["relevance"]) for b in create_loader(store, "train", 8, num_workers=3)) > 0
     assert len(ds.get_batch([0, 1])["relevance"]) == 2
+
+
+def test_a_symlink_loop_among_the_source_files_counts_as_changed(tmp_path):
+    from jasper_mmap.fingerprints import changed
+
+    loop = tmp_path / "pair_index.pt"
+    loop.symlink_to(loop)
+    assert changed(loop, {"size": 1, "mtime_ns": 1, "head_tail_blake2b": "x"})
+    assert changed(str(tmp_path / "a\0b"), {"size": 1})

@@ -1493,3 +1493,86 @@ def test_verify_always_checks_in_full(good, tmp_path, files_look_old, monkeypatc
     full = _count_full_checks(monkeypatch, files_look_old)
     assert cli_main(["verify", str(store_dir), "-q"]) == 0
     assert len(full) == 1
+
+
+def test_threads_opening_a_changed_store_at_once_all_succeed(good, tmp_path, files_look_old):
+    """The memo is shared by the process's threads: a stale entry found by several of them at
+    once is dropped once, and every open checks in full and succeeds."""
+    import threading
+    import time
+
+    store_dir = shutil.copytree(good["safetensors"], tmp_path / "s")
+    errors = []
+    for _ in range(10):
+        open_store(store_dir)
+        time.sleep(0.01)
+        os.utime(store_dir / "config.json")
+        barrier = threading.Barrier(4)
+
+        def opener(barrier=barrier):
+            barrier.wait()
+            try:
+                open_store(store_dir)
+            except BaseException as e:  # noqa: BLE001 - collected for the assertion
+                errors.append(e)
+
+        threads = [threading.Thread(target=opener) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
+
+
+def test_a_file_changed_during_the_full_check_is_not_remembered(good, tmp_path, monkeypatch):
+    """The racy window counts from the start of the check: a file written while the check
+    ran (here: after it read the file) is checked again at the next open, however long the
+    check took."""
+    import time
+
+    from jasper_mmap import integrity
+
+    monkeypatch.setattr(integrity, "_CHECKED", {})
+    monkeypatch.setattr(integrity, "_RACY_SECONDS", 0.3)
+    store_dir = shutil.copytree(good["safetensors"], tmp_path / "s")
+    time.sleep(0.4)  # the copy is older than the window
+    real = integrity._structure_problems
+
+    def slow_check(*args):
+        problems = real(*args)
+        with open(store_dir / "pairs.safetensors", "ab") as f:
+            f.write(b"\0" * 8)  # after the check read it
+        time.sleep(0.4)  # the check "ran" longer than the window
+        return problems
+
+    monkeypatch.setattr(integrity, "_structure_problems", slow_check)
+    open_store(store_dir)
+    monkeypatch.setattr(integrity, "_structure_problems", real)
+    with pytest.raises(StoreCorruptError, match=r"pairs\.safetensors"):
+        open_store(store_dir)
+
+
+def test_a_store_that_does_not_record_its_files_is_always_checked_in_full(
+    good, tmp_path, files_look_old, monkeypatch
+):
+    """Stores written before every file was recorded: the check reads zarr metadata it does
+    not list, so such a store is never remembered."""
+    store_dir = shutil.copytree(good["zarr"], tmp_path / "s")
+    m = json.loads((store_dir / "manifest.json").read_text())
+    m["files"] = {}
+    (store_dir / "manifest.json").write_text(json.dumps(m))
+    full = _count_full_checks(monkeypatch, files_look_old)
+    open_store(store_dir)
+    open_store(store_dir)
+    assert len(full) == 2 and str(store_dir) not in files_look_old._CHECKED
+
+
+def test_a_store_opened_before_a_publication_serves_the_live_generation(good, tmp_path):
+    """The generation checked at open is not served if another went live before first use."""
+    from jasper_mmap import publish_negatives
+
+    store_dir = shutil.copytree(good["safetensors"], tmp_path / "s")
+    reader = open_store(store_dir)
+    other = open_store(store_dir)
+    publish_negatives(store_dir, other.read("hard_negatives"), other.read("negative_tiers"))
+    assert reader.generation == reader.live_generation() == 1

@@ -96,8 +96,8 @@ class Store(abc.ABC):
         path: the store directory.
         manifest: its parsed manifest (read from ``path`` when omitted).
         verified: the live negatives generation :func:`~jasper_mmap.stores.open_store` has
-            just checked (``integrity.store_problems``), with its description: served first,
-            and its first lease skips reading and checking it again.
+            just checked (``integrity.store_problems``), with its description: its first
+            lease skips reading and checking it again.
     """
 
     backend: str = ""
@@ -160,14 +160,7 @@ class Store(abc.ABC):
         return int(read_pointer(self.path)["generation"])
 
     def _lease_live(self) -> int:
-        """Lease the live generation (retried: it can be superseded and removed meanwhile).
-        Right after ``open_store``, the live generation it checked."""
-        for g in list(self._verified):
-            try:
-                self._leased(g)
-                return g
-            except StoreNotFoundError:
-                pass  # superseded and removed since: read CURRENT.json
+        """Lease the live generation (retried: it can be superseded and removed meanwhile)."""
         for _ in range(9):
             g = self.live_generation()
             try:
@@ -183,6 +176,7 @@ class Store(abc.ABC):
         with self._guard():
             gen = self._gens.get(generation)
             if gen is None:
+                # open_store checked it just now (when it was live): not read and checked again
                 desc = self._verified.pop(generation, None)  # later leases of it check again
                 gen = self._gens[generation] = _acquire(self.path, generation, self.manifest, desc)
             return gen
