@@ -338,9 +338,9 @@ def _live_generation_problems(
 # replaced file has another inode. A file whose ctime is later than _RACY_SECONDS before the
 # check started is not remembered (git's "racy" rule): a write during the check (or between
 # reading the manifest and the check), or two writes within one tick of the kernel's coarse
-# clock, could otherwise go unseen. Only stores that record every file they hold (NOTE
-# [recorded files]) are remembered: for older ones the check reads files it does not list.
-# ``verify`` always checks in full. Only ``open_store`` asks for this (``reuse=True``).
+# clock, could otherwise go unseen. The files remembered are those the check reads (also
+# where a store written before NOTE [recorded files] does not record them) and those it
+# stats. ``verify`` always checks in full. Only ``open_store`` asks for this (``reuse=True``).
 _RACY_SECONDS = 2.0
 _CHECKED: dict[str, tuple[tuple[str, ...], tuple, str]] = {}
 _CHECKED_MAX = 64
@@ -362,25 +362,30 @@ def _file_states(store_dir: str, rels: tuple[str, ...], before: float | None = N
     return tuple(states)
 
 
-def _checked_files(manifest: dict[str, Any], verified: dict[int, dict]) -> tuple[str, ...] | None:
-    """Every file a full check of a sound store read or stat-ed; None for a store written
-    before every file was recorded (its check reads files it does not list)."""
+def _checked_files(manifest: dict[str, Any], verified: dict[int, dict]) -> tuple[str, ...]:
+    """Every file a full check of a sound store read or stat-ed: the JSON files, the recorded
+    files, and each array's data file (safetensors) or ``zarr.json`` (zarr), which the check
+    reads also where a store written before NOTE [recorded files] does not record them."""
     from .layout import generation_name
 
-    files = manifest.get("files")
-    if not files or not all(desc.get("files") for desc in verified.values()):
-        return None
-    rels = [MANIFEST, CONFIG, f"{NEGATIVES_DIR}/{POINTER}", *files]
+    zarr = manifest.get("backend") == "zarr"
+
+    def read(entries: dict[str, Any]) -> list[str]:
+        return [f"{e['file']}/zarr.json" if zarr else e["file"] for e in entries.values()]
+
+    rels = [MANIFEST, CONFIG, f"{NEGATIVES_DIR}/{POINTER}", *manifest.get("files", {})]
+    rels += read({n: e for n, e in manifest["arrays"].items() if n not in NEGATIVE_NAMES})
     for g, desc in verified.items():
-        rels += [f"{NEGATIVES_DIR}/{generation_name(g)}.json", *desc["files"]]
-    return tuple(rels)
+        rels += [f"{NEGATIVES_DIR}/{generation_name(g)}.json", *desc.get("files", {})]
+        rels += read(desc["arrays"])
+    return tuple(dict.fromkeys(rels))
 
 
 def _remember_sound(
     store_dir: str, manifest: dict[str, Any], verified: dict[int, dict], started: float
 ) -> None:
     rels = _checked_files(manifest, verified)
-    states = None if rels is None else _file_states(store_dir, rels, before=started)
+    states = _file_states(store_dir, rels, before=started)
     with _CHECKED_LOCK:
         if states is None:
             _CHECKED.pop(store_dir, None)

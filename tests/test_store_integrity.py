@@ -1552,19 +1552,39 @@ def test_a_file_changed_during_the_full_check_is_not_remembered(good, tmp_path, 
         open_store(store_dir)
 
 
-def test_a_store_that_does_not_record_its_files_is_always_checked_in_full(
-    good, tmp_path, files_look_old, monkeypatch
+@pytest.mark.parametrize("backend", BOTH)
+def test_a_store_that_does_not_record_its_files_is_remembered_by_the_files_it_reads(
+    good, tmp_path, backend, files_look_old, monkeypatch
 ):
-    """Stores written before every file was recorded: the check reads zarr metadata it does
-    not list, so such a store is never remembered."""
-    store_dir = shutil.copytree(good["zarr"], tmp_path / "s")
+    """Stores written before every file was recorded: the check still reads each array's
+    data file header or zarr.json, so a change to one of those is seen at the next open."""
+    import time
+
+    store_dir = shutil.copytree(good[backend], tmp_path / "s")
     m = json.loads((store_dir / "manifest.json").read_text())
     m["files"] = {}
     (store_dir / "manifest.json").write_text(json.dumps(m))
+    for rel in (f"{GEN}.json", "negatives/CURRENT.json"):
+        p = json.loads((store_dir / rel).read_text())
+        del p["files"]
+        (store_dir / rel).write_text(json.dumps(p))
     full = _count_full_checks(monkeypatch, files_look_old)
     open_store(store_dir)
     open_store(store_dir)
-    assert len(full) == 2 and str(store_dir) not in files_look_old._CHECKED
+    assert len(full) == 1
+    time.sleep(0.02)
+    rel = "embeddings.safetensors" if backend == "safetensors" else "question_embs/zarr.json"
+    meta = "question_embs/zarr.json"
+    if backend == "zarr":
+        z = json.loads((store_dir / meta).read_text())
+        z["shape"] = [z["shape"][0] + 1, *z["shape"][1:]]
+        (store_dir / meta).write_text(json.dumps(z))
+    else:
+        with open(store_dir / rel, "ab") as f:
+            f.write(b"\0")
+    with pytest.raises(StoreCorruptError, match=re.escape(rel)):
+        open_store(store_dir)
+    assert len(full) == 2
 
 
 def test_a_store_opened_before_a_publication_serves_the_live_generation(good, tmp_path):
