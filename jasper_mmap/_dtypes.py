@@ -11,6 +11,7 @@ import numpy as np
 
 __all__ = [
     "STORED_DTYPES",
+    "entry_nbytes",
     "numpy_dtype",
     "safetensors_code",
     "to_stored",
@@ -24,6 +25,13 @@ STORED_DTYPES: dict[str, tuple[np.dtype, str]] = {
     "bfloat16": (np.dtype("<u2"), "BF16"),
     "int64": (np.dtype("<i8"), "I64"),
 }
+
+
+def entry_nbytes(entry: dict) -> int:
+    """Bytes of a manifest (or generation) entry's array: its shape times its stored dtype."""
+    return (
+        int(np.prod(entry["shape"], dtype=np.int64)) * numpy_dtype(entry["stored_dtype"]).itemsize
+    )
 
 
 def numpy_dtype(name: str) -> np.dtype:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._dtypes import numpy_dtype
+from ._dtypes import entry_nbytes
 from .buffers import BufferPool
 from .control import ControlBlock, Snapshot
 from .errors import ArtifactMissingError, ConfigError, DeviceUnavailableError, SampleIndexError
@@ -82,30 +82,22 @@ DENSE_REFS_PER_WINDOW = 50
 
 def dense_arrays(store: Store, split_len: int) -> frozenset[str]:
     """Arrays of ``store`` that a pass over ``split_len`` samples reads mostly whole."""
-    from .stores.safetensors_store import DENSE_WINDOW, choose_advice
+    from .stores.safetensors_store import DENSE_WINDOW, ram_bytes
 
     if os.environ.get("JASPER_MMAP_DENSE", "auto").lower() == "off":
         return frozenset()
-    total = sum(_nbytes(e) for e in store.manifest["arrays"].values())
-    if choose_advice(total) != "random":
-        return frozenset()  # the store is expected to be cached: no prefetch at all
+    if getattr(store, "advice", "normal") != "random":
+        return frozenset()  # cached (or not mapped): the batch prefetch does nothing
     refs = dict.fromkeys(_PAIR_ARRAYS, split_len)
     refs.update(question_embs=split_len, source_embs=split_len * (1 + store.counts["n_neg"]))
-    sizes = {n: _nbytes(store.entry(n)) for n in refs}
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    budget, dense = ram // 2, []
+    sizes = {n: entry_nbytes(store.entry(n)) for n in refs}
+    budget, dense = (ram_bytes() or 0) // 2, []
     for name in sorted(refs, key=lambda n: -refs[n] / max(sizes[n], 1)):
         windows = -(-sizes[name] // DENSE_WINDOW)
         if refs[name] >= DENSE_REFS_PER_WINDOW * windows and sizes[name] <= budget:
             dense.append(name)
             budget -= sizes[name]
     return frozenset(dense)
-
-
-def _nbytes(entry: dict[str, Any]) -> int:
-    return (
-        int(np.prod(entry["shape"], dtype=np.int64)) * numpy_dtype(entry["stored_dtype"]).itemsize
-    )
 
 
 class SampleBatch(Sequence):
@@ -486,7 +478,9 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         qs = store.gather("pair_index", pairs)
         negs = store.gather("hard_negatives", pairs, generation=generation)
         sources = np.concatenate([qs[:, 1], negs.reshape(-1)])
-        store.prefetch({"question_embs": qs[:, 0], "source_embs": sources}, dense, snap.epoch)
+        store.prefetch(
+            {"question_embs": qs[:, 0], "source_embs": sources}, dense, snap.epoch, generation
+        )
         d, k = self.embedding_dim, negs.shape[1]
         rows = gather("source_embs", sources, (b * (1 + k), d), torch.float32)
         steering = gather.zeros((b, d))  # variant 0: zero steering

@@ -12,7 +12,6 @@ manifest's ``warnings`` (lenient-input notices of the converter), and never rais
 
 from __future__ import annotations
 
-import math
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ._dtypes import numpy_dtype, to_float32
+from ._dtypes import entry_nbytes, numpy_dtype, to_float32
 from .errors import JasperError
 from .integrity import store_problems
 from .layout import load_manifest
@@ -170,7 +169,7 @@ def _check_arrays(store: Store, names: list[str], report: VerifyReport, progress
     for name in names:
         try:
             e = store.entry(name)  # negatives: read from CURRENT.json now, which may change
-            sizes[name] = math.prod(e["shape"]) * numpy_dtype(e["stored_dtype"]).itemsize
+            sizes[name] = entry_nbytes(e)
         except JasperError as e:
             report.problems.append(str(e))
     total = sum(sizes.values())
@@ -200,11 +199,10 @@ def store_info(path: str | Path) -> dict[str, Any]:
     arrays = {}
     for name in store.names():
         e = store.entry(name)
-        nbytes = int(np.prod(e["shape"], dtype=np.int64)) * numpy_dtype(e["stored_dtype"]).itemsize
         arrays[name] = {
             "shape": e["shape"],
             "stored_dtype": e["stored_dtype"],
-            "bytes": nbytes,
+            "bytes": entry_nbytes(e),
             "file": e["file"],
         }
     return {

@@ -452,7 +452,8 @@ def test_dense_windows_can_be_turned_off_and_respect_half_of_ram(src, monkeypatc
     import os
 
     from jasper_mmap import dataset as dataset_module
-    from jasper_mmap.dataset import _nbytes, dense_arrays
+    from jasper_mmap._dtypes import entry_nbytes
+    from jasper_mmap.dataset import dense_arrays
 
     _madvise_recorder(monkeypatch)
     ds = JASPERSteeringDataset(src, "train")
@@ -460,7 +461,7 @@ def test_dense_windows_can_be_turned_off_and_respect_half_of_ram(src, monkeypatc
     assert dense_arrays(ds.store, len(ds)) == frozenset()
     monkeypatch.delenv("JASPER_MMAP_DENSE")
     everything = dense_arrays(ds.store, len(ds))
-    sizes = {n: _nbytes(ds.store.entry(n)) for n in everything}
+    sizes = {n: entry_nbytes(ds.store.entry(n)) for n in everything}
     ram = sizes["source_embs"]  # half of it: the source table does not fit
     real = os.sysconf
     monkeypatch.setattr(
@@ -475,7 +476,11 @@ def test_dense_windows_can_be_turned_off_and_respect_half_of_ram(src, monkeypatc
     assert dense_arrays(ds.store, len(ds)) == frozenset()
     monkeypatch.setenv("JASPER_MMAP_MADVISE", "normal")  # a store that fits: no prefetch at all
     monkeypatch.setattr(dataset_module, "DENSE_REFS_PER_WINDOW", 50)
-    assert dense_arrays(ds.store, len(ds)) == frozenset()
+    monkeypatch.setattr(dataset_module.os, "sysconf", real)
+    cached = JASPERSteeringDataset(src, "train")  # the advice is chosen once per store
+    assert (
+        cached.store.advice == "normal" and dense_arrays(cached.store, len(cached)) == frozenset()
+    )
 
 
 def test_prefetch_advises_the_batchs_generation_not_the_one_served_meanwhile(

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from .._dtypes import numpy_dtype, safetensors_code
+from .._dtypes import entry_nbytes, numpy_dtype, safetensors_code
 from ..errors import JasperError, StoreCorruptError, StoreFormatError, StoreNotFoundError
 from ..schema import Problem, is_count, raise_problems, store_fix, type_name
 from .base import Store, StoreWriter
@@ -49,6 +49,7 @@ __all__ = [
     "layout_problems",
     "tensor_problems",
     "choose_advice",
+    "ram_bytes",
     "DENSE_WINDOW",
 ]
 
@@ -305,14 +306,21 @@ class SafetensorsWriter(StoreWriter):
 DENSE_WINDOW = 1 << 20
 
 
+def ram_bytes() -> int | None:
+    """This machine's physical memory (None where ``sysconf`` cannot tell)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
+
+
 def choose_advice(store_bytes: int) -> str:
     """``"normal"`` or ``"random"`` read-ahead for a store of ``store_bytes`` (NOTE above)."""
     forced = os.environ.get("JASPER_MMAP_MADVISE", "auto").lower()
     if forced in ("normal", "random"):
         return forced
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
+    ram = ram_bytes()
+    if ram is None:
         return "normal"
     return "normal" if store_bytes <= ram // 2 else "random"
 
@@ -391,10 +399,7 @@ class SafetensorsStore(Store):
         cached = self.__dict__.get("_advice_value")
         if cached is not None:
             return cached
-        total = sum(
-            int(np.prod(e["shape"], dtype=np.int64)) * numpy_dtype(e["stored_dtype"]).itemsize
-            for e in self.manifest["arrays"].values()
-        )
+        total = sum(entry_nbytes(e) for e in self.manifest["arrays"].values())
         self._advice_value = choose_advice(total)
         return self._advice_value
 
@@ -466,9 +471,10 @@ class SafetensorsStore(Store):
             span = -(-row // mmap.PAGESIZE) * mmap.PAGESIZE  # a row may cross a block's end
             if name in dense:  # NOTE [dense arrays]: a window each, the first time
                 windows = np.unique(offsets // DENSE_WINDOW)
-                asked = self._handles.get("__windows__")
-                if asked is None or asked.get("epoch") != epoch:  # asked again each epoch
-                    asked = self._handles["__windows__"] = {"epoch": epoch}
+                asked_epoch, asked = self._handles.get("__windows__", (None, None))
+                if asked is None or asked_epoch != epoch:  # asked again each epoch
+                    asked = {}
+                    self._handles["__windows__"] = (epoch, asked)
                 seen = asked.get((file, name))
                 if seen is None:
                     seen = asked[file, name] = np.zeros(len(mapped.map) // DENSE_WINDOW + 1, bool)
