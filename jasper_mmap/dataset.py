@@ -483,10 +483,7 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         )
         d, k = self.embedding_dim, negs.shape[1]
         rows = gather("source_embs", sources, (b * (1 + k), d), torch.float32)
-        steering = gather.zeros((b, d))  # variant 0: zero steering
-        for v, table in _STEERING_TABLES.items():
-            if chosen[table].size:
-                steering.numpy()[variants == v] = store.gather(table, chosen[table])
+        steering = gather.steering(variants, chosen, (b, d))
         out = {
             "question_emb": gather("question_embs", qs[:, 0], (b, d), torch.float32),
             "target_source_emb": rows[:b],
@@ -689,12 +686,23 @@ class _gatherer:
             return torch.empty(shape, dtype=dtype).share_memory_()
         return torch.empty(shape, dtype=dtype, pin_memory=True)
 
-    def zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
-        if self.mode == "plain":
-            out = self.pool.empty(shape, np.float32)
-            out.fill(0)
-            return torch.from_numpy(out)
-        return self._empty(shape, torch.float32).zero_()
+    def steering(
+        self, variants: np.ndarray, chosen: dict[str, np.ndarray], shape: tuple[int, int]
+    ) -> torch.Tensor:
+        """The batch's steering rows: zeros for variant 0, else the row of the variant's
+        table. Each table's rows are gathered into a scratch buffer (through the store's
+        fastest path, NOTE [intra-op gathers]) and copied to their places."""
+        out = self.pool.empty(shape, np.float32) if self.mode == "plain" else None
+        steering = torch.from_numpy(out) if out is not None else self._empty(shape, torch.float32)
+        rows = steering.numpy()
+        rows[variants == 0] = 0
+        for v, table in _STEERING_TABLES.items():
+            n = chosen[table].size
+            if n:
+                scratch = self.pool.empty(shape, np.float32, tag="scratch")[:n]
+                rows[variants == v] = self.store.gather(table, chosen[table], scratch)
+                del scratch  # free for the next table
+        return steering
 
     def adopt(self, values: np.ndarray) -> torch.Tensor:
         """A tensor of the batch computed in numpy (the variants)."""

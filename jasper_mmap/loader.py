@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .dataset import BATCH_KEYS, JASPERSteeringDataset, SampleBatch
 from .errors import JasperError
-from .threaded import ThreadedBatches
+from .threaded import GatherTuner, ThreadedBatches
 
 __all__ = [
     "create_loader",
@@ -71,8 +71,9 @@ class JasperLoader(DataLoader):
 
     ``worker_mode="thread"``: ``num_workers`` threads of this process gather batches in
     parallel, ``prefetch_factor * num_workers`` ahead, in sampler order, with no per-batch
-    process transport (NOTE [thread loading] in threaded.py); ``num_workers=0`` gathers in
-    the loop. ``worker_mode="process"``: the DataLoader's own worker processes, for users who
+    process transport (NOTE [thread loading] in threaded.py), or the loop gathers them itself
+    when :attr:`gather_tuner` measures that to be faster (a CPU training step that uses every
+    core; NOTE [gathering in the loop]); ``num_workers=0`` gathers in the loop. ``worker_mode="process"``: the DataLoader's own worker processes, for users who
     add per-sample Python work of their own (a custom collate function, say) that threads
     would serialize on the GIL. Batches are bit-identical in every mode.
     """
@@ -83,6 +84,9 @@ class JasperLoader(DataLoader):
                 f"worker_mode should be one of {WORKER_MODES}, but got worker_mode={worker_mode!r}"
             )
         self.worker_mode = worker_mode  # before DataLoader.__init__, which checks the workers
+        #: thread mode: measures whether gathering ahead on threads or in the loop is faster
+        #: for this loop and does that (NOTE [gathering in the loop]); None: always ahead
+        self.gather_tuner: GatherTuner | None = GatherTuner()
         super().__init__(dataset, **kwargs)
 
     def check_worker_number_rationality(self) -> None:
@@ -134,6 +138,7 @@ class JasperLoader(DataLoader):
             self.gather_threads,
             self.in_flight,
             pin,
+            self.gather_tuner,
         )
 
 

@@ -1,4 +1,5 @@
-"""Parallel, prefetched, in-order batch gathering on threads of the main process.
+"""Parallel, prefetched, in-order batch gathering: on threads of the main process, or in the
+loop itself when that is faster.
 
 # NOTE [thread loading]
 A batch of this dataset is a handful of ``numpy.take`` calls over memory maps, and ``take``
@@ -27,19 +28,103 @@ README's Performance section). So ``create_loader(num_workers=N)`` runs N gather
   the at most ``depth`` queued batches. They are not daemon threads, so none is killed inside
   a C call at exit. An exception raised while gathering is re-raised by ``next()`` in the
   training loop with its original traceback.
+
+# NOTE [gathering in the loop]
+Threads gather ahead only with CPU to spare. A CPU training step uses every core: torch's
+intra-op (OpenMP) threads run its kernels and spin between them, so a gather thread can only
+take a core from them, and the step waits for it at its next parallel region. Measured with the
+seed's training loop on 2 cores (scripts/bench_train.py): 2 gather threads 0.80 of the
+loader-free bound, gathering in the loop 0.81; with the gathers on torch's own threads
+(NOTE [intra-op gathers]) in the loop, 0.87. Where the consumer leaves cores idle (a GPU step,
+the loader alone) threads ahead win: 196k samples/s against 139k in the loop. Which case a
+loop is in is not knowable up front, so the loader measures it (:class:`GatherTuner`, as
+tf.data's autotuning does): it hands out batches for a window in one way, then the other,
+keeps the faster, and tries the other again every ``probe_every`` windows in case the loop
+changed. Both ways give the same batches in the same order (NOTE [thread loading]); only
+where and when a batch is gathered changes, and never more than ``depth`` ahead.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-__all__ = ["ThreadedBatches"]
+from .stores.base import mark_gather_thread
+
+__all__ = ["ThreadedBatches", "GatherTuner"]
 
 log = logging.getLogger(__name__)
+
+
+class GatherTuner:
+    """Chooses, window by window, between gathering ahead on threads and in the loop
+    (NOTE [gathering in the loop]). One per loader, kept across its epochs.
+
+    Args:
+        window_batches: batches a window has at least.
+        window_seconds: seconds a window lasts at least.
+        probe_every: windows between two tries of the way not chosen.
+        margin: how much faster (a fraction) the other way must have been to switch to it.
+        clock: the time source (tests pass their own).
+    """
+
+    def __init__(
+        self,
+        window_batches: int = 32,
+        window_seconds: float = 0.25,
+        probe_every: int = 16,
+        margin: float = 0.03,
+        clock: Any = time.perf_counter,
+    ) -> None:
+        self.window_batches, self.window_seconds = window_batches, window_seconds
+        self.probe_every, self.margin, self.clock = probe_every, margin, clock
+        self.inline = False  # start ahead: threads win wherever the consumer leaves CPU idle
+        self.rates: dict[bool, float | None] = {False: None, True: None}  # batches/s, last window
+        self.switches = 0
+        self._windows = 0
+        self._skip = 0
+        self._t0: float | None = None
+        self._n = 0
+
+    @property
+    def mode(self) -> str:
+        """``"inline"`` (gather in the loop) or ``"ahead"`` (gather threads)."""
+        return "inline" if self.inline else "ahead"
+
+    def restart(self, skip: int) -> None:
+        """A new window after ``skip`` batches (an epoch's start, a switch's drain or fill)."""
+        self._skip, self._t0, self._n = skip, None, 0
+
+    def handed_out(self, depth: int) -> bool:
+        """Count one batch handed out; True when the way should change (then it has)."""
+        if self._skip:
+            self._skip -= 1
+            return False
+        now = self.clock()
+        if self._t0 is None:
+            self._t0 = now
+            return False
+        self._n += 1
+        if self._n < self.window_batches or now - self._t0 < self.window_seconds:
+            return False
+        mine = self.rates[self.inline] = self._n / (now - self._t0)
+        other = self.rates[not self.inline]
+        self._windows += 1  # windows in this way since the last switch
+        switch = (
+            other is None  # never tried: try it
+            or self._windows >= self.probe_every  # tried long ago: try it again
+            or other > mine * (1 + self.margin)  # faster when last tried (a probe that lost)
+        )
+        if switch:
+            self.inline, self._windows = not self.inline, 0
+            self.switches += 1
+            log.debug("gathering %s now; batches/s by way: %s", self.mode, self.rates)
+        self.restart(depth)
+        return switch
 
 
 def _gather(dataset: Any, collate: Any, indices: list[int], pin: bool) -> Any:
@@ -63,44 +148,81 @@ class ThreadedBatches:
         threads: gather threads.
         depth: batches in flight or waiting at most.
         pin: gather into pinned memory (CUDA available and asked for).
+        tuner: chooses between gathering ahead and in the loop (NOTE [gathering in the
+            loop]); None gathers ahead always.
     """
 
     def __init__(
-        self, dataset: Any, batches: Any, collate: Any, threads: int, depth: int, pin: bool
+        self,
+        dataset: Any,
+        batches: Any,
+        collate: Any,
+        threads: int,
+        depth: int,
+        pin: bool,
+        tuner: GatherTuner | None = None,
     ) -> None:
         self._dataset, self._batches, self._collate = dataset, iter(batches), collate
-        self._pin, self._depth = pin, max(1, depth)
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="jasper-gather")
+        self._pin, self._depth, self._tuner = pin, max(1, depth), tuner
+        self._pool = ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix="jasper-gather", initializer=mark_gather_thread
+        )
         self._pending: collections.deque[Future] = collections.deque()
+        self._exhausted = False
         # joins the threads when the iterator is dropped (break), collected, or at exit
         self._finalizer = weakref.finalize(self, _shutdown, self._pool, self._pending)
-        for _ in range(self._depth):
-            if not self._submit():
-                break
+        self._inline = tuner is not None and tuner.inline
+        if tuner is not None:
+            tuner.restart(1)  # the epoch's first batch pays its start-up: not timed
+        if not self._inline:
+            self._fill()
 
-    def _submit(self) -> bool:
-        try:
-            indices = next(self._batches)
-        except StopIteration:
-            return False
-        fut = self._pool.submit(_gather, self._dataset, self._collate, indices, self._pin)
-        self._pending.append(fut)
-        return True
+    def _indices(self) -> Any:
+        """The sampler's next batch of indices, or None at the end of the epoch."""
+        if not self._exhausted:
+            try:
+                return next(self._batches)
+            except StopIteration:
+                self._exhausted = True
+        return None
+
+    def _fill(self) -> None:
+        """Submit batches until ``depth`` are in flight or waiting (or the epoch ends)."""
+        while len(self._pending) < self._depth:
+            indices = self._indices()
+            if indices is None:
+                return
+            fut = self._pool.submit(_gather, self._dataset, self._collate, indices, self._pin)
+            self._pending.append(fut)
+
+    @property
+    def mode(self) -> str:
+        """``"ahead"`` (gather threads) or ``"inline"`` (gathered in the loop) right now."""
+        return "inline" if self._inline else "ahead"
 
     def __iter__(self) -> ThreadedBatches:
         return self
 
     def __next__(self) -> Any:
-        if not self._pending:
-            self.close()
-            raise StopIteration
-        fut = self._pending.popleft()
+        if not self._finalizer.alive:
+            raise StopIteration  # closed: ended, broken off, or failed
         try:
-            batch = fut.result()
+            if self._pending:  # batches gathered ahead go first, in order
+                batch = self._pending.popleft().result()
+            elif self._inline and (indices := self._indices()) is not None:
+                batch = _gather(self._dataset, self._collate, indices, self._pin)
+            else:
+                self.close()
+                raise StopIteration
+        except StopIteration:
+            raise
         except BaseException:
             self.close()  # KeyboardInterrupt, or the gather's own error: stop the rest
             raise
-        self._submit()
+        if self._tuner is not None and self._tuner.handed_out(self._depth):
+            self._inline = self._tuner.inline
+        if not self._inline:
+            self._fill()
         return batch
 
     def __len__(self) -> int:

@@ -324,3 +324,180 @@ def test_gather_threads_are_at_most_the_cpus_and_batches_do_not_change(
     assert max(seen) <= want
     assert all(torch.equal(g[k], e[k]) for g, e in zip(got, expected, strict=True) for k in KEYS)
     assert loader.dataset_obj._pool.capacity >= loader.in_flight + 2  # buffers for the depth
+
+
+# -- NOTE [gathering in the loop]: the tuner and the way each batch is gathered ----------------
+from jasper_mmap.threaded import GatherTuner  # noqa: E402
+
+
+def always_switching() -> GatherTuner:
+    """A tuner that changes the way after every batch (a window of one batch, no margin)."""
+    return GatherTuner(window_batches=1, window_seconds=0.0, probe_every=1)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def drive(tuner: GatherTuner, clock: FakeClock, seconds: dict[str, float], n: int) -> list[str]:
+    """Hand out ``n`` batches, each taking ``seconds[way]``; the way of each batch."""
+    ways = []
+    for _ in range(n):
+        ways.append(tuner.mode)
+        clock.now += seconds[tuner.mode]
+        tuner.handed_out(depth=2)
+    return ways
+
+
+@pytest.mark.parametrize("faster", ["inline", "ahead"])
+def test_the_tuner_keeps_the_faster_way_and_tries_the_other_again(faster):
+    clock = FakeClock()
+    tuner = GatherTuner(window_batches=10, window_seconds=0.0, probe_every=5, clock=clock)
+    slower = "ahead" if faster == "inline" else "inline"
+    ways = drive(tuner, clock, {faster: 1.0, slower: 1.2}, 2000)
+    assert ways[0] == "ahead"  # starts ahead: threads win where the consumer leaves CPU idle
+    assert tuner.rates[faster == "inline"] == pytest.approx(1.0)
+    assert tuner.rates[faster != "inline"] == pytest.approx(1 / 1.2)
+    late = ways[500:]
+    assert late.count(faster) > 0.7 * len(late), "the faster way should be used most"
+    assert late.count(slower) > 0, "the other way should be tried again now and then"
+
+
+def test_the_tuner_follows_a_loop_that_changes():
+    clock = FakeClock()
+    tuner = GatherTuner(window_batches=10, window_seconds=0.0, probe_every=5, clock=clock)
+    ways = drive(tuner, clock, {"inline": 1.0, "ahead": 2.0}, 1000)
+    assert ways[-100:].count("inline") > 70
+    ways = drive(tuner, clock, {"inline": 2.0, "ahead": 1.0}, 1000)  # the loop changed
+    assert ways[-100:].count("ahead") > 70
+
+
+def test_equal_ways_do_not_flap():
+    clock = FakeClock()
+    tuner = GatherTuner(window_batches=10, window_seconds=0.0, probe_every=1000, clock=clock)
+    drive(tuner, clock, {"inline": 1.0, "ahead": 1.01}, 2000)  # within the 3% margin
+    assert tuner.switches == 1  # the first try of the other way, then it stays
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_batches_are_bit_identical_while_the_way_changes_every_batch(
+    store_path, reference, workers
+):
+    loader = loader_of(store_path, "thread", workers)
+    loader.gather_tuner = always_switching()
+    ways = []
+    got = []
+    it = iter(loader)
+    for b in it:
+        ways.append(it.mode)
+        got.append({k: b[k].clone() for k in KEYS})
+    # a switch skips the depth's batches (the drain or fill) before the next window
+    assert loader.gather_tuner.switches >= 2 and {"ahead", "inline"} <= set(ways), ways
+    assert len(got) == len(reference)
+    for a, b in zip(got, reference, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in KEYS)
+
+
+def test_set_epoch_reaches_batches_gathered_in_the_loop(st_store):
+    loader = create_loader(st_store, "train", 8, num_workers=2, shuffle=False)
+    ref = create_loader(st_store, "train", 8, num_workers=0, shuffle=False)
+    loader.gather_tuner.inline = True  # every batch of the epoch gathered in the loop
+    for epoch in (0, 7):
+        set_epoch(loader, epoch)
+        set_epoch(ref, epoch)
+        a = torch.cat([b["steering_variant"] for b in loader])
+        assert torch.equal(a, torch.cat([b["steering_variant"] for b in ref]))
+        assert loader.gather_tuner.mode == "inline"
+    assert not gather_threads()  # no thread was started: nothing was gathered ahead
+
+
+def test_reload_mid_epoch_while_the_way_changes_never_mixes_generations(tmp_path, pt_dataset):
+    from test_negatives import check_batch, table
+
+    from jasper_mmap import open_store
+    from jasper_mmap.converters import convert_pt
+
+    store = convert_pt(pt_dataset, tmp_path / "s", progress=False)
+    s = open_store(store)
+    sources, split = s.read("source_embs"), s.read("train_idx")
+    publish_negatives(store, *table(1, 120, 6, 120))
+    loader = create_loader(
+        store, "train", 4, num_workers=2, shuffle=False, drop_last=False, report_generation=True
+    )
+    loader.gather_tuner = always_switching()
+    loader.dataset_obj.reload_negatives()
+    gens = []
+    for k, batch in enumerate(loader):
+        gens.append(check_batch(batch, sources, split[4 * k : 4 * k + 4], 6))
+        if k == 5:
+            publish_negatives(store, *table(2, 120, 6, 120))
+            loader.dataset_obj.reload_negatives()
+    assert gens[:6] == [1] * 6 and set(gens[6 + loader.in_flight :]) == {2}, gens
+    assert gens == sorted(gens)
+
+
+def test_an_error_while_gathering_in_the_loop_surfaces_and_leaves_no_threads(st_store, monkeypatch):
+    loader = create_loader(st_store, "train", 8, num_workers=2, shuffle=False, prefetch_factor=1)
+    loader.gather_tuner = always_switching()
+    ds = loader.dataset_obj
+    real = ds.get_batch
+    where = []
+    last = len(loader) - 1
+
+    def broken(indices, pin_memory=False):
+        where.append(threading.current_thread() is threading.main_thread())
+        if 8 * last in list(indices):
+            raise Boom("the last batch is cursed")
+        return real(indices, pin_memory)
+
+    monkeypatch.setattr(ds, "get_batch", broken)
+    it = iter(loader)
+    seen = 0
+    with pytest.raises(Boom, match="the last batch is cursed") as info:
+        for _ in it:
+            seen += 1
+    assert seen == last
+    assert True in where and False in where, where  # batches were gathered both ways
+    assert "in broken" in "".join(traceback.format_tb(info.value.__traceback__))
+    assert wait_until(lambda: not gather_threads()), gather_threads()
+    with pytest.raises(StopIteration):
+        next(it)  # a failed iterator stays ended; it does not gather on in the loop
+
+
+def test_breaking_out_of_a_loop_that_gathers_in_the_loop_leaves_no_threads(st_store):
+    loader = create_loader(st_store, "train", 4, num_workers=4)
+    loader.gather_tuner = always_switching()
+    for k, _ in enumerate(loader):
+        if k == 6:
+            break
+    gc.collect()
+    assert wait_until(lambda: not gather_threads()), gather_threads()
+
+
+def test_the_loop_gathers_on_torchs_threads_and_gather_threads_with_numpy(st_store, monkeypatch):
+    """NOTE [intra-op gathers]: index_select in the loop's own thread, numpy.take in gather
+    threads; the same bytes either way."""
+    calls = []
+    real = torch.index_select
+
+    def spy(*args, **kwargs):
+        calls.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "index_select", spy)
+    big = 96  # rows of the source gather: B x (1 + n_neg) must reach the intra-op threshold
+    inline = create_loader(st_store, "train", big, num_workers=0, shuffle=False, drop_last=False)
+    ahead = create_loader(st_store, "train", big, num_workers=2, shuffle=False, drop_last=False)
+    ahead.gather_tuner = None  # always ahead
+    a = batches(inline)
+    assert calls and set(calls) == {threading.main_thread().name}
+    calls.clear()
+    b = batches(ahead)
+    assert calls == []
+    assert len(a) == len(b) and all(
+        torch.equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in KEYS
+    )

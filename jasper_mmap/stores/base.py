@@ -25,11 +25,24 @@ from ..errors import SampleIndexError, StoreCorruptError, StoreKeyError, StoreNo
 from ..integrity import check_generation
 from ..layout import NEGATIVES_DIR, generation_name, read_manifest, read_pointer
 
-__all__ = ["Store", "StoreWriter", "NEGATIVE_ARRAYS"]
+__all__ = ["Store", "StoreWriter", "NEGATIVE_ARRAYS", "mark_gather_thread", "in_gather_thread"]
 
 NEGATIVE_ARRAYS = ("hard_negatives", "negative_tiers")
 
 log = logging.getLogger(__name__)
+
+_THREAD = threading.local()
+
+
+def mark_gather_thread() -> None:
+    """Mark the calling thread as one of a loader's gather threads: its gathers stay on it
+    (numpy) instead of using torch's intra-op threads (NOTE [intra-op gathers])."""
+    _THREAD.gather = True
+
+
+def in_gather_thread() -> bool:
+    """Whether :func:`mark_gather_thread` marked the calling thread."""
+    return getattr(_THREAD, "gather", False)
 
 
 class _Generation:
@@ -281,10 +294,7 @@ class Store(abc.ABC):
 
         Negatives come from ``generation`` (default :attr:`generation`), which is leased.
         """
-        key = name
-        if name in NEGATIVE_ARRAYS:
-            g = self.generation if generation is None else generation
-            key = f"{NEGATIVES_DIR}/{g}/{name}"
+        key, g = self._handle_key(name, generation)
         handle = self._handles.get(key)
         if handle is None:
             with self._guard():
@@ -293,6 +303,13 @@ class Store(abc.ABC):
                     entry = self.entry(name, g) if name in NEGATIVE_ARRAYS else self.entry(name)
                     handle = self._handles[key] = self._open_array(name, entry)
         return handle
+
+    def _handle_key(self, name: str, generation: int | None) -> tuple[str, int | None]:
+        """The key of ``name``'s handle, and the generation it is read from (negatives)."""
+        if name not in NEGATIVE_ARRAYS:
+            return name, None
+        g = self.generation if generation is None else generation
+        return f"{NEGATIVES_DIR}/{g}/{name}", g
 
     def gather(
         self,
