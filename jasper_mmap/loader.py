@@ -131,6 +131,9 @@ class JasperLoader(DataLoader):
         reserve = getattr(self.dataset, "reserve_batch_buffers", None)
         if reserve is not None:  # the batches in flight and the one the loop holds
             reserve(self.in_flight + 2)
+        tuner = self.gather_tuner
+        if getattr(getattr(self.dataset, "store", None), "advice", "normal") == "random":
+            tuner = None  # larger than RAM: batches wait on the disk; threads keep reads in flight
         return ThreadedBatches(
             self.dataset,
             self._epoch_batches(),
@@ -138,7 +141,7 @@ class JasperLoader(DataLoader):
             self.gather_threads,
             self.in_flight,
             pin,
-            self.gather_tuner,
+            tuner,
         )
 
 

@@ -42,6 +42,13 @@ tf.data's autotuning does): it hands out batches for a window in one way, then t
 keeps the faster, and tries the other again every ``probe_every`` windows in case the loop
 changed. Both ways give the same batches in the same order (NOTE [thread loading]); only
 where and when a batch is gathered changes, and never more than ``depth`` ahead.
+
+Not for a store larger than half of RAM (read-ahead advice "random"): there batches wait on the
+disk, the threads keep more reads in flight, and a pass speeds up as the page cache fills, so
+a later window looks faster whichever way it used, so the comparison is biased. Such a loader
+always gathers ahead. Measured on the 32 GB store (scripts/bench_large.py, full passes,
+thread:4, alternated): always ahead 32,417 and 28,466 samples/s, tuned 27,513 and 28,512;
+within this disk's noise, so the rule rests on the reasons above, not on these figures.
 """
 
 from __future__ import annotations

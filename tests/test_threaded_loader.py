@@ -501,3 +501,16 @@ def test_the_loop_gathers_on_torchs_threads_and_gather_threads_with_numpy(st_sto
     assert len(a) == len(b) and all(
         torch.equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in KEYS
     )
+
+
+def test_a_store_larger_than_half_of_ram_always_gathers_ahead(st_store, monkeypatch):
+    """NOTE [gathering in the loop]: no tuning where batches wait on the disk."""
+    monkeypatch.setenv("JASPER_MMAP_MADVISE", "random")
+    loader = create_loader(st_store, "train", 4, num_workers=2, shuffle=False)
+    assert loader.dataset_obj.store.advice == "random"
+    loader.gather_tuner = always_switching()
+    modes = set()
+    it = iter(loader)
+    for _ in it:
+        modes.add(it.mode)
+    assert modes == {"ahead"} and loader.gather_tuner.switches == 0
