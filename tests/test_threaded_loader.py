@@ -117,7 +117,9 @@ def test_set_epoch_and_force_steering_between_epochs_reach_the_threads(st_store)
     assert all((b["steering_variant"] == 3).all() for b in loader)
 
 
-def test_reload_mid_epoch_never_mixes_generations_within_a_batch(tmp_path, pt_dataset):
+def reload_mid_epoch(tmp_path, pt_dataset, workers: int, at: int, tuner) -> tuple[list, int]:
+    """Serve an epoch, publish and reload after batch ``at``; each batch's negatives
+    generation (every batch checked against the table it claims) and the loader's depth."""
     from test_negatives import check_batch, table
 
     from jasper_mmap import open_store
@@ -128,18 +130,25 @@ def test_reload_mid_epoch_never_mixes_generations_within_a_batch(tmp_path, pt_da
     sources, split = s.read("source_embs"), s.read("train_idx")
     publish_negatives(store, *table(1, 120, 6, 120))
     loader = create_loader(
-        store, "train", 4, num_workers=3, shuffle=False, drop_last=False, report_generation=True
-    )
+        store, "train", 4, num_workers=workers, shuffle=False, drop_last=False,
+        report_generation=True,
+    )  # fmt: skip
+    if tuner != "default":
+        loader.gather_tuner = tuner
     loader.dataset_obj.reload_negatives()
     gens = []
     for k, batch in enumerate(loader):
         gens.append(check_batch(batch, sources, split[4 * k : 4 * k + 4], 6))
-        if k == 2:
+        if k == at:
             publish_negatives(store, *table(2, 120, 6, 120))
             loader.dataset_obj.reload_negatives()
-    in_flight = loader.in_flight
-    assert gens[: 3 + in_flight].count(1) >= 3 and set(gens[3 + in_flight :]) == {2}, gens
     assert gens == sorted(gens)
+    return gens, loader.in_flight
+
+
+def test_reload_mid_epoch_never_mixes_generations_within_a_batch(tmp_path, pt_dataset):
+    gens, in_flight = reload_mid_epoch(tmp_path, pt_dataset, 3, 2, "default")
+    assert gens[: 3 + in_flight].count(1) >= 3 and set(gens[3 + in_flight :]) == {2}, gens
 
 
 class Boom(RuntimeError):
@@ -416,28 +425,8 @@ def test_set_epoch_reaches_batches_gathered_in_the_loop(st_store):
 
 
 def test_reload_mid_epoch_while_the_way_changes_never_mixes_generations(tmp_path, pt_dataset):
-    from test_negatives import check_batch, table
-
-    from jasper_mmap import open_store
-    from jasper_mmap.converters import convert_pt
-
-    store = convert_pt(pt_dataset, tmp_path / "s", progress=False)
-    s = open_store(store)
-    sources, split = s.read("source_embs"), s.read("train_idx")
-    publish_negatives(store, *table(1, 120, 6, 120))
-    loader = create_loader(
-        store, "train", 4, num_workers=2, shuffle=False, drop_last=False, report_generation=True
-    )
-    loader.gather_tuner = always_switching()
-    loader.dataset_obj.reload_negatives()
-    gens = []
-    for k, batch in enumerate(loader):
-        gens.append(check_batch(batch, sources, split[4 * k : 4 * k + 4], 6))
-        if k == 5:
-            publish_negatives(store, *table(2, 120, 6, 120))
-            loader.dataset_obj.reload_negatives()
-    assert gens[:6] == [1] * 6 and set(gens[6 + loader.in_flight :]) == {2}, gens
-    assert gens == sorted(gens)
+    gens, in_flight = reload_mid_epoch(tmp_path, pt_dataset, 2, 5, always_switching())
+    assert gens[:6] == [1] * 6 and set(gens[6 + in_flight :]) == {2}, gens
 
 
 def test_an_error_while_gathering_in_the_loop_surfaces_and_leaves_no_threads(st_store, monkeypatch):
