@@ -73,9 +73,10 @@ class JasperLoader(DataLoader):
     parallel, ``prefetch_factor * num_workers`` ahead, in sampler order, with no per-batch
     process transport (NOTE [thread loading] in threaded.py), or the loop gathers them itself
     when :attr:`gather_tuner` measures that to be faster (a CPU training step that uses every
-    core; NOTE [gathering in the loop]); ``num_workers=0`` gathers in the loop. ``worker_mode="process"``: the DataLoader's own worker processes, for users who
-    add per-sample Python work of their own (a custom collate function, say) that threads
-    would serialize on the GIL. Batches are bit-identical in every mode.
+    core; NOTE [gathering in the loop]); ``num_workers=0`` gathers in the loop.
+    ``worker_mode="process"``: the DataLoader's own worker processes, for users who add
+    per-sample Python work of their own (a custom collate function, say) that threads would
+    serialize on the GIL. Batches are bit-identical in every mode.
     """
 
     def __init__(self, dataset: Any, *, worker_mode: str = "thread", **kwargs: Any) -> None:

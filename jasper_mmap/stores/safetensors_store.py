@@ -474,15 +474,16 @@ class SafetensorsStore(Store):
         return np.take(src, idx, axis=0, out=out, mode="clip")
 
     def _torch_view(self, name: str, generation: int | None, src: np.ndarray) -> Any:
-        """A read-only tensor over ``src`` (the map of ``name``), made once per map."""
+        """A read-only tensor over ``src`` (the map of ``name``), made once per map; kept
+        under the map's key + "#torch", so it is dropped with the map (release, close)."""
         key = self._handle_key(name, generation)[0] + "#torch"
         view = self._handles.get(key)
-        if view is None or view[0] is not src:
+        if view is None:
             with self._guard(), warnings.catch_warnings():
                 # torch warns that it cannot mark the tensor read-only; nothing writes to it
                 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                view = self._handles[key] = (src, _torch().from_numpy(src))
-        return view[1]
+                view = self._handles[key] = _torch().from_numpy(src)
+        return view
 
     def prefetch(
         self,
