@@ -467,7 +467,9 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         self, store: Store, idx: np.ndarray, snap: Snapshot, gather: _gatherer
     ) -> dict[str, torch.Tensor]:
         b, generation = idx.size, gather.generation
-        pairs = store.gather(f"{self.split}_idx", idx)
+        # each index array is range-checked once; every array of that length is read with it
+        # (``take``): the pair-keyed arrays have n_pairs rows (schema, at open and publish)
+        pairs = store.check_rows("pair_index", store.take(f"{self.split}_idx", idx))
         variants = self._variants(pairs, snap)
         chosen = {table: pairs[variants == v] for v, table in _STEERING_TABLES.items()}
         dense = self._dense_arrays(store)
@@ -475,17 +477,18 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         store.prefetch(
             {name: pairs for name in _PAIR_ARRAYS} | chosen, dense, snap.epoch, generation
         )
-        qs = store.gather("pair_index", pairs)
-        negs = store.gather("hard_negatives", pairs, generation=generation)
-        sources = np.concatenate([qs[:, 1], negs.reshape(-1)])
+        qs = store.take("pair_index", pairs)
+        negs = store.take("hard_negatives", pairs, generation=generation)
+        sources = store.check_rows("source_embs", np.concatenate([qs[:, 1], negs.reshape(-1)]))
+        questions = store.check_rows("question_embs", qs[:, 0])
         store.prefetch(
-            {"question_embs": qs[:, 0], "source_embs": sources}, dense, snap.epoch, generation
+            {"question_embs": questions, "source_embs": sources}, dense, snap.epoch, generation
         )
         d, k = self.embedding_dim, negs.shape[1]
         rows = gather("source_embs", sources, (b * (1 + k), d), torch.float32)
         steering = gather.steering(variants, chosen, (b, d))
         out = {
-            "question_emb": gather("question_embs", qs[:, 0], (b, d), torch.float32),
+            "question_emb": gather("question_embs", questions, (b, d), torch.float32),
             "target_source_emb": rows[:b],
             "steering": steering,
             "negative_embs": rows[b:].view(b, k, d),
@@ -700,7 +703,7 @@ class _gatherer:
             n = chosen[table].size
             if n:
                 scratch = self.pool.empty(shape, np.float32, tag="scratch")[:n]
-                rows[variants == v] = self.store.gather(table, chosen[table], scratch)
+                rows[variants == v] = self.store.take(table, chosen[table], scratch)
                 del scratch  # free for the next table
         return steering
 
@@ -714,11 +717,12 @@ class _gatherer:
     def __call__(
         self, name: str, rows: np.ndarray, shape: tuple[int, ...], dtype: torch.dtype
     ) -> torch.Tensor:
+        """Rows ``rows`` (range-checked by the caller: ``Store.check_rows``) of ``name``."""
         if self.mode == "plain":  # into a recycled buffer: NOTE [recycled batch buffers]
             buf = self.pool.empty(shape, _NP_DTYPES[dtype])
-            return torch.from_numpy(self.store.gather(name, rows, buf, generation=self.generation))
+            return torch.from_numpy(self.store.take(name, rows, buf, generation=self.generation))
         out = self._empty(shape, dtype)
-        self.store.gather(name, rows, out.numpy(), generation=self.generation)
+        self.store.take(name, rows, out.numpy(), generation=self.generation)
         return out
 
 

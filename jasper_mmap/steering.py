@@ -10,6 +10,7 @@ split's value), so a sample keeps its draw whatever the split's order.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -46,13 +47,26 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
+_MASK64 = (1 << 64) - 1
+
+
+@functools.lru_cache(maxsize=64)
+def _epoch_key(seed: int, epoch: int) -> np.uint64:
+    """``_mix(_mix(seed) ^ epoch)``, computed once per (seed, epoch) with Python integers."""
+
+    def mix(x: int) -> int:  # _mix on one value
+        x = (x + int(_GOLDEN)) & _MASK64
+        x = ((x ^ (x >> 30)) * int(_M1)) & _MASK64
+        x = ((x ^ (x >> 27)) * int(_M2)) & _MASK64
+        return x ^ (x >> 31)
+
+    return np.uint64(mix(mix(seed & _MASK64) ^ (epoch & _MASK64)))
+
+
 def uniform(seed: int, epoch: int, ids: np.ndarray) -> np.ndarray:
     """Uniform floats in [0, 1), one per id, a pure function of (seed, epoch, id)."""
     ids = np.asarray(ids, dtype=np.int64).astype(np.uint64)
-    with np.errstate(over="ignore"):
-        h = _mix(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
-        h = _mix(h ^ np.uint64(epoch & 0xFFFFFFFFFFFFFFFF))
-        h = _mix(h ^ ids)
+    h = _mix(_epoch_key(seed, epoch) ^ ids)  # array arithmetic wraps without a warning
     return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 

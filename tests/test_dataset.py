@@ -532,6 +532,36 @@ def test_prefetch_leaves_rows_outside_an_array_to_the_gather(src, monkeypatch):
         assert calls and _in(calls, source) == calls
 
 
+@pytest.mark.parametrize(
+    ("array", "at", "bad", "named"),
+    [  # ``at``: the flat position of the damaged value in the rows read
+        ("train_idx", -1, lambda s: s.shape("pair_index")[0], "pair_index"),
+        ("pair_index", -2, lambda s: s.shape("question_embs")[0], "question_embs"),
+        ("pair_index", -1, lambda s: s.shape("source_embs")[0], "source_embs"),
+        ("hard_negatives", -1, lambda s: s.shape("source_embs")[0], "source_embs"),
+        ("hard_negatives", 0, lambda s: -1, "source_embs"),
+    ],
+)
+def test_a_batch_names_rows_a_damaged_index_points_past(src, monkeypatch, array, at, bad, named):
+    """Each index array of a batch is range-checked once (``check_rows``) before the arrays
+    it addresses are read without checks (``take``): a store whose index arrays point past
+    the rows they address still fails with SampleIndexError naming the array."""
+    ds = JASPERSteeringDataset(src, "train")
+    store = ds.store
+    real = store.take
+
+    def damaged(name, idx, out=None, generation=None):
+        rows = real(name, idx, out, generation)
+        if name == array:
+            rows = rows.copy()
+            rows.reshape(-1)[at] = bad(store)
+        return rows
+
+    monkeypatch.setattr(store, "take", damaged)
+    with pytest.raises(SampleIndexError, match=rf"rows of '{named}' should be in"):
+        ds.get_batch([0, 1, 2])
+
+
 def test_a_failed_control_write_leaves_the_block_readable(src):
     ds = JASPERSteeringDataset(src, "train")
     with pytest.raises(OverflowError):

@@ -60,6 +60,20 @@ class TestStoreContract:
         with pytest.raises(IndexError):
             store.gather("pair_index", [10**9])
 
+    def test_check_rows_once_then_take_reads_what_gather_reads(self, store_path):
+        """A batch checks an index array once and reads several arrays with it (``take``)."""
+        store = open_store(store_path)
+        idx = store.check_rows("pair_index", [3, 0, 3, store.shape("pair_index")[0] - 1])
+        assert idx.dtype == np.int64
+        for name in ("pair_index", "pair_relevance", "steering_centroid", "hard_negatives"):
+            np.testing.assert_array_equal(store.take(name, idx), store.gather(name, idx))
+            out = np.empty_like(store.gather(name, idx))
+            assert store.take(name, idx, out) is out
+            np.testing.assert_array_equal(out, store.gather(name, idx))
+        n = store.shape("source_embs")[0]
+        with pytest.raises(SampleIndexError, match=rf"'source_embs' should be in \[0, {n}\)"):
+            store.check_rows("source_embs", [0, n])
+
     def test_manifest_records_counts_and_integrity_facts(self, store_path, pt_dataset):
         store = open_store(store_path)
         c = store.counts

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from jasper_mmap import create_loader, publish_negatives, set_epoch
 from jasper_mmap.loader import JasperLoader
+from jasper_mmap.stores import safetensors_store
 
 KEYS = ("question_emb", "negative_embs", "steering", "steering_variant", "negative_tiers")
 
@@ -478,9 +479,10 @@ def test_the_loop_gathers_on_torchs_threads_and_gather_threads_with_numpy(st_sto
         return real(*args, **kwargs)
 
     monkeypatch.setattr(torch, "index_select", spy)
-    big = 96  # rows of the source gather: B x (1 + n_neg) must reach the intra-op threshold
-    inline = create_loader(st_store, "train", big, num_workers=0, shuffle=False, drop_last=False)
-    ahead = create_loader(st_store, "train", big, num_workers=2, shuffle=False, drop_last=False)
+    # the fixture's rows are small: every 2-D gather reaches a threshold of 1 byte
+    monkeypatch.setattr(safetensors_store, "_INTRA_OP_BYTES", 1)
+    inline = create_loader(st_store, "train", 8, num_workers=0, shuffle=False, drop_last=False)
+    ahead = create_loader(st_store, "train", 8, num_workers=2, shuffle=False, drop_last=False)
     ahead.gather_tuner = None  # always ahead
     a = batches(inline)
     assert calls and set(calls) == {threading.main_thread().name}
@@ -490,6 +492,27 @@ def test_the_loop_gathers_on_torchs_threads_and_gather_threads_with_numpy(st_sto
     assert len(a) == len(b) and all(
         torch.equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in KEYS
     )
+
+
+def test_gathers_below_the_intra_op_bytes_stay_with_numpy(st_store, monkeypatch):
+    """NOTE [intra-op gathers]: the threshold counts bytes, so narrow rows (the batch's
+    negative tiers, say) keep numpy even where there are many of them."""
+    from jasper_mmap.stores import open_store
+
+    calls = []
+    real = torch.index_select
+    monkeypatch.setattr(torch, "index_select", lambda *a, **k: calls.append(1) or real(*a, **k))
+    store = open_store(st_store)
+    rows = np.arange(store.shape("source_embs")[0], dtype=np.int64)
+    row_bytes = store.raw("source_embs").strides[0]
+    out = np.empty((rows.size, store.shape("source_embs")[1]), np.float32)
+    monkeypatch.setattr(safetensors_store, "_INTRA_OP_BYTES", rows.size * row_bytes + 1)
+    np.testing.assert_array_equal(store.take("source_embs", rows, out), store.read("source_embs"))
+    assert calls == []
+    monkeypatch.setattr(safetensors_store, "_INTRA_OP_BYTES", rows.size * row_bytes)
+    out[:] = 0
+    np.testing.assert_array_equal(store.take("source_embs", rows, out), store.read("source_embs"))
+    assert calls == [1]
 
 
 def test_a_store_larger_than_half_of_ram_always_gathers_ahead(st_store, monkeypatch):

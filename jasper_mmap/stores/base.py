@@ -325,6 +325,17 @@ class Store(abc.ABC):
         Raises:
             SampleIndexError: an index is negative or not below the array's length.
         """
+        idx = self.check_rows(name, index, generation)
+        return self.take(name, idx, out, generation)
+
+    def check_rows(
+        self, name: str, index: np.ndarray | list[int], generation: int | None = None
+    ) -> np.ndarray:
+        """``index`` as an int64 array, once checked to address rows of ``name``.
+
+        Raises:
+            SampleIndexError: an index is negative or not below the array's length.
+        """
         idx = np.asarray(index, dtype=np.int64)
         n = self.shape(name, generation)[0]
         if idx.size and (idx.min() < 0 or idx.max() >= n):
@@ -332,6 +343,18 @@ class Store(abc.ABC):
             raise SampleIndexError(
                 f"{self.path}: rows of {name!r} should be in [0, {n}), but got {bad[:5].tolist()}"
             )
+        return idx
+
+    def take(
+        self,
+        name: str,
+        idx: np.ndarray,
+        out: np.ndarray | None = None,
+        generation: int | None = None,
+    ) -> np.ndarray:
+        """:meth:`gather` without the range check, for int64 ``idx`` that :meth:`check_rows`
+        accepted for ``name`` or for an array of the same length (a batch checks each index
+        array once and reads several arrays with it). Out-of-range rows are not detected."""
         stored = self.entry(name, generation)["stored_dtype"]
         if out is not None and stored in ("float32", "int64"):
             return self._gather_raw(name, idx, out, generation)  # into the caller's buffer
