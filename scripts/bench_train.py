@@ -15,12 +15,16 @@ What is measured: the seed's training step (`SimpleJASPERPredictor`, InfoNCE
 
 How: every row is measured once per round, and the rounds go round-robin over the rows (the
 order rotates by one each round), so drift and noise of a shared machine hit all rows alike.
-A measurement starts a fresh iterator (a new epoch: `set_epoch`, then `iter`, as the seed's
+The bound is measured before the first row of a round and again after each row, and a row's
+"of bound" for the round is its rate over the mean of the two bound measurements around it:
+on a shared 2-core machine the bound itself drifts by up to a third between minutes, and a
+bound taken once per round compared rows with a bound a minute away. A measurement starts a
+fresh iterator (a new epoch: `set_epoch`, then `iter`, as the seed's
 loop does each epoch, so DataLoader workers start there), takes the first batch (timed
 separately: "start-up"), runs --warmup steps untimed, then times --steps steps with
 `time.perf_counter` (after `torch.cuda.synchronize()` on a GPU). Reported per row: the median
-steps/s over the rounds with its min-max spread, the median over rounds of (row / bound of the
-same round), samples/s, the median start-up, and what steps/s becomes over one full epoch when
+steps/s over the rounds with its min-max spread, the median over rounds of (row / the bound
+around it), samples/s, the median start-up, and what steps/s becomes over one full epoch when
 that start-up is paid once per epoch.
 
 "Loader alone" iterates the same loaders without training for --alone-seconds each (samples/s,
@@ -88,6 +92,7 @@ class Row:
     optimizer: torch.optim.Optimizer | None = None
     rates: list[float] = field(default_factory=list)
     startups: list[float] = field(default_factory=list)
+    fracs: list[float] = field(default_factory=list)  # per round: rate / the bound around it
 
 
 def sync(device: torch.device) -> None:
@@ -223,9 +228,13 @@ def run_rounds(train: list[Row], alone: list[Row], args, device) -> list[float]:
     loads = []
     for rnd in range(args.rounds):
         t = time.perf_counter()
-        k = rnd % len(train)
-        for row in train[k:] + train[:k]:
+        bound, rows = train[0], train[1:]
+        k = rnd % len(rows)
+        measure_training(bound, rnd, args, device)
+        for row in rows[k:] + rows[:k]:
             measure_training(row, rnd, args, device)
+            measure_training(bound, rnd, args, device)  # the bound after = the next's before
+            row.fracs.append(row.rates[-1] / statistics.mean(bound.rates[-2:]))
         k = rnd % len(alone)
         for row in alone[k:] + alone[:k]:
             measure_alone(row, rnd, args)
@@ -251,9 +260,9 @@ def training_table(rows: list[Row], epoch: int) -> tuple[list[str], list[dict]]:
     records = []
     for row in rows:
         med, startup = statistics.median(row.rates), statistics.median(row.startups)
-        frac = statistics.median(ratios(row, rows[0]))
-        with_startup = epoch / (epoch / med + startup)
         first = row is rows[0]
+        frac = 1.0 if first else statistics.median(row.fracs)
+        with_startup = epoch / (epoch / med + startup)
         lines.append(
             f"| {row.label} | {med:.1f} | {min(row.rates):.1f}-{max(row.rates):.1f} "
             f"| {frac:.0%} | {med * B:,.0f} | {'-' if first else f'{startup:.3f}'} "
@@ -266,6 +275,7 @@ def training_table(rows: list[Row], epoch: int) -> tuple[list[str], list[dict]]:
                 "steps_per_s": med,
                 "steps_per_s_rounds": row.rates,
                 "frac_bound": frac,
+                "frac_bound_rounds": None if first else row.fracs,
                 "samples_per_s": med * B,
                 "startup_s": None if first else startup,
                 "startup_s_rounds": None if first else row.startups,
@@ -389,7 +399,7 @@ def main() -> int:
         f"median over {args.rounds} interleaved rounds; steps/s exclude worker start-up "
         "(first batch of a fresh iterator, shown separately; the last column pays it once per "
         "epoch, as non-persistent workers do); 'of bound' = median over rounds of the row's "
-        "rate / the bound's rate in the same round; page cache warm"
+        "rate / the mean of the bound measured just before and after it; page cache warm"
     )
     print("\n".join(lines))
     print(
