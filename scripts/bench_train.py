@@ -9,8 +9,13 @@ What is measured: the seed's training step (`SimpleJASPERPredictor`, InfoNCE
 
   1. a loader-free bound: one batch gathered once and reused every step (no loading at all;
      with --device cuda it is moved to the GPU once, so the bound has no copies either);
-  2.-4. `create_loader(store, "train", 128, num_workers=w)` for each w of --workers;
-  5. the seed's in-RAM dataset: every `.pt` loaded into RAM with `torch.load`, one
+  2. a gather floor: per step only the batch's large rows, B x (1 + n_neg) source rows, B
+     question rows and B steering rows of 1.5 KiB (D=384), at random, each array one
+     `torch.index_select` from the store's memory maps into reused buffers, nothing else (no
+     sampler, no variants, no checks, no small arrays): what moving the bytes between two
+     steps costs at the least;
+  3.-5. `create_loader(store, "train", 128, num_workers=w)` for each w of --workers;
+  6. the seed's in-RAM dataset: every `.pt` loaded into RAM with `torch.load`, one
      `__getitem__` per sample, the default collate, num_workers=--inram-workers (4).
 
 How: every row is measured once per round, and the rounds go round-robin over the rows (the
@@ -60,8 +65,10 @@ from benchlib import B, ensure_dataset
 from main_job import SimpleJASPERPredictor, contrastive_loss  # the example's model and loss
 
 from jasper_mmap import create_loader, set_epoch
+from jasper_mmap.stores import open_store
 
 INPUTS = ("question_emb", "target_source_emb", "steering", "negative_embs")
+FLOOR_ROWS = ("source_embs", "question_embs", "steering_centroid")
 
 
 class RandomBatches:
@@ -155,6 +162,33 @@ def counted(loader) -> Iterator[int]:
     return (batch["question_emb"].shape[0] for batch in loader)
 
 
+def gather_floor(store: Path, n_neg: int) -> Callable[[int], Iterator]:
+    """A round's iterator of batches holding only the large rows, gathered between steps."""
+    st = open_store(store)
+    with warnings.catch_warnings():  # read-only maps; nothing writes to them
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        maps = {name: torch.from_numpy(st.raw(name)) for name in FLOOR_ROWS}
+    dim = maps["source_embs"].shape[1]
+    counts = {"source_embs": B * (1 + n_neg), "question_embs": B, "steering_centroid": B}
+    outs = {name: torch.empty(n, dim) for name, n in counts.items()}
+
+    def start(rnd: int) -> Iterator:
+        rng = np.random.default_rng(rnd)
+        while True:
+            for name, src in maps.items():
+                idx = torch.from_numpy(rng.integers(0, src.shape[0], counts[name]))
+                torch.index_select(src, 0, idx, out=outs[name])
+            rows = outs["source_embs"]
+            yield {
+                "question_emb": outs["question_embs"],
+                "target_source_emb": rows[:B],
+                "steering": outs["steering_centroid"],
+                "negative_embs": rows[B:].view(B, n_neg, dim),
+            }
+
+    return start
+
+
 def make_model(dim: int, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = SimpleJASPERPredictor(dim).to(device)
@@ -176,6 +210,8 @@ def training_rows(store, base, args, device) -> tuple[list[Row], int]:
         pin_memory=pin,
     )
     rows = [Row("loader-free bound (one batch reused)", lambda rnd: itertools.repeat(bound))]
+    floor = gather_floor(store, first["negative_embs"].shape[1])
+    rows.append(Row("gather floor (large rows only, index_select)", floor))
     rows += [Row(f"create_loader, num_workers={w}", epoch_iter(ld)) for w, ld in loaders.items()]
     rows.append(
         Row(
