@@ -65,8 +65,8 @@ def _epoch_key(seed: int, epoch: int) -> np.uint64:
 
 def uniform(seed: int, epoch: int, ids: np.ndarray) -> np.ndarray:
     """Uniform floats in [0, 1), one per id, a pure function of (seed, epoch, id)."""
-    ids = np.asarray(ids, dtype=np.int64).astype(np.uint64)
-    h = _mix(_epoch_key(seed, epoch) ^ ids)  # array arithmetic wraps without a warning
+    ids = np.atleast_1d(np.asarray(ids, dtype=np.int64)).astype(np.uint64)
+    h = _mix(_epoch_key(int(seed), int(epoch)) ^ ids)  # array arithmetic wraps, no warning
     return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 

@@ -18,19 +18,20 @@ What is measured: the seed's training step (`SimpleJASPERPredictor`, InfoNCE
   6. the seed's in-RAM dataset: every `.pt` loaded into RAM with `torch.load`, one
      `__getitem__` per sample, the default collate, num_workers=--inram-workers (4).
 
-How: every row is measured once per round, and the rounds go round-robin over the rows (the
-order rotates by one each round), so drift and noise of a shared machine hit all rows alike.
-The bound is measured before the first row of a round and again after each row, and a row's
-"of bound" for the round is its rate over the mean of the two bound measurements around it:
-on a shared 2-core machine the bound itself drifts by up to a third between minutes, and a
-bound taken once per round compared rows with a bound a minute away. A measurement starts a
-fresh iterator (a new epoch: `set_epoch`, then `iter`, as the seed's
+How: every other row is measured once per round, and the rounds go round-robin over the
+rows (the order rotates by one each round), so drift and noise of a shared machine hit all
+rows alike. The bound is measured before the first row of a round and again after each row,
+and a row's "of bound" for the round is its rate over the mean of the two bound measurements
+around it: on a shared 2-core machine the bound itself drifts by up to a third between
+minutes, and a bound taken once per round compared rows with a bound a minute away. A
+measurement starts a fresh iterator (a new epoch: `set_epoch`, then `iter`, as the seed's
 loop does each epoch, so DataLoader workers start there), takes the first batch (timed
 separately: "start-up"), runs --warmup steps untimed, then times --steps steps with
 `time.perf_counter` (after `torch.cuda.synchronize()` on a GPU). Reported per row: the median
-steps/s over the rounds with its min-max spread, the median over rounds of (row / the bound
-around it), samples/s, the median start-up, and what steps/s becomes over one full epoch when
-that start-up is paid once per epoch.
+steps/s over its measurements with their min-max spread (the bound: all 1 + rows measurements
+of every round), the median over rounds of (row / the bound around it), samples/s, the median
+start-up, and what steps/s becomes over one full epoch when that start-up is paid once per
+epoch.
 
 "Loader alone" iterates the same loaders without training for --alone-seconds each (samples/s,
 same round-robin), next to a raw bound: one numpy gather per array from in-RAM numpy arrays
@@ -170,14 +171,18 @@ def gather_floor(store: Path, n_neg: int) -> Callable[[int], Iterator]:
         maps = {name: torch.from_numpy(st.raw(name)) for name in FLOOR_ROWS}
     dim = maps["source_embs"].shape[1]
     counts = {"source_embs": B * (1 + n_neg), "question_embs": B, "steering_centroid": B}
-    outs = {name: torch.empty(n, dim) for name, n in counts.items()}
+    raw = {name: torch.empty(n, dim, dtype=maps[name].dtype) for name, n in counts.items()}
+    outs = {name: torch.empty(n, dim) for name, n in counts.items()}  # float32, as served
 
     def start(rnd: int) -> Iterator:
         rng = np.random.default_rng(rnd)
         while True:
             for name, src in maps.items():
                 idx = torch.from_numpy(rng.integers(0, src.shape[0], counts[name]))
-                torch.index_select(src, 0, idx, out=outs[name])
+                if src.dtype == torch.float32:
+                    torch.index_select(src, 0, idx, out=outs[name])
+                else:  # a float16/bfloat16 store: rows are widened as the loader does
+                    outs[name].copy_(torch.index_select(src, 0, idx, out=raw[name]))
             rows = outs["source_embs"]
             yield {
                 "question_emb": outs["question_embs"],

@@ -517,7 +517,8 @@ class SafetensorsStore(Store):
             row, base = arr.strides[0], _address(mapped.map)  # the map stays open: arr views it
             first = arr.__array_interface__["data"][0] - base
             offsets = first + np.asarray(idx, dtype=np.int64) * row
-            # rows outside the array (a damaged index) are left to gather, which names them
+            # rows outside the array are skipped (the dataset range-checks them before; a
+            # caller that did not is told by gather/check_rows, which name them)
             offsets = offsets[(offsets >= first) & (offsets < first + arr.nbytes)]
             span = -(-row // mmap.PAGESIZE) * mmap.PAGESIZE  # a row may cross a block's end
             if name in dense:  # NOTE [dense arrays]: a window each, the first time
