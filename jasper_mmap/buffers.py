@@ -51,13 +51,9 @@ class BufferPool:
         self._lock = threading.Lock()
         self._arrays: dict[tuple, list[np.ndarray]] = {}
 
-    def empty(self, shape: tuple[int, ...], dtype: np.dtype | type, tag: str = "") -> np.ndarray:
-        """An array of ``shape`` and ``dtype`` that nothing else refers to (contents arbitrary).
-
-        ``tag`` keeps arrays of another use (scratch space, say) apart from the outputs of
-        the same shape, so that each use has ``capacity`` arrays.
-        """
-        key = (tag, tuple(shape), np.dtype(dtype).str)
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+        """An array of ``shape`` and ``dtype`` that nothing else refers to (contents arbitrary)."""
+        key = (tuple(shape), np.dtype(dtype).str)
         with self._lock:  # the caller's reference exists before another thread can look
             arrays = self._arrays.setdefault(key, [])
             for array in arrays:

@@ -51,6 +51,7 @@ BATCH_KEYS = (
     "negative_tiers",
 )
 _STEERING_TABLES = {1: "steering_centroid", 2: "steering_keyword_weighted", 3: "steering_residual"}
+_STEERING_NAMES = tuple(_STEERING_TABLES.values())  # variant v > 0 reads _STEERING_NAMES[v - 1]
 _PAIR_ARRAYS = (
     "pair_index",
     "hard_negatives",
@@ -486,7 +487,7 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         )
         d, k = self.embedding_dim, negs.shape[1]
         rows = gather("source_embs", sources, (b * (1 + k), d), torch.float32)
-        steering = gather.steering(variants, chosen, (b, d))
+        steering = gather.steering(variants, pairs, (b, d))
         out = {
             "question_emb": gather("question_embs", questions, (b, d), torch.float32),
             "target_source_emb": rows[:b],
@@ -690,21 +691,13 @@ class _gatherer:
         return torch.empty(shape, dtype=dtype, pin_memory=True)
 
     def steering(
-        self, variants: np.ndarray, chosen: dict[str, np.ndarray], shape: tuple[int, int]
+        self, variants: np.ndarray, pairs: np.ndarray, shape: tuple[int, int]
     ) -> torch.Tensor:
-        """The batch's steering rows: zeros for variant 0, else the row of the variant's
-        table. Each table's rows are gathered into a scratch buffer (through the store's
-        fastest path, NOTE [intra-op gathers]) and copied to their places."""
+        """The batch's steering rows: zeros for variant 0, else the pair's row of the
+        variant's table (``Store.take_mixed``: one gather where the tables are adjacent)."""
         out = self.pool.empty(shape, np.float32) if self.mode == "plain" else None
         steering = torch.from_numpy(out) if out is not None else self._empty(shape, torch.float32)
-        rows = steering.numpy()
-        rows[variants == 0] = 0
-        for v, table in _STEERING_TABLES.items():
-            n = chosen[table].size
-            if n:
-                scratch = self.pool.empty(shape, np.float32, tag="scratch")[:n]
-                rows[variants == v] = self.store.take(table, chosen[table], scratch)
-                del scratch  # free for the next table
+        self.store.take_mixed(_STEERING_NAMES, variants - 1, pairs, steering.numpy())
         return steering
 
     def adopt(self, values: np.ndarray) -> torch.Tensor:

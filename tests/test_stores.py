@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import threading
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from jasper_mmap.layout import ARRAYS
 from jasper_mmap.stores.zarr_store import ZARR_CHUNK_BYTES
 
 TENSOR_ARRAYS = [s for s in ARRAYS if s.source and s.name != "pair_keyword_offsets"]
+STEERING = ("steering_centroid", "steering_keyword_weighted", "steering_residual")
 
 
 class TestStoreContract:
@@ -73,6 +75,27 @@ class TestStoreContract:
         n = store.shape("source_embs")[0]
         with pytest.raises(SampleIndexError, match=rf"'source_embs' should be in \[0, {n}\)"):
             store.check_rows("source_embs", [0, n])
+
+    @pytest.mark.parametrize("order", [1, -1], ids=["as-written", "reversed"])
+    def test_take_mixed_reads_each_row_from_its_table_and_zeros(self, store_path, order):
+        """Row idx[i] of names[which[i]], zeros where which[i] < 0; the same whether the
+        tables are read as one stacked gather (safetensors, the converter's order) or one by
+        one (zarr; or another order)."""
+        store = open_store(store_path)
+        names = STEERING[::order]
+        rng = np.random.default_rng(0)
+        n = store.shape(names[0])[0]
+        idx = store.check_rows(names[0], rng.integers(0, n, 200))
+        which = rng.integers(-1, 3, 200)
+        which[:4] = [-1, 0, 1, 2]
+        want = np.zeros((200, store.shape(names[0])[1]), np.float32)
+        for k, name in enumerate(names):
+            want[which == k] = store.gather(name, idx[which == k])
+        out = np.full_like(want, np.nan)
+        assert store.take_mixed(names, which, idx, out) is out
+        np.testing.assert_array_equal(out, want)
+        if store.backend == "safetensors":
+            assert (store._stacked(names) is not None) == (order == 1)
 
     def test_manifest_records_counts_and_integrity_facts(self, store_path, pt_dataset):
         store = open_store(store_path)
@@ -161,6 +184,43 @@ def test_reduced_precision_halves_bytes_and_reads_float32(tmp_path, pt_dataset, 
                 f.get_slice("question_embs").get_dtype()
                 == {"float16": "F16", "bfloat16": "BF16"}[dtype]
             )
+
+
+@pytest.mark.parametrize("dtype", ["float16", "keep"])
+def test_take_mixed_widens_and_splits_like_gather(tmp_path, pt_dataset, dtype):
+    """A float16 store is read one table at a time (widened to float32); in a gather
+    thread (numpy) and in the loop's thread (torch, above the intra-op bytes) the same bytes."""
+    from jasper_mmap.converters import convert_pt
+    from jasper_mmap.stores import base, safetensors_store
+
+    dst = convert_pt(pt_dataset, tmp_path / "r", dtype=dtype, progress=False)
+    store = open_store(dst)
+    n, d = store.shape(STEERING[0])
+    idx = np.arange(n, dtype=np.int64)[::-1].copy()
+    which = np.arange(n) % 4 - 1
+    want = np.zeros((n, d), np.float32)
+    for k, name in enumerate(STEERING):
+        want[which == k] = store.gather(name, idx[which == k])
+    got = [store.take_mixed(STEERING, which, idx, np.empty((n, d), np.float32))]
+    stacked = store._stacked(STEERING)  # float16 rows: one read per table, widened
+    assert stacked is not None and (stacked.dtype == np.float32) == (dtype == "keep")
+    old = safetensors_store._INTRA_OP_BYTES
+    try:
+        safetensors_store._INTRA_OP_BYTES = 1  # the loop's thread: torch.index_select
+        got.append(store.take_mixed(STEERING, which, idx, np.empty((n, d), np.float32)))
+    finally:
+        safetensors_store._INTRA_OP_BYTES = old
+    result = []
+    thread = threading.Thread(  # a gather thread: numpy.take
+        target=lambda: (
+            base.mark_gather_thread(),
+            result.append(store.take_mixed(STEERING, which, idx, np.empty((n, d), np.float32))),
+        )
+    )
+    thread.start()
+    thread.join()
+    for out in got + result:
+        np.testing.assert_array_equal(out, want)
 
 
 def test_open_errors_name_the_problem(tmp_path, store_path):

@@ -364,6 +364,19 @@ class Store(abc.ABC):
         out[...] = result
         return out
 
+    def take_mixed(
+        self, names: tuple[str, ...], which: np.ndarray, idx: np.ndarray, out: np.ndarray
+    ) -> np.ndarray:
+        """Row ``idx[i]`` of array ``names[which[i]]`` into ``out[i]``; zeros where
+        ``which[i] < 0``. The arrays have the same shape and dtype (the steering tables), and
+        ``idx`` was checked against their length (:meth:`check_rows`)."""
+        out[which < 0] = 0
+        for k, name in enumerate(names):
+            chosen = which == k
+            if chosen.any():
+                out[chosen] = self.take(name, idx[chosen])
+        return out
+
     def prefetch(  # noqa: B027 - optional hook
         self,
         rows: dict[str, np.ndarray],

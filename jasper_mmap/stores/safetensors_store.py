@@ -375,6 +375,11 @@ def _address(m: mmap.mmap) -> int:
     return np.frombuffer(m, dtype=np.uint8, count=1).__array_interface__["data"][0]
 
 
+def _data(a: np.ndarray) -> int:
+    """Address of an array's first byte."""
+    return a.__array_interface__["data"][0]
+
+
 class _MappedFile:
     """One read-only mapping of a safetensors file and its parsed header."""
 
@@ -459,6 +464,10 @@ class SafetensorsStore(Store):
         generation: int | None = None,
     ) -> np.ndarray:
         src = self.raw(name, generation)
+        return self._rows(src, self._handle_key(name, generation)[0], idx, out)
+
+    def _rows(self, src: np.ndarray, key: str, idx: np.ndarray, out: np.ndarray | None):
+        """Rows ``idx`` of ``src`` (a map's array, handle ``key``), the fastest way here."""
         if (
             out is not None
             and src.ndim == 2
@@ -468,16 +477,63 @@ class SafetensorsStore(Store):
             and not in_gather_thread()
         ):  # NOTE [intra-op gathers]
             torch = _torch()
-            view = self._torch_view(name, generation, src)
+            view = self._torch_view(key, src)
             torch.index_select(view, 0, torch.from_numpy(idx), out=torch.from_numpy(out))
             return out
         # indices were range-checked (check_rows); mode="clip" keeps numpy from buffering ``out``
         return np.take(src, idx, axis=0, out=out, mode="clip")
 
-    def _torch_view(self, name: str, generation: int | None, src: np.ndarray) -> Any:
-        """A read-only tensor over ``src`` (the map of ``name``), made once per map; kept
-        under the map's key + "#torch", so it is dropped with the map (release, close)."""
-        key = self._handle_key(name, generation)[0] + "#torch"
+    def take_mixed(
+        self, names: tuple[str, ...], which: np.ndarray, idx: np.ndarray, out: np.ndarray
+    ) -> np.ndarray:
+        """One gather where the arrays lie one after the other in one file, in the order of
+        ``names`` (the steering tables as the converter writes them): over the stacked rows,
+        row ``which[i] * len + idx[i]``. Otherwise one gather per array (the base class)."""
+        stacked = self._stacked(names)
+        if stacked is None or out.dtype != stacked.dtype:
+            return super().take_mixed(names, which, idx, out)
+        n = self.shape(names[0])[0]
+        self._rows(stacked, "#".join(names), np.maximum(which, 0) * n + idx, out)
+        out[which < 0] = 0
+        return out
+
+    def _stacked(self, names: tuple[str, ...]) -> np.ndarray | None:
+        """The arrays ``names`` as one array of their rows stacked, if they are adjacent in
+        one file, in this order, with one shape and dtype (None otherwise); made once, kept
+        with the maps (dropped on close)."""
+        key = "#".join(names) + "#stacked"
+        if key in self._handles:
+            return self._handles[key]
+        arrays = [self.raw(name) for name in names]
+        first = arrays[0]
+        files = {self.entry(name)["file"] for name in names}
+        stacked = None
+        if (
+            len(files) == 1
+            and first.ndim == 2
+            and first.size
+            and first.flags.c_contiguous
+            and all(a.shape == first.shape and a.dtype == first.dtype for a in arrays)
+            and all(
+                a.flags.c_contiguous and _data(a) == _data(first) + k * first.nbytes
+                for k, a in enumerate(arrays)
+            )
+        ):
+            mapped = self._handles["__files__"][files.pop()]
+            stacked = np.frombuffer(
+                mapped.map,
+                dtype=first.dtype,
+                count=first.size * len(arrays),
+                offset=_data(first) - _address(mapped.map),
+            ).reshape(-1, first.shape[1])
+        with self._guard():
+            self._handles[key] = stacked
+        return stacked
+
+    def _torch_view(self, key: str, src: np.ndarray) -> Any:
+        """A read-only tensor over ``src`` (a map's array, handle ``key``), made once per map;
+        kept under the key + "#torch", so it is dropped with the map (release, close)."""
+        key += "#torch"
         view = self._handles.get(key)
         if view is None:
             with self._guard(), warnings.catch_warnings():
