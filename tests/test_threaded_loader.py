@@ -5,6 +5,8 @@ traceback, and nothing left behind after a break, an interrupt, garbage collecti
 from __future__ import annotations
 
 import gc
+import itertools
+import math
 import os
 import signal
 import subprocess
@@ -387,10 +389,32 @@ def test_the_tuner_follows_a_loop_that_changes():
 
 
 def test_equal_ways_do_not_flap():
+    """Within the margin a way is kept until its next scheduled try of the other, and those
+    tries come at doubling intervals: no switch on noise."""
     clock = FakeClock()
     tuner = GatherTuner(window_batches=10, window_seconds=0.0, probe_every=1000, clock=clock)
-    drive(tuner, clock, {"inline": 1.0, "ahead": 1.01}, 2000)  # within the 3% margin
-    assert tuner.switches == 1  # the first try of the other way, then it stays
+    ways = drive(tuner, clock, {"inline": 1.0, "ahead": 1.01}, 2000)  # within the 3% margin
+    windows = 2000 // (10 + 2)  # a window: 10 timed batches after the 2 of a switch (depth)
+    assert 2 <= tuner.switches <= 1 + math.log2(windows)
+    runs = [len(list(g)) for _, g in itertools.groupby(ways)]
+    assert runs == sorted(runs[:-1]) + runs[-1:], "each stay at least as long as the one before"
+
+
+def test_a_cold_first_window_is_soon_measured_again():
+    """The first window of a fresh loader pays its page faults: a way that lost only there
+    is tried again after a few windows, not after ``probe_every``."""
+    clock = FakeClock()
+    tuner = GatherTuner(window_batches=10, window_seconds=0.0, probe_every=16, clock=clock)
+    ways = []
+    for i in range(600):
+        ways.append(tuner.mode)
+        cold = i < 12  # the first ahead window (and its start-up batch) is slow
+        clock.now += {"ahead": 3.0 if cold else 1.0, "inline": 1.1}[tuner.mode]
+        tuner.handed_out(depth=2)
+    assert ways[20] == "inline"  # the cold window lost
+    first_back = ways.index("ahead", 20)
+    assert first_back < 20 + 3 * 12, "ahead should be tried again within a few windows"
+    assert ways[100:].count("ahead") > 0.8 * len(ways[100:])
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
