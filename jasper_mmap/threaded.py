@@ -43,8 +43,9 @@ keeps the faster, and tries the other again after 1, 2, 4, ... windows, at most 
 ``probe_every``, in case the loop changed: the first windows of a fresh loader pay its first
 page faults and cold caches, and a decision taken on them alone stood for 16 windows (the
 loader alone on 2 cores: ahead 220k samples/s, in the loop 194k, yet the tuner kept the loop
-after a cold first window of ahead). Both ways give the same batches in the same order (NOTE [thread loading]); only
-where and when a batch is gathered changes, and never more than ``depth`` ahead.
+after a cold first window of ahead). Both ways give the same batches in the same order (NOTE
+[thread loading]); only where and when a batch is gathered changes, and never more than
+``depth`` ahead.
 
 Not for a store larger than half of RAM (read-ahead advice "random"): there batches wait on the
 disk, the threads keep more reads in flight, and a pass speeds up as the page cache fills, so

@@ -368,8 +368,9 @@ class Store(abc.ABC):
         self, names: tuple[str, ...], which: np.ndarray, idx: np.ndarray, out: np.ndarray
     ) -> np.ndarray:
         """Row ``idx[i]`` of array ``names[which[i]]`` into ``out[i]``; zeros where
-        ``which[i] < 0``. The arrays have the same shape and dtype (the steering tables), and
-        ``idx`` was checked against their length (:meth:`check_rows`)."""
+        ``which[i] < 0``. The arrays have the same shape and dtype (the steering tables),
+        ``which`` is in ``[-1, len(names))`` and ``idx`` was checked against the arrays'
+        length (:meth:`check_rows`): neither is checked here."""
         out[which < 0] = 0
         for k, name in enumerate(names):
             chosen = which == k
