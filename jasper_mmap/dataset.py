@@ -87,7 +87,7 @@ def dense_arrays(store: Store, split_len: int) -> frozenset[str]:
 
     if os.environ.get("JASPER_MMAP_DENSE", "auto").lower() == "off":
         return frozenset()
-    if getattr(store, "advice", "normal") != "random":
+    if store.advice != "random":
         return frozenset()  # cached (or not mapped): the batch prefetch does nothing
     refs = dict.fromkeys(_PAIR_ARRAYS, split_len)
     refs.update(question_embs=split_len, source_embs=split_len * (1 + store.counts["n_neg"]))
@@ -472,19 +472,21 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         # (``take``): the pair-keyed arrays have n_pairs rows (schema, at open and publish)
         pairs = store.check_rows("pair_index", store.take(f"{self.split}_idx", idx))
         variants = self._variants(pairs, snap)
-        chosen = {table: pairs[variants == v] for v, table in _STEERING_TABLES.items()}
-        dense = self._dense_arrays(store)
-        # NOTE [batch prefetch], NOTE [dense arrays]
-        store.prefetch(
-            {name: pairs for name in _PAIR_ARRAYS} | chosen, dense, snap.epoch, generation
-        )
+        # NOTE [batch prefetch], NOTE [dense arrays]: only a store read ahead gets the hints
+        ahead, dense = store.advice == "random", self._dense_arrays(store)
+        if ahead:
+            chosen = {table: pairs[variants == v] for v, table in _STEERING_TABLES.items()}
+            store.prefetch(
+                {name: pairs for name in _PAIR_ARRAYS} | chosen, dense, snap.epoch, generation
+            )
         qs = store.take("pair_index", pairs)
         negs = store.take("hard_negatives", pairs, generation=generation)
         sources = store.check_rows("source_embs", np.concatenate([qs[:, 1], negs.reshape(-1)]))
         questions = store.check_rows("question_embs", qs[:, 0])
-        store.prefetch(
-            {"question_embs": questions, "source_embs": sources}, dense, snap.epoch, generation
-        )
+        if ahead:
+            store.prefetch(
+                {"question_embs": questions, "source_embs": sources}, dense, snap.epoch, generation
+            )
         d, k = self.embedding_dim, negs.shape[1]
         rows = gather("source_embs", sources, (b * (1 + k), d), torch.float32)
         steering = gather.steering(variants, pairs, (b, d))
@@ -686,6 +688,9 @@ class _gatherer:
         self.mode = "shared" if worker else "pinned" if pin else "plain"
 
     def _empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An output tensor of the batch, where this mode allocates them (contents arbitrary)."""
+        if self.mode == "plain":  # a recycled buffer: NOTE [recycled batch buffers]
+            return torch.from_numpy(self.pool.empty(shape, _NP_DTYPES[dtype]))
         if self.mode == "shared":
             return torch.empty(shape, dtype=dtype).share_memory_()
         return torch.empty(shape, dtype=dtype, pin_memory=True)
@@ -695,10 +700,9 @@ class _gatherer:
     ) -> torch.Tensor:
         """The batch's steering rows: zeros for variant 0, else the pair's row of the
         variant's table (``Store.take_mixed``: one gather where the tables are adjacent)."""
-        out = self.pool.empty(shape, np.float32) if self.mode == "plain" else None
-        steering = torch.from_numpy(out) if out is not None else self._empty(shape, torch.float32)
-        self.store.take_mixed(_STEERING_NAMES, variants - 1, pairs, steering.numpy())
-        return steering
+        out = self._empty(shape, torch.float32)
+        self.store.take_mixed(_STEERING_NAMES, variants - 1, pairs, out.numpy())
+        return out
 
     def adopt(self, values: np.ndarray) -> torch.Tensor:
         """A tensor of the batch computed in numpy (the variants)."""
@@ -711,9 +715,6 @@ class _gatherer:
         self, name: str, rows: np.ndarray, shape: tuple[int, ...], dtype: torch.dtype
     ) -> torch.Tensor:
         """Rows ``rows`` (range-checked by the caller: ``Store.check_rows``) of ``name``."""
-        if self.mode == "plain":  # into a recycled buffer: NOTE [recycled batch buffers]
-            buf = self.pool.empty(shape, _NP_DTYPES[dtype])
-            return torch.from_numpy(self.store.take(name, rows, buf, generation=self.generation))
         out = self._empty(shape, dtype)
         self.store.take(name, rows, out.numpy(), generation=self.generation)
         return out

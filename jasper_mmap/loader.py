@@ -133,7 +133,8 @@ class JasperLoader(DataLoader):
         if reserve is not None:  # the batches in flight and the one the loop holds
             reserve(self.in_flight + 2)
         tuner = self.gather_tuner
-        if getattr(getattr(self.dataset, "store", None), "advice", "normal") == "random":
+        store = getattr(self.dataset, "store", None)  # a dataset of ours has one
+        if store is not None and store.advice == "random":
             tuner = None  # larger than RAM: batches wait on the disk; threads keep reads in flight
         return ThreadedBatches(
             self.dataset,

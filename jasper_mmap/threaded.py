@@ -186,7 +186,6 @@ class ThreadedBatches:
         self._exhausted = False
         # joins the threads when the iterator is dropped (break), collected, or at exit
         self._finalizer = weakref.finalize(self, _shutdown, self._pool, self._pending)
-        self._inline = tuner is not None and tuner.inline
         if tuner is not None:
             tuner.restart(1)  # the epoch's first batch pays its start-up: not timed
         if not self._inline:
@@ -209,6 +208,11 @@ class ThreadedBatches:
                 return
             fut = self._pool.submit(_gather, self._dataset, self._collate, indices, self._pin)
             self._pending.append(fut)
+
+    @property
+    def _inline(self) -> bool:
+        """Whether batches are gathered in the loop now (the tuner's choice)."""
+        return self._tuner is not None and self._tuner.inline
 
     @property
     def mode(self) -> str:
@@ -234,8 +238,8 @@ class ThreadedBatches:
         except BaseException:
             self.close()  # KeyboardInterrupt, or the gather's own error: stop the rest
             raise
-        if self._tuner is not None and self._tuner.handed_out(self._depth):
-            self._inline = self._tuner.inline
+        if self._tuner is not None:
+            self._tuner.handed_out(self._depth)
         if not self._inline:
             self._fill()
         return batch

@@ -378,6 +378,13 @@ class Store(abc.ABC):
                 out[chosen] = self.take(name, idx[chosen])
         return out
 
+    @property
+    def advice(self) -> str:
+        """Read-ahead advice of the store's maps: ``"random"`` for a store larger than half
+        of RAM, whose batches :meth:`prefetch` reads ahead; ``"normal"`` otherwise, and for
+        backends that do not map (NOTE [read-ahead advice] in safetensors_store.py)."""
+        return "normal"
+
     def prefetch(  # noqa: B027 - optional hook
         self,
         rows: dict[str, np.ndarray],

@@ -370,14 +370,14 @@ def _torch() -> Any:
     return torch
 
 
-def _address(m: mmap.mmap) -> int:
-    """Address of the first byte of a read-only map (through a zero-copy numpy view)."""
-    return np.frombuffer(m, dtype=np.uint8, count=1).__array_interface__["data"][0]
-
-
 def _data(a: np.ndarray) -> int:
     """Address of an array's first byte."""
     return a.__array_interface__["data"][0]
+
+
+def _address(m: mmap.mmap) -> int:
+    """Address of the first byte of a read-only map (through a zero-copy numpy view)."""
+    return _data(np.frombuffer(m, dtype=np.uint8, count=1))
 
 
 class _MappedFile:
@@ -492,7 +492,7 @@ class SafetensorsStore(Store):
         stacked = self._stacked(names)
         if stacked is None or out.dtype != stacked.dtype:
             return super().take_mixed(names, which, idx, out)
-        n = self.shape(names[0])[0]
+        n = stacked.shape[0] // len(names)  # rows of each array
         self._rows(stacked, "#".join(names), np.maximum(which, 0) * n + idx, out)
         out[which < 0] = 0
         return out
@@ -571,7 +571,7 @@ class SafetensorsStore(Store):
                 continue
             mapped = self._handles["__files__"][file]
             row, base = arr.strides[0], _address(mapped.map)  # the map stays open: arr views it
-            first = arr.__array_interface__["data"][0] - base
+            first = _data(arr) - base
             offsets = first + np.asarray(idx, dtype=np.int64) * row
             # rows outside the array are skipped (the dataset range-checks them before; a
             # caller that did not is told by gather/check_rows, which name them)
