@@ -59,13 +59,24 @@ def partial_dir(dst: Path) -> Path:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie. A killed writer stays a zombie
+    until its parent reaps it, which a container's PID 1 may do late or never; its partial
+    directory is garbage all the same."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return not os.path.isdir("/proc/self")  # with /proc: gone since the kill(0)
+    except OSError:
         return True
-    return True
+    # "pid (comm) state ...": comm may hold spaces and parentheses, so read after the last ")"
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] != b"Z"
 
 
 def remove_stale_partials(dst: Path) -> list[Path]:

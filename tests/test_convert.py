@@ -104,6 +104,28 @@ def test_stale_partial_of_a_dead_run_is_removed(tmp_path, pt_dataset):
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+def test_a_killed_writer_not_yet_reaped_counts_as_gone(tmp_path, pt_dataset):
+    """A SIGKILLed converter stays a zombie until its parent reaps it (a container's PID 1
+    may never do so): the next run still removes its partial directory."""
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = tmp_path / f".store.partial-{writer.pid}-abcd1234"
+        stale.mkdir()
+        (stale / "embeddings.safetensors").write_bytes(b"half")
+        os.kill(writer.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while b") Z" not in open(f"/proc/{writer.pid}/stat", "rb").read():  # not reaped
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        convert_pt(pt_dataset, tmp_path / "store", progress=False)
+        assert not stale.exists()
+        assert _leftovers(tmp_path) == []
+    finally:
+        writer.kill()
+        writer.wait(timeout=30)
+
+
 @pytest.mark.parametrize("point", ["embeddings.safetensors", "steering.safetensors", "negatives"])
 def test_sigkill_mid_conversion_publishes_nothing_and_rerun_succeeds(tmp_path, point):
     src = make_pt_dataset(tmp_path / "ds", SyntheticSpec(n_pairs=4000, dim=64, n_neg=8))
