@@ -34,6 +34,7 @@ class Snapshot:
     forced: int  # -1: stochastic; else the variant every sample gets
     generation: int  # negatives generation to serve
     override: np.ndarray | None  # assigned steering probabilities, until the next set_epoch
+    version: int = 0  # the block's write counter at this reading (ControlBlock.version)
 
 
 class ControlBlock:
@@ -102,7 +103,15 @@ class ControlBlock:
         override = None
         if values[_OVERRIDE]:
             override = np.array(values[_PROBS], dtype=np.int64).view(np.float64)
-        return Snapshot(values[_EPOCH], values[_FORCED], values[_GENERATION], override)
+        return Snapshot(
+            values[_EPOCH], values[_FORCED], values[_GENERATION], override, values[_VERSION]
+        )
+
+    @property
+    def version(self) -> int:
+        """The write counter: equal to a snapshot's ``version`` while nothing was written
+        since it was taken (every write changes it; odd while one is under way)."""
+        return int(self._view[_VERSION])
 
     @property
     def nbytes(self) -> int:

@@ -12,15 +12,18 @@ README's Performance section). So ``create_loader(num_workers=N)`` runs N gather
 
 * Order: batch ``k`` is submitted when batch ``k - depth`` is handed out and handed out in
   sampler order, so at most ``depth`` = ``prefetch_factor * N`` batches are in flight or
-  waiting (memory: ``depth`` x the batch's bytes; :meth:`ThreadedBatches.bound_bytes`).
+  waiting (memory: ``depth`` x the batch's bytes). The sampler is read a plan's worth of
+  batches at a time (up to ``PLAN_BATCHES``, NOTE [batch plans] in dataset.py): a few
+  kilobytes of indices and bookkeeping per batch, no rows.
 * Ownership: every batch is freshly allocated and belongs to the caller; nothing is reused
   behind their back. With ``pin_memory`` and CUDA, the outputs are gathered straight into
   pinned tensors from torch's caching host allocator, which reuses a block only after the
   copies recorded on it have finished, so ``.cuda(non_blocking=True)`` is safe.
 * Same batches: a batch is ``dataset.get_batch(indices)``, a pure function of the indices and
   the control block it reads at its start (epoch, forced variant, negatives generation), so
-  every ``num_workers`` and both modes give the same bytes. ``reload_negatives()`` and
-  ``set_epoch()`` reach batches started after the call; up to ``depth`` batches already
+  every ``num_workers`` and both modes give the same bytes; a batch served from a plan is
+  those bytes too (made anew if the block changed since the plan). ``reload_negatives()``
+  and ``set_epoch()`` reach batches started after the call; up to ``depth`` batches already
   started carry the old state, as with worker processes.
 * Lifetime: the threads belong to one iterator (one epoch). Finishing, breaking out of the
   loop (the iterator is dropped), an exception or ``KeyboardInterrupt`` cancel what has not
@@ -142,8 +145,16 @@ class GatherTuner:
         return switch
 
 
-def _gather(dataset: Any, collate: Any, indices: list[int], pin: bool) -> Any:
-    return collate(dataset.__getitems__(indices, pin_memory=pin))
+#: a plan covers at most this many batches and, beyond its first batch, this many samples
+PLAN_BATCHES, PLAN_SAMPLES = 16, 2048
+
+
+def _gather(dataset: Any, collate: Any, work: tuple[Any, int, Any], pin: bool) -> Any:
+    """One batch: ``work`` is (plan, j, indices), batch ``j`` of ``plan`` (None: unplanned)."""
+    plan, j, indices = work
+    if plan is None:
+        return collate(dataset.__getitems__(indices, pin_memory=pin))
+    return collate(dataset.planned_batch(plan, j, pin_memory=pin))
 
 
 def _shutdown(pool: ThreadPoolExecutor, pending: collections.deque) -> None:
@@ -183,6 +194,8 @@ class ThreadedBatches:
             max_workers=threads, thread_name_prefix="jasper-gather", initializer=mark_gather_thread
         )
         self._pending: collections.deque[Future] = collections.deque()
+        self._planned: collections.deque[tuple[Any, int, Any]] = collections.deque()
+        self._plan = getattr(dataset, "plan_batches", None)  # NOTE [batch plans] in dataset.py
         self._exhausted = False
         # joins the threads when the iterator is dropped (break), collected, or at exit
         self._finalizer = weakref.finalize(self, _shutdown, self._pool, self._pending)
@@ -200,13 +213,32 @@ class ThreadedBatches:
                 self._exhausted = True
         return None
 
+    def _work(self) -> tuple[Any, int, Any] | None:
+        """The next batch to gather: (plan, j, indices), or None at the end of the epoch.
+
+        Batches come from the sampler a plan's worth at a time (up to ``PLAN_BATCHES``), and
+        the dataset does their bookkeeping at once (NOTE [batch plans] in dataset.py)."""
+        if not self._planned:
+            first = self._indices()
+            if first is None:
+                return None
+            chunk, samples = [first], len(first)
+            while self._plan is not None and len(chunk) < PLAN_BATCHES:
+                if samples + len(first) > PLAN_SAMPLES or (indices := self._indices()) is None:
+                    break
+                chunk.append(indices)
+                samples += len(indices)
+            plan = self._plan(chunk) if self._plan is not None else None
+            self._planned.extend((plan, j, indices) for j, indices in enumerate(chunk))
+        return self._planned.popleft()
+
     def _fill(self) -> None:
         """Submit batches until ``depth`` are in flight or waiting (or the epoch ends)."""
         while len(self._pending) < self._depth:
-            indices = self._indices()
-            if indices is None:
+            work = self._work()
+            if work is None:
                 return
-            fut = self._pool.submit(_gather, self._dataset, self._collate, indices, self._pin)
+            fut = self._pool.submit(_gather, self._dataset, self._collate, work, self._pin)
             self._pending.append(fut)
 
     @property
@@ -228,8 +260,8 @@ class ThreadedBatches:
         try:
             if self._pending:  # batches gathered ahead go first, in order
                 batch = self._pending.popleft().result()
-            elif self._inline and (indices := self._indices()) is not None:
-                batch = _gather(self._dataset, self._collate, indices, self._pin)
+            elif self._inline and (work := self._work()) is not None:
+                batch = _gather(self._dataset, self._collate, work, self._pin)
             else:
                 self.close()
                 raise StopIteration

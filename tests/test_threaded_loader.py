@@ -512,7 +512,8 @@ def test_the_loop_gathers_on_torchs_threads_and_gather_threads_with_numpy(st_sto
     assert calls and set(calls) == {threading.main_thread().name}
     calls.clear()
     b = batches(ahead)
-    assert calls == []
+    # the gather threads keep numpy; the main thread's calls are the plans' small arrays
+    assert not [name for name in calls if name.startswith("jasper-gather")], calls
     assert len(a) == len(b) and all(
         torch.equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in KEYS
     )
