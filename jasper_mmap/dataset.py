@@ -448,19 +448,23 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         """The bookkeeping of the consecutive ``batches`` (each a batch of indices) done at
         once, for :meth:`planned_batch` (NOTE [batch plans]). None where batches are better
         served one by one: a preloaded dataset, a subclass that changes how batches are made,
-        a store read ahead from disk, or an index out of range (its batch raises when served).
+        a store read ahead from disk (the bookkeeping reads wait on the disk there, and the
+        gather threads wait on it in parallel), or an index out of range (its batch raises
+        when served).
         """
         if (
             self.preload
-            or getattr(self.get_batch, "__func__", None) is not JASPERSteeringDataset.get_batch
-            or getattr(self.__getitems__, "__func__", None)
-            is not JASPERSteeringDataset.__getitems__
+            or getattr(self.get_batch, "__func__", None) is not _OWN_GET_BATCH
+            or getattr(self.__getitems__, "__func__", None) is not _OWN_GETITEMS
             or self.store.advice == "random"
         ):
             return None
         try:
             return self._plan([self._check_indices(b) for b in batches], self._control.snapshot())
-        except SampleIndexError:
+        except Exception:  # a bad index, a read error: raised again by its own batch, in order
+            log.debug(
+                "no plan for %d batches; serving them one by one", len(batches), exc_info=True
+            )
             return None
 
     def planned_batch(self, plan: BatchPlan, j: int, pin_memory: bool = False) -> SampleBatch:
@@ -512,12 +516,16 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
             qs = store.take("pair_index", pairs)
             negs = store.take("hard_negatives", pairs, generation=generation)
             k = negs.shape[1]
-            targets = store.check_rows("source_embs", qs[:, 1])
-            negatives = store.check_rows("source_embs", negs.reshape(-1))
+            # source rows: the targets, then the negatives (of one batch: as its gather wants)
             sources = [
-                np.concatenate([targets[lo:hi], negatives[lo * k : hi * k]])
-                for lo, hi in itertools.pairwise(bounds)
+                store.check_rows("source_embs", np.concatenate([qs[:, 1], negs.reshape(-1)]))
             ]
+            if len(batches) > 1:
+                targets, negatives = sources[0][: idx.size], sources[0][idx.size :]
+                sources = [
+                    np.concatenate([targets[lo:hi], negatives[lo * k : hi * k]])
+                    for lo, hi in itertools.pairwise(bounds)
+                ]
             questions = store.check_rows("question_embs", qs[:, 0])
             if ahead:
                 store.prefetch(
@@ -710,6 +718,11 @@ def _table_property(attr: str) -> property:
 
 for _attr in TABLES:
     setattr(JASPERSteeringDataset, _attr, _table_property(_attr))
+
+# how batches are made here: a dataset whose get_batch or __getitems__ is another function (a
+# subclass, or a wrapper set on the instance or on this class) makes no plans
+_OWN_GET_BATCH = JASPERSteeringDataset.get_batch
+_OWN_GETITEMS = JASPERSteeringDataset.__getitems__
 
 
 #: batch key -> (array, shape from (B, n_neg), dtype) of the pair-level outputs

@@ -149,9 +149,18 @@ class GatherTuner:
 PLAN_BATCHES, PLAN_SAMPLES = 16, 2048
 
 
+class _SamplerError:
+    """Where the sampler failed, queued after the batches it gave before (raised in order)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
 def _gather(dataset: Any, collate: Any, work: tuple[Any, int, Any], pin: bool) -> Any:
     """One batch: ``work`` is (plan, j, indices), batch ``j`` of ``plan`` (None: unplanned)."""
     plan, j, indices = work
+    if isinstance(plan, _SamplerError):
+        raise plan.error
     if plan is None:
         return collate(dataset.__getitems__(indices, pin_memory=pin))
     return collate(dataset.planned_batch(plan, j, pin_memory=pin))
@@ -202,7 +211,11 @@ class ThreadedBatches:
         if tuner is not None:
             tuner.restart(1)  # the epoch's first batch pays its start-up: not timed
         if not self._inline:
-            self._fill()
+            try:
+                self._fill()
+            except BaseException:  # KeyboardInterrupt while planning: leave no thread behind
+                self.close()
+                raise
 
     def _indices(self) -> Any:
         """The sampler's next batch of indices, or None at the end of the epoch."""
@@ -219,18 +232,25 @@ class ThreadedBatches:
         Batches come from the sampler a plan's worth at a time (up to ``PLAN_BATCHES``), and
         the dataset does their bookkeeping at once (NOTE [batch plans] in dataset.py)."""
         if not self._planned:
-            first = self._indices()
-            if first is None:
-                return None
-            chunk, samples = [first], len(first)
-            while self._plan is not None and len(chunk) < PLAN_BATCHES:
-                if samples + len(first) > PLAN_SAMPLES or (indices := self._indices()) is None:
-                    break
-                chunk.append(indices)
-                samples += len(indices)
-            plan = self._plan(chunk) if self._plan is not None else None
+            chunk: list[Any] = []
+            samples, failed = 0, None
+            try:
+                while len(chunk) < (PLAN_BATCHES if self._plan is not None else 1):
+                    if chunk and samples + len(chunk[0]) > PLAN_SAMPLES:
+                        break
+                    indices = self._indices()
+                    if indices is None:
+                        break
+                    chunk.append(indices)
+                    samples += len(indices)
+            except Exception as error:  # the sampler's: raised after the batches it gave
+                self._exhausted = True
+                failed = (_SamplerError(error), 0, None)
+            plan = self._plan(chunk) if chunk and self._plan is not None else None
             self._planned.extend((plan, j, indices) for j, indices in enumerate(chunk))
-        return self._planned.popleft()
+            if failed is not None:
+                self._planned.append(failed)
+        return self._planned.popleft() if self._planned else None
 
     def _fill(self) -> None:
         """Submit batches until ``depth`` are in flight or waiting (or the epoch ends)."""
@@ -265,15 +285,15 @@ class ThreadedBatches:
             else:
                 self.close()
                 raise StopIteration
+            if self._tuner is not None:
+                self._tuner.handed_out(self._depth)
+            if not self._inline:
+                self._fill()
         except StopIteration:
             raise
         except BaseException:
             self.close()  # KeyboardInterrupt, or the gather's own error: stop the rest
             raise
-        if self._tuner is not None:
-            self._tuner.handed_out(self._depth)
-        if not self._inline:
-            self._fill()
         return batch
 
     def __len__(self) -> int:

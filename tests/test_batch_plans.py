@@ -231,3 +231,109 @@ def test_changes_mid_epoch_reach_the_very_next_batch_in_the_loop(tmp_path, pt_da
     assert gens == [1] * 3 + [2] * (len(gens) - 3)
     assert all(v == {2} for v in variants[6:]) and len(variants) > 8
     assert not all(v == {2} for v in variants[:6])
+
+
+def test_a_wrapper_set_on_the_class_is_kept_with_threads(st_store, monkeypatch):
+    real = JASPERSteeringDataset.__getitems__
+
+    def tagged(self, indices, pin_memory=False):
+        batch = real(self, indices, pin_memory)
+        batch.batch["tag"] = torch.as_tensor(list(indices))
+        return batch
+
+    monkeypatch.setattr(JASPERSteeringDataset, "__getitems__", tagged)
+    loader = create_loader(st_store, "train", 8, num_workers=2, shuffle=False)
+    assert loader.dataset_obj.plan_batches(BATCHES) is None
+    tags = [batch["tag"].tolist() for batch in loader]
+    assert tags == [list(range(8 * k, 8 * k + 8)) for k in range(len(tags))] and len(tags) > 2
+
+
+class Flaky:
+    """A batch sampler whose batch ``at`` fails (the sampler's own error)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def __iter__(self):
+        for k in range(10):
+            if k == self.at:
+                raise LookupError(f"sampler broke at batch {k}")
+            yield [2 * k, 2 * k + 1]
+
+    def __len__(self) -> int:
+        return 10
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+@pytest.mark.parametrize("at", [0, 5])
+def test_a_sampler_error_surfaces_after_the_batches_before_it(st_store, ahead, at):
+    loader = create_loader(st_store, "train", None, num_workers=2, batch_sampler=Flaky(at))
+    loader.gather_tuner = None if ahead else inline_tuner()
+    it = iter(loader)
+    seen = []
+    with pytest.raises(LookupError, match=f"broke at batch {at}") as info:
+        for batch in it:
+            seen.append(batch["question_emb"].shape[0])
+    assert seen == [2] * at
+    assert "in __iter__" in "".join(traceback.format_tb(info.value.__traceback__))
+    with pytest.raises(StopIteration):
+        next(it)  # the epoch ended with the error; no batch comes after it
+    assert not it.alive
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_a_read_error_while_planning_surfaces_at_its_own_batch(st_store, monkeypatch, ahead):
+    """An error reading the negatives of batch 6 (of a plan of 16): batches 0-5 come out,
+    batch 6 raises it, and the epoch ends there."""
+    loader = create_loader(st_store, "train", 4, num_workers=2, shuffle=False)
+    loader.gather_tuner = None if ahead else inline_tuner()
+    store = loader.dataset_obj.store
+    split = store.read("train_idx")
+    cursed = int(split[6 * 4 + 1])  # a pair of batch 6
+    real = type(store).take
+
+    def take(self, name, idx, out=None, generation=None):
+        if name == "hard_negatives" and cursed in np.asarray(idx).tolist():
+            raise OSError(f"disk error reading the negatives of pair {cursed}")
+        return real(self, name, idx, out, generation)
+
+    monkeypatch.setattr(type(store), "take", take)
+    it = iter(loader)
+    seen = []
+    with pytest.raises(OSError, match=f"pair {cursed}"):
+        for batch in it:
+            seen.append(batch["question_emb"].shape[0])
+    assert seen == [4] * 6
+    with pytest.raises(StopIteration):
+        next(it)
+    for t in gather_threads():
+        t.join(10)
+    assert not gather_threads()
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_an_interrupt_while_planning_ends_the_epoch_and_its_threads(st_store, monkeypatch, ahead):
+    loader = create_loader(st_store, "train", 4, num_workers=2, shuffle=False)
+    loader.gather_tuner = None if ahead else inline_tuner()
+    ds = loader.dataset_obj
+    real, calls = ds._plan, []
+
+    def plan(batches, snap):
+        calls.append(len(batches))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(batches, snap)
+
+    ds._plan = plan
+    it = iter(loader)
+    seen = 0
+    with pytest.raises(KeyboardInterrupt):
+        for _ in it:
+            seen += 1
+    assert calls[0] == PLAN_BATCHES and seen <= PLAN_BATCHES
+    assert not it.alive
+    with pytest.raises(StopIteration):
+        next(it)
+    for t in gather_threads():
+        t.join(10)
+    assert not gather_threads()
