@@ -442,15 +442,18 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         snap = self._control.snapshot()  # one consistent reading for the whole batch
         if self.preload:
             return self._preloaded_batch(idx, snap)
-        return self._serve(self._plan([idx], snap), 0, pin_memory)
+        # NOTE [generation leases]: the batch reads one generation, leased until it is done;
+        # its small outputs are read after its rows, into recycled buffers
+        with self.store.pinned(snap.generation, serve=True) as generation:
+            return self._serve(self._plan([idx], snap, generation, small=False), 0, pin_memory)
 
     def plan_batches(self, batches: Sequence[Sequence[int] | np.ndarray]) -> BatchPlan | None:
         """The bookkeeping of the consecutive ``batches`` (each a batch of indices) done at
         once, for :meth:`planned_batch` (NOTE [batch plans]). None where batches are better
         served one by one: a preloaded dataset, a subclass that changes how batches are made,
         a store read ahead from disk (the bookkeeping reads wait on the disk there, and the
-        gather threads wait on it in parallel), or an index out of range (its batch raises
-        when served).
+        gather threads wait on it in parallel), or an error while planning, such as an index
+        out of range or a read error (each batch then raises its own when served, in order).
         """
         if (
             self.preload
@@ -460,7 +463,10 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         ):
             return None
         try:
-            return self._plan([self._check_indices(b) for b in batches], self._control.snapshot())
+            checked, snap = [self._check_indices(b) for b in batches], self._control.snapshot()
+            # NOTE [generation leases]: the plan reads one generation, leased until it is made
+            with self.store.pinned(snap.generation, serve=True) as generation:
+                return self._plan(checked, snap, generation)
         except Exception:  # a bad index, a read error: raised again by its own batch, in order
             log.debug(
                 "no plan for %d batches; serving them one by one", len(batches), exc_info=True
@@ -492,54 +498,64 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
             dense = self._dense = dense_arrays(store, self._len)
         return dense
 
-    def _plan(self, batches: list[np.ndarray], snap: Snapshot) -> BatchPlan:
+    def _plan(
+        self, batches: list[np.ndarray], snap: Snapshot, generation: int, small: bool = True
+    ) -> BatchPlan:
         """Everything of ``batches`` (checked indices) but the gathers of the embedding rows:
-        the rows to read, the steering variants and the small per-pair outputs."""
+        the rows to read, the steering variants and (``small``) the small per-pair outputs.
+        The caller leases the negatives ``generation`` (the one ``snap`` asks for, served)."""
         store = self.store
         idx = batches[0] if len(batches) == 1 else np.concatenate(batches)
         bounds = [0]
         for b in batches:
             bounds.append(bounds[-1] + b.size)
-        # NOTE [generation leases]: the plan reads one generation, leased until it is made
-        with store.pinned(snap.generation, serve=True) as generation:
-            # each index array is range-checked once; every array of that length is read with
-            # it (``take``): the pair-keyed arrays have n_pairs rows (schema, at open and publish)
-            pairs = store.check_rows("pair_index", store.take(f"{self.split}_idx", idx))
-            variants = self._variants(pairs, snap)
-            # NOTE [batch prefetch], NOTE [dense arrays]: only a store read ahead gets the hints
-            ahead, dense = store.advice == "random", self._dense_arrays(store)
-            if ahead:
-                chosen = {table: pairs[variants == v] for v, table in _STEERING_TABLES.items()}
-                store.prefetch(
-                    {name: pairs for name in _PAIR_ARRAYS} | chosen, dense, snap.epoch, generation
-                )
-            qs = store.take("pair_index", pairs)
-            negs = store.take("hard_negatives", pairs, generation=generation)
-            k = negs.shape[1]
-            # source rows: the targets, then the negatives (of one batch: as its gather wants)
+        # each index array is range-checked once; every array of that length is read with
+        # it (``take``): the pair-keyed arrays have n_pairs rows (schema, at open and publish)
+        pairs = store.check_rows("pair_index", store.take(f"{self.split}_idx", idx))
+        variants = self._variants(pairs, snap)
+        # NOTE [batch prefetch], NOTE [dense arrays]: only a store read ahead gets the hints
+        ahead, dense = store.advice == "random", self._dense_arrays(store)
+        if ahead:
+            chosen = {table: pairs[variants == v] for v, table in _STEERING_TABLES.items()}
+            store.prefetch(
+                {name: pairs for name in _PAIR_ARRAYS} | chosen, dense, snap.epoch, generation
+            )
+        qs = store.take("pair_index", pairs)
+        negs = store.take("hard_negatives", pairs, generation=generation)
+        k = negs.shape[1]
+        # source rows: the targets, then the negatives (of one batch: as its gather wants)
+        sources = [store.check_rows("source_embs", np.concatenate([qs[:, 1], negs.reshape(-1)]))]
+        if len(batches) > 1:
+            targets, negatives = sources[0][: idx.size], sources[0][idx.size :]
             sources = [
-                store.check_rows("source_embs", np.concatenate([qs[:, 1], negs.reshape(-1)]))
+                np.concatenate([targets[lo:hi], negatives[lo * k : hi * k]])
+                for lo, hi in itertools.pairwise(bounds)
             ]
-            if len(batches) > 1:
-                targets, negatives = sources[0][: idx.size], sources[0][idx.size :]
-                sources = [
-                    np.concatenate([targets[lo:hi], negatives[lo * k : hi * k]])
-                    for lo, hi in itertools.pairwise(bounds)
-                ]
-            questions = store.check_rows("question_embs", qs[:, 0])
-            if ahead:
-                store.prefetch(
-                    {"question_embs": questions, "source_embs": np.concatenate(sources)},
-                    dense,
-                    snap.epoch,
-                    generation,
-                )
-            small = {}
+        questions = store.check_rows("question_embs", qs[:, 0])
+        if ahead:
+            store.prefetch(
+                {"question_embs": questions, "source_embs": np.concatenate(sources)},
+                dense,
+                snap.epoch,
+                generation,
+            )
+        outputs = None
+        if small:
+            outputs = {}
             for key, (name, shape, dtype) in _PAIR_KEYS.items():
                 out = np.empty(shape(idx.size, k), _NP_DTYPES[dtype])
-                small[key] = store.take(name, pairs, out, generation=generation)
+                outputs[key] = store.take(name, pairs, out, generation=generation)
         return BatchPlan(
-            snap.version, generation, batches, bounds, k, pairs, variants, questions, sources, small
+            snap.version,
+            generation,
+            batches,
+            bounds,
+            k,
+            pairs,
+            variants,
+            questions,
+            sources,
+            outputs,
         )
 
     def _serve(self, plan: BatchPlan, j: int, pin_memory: bool) -> dict[str, torch.Tensor]:
@@ -555,8 +571,12 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
             "negative_embs": rows[b:].view(b, k, d),
             "steering_variant": gather.adopt(plan.variants[lo:hi]),
         }
-        for key, values in plan.small.items():
-            out[key] = gather.adopt(values[lo:hi])
+        if plan.small is None:  # a plan of one batch, served under its lease (get_batch)
+            for key, (name, shape, dtype) in _PAIR_KEYS.items():
+                out[key] = gather(name, plan.pairs, shape(b, k), dtype)
+        else:
+            for key, values in plan.small.items():
+                out[key] = gather.adopt(values[lo:hi])
         batch = {key: out[key] for key in BATCH_KEYS}
         if self.report_generation:
             batch["negatives_generation"] = torch.full((b,), plan.generation, dtype=torch.int64)
@@ -740,27 +760,29 @@ _NP_DTYPES = {torch.float32: np.float32, torch.int64: np.int64}
 # NOTE [batch plans]
 # Making a batch is two kinds of work: gathering its embedding rows (~1,900 rows of 1.5 KiB for
 # B=128, n_neg=12, D=384) and the bookkeeping around them: the split and pair indices, the
-# steering draw, range checks, the negatives and the small per-pair outputs. The bookkeeping
-# is a few dozen numpy calls on 128 values, so its cost is per call, not per value: ~0.3 ms
-# of a ~0.7 ms batch alone, and more between two training steps, whose caches it finds cold.
-# A thread-mode loader knows its next batches (it draws them from the sampler ahead of time),
-# so it asks for the bookkeeping of up to 16 of them at once (``plan_batches``), and serving
-# a batch of the plan (``planned_batch``) is the three row gathers and slices of the plan's
-# arrays. A plan is made from one reading of the control block and used only while the block
-# is unchanged (its version, a write counter): a ``set_epoch``, ``force_steering``, assigned
-# ``steering_probs`` or ``reload_negatives`` after the plan was made sends its remaining
-# batches back to ``__getitems__``, which reads the block as it is then. So a batch is the
-# same bytes as ``get_batch`` of its indices at the moment it starts, with or without a
-# plan, and ``get_batch`` itself is a plan of one batch. The plan reads its negatives while
-# it leases their generation (NOTE [generation leases]); serving reads only the source,
-# question and steering tables, which no reload changes. The small outputs of a planned
-# batch are slices of the plan's arrays: fresh arrays, never reused, so a kept batch is never
-# overwritten (a kept slice keeps the plan's few kilobytes). Measured on 2 cores, the seed's
-# training loop with num_workers=4 gathering in the loop (next() timed, 5 rounds of 300
-# steps): 1.23-1.35 ms per batch one by one, 0.80-0.88 ms from plans of 16, the row gathers
-# alone 0.58-0.79 ms; the loader alone (bench_train.py) at num_workers=2 / 4, 210k / 215k
-# samples/s before, 236k / 238k with plans. num_workers=0 takes one batch at a time from the
-# sampler, as a plain DataLoader does, so it makes plans of one (get_batch).
+# steering draw, range checks, the negatives and the small per-pair outputs. The bookkeeping is
+# a few dozen numpy calls on 128 values, so its cost is per call, not per value: ~0.3 ms of a
+# ~0.7 ms batch alone, and more between two training steps, whose caches it finds cold. A
+# thread-mode loader knows its next batches (it draws them from the sampler ahead of time), so
+# it asks for the bookkeeping of up to 16 of them at once (``plan_batches``), and serving a
+# batch of the plan (``planned_batch``) is the three row gathers and slices of the plan's
+# arrays. A plan is made from one reading of the control block and used only while the block is
+# unchanged (its version, a write counter): a ``set_epoch``, ``force_steering``, assigned
+# ``steering_probs`` or ``reload_negatives`` after the plan was made sends its remaining batches
+# back to ``__getitems__``, which reads the block as it is then. So a batch is the same bytes as
+# ``get_batch`` of its indices at the moment it starts, with or without a plan. ``get_batch``
+# itself is a plan of one batch, served under the batch's lease, with its small outputs read
+# after its rows into recycled buffers as before plans (so on a store read ahead from disk,
+# which is served this way, the small arrays' reads finish while the rows are waited for). The
+# plan reads its negatives while it leases their generation (NOTE [generation leases]); serving
+# reads only the source, question and steering tables, which no reload changes. The small
+# outputs of a planned batch are slices of the plan's arrays: fresh arrays, never reused, so a
+# kept batch is never overwritten (a kept slice keeps the plan's few kilobytes). Measured on 2
+# cores, the seed's training loop with num_workers=4 gathering in the loop (next() timed, 5
+# rounds of 300 steps): 1.23-1.35 ms per batch one by one, 0.80-0.88 ms from plans of 16, the
+# row gathers alone 0.58-0.79 ms; the loader alone (bench_train.py) at num_workers=2 / 4, 210k /
+# 215k samples/s before, 236k / 238k with plans. num_workers=0 takes one batch at a time from
+# the sampler, as a plain DataLoader does, so it makes plans of one (get_batch).
 
 
 @dataclass(eq=False, slots=True)
@@ -777,7 +799,7 @@ class BatchPlan:
     variants: np.ndarray
     questions: np.ndarray  # rows of question_embs
     sources: list[np.ndarray]  # per batch: rows of source_embs, the targets then the negatives
-    small: dict[str, np.ndarray]  # batch key -> the per-pair outputs (_PAIR_KEYS)
+    small: dict[str, np.ndarray] | None  # batch key -> the per-pair outputs (_PAIR_KEYS)
 
     def __len__(self) -> int:
         return len(self.batches)

@@ -318,11 +318,11 @@ def test_an_interrupt_while_planning_ends_the_epoch_and_its_threads(st_store, mo
     ds = loader.dataset_obj
     real, calls = ds._plan, []
 
-    def plan(batches, snap):
+    def plan(batches, *args, **kwargs):
         calls.append(len(batches))
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(batches, snap)
+        return real(batches, *args, **kwargs)
 
     ds._plan = plan
     it = iter(loader)
