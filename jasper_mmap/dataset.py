@@ -506,9 +506,7 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         The caller leases the negatives ``generation`` (the one ``snap`` asks for, served)."""
         store = self.store
         idx = batches[0] if len(batches) == 1 else np.concatenate(batches)
-        bounds = [0]
-        for b in batches:
-            bounds.append(bounds[-1] + b.size)
+        bounds = list(itertools.accumulate((b.size for b in batches), initial=0))
         # each index array is range-checked once; every array of that length is read with
         # it (``take``): the pair-keyed arrays have n_pairs rows (schema, at open and publish)
         pairs = store.check_rows("pair_index", store.take(f"{self.split}_idx", idx))
@@ -524,9 +522,10 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         negs = store.take("hard_negatives", pairs, generation=generation)
         k = negs.shape[1]
         # source rows: the targets, then the negatives (of one batch: as its gather wants)
-        sources = [store.check_rows("source_embs", np.concatenate([qs[:, 1], negs.reshape(-1)]))]
+        rows = store.check_rows("source_embs", np.concatenate([qs[:, 1], negs.reshape(-1)]))
+        sources = [rows]
         if len(batches) > 1:
-            targets, negatives = sources[0][: idx.size], sources[0][idx.size :]
+            targets, negatives = rows[: idx.size], rows[idx.size :]
             sources = [
                 np.concatenate([targets[lo:hi], negatives[lo * k : hi * k]])
                 for lo, hi in itertools.pairwise(bounds)
@@ -534,7 +533,7 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         questions = store.check_rows("question_embs", qs[:, 0])
         if ahead:
             store.prefetch(
-                {"question_embs": questions, "source_embs": np.concatenate(sources)},
+                {"question_embs": questions, "source_embs": rows},
                 dense,
                 snap.epoch,
                 generation,
