@@ -15,8 +15,9 @@ README's Performance section). So ``create_loader(num_workers=N)`` runs N gather
   waiting (memory: ``depth`` x the batch's bytes). The sampler is read a plan's worth of
   batches at a time (up to ``PLAN_BATCHES``, NOTE [batch plans] in dataset.py): a few
   kilobytes of indices and bookkeeping per batch, no rows.
-* Ownership: every batch is freshly allocated and belongs to the caller; nothing is reused
-  behind their back. With ``pin_memory`` and CUDA, the outputs are gathered straight into
+* Ownership: a batch belongs to the caller; its outputs are recycled only once nothing
+  refers to them (NOTE [recycled batch buffers] in buffers.py), so nothing is reused behind
+  their back. With ``pin_memory`` and CUDA, the outputs are gathered straight into
   pinned tensors from torch's caching host allocator, which reuses a block only after the
   copies recorded on it have finished, so ``.cuda(non_blocking=True)`` is safe.
 * Same batches: a batch is ``dataset.get_batch(indices)``, a pure function of the indices and
@@ -41,14 +42,19 @@ loader-free bound, gathering in the loop 0.81; with the gathers on torch's own t
 (NOTE [intra-op gathers]) in the loop, 0.87. Where the consumer leaves cores idle (a GPU step,
 the loader alone) threads ahead win: 196k samples/s against 139k in the loop. Which case a
 loop is in is not knowable up front, so the loader measures it (:class:`GatherTuner`, as
-tf.data's autotuning does): it hands out batches for a window in one way, then the other,
-keeps the faster, and tries the other again after 1, 2, 4, ... windows, at most every
-``probe_every``, in case the loop changed: the first windows of a fresh loader pay its first
-page faults and cold caches, and a decision taken on them alone stood for 16 windows (the
-loader alone on 2 cores: ahead 220k samples/s, in the loop 194k, yet the tuner kept the loop
-after a cold first window of ahead). Both ways give the same batches in the same order (NOTE
-[thread loading]); only where and when a batch is gathered changes, and never more than
-``depth`` ahead.
+tf.data's autotuning does). It times windows of batches. The way chosen runs window after
+window; after 1, 2, 4, ... of them (at most ``probe_every``) one window tries the other way (a
+probe), and the window after it is the chosen way again. The probe wins only if it beat the
+mean of the two windows around it: a training loop's own speed drifts by a tenth or more
+within seconds on a shared machine, and a probe compared with windows seconds away was
+decided by that drift. The doubling interval measures a fresh loader's cold first windows
+again soon (the loader alone on 2 cores: ahead 220k samples/s, in the loop 194k, yet a cold
+first window of ahead had kept the loop for 16 windows). Measured before the probes were
+bracketed so (the seed's training loop, 2 cores, ``num_workers=4``, 2,400 steps): a window was
+compared with the other way's last window, so a drop of the loop's speed switched the way
+and a lucky window kept it; the loader gathered ahead in ~18% of the windows, where ahead is
+~10% slower. Both ways give the same batches in the same order (NOTE [thread loading]); only
+where and when a batch is gathered changes, and never more than ``depth`` ahead.
 
 Not for a store larger than half of RAM (read-ahead advice "random"): there batches wait on the
 disk, the threads keep more reads in flight, and a pass speeds up as the page cache fills, so
@@ -78,13 +84,19 @@ class GatherTuner:
     """Chooses, window by window, between gathering ahead on threads and in the loop
     (NOTE [gathering in the loop]). One per loader, kept across its epochs.
 
+    The way chosen is used for windows in a row; now and then one window tries the other way
+    (a probe), and the window after it is the chosen way again. The probe wins only if it beat
+    the mean of the chosen way's windows on either side of it by ``margin``: the comparison is
+    between neighbouring windows, so a loop that speeds up or slows down for reasons of its
+    own (other load on the machine) does not decide it.
+
     Args:
         window_batches: batches a window has at least.
         window_seconds: seconds a window lasts at least.
-        probe_every: windows between two tries of the way not chosen, at most: the
-            interval starts at one window and doubles with every switch, so early windows
-            (cold caches, first page faults of a fresh store) are soon measured again.
-        margin: how much faster (a fraction) the other way must have been to switch to it.
+        probe_every: windows of the chosen way between two probes, at most: the interval
+            starts at one window and doubles with every probe, so early windows (cold caches,
+            first page faults of a fresh store) are soon measured again.
+        margin: how much faster (a fraction) a probe must have been to change the way chosen.
         clock: the time source (tests pass their own).
     """
 
@@ -98,26 +110,37 @@ class GatherTuner:
     ) -> None:
         self.window_batches, self.window_seconds = window_batches, window_seconds
         self.probe_every, self.margin, self.clock = probe_every, margin, clock
-        self.inline = False  # start ahead: threads win wherever the consumer leaves CPU idle
+        self.inline = False  # the way used now; starts ahead: threads win where CPU is idle
+        self.chosen_inline = False  # the way chosen (used outside probes)
         self.rates: dict[bool, float | None] = {False: None, True: None}  # batches/s, last window
-        self.switches = 0
-        self._windows = 0
-        self._interval = 1  # windows in one way before trying the other; doubles to probe_every
+        self.switches = 0  # changes of the way used (a probe and its return are two)
+        self.probes = 0  # windows that tried the way not chosen
+        self.changes = 0  # probes that won: the way chosen changed
+        self._phase = "chosen"  # "chosen", "probe" (the other way), "after" (chosen again)
+        self._before = 0.0  # rate of the chosen way's window before the probe
+        self._probe = 0.0  # rate of the probe's window
+        self._windows = 0  # windows of the chosen way since the last probe
+        self._interval = 1  # windows of the chosen way before a probe; doubles to probe_every
         self._skip = 0
         self._t0: float | None = None
         self._n = 0
 
     @property
     def mode(self) -> str:
-        """``"inline"`` (gather in the loop) or ``"ahead"`` (gather threads)."""
+        """``"inline"`` (gather in the loop) or ``"ahead"`` (gather threads), used now."""
         return "inline" if self.inline else "ahead"
+
+    @property
+    def choice(self) -> str:
+        """The way chosen: what :attr:`mode` is outside a probe."""
+        return "inline" if self.chosen_inline else "ahead"
 
     def restart(self, skip: int) -> None:
         """A new window after ``skip`` batches (an epoch's start, a switch's drain or fill)."""
         self._skip, self._t0, self._n = skip, None, 0
 
     def handed_out(self, depth: int) -> bool:
-        """Count one batch handed out; True when the way should change (then it has)."""
+        """Count one batch handed out; True when the way used should change (then it has)."""
         if self._skip:
             self._skip -= 1
             return False
@@ -128,21 +151,37 @@ class GatherTuner:
         self._n += 1
         if self._n < self.window_batches or now - self._t0 < self.window_seconds:
             return False
-        mine = self.rates[self.inline] = self._n / (now - self._t0)
-        other = self.rates[not self.inline]
-        self._windows += 1  # windows in this way since the last switch
-        switch = (
-            other is None  # never tried: try it
-            or self._windows >= self._interval  # tried long ago: try it again
-            or other > mine * (1 + self.margin)  # faster when last tried (a probe that lost)
-        )
-        if switch:
-            self.inline, self._windows = not self.inline, 0
+        rate = self.rates[self.inline] = self._n / (now - self._t0)
+        use = self.inline
+        if self._phase == "chosen":
+            self._windows += 1
+            if self._windows >= self._interval:  # time to try the other way for a window
+                self._phase, self._before, use = "probe", rate, not self.chosen_inline
+                self.probes += 1
+        elif self._phase == "probe":  # back to the chosen way for the window after
+            self._phase, self._probe, use = "after", rate, self.chosen_inline
+        else:  # "after": the probe against the chosen way's windows on either side
+            probed = "ahead" if self.chosen_inline else "inline"
+            if self._probe > (self._before + rate) / 2 * (1 + self.margin):
+                self.chosen_inline = not self.chosen_inline
+                self.changes += 1
+            self._phase, self._windows, use = "chosen", 0, self.chosen_inline
             self._interval = min(2 * self._interval, self.probe_every)
-            self.switches += 1
-            log.debug("gathering %s now; batches/s by way: %s", self.mode, self.rates)
+            log.debug(
+                "%s probed at %.1f batches/s, the other way %.1f before and %.1f after: "
+                "gathering %s",
+                probed,
+                self._probe,
+                self._before,
+                rate,
+                self.choice,
+            )
         self.restart(depth)
-        return switch
+        if use == self.inline:
+            return False
+        self.inline = use
+        self.switches += 1
+        return True
 
 
 #: a plan covers at most this many batches and, beyond its first batch, this many samples
