@@ -79,8 +79,8 @@ class TestStoreContract:
     @pytest.mark.parametrize("order", [1, -1], ids=["as-written", "reversed"])
     def test_take_mixed_reads_each_row_from_its_table_and_zeros(self, store_path, order):
         """Row idx[i] of names[which[i]], zeros where which[i] < 0; the same whether the
-        tables are read as one stacked gather (safetensors, the converter's order) or one by
-        one (zarr; or another order)."""
+        tables are read as one gather over their joined rows (safetensors, in either order)
+        or one by one (zarr)."""
         store = open_store(store_path)
         names = STEERING[::order]
         rng = np.random.default_rng(0)
@@ -95,7 +95,7 @@ class TestStoreContract:
         assert store.take_mixed(names, which, idx, out) is out
         np.testing.assert_array_equal(out, want)
         if store.backend == "safetensors":
-            assert (store._stacked(names) is not None) == (order == 1)
+            assert store.joined(names) is not None
 
     def test_manifest_records_counts_and_integrity_facts(self, store_path, pt_dataset):
         store = open_store(store_path)
@@ -202,8 +202,8 @@ def test_take_mixed_widens_and_splits_like_gather(tmp_path, pt_dataset, dtype):
     for k, name in enumerate(STEERING):
         want[which == k] = store.gather(name, idx[which == k])
     got = [store.take_mixed(STEERING, which, idx, np.empty((n, d), np.float32))]
-    stacked = store._stacked(STEERING)  # float16 rows: one read per table, widened
-    assert stacked is not None and (stacked.dtype == np.float32) == (dtype == "keep")
+    joined = store._joined(STEERING)  # float16 rows: one read per table, widened
+    assert joined is not None and (joined[0].dtype == np.float32) == (dtype == "keep")
     old = safetensors_store._INTRA_OP_BYTES
     try:
         safetensors_store._INTRA_OP_BYTES = 1  # the loop's thread: torch.index_select

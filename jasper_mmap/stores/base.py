@@ -378,6 +378,16 @@ class Store(abc.ABC):
                 out[chosen] = self.take(name, idx[chosen])
         return out
 
+    def joined(self, names: tuple[str, ...]) -> tuple[int, ...] | None:
+        """Where each of the arrays ``names`` begins in one joined row space that
+        :meth:`take_joined` reads with one gather, or None: here always None (a backend that
+        maps its files joins arrays lying back to back in one file)."""
+        return None
+
+    def take_joined(self, names: tuple[str, ...], idx: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Rows ``idx`` of the joined rows of ``names``; only where :meth:`joined` is not None."""
+        raise NotImplementedError(f"{self.path}: {self.backend} stores join no arrays")
+
     @property
     def advice(self) -> str:
         """Read-ahead advice of the store's maps: ``"random"`` for a store larger than half

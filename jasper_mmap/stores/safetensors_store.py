@@ -38,6 +38,7 @@ copies rows, it computes nothing.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import json
 import math
 import mmap
@@ -486,49 +487,64 @@ class SafetensorsStore(Store):
     def take_mixed(
         self, names: tuple[str, ...], which: np.ndarray, idx: np.ndarray, out: np.ndarray
     ) -> np.ndarray:
-        """One gather where the arrays lie one after the other in one file, in the order of
-        ``names`` (the steering tables as the converter writes them): over the stacked rows,
-        row ``which[i] * len + idx[i]``. Otherwise one gather per array (the base class)."""
-        stacked = self._stacked(names)
-        if stacked is None or out.dtype != stacked.dtype:
+        """One gather where the arrays lie back to back in one file (the steering tables as
+        the converter writes them): row ``offsets[which[i]] + idx[i]`` of their joined rows
+        (:meth:`joined`). Otherwise one gather per array (the base class)."""
+        joined = self._joined(names)
+        if joined is None or out.dtype != joined[0].dtype:
             return super().take_mixed(names, which, idx, out)
-        n = stacked.shape[0] // len(names)  # rows of each array
-        self._rows(stacked, "#".join(names), np.maximum(which, 0) * n + idx, out)
+        view, offsets = joined
+        rows = np.asarray(offsets, dtype=np.int64)[np.maximum(which, 0)] + idx
+        self._rows(view, "#".join(names), rows, out)
         out[which < 0] = 0
         return out
 
-    def _stacked(self, names: tuple[str, ...]) -> np.ndarray | None:
-        """The arrays ``names`` as one array of their rows stacked, if they are adjacent in
-        one file, in this order, with one shape and dtype (None otherwise); made once, kept
-        with the maps (dropped on close)."""
-        key = "#".join(names) + "#stacked"
+    def joined(self, names: tuple[str, ...]) -> tuple[int, ...] | None:
+        """Where each of the arrays ``names`` begins in their joined rows, if they lie back
+        to back in one file (in any order), 2-D, with one row width and dtype; None
+        otherwise. The converter writes ``question_embs`` and ``source_embs`` so, and the
+        three steering tables (NOTE [joined rows] in dataset.py)."""
+        joined = self._joined(names)
+        return None if joined is None else joined[1]
+
+    def take_joined(self, names: tuple[str, ...], idx: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Rows ``idx`` of the joined rows of ``names`` (:meth:`joined` is not None) into
+        ``out`` (their dtype). ``idx`` addresses rows of the arrays, each range-checked
+        against its own array (:meth:`check_rows`) and moved by that array's offset: it is not
+        checked here."""
+        return self._rows(self._joined(names)[0], "#".join(names), idx, out)
+
+    def _joined(self, names: tuple[str, ...]) -> tuple[np.ndarray, tuple[int, ...]] | None:
+        """:meth:`joined`'s view of the rows and the offsets; made once, kept with the maps
+        (dropped on close)."""
+        key = "#".join(names) + "#joined"
         if key in self._handles:
             return self._handles[key]
         arrays = [self.raw(name) for name in names]
         first = arrays[0]
         files = {self.entry(name)["file"] for name in names}
-        stacked = None
+        joined = None
         if (
             len(files) == 1
-            and first.ndim == 2
-            and first.size
-            and first.flags.c_contiguous
-            and all(a.shape == first.shape and a.dtype == first.dtype for a in arrays)
-            and all(
-                a.flags.c_contiguous and _data(a) == _data(first) + k * first.nbytes
-                for k, a in enumerate(arrays)
-            )
+            and all(a.ndim == 2 and a.size and a.flags.c_contiguous for a in arrays)
+            and all(a.shape[1] == first.shape[1] and a.dtype == first.dtype for a in arrays)
         ):
-            mapped = self._handles["__files__"][files.pop()]
-            stacked = np.frombuffer(
-                mapped.map,
-                dtype=first.dtype,
-                count=first.size * len(arrays),
-                offset=_data(first) - _address(mapped.map),
-            ).reshape(-1, first.shape[1])
+            order = sorted(range(len(arrays)), key=lambda k: _data(arrays[k]))
+            start = _data(arrays[order[0]])
+            starts = list(itertools.accumulate((arrays[k].nbytes for k in order), initial=start))
+            if all(_data(arrays[k]) == at for k, at in zip(order, starts[:-1], strict=True)):
+                mapped = self._handles["__files__"][files.pop()]
+                row = first.strides[0]
+                view = np.frombuffer(
+                    mapped.map,
+                    dtype=first.dtype,
+                    count=sum(a.size for a in arrays),
+                    offset=start - _address(mapped.map),
+                ).reshape(-1, first.shape[1])
+                joined = view, tuple((_data(a) - start) // row for a in arrays)
         with self._guard():
-            self._handles[key] = stacked
-        return stacked
+            self._handles[key] = joined
+        return joined
 
     def _torch_view(self, key: str, src: np.ndarray) -> Any:
         """A read-only tensor over ``src`` (a map's array, handle ``key``), made once per map;

@@ -1,0 +1,120 @@
+"""Joined rows (NOTE [joined rows] in dataset.py): where the store keeps the question and source
+rows back to back in one file, and the three steering tables too, a batch reads its embedding
+rows with two gathers into one block. The bytes are those of one gather per array, for every
+variant, in the loop's thread (torch) and in a gather thread (numpy); a kept output is never
+overwritten; stores that do not join (zarr, float16) read one array at a time."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from test_batch_plans import BATCHES, same
+
+from jasper_mmap import JASPERSteeringDataset, open_store
+from jasper_mmap.converters import convert_pt
+from jasper_mmap.dataset import _EMBEDDINGS, _STEERING_NAMES
+from jasper_mmap.stores import base, safetensors_store
+
+FLOAT_KEYS = ("question_emb", "target_source_emb", "steering", "negative_embs")
+
+
+def per_array(store_path) -> JASPERSteeringDataset:
+    """The dataset reading one gather per array (as a store that joins nothing)."""
+    ds = JASPERSteeringDataset(store_path, "train")
+    ds._joined_rows = None
+    return ds
+
+
+@pytest.mark.parametrize("names", [_EMBEDDINGS, _EMBEDDINGS[::-1], _STEERING_NAMES])
+def test_joined_rows_are_each_arrays_rows(store_path, names):
+    """Row ``offsets[k] + i`` of the joined rows is row ``i`` of ``names[k]``, with numpy (a
+    gather thread) and with torch (the loop's thread); zarr joins nothing."""
+    store = open_store(store_path)
+    offsets = store.joined(names)
+    if store.backend != "safetensors":
+        assert offsets is None
+        with pytest.raises(NotImplementedError, match="join no arrays"):
+            store.take_joined(names, np.zeros(1, np.int64), np.empty((1, 16), np.float32))
+        return
+    assert offsets is not None and len(offsets) == len(names)
+    rng = np.random.default_rng(0)
+    rows, want = [], []
+    for name, at in zip(names, offsets, strict=True):
+        idx = rng.integers(0, store.shape(name)[0], 40)
+        rows.append(idx + at)
+        want.append(store.gather(name, idx))
+    rows, want = np.concatenate(rows), np.concatenate(want)
+    got = [store.take_joined(names, rows, np.empty_like(want))]
+    old = safetensors_store._INTRA_OP_BYTES
+    try:
+        safetensors_store._INTRA_OP_BYTES = 1  # the loop's thread: torch.index_select
+        got.append(store.take_joined(names, rows, np.empty_like(want)))
+    finally:
+        safetensors_store._INTRA_OP_BYTES = old
+    result = []
+
+    def in_a_gather_thread():
+        base.mark_gather_thread()
+        result.append(store.take_joined(names, rows, np.empty_like(want)))
+
+    thread = threading.Thread(target=in_a_gather_thread)
+    thread.start()
+    thread.join()
+    for out in got + result:
+        np.testing.assert_array_equal(out, want)
+
+
+def test_only_arrays_back_to_back_in_one_file_are_joined(tmp_path, pt_dataset):
+    store = open_store(convert_pt(pt_dataset, tmp_path / "s", progress=False))
+    assert store.joined(("steering_centroid",)) == (0,)
+    assert store.joined(_STEERING_NAMES[::2]) is None  # the keyword table lies between them
+    assert store.joined(("question_embs", "steering_centroid")) is None  # two files
+    assert store.joined(("pair_cluster_id", "pair_relevance")) is None  # not 2-D, two dtypes
+    f16 = open_store(convert_pt(pt_dataset, tmp_path / "h", dtype="float16", progress=False))
+    assert f16.joined(_EMBEDDINGS) is not None  # joined, but float16: a batch widens per array
+    ds = JASPERSteeringDataset(f16.path, "train")
+    assert ds._joined(ds.store) is None
+
+
+@pytest.mark.parametrize("variant", [None, "zero", "centroid", "keyword", "residual"])
+def test_a_batch_from_joined_rows_is_one_gather_per_array(store_path, variant):
+    """get_batch and planned batches, every variant forced and the draw (zero rows where the
+    variant is 0): the bytes of the per-array reads."""
+    ds, ref = JASPERSteeringDataset(store_path, "train"), per_array(store_path)
+    joined = ds._joined(ds.store) is not None
+    assert joined == (ds.store.backend == "safetensors")
+    for d in (ds, ref):
+        d.set_epoch(3)
+        d.force_steering(variant)
+    plan = ds.plan_batches(BATCHES)
+    for j, indices in enumerate(BATCHES):
+        want = ref.get_batch(indices)
+        assert same(ds.get_batch(indices), want), j
+        assert same(ds.planned_batch(plan, j), want), j
+    variants = torch.cat([ref.get_batch(b)["steering_variant"] for b in BATCHES])
+    if variant is None:
+        assert {0, 1} <= set(variants.tolist())  # zero rows next to table rows
+    steering = torch.cat([ds.get_batch(b)["steering"] for b in BATCHES])
+    assert (steering[variants == 0] == 0).all()
+    assert (steering[variants != 0] != 0).any() == (variant != "zero")
+
+
+def test_the_embedding_outputs_share_one_block_and_a_kept_one_stays(tmp_path, pt_dataset):
+    """Four outputs, one recycled block: a kept output (a view of it) keeps the block from
+    being reused, so later batches never write it."""
+    ds = JASPERSteeringDataset(convert_pt(pt_dataset, tmp_path / "s", progress=False), "train")
+    batch = ds.get_batch(BATCHES[1])
+    block = {batch[k].untyped_storage().data_ptr() for k in FLOAT_KEYS}
+    assert len(block) == 1
+    kept = batch["steering"]
+    want = kept.clone()
+    del batch
+    for _ in range(4):
+        for indices in BATCHES:
+            ds.get_batch(indices)
+    assert torch.equal(kept, want)
+    ref = per_array(ds.store_path).get_batch(BATCHES[1])
+    assert len({ref[k].untyped_storage().data_ptr() for k in FLOAT_KEYS}) == 3
