@@ -73,6 +73,7 @@ def test_only_arrays_back_to_back_in_one_file_are_joined(tmp_path, pt_dataset):
     assert store.joined(_STEERING_NAMES[::2]) is None  # the keyword table lies between them
     assert store.joined(("question_embs", "steering_centroid")) is None  # two files
     assert store.joined(("pair_cluster_id", "pair_relevance")) is None  # not 2-D, two dtypes
+    assert store.joined(("hard_negatives",)) is None  # a generation's: replaced by reloads
     f16 = open_store(convert_pt(pt_dataset, tmp_path / "h", dtype="float16", progress=False))
     assert f16.joined(_EMBEDDINGS) is not None  # joined, but float16: a batch widens per array
     ds = JASPERSteeringDataset(f16.path, "train")

@@ -54,7 +54,7 @@ import numpy as np
 from .._dtypes import entry_nbytes, numpy_dtype, safetensors_code
 from ..errors import JasperError, StoreCorruptError, StoreFormatError, StoreNotFoundError
 from ..schema import Problem, is_count, raise_problems, store_fix, type_name
-from .base import Store, StoreWriter, in_gather_thread
+from .base import NEGATIVE_ARRAYS, Store, StoreWriter, in_gather_thread
 
 __all__ = [
     "SafetensorsStore",
@@ -502,7 +502,7 @@ class SafetensorsStore(Store):
     def joined(self, names: tuple[str, ...]) -> tuple[int, ...] | None:
         """Where each of the arrays ``names`` begins in their joined rows, if they lie back
         to back in one file (in any order), 2-D, with one row width and dtype; None
-        otherwise. The converter writes ``question_embs`` and ``source_embs`` so, and the
+        otherwise, and for the negatives (a reload replaces them). The converter writes ``question_embs`` and ``source_embs`` so, and the
         three steering tables (NOTE [joined rows] in dataset.py)."""
         joined = self._joined(names)
         return None if joined is None else joined[1]
@@ -520,6 +520,8 @@ class SafetensorsStore(Store):
         key = "#".join(names) + "#joined"
         if key in self._handles:
             return self._handles[key]
+        if any(name in NEGATIVE_ARRAYS for name in names):
+            return None  # a generation's arrays: replaced by every reload, never joined
         arrays = [self.raw(name) for name in names]
         first = arrays[0]
         files = {self.entry(name)["file"] for name in names}
