@@ -434,7 +434,8 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
     def get_batch(
         self, indices: Sequence[int] | np.ndarray, pin_memory: bool = False
     ) -> dict[str, torch.Tensor]:
-        """The batch of samples ``indices``: nine keys, one vectorized gather per array.
+        """The batch of samples ``indices``: nine keys, one vectorized gather per array (two
+        for all the embedding rows where the store joins them: NOTE [joined rows]).
 
         With ``pin_memory`` the CPU outputs are gathered straight into pinned memory (for
         ``.cuda(non_blocking=True)``); it needs CUDA. Safe to call from several threads.
@@ -564,8 +565,9 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
                 np.concatenate([src + at_source, questions[lo:hi] + at_question])
                 for src, (lo, hi) in zip(sources, itertools.pairwise(bounds), strict=True)
             ]
-            steering = at_table[np.maximum(variants - 1, 0)] + pairs
             zero = np.flatnonzero(variants == 0)
+            steering = at_table[np.maximum(variants - 1, 0)] + pairs
+            steering[zero] = 0  # zeroed after the gather: read the first row, a cached page
             cuts = np.searchsorted(zero, bounds)
             zeros = [
                 zero[first:last] - lo
@@ -684,7 +686,7 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         self._pool.capacity = max(self._pool.capacity, batches)
 
     def __getitems__(self, indices: Sequence[int], pin_memory: bool = False) -> SampleBatch:
-        """Batched fetch used by ``torch.utils.data.DataLoader`` (one gather per array)."""
+        """Batched fetch used by ``torch.utils.data.DataLoader`` (:meth:`get_batch`)."""
         return SampleBatch(self.get_batch(indices, pin_memory))
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
@@ -810,7 +812,7 @@ _NP_DTYPES = {torch.float32: np.float32, torch.int64: np.int64}
 # ~0.7 ms batch alone, and more between two training steps, whose caches it finds cold. A
 # thread-mode loader knows its next batches (it draws them from the sampler ahead of time), so
 # it asks for the bookkeeping of up to 16 of them at once (``plan_batches``), and serving a
-# batch of the plan (``planned_batch``) is the three row gathers and slices of the plan's
+# batch of the plan (``planned_batch``) is its row gathers and slices of the plan's
 # arrays. A plan is made from one reading of the control block and used only while the block is
 # unchanged (its version, a write counter): a ``set_epoch``, ``force_steering``, assigned
 # ``steering_probs`` or ``reload_negatives`` after the plan was made sends its remaining batches
@@ -838,10 +840,13 @@ _NP_DTYPES = {torch.float32: np.float32, torch.int64: np.int64}
 # question, source and steering rows into rows of the joined arrays (and notes where the
 # variant is 0, whose rows are zeroed after the gather), and serving gathers targets,
 # negatives and questions into one recycled block and the steering rows after them. The four
-# embedding outputs are row slices of that block: a kept output keeps the block from being
-# reused (NOTE [recycled batch buffers]). Between two training steps of the seed's loop on 2
-# cores (num_workers=4 gathering in the loop, page cache warm) a batch took 1.08-1.13 ms with
-# one gather per array and 0.82-0.92 ms so; the gather floor of bench_train.py, 0.69-0.74 ms.
+# embedding outputs are row slices of that block: a kept output keeps the whole block (B x (3 +
+# n_neg) rows: 2.9 MB at B=128, n_neg=12, D=384) and keeps it from being reused (NOTE
+# [recycled batch buffers]); ``.clone()`` what you keep. A variant-0 row gathers the steering
+# tables' first row (read every batch, so cached), not its pair's row, and is zeroed. Between
+# two training steps of the seed's loop on 2 cores (num_workers=4 gathering in the loop, page
+# cache warm) a batch took 1.08-1.13 ms with one gather per array and 0.82-0.92 ms so; the
+# gather floor of bench_train.py, 0.69-0.74 ms.
 # A store that joins nothing (zarr) or stores float16 (widened per array) reads one array at a
 # time, as before; both ways give the same bytes.
 

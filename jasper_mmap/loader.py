@@ -1,7 +1,7 @@
 """``create_loader``, ``set_epoch``, ``validate_first_batch`` and the worker seeding.
 
 ``create_loader`` builds a ``torch.utils.data.DataLoader`` on the batched path: the DataLoader
-calls ``dataset.__getitems__`` with a batch's indices (one vectorized gather per array) and
+calls ``dataset.__getitems__`` with a batch's indices (a few vectorized gathers) and
 :func:`collate_batch` passes the batch through untouched.
 """
 

@@ -43,11 +43,12 @@ loader-free bound, gathering in the loop 0.81; with the gathers on torch's own t
 the loader alone) threads ahead win: 196k samples/s against 139k in the loop. Which case a
 loop is in is not knowable up front, so the loader measures it (:class:`GatherTuner`, as
 tf.data's autotuning does). It times windows of batches. The way chosen runs window after
-window; after 1, 2, 4, ... of them (at most ``probe_every``) one window tries the other way (a
-probe), and the window after it is the chosen way again. The probe wins only if it beat the
-mean of the two windows around it: a training loop's own speed drifts by a tenth or more
-within seconds on a shared machine, and a probe compared with windows seconds away was
-decided by that drift. The doubling interval measures a fresh loader's cold first windows
+window; after 1, 2, 4, ... of them (at most ``probe_every``, not counting the window after
+the last probe) one window tries the other way (a probe), and the window after it is the
+chosen way again. The probe wins only if it beat the mean of the two windows around it (a
+probe that an epoch's end cuts short is dropped): a training loop's own speed drifts by a
+tenth or more within seconds on a shared machine, and a probe compared with windows seconds
+away was decided by that drift. The doubling interval measures a fresh loader's cold first windows
 again soon (the loader alone on 2 cores: ahead 220k samples/s, in the loop 194k, yet a cold
 first window of ahead had kept the loop for 16 windows). Measured before the probes were
 bracketed so (the seed's training loop, 2 cores, ``num_workers=4``, 2,400 steps): a window was
@@ -93,9 +94,10 @@ class GatherTuner:
     Args:
         window_batches: batches a window has at least.
         window_seconds: seconds a window lasts at least.
-        probe_every: windows of the chosen way between two probes, at most: the interval
-            starts at one window and doubles with every probe, so early windows (cold caches,
-            first page faults of a fresh store) are soon measured again.
+        probe_every: windows of the chosen way before the next probe, at most (counted from
+            the window after the last probe, which is the chosen way too): the count starts at
+            one window and doubles with every probe, so early windows (cold caches, first
+            page faults of a fresh store) are soon measured again.
         margin: how much faster (a fraction) a probe must have been to change the way chosen.
         clock: the time source (tests pass their own).
     """
@@ -136,8 +138,20 @@ class GatherTuner:
         return "inline" if self.chosen_inline else "ahead"
 
     def restart(self, skip: int) -> None:
-        """A new window after ``skip`` batches (an epoch's start, a switch's drain or fill)."""
+        """A new window after ``skip`` batches (a switch's drain or fill)."""
         self._skip, self._t0, self._n = skip, None, 0
+
+    def start_epoch(self) -> None:
+        """A new epoch's iterator: its first batch pays the start-up, so it is not timed, and
+        a probe still open is dropped undecided (the chosen way again), so that a probe is
+        never judged against a window of another epoch (between them the loop may have
+        evaluated, saved a checkpoint, or changed its step)."""
+        if self._phase != "chosen":
+            self._phase, self._windows = "chosen", 0
+            if self.inline != self.chosen_inline:
+                self.inline = self.chosen_inline
+                self.switches += 1
+        self.restart(1)
 
     def handed_out(self, depth: int) -> bool:
         """Count one batch handed out; True when the way used should change (then it has)."""
@@ -248,7 +262,7 @@ class ThreadedBatches:
         # joins the threads when the iterator is dropped (break), collected, or at exit
         self._finalizer = weakref.finalize(self, _shutdown, self._pool, self._pending)
         if tuner is not None:
-            tuner.restart(1)  # the epoch's first batch pays its start-up: not timed
+            tuner.start_epoch()
         if not self._inline:
             try:
                 self._fill()

@@ -119,3 +119,57 @@ def test_the_embedding_outputs_share_one_block_and_a_kept_one_stays(tmp_path, pt
     assert torch.equal(kept, want)
     ref = per_array(ds.store_path).get_batch(BATCHES[1])
     assert len({ref[k].untyped_storage().data_ptr() for k in FLOAT_KEYS}) == 3
+
+
+def test_variant_zero_rows_read_the_first_row_not_their_pairs(tmp_path, pt_dataset):
+    """A variant-0 row is zeroed after the gather, so the gather reads the tables' first row
+    (a page read every batch) rather than the pair's row: on a store read from disk that row
+    would be a read of its own, one nothing asked the kernel for ahead."""
+    ds = JASPERSteeringDataset(convert_pt(pt_dataset, tmp_path / "s", progress=False), "train")
+    store, seen = ds.store, []
+    take = store.take_joined
+
+    def spy(names, idx, out):
+        if names == _STEERING_NAMES:
+            seen.append(idx.copy())
+        return take(names, idx, out)
+
+    store.take_joined = spy
+    ds.set_epoch(3)
+    batch = ds.get_batch(BATCHES[1])
+    variants = batch["steering_variant"].numpy()
+    assert 0 in variants and (variants > 0).any()
+    assert (seen[0][variants == 0] == 0).all()
+    pairs = store.take("train_idx", np.asarray(BATCHES[1]))
+    offsets, chosen = np.asarray(store.joined(_STEERING_NAMES)), variants > 0
+    want = offsets[variants[chosen] - 1] + pairs[chosen]
+    np.testing.assert_array_equal(seen[0][chosen], want)
+
+
+def test_a_close_while_the_joined_view_is_made_leaves_batches_right(tmp_path, pt_dataset):
+    """A close (another thread's ``ds.close()``) landing between the maps the joined view is
+    made of: the view is made again from maps of one opening, never cached as "not joined"
+    (which failed every later batch of a dataset that had found the store joined)."""
+    path = convert_pt(pt_dataset, tmp_path / "s", progress=False)
+    ds, ref = JASPERSteeringDataset(path, "train"), per_array(path)
+    want = ref.get_batch(BATCHES[1])
+    assert same(ds.get_batch(BATCHES[1]), want)
+    store = ds.store
+    store.close()
+    raw, opened = store.raw, []
+
+    def closing_raw(name, generation=None):
+        handle = raw(name, generation)
+        opened.append(name)
+        if name == "question_embs" and opened.count(name) == 1:
+            store.close()  # lands after the first map of the joined view was opened
+        return handle
+
+    store.raw = closing_raw
+    try:
+        assert same(ds.get_batch(BATCHES[1]), want)
+    finally:
+        store.raw = raw
+    for _ in range(2):
+        assert same(ds.get_batch(BATCHES[1]), want)
+    assert store.joined(_EMBEDDINGS) is not None

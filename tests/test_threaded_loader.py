@@ -343,7 +343,8 @@ from jasper_mmap.threaded import GatherTuner  # noqa: E402
 
 
 def always_switching() -> GatherTuner:
-    """A tuner that changes the way after every batch (a window of one batch, no margin)."""
+    """A tuner that changes the way as often as it can: windows of one timed batch, a probe
+    after every window of the chosen way (so two of every three windows switch)."""
     return GatherTuner(window_batches=1, window_seconds=0.0, probe_every=1)
 
 
@@ -448,9 +449,7 @@ def test_a_cold_first_window_is_soon_measured_again():
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
-def test_batches_are_bit_identical_while_the_way_changes_every_batch(
-    store_path, reference, workers
-):
+def test_batches_are_bit_identical_while_the_way_keeps_changing(store_path, reference, workers):
     loader = loader_of(store_path, "thread", workers)
     loader.gather_tuner = always_switching()
     ways = []
@@ -581,3 +580,22 @@ def test_a_store_larger_than_half_of_ram_always_gathers_ahead(st_store, monkeypa
     for _ in it:
         modes.add(it.mode)
     assert modes == {"ahead"} and loader.gather_tuner.switches == 0
+
+
+def test_a_probe_cut_short_by_the_epochs_end_is_dropped():
+    """A new epoch's iterator drops a probe still open: the chosen way again, no decision,
+    and the next probe after the interval; so a probe is never judged across epochs."""
+    clock = FakeClock()
+    tuner = GatherTuner(window_batches=10, window_seconds=0.0, probe_every=4, clock=clock)
+    drive(tuner, clock, {"inline": 1.0, "ahead": 2.0}, 300)
+    assert tuner.choice == "inline"
+    while tuner.mode == "inline":  # run until the next probe of ahead starts
+        drive(tuner, clock, {"inline": 1.0, "ahead": 2.0}, 1)
+    probes, changes = tuner.probes, tuner.changes
+    drive(tuner, clock, {"inline": 1.0, "ahead": 0.1}, 5)  # a fast start, cut short
+    tuner.start_epoch()
+    assert tuner.mode == "inline" and tuner.choice == "inline"
+    ways = drive(tuner, clock, {"inline": 1.0, "ahead": 2.0}, 200)
+    assert tuner.changes == changes and tuner.choice == "inline"
+    assert ways[: 1 + 4 * 11].count("ahead") == 0  # the interval runs again before a probe
+    assert tuner.probes > probes

@@ -364,6 +364,8 @@ _MADVISE = _libc_madvise()
 #: and 19 us; 128 rows 37 and 25 us; 1,664 rows 341 and 180 us; 128 x 96 B rows 4 and 6 us
 _INTRA_OP_BYTES = 96 << 10
 
+_UNSET = object()
+
 
 def _torch() -> Any:
     import torch  # the dataset has imported it already; the converter and CLI never need it
@@ -495,8 +497,10 @@ class SafetensorsStore(Store):
             return super().take_mixed(names, which, idx, out)
         view, offsets = joined
         rows = np.asarray(offsets, dtype=np.int64)[np.maximum(which, 0)] + idx
+        zero = which < 0
+        rows[zero] = 0  # zeroed after the gather: read the first row, a cached page
         self._rows(view, "#".join(names), rows, out)
-        out[which < 0] = 0
+        out[zero] = 0
         return out
 
     def joined(self, names: tuple[str, ...]) -> tuple[int, ...] | None:
@@ -512,41 +516,51 @@ class SafetensorsStore(Store):
         ``out`` (their dtype). ``idx`` addresses rows of the arrays, each range-checked
         against its own array (:meth:`check_rows`) and moved by that array's offset: it is not
         checked here."""
-        return self._rows(self._joined(names)[0], "#".join(names), idx, out)
+        joined = self._joined(names)
+        if joined is None:
+            raise NotImplementedError(f"{self.path}: the arrays {names} are not joined")
+        return self._rows(joined[0], "#".join(names), idx, out)
 
     def _joined(self, names: tuple[str, ...]) -> tuple[np.ndarray, tuple[int, ...]] | None:
         """:meth:`joined`'s view of the rows and the offsets; made once, kept with the maps
         (dropped on close)."""
         key = "#".join(names) + "#joined"
-        if key in self._handles:
-            return self._handles[key]
+        joined = self._handles.get(key, _UNSET)
+        if joined is not _UNSET:
+            return joined
         if any(name in NEGATIVE_ARRAYS for name in names):
             return None  # a generation's arrays: replaced by every reload, never joined
-        arrays = [self.raw(name) for name in names]
+        with self._guard():  # a close from another thread waits until the view is made
+            arrays = [self.raw(name) for name in names]
+            while any(self._handles.get(n) is not a for n, a in zip(names, arrays, strict=True)):
+                arrays = [self.raw(name) for name in names]  # closed meanwhile: all from now
+            self._handles[key] = joined = self._join(names, arrays)
+        return joined
+
+    def _join(
+        self, names: tuple[str, ...], arrays: list[np.ndarray]
+    ) -> tuple[np.ndarray, tuple[int, ...]] | None:
         first = arrays[0]
         files = {self.entry(name)["file"] for name in names}
-        joined = None
-        if (
+        if not (
             len(files) == 1
             and all(a.ndim == 2 and a.size and a.flags.c_contiguous for a in arrays)
             and all(a.shape[1] == first.shape[1] and a.dtype == first.dtype for a in arrays)
         ):
-            order = sorted(range(len(arrays)), key=lambda k: _data(arrays[k]))
-            start = _data(arrays[order[0]])
-            starts = list(itertools.accumulate((arrays[k].nbytes for k in order), initial=start))
-            if all(_data(arrays[k]) == at for k, at in zip(order, starts[:-1], strict=True)):
-                mapped = self._handles["__files__"][files.pop()]
-                row = first.strides[0]
-                view = np.frombuffer(
-                    mapped.map,
-                    dtype=first.dtype,
-                    count=sum(a.size for a in arrays),
-                    offset=start - _address(mapped.map),
-                ).reshape(-1, first.shape[1])
-                joined = view, tuple((_data(a) - start) // row for a in arrays)
-        with self._guard():
-            self._handles[key] = joined
-        return joined
+            return None
+        order = sorted(range(len(arrays)), key=lambda k: _data(arrays[k]))
+        start = _data(arrays[order[0]])
+        starts = list(itertools.accumulate((arrays[k].nbytes for k in order), initial=start))
+        if any(_data(arrays[k]) != at for k, at in zip(order, starts[:-1], strict=True)):
+            return None  # not back to back
+        mapped = self._handles["__files__"][files.pop()]
+        view = np.frombuffer(
+            mapped.map,
+            dtype=first.dtype,
+            count=sum(a.size for a in arrays),
+            offset=start - _address(mapped.map),
+        ).reshape(-1, first.shape[1])
+        return view, tuple((_data(a) - start) // first.strides[0] for a in arrays)
 
     def _torch_view(self, key: str, src: np.ndarray) -> Any:
         """A read-only tensor over ``src`` (a map's array, handle ``key``), made once per map;
