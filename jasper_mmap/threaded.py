@@ -48,14 +48,18 @@ the last probe) one window tries the other way (a probe), and the window after i
 chosen way again. The probe wins only if it beat the mean of the two windows around it (a
 probe that an epoch's end cuts short is dropped): a training loop's own speed drifts by a
 tenth or more within seconds on a shared machine, and a probe compared with windows seconds
-away was decided by that drift. The doubling interval measures a fresh loader's cold first windows
-again soon (the loader alone on 2 cores: ahead 220k samples/s, in the loop 194k, yet a cold
-first window of ahead had kept the loop for 16 windows). Measured before the probes were
+away was decided by that drift. The doubling interval measures a fresh loader's cold first
+windows again soon (the loader alone on 2 cores: ahead 220k samples/s, in the loop 194k, yet
+a cold first window of ahead had kept the loop for 16 windows). Measured before the probes were
 bracketed so (the seed's training loop, 2 cores, ``num_workers=4``, 2,400 steps): a window was
 compared with the other way's last window, so a drop of the loop's speed switched the way
 and a lucky window kept it; the loader gathered ahead in ~18% of the windows, where ahead is
-~10% slower. Both ways give the same batches in the same order (NOTE [thread loading]); only
-where and when a batch is gathered changes, and never more than ``depth`` ahead.
+~10% slower. A probe costs one window (and the batches of its switch) in the slower way. With
+bracketed probes a decision holds, so they come at most every 64 windows (~25 s of the seed's
+CPU loop): with every 16, a trace of that loop (8 epochs of 420 steps) spent one probe of 41
+batches in every ~740, ~0.6% of its time. Both ways give the same batches in the same order
+(NOTE [thread loading]); only where and when a batch is gathered changes, and never more than
+``depth`` ahead.
 
 Not for a store larger than half of RAM (read-ahead advice "random"): there batches wait on the
 disk, the threads keep more reads in flight, and a pass speeds up as the page cache fills, so
@@ -106,7 +110,7 @@ class GatherTuner:
         self,
         window_batches: int = 32,
         window_seconds: float = 0.25,
-        probe_every: int = 16,
+        probe_every: int = 64,
         margin: float = 0.03,
         clock: Any = time.perf_counter,
     ) -> None:
