@@ -540,15 +540,8 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         qs = store.take("pair_index", pairs)
         negs = store.take("hard_negatives", pairs, generation=generation)
         k = negs.shape[1]
-        # source rows: the targets, then the negatives (of one batch: as its gather wants)
+        # source rows: the targets, then the negatives
         rows = store.check_rows("source_embs", np.concatenate([qs[:, 1], negs.reshape(-1)]))
-        sources = [rows]
-        if len(batches) > 1:
-            targets, negatives = rows[: idx.size], rows[idx.size :]
-            sources = [
-                np.concatenate([targets[lo:hi], negatives[lo * k : hi * k]])
-                for lo, hi in itertools.pairwise(bounds)
-            ]
         questions = store.check_rows("question_embs", qs[:, 0])
         if ahead:
             store.prefetch(
@@ -557,14 +550,15 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
                 snap.epoch,
                 generation,
             )
+        # each batch's rows of source_embs (targets, then k negatives a sample) for one gather;
+        # where the store joins the embedding rows (NOTE [joined rows]), its questions too, all
+        # moved into the joined rows, and the steering rows in the joined tables
+        parts = [(rows[: idx.size], 1), (rows[idx.size :], k)]
         steering = zeros = None
         joined = self._joined(store)
-        if joined is not None:  # NOTE [joined rows]: the rows in the joined row spaces
+        if joined is not None:
             at_question, at_source, at_table = joined
-            sources = [
-                np.concatenate([src + at_source, questions[lo:hi] + at_question])
-                for src, (lo, hi) in zip(sources, itertools.pairwise(bounds), strict=True)
-            ]
+            parts = [(p + at_source, w) for p, w in parts] + [(questions + at_question, 1)]
             zero = np.flatnonzero(variants == 0)
             steering = at_table[np.maximum(variants - 1, 0)] + pairs
             steering[zero] = 0  # zeroed after the gather: read the first row, a cached page
@@ -573,6 +567,10 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
                 zero[first:last] - lo
                 for (first, last), lo in zip(itertools.pairwise(cuts), bounds[:-1], strict=True)
             ]
+        sources = [
+            np.concatenate([p[lo * w : hi * w] for p, w in parts])
+            for lo, hi in itertools.pairwise(bounds)
+        ]
         outputs = None
         if small:
             outputs = {}

@@ -506,8 +506,9 @@ class SafetensorsStore(Store):
     def joined(self, names: tuple[str, ...]) -> tuple[int, ...] | None:
         """Where each of the arrays ``names`` begins in their joined rows, if they lie back
         to back in one file (in any order), 2-D, with one row width and dtype; None
-        otherwise, and for the negatives (a reload replaces them). The converter writes ``question_embs`` and ``source_embs`` so, and the
-        three steering tables (NOTE [joined rows] in dataset.py)."""
+        otherwise, and for the negatives (a reload replaces them). The converter writes
+        ``question_embs`` and ``source_embs`` so, and the three steering tables (NOTE [joined
+        rows] in dataset.py)."""
         joined = self._joined(names)
         return None if joined is None else joined[1]
 
