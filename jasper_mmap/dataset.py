@@ -465,10 +465,13 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         ):
             return None
         try:
-            checked, snap = [self._check_indices(b) for b in batches], self._control.snapshot()
+            # each batch as an array, all range-checked at once (a bad index: see above)
+            checked = [np.asarray(b, dtype=np.int64).reshape(-1) for b in batches]
+            idx = self._check_indices(checked[0] if len(checked) == 1 else np.concatenate(checked))
+            snap = self._control.snapshot()
             # NOTE [generation leases]: the plan reads one generation, leased until it is made
             with self.store.pinned(snap.generation, serve=True) as generation:
-                return self._plan(checked, snap, generation)
+                return self._plan(checked, snap, generation, idx=idx)
         except Exception:  # a bad index, a read error: raised again by its own batch, in order
             log.debug(
                 "no plan for %d batches; serving them one by one", len(batches), exc_info=True
@@ -518,13 +521,20 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         return joined
 
     def _plan(
-        self, batches: list[np.ndarray], snap: Snapshot, generation: int, small: bool = True
+        self,
+        batches: list[np.ndarray],
+        snap: Snapshot,
+        generation: int,
+        small: bool = True,
+        idx: np.ndarray | None = None,
     ) -> BatchPlan:
-        """Everything of ``batches`` (checked indices) but the gathers of the embedding rows:
-        the rows to read, the steering variants and (``small``) the small per-pair outputs.
-        The caller leases the negatives ``generation`` (the one ``snap`` asks for, served)."""
+        """Everything of ``batches`` (checked indices; ``idx``: them concatenated, if at hand)
+        but the gathers of the embedding rows: the rows to read, the steering variants and
+        (``small``) the small per-pair outputs. The caller leases the negatives ``generation``
+        (the one ``snap`` asks for, served)."""
         store = self.store
-        idx = batches[0] if len(batches) == 1 else np.concatenate(batches)
+        if idx is None:
+            idx = batches[0] if len(batches) == 1 else np.concatenate(batches)
         bounds = list(itertools.accumulate((b.size for b in batches), initial=0))
         # each index array is range-checked once; every array of that length is read with
         # it (``take``): the pair-keyed arrays have n_pairs rows (schema, at open and publish)
@@ -540,12 +550,13 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         qs = store.take("pair_index", pairs)
         negs = store.take("hard_negatives", pairs, generation=generation)
         k = negs.shape[1]
-        # source rows: the targets, then the negatives
-        rows = store.check_rows("source_embs", np.concatenate([qs[:, 1], negs.reshape(-1)]))
+        # source rows: the targets, then the negatives (k a sample)
+        targets = store.check_rows("source_embs", qs[:, 1])
+        negatives = store.check_rows("source_embs", negs.reshape(-1))
         questions = store.check_rows("question_embs", qs[:, 0])
         if ahead:
             store.prefetch(
-                {"question_embs": questions, "source_embs": rows},
+                {"question_embs": questions, "source_embs": np.concatenate([targets, negatives])},
                 dense,
                 snap.epoch,
                 generation,
@@ -553,12 +564,13 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         # each batch's rows of source_embs (targets, then k negatives a sample) for one gather;
         # where the store joins the embedding rows (NOTE [joined rows]), its questions too, all
         # moved into the joined rows, and the steering rows in the joined tables
-        parts = [(rows[: idx.size], 1), (rows[idx.size :], k)]
+        parts = [(targets, 1, 0), (negatives, k, 0)]
         steering = zeros = None
         joined = self._joined(store)
         if joined is not None:
             at_question, at_source, at_table = joined
-            parts = [(p + at_source, w) for p, w in parts] + [(questions + at_question, 1)]
+            parts = [(targets, 1, at_source), (negatives, k, at_source)]
+            parts.append((questions, 1, at_question))
             zero = np.flatnonzero(variants == 0)
             steering = at_table[np.maximum(variants - 1, 0)] + pairs
             steering[zero] = 0  # zeroed after the gather: read the first row, a cached page
@@ -567,10 +579,7 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
                 zero[first:last] - lo
                 for (first, last), lo in zip(itertools.pairwise(cuts), bounds[:-1], strict=True)
             ]
-        sources = [
-            np.concatenate([p[lo * w : hi * w] for p, w in parts])
-            for lo, hi in itertools.pairwise(bounds)
-        ]
+        sources = _batch_rows(parts, bounds)
         outputs = None
         if small:
             outputs = {}
@@ -598,22 +607,29 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         b, d, k = hi - lo, self.embedding_dim, plan.n_neg
         gather = _gatherer(self.store, plan.generation, pin_memory, self._pool)
         if plan.steering is not None:  # NOTE [joined rows]: one block, two gathers
-            n = b * (2 + k)  # targets, negatives, questions; then the steering rows
-            block = gather.block((n + b, d))
-            gather.joined(_EMBEDDINGS, plan.sources[j], block[:n])
-            steering = gather.joined(_STEERING_NAMES, plan.steering[lo:hi], block[n:])
+            n, m = b * (1 + k), b * (2 + k)  # targets, negatives; questions; steering rows
+            block, tensor = gather.block((m + b, d))
+            self.store.take_joined(_EMBEDDINGS, plan.sources[j], block[:m])
+            self.store.take_joined(_STEERING_NAMES, plan.steering[lo:hi], block[m:])
             if plan.zeros[j].size:
-                steering.numpy()[plan.zeros[j]] = 0
-            rows, question = block[: b * (1 + k)], block[b * (1 + k) : n]
+                block[m:][plan.zeros[j]] = 0
+            if tensor is None:  # plain memory: a tensor over each slice is cheaper to make
+                view = torch.from_numpy
+                target, negatives = view(block[:b]), view(block[b:n].reshape(b, k, d))
+                question, steering = view(block[n:m]), view(block[m:])
+            else:  # pinned or shared: slices of the block's tensor keep what it is
+                target, negatives = tensor[:b], tensor[b:n].view(b, k, d)
+                question, steering = tensor[n:m], tensor[m:]
         else:
             rows = gather("source_embs", plan.sources[j], (b * (1 + k), d), torch.float32)
+            target, negatives = rows[:b], rows[b:].view(b, k, d)
             question = gather("question_embs", plan.questions[lo:hi], (b, d), torch.float32)
             steering = gather.steering(plan.variants[lo:hi], plan.pairs[lo:hi], (b, d))
         out = {
             "question_emb": question,
-            "target_source_emb": rows[:b],
+            "target_source_emb": target,
             "steering": steering,
-            "negative_embs": rows[b:].view(b, k, d),
+            "negative_embs": negatives,
             "steering_variant": gather.adopt(plan.variants[lo:hi]),
         }
         if plan.small is None:  # a plan of one batch, served under its lease (get_batch)
@@ -849,6 +865,24 @@ _NP_DTYPES = {torch.float32: np.float32, torch.int64: np.int64}
 # time, as before; both ways give the same bytes.
 
 
+def _batch_rows(parts: list[tuple[np.ndarray, int, int]], bounds: list[int]) -> Any:
+    """Each batch's rows of ``parts`` back to back: from each (rows, w, offset), batch ``j``'s
+    ``rows[bounds[j] * w : bounds[j + 1] * w] + offset``. Batches of one size (all but a
+    short last one, mostly) are rows of one 2-D array, filled with one operation a part."""
+    sizes = {hi - lo for lo, hi in itertools.pairwise(bounds)}
+    if len(sizes) == 1 and (b := sizes.pop()) > 0:
+        out = np.empty((len(bounds) - 1, b * sum(w for _, w, _ in parts)), np.int64)
+        at = 0
+        for rows, w, offset in parts:
+            np.add(rows.reshape(-1, b * w), offset, out=out[:, at : at + b * w])
+            at += b * w
+        return out
+    return [
+        np.concatenate([rows[lo * w : hi * w] + offset for rows, w, offset in parts])
+        for lo, hi in itertools.pairwise(bounds)
+    ]
+
+
 @dataclass(eq=False, slots=True)
 class BatchPlan:
     """The bookkeeping of consecutive batches (NOTE [batch plans]); batch ``j`` is rows
@@ -864,7 +898,8 @@ class BatchPlan:
     questions: np.ndarray  # rows of question_embs
     # per batch: rows of source_embs, the targets then the negatives; where the store joins the
     # embedding rows (NOTE [joined rows]), rows of the joined rows: targets, negatives, questions
-    sources: list[np.ndarray]
+    # (a list, or the rows of one 2-D array where the batches have one size: _batch_rows)
+    sources: Any
     steering: np.ndarray | None  # rows of the joined steering tables (None: not joined)
     zeros: list[np.ndarray] | None  # per batch: where the variant is 0 (zero steering rows)
     small: dict[str, np.ndarray] | None  # batch key -> the per-pair outputs (_PAIR_KEYS)
@@ -906,15 +941,14 @@ class _gatherer:
         self.store.take_mixed(_STEERING_NAMES, variants - 1, pairs, out.numpy())
         return out
 
-    def block(self, shape: tuple[int, int]) -> torch.Tensor:
-        """One float32 output the batch's embedding outputs are row slices of."""
-        return self._empty(shape, torch.float32)
-
-    def joined(self, names: tuple[str, ...], rows: np.ndarray, out: torch.Tensor) -> torch.Tensor:
-        """Rows ``rows`` of the store's joined rows of ``names`` into ``out`` (row slices of
-        :meth:`block`, contiguous)."""
-        self.store.take_joined(names, rows, out.numpy())
-        return out
+    def block(self, shape: tuple[int, int]) -> tuple[np.ndarray, torch.Tensor | None]:
+        """One float32 output the batch's embedding outputs are row slices of: the array to
+        gather into, and the tensor over it where outputs must be slices of a tensor made
+        here (pinned or shared memory); None in plain memory (a recycled array of the pool)."""
+        if self.mode == "plain":
+            return self.pool.empty(shape, np.float32), None
+        tensor = self._empty(shape, torch.float32)
+        return tensor.numpy(), tensor
 
     def adopt(self, values: np.ndarray) -> torch.Tensor:
         """A tensor of the batch computed in numpy (the variants)."""

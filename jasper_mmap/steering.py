@@ -40,11 +40,15 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finalizer, elementwise on uint64 (wrapping arithmetic)."""
-    x = x + _GOLDEN
-    x = (x ^ (x >> np.uint64(30))) * _M1
-    x = (x ^ (x >> np.uint64(27))) * _M2
-    return x ^ (x >> np.uint64(31))
+    """splitmix64 finalizer, elementwise on uint64 (wrapping arithmetic), in place: ``x`` is
+    a fresh array of the caller's."""
+    x += _GOLDEN
+    x ^= x >> np.uint64(30)
+    x *= _M1
+    x ^= x >> np.uint64(27)
+    x *= _M2
+    x ^= x >> np.uint64(31)
+    return x
 
 
 _MASK64 = (1 << 64) - 1
@@ -65,9 +69,10 @@ def _epoch_key(seed: int, epoch: int) -> np.uint64:
 
 def uniform(seed: int, epoch: int, ids: np.ndarray) -> np.ndarray:
     """Uniform floats in [0, 1), one per id, a pure function of (seed, epoch, id)."""
-    ids = np.atleast_1d(np.asarray(ids, dtype=np.int64)).astype(np.uint64)
-    h = _mix(_epoch_key(int(seed), int(epoch)) ^ ids)  # array arithmetic wraps, no warning
-    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+    ids = np.atleast_1d(np.asarray(ids, dtype=np.int64)).view(np.uint64)
+    h = _mix(_epoch_key(int(seed), int(epoch)) ^ ids)  # a new array; arithmetic wraps
+    h >>= np.uint64(11)
+    return h.astype(np.float64) * (1.0 / (1 << 53))
 
 
 def variant_index(variant: str | None) -> int:

@@ -108,15 +108,20 @@ def test_the_embedding_outputs_share_one_block_and_a_kept_one_stays(tmp_path, pt
     being reused, so later batches never write it."""
     ds = JASPERSteeringDataset(convert_pt(pt_dataset, tmp_path / "s", progress=False), "train")
     batch = ds.get_batch(BATCHES[1])
-    block = {batch[k].untyped_storage().data_ptr() for k in FLOAT_KEYS}
-    assert len(block) == 1
-    kept = batch["steering"]
-    want = kept.clone()
+    b, k, d = batch["negative_embs"].shape
+    # targets, negatives, questions, steering: consecutive rows of one block
+    keys = ("target_source_emb", "negative_embs", "question_emb", "steering")
+    starts = [batch[key].data_ptr() for key in keys]
+    rows = [0, b, b * (1 + k), b * (2 + k)]
+    assert starts == [starts[0] + r * d * 4 for r in rows]
+    kept, part = batch["steering"], batch["negative_embs"][3]  # an output, a view of one
+    want, want_part = kept.clone(), part.clone()
     del batch
     for _ in range(4):
         for indices in BATCHES:
             ds.get_batch(indices)
     assert torch.equal(kept, want)
+    assert torch.equal(part, want_part)
     ref = per_array(ds.store_path).get_batch(BATCHES[1])
     assert len({ref[k].untyped_storage().data_ptr() for k in FLOAT_KEYS}) == 3
 
