@@ -43,14 +43,17 @@ loader-free bound, gathering in the loop 0.81; with the gathers on torch's own t
 the loader alone) threads ahead win: 196k samples/s against 139k in the loop. Which case a
 loop is in is not knowable up front, so the loader measures it (:class:`GatherTuner`, as
 tf.data's autotuning does). It times windows of batches. The way chosen runs window after
-window; after 1, 2, 4, ... of them (at most ``probe_every``, not counting the window after
-the last probe) one window tries the other way (a probe), and the window after it is the
-chosen way again. The probe wins only if it beat the mean of the two windows around it (a
+window; after 1, 4, 16, 64 of them (``growth`` 4, at most ``probe_every``, not counting the
+window after the last probe) one window tries the other way (a probe), and the window after
+it is the chosen way again. The probe wins only if it beat the mean of the two windows around it (a
 probe that an epoch's end cuts short is dropped): a training loop's own speed drifts by a
 tenth or more within seconds on a shared machine, and a probe compared with windows seconds
-away was decided by that drift. The doubling interval measures a fresh loader's cold first
+away was decided by that drift. The growing interval measures a fresh loader's cold first
 windows again soon (the loader alone on 2 cores: ahead 220k samples/s, in the loop 194k, yet
-a cold first window of ahead had kept the loop for 16 windows). Measured before the probes were
+a cold first window of ahead had kept the loop for 16 windows). It grew 2x per probe before:
+in a trace of the seed's CPU loop, the first epoch of 1,200 steps then gathered ahead in 197
+of them (its first windows and four probes), ~9% slower each, and a benchmark's first rounds
+paid for it; 4x has two probes fewer in the first ~90 windows. Measured before the probes were
 bracketed so (the seed's training loop, 2 cores, ``num_workers=4``, 2,400 steps): a window was
 compared with the other way's last window, so a drop of the loop's speed switched the way
 and a lucky window kept it; the loader gathered ahead in ~18% of the windows, where ahead is
@@ -100,9 +103,10 @@ class GatherTuner:
         window_seconds: seconds a window lasts at least.
         probe_every: windows of the chosen way before the next probe, at most (counted from
             the window after the last probe, which is the chosen way too): the count starts at
-            one window and doubles with every probe, so early windows (cold caches, first
-            page faults of a fresh store) are soon measured again.
+            one window and grows ``growth`` times with every probe, so early windows (cold
+            caches, first page faults of a fresh store) are soon measured again.
         margin: how much faster (a fraction) a probe must have been to change the way chosen.
+        growth: how much longer each interval between probes is than the one before.
         clock: the time source (tests pass their own).
     """
 
@@ -112,10 +116,12 @@ class GatherTuner:
         window_seconds: float = 0.25,
         probe_every: int = 64,
         margin: float = 0.03,
+        growth: int = 4,
         clock: Any = time.perf_counter,
     ) -> None:
         self.window_batches, self.window_seconds = window_batches, window_seconds
         self.probe_every, self.margin, self.clock = probe_every, margin, clock
+        self.growth = growth
         self.inline = False  # the way used now; starts ahead: threads win where CPU is idle
         self.chosen_inline = False  # the way chosen (used outside probes)
         self.rates: dict[bool, float | None] = {False: None, True: None}  # batches/s, last window
@@ -126,7 +132,7 @@ class GatherTuner:
         self._before = 0.0  # rate of the chosen way's window before the probe
         self._probe = 0.0  # rate of the probe's window
         self._windows = 0  # windows of the chosen way since the last probe
-        self._interval = 1  # windows of the chosen way before a probe; doubles to probe_every
+        self._interval = 1  # windows of the chosen way before a probe; grows to probe_every
         self._skip = 0
         self._t0: float | None = None
         self._n = 0
@@ -184,7 +190,7 @@ class GatherTuner:
                 self.chosen_inline = not self.chosen_inline
                 self.changes += 1
             self._phase, self._windows, use = "chosen", 0, self.chosen_inline
-            self._interval = min(2 * self._interval, self.probe_every)
+            self._interval = min(self.growth * self._interval, self.probe_every)
             log.debug(
                 "%s probed at %.1f batches/s, the other way %.1f before and %.1f after: "
                 "gathering %s",
