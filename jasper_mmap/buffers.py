@@ -7,8 +7,10 @@ batch makes glibc hand memory back to the kernel and take it again, so every bat
 200k store, `getrusage` minor faults per training step, 1,104 with fresh outputs. A pool keeps
 up to ``capacity`` arrays per (shape, dtype) and gathers into one that nobody else refers to.
 
-When is an array free? Every tensor handed out is ``torch.from_numpy(array)``; its storage keeps
-one Python reference to ``array`` for as long as the storage lives: through the batch dict,
+When is an array free? Every tensor handed out is ``torch.from_numpy`` of ``array`` or of a
+numpy slice of it (whose ``.base`` is ``array``: the embedding outputs, NOTE [joined rows] in
+dataset.py); its storage keeps one Python reference to ``array``, directly or through the slice,
+for as long as the storage lives: through the batch dict,
 any view, ``.numpy()``, a tensor autograd saved for backward, or a CPU ``.to()`` that returned
 the same tensor. So ``sys.getrefcount(array)`` equal to the pool's own references means no
 tensor, view or array made from it is alive, and only then is it reused. A batch kept by the

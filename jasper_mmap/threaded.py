@@ -53,7 +53,7 @@ windows again soon (the loader alone on 2 cores: ahead 220k samples/s, in the lo
 a cold first window of ahead had kept the loop for 16 windows). It grew 2x per probe before:
 in a trace of the seed's CPU loop, the first epoch of 1,200 steps then gathered ahead in 197
 of them (its first windows and four probes), ~9% slower each, and a benchmark's first rounds
-paid for it; 4x has two probes fewer in the first ~90 windows. Measured before the probes were
+paid for it; 4x probes at windows 1, 7, 25, 91, where 2x probed at 1, 5, 11, 21, 39, 73. Measured before the probes were
 bracketed so (the seed's training loop, 2 cores, ``num_workers=4``, 2,400 steps): a window was
 compared with the other way's last window, so a drop of the loop's speed switched the way
 and a lucky window kept it; the loader gathered ahead in ~18% of the windows, where ahead is

@@ -117,8 +117,9 @@ def test_the_embedding_outputs_share_one_block_and_a_kept_one_stays(tmp_path, pt
     kept, part = batch["steering"], batch["negative_embs"][3]  # an output, a view of one
     want, want_part = kept.clone(), part.clone()
     del batch
+    other = [i for i in range(len(ds)) if i not in set(BATCHES[1])][: len(BATCHES[1])]
     for _ in range(4):
-        for indices in BATCHES:
+        for indices in [*BATCHES, other]:  # other: a block of the same shape, other rows
             ds.get_batch(indices)
     assert torch.equal(kept, want)
     assert torch.equal(part, want_part)
