@@ -11,7 +11,7 @@ README's Performance section). So ``create_loader(num_workers=N)`` runs N gather
 (at most the CPUs the process may use; ``JasperLoader.gather_threads``):
 
 * Order: batch ``k`` is submitted when batch ``k - depth`` is handed out and handed out in
-  sampler order, so at most ``depth`` = ``prefetch_factor * N`` batches are in flight or
+  sampler order, so at most ``depth`` = ``prefetch_factor`` x threads batches are in flight or
   waiting (memory: ``depth`` x the batch's bytes). The sampler is read a plan's worth of
   batches at a time (up to ``PLAN_BATCHES``, NOTE [batch plans] in dataset.py): a few
   kilobytes of indices and bookkeeping per batch, no rows.

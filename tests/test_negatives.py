@@ -93,7 +93,7 @@ def test_publish_and_reload_with_persistent_workers_mid_epoch(store, mode):
     assert publish_negatives(store, *table(2, 120, 6, 120)) == 2
     assert loader.dataset_obj.reload_negatives() == 2
     gens = [check_batch(b, sources, split[4 * k : 4 * k + 4], 6) for k, b in enumerate(it, start=3)]
-    prefetched = 2 * 2  # prefetch_factor * num_workers batches were produced before the reload
+    prefetched = 2 * 2  # at most prefetch_factor x num_workers batches were made before the reload
     assert len(gens) > prefetched and set(gens[prefetched:]) == {2}, gens
     assert gens == sorted(gens)  # never back to the old generation
     if mode == "thread":  # threads gather the batches after the reload's next: all new

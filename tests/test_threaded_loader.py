@@ -103,7 +103,7 @@ def test_loader_attributes_are_the_dataloaders(st_store):
     assert (loader.batch_size, loader.num_workers, loader.pin_memory) == (16, 4, True)
     assert loader.drop_last is True and loader.sampler_obj is None
     assert len(loader) == len(loader.dataset_obj) // 16
-    assert loader.in_flight == 8  # prefetch_factor (2) x threads: the memory bound
+    assert loader.in_flight == 2 * loader.gather_threads  # prefetch_factor x threads: the bound
     with pytest.raises(ValueError, match="worker_mode should be one of"):
         create_loader(st_store, "train", 16, worker_mode="fibers")
 
@@ -301,7 +301,7 @@ def test_a_sigint_while_waiting_for_a_batch_reaches_the_loop(st_store, tmp_path,
 
 
 def test_memory_is_bounded_by_the_batches_in_flight(st_store, monkeypatch):
-    """The threads never run further ahead than prefetch_factor x num_workers batches."""
+    """The threads never run further ahead than prefetch_factor x threads batches."""
     loader = create_loader(st_store, "train", 4, num_workers=2, shuffle=False, prefetch_factor=2)
     ds = loader.dataset_obj
     real, started = ds.get_batch, []
@@ -327,7 +327,7 @@ def test_gather_threads_are_at_most_the_cpus_and_batches_do_not_change(
     expected = batches(loader_of(st_store, "thread", 0))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
     loader = loader_of(st_store, "thread", 4, prefetch_factor=3)
-    assert loader.gather_threads == want and loader.in_flight == 12  # depth stays N x factor
+    assert loader.gather_threads == want and loader.in_flight == 3 * want  # factor x threads
     seen = set()
     got = []
     for b in loader:
