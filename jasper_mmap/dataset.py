@@ -447,7 +447,7 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         # NOTE [generation leases]: the batch reads one generation, leased until it is done;
         # its small outputs are read after its rows, into recycled buffers
         with self.store.pinned(snap.generation, serve=True) as generation:
-            return self._serve(self._plan([idx], snap, generation, small=False), 0, pin_memory)
+            return self._serve(self._plan([idx], idx, snap, generation, small=False), 0, pin_memory)
 
     def plan_batches(self, batches: Sequence[Sequence[int] | np.ndarray]) -> BatchPlan | None:
         """The bookkeeping of the consecutive ``batches`` (each a batch of indices) done at
@@ -471,7 +471,7 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
             snap = self._control.snapshot()
             # NOTE [generation leases]: the plan reads one generation, leased until it is made
             with self.store.pinned(snap.generation, serve=True) as generation:
-                return self._plan(checked, snap, generation, idx=idx)
+                return self._plan(checked, idx, snap, generation)
         except Exception:  # a bad index, a read error: raised again by its own batch, in order
             log.debug(
                 "no plan for %d batches; serving them one by one", len(batches), exc_info=True
@@ -523,18 +523,16 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
     def _plan(
         self,
         batches: list[np.ndarray],
+        idx: np.ndarray,
         snap: Snapshot,
         generation: int,
         small: bool = True,
-        idx: np.ndarray | None = None,
     ) -> BatchPlan:
-        """Everything of ``batches`` (checked indices; ``idx``: them concatenated, if at hand)
-        but the gathers of the embedding rows: the rows to read, the steering variants and
-        (``small``) the small per-pair outputs. The caller leases the negatives ``generation``
-        (the one ``snap`` asks for, served)."""
+        """Everything of ``batches`` (checked indices; ``idx``: them concatenated) but the
+        gathers of the embedding rows: the rows to read, the steering variants and (``small``)
+        the small per-pair outputs. The caller leases the negatives ``generation`` (the one
+        ``snap`` asks for, served)."""
         store = self.store
-        if idx is None:
-            idx = batches[0] if len(batches) == 1 else np.concatenate(batches)
         bounds = list(itertools.accumulate((b.size for b in batches), initial=0))
         # each index array is range-checked once; every array of that length is read with
         # it (``take``): the pair-keyed arrays have n_pairs rows (schema, at open and publish)
@@ -564,13 +562,11 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         # each batch's rows of source_embs (targets, then k negatives a sample) for one gather;
         # where the store joins the embedding rows (NOTE [joined rows]), its questions too, all
         # moved into the joined rows, and the steering rows in the joined tables
-        parts = [(targets, 1, 0), (negatives, k, 0)]
         steering = zeros = None
         joined = self._joined(store)
+        at_source = 0
         if joined is not None:
             at_question, at_source, at_table = joined
-            parts = [(targets, 1, at_source), (negatives, k, at_source)]
-            parts.append((questions, 1, at_question))
             zero = np.flatnonzero(variants == 0)
             steering = at_table[np.maximum(variants - 1, 0)] + pairs
             steering[zero] = 0  # zeroed after the gather: read the first row, a cached page
@@ -579,6 +575,9 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
                 zero[first:last] - lo
                 for (first, last), lo in zip(itertools.pairwise(cuts), bounds[:-1], strict=True)
             ]
+        parts = [(targets, 1, at_source), (negatives, k, at_source)]
+        if joined is not None:
+            parts.append((questions, 1, at_question))
         sources = _batch_rows(parts, bounds)
         outputs = None
         if small:

@@ -45,16 +45,16 @@ loop is in is not knowable up front, so the loader measures it (:class:`GatherTu
 tf.data's autotuning does). It times windows of batches. The way chosen runs window after
 window; after 1, 4, 16, 64 of them (``growth`` 4, at most ``probe_every``, not counting the
 window after the last probe) one window tries the other way (a probe), and the window after
-it is the chosen way again. The probe wins only if it beat the mean of the two windows around it (a
-probe that an epoch's end cuts short is dropped): a training loop's own speed drifts by a
-tenth or more within seconds on a shared machine, and a probe compared with windows seconds
-away was decided by that drift. The growing interval measures a fresh loader's cold first
-windows again soon (the loader alone on 2 cores: ahead 220k samples/s, in the loop 194k, yet
-a cold first window of ahead had kept the loop for 16 windows). It grew 2x per probe before:
-in a trace of the seed's CPU loop, the first epoch of 1,200 steps then gathered ahead in 197
-of them (its first windows and four probes), ~9% slower each, and a benchmark's first rounds
-paid for it; 4x probes at windows 1, 7, 25, 91, where 2x probed at 1, 5, 11, 21, 39, 73. Measured before the probes were
-bracketed so (the seed's training loop, 2 cores, ``num_workers=4``, 2,400 steps): a window was
+it is the chosen way again. The probe wins only if it beat the mean of the two windows
+around it (a probe that an epoch's end cuts short is dropped): a training loop's own speed
+drifts by a tenth or more within seconds on a shared machine, and a probe compared with
+windows seconds away was decided by that drift. The growing interval measures a fresh
+loader's cold first windows again soon (the loader alone on 2 cores: ahead 220k samples/s,
+in the loop 194k, yet a cold first window of ahead had kept the loop for 16 windows). It grew
+2x per probe before: in a trace of the seed's CPU loop, the first epoch of 1,200 steps then
+gathered ahead in 197 of them (its first windows and four probes), ~9% slower each, and a
+benchmark's first rounds paid for it; 4x probes at windows 1, 7, 25, 91, where 2x probed at
+1, 5, 11, 21, 39, 73. Measured before the probes were bracketed so (the seed's training loop, 2 cores, ``num_workers=4``, 2,400 steps): a window was
 compared with the other way's last window, so a drop of the loop's speed switched the way
 and a lucky window kept it; the loader gathered ahead in ~18% of the windows, where ahead is
 ~10% slower. A probe costs one window (and the batches of its switch) in the slower way. With
@@ -120,8 +120,8 @@ class GatherTuner:
         clock: Any = time.perf_counter,
     ) -> None:
         self.window_batches, self.window_seconds = window_batches, window_seconds
-        self.probe_every, self.margin, self.clock = probe_every, margin, clock
-        self.growth = growth
+        self.probe_every, self.margin, self.growth = probe_every, margin, growth
+        self.clock = clock
         self.inline = False  # the way used now; starts ahead: threads win where CPU is idle
         self.chosen_inline = False  # the way chosen (used outside probes)
         self.rates: dict[bool, float | None] = {False: None, True: None}  # batches/s, last window
