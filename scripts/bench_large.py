@@ -19,9 +19,18 @@
    the same number of first batches of the pass (cold too) and over the whole pass are
    reported as fractions of each. Later batches of the pass find part of the store in the page
    cache (RAM is 3/4 of the store), so the whole-pass figure is higher than a cold figure.
-4. With ``fio`` installed (``apt-get install fio``): the disk's own random-read figure, 4 KiB
-   reads at queue depth 32 (libaio, O_DIRECT) over the store's largest file for 20 s, and our
-   pass's disk reads/s as a fraction of it.
+4. With ``fio`` installed (``apt-get install fio``): the disk's own random-read figures over
+   the store's largest file, ``--fio-seconds`` each (0: skipped): 4 KiB reads at queue depth
+   32 and 1 MiB reads at queue depth 16 (libaio, O_DIRECT); our pass's disk reads/s and MB/s
+   as fractions of them. The dense arrays (NOTE [dense arrays] in jasper_mmap/dataset.py) are
+   read in 1 MiB windows, so a pass from a cold store is bound by the disk's bandwidth more
+   than by its IOPS.
+
+Caveat for virtual disks: fio and the pread probes run after the passes, on files the passes
+have just read. Where the storage below the machine caches what was read (the development
+machine's does: fio over a file not read since the machine started gave ~5-6k 4 KiB IOPS and
+~460 MB/s at 1 MiB, over a file read shortly before up to ~100k IOPS), those figures are the
+warm storage's, and the first pass after the machine starts is slower than the next ones.
 """
 
 from __future__ import annotations
@@ -129,16 +138,24 @@ def full_pass(store: Path, probe: int, spec: str) -> dict:
             f"{name} {peaks.peak[p] / 1024:.0f} MB" for name, p in zip(names, pids, strict=True)
         )
     )
-    disk_reads = (reads1 - reads0) / secs
+    disk_reads, disk_mb = (reads1 - reads0) / secs, (sectors1 - sectors0) * 512 / 1e6
+    print(f"{spec} first {probe} batches (cold): {first:,.0f} samples/s")
     print(
-        f"{spec} first {probe} batches (cold): {first:,.0f} samples/s; the disk meanwhile: "
-        f"{disk_reads:,.0f} reads/s, {(sectors1 - sectors0) * 512 / 1e6 / secs:,.0f} MB/s"
+        f"{spec} the disk over the whole pass: {disk_reads:,.0f} reads/s, "
+        f"{disk_mb / secs:,.0f} MB/s ({disk_mb / 1e3:,.1f} GB read)"
     )
-    return {"rate": n / secs, "first": first, "order": order, "disk_reads": disk_reads}
+    return {
+        "rate": n / secs,
+        "first": first,
+        "order": order,
+        "disk_reads": disk_reads,
+        "disk_mb_s": disk_mb / secs,
+    }
 
 
-def fio_iops(path: Path, seconds: int = 20) -> float | None:
-    """4 KiB random reads at queue depth 32 (libaio, direct) over ``path``: IOPS, or None."""
+def fio_read(path: Path, seconds: int, bs: str, depth: int) -> tuple[float, float] | None:
+    """Random reads of ``bs`` at queue ``depth`` (libaio, direct) over ``path``: (IOPS, MB/s),
+    or None without fio."""
     try:
         out = subprocess.run(
             [
@@ -146,8 +163,8 @@ def fio_iops(path: Path, seconds: int = 20) -> float | None:
                 "--name=randread",
                 f"--filename={path}",
                 "--rw=randread",
-                "--bs=4k",
-                "--iodepth=32",
+                f"--bs={bs}",
+                f"--iodepth={depth}",
                 "--ioengine=libaio",
                 "--direct=1",
                 "--readonly",
@@ -163,11 +180,12 @@ def fio_iops(path: Path, seconds: int = 20) -> float | None:
         print(f"fio: not run ({e}); apt-get install fio")
         return None
     job = json.loads(out)["jobs"][0]["read"]
+    mb_s = job["bw_bytes"] / 1e6
     print(
-        f"fio 4 KiB random reads, queue depth 32, {path.name}: {job['iops']:,.0f} IOPS, "
-        f"{job['bw'] / 1024:,.0f} MB/s"
+        f"fio {bs} random reads, queue depth {depth}, {path.name}: {job['iops']:,.0f} IOPS, "
+        f"{mb_s:,.0f} MB/s"
     )
-    return float(job["iops"])
+    return float(job["iops"]), mb_s
 
 
 def row_reads(store: Path, batches: list[list[int]]) -> list[tuple[Path, int, int]]:
@@ -265,12 +283,20 @@ def main() -> int:
                 f"{r['rate'] * per_sample:,.0f} rows/s = {r['rate'] * per_sample / disk:.0%}"
             )
     biggest = max((p for p in store.rglob("*.safetensors")), key=lambda p: p.stat().st_size)
-    iops = fio_iops(biggest, args.fio_seconds)
-    if iops:
-        for spec, r in passes.items():
+    if args.fio_seconds <= 0:
+        return 0
+    small = fio_read(biggest, args.fio_seconds, "4k", 32)
+    large = fio_read(biggest, args.fio_seconds, "1m", 16)
+    for spec, r in passes.items():
+        if small:
             print(
                 f"  {spec}: the disk served {r['disk_reads']:,.0f} reads/s during the pass = "
-                f"{r['disk_reads'] / iops:.0%} of fio's 4 KiB QD32 IOPS"
+                f"{r['disk_reads'] / small[0]:.0%} of fio's 4 KiB QD32 IOPS"
+            )
+        if large:
+            print(
+                f"  {spec}: and {r['disk_mb_s']:,.0f} MB/s = {r['disk_mb_s'] / large[1]:.0%} of "
+                "fio's 1 MiB QD16 bandwidth (dense arrays are read in 1 MiB windows)"
             )
     return 0
 
