@@ -5,7 +5,7 @@ Convert a directory of ``.pt`` artifacts with ``convert-pt`` (or
 :func:`create_loader`, which read rows lazily from the store.
 
 The dataset and loader modules import torch; they are loaded on first use, so that the store
-readers and the converter's keyword child process start without paying for torch.
+readers and tools that only read stores start without paying for torch.
 """
 
 from __future__ import annotations

@@ -351,7 +351,7 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         name = TABLES[attr] or f"{self.split}_idx"
         if name in ("hard_negatives", "negative_tiers"):
             generation = store.serve(generation)
-        t = table_tensor(store, name, generation)
+        t = table_tensor(store, name, generation, attr)
         return t.to(self.device) if self.device.type != "cpu" else t
 
     def __len__(self) -> int:

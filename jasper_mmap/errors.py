@@ -22,6 +22,7 @@ __all__ = [
     "SampleIndexError",
     "StoreKeyError",
     "DependencyError",
+    "TableReadOnlyError",
     "StoreWriteError",
     "StoreStaleError",
     "write_error",
@@ -92,6 +93,11 @@ class DeviceUnavailableError(JasperError, RuntimeError):
 
 class StoreWriteError(JasperError, OSError):
     """Writing a store or a negatives generation failed (disk full, read-only, permissions)."""
+
+
+class TableReadOnlyError(JasperError, RuntimeError):
+    """An in-place write into a table attribute (``dataset.question_embs`` and friends), which
+    are read-only views of the store (a write into the map would kill the process)."""
 
 
 _WRITE_ERRNOS = {

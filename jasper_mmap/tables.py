@@ -2,8 +2,8 @@
 
 Users and the upstream trainer read ``dataset.centroid_embs`` and friends. Here each is a
 read-only tensor over the store's memory map, made on first access: no copy, no growth of
-anonymous memory, and opening the dataset stays O(1). Writing into one is not supported (the map
-is read-only). Tables stored at reduced precision keep that dtype (``float16``/``bfloat16``),
+anonymous memory, and opening the dataset stays O(1). Writing into one raises
+TableReadOnlyError (NOTE [read-only tables]). Tables stored at reduced precision keep that dtype (``float16``/``bfloat16``),
 since widening would copy. A zarr store has no map: its tables are read into memory when
 first accessed. ``hard_negatives``/``negative_tiers`` are those of the negatives generation
 the dataset serves. ``pair_keyword_ids`` is a list-like object that decodes one pair's list at a
@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import TableReadOnlyError
 from .stores import NEGATIVE_ARRAYS, Store
 
-__all__ = ["TABLES", "KeywordLists", "table_tensor"]
+__all__ = ["TABLES", "KeywordLists", "ReadOnlyTable", "table_tensor"]
 
 #: dataset attribute -> store array (``split_indices`` is the split's own array)
 TABLES = {
@@ -50,15 +51,133 @@ def _as_tensor(arr: np.ndarray, stored: str) -> torch.Tensor:
     return t.view(torch.bfloat16) if stored == "bfloat16" else t
 
 
-def table_tensor(store: Store, name: str, generation: int) -> torch.Tensor:
-    """Array ``name`` of ``store`` as a tensor: zero-copy over a memory map when there is one."""
+def table_tensor(store: Store, name: str, generation: int, attr: str | None = None) -> torch.Tensor:
+    """Array ``name`` of ``store`` as a tensor: zero-copy over a memory map when there is one,
+    refusing in-place writes (:class:`ReadOnlyTable`; ``attr`` names it in the error)."""
     if name in NEGATIVE_ARRAYS:
         raw, stored = store.raw(name, generation), store.entry(name, generation)["stored_dtype"]
     else:
         raw, stored = store.raw(name), store.entry(name)["stored_dtype"]
     if not isinstance(raw, np.ndarray):  # zarr: no map to share
         raw = np.asarray(raw[...])
-    return _as_tensor(raw, stored)
+    return ReadOnlyTable.over(_as_tensor(raw, stored), attr or name, store.path)
+
+
+# NOTE [read-only tables]
+# A table attribute is a tensor over a read-only map (PROT_READ). torch has no read-only
+# tensors: an in-place write into one (``ds.question_embs.mul_(2)``, ``x[0] = 1``, ``out=x``)
+# is a SIGSEGV that kills the interpreter without a traceback (numpy's view even says
+# ``writeable=True``). ReadOnlyTable refuses such writes with TableReadOnlyError before they
+# happen; every other operation runs as on a plain tensor. Results that are views of the same
+# storage (slices, ``view``, ``unbind``, ``.numpy()``) stay protected (arrays as
+# ``writeable=False``); results with their own storage (``clone()``, ``x * 2``, fancy indexing)
+# are plain tensors. Writes would not reach the batches anyway (they are gathered from the
+# store's own maps), which is why a zarr store's in-RAM tables are protected too. Pickled or
+# ``torch.save``d, a table is a plain tensor. Only the table attributes are protected; the
+# batch path never sees this class. What it cannot catch: writes through ``data_ptr``, DLPack,
+# or ``untyped_storage()`` handed to other libraries.
+
+_NOT_WRITES = {"requires_grad_", "retain_grad", "share_memory_"}
+_INPLACE_DUNDERS = {
+    f"__i{op}__"
+    for op in (
+        "add",
+        "sub",
+        "mul",
+        "truediv",
+        "floordiv",
+        "mod",
+        "pow",
+        "and",
+        "or",
+        "xor",
+        "lshift",
+        "rshift",
+        "matmul",
+    )
+}
+
+
+def _written(func: Any, args: tuple, kwargs: dict) -> list[Any]:
+    """The tensors ``func(*args, **kwargs)`` writes into (its target and ``out``)."""
+    name = getattr(func, "__name__", "")
+    targets = (
+        list(kwargs.get("out", None) or ())
+        if isinstance(kwargs.get("out"), list | tuple)
+        else [kwargs["out"]]
+        if kwargs.get("out") is not None
+        else []
+    )
+    inplace = name.endswith("_") and not name.endswith("__") and name not in _NOT_WRITES
+    if args and (inplace or name == "__setitem__" or name in _INPLACE_DUNDERS):
+        targets.append(args[0])
+    return targets
+
+
+class ReadOnlyTable(torch.Tensor):
+    """A table attribute: a tensor that refuses in-place writes (NOTE [read-only tables])."""
+
+    _table_name: str
+    _table_store: Any
+
+    @staticmethod
+    def over(t: torch.Tensor, name: str, store: Any) -> ReadOnlyTable:
+        view = t.as_subclass(ReadOnlyTable)
+        view._table_name, view._table_store = name, store
+        return view
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        for target in _written(func, args, kwargs):
+            if isinstance(target, ReadOnlyTable):
+                name = getattr(func, "__name__", str(func))
+                raise TableReadOnlyError(
+                    f"{target._table_name} ({target._table_store}): is a read-only view of the "
+                    f"store's memory map; {name} would write into it (which kills the process "
+                    f"on a read-only map, and would not change the batches, which are read from "
+                    f"the store). Write into a copy instead: "
+                    f"`x = dataset.{target._table_name}.clone()`; to change the data itself, "
+                    f"change the dataset's files and open it again."
+                )
+        source = next((a for a in args if isinstance(a, ReadOnlyTable)), None)
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **kwargs)
+            if source is None:
+                return out
+            storage = source.untyped_storage().data_ptr()
+            return _protect(out, source, storage)
+
+    def plain(self) -> torch.Tensor:
+        """The same tensor (same memory), as a plain ``torch.Tensor``: unprotected."""
+        with torch._C.DisableTorchFunctionSubclass():
+            return torch.Tensor.as_subclass(self, torch.Tensor)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:  # saved or pickled: a plain tensor
+        return self.plain().__reduce_ex__(protocol)
+
+    def __deepcopy__(self, memo: dict) -> torch.Tensor:  # a copy is the user's: plain
+        return self.plain().clone()
+
+    def __repr__(self, **kwargs: Any) -> str:  # prints as the in-RAM dataset's tables do
+        return self.plain().__repr__(**kwargs)
+
+
+def _protect(out: Any, source: ReadOnlyTable, storage: int) -> Any:
+    """``out`` with the results that share ``source``'s storage protected as it is."""
+    if isinstance(out, torch.Tensor):
+        if isinstance(out, ReadOnlyTable) or out.device.type != "cpu":
+            return out
+        if out.untyped_storage().data_ptr() == storage and out.numel():
+            return ReadOnlyTable.over(out, source._table_name, source._table_store)
+        return out
+    if isinstance(out, np.ndarray):
+        if out.base is not None and np.may_share_memory(out, out.base):
+            out.flags.writeable = False  # a view of the map (``.numpy()``, ``np.asarray``)
+        return out
+    if isinstance(out, tuple | list) and any(isinstance(o, torch.Tensor) for o in out):
+        return type(out)(_protect(o, source, storage) for o in out)
+    return out
 
 
 class KeywordLists(Sequence):
