@@ -223,7 +223,7 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         self._len = self._split_length(self._store.manifest)
         self.config = _read_config(self.store_path)
         self.seed = int(seed if seed is not None else self.config.get("random_seed", 42))
-        self.schedule = SteeringSchedule.from_config(self.config, str(self.store_path / CONFIG))
+        self.schedule = SteeringSchedule.from_config(self.config, self._config_origin())
         self.device = torch.device(device if device is not None else "cpu")
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise DeviceUnavailableError(
@@ -330,6 +330,16 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         if self._preloaded is not None:
             held += self._preloaded.nbytes
         return held / 2**20
+
+    def _config_origin(self) -> str:
+        """The file the config came from, for messages: the dataset directory's own
+        ``config.json`` (or its ``dataset.h5``) when the store is a copy made from one, since a
+        fix belongs there (the copy is rebuilt from it), else the store's."""
+        if self._source_dir is not None:
+            for name in (CONFIG, "dataset.h5"):
+                if (self._source_dir / name).is_file():
+                    return str(self._source_dir / name)
+        return str(self.store_path / CONFIG)
 
     def _table(self, attr: str) -> Any:
         """Table attribute ``attr`` (see :mod:`jasper_mmap.tables`), made on first access."""

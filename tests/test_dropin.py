@@ -425,8 +425,10 @@ def test_nonfinite_or_odd_steering_probabilities_are_a_clear_config_error(src, p
     cfg.pop("curriculum")
     cfg["steering_probabilities"] = probs
     (src / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match="steering probabilities should map"):
+    with pytest.raises(ConfigError, match="steering probabilities should map") as e:
         JASPERSteeringDataset(src, "train")
+    # the user's own file, not the store's copy of it (a fix there would not last)
+    assert str(e.value).startswith(f"{src / 'config.json'} at epoch 0:"), str(e.value)
 
 
 # -- 5. exceptions and helpers -------------------------------------------------------------------
