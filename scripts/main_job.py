@@ -142,7 +142,8 @@ def main() -> int:
     zero, centroid = history["val_zero"], history["val_centroid"]
     print(
         f"validation with zero steering: {zero:.4f}; with centroid steering: {centroid:.4f} "
-        f"({(zero - centroid) / zero * 100:+.1f}% from steering)"
+        f"(centroid steering {'lowers' if centroid < zero else 'raises'} the validation loss by "
+        f"{abs(zero - centroid) / zero * 100:.1f}%)"
     )
     png = args.workdir / "loss_curves.png"
     plot(history, png)
