@@ -25,6 +25,7 @@ from jasper_mmap._atomic import (
     partial_dir,
     publish_dir,
     remove_stale_partials,
+    warn_stale_partials,
 )
 from jasper_mmap._dtypes import to_float32, to_stored
 from jasper_mmap.errors import (
@@ -334,6 +335,7 @@ def convert_pt(
     config = read_config(src)
     dst = check_destination(dst, overwrite=overwrite, inputs=[src])  # NOTE [never destroy ...]
     remove_stale_partials(dst)
+    warn_stale_partials(dst)  # other destinations' are named, never removed
     reader = open_source(src, detect_storage_format(src, source))
     try:
         notices = Notices()

@@ -57,6 +57,7 @@ class PtSource:
 
     def __init__(self, src: Path) -> None:
         self.dir = src
+        _check_required_pt(src)
         self.arrays: dict[str, Any] = {}
         for spec in ARRAYS:
             if spec.source is None or spec.name == "pair_keyword_offsets":
@@ -108,6 +109,56 @@ class H5DatasetSource:
         self._h5.close()
 
 
+def _pt_names(required: bool | None = None) -> list[str]:
+    """The dataset's ``.pt`` file names in ARRAYS order (only the required, or optional, ones)."""
+    return [
+        spec.source
+        for spec in ARRAYS
+        if spec.source is not None and (required is None or spec.required == required)
+    ]
+
+
+def _check_required_pt(src: Path) -> None:
+    """Name every required ``.pt`` file that ``src`` lacks, in one error (not one a run)."""
+    missing = [name for name in _pt_names(required=True) if not (src / name).exists()]
+    if len(missing) == 1:
+        raise ArtifactMissingError(
+            f"{src / missing[0]}: required artifact is missing. Re-run the dataset builder "
+            f"or copy the file into the dataset directory."
+        )
+    if missing:
+        raise ArtifactMissingError(
+            f"{src}: {len(missing)} required artifacts are missing: {', '.join(missing)}. "
+            f"Re-run the dataset builder or copy the files into the dataset directory "
+            f"(docs/dataset_format.md lists them)."
+        )
+
+
+def _names(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _found_vs_expected(src: Path, h5: bool = True) -> str:
+    """What ``src`` holds against what a dataset directory needs, for the errors above."""
+    try:
+        found = sorted(p.name for p in src.iterdir() if not p.name.startswith("."))
+    except OSError:
+        found = []
+    ours = set(_pt_names())
+    foreign = [n for n in found if n.endswith(".pt") and n not in ours]
+    holds = f"it holds {_names(found)}" if found else "it is empty"
+    optional = " and ".join(_pt_names(required=False))
+    expected = (
+        f"expected {f'{H5_FILE}, or ' if h5 else ''}the dataset's .pt files "
+        f"{_names(_pt_names(True), 99)} ({optional} optional)"
+    )
+    if foreign:
+        verb = "is" if len(foreign) == 1 else "are"
+        return f"{holds}; {expected}. {_names(foreign)} {verb} not among the dataset's files"
+    return f"{holds}; {expected}"
+
+
 def open_source(src: Path, format: str) -> PtSource | H5DatasetSource:
     """Open dataset directory ``src`` as a ``"pt"`` or ``"hdf5"`` source (only metadata is read).
 
@@ -147,9 +198,12 @@ def detect_storage_format(src: Path, requested: str) -> str:
             return "hdf5"
         if pt:
             return "pt"
+        h5_note = (
+            f" ({H5_FILE} is there, but reading it needs h5py: pip install h5py)" if h5 else ""
+        )
         raise ArtifactMissingError(
-            f"No dataset files found in {src}. Expected either dataset.h5 or *.pt files "
-            f"(docs/dataset_format.md)."
+            f"No dataset files found in {src}: {_found_vs_expected(src)}{h5_note}. Point at "
+            f"the dataset directory, or re-run the dataset builder (docs/dataset_format.md)."
         )
     if requested == "hdf5":
         if not _h5py_available():
@@ -161,5 +215,9 @@ def detect_storage_format(src: Path, requested: str) -> str:
             raise ArtifactMissingError(f"HDF5 file not found: {src / H5_FILE}")
         return "hdf5"
     if not pt:
-        raise ArtifactMissingError(f"PT files not found in {src} (none of the dataset's .pt files)")
+        raise ArtifactMissingError(
+            f"PT files not found in {src} (none of the dataset's .pt files): "
+            f"{_found_vs_expected(src, h5=False)}. Point at the dataset directory, or re-run the "
+            f"dataset builder (docs/dataset_format.md)."
+        )
     return "pt"

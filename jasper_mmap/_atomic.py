@@ -38,6 +38,7 @@ __all__ = [
     "publish_dir",
     "remove_stale_partials",
     "remove_stale_partials_in",
+    "warn_stale_partials",
     "fsync_dir",
     "fsync_tree",
     "check_destination",
@@ -90,21 +91,91 @@ def remove_stale_partials_in(directory: Path) -> list[Path]:
     return _remove_dead(Path(directory).glob(".*.partial-*"))
 
 
-def _remove_dead(candidates: Iterable[Path]) -> list[Path]:
-    removed = []
+def _dead(candidates: Iterable[Path]) -> Iterator[tuple[Path, int]]:
+    """``(path, writer pid)`` of each ``...partial-PID-...`` whose writer is gone from this host."""
     for p in candidates:
         try:
             pid = int(p.name.rsplit("partial-", 1)[1].split("-")[0])
         except (IndexError, ValueError):
             continue
         if pid != os.getpid() and not _pid_alive(pid):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
-            removed.append(p)
-            log.info("removed %s left by an interrupted run (pid %d)", p, pid)
+            yield p, pid
+
+
+def _remove_dead(candidates: Iterable[Path]) -> list[Path]:
+    removed = []
+    for p, pid in list(_dead(candidates)):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+        log.info("removed %s left by an interrupted run (pid %d)", p, pid)
     return removed
+
+
+def warn_stale_partials(dst: Path, max_entries: int = 1000) -> list[Path]:
+    """Warn about the partial directories of OTHER destinations beside ``dst``; delete nothing.
+
+    A writer removes only its own destination's leftovers (:func:`remove_stale_partials`).
+    Another destination's ``.<name>.partial-PID-TOKEN`` whose process is gone from this host
+    is probably a killed run's, but it may belong to a live writer on another host sharing
+    this filesystem (whose PIDs mean nothing here), so it is only named, with its size (its
+    first ``max_entries`` entries counted) and the fix. Returns the directories named.
+    """
+    own = f".{dst.name}.partial-"
+    named = []
+    for p, pid in _dead(dst.parent.glob(".*.partial-*")):
+        if p.name.startswith(own) or p.is_symlink() or not p.is_dir():
+            continue  # dst's own are removed; partial files (json, h5) are other writers'
+        target = dst.parent / p.name[1 : p.name.rindex(".partial-")]
+        size, complete = _disk_usage(p, max_entries)
+        log.warning(
+            "%s: a hidden partial directory (%s%s) left by a conversion to %s whose process "
+            "(pid %d) is not running on this host; it is kept, in case a conversion on another "
+            "host is writing it. If none is, free the space: convert to %s again%s (that run "
+            "removes it), or rm -r %s",
+            p,
+            "" if complete else "at least ",
+            _human(size),
+            target,
+            pid,
+            target,
+            " with --overwrite" if is_store(target) else "",
+            p,
+        )
+        named.append(p)
+    return named
+
+
+def _disk_usage(root: Path, max_entries: int) -> tuple[int, bool]:
+    """Bytes used by ``root``'s first ``max_entries`` entries; whether that was all of them."""
+    total, seen, stack = 0, 0, [root]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as it:
+                for entry in it:
+                    seen += 1
+                    if seen > max_entries:
+                        return total, False
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    total += getattr(st, "st_blocks", 0) * 512 or st.st_size
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(Path(entry.path))
+        except OSError:
+            continue
+    return total, True
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
 
 
 def fsync_dir(path: Path) -> None:

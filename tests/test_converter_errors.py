@@ -148,6 +148,46 @@ def test_missing_required_file(tmp_path, name):
     expect_error(tmp_path, ArtifactMissingError, pt(src, name), "required artifact is missing")
 
 
+def test_every_missing_required_file_is_named_in_one_error(tmp_path):
+    """Not one file a run: a directory with config.json and question_embs.pt only names all
+    fourteen others at once (the optional val/test splits are not asked for)."""
+    src = make_src(tmp_path)
+    keep = {"config.json", "question_embs.pt"}
+    for p in src.iterdir():
+        if p.name not in keep:
+            p.unlink()
+    missing = [
+        "source_embs.pt", "keyword_embs.pt", "centroid_embs.pt", "pair_index.pt",
+        "pair_cluster_id.pt", "pair_relevance.pt", "centroid_distances.pt",
+        "pair_keyword_ids.pt", "steering_centroid.pt", "steering_keyword_weighted.pt",
+        "steering_residual.pt", "train_idx.pt", "hard_negatives.pt", "negative_tiers.pt",
+    ]  # fmt: skip
+    err = expect_error(tmp_path, ArtifactMissingError, src, "14 required artifacts are missing")
+    message = str(err)
+    assert all(name in message for name in missing), message
+    assert "question_embs.pt" not in message and "val_idx" not in message
+    assert "Re-run the dataset builder or copy the files" in message
+
+
+@pytest.mark.parametrize("source", ["auto", "pt"])
+def test_a_folder_of_foreign_pt_files_says_what_it_holds_and_what_is_expected(tmp_path, source):
+    """``convert-pt ./unrelated x``: a .pt file IS there, so "expected *.pt files" misleads."""
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save(torch.zeros(3, 4), src / "weights.pt")
+    (src / "config.json").write_text('{"model_type": "bert"}')
+    start = "No dataset files found in" if source == "auto" else "PT files not found in"
+    err = expect_error(
+        tmp_path, ArtifactMissingError, src, "it holds config.json, weights.pt", source=source
+    )
+    message = str(err)
+    assert message.startswith(f"{start} {src}"), message  # the in-RAM dataset's words first
+    assert "weights.pt is not among the dataset's files" in message
+    assert "question_embs.pt" in message and "negative_tiers.pt" in message
+    assert ("dataset.h5" in message) == (source == "auto")
+    assert "Expected either dataset.h5 or *.pt files" not in message
+
+
 def test_missing_optional_test_split_converts(tmp_path):
     src = make_src(tmp_path)
     pt(src, "test_idx").unlink()

@@ -7,6 +7,7 @@ directory that must survive byte for byte. See NOTE [never destroy what we did n
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -227,3 +228,33 @@ def test_make_store_and_make_pt_dir_refuse_foreign_directories(home):
             with pytest.raises(StoreExistsError, match="is not a"):
                 fn(target, 40, dim=8, n_keywords=10, n_clusters=4, overwrite=True)
     assert (home / "notes.txt").read_text() == "do not lose me"
+
+
+def test_partials_of_other_destinations_are_named_never_removed(home, caplog):
+    """A killed conversion to ``old`` left ``.old.partial-PID-TOKEN``; a run to ``new`` names it
+    (size and fix) but keeps it: a writer on another host may own it. Its own are removed."""
+    code = "import os; print(os.getpid())"
+    dead = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    dead = dead.strip()  # a process that has ended
+    other = home / f".old.partial-{dead}-abcd1234"
+    (other / "negatives").mkdir(parents=True)
+    (other / "embeddings.safetensors").write_bytes(b"x" * 200_000)
+    (other / "negatives" / "gen-000000.safetensors").write_bytes(b"y" * 100)
+    mine = home / f".new.partial-{dead}-abcd1234"
+    mine.mkdir()
+    live = home / f".busy.partial-{os.getppid()}-abcd1234"  # its writer runs
+    live.mkdir()
+    a_file = home / f".notes.json.partial-{dead}-abcd1234"  # a partial file, not a store's
+    a_file.write_text("{}")
+    before = tree(other)
+    with caplog.at_level(logging.WARNING, logger="jasper_mmap"):
+        convert_pt(home / "ds", home / "new", progress=False)
+    assert tree(other) == before and live.is_dir() and a_file.is_file()
+    assert not mine.exists()
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1, warned
+    assert warned[0].startswith(f"{other}: a hidden partial directory (")
+    assert f"left by a conversion to {home / 'old'} " in warned[0]
+    assert f"(pid {dead}) is not running on this host" in warned[0]
+    assert "KB" in warned[0] and f"rm -r {other}" in warned[0]
+    assert f"convert to {home / 'old'} again (that run removes it)" in warned[0]
