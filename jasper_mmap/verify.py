@@ -4,10 +4,16 @@ Opening a store checks its structure in O(number of files) (``jasper_mmap.integr
 manifest, config.json, file sizes, safetensors headers / zarr metadata, the live negatives
 generation). ``verify`` reports every one of those problems, then reads every array whose
 structure is sound once, block by block, without mapping it (so memory stays at a block), and
-checks: the crc32 recorded at conversion, every index against the counts it refers to, tiers
-1..4, split indices (in range, no repeats, not empty), keyword offsets, relevance and centroid
-distance ranges, and NaN/Inf. It reports every problem it finds, not only the first, shows the
-manifest's ``warnings`` (lenient-input notices of the converter), and never raises.
+checks: the crc32 recorded at conversion, every index against the counts it refers to, split
+indices (in range, not empty), keyword offsets, and NaN/Inf. It reports every problem it finds,
+not only the first, and never raises.
+
+The values are checked by the converter's own checks (``jasper_mmap.converters.checks``), so
+verify sorts them exactly as ``convert-pt`` did: what the converter refuses is a problem; what it
+accepts with a warning (tiers outside 1..4, relevance outside [0, 1], centroid distances
+outside [0, 2], splits that repeat pairs) is a warning, not a problem. Verify shows the
+manifest's ``warnings`` (the converter's notices), plus any such unusual values it finds that
+no recorded warning reports (a negatives generation published later, say).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ._dtypes import entry_nbytes, numpy_dtype, to_float32
+from .converters.checks import Notices, SplitCheck, Stats, check_block
 from .errors import JasperError
 from .integrity import store_problems
 from .layout import load_manifest
@@ -58,6 +65,26 @@ class VerifyReport:
         return "\n".join(lines)
 
 
+class _Unusual(Notices):
+    """The converter's notices (unusual values it accepts with a warning), as verify finds them
+    in one array: collected, never raised, with the kinds found (``what``)."""
+
+    def __init__(self) -> None:
+        super().__init__(strict=False)
+        self.kinds: list[str] = []
+
+    def add(self, where: Path | str, what: str, count: int, example: str) -> None:
+        if what not in self.kinds:
+            self.kinds.append(what)
+        super().add(where, what, count, example)
+
+    def unreported(self, recorded: list[str]) -> list[str]:
+        """The messages of kinds that no warning of ``recorded`` reports (the converter writes
+        them as ``WHERE: WHAT (COUNT in all; ...)``, as :meth:`Notices.messages` does)."""
+        reported = [f": {k} (" for k in self.kinds if any(f": {k} (" in w for w in recorded)]
+        return [m for m in self.messages() if not any(r in m for r in reported)]
+
+
 def _blocks(store: Store, name: str) -> Iterator[tuple[int, np.ndarray]]:
     """(first row, raw block) of array ``name``, read with ``pread`` (safetensors) or slices."""
     entry = store.entry(name)
@@ -92,12 +119,14 @@ def _pread(fd: int, n: int, offset: int) -> bytes:
     return bytes(out)
 
 
-def _check_array(store: Store, name: str, progress) -> None:
-    from jasper_mmap.converters.checks import SplitCheck, Stats, check_block
-
+def _check_array(store: Store, name: str, progress, notices: Notices) -> None:
+    """Check every block of array ``name``; raise for a problem, collect notices (unusual
+    values the converter accepted with a warning) in ``notices``."""
     entry, counts = store.entry(name), store.counts
     split = (
-        SplitCheck(store.path / entry["file"], counts["n_pairs"]) if name.endswith("_idx") else None
+        SplitCheck(store.path / entry["file"], counts["n_pairs"], notices)
+        if name.endswith("_idx")
+        else None
     )
     crc, stats, prev_end = 0, Stats(), 0
     where = store.path / entry["file"]
@@ -107,7 +136,7 @@ def _check_array(store: Store, name: str, progress) -> None:
         allowed = bool(
             entry.get("stats", {}).get("nonfinite_rows")
         )  # converted with --allow-nonfinite
-        check_block(where, name, block, lo, counts, stats, allow_nonfinite=allowed)
+        check_block(where, name, block, lo, counts, stats, allowed, notices)
         if split is not None:
             split.update(block, lo)
         if name == "pair_keyword_offsets" and block.size:
@@ -174,10 +203,13 @@ def _check_arrays(store: Store, names: list[str], report: VerifyReport, progress
             report.problems.append(str(e))
     total = sum(sizes.values())
     disable = None if progress is None else not progress
+    recorded = list(report.warnings)  # the converter's: unusual values it already reported
     with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=disable) as bar:
         for name in sizes:
+            unusual = _Unusual()
             try:
-                _check_array(store, name, bar.update)
+                _check_array(store, name, bar.update, unusual)
+                report.warnings += unusual.unreported(recorded)
             except (JasperError, ValueError, EOFError, OSError) as e:
                 report.problems.append(str(e))
             except Exception as e:  # a damaged store must never crash verify

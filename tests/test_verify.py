@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,8 +26,10 @@ from jasper_mmap.cli import main as cli_main
 from jasper_mmap.converters import convert_pt
 from jasper_mmap.errors import JasperError
 from jasper_mmap.layout import read_manifest
+from jasper_mmap.negatives import publish_negatives
 from jasper_mmap.stores import open_store
 from jasper_mmap.stores.safetensors_store import read_header
+from jasper_mmap.synthetic import SyntheticSpec, make_pt_dataset
 from jasper_mmap.verify import verify_store
 
 
@@ -158,6 +161,77 @@ def test_info_and_verify_show_the_manifests_warnings(store, capsys):
     assert cli_main(["verify", str(store), "-q"]) == 0  # warnings are not problems
     out = capsys.readouterr().out
     assert "no problems" in out and "warning: config.json: n_keywords=41" in out
+
+
+def _unusual_dataset(path: Path) -> Path:
+    """A dataset with every kind of value convert-pt accepts with a warning."""
+    src = make_pt_dataset(path, SyntheticSpec())
+
+    def edit(name, fn):
+        t = torch.load(src / f"{name}.pt", weights_only=True).clone()
+        fn(t)
+        torch.save(t, src / f"{name}.pt")
+
+    edit("negative_tiers", lambda t: (t.__setitem__((6, 1), 7), t.__setitem__((9, 0), 0)))
+    edit("pair_relevance", lambda t: t.__setitem__(8, 1.5))
+    edit("centroid_distances", lambda t: t.__setitem__(3, 2.5))
+    edit("train_idx", lambda t: t.__setitem__(10, t[3]))
+    return src
+
+
+@pytest.fixture(scope="module")
+def unusual_src(tmp_path_factory):
+    return _unusual_dataset(tmp_path_factory.mktemp("unusual") / "src")
+
+
+@pytest.mark.parametrize("backend", ["safetensors", "zarr"])
+def test_verify_passes_values_the_converter_accepted_with_warnings(
+    tmp_path, unusual_src, backend, capsys
+):
+    """Tiers outside 1..4, relevance outside [0, 1], centroid distances outside [0, 2] and a
+    repeated split pair are warnings of convert-pt; verify agrees: warnings, exit 0."""
+    store = convert_pt(unusual_src, tmp_path / "s", format=backend, progress=False)
+    recorded = json.loads((store / "manifest.json").read_text())["warnings"]
+    kinds = ("tiers outside [1, 4]", "relevance values outside [0.0, 1.0]")
+    kinds += ("centroid distances outside [0.0, 2.0]", "split repeats pairs")
+    assert all(any(k in w for w in recorded) for k in kinds), recorded
+    report = verify_store(store, progress=False)
+    assert report.ok and not report.problems, str(report)
+    assert len(report.checked) == 18
+    assert report.warnings == recorded  # shown once each, not again as found by verify
+    assert cli_main(["verify", str(store), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "18 arrays checked, no problems" in out, out
+    assert out.count("  warning: ") == 4 and all(k in out for k in kinds), out
+
+
+def test_verify_still_fails_damage_beside_the_warnings(tmp_path, unusual_src, capsys):
+    """The arrays that hold accepted unusual values are still checked in full."""
+    store = convert_pt(unusual_src, tmp_path / "s", progress=False)
+    tier = int(open_store(store).read("negative_tiers")[20, 0])
+    _poke(store, "negative_tiers", 20, struct.pack("<q", tier % 4 + 1))  # another usual tier
+    _poke(store, "train_idx", 0, struct.pack("<q", 10**6))  # past n_pairs
+    report = verify_store(store, progress=False)
+    text = str(report)
+    assert len(report.problems) == 2 and len(report.warnings) == 4, text
+    assert "negative_tiers has crc32" in text and "its bytes changed on disk" in text, text
+    assert re.search(r"Split indices reference pair 1000000.*rows \[0\]", text), text
+    assert cli_main(["verify", str(store), "-q"]) == 1
+    assert "2 problem(s)" in capsys.readouterr().out
+
+
+def test_verify_warns_of_unusual_values_no_recorded_warning_reports(store):
+    """Tiers outside 1..4 published later as a new negatives generation (not in the
+    manifest's warnings): a warning that verify found itself, not a problem."""
+    s = open_store(store)
+    negs, tiers = s.read("hard_negatives"), s.read("negative_tiers").copy()
+    s.close()
+    tiers[3, 2] = tiers[4, 0] = 9
+    assert publish_negatives(store, negs, tiers) == 1
+    report = verify_store(store, progress=False)
+    assert report.ok, str(report)
+    (w,) = report.warnings
+    assert "gen-000001.safetensors: tiers outside [1, 4] (2 in all; rows [3, 4]" in w, w
 
 
 def test_info_on_a_pt_dataset_directory_says_so_without_overwrite(pt_dataset, tmp_path, capsys):
