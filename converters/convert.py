@@ -1,7 +1,7 @@
 """``convert_pt``: stream a directory of ``.pt`` artifacts into a safetensors or zarr store.
 
 Flow: read ``config.json`` -> describe every tensor (no data read) -> check shapes and counts ->
-parse keyword ids in a child process while the main process streams the tensors block by block
+decode keyword ids in a thread while the main thread streams the tensors block by block
 (check, cast, write) into a hidden temporary directory -> write the manifest -> reopen the result
 and compare shapes, dtypes and sampled rows with the sources -> publish with one atomic rename.
 Memory is bounded by a few blocks (``block_bytes``), whatever the dataset size.

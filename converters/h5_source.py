@@ -410,7 +410,7 @@ def iter_h5_keyword_rows(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(lengths, values)`` int64 blocks of ``pair_data/keyword_ids/0..n_pairs-1``.
 
-    The file is opened here (for a child process that gets only the path). ``n_pairs``
+    The file is opened here (for the keyword thread, which gets only the path). ``n_pairs``
     defaults to the rows of ``pair_data/index``. See :meth:`H5Source.keyword_rows`.
     """
     with open_h5_source(h5_path) as src:
