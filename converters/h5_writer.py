@@ -8,7 +8,7 @@ torch saved them with, ``pair_data/keyword_ids/<i>`` is one int32 dataset per pa
 - **Streaming.** Tensors are read block by block with ``open_tensor(...).read_rows`` and
   written into pre-created datasets; keyword ids come from ``decode_keyword_rows``. Memory stays
   a few blocks whatever the size (upstream loads every tensor whole).
-- **Atomic.** The file is written as ``.dataset.h5.partial-PID-TOKEN`` in the same directory,
+- **Atomic.** The file is written as ``.dataset.h5.partial-PID-TOKEN-HOST`` in the same directory,
   fsynced, and published with one ``os.replace``; an existing ``dataset.h5`` is replaced (as
   upstream overwrites it), but readers never see a half-written file and a failed run leaves
   the old one untouched. A killed run's partial file is removed by the next run.
@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from jasper_mmap._atomic import fsync_dir
+from jasper_mmap._atomic import fsync_dir, partial_name, remove_stale_partial_files
 from jasper_mmap._dtypes import to_float32
 from jasper_mmap.errors import (
     ArtifactError,
@@ -231,18 +231,8 @@ def _target(src: Path) -> Path:
 
 
 def _remove_stale(final: Path) -> None:
-    """Remove ``.dataset.h5.partial-PID-*`` files whose writer process no longer exists."""
-    for p in final.parent.glob(f".{final.name}.partial-*"):
-        try:
-            pid = int(p.name.rsplit("partial-", 1)[1].split("-")[0])
-            os.kill(pid, 0)
-        except (IndexError, ValueError):
-            continue
-        except ProcessLookupError:
-            p.unlink(missing_ok=True)
-            log.info("removed %s left by an interrupted run (pid %d)", p, pid)
-        except PermissionError:
-            continue
+    """Remove ``.dataset.h5.partial-*`` files whose writer process is gone (this host's)."""
+    remove_stale_partial_files(final)
 
 
 def _write_failure(final: Path, e: OSError) -> OSError:
@@ -353,7 +343,7 @@ def _write_file(tmp: Path, src: Path, arts: dict[str, TensorArtifact], compressi
 def _write_and_publish(final: Path, src: Path, compression: Any) -> None:
     """Write a hidden partial file beside ``final``, then replace ``final`` with it at once."""
     _remove_stale(final)
-    tmp = final.with_name(f".{final.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = final.with_name(partial_name(final.name))
     try:
         _write_file(tmp, src, _open_inputs(src, quiet=True), compression)
         os.replace(tmp, final)

@@ -1,7 +1,10 @@
 """Publish a directory with one atomic rename; clean up what interrupted runs left behind.
 
-Writers build everything under ``.<name>.partial-<pid>-<token>`` beside the destination, a
-name no reader ever opens, then make it visible with one ``rename``. Replacing an existing
+Writers build everything under ``.<name>.partial-<pid>-<token>-<host>`` beside the destination,
+a name no reader ever opens, then make it visible with one ``rename``. A later run removes a
+partial whose writer is gone: judged by its PID, and only where ``<host>`` (a tag of the host
+name) is this host's, since a PID means nothing on another machine, or in another container,
+sharing the filesystem. Names without a host tag (older versions) are judged by PID alone. Replacing an existing
 directory uses Linux ``renameat2(RENAME_EXCHANGE)``, which swaps the two names atomically, so
 readers see either the old or the new directory, never neither; where that call is missing
 (other kernels, other filesystems) it falls back to two renames with a short window.
@@ -23,11 +26,13 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import hashlib
 import json
 import logging
 import os
 import secrets
 import shutil
+import socket
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -35,6 +40,8 @@ from .errors import StoreExistsError, StoreNotFoundError
 
 __all__ = [
     "partial_dir",
+    "partial_name",
+    "remove_stale_partial_files",
     "publish_dir",
     "remove_stale_partials",
     "remove_stale_partials_in",
@@ -52,9 +59,19 @@ _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
 
+#: this host, in partial names: sha1 of the host name (a container's own, by default)
+HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def partial_name(name: str) -> str:
+    """A fresh hidden name for a file or directory to become ``name``:
+    ``.<name>.partial-<pid>-<token>-<host>`` (who wrote it, for the cleanup of later runs)."""
+    return f".{name}.partial-{os.getpid()}-{secrets.token_hex(4)}-{HOST_TAG}"
+
+
 def partial_dir(dst: Path) -> Path:
     """Return a fresh, hidden temporary directory beside ``dst`` (created)."""
-    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = dst.parent / partial_name(dst.name)
     tmp.mkdir()
     return tmp
 
@@ -91,13 +108,23 @@ def remove_stale_partials_in(directory: Path) -> list[Path]:
     return _remove_dead(Path(directory).glob(".*.partial-*"))
 
 
+def remove_stale_partial_files(final: Path) -> list[Path]:
+    """Remove the partial files (not directories) of ``final`` whose writer is gone."""
+    glob = final.parent.glob(f".{final.name}.partial-*")
+    return _remove_dead(p for p in glob if p.is_file() and not p.is_symlink())
+
+
 def _dead(candidates: Iterable[Path]) -> Iterator[tuple[Path, int]]:
-    """``(path, writer pid)`` of each ``...partial-PID-...`` whose writer is gone from this host."""
+    """``(path, writer pid)`` of each ``...partial-PID-TOKEN[-HOST]`` written on this host
+    (or with no host tag) whose writer is gone."""
     for p in candidates:
         try:
-            pid = int(p.name.rsplit("partial-", 1)[1].split("-")[0])
+            fields = p.name.rsplit("partial-", 1)[1].split("-")
+            pid = int(fields[0])
         except (IndexError, ValueError):
             continue
+        if len(fields) >= 3 and fields[2] != HOST_TAG:
+            continue  # another host's (or container's): its PID cannot be checked here
         if pid != os.getpid() and not _pid_alive(pid):
             yield p, pid
 
@@ -118,7 +145,7 @@ def warn_stale_partials(dst: Path, max_entries: int = 1000) -> list[Path]:
     """Warn about the partial directories of OTHER destinations beside ``dst``; delete nothing.
 
     A writer removes only its own destination's leftovers (:func:`remove_stale_partials`).
-    Another destination's ``.<name>.partial-PID-TOKEN`` whose process is gone from this host
+    Another destination's ``.<name>.partial-PID-TOKEN-HOST`` whose process is gone from this host
     is probably a killed run's, but it may belong to a live writer on another host sharing
     this filesystem (whose PIDs mean nothing here), so it is only named, with its size (its
     first ``max_entries`` entries counted) and the fix. Returns the directories named.

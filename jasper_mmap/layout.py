@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._atomic import partial_name
 from .errors import JasperError, StoreFormatError, StoreNotFoundError, write_error
 
 __all__ = [
@@ -122,7 +122,7 @@ def write_json_atomic(path: Path, obj: Any, what: str | None = None) -> None:
         OSError, TypeError, ValueError: anything else (``obj`` not JSON-serializable...).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = path.with_name(partial_name(path.name))
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=1, sort_keys=True)

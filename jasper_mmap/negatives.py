@@ -3,7 +3,7 @@
 # NOTE [hot reload]
 A publisher (``publish_negatives``, or ``reload_negatives`` after a miner rewrote the ``.pt``
 files) validates the new ``hard_negatives``/``negative_tiers`` block by block, streams them into
-``STORE/.negatives.partial-PID-TOKEN/`` (a name no reader opens), renames the finished file/group to
+``STORE/.negatives.partial-PID-TOKEN-HOST/`` (a name no reader opens), renames the finished file/group to
 ``negatives/gen-NNNNNN.*``, writes its description ``gen-NNNNNN.json`` and then replaces
 ``negatives/CURRENT.json`` with one atomic ``os.replace``: that rename is the publication.
 A publisher killed at any point leaves CURRENT naming the previous, complete generation.
@@ -191,7 +191,7 @@ def _publish_locked(store, neg_dir: Path, negs, tiers, sources, keep) -> tuple[i
     g = _next_generation(neg_dir)
     what = f"negatives generation {g}"
     try:
-        tmp = partial_dir(neg_dir)  # STORE/.negatives.partial-PID-TOKEN: same filesystem
+        tmp = partial_dir(neg_dir)  # STORE/.negatives.partial-PID-TOKEN-HOST: same filesystem
         try:
             entries = _write_generation(store, tmp, g, negs, tiers, store.counts["n_sources"])
             for item in tmp.glob(f"{generation_name(g)}*"):  # the file, or the zarr group

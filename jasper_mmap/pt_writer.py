@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._atomic import partial_name
+
 __all__ = ["write_tensor_pt", "write_lists_pickle"]
 
 _STORAGE = {
@@ -77,7 +79,7 @@ def write_tensor_pt(
     buf = io.BytesIO()
     _Pickler(buf, protocol=2).dump(_Tensor(_Storage(dtype, numel), tuple(int(s) for s in shape)))
     prefix = path.stem.replace(".", "_") or "archive"
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp = path.with_name(partial_name(path.name))
     want, got = numel * np.dtype(dtype).itemsize, 0
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
         z.writestr(f"{prefix}/data.pkl", buf.getvalue())
@@ -122,7 +124,7 @@ def _list_opcodes(rows: Iterable[np.ndarray]) -> Iterator[bytes]:
 def write_lists_pickle(path: str | Path, rows: Iterable[np.ndarray]) -> Path:
     """Write a list of lists of int as a plain pickle, streaming (``pickle.load`` reads it)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp = path.with_name(partial_name(path.name))
     with open(tmp, "wb") as f:
         chunk = []
         for piece in _list_opcodes(rows):

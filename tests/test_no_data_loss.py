@@ -258,3 +258,29 @@ def test_partials_of_other_destinations_are_named_never_removed(home, caplog):
     assert f"(pid {dead}) is not running on this host" in warned[0]
     assert "KB" in warned[0] and f"rm -r {other}" in warned[0]
     assert f"convert to {home / 'old'} again (that run removes it)" in warned[0]
+
+
+def test_a_partial_of_another_host_is_never_judged_by_its_pid(home, caplog):
+    """On a filesystem shared between machines (or containers), a PID that is not running here
+    may be a live writer there: a partial with another host's tag is neither removed nor named;
+    this host's, and older names without a tag, are removed once their writer is gone."""
+    from jasper_mmap._atomic import HOST_TAG, partial_name
+
+    code = "import os; print(os.getpid())"
+    dead = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    dead = dead.strip()
+    other_host = "0" * 8 if HOST_TAG != "0" * 8 else "1" * 8
+    theirs = home / f".new.partial-{dead}-abcd1234-{other_host}"
+    (theirs / "negatives").mkdir(parents=True)
+    theirs_elsewhere = home / f".old.partial-{dead}-abcd1234-{other_host}"
+    theirs_elsewhere.mkdir()
+    ours = home / f".new.partial-{dead}-abcd1234-{HOST_TAG}"
+    ours.mkdir()
+    legacy = home / f".new.partial-{dead}-abcd5678"
+    legacy.mkdir()
+    assert partial_name("x").endswith(f"-{HOST_TAG}")  # what writers name their partials
+    with caplog.at_level(logging.WARNING, logger="jasper_mmap"):
+        convert_pt(home / "ds", home / "new", progress=False)
+    assert theirs.is_dir() and (theirs / "negatives").is_dir() and theirs_elsewhere.is_dir()
+    assert not ours.exists() and not legacy.exists()
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
