@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from jasper_mmap.errors import ArtifactError, ArtifactMissingError, ConfigError
+from jasper_mmap.steering import SteeringSchedule
 
 __all__ = ["read_config", "Stats", "check_block", "SplitCheck", "COUNT_KEYS", "Notices"]
 
@@ -63,6 +64,10 @@ def read_config(src: Path) -> dict[str, Any]:
                 f"{path}: {key} should be a JSON object, but got "
                 f"{type(config[key]).__name__}. Fix the file."
             )
+    if config.get("steering_probabilities") is not None:
+        # probabilities the draw cannot use make a store that does not open (the dataset
+        # checks them at construction): refused here, naming the dataset's config.json
+        SteeringSchedule.from_config(config, str(path)).check()
     return config
 
 

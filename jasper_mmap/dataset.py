@@ -315,7 +315,8 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
     @steering_probs.setter
     def steering_probs(self, probs: dict[str, float]) -> None:
         where = f"steering_probs assigned to the {self.split} dataset"
-        self._control.set_override(distribution(probs, where))
+        fix = "Assign probabilities that are finite, non-negative and sum to 1."
+        self._control.set_override(distribution(probs, where, fix))
         log.info("Steering probabilities set to %s until the next set_epoch", _fmt(probs))
 
     @property

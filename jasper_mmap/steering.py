@@ -116,7 +116,7 @@ def compute_steering_probs(config: Mapping[str, Any], epoch: int) -> dict[str, f
     return {"zero": zero, "centroid": remaining, "keyword": 0.0, "residual": 0.0}
 
 
-def distribution(probs: Mapping[str, Any], where: str) -> np.ndarray:
+def distribution(probs: Mapping[str, Any], where: str, fix: str | None = None) -> np.ndarray:
     """The four variant probabilities to draw from, checked.
 
     Raises:
@@ -132,9 +132,12 @@ def distribution(probs: Mapping[str, Any], where: str) -> np.ndarray:
     if unknown or not np.isfinite(p).all() or (p < 0).any() or abs(p.sum() - 1.0) > 1e-6:
         raise ConfigError(
             f"{where}: steering probabilities should map {VARIANTS} to finite non-negative "
-            f"numbers summing to 1, but they are {dict(probs)!r} (sum {p.sum():.6g}). Fix "
-            f"steering_probabilities/curriculum in config.json (a missing base key counts as "
-            f"{MISSING_BASE_PROB} under a curriculum), or assign valid ones."
+            f"numbers summing to 1, but they are {dict(probs)!r} (sum {p.sum():.6g}). "
+            + (
+                fix
+                or f"Fix steering_probabilities/curriculum in that config.json (a missing base "
+                f"key counts as {MISSING_BASE_PROB} under a curriculum)."
+            )
         )
     return p / p.sum()
 
@@ -178,6 +181,15 @@ class SteeringSchedule:
     def as_dict(self, epoch: int) -> dict[str, float]:
         """The in-RAM dataset's ``steering_probs`` at ``epoch`` (unchecked, as it computes it)."""
         return compute_steering_probs(self.config, epoch)
+
+    def check(self) -> None:
+        """Raise :class:`ConfigError` unless the draw can use the probabilities at epoch 0 and
+        at the curriculum's last epoch (after which they stay), as a dataset's construction
+        and its ``set_epoch`` calls would."""
+        self.probs(0)
+        if self.config["curriculum"]:
+            last = {**CURRICULUM_DEFAULTS, **self.config["curriculum"]}["epochs_total"]
+            self.probs(max(int(last), 0))
 
     def probs(self, epoch: int) -> np.ndarray:
         """Probabilities of (zero, centroid, keyword, residual) at ``epoch``, checked.

@@ -3,11 +3,11 @@
 Users and the upstream trainer read ``dataset.centroid_embs`` and friends. Here each is a
 read-only tensor over the store's memory map, made on first access: no copy, no growth of
 anonymous memory, and opening the dataset stays O(1). Writing into one raises
-TableReadOnlyError (NOTE [read-only tables]). Tables stored at reduced precision keep that dtype (``float16``/``bfloat16``),
-since widening would copy. A zarr store has no map: its tables are read into memory when
-first accessed. ``hard_negatives``/``negative_tiers`` are those of the negatives generation
-the dataset serves. ``pair_keyword_ids`` is a list-like object that decodes one pair's list at a
-time.
+TableReadOnlyError (NOTE [read-only tables]). Tables stored at reduced precision keep that
+dtype (``float16``/``bfloat16``), since widening would copy. A zarr store has no map: its
+tables are read into memory when first accessed. ``hard_negatives``/``negative_tiers`` are
+those of the negatives generation the dataset serves. ``pair_keyword_ids`` is a list-like
+object that decodes one pair's list at a time.
 """
 
 from __future__ import annotations
@@ -75,7 +75,9 @@ def table_tensor(store: Store, name: str, generation: int, attr: str | None = No
 # store's own maps), which is why a zarr store's in-RAM tables are protected too. Pickled or
 # ``torch.save``d, a table is a plain tensor. Only the table attributes are protected; the
 # batch path never sees this class. What it cannot catch: writes through ``data_ptr``, DLPack,
-# or ``untyped_storage()`` handed to other libraries.
+# ``untyped_storage()``, ``as_subclass(torch.Tensor)``, or ``torch.from_numpy`` of a table's
+# (read-only) numpy view: torch warns about a non-writable array only once per process, and
+# jasper_mmap's own maps may have used that warning up.
 
 _NOT_WRITES = {"requires_grad_", "retain_grad", "share_memory_"}
 _INPLACE_DUNDERS = {
@@ -99,18 +101,20 @@ _INPLACE_DUNDERS = {
 
 
 def _written(func: Any, args: tuple, kwargs: dict) -> list[Any]:
-    """The tensors ``func(*args, **kwargs)`` writes into (its target and ``out``)."""
+    """The tensors ``func(*args, **kwargs)`` writes into: ``out``, and the first tensor argument
+    of an in-place call (a name ending in ``_``, ``__setitem__``, ``+=`` and friends, or
+    ``inplace=True`` as in ``F.relu``/``nn.ReLU(inplace=True)``/``F.dropout``), whether it is
+    passed by position or by keyword (``nn.init.uniform_(tensor=...)``)."""
     name = getattr(func, "__name__", "")
-    targets = (
-        list(kwargs.get("out", None) or ())
-        if isinstance(kwargs.get("out"), list | tuple)
-        else [kwargs["out"]]
-        if kwargs.get("out") is not None
-        else []
-    )
+    out = kwargs.get("out")
+    targets = list(out) if isinstance(out, list | tuple) else [] if out is None else [out]
     inplace = name.endswith("_") and not name.endswith("__") and name not in _NOT_WRITES
-    if args and (inplace or name == "__setitem__" or name in _INPLACE_DUNDERS):
-        targets.append(args[0])
+    if inplace or name == "__setitem__" or name in _INPLACE_DUNDERS or kwargs.get("inplace"):
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if first is None:
+            first = next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+        if first is not None:
+            targets.append(first)
     return targets
 
 

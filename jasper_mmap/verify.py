@@ -18,6 +18,7 @@ no recorded warning reports (a negatives generation published later, say).
 
 from __future__ import annotations
 
+import json
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,9 +29,10 @@ import numpy as np
 
 from ._dtypes import entry_nbytes, numpy_dtype, to_float32
 from .converters.checks import Notices, SplitCheck, Stats, check_block
-from .errors import JasperError
+from .errors import ConfigError, JasperError
 from .integrity import store_problems
-from .layout import load_manifest
+from .layout import CONFIG, load_manifest
+from .steering import SteeringSchedule
 from .stores import BACKENDS, NEGATIVE_ARRAYS, Store, open_store
 
 __all__ = ["verify_store", "VerifyReport", "store_info"]
@@ -161,6 +163,18 @@ def _check_array(store: Store, name: str, progress, notices: Notices) -> None:
         )
 
 
+def _config_problems(store_dir: Path) -> list[str]:
+    """Steering probabilities the draw cannot use (the dataset refuses to open the store;
+    ``convert-pt`` refuses them since, but older stores may hold them)."""
+    try:
+        with open(store_dir / CONFIG, encoding="utf-8") as f:
+            config = json.load(f)
+        SteeringSchedule.from_config(config, str(store_dir / CONFIG)).check()
+    except ConfigError as e:
+        return [f"{e} The dataset cannot be opened until then."]
+    return []
+
+
 def verify_store(path: str | Path, progress: bool | None = None) -> VerifyReport:
     """Check the store at ``path`` (see the module docstring). Never raises for a problem of
     the store, however damaged: every problem goes into the report."""
@@ -183,6 +197,7 @@ def verify_store(path: str | Path, progress: bool | None = None) -> VerifyReport
     for pair in (NEGATIVE_ARRAYS, _KEYWORD_ARRAYS):  # checked together: both or neither
         if bad & set(pair):
             bad |= set(pair)
+    report.problems += _config_problems(Path(path))
     store = BACKENDS[manifest["backend"]](path, manifest)
     names = [n for n in store.names() if n not in bad]
     _check_arrays(store, names, report, progress)

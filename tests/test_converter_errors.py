@@ -240,6 +240,31 @@ def test_config_wrong_types(tmp_path, key, value, problem):
 
 
 @pytest.mark.parametrize(
+    ("probs", "curriculum", "epoch"),
+    [
+        ({"zero": 1.0, "centroid": 1.0, "keyword": 0.0, "residual": 0.0}, None, 0),
+        ({"zero": -0.5, "centroid": 1.5, "keyword": 0.0, "residual": 0.0}, None, 0),
+        # fine at epoch 0, not at the curriculum's end, where a run stays
+        (
+            {"zero": 0.5, "centroid": 0.5, "keyword": 0.0, "residual": 0.0},
+            {"zero_prob_start": 0.5, "zero_prob_end": 1.5, "epochs_total": 10},
+            10,
+        ),
+    ],
+    ids=["sum-2", "negative", "bad-at-the-curriculum-end"],
+)
+def test_probabilities_the_draw_cannot_use_are_refused(tmp_path, probs, curriculum, epoch):
+    """A store made from them would not open (the dataset checks them at construction)."""
+    src = make_src(tmp_path)
+    edit_config(src, steering_probabilities=probs, curriculum=curriculum)
+    err = expect_error(
+        tmp_path, ConfigError, src / "config.json", f"at epoch {epoch}: steering probabilities"
+    )
+    assert "Fix steering_probabilities/curriculum in that config.json" in str(err)
+    assert "assign" not in str(err)  # nothing can be assigned before the dataset exists
+
+
+@pytest.mark.parametrize(
     ("key", "file", "rows"),
     [
         ("n_questions", "question_embs.pt", N_Q),

@@ -38,6 +38,13 @@ WRITES = {
     "copy_ into": lambda d: d.source_embs.copy_(torch.zeros_like(d.source_embs)),
     "index_put_": lambda d: d.pair_index.index_put_((torch.tensor([0]),), torch.tensor(0)),
     "torch.add out=": lambda d: torch.add(d.question_embs, 1, out=d.question_embs),
+    "F.relu inplace=True": lambda d: F.relu(d.centroid_embs, inplace=True),
+    "F.dropout inplace (positional)": lambda d: F.dropout(d.centroid_embs, 0.5, True, True),
+    "nn.ReLU(inplace=True) forward": lambda d: torch.nn.Sequential(
+        torch.nn.ReLU(inplace=True), torch.nn.Linear(d.centroid_embs.shape[1], 2)
+    )(d.centroid_embs),
+    "nn.init.uniform_ (tensor by keyword)": lambda d: torch.nn.init.uniform_(d.centroid_embs),
+    "nn.init.constant_": lambda d: torch.nn.init.constant_(d.source_embs, 1.0),
 }
 
 
@@ -48,6 +55,15 @@ def test_in_place_writes_are_refused_and_the_data_is_unchanged(ds, write):
         write(ds)
     assert isinstance(e.value, RuntimeError)
     assert all(torch.equal(getattr(ds, k), v) for k, v in before.items())
+
+
+def test_the_same_calls_without_writing_run(ds):
+    c = ds.centroid_embs
+    assert torch.equal(F.relu(c), c.clone().clamp_min(0))
+    assert torch.equal(F.dropout(c, 0.5, training=False), c)
+    net = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(c.shape[1], 2))
+    assert net(c).shape == (c.shape[0], 2)
+    assert torch.cdist(ds.question_embs[:4], c).shape == (4, c.shape[0])
 
 
 def test_a_write_names_the_table_and_the_store(ds):

@@ -397,3 +397,16 @@ def test_safetensors_header_mutations_give_our_error_or_the_same_data(fuzz_store
                     (store / meta).unlink()
                     (store / meta).write_text(json.dumps(obj))
         _check_outcome(store, fuzz_stores["safetensors"], f"{rel} header: {what}")
+
+
+def test_verify_reports_probabilities_no_dataset_can_open_with(store):
+    """convert-pt refuses them now; a store made before, or edited since, may hold them."""
+    config = json.loads((store / "config.json").read_text())
+    config["steering_probabilities"] = {"zero": 1.0, "centroid": 1.0, "keyword": 0, "residual": 0}
+    config.pop("curriculum", None)
+    (store / "config.json").write_text(json.dumps(config))
+    report = verify_store(store, progress=False)
+    assert not report.ok
+    [problem] = [p for p in report.problems if "steering probabilities" in p]
+    assert problem.startswith(f"{store / 'config.json'} at epoch 0:")
+    assert problem.endswith("The dataset cannot be opened until then.")
