@@ -145,10 +145,10 @@ def warn_stale_partials(dst: Path, max_entries: int = 1000) -> list[Path]:
     """Warn about the partial directories of OTHER destinations beside ``dst``; delete nothing.
 
     A writer removes only its own destination's leftovers (:func:`remove_stale_partials`).
-    Another destination's ``.<name>.partial-PID-TOKEN-HOST`` whose process is gone from this host
-    is probably a killed run's, but it may belong to a live writer on another host sharing
-    this filesystem (whose PIDs mean nothing here), so it is only named, with its size (its
-    first ``max_entries`` entries counted) and the fix. Returns the directories named.
+    Another destination's ``.<name>.partial-PID-TOKEN-HOST`` written on this host whose process
+    is gone is a killed run's; it is named, with its size (its first ``max_entries`` entries
+    counted) and the fix. One without a host tag (older versions) is named too, with the
+    caveat that a live writer on another host may own it. Returns the directories named.
     """
     own = f".{dst.name}.partial-"
     named = []
@@ -157,16 +157,23 @@ def warn_stale_partials(dst: Path, max_entries: int = 1000) -> list[Path]:
             continue  # dst's own are removed; partial files (json, h5) are other writers'
         target = dst.parent / p.name[1 : p.name.rindex(".partial-")]
         size, complete = _disk_usage(p, max_entries)
+        tagged = p.name.endswith(f"-{HOST_TAG}")
+        why = (
+            "it is kept: a conversion removes only its own destination's leftovers. Free the"
+            if tagged
+            else "it is kept, in case a conversion on another host is writing it. If none "
+            "is, free the"
+        )
         log.warning(
             "%s: a hidden partial directory (%s%s) left by a conversion to %s whose process "
-            "(pid %d) is not running on this host; it is kept, in case a conversion on another "
-            "host is writing it. If none is, free the space: convert to %s again%s (that run "
+            "(pid %d) is not running on this host; %s space: convert to %s again%s (that run "
             "removes it), or rm -r %s",
             p,
             "" if complete else "at least ",
             _human(size),
             target,
             pid,
+            why,
             target,
             " with --overwrite" if is_store(target) else "",
             p,

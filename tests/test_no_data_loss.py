@@ -284,3 +284,21 @@ def test_a_partial_of_another_host_is_never_judged_by_its_pid(home, caplog):
     assert theirs.is_dir() and (theirs / "negatives").is_dir() and theirs_elsewhere.is_dir()
     assert not ours.exists() and not legacy.exists()
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_this_hosts_partial_of_another_destination_is_named_without_the_other_host_caveat(
+    home, caplog
+):
+    from jasper_mmap._atomic import HOST_TAG
+
+    code = "import os; print(os.getpid())"
+    dead = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    left = home / f".old.partial-{dead.strip()}-abcd1234-{HOST_TAG}"
+    left.mkdir()
+    with caplog.at_level(logging.WARNING, logger="jasper_mmap"):
+        convert_pt(home / "ds", home / "new", progress=False)
+    assert left.is_dir()
+    [warned] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned.startswith(f"{left}: a hidden partial directory (")
+    assert "removes only its own destination's leftovers" in warned
+    assert "another host" not in warned and f"rm -r {left}" in warned
