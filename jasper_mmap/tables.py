@@ -77,7 +77,11 @@ def table_tensor(store: Store, name: str, generation: int, attr: str | None = No
 # batch path never sees this class. What it cannot catch: writes through ``data_ptr``, DLPack,
 # ``untyped_storage()``, ``as_subclass(torch.Tensor)``, or ``torch.from_numpy`` of a table's
 # (read-only) numpy view: torch warns about a non-writable array only once per process, and
-# jasper_mmap's own maps may have used that warning up.
+# jasper_mmap's own maps may have used that warning up. Under torch.compile the class runs
+# as a plain tensor (no checks while traced); torch 2.13 itself cannot compile some ops whose
+# input is any tensor subclass with ``__torch_function__`` (``nn.Linear``, ``torch.cdist``:
+# "Multiple dispatch failed ... returned NotImplemented"), so a compiled module is given
+# ``table.clone()`` (or a copy on its device) rather than the table itself.
 
 _NOT_WRITES = {"requires_grad_", "retain_grad", "share_memory_"}
 _INPLACE_DUNDERS = {
@@ -126,13 +130,19 @@ class ReadOnlyTable(torch.Tensor):
 
     @staticmethod
     def over(t: torch.Tensor, name: str, store: Any) -> ReadOnlyTable:
-        view = t.as_subclass(ReadOnlyTable)
-        view._table_name, view._table_store = name, store
-        return view
+        # an alias of ``t``'s memory, not a view of it: a view's ``_base`` would be a plain
+        # tensor over the map, protected again as a new view, and so on (torch.compile walks
+        # ``_base`` chains and recursed without end)
+        table = torch.Tensor._make_subclass(ReadOnlyTable, t)
+        table._table_name, table._table_store = name, store
+        return table
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if torch.compiler.is_compiling():  # traced by torch.compile: plain tensor semantics
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
         for target in _written(func, args, kwargs):
             if isinstance(target, ReadOnlyTable):
                 name = getattr(func, "__name__", str(func))
