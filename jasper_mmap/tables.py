@@ -173,6 +173,9 @@ class ReadOnlyTable(torch.Tensor):
     def __deepcopy__(self, memo: dict) -> torch.Tensor:  # a copy is the user's: plain
         return self.plain().clone()
 
+    def __copy__(self) -> ReadOnlyTable:  # a shallow copy shares the map: still protected
+        return ReadOnlyTable.over(self.plain(), self._table_name, self._table_store)
+
     def __repr__(self, **kwargs: Any) -> str:  # prints as the in-RAM dataset's tables do
         return self.plain().__repr__(**kwargs)
 

@@ -38,6 +38,7 @@ WRITES = {
     "copy_ into": lambda d: d.source_embs.copy_(torch.zeros_like(d.source_embs)),
     "index_put_": lambda d: d.pair_index.index_put_((torch.tensor([0]),), torch.tensor(0)),
     "torch.add out=": lambda d: torch.add(d.question_embs, 1, out=d.question_embs),
+    "copy.copy then fill_": lambda d: copy.copy(d.question_embs).fill_(0),
     "F.relu inplace=True": lambda d: F.relu(d.centroid_embs, inplace=True),
     "F.dropout inplace (positional)": lambda d: F.dropout(d.centroid_embs, 0.5, True, True),
     "nn.ReLU(inplace=True) forward": lambda d: torch.nn.Sequential(
