@@ -64,11 +64,17 @@ def read_config(src: Path) -> dict[str, Any]:
                 f"{path}: {key} should be a JSON object, but got "
                 f"{type(config[key]).__name__}. Fix the file."
             )
-    if config.get("steering_probabilities") is not None:
-        # probabilities the draw cannot use make a store that does not open (the dataset
-        # checks them at construction): refused here, naming the dataset's config.json
-        SteeringSchedule.from_config(config, str(path)).check()
     return config
+
+
+def check_steering(src: Path, config: dict[str, Any]) -> None:
+    """Refuse missing steering probabilities, or ones the draw cannot use at epoch 0 or at
+    the curriculum's end: the store would not open (the dataset checks them at construction).
+
+    Raises:
+        ConfigError: naming ``src/config.json``.
+    """
+    SteeringSchedule.from_config(config, str(src / "config.json")).check()
 
 
 @dataclass

@@ -45,7 +45,15 @@ from jasper_mmap.layout import (
 )
 from jasper_mmap.stores import WRITERS, open_store
 
-from .checks import REBUILD, Notices, SplitCheck, Stats, check_block, read_config
+from .checks import (
+    REBUILD,
+    Notices,
+    SplitCheck,
+    Stats,
+    check_block,
+    check_steering,
+    read_config,
+)
 from .keywords import KeywordJob
 from .pt_reader import TensorArtifact
 from .shapes import check_shapes, check_source
@@ -338,6 +346,7 @@ def convert_pt(
     warn_stale_partials(dst)  # other destinations' are named, never removed
     reader = open_source(src, detect_storage_format(src, source))
     try:
+        check_steering(src, config)  # after the files: a foreign folder is told that first
         notices = Notices()
         counts = check_shapes(src, reader.arrays, config, notices)
         _convert_into(

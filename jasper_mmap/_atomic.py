@@ -3,8 +3,8 @@
 Writers build everything under ``.<name>.partial-<pid>-<token>-<host>`` beside the destination,
 a name no reader ever opens, then make it visible with one ``rename``. A later run removes a
 partial whose writer is gone: judged by its PID, and only where ``<host>`` (a tag of the host
-name) is this host's, since a PID means nothing on another machine, or in another container,
-sharing the filesystem. Names without a host tag (older versions) are judged by PID alone. Replacing an existing
+name and PID namespace) is this process's, since a PID means nothing on another machine, or in
+another container, sharing the filesystem. Names without a host tag (older versions) are judged by PID alone. Replacing an existing
 directory uses Linux ``renameat2(RENAME_EXCHANGE)``, which swaps the two names atomically, so
 readers see either the old or the new directory, never neither; where that call is missing
 (other kernels, other filesystems) it falls back to two renames with a short window.
@@ -59,8 +59,18 @@ _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
 
-#: this host, in partial names: sha1 of the host name (a container's own, by default)
-HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+def _host_tag() -> str:
+    """Where PIDs of this process mean something: the host name and the PID namespace (two
+    containers of one machine may share a host name, ``--uts=host``, but not their PIDs)."""
+    try:
+        pid_ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pid_ns = ""
+    return hashlib.sha1(f"{socket.gethostname()}|{pid_ns}".encode()).hexdigest()[:8]
+
+
+#: this host and PID namespace, in partial names (:func:`partial_name`)
+HOST_TAG = _host_tag()
 
 
 def partial_name(name: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -188,8 +189,9 @@ class SteeringSchedule:
         and its ``set_epoch`` calls would."""
         self.probs(0)
         if self.config["curriculum"]:
-            last = {**CURRICULUM_DEFAULTS, **self.config["curriculum"]}["epochs_total"]
-            self.probs(max(int(last), 0))
+            total = float({**CURRICULUM_DEFAULTS, **self.config["curriculum"]}["epochs_total"])
+            if math.isfinite(total):  # an infinite curriculum stays at its start: epoch 0
+                self.probs(math.ceil(max(total, 1)))  # the formula's end: progress reaches 1
 
     def probs(self, epoch: int) -> np.ndarray:
         """Probabilities of (zero, centroid, keyword, residual) at ``epoch``, checked.

@@ -104,21 +104,43 @@ _INPLACE_DUNDERS = {
 }
 
 
+def _tensors(value: Any) -> list[Any]:
+    """The tensors of an argument: itself, or those in a list/tuple (``_foreach_*``)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [v for v in value if isinstance(v, torch.Tensor)]
+    return []
+
+
+def _arg(args: tuple, kwargs: dict, i: int, name: str) -> Any:
+    return args[i] if len(args) > i else kwargs.get(name)
+
+
 def _written(func: Any, args: tuple, kwargs: dict) -> list[Any]:
-    """The tensors ``func(*args, **kwargs)`` writes into: ``out``, and the first tensor argument
-    of an in-place call (a name ending in ``_``, ``__setitem__``, ``+=`` and friends, or
-    ``inplace=True`` as in ``F.relu``/``nn.ReLU(inplace=True)``/``F.dropout``), whether it is
-    passed by position or by keyword (``nn.init.uniform_(tensor=...)``)."""
+    """The tensors ``func(*args, **kwargs)`` writes into: ``out``; the first tensor argument
+    (or list of tensors: ``torch._foreach_add_``, fused optimizers) of an in-place call (a
+    name ending in ``_``, ``torch.ops.aten.add_.Tensor`` included, ``__setitem__``, ``+=`` and
+    friends, or ``inplace=True`` as in ``F.relu``/``nn.ReLU(inplace=True)``/``F.dropout``),
+    by position or by keyword (``nn.init.uniform_(tensor=...)``); and what the functions that
+    write into an argument internally write: ``F.embedding``'s weight with ``max_norm``,
+    ``F.batch_norm``/``F.instance_norm``'s running statistics."""
     name = getattr(func, "__name__", "")
-    out = kwargs.get("out")
-    targets = list(out) if isinstance(out, list | tuple) else [] if out is None else [out]
-    inplace = name.endswith("_") and not name.endswith("__") and name not in _NOT_WRITES
+    base = name.split(".")[0]  # an aten overload: "add_.Tensor"
+    targets = _tensors(kwargs.get("out"))
+    inplace = base.endswith("_") and not base.endswith("__") and base not in _NOT_WRITES
     if inplace or name == "__setitem__" or name in _INPLACE_DUNDERS or kwargs.get("inplace"):
-        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        first = next((t for a in args if (t := _tensors(a))), None)
         if first is None:
-            first = next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
-        if first is not None:
-            targets.append(first)
+            first = next((t for v in kwargs.values() if (t := _tensors(v))), [])
+        targets += first
+    if name == "embedding" and _arg(args, kwargs, 2, "max_norm") is not None:
+        targets += _tensors(_arg(args, kwargs, 1, "weight"))  # renormed in place
+    if name in ("batch_norm", "instance_norm"):  # running statistics updated in place when
+        flag, default = ("training", False) if name == "batch_norm" else ("use_input_stats", True)
+        if default if (value := _arg(args, kwargs, 5, flag)) is None else value:
+            targets += _tensors(_arg(args, kwargs, 1, "running_mean"))
+            targets += _tensors(_arg(args, kwargs, 2, "running_var"))
     return targets
 
 
@@ -154,13 +176,18 @@ class ReadOnlyTable(torch.Tensor):
                     f"`x = dataset.{target._table_name}.clone()`; to change the data itself, "
                     f"change the dataset's files and open it again."
                 )
-        source = next((a for a in args if isinstance(a, ReadOnlyTable)), None)
+        sources = [
+            t
+            for a in (*args, *kwargs.values())
+            for t in _tensors(a)
+            if isinstance(t, ReadOnlyTable)
+        ]
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **kwargs)
-            if source is None:
+            if not sources:
                 return out
-            storage = source.untyped_storage().data_ptr()
-            return _protect(out, source, storage)
+            maps = {t.untyped_storage().data_ptr(): t for t in sources}
+            return _protect(out, maps)
 
     def plain(self) -> torch.Tensor:
         """The same tensor (same memory), as a plain ``torch.Tensor``: unprotected."""
@@ -180,20 +207,22 @@ class ReadOnlyTable(torch.Tensor):
         return self.plain().__repr__(**kwargs)
 
 
-def _protect(out: Any, source: ReadOnlyTable, storage: int) -> Any:
-    """``out`` with the results that share ``source``'s storage protected as it is."""
+def _protect(out: Any, maps: dict[int, ReadOnlyTable]) -> Any:
+    """``out`` with the results that share the storage of a table in ``maps`` (storage
+    address -> table) protected as that table is."""
     if isinstance(out, torch.Tensor):
-        if isinstance(out, ReadOnlyTable) or out.device.type != "cpu":
+        if isinstance(out, ReadOnlyTable) or out.device.type != "cpu" or not out.numel():
             return out
-        if out.untyped_storage().data_ptr() == storage and out.numel():
-            return ReadOnlyTable.over(out, source._table_name, source._table_store)
-        return out
+        table = maps.get(out.untyped_storage().data_ptr())
+        return (
+            out if table is None else ReadOnlyTable.over(out, table._table_name, table._table_store)
+        )
     if isinstance(out, np.ndarray):
         if out.base is not None and np.may_share_memory(out, out.base):
             out.flags.writeable = False  # a view of the map (``.numpy()``, ``np.asarray``)
         return out
     if isinstance(out, tuple | list) and any(isinstance(o, torch.Tensor) for o in out):
-        return type(out)(_protect(o, source, storage) for o in out)
+        return type(out)(_protect(o, maps) for o in out)
     return out
 
 

@@ -172,6 +172,8 @@ def _config_problems(store_dir: Path) -> list[str]:
         SteeringSchedule.from_config(config, str(store_dir / CONFIG)).check()
     except ConfigError as e:
         return [f"{e} The dataset cannot be opened until then."]
+    except Exception as e:  # noqa: BLE001 -- verify reports, it never raises
+        return [f"{store_dir / CONFIG}: its steering probabilities cannot be checked ({e!r})."]
     return []
 
 

@@ -250,8 +250,19 @@ def test_config_wrong_types(tmp_path, key, value, problem):
             {"zero_prob_start": 0.5, "zero_prob_end": 1.5, "epochs_total": 10},
             10,
         ),
+        # the formula's end: epochs_total 0 counts as 1; 10.5 is reached at epoch 11
+        (
+            {"zero": 0.5, "centroid": 0.5, "keyword": 0.0, "residual": 0.0},
+            {"zero_prob_end": 1.5, "epochs_total": 0},
+            1,
+        ),
+        (
+            {"zero": 0.5, "centroid": 0.5, "keyword": 0.0, "residual": 0.0},
+            {"zero_prob_end": 1.01, "epochs_total": 10.5},
+            11,
+        ),
     ],
-    ids=["sum-2", "negative", "bad-at-the-curriculum-end"],
+    ids=["sum-2", "negative", "bad-at-the-curriculum-end", "epochs_total-0", "fractional-end"],
 )
 def test_probabilities_the_draw_cannot_use_are_refused(tmp_path, probs, curriculum, epoch):
     """A store made from them would not open (the dataset checks them at construction)."""
@@ -262,6 +273,21 @@ def test_probabilities_the_draw_cannot_use_are_refused(tmp_path, probs, curricul
     )
     assert "Fix steering_probabilities/curriculum in that config.json" in str(err)
     assert "assign" not in str(err)  # nothing can be assigned before the dataset exists
+
+
+def test_missing_steering_probabilities_are_refused(tmp_path):
+    src = make_src(tmp_path)
+    config = json.loads((src / "config.json").read_text())
+    config.pop("steering_probabilities")
+    (src / "config.json").write_text(json.dumps(config))
+    expect_error(tmp_path, ConfigError, src / "config.json", "steering_probabilities should be")
+
+
+def test_an_endless_curriculum_converts(tmp_path):
+    """epochs_total: Infinity (JSON as Python reads it) stays at its start; no OverflowError."""
+    src = make_src(tmp_path)
+    edit_config(src, curriculum={"zero_prob_start": 0.5, "epochs_total": float("inf")})
+    assert (convert(tmp_path) / "manifest.json").is_file()
 
 
 @pytest.mark.parametrize(

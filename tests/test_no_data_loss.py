@@ -302,3 +302,29 @@ def test_this_hosts_partial_of_another_destination_is_named_without_the_other_ho
     assert warned.startswith(f"{left}: a hidden partial directory (")
     assert "removes only its own destination's leftovers" in warned
     assert "another host" not in warned and f"rm -r {left}" in warned
+
+
+def test_a_partial_from_another_pid_namespace_is_not_judged_by_its_pid(tmp_path):
+    """Same host name, other PID namespace (a container with --uts=host): its PIDs mean
+    nothing here, so a partial it writes is not removed for a PID that is gone here."""
+    import shutil as _shutil
+
+    from jasper_mmap._atomic import HOST_TAG, remove_stale_partials
+
+    if _shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1)")
+    code = "from jasper_mmap._atomic import HOST_TAG; print(HOST_TAG)"
+    inner = subprocess.run(
+        ["unshare", "--pid", "--fork", sys.executable, "-c", code], capture_output=True, text=True
+    )
+    if inner.returncode != 0:
+        pytest.skip(f"unshare --pid is not permitted here: {inner.stderr[-300:]}")
+    tag = inner.stdout.strip()
+    assert tag and tag != HOST_TAG  # the tag tells the namespaces apart
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    theirs = tmp_path / f".store.partial-{dead.stdout.strip()}-abcd1234-{tag}"
+    theirs.mkdir()
+    remove_stale_partials(tmp_path / "store")
+    assert theirs.is_dir()

@@ -24,6 +24,14 @@ def ds(pt_dataset):
         yield d
 
 
+def _step(d, optimizer, **kw):
+    """A user training a table directly: the optimizer writes into it."""
+    p = torch.nn.Parameter(d.question_embs)
+    opt = optimizer([p], lr=0.1, **kw)
+    p.sum().backward()
+    opt.step()
+
+
 WRITES = {
     "setitem": lambda d: d.question_embs.__setitem__((0, 0), 1.0),
     "mul_": lambda d: d.source_embs.mul_(2),
@@ -39,6 +47,26 @@ WRITES = {
     "index_put_": lambda d: d.pair_index.index_put_((torch.tensor([0]),), torch.tensor(0)),
     "torch.add out=": lambda d: torch.add(d.question_embs, 1, out=d.question_embs),
     "copy.copy then fill_": lambda d: copy.copy(d.question_embs).fill_(0),
+    "torch._foreach_add_": lambda d: torch._foreach_add_([d.question_embs], 1.0),
+    "SGD(foreach=True) step": lambda d: _step(d, torch.optim.SGD, foreach=True),
+    "AdamW(fused=True) step": lambda d: _step(d, torch.optim.AdamW, fused=True),
+    "Adam step": lambda d: _step(d, torch.optim.Adam),
+    "F.embedding max_norm": lambda d: F.embedding(
+        torch.tensor([0, 1]), d.keyword_embs, max_norm=1e-3
+    ),
+    "F.batch_norm training": lambda d: F.batch_norm(
+        torch.randn(4, d.question_embs.shape[1]),
+        d.question_embs[0],
+        d.question_embs[1].abs(),
+        training=True,
+    ),
+    "narrow(input=) then fill_": lambda d: torch.narrow(
+        input=d.question_embs, dim=0, start=0, length=2
+    ).fill_(1),
+    "aten.add_": lambda d: torch.ops.aten.add_.Tensor(d.question_embs, 1),
+    "meshgrid's second output": lambda d: torch.meshgrid(
+        d.question_embs[0], d.source_embs[0], indexing="ij"
+    )[1].fill_(1),
     "F.relu inplace=True": lambda d: F.relu(d.centroid_embs, inplace=True),
     "F.dropout inplace (positional)": lambda d: F.dropout(d.centroid_embs, 0.5, True, True),
     "nn.ReLU(inplace=True) forward": lambda d: torch.nn.Sequential(
@@ -65,6 +93,13 @@ def test_the_same_calls_without_writing_run(ds):
     net = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(c.shape[1], 2))
     assert net(c).shape == (c.shape[0], 2)
     assert torch.cdist(ds.question_embs[:4], c).shape == (4, c.shape[0])
+    w = ds.keyword_embs
+    assert torch.equal(torch.nn.Embedding.from_pretrained(w)(torch.tensor([0, 1])), w[:2])
+    x = torch.randn(4, ds.question_embs.shape[1])
+    F.batch_norm(x, ds.question_embs[0], ds.question_embs[1].abs(), training=False)
+    mine = [torch.zeros(ds.question_embs.shape[1])]
+    torch._foreach_add_(mine, [ds.question_embs[0]])  # into the user's own tensors
+    assert torch.equal(mine[0], ds.question_embs[0])
 
 
 def test_a_write_names_the_table_and_the_store(ds):
