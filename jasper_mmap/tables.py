@@ -76,10 +76,10 @@ def table_tensor(store: Store, name: str, generation: int, attr: str | None = No
 # ``torch.save``d, a table is a plain tensor. Only the table attributes are protected; the
 # batch path never sees this class. It costs ~10-25 us per operation on a table (``t[5]``: 12
 # us against 1.3 us, ``x @ x.T`` 35 against 9), which matters only to per-row Python loops
-# over tables (copy the rows first). What it cannot catch: writes through ``data_ptr``, DLPack, ``untyped_storage()``,
-# writes inside other Python-level torch functions than those ``_written`` knows,
-# ``set_``/``.data =`` (they re-point the cached attribute, and write nothing into the map),
-# ``as_subclass(torch.Tensor)``, or ``torch.from_numpy`` of a table's
+# over tables (copy the rows first). What it cannot catch: writes through ``data_ptr``,
+# DLPack, ``untyped_storage()``, writes inside other Python-level torch functions than those
+# ``_written`` knows, ``set_``/``.data =`` (they re-point the cached attribute and write
+# nothing into the map), ``as_subclass(torch.Tensor)``, or ``torch.from_numpy`` of a table's
 # (read-only) numpy view: torch warns about a non-writable array only once per process, and
 # jasper_mmap's own maps may have used that warning up. Under torch.compile the class runs
 # as a plain tensor (no checks while traced); torch 2.13 itself cannot compile some ops whose
