@@ -230,11 +230,6 @@ def _target(src: Path) -> Path:
     return final
 
 
-def _remove_stale(final: Path) -> None:
-    """Remove ``.dataset.h5.partial-*`` files whose writer process is gone (this host's)."""
-    remove_stale_partial_files(final)
-
-
 def _write_failure(final: Path, e: OSError) -> OSError:
     err = write_error(final, e, "dataset.h5")
     if err is not e:
@@ -342,7 +337,7 @@ def _write_file(tmp: Path, src: Path, arts: dict[str, TensorArtifact], compressi
 
 def _write_and_publish(final: Path, src: Path, compression: Any) -> None:
     """Write a hidden partial file beside ``final``, then replace ``final`` with it at once."""
-    _remove_stale(final)
+    remove_stale_partial_files(final)  # killed runs' partial files (this host's)
     tmp = final.with_name(partial_name(final.name))
     try:
         _write_file(tmp, src, _open_inputs(src, quiet=True), compression)

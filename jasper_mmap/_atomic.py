@@ -4,8 +4,8 @@ Writers build everything under ``.<name>.partial-<pid>-<token>-<host>`` beside t
 a name no reader ever opens, then make it visible with one ``rename``. A later run removes a
 partial whose writer is gone: judged by its PID, and only where ``<host>`` (a tag of the host
 name and PID namespace) is this process's, since a PID means nothing on another machine, or in
-another container, sharing the filesystem. Names without a host tag (older versions) are judged by PID alone. Replacing an existing
-directory uses Linux ``renameat2(RENAME_EXCHANGE)``, which swaps the two names atomically, so
+another container, sharing the filesystem. Names without a host tag (older versions) are
+judged by PID alone. Replacing an existing directory uses Linux ``renameat2(RENAME_EXCHANGE)``, which swaps the two names atomically, so
 readers see either the old or the new directory, never neither; where that call is missing
 (other kernels, other filesystems) it falls back to two renames with a short window.
 
@@ -167,6 +167,8 @@ def warn_stale_partials(dst: Path, max_entries: int = 1000) -> list[Path]:
             continue  # dst's own are removed; partial files (json, h5) are other writers'
         target = dst.parent / p.name[1 : p.name.rindex(".partial-")]
         size, complete = _disk_usage(p, max_entries)
+        from tqdm import tqdm  # here: importing the package stays free of it
+
         tagged = p.name.endswith(f"-{HOST_TAG}")
         why = (
             "it is kept: a conversion removes only its own destination's leftovers. Free the"
@@ -180,7 +182,7 @@ def warn_stale_partials(dst: Path, max_entries: int = 1000) -> list[Path]:
             "removes it), or rm -r %s",
             p,
             "" if complete else "at least ",
-            _human(size),
+            tqdm.format_sizeof(size, "B"),
             target,
             pid,
             why,
@@ -212,14 +214,6 @@ def _disk_usage(root: Path, max_entries: int) -> tuple[int, bool]:
         except OSError:
             continue
     return total, True
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def fsync_dir(path: Path) -> None:

@@ -2,10 +2,11 @@
 
 # NOTE [hot reload]
 A publisher (``publish_negatives``, or ``reload_negatives`` after a miner rewrote the ``.pt``
-files) validates the new ``hard_negatives``/``negative_tiers`` block by block, streams them into
-``STORE/.negatives.partial-PID-TOKEN-HOST/`` (a name no reader opens), renames the finished file/group to
-``negatives/gen-NNNNNN.*``, writes its description ``gen-NNNNNN.json`` and then replaces
-``negatives/CURRENT.json`` with one atomic ``os.replace``: that rename is the publication.
+files) validates the new ``hard_negatives``/``negative_tiers`` block by block, streams them
+into ``STORE/.negatives.partial-PID-TOKEN-HOST/`` (a name no reader opens), renames the
+finished file/group to ``negatives/gen-NNNNNN.*``, writes its description ``gen-NNNNNN.json``
+and then replaces ``negatives/CURRENT.json`` with one atomic ``os.replace``: that rename is the
+publication.
 A publisher killed at any point leaves CURRENT naming the previous, complete generation.
 Publishers on one store are serialized by a lock file.
 

@@ -222,7 +222,7 @@ def _protect(out: Any, maps: dict[int, ReadOnlyTable]) -> Any:
             out if table is None else ReadOnlyTable.over(out, table._table_name, table._table_store)
         )
     if isinstance(out, np.ndarray):
-        if out.base is not None and np.may_share_memory(out, out.base):
+        if out.base is not None:
             out.flags.writeable = False  # a view of the map (``.numpy()``, ``np.asarray``)
         return out
     if isinstance(out, tuple | list) and any(isinstance(o, torch.Tensor) for o in out):

@@ -28,11 +28,10 @@ from typing import Any
 import numpy as np
 
 from ._dtypes import entry_nbytes, numpy_dtype, to_float32
-from .converters.checks import Notices, SplitCheck, Stats, check_block
+from .converters.checks import Notices, SplitCheck, Stats, check_block, check_steering
 from .errors import ConfigError, JasperError
 from .integrity import store_problems
 from .layout import CONFIG, load_manifest
-from .steering import SteeringSchedule
 from .stores import BACKENDS, NEGATIVE_ARRAYS, Store, open_store
 
 __all__ = ["verify_store", "VerifyReport", "store_info"]
@@ -169,7 +168,7 @@ def _config_problems(store_dir: Path) -> list[str]:
     try:
         with open(store_dir / CONFIG, encoding="utf-8") as f:
             config = json.load(f)
-        SteeringSchedule.from_config(config, str(store_dir / CONFIG)).check()
+        check_steering(store_dir, config)
     except ConfigError as e:
         return [f"{e} The dataset cannot be opened until then."]
     except Exception as e:  # noqa: BLE001 -- verify reports, it never raises
