@@ -26,7 +26,13 @@ import torch
 from ._dtypes import entry_nbytes
 from .buffers import BufferPool
 from .control import ControlBlock, Snapshot
-from .errors import ArtifactMissingError, ConfigError, DeviceUnavailableError, SampleIndexError
+from .errors import (
+    ArtifactMissingError,
+    ConfigError,
+    DeviceUnavailableError,
+    SampleIndexError,
+    SampleIndexTypeError,
+)
 from .layout import CONFIG, SPLITS
 from .preload import Preloaded
 from .resolve import resolve_dataset
@@ -432,8 +438,22 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         return generation
 
     # -- reading -------------------------------------------------------------------------------
+    def _as_indices(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """``indices`` as a flat int64 array, refused unless they are integers: a boolean
+        mask or floats are never cast (``dataset[i]`` refuses them too)."""
+        arr = np.asarray(indices)
+        if arr.size and arr.dtype.kind not in "iu":
+            kind = "a boolean mask" if arr.dtype.kind == "b" else f"{arr.dtype} values"
+            raise SampleIndexTypeError(
+                f"{self.store_path}: sample indices of the {self.split} split should be "
+                f"integers, but got {kind} (e.g. {arr.reshape(-1)[:3].tolist()}); they are "
+                f"never cast. Pass integer sample numbers: `np.flatnonzero(mask)` for a "
+                f"mask, `idx.astype(np.int64)` (or `.long()`) for floats you mean as integers."
+            )
+        return arr.astype(np.int64, copy=False).reshape(-1)
+
     def _check_indices(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        idx = self._as_indices(indices)
         if idx.size and (idx.min() < 0 or idx.max() >= self._len):
             bad = idx[(idx < 0) | (idx >= self._len)][:5].tolist()
             raise SampleIndexError(
@@ -450,6 +470,11 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
 
         With ``pin_memory`` the CPU outputs are gathered straight into pinned memory (for
         ``.cuda(non_blocking=True)``); it needs CUDA. Safe to call from several threads.
+
+        Raises:
+            SampleIndexError: (an IndexError) an index is negative or not below ``len(self)``.
+            SampleIndexTypeError: (a TypeError) the indices are not integers (a boolean
+                mask, floats): never cast, as ``dataset[i]`` refuses them.
         """
         idx = self._check_indices(indices)
         snap = self._control.snapshot()  # one consistent reading for the whole batch
@@ -477,7 +502,7 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
             return None
         try:
             # each batch as an array, all range-checked at once (a bad index: see above)
-            checked = [np.asarray(b, dtype=np.int64).reshape(-1) for b in batches]
+            checked = [self._as_indices(b) for b in batches]
             idx = self._check_indices(checked[0] if len(checked) == 1 else np.concatenate(checked))
             snap = self._control.snapshot()
             # NOTE [generation leases]: the plan reads one generation, leased until it is made
@@ -719,12 +744,14 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
 
         Raises:
             IndexError: ``idx`` is negative or not below ``len(self)``.
+            TypeError: ``idx`` is not an integer (:class:`SampleIndexTypeError`).
         """
         if isinstance(idx, torch.Tensor) and idx.ndim == 0 and not idx.is_floating_point():
             idx = int(idx)
         if isinstance(idx, bool) or not isinstance(idx, int | np.integer):
-            raise TypeError(
-                f"index should be an int, but got {type(idx).__name__}; use get_batch for many"
+            raise SampleIndexTypeError(
+                f"{self.store_path}: a sample index should be an int, but got "
+                f"{type(idx).__name__} ({idx!r:.40}). Pass an int; use get_batch for many."
             )
         return SampleBatch(self.get_batch([int(idx)]))[0]
 

