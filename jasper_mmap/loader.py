@@ -264,7 +264,6 @@ _RANGES = {
     "centroid_distance": (0.0, 2.0),
     "steering_variant": (0, 3),
 }
-_EMBEDDING_KEYS = ("question_emb", "target_source_emb", "steering", "negative_embs")
 _DTYPES = {
     "cluster_id": torch.int64,
     "steering_variant": torch.int64,
@@ -277,14 +276,15 @@ def _rows(mask: torch.Tensor) -> list[int]:
 
 
 def validate_first_batch(loader: DataLoader) -> bool:
-    """Fetch the first batch and check keys, shapes, dtypes, NaN/Inf and value ranges.
+    """Fetch the first batch and check keys, shapes, dtypes, NaN/Inf (in every floating
+    output) and value ranges.
 
     Returns:
         True (the summary is :func:`first_batch_summary`).
 
     Raises:
         BatchValidationError: an AssertionError (and ValueError) naming the key and the first
-            offending rows.
+            offending rows; also when the loader yields no batch at all.
     """
     first_batch_summary(loader)
     return True
@@ -297,10 +297,25 @@ def first_batch_summary(loader: DataLoader) -> dict[str, Any]:
     Raises:
         BatchValidationError: as :func:`validate_first_batch`.
     """
-    batch = next(iter(loader))
+    dataset = getattr(loader, "dataset_obj", loader.dataset)
+    origin = getattr(dataset, "store_path", None)
+    where = f"{origin}: " if origin is not None else ""
+    try:
+        batch = next(iter(loader))
+    except StopIteration:
+        n = len(dataset) if hasattr(dataset, "__len__") else "?"
+        raise BatchValidationError(
+            f"{where}the loader yields no batches (the dataset has {n} samples; "
+            f"batch_size={loader.batch_size}, drop_last={loader.drop_last}), so there is no "
+            f"first batch to check. Use a batch_size of at most the split's size, "
+            f"drop_last=False, or a split that has samples."
+        ) from None
     missing = [k for k in BATCH_KEYS if k not in batch]
     if missing:
-        raise BatchValidationError(f"batch is missing keys {missing}; it has {sorted(batch)}")
+        raise BatchValidationError(
+            f"{where}batch is missing keys {missing}; it has {sorted(batch)}. Return the "
+            f"nine keys from the collate function (create_loader's collate_batch does)."
+        )
     b, d = batch["question_emb"].shape
     n_neg = batch["negative_tiers"].shape[1]
     shapes = {
@@ -314,18 +329,22 @@ def first_batch_summary(loader: DataLoader) -> dict[str, Any]:
         "steering_variant": (b,),
         "negative_tiers": (b, n_neg),
     }
-    dataset = getattr(loader, "dataset_obj", loader.dataset)
     n_clusters = len(dataset.centroid_embs) if hasattr(dataset, "centroid_embs") else None
+    fix = "Check the source arrays (`jasper-mmap verify STORE`), fix them and convert again."
     for key, shape in shapes.items():
         t = batch[key]
         if tuple(t.shape) != shape:
-            raise BatchValidationError(f"{key} should have shape {shape}, but got {tuple(t.shape)}")
+            raise BatchValidationError(
+                f"{where}{key} should have shape {shape}, but got {tuple(t.shape)}. {fix}"
+            )
         want = _DTYPES.get(key, torch.float32)
         if t.dtype != want:
-            raise BatchValidationError(f"{key} should be {want}, but got {t.dtype}")
-        if key in _EMBEDDING_KEYS and not torch.isfinite(t).all():
+            raise BatchValidationError(f"{where}{key} should be {want}, but got {t.dtype}. {fix}")
+        # every floating output, not only the embeddings: NaN fails every range comparison
+        # below, so a NaN relevance or distance would pass them
+        if t.is_floating_point() and not torch.isfinite(t).all():
             raise BatchValidationError(
-                f"{key} holds NaN/Inf in batch rows {_rows(~torch.isfinite(t))}"
+                f"{where}{key} holds NaN/Inf in batch rows {_rows(~torch.isfinite(t))}. {fix}"
             )
         lo, hi = _RANGES.get(key, (None, None))
         if key == "cluster_id" and n_clusters is not None:
@@ -333,8 +352,8 @@ def first_batch_summary(loader: DataLoader) -> dict[str, Any]:
         if lo is not None and ((t < lo - 1e-4) | (t > hi + 1e-4)).any():
             bad = (t < lo - 1e-4) | (t > hi + 1e-4)
             raise BatchValidationError(
-                f"{key} should be in [{lo}, {hi}], but batch rows {_rows(bad)} hold "
-                f"{t[bad][:5].tolist()}"
+                f"{where}{key} should be in [{lo}, {hi}], but batch rows {_rows(bad)} hold "
+                f"{t[bad][:5].tolist()}. {fix}"
             )
     counts = torch.bincount(batch["steering_variant"], minlength=4).tolist()
     summary = {"batch_size": b, "embedding_dim": d, "n_neg": n_neg, "variant_counts": counts}

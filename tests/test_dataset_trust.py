@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from jasper_mmap import JASPERSteeringDataset, create_loader
+from jasper_mmap import JASPERSteeringDataset, create_loader, validate_first_batch
 from jasper_mmap.errors import JasperError, SampleIndexTypeError
+from jasper_mmap.loader import BatchValidationError
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +81,50 @@ def test_integer_indices_of_every_kind_still_work(ds):
         assert all(torch.equal(got[k], want[k]) for k in want)
     assert ds.get_batch([])["relevance"].shape == (0,)
 
+
+# -- item 8: every output is checked for NaN/Inf ------------------------------------------------
+
+
+def _corrupting(key, value):
+    def collate(data):
+        batch = dict(data.batch)
+        batch[key] = batch[key].clone()
+        batch[key].view(-1)[:] = value  # the whole output: NaN fails every range comparison
+        return batch
+
+    return collate
+
+
+FLOAT_KEYS = (
+    "relevance",
+    "centroid_distance",
+    "question_emb",
+    "target_source_emb",
+    "steering",
+    "negative_embs",
+)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_non_finite_values_in_any_output_are_refused(pt_dataset, key, value):
+    loader = create_loader(
+        pt_dataset, "train", batch_size=4, pin_memory=False, collate_fn=_corrupting(key, value)
+    )
+    for cls in (BatchValidationError, AssertionError, ValueError):
+        with pytest.raises(cls, match=rf"{key} holds NaN/Inf in batch rows \[0, 1, 2, 3\]"):
+            validate_first_batch(loader)
+
+
+# -- item 12: a loader with no batches -----------------------------------------------------------
+
+
+def test_a_loader_without_batches_is_a_jasper_error_naming_the_fix(pt_dataset):
+    n = len(JASPERSteeringDataset(pt_dataset, "train"))
+    loader = create_loader(pt_dataset, "train", batch_size=n + 1, pin_memory=False)  # drop_last
+    with pytest.raises(BatchValidationError) as e:
+        validate_first_batch(loader)
+    assert isinstance(e.value, JasperError) and isinstance(e.value, AssertionError)
+    msg = str(e.value)
+    assert "yields no batches" in msg and f"batch_size={n + 1}" in msg
+    assert "drop_last=False" in msg and str(loader.dataset_obj.store_path) in msg
