@@ -21,12 +21,16 @@ keeps at most ``capacity`` of them per shape, so the memory it holds stays bound
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
+import weakref
 
 import numpy as np
 
 __all__ = ["BufferPool"]
+
+_POOLS: weakref.WeakSet[BufferPool] = weakref.WeakSet()
 
 
 def _free_refs() -> int:
@@ -52,6 +56,7 @@ class BufferPool:
         self.capacity = capacity
         self._lock = threading.Lock()
         self._arrays: dict[tuple, list[np.ndarray]] = {}
+        _POOLS.add(self)
 
     def empty(self, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
         """An array of ``shape`` and ``dtype`` that nothing else refers to (contents arbitrary)."""
@@ -81,3 +86,14 @@ class BufferPool:
         """Forget every array (those still in use stay valid; they are freed with their tensors)."""
         with self._lock:
             self._arrays.clear()
+
+
+def _after_fork_in_child() -> None:
+    # a gather thread of the parent may have held a pool's lock at the fork: it would never
+    # be released in the child (NOTE [forked children] in control.py)
+    for pool in list(_POOLS):
+        pool._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -46,6 +46,14 @@ log = logging.getLogger(__name__)
 
 _OPENING = threading.Lock()
 
+
+def _after_fork_in_child() -> None:
+    global _OPENING
+    _OPENING = threading.Lock()  # another thread of the parent may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
 #: the nine keys of a batch, as the in-RAM dataset returns them
 BATCH_KEYS = (
     "question_emb",

@@ -5,6 +5,9 @@ a forked child that is not a DataLoader worker has its own control block and nev
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +15,7 @@ import torch
 from jasper_mmap import JASPERSteeringDataset, create_loader, validate_first_batch
 from jasper_mmap.errors import JasperError, SampleIndexTypeError
 from jasper_mmap.loader import BatchValidationError
+from jasper_mmap.synthetic import SyntheticSpec, make_pt_dataset
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +132,96 @@ def test_a_loader_without_batches_is_a_jasper_error_naming_the_fix(pt_dataset):
     msg = str(e.value)
     assert "yields no batches" in msg and f"batch_size={n + 1}" in msg
     assert "drop_last=False" in msg and str(loader.dataset_obj.store_path) in msg
+
+
+# -- item 6: a forked child that is not a DataLoader worker ---------------------------------------
+
+_FORK_SCRIPT = r"""
+import os, sys, time
+import numpy as np, torch
+from jasper_mmap import JASPERSteeringDataset
+
+ds = JASPERSteeringDataset(sys.argv[1], "train")
+idx = np.arange(len(ds))
+before = ds.get_batch(idx)  # the parent gathers on torch's intra-op (OpenMP) threads
+before = {k: v.clone() for k, v in before.items()}
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:  # the user's own child: its changes are its own, and it reads batches
+    ds.set_epoch(7)
+    ds.force_steering("zero")
+    b = ds.get_batch(idx)
+    ok = ds.epoch == 7 and bool((b["steering_variant"] == 0).all())
+    # the child's own DataLoader workers (fork) follow the child, not the grandparent
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=64, num_workers=2, multiprocessing_context="fork",
+        persistent_workers=True, collate_fn=lambda s: s.batch,
+    )
+    first = next(iter(loader))
+    ds.force_steering("centroid")
+    later = next(iter(loader))
+    ok = ok and bool((first["steering_variant"] == 0).all())
+    ok = ok and bool((later["steering_variant"] == 1).all())
+    os.write(w, b"ok" if ok else b"wrong")
+    os._exit(0)
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        break
+    time.sleep(0.05)
+else:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    print("CHILD HUNG"); sys.exit(3)
+print("child:", os.read(r, 16).decode(), "status", status)
+after = ds.get_batch(idx)
+same = ds.epoch == 0 and all(torch.equal(after[k], before[k]) for k in before)
+print("parent unchanged:", same)
+ds.set_epoch(3)  # and the parent's own changes still work
+print("parent epoch:", ds.epoch)
+"""
+
+
+def test_a_forked_child_has_its_own_control_block_and_never_hangs(tmp_path):
+    # rows large enough that a batch gathers with torch.index_select on the intra-op threads
+    src = make_pt_dataset(tmp_path / "ds", SyntheticSpec(n_pairs=2000, dim=64))
+    r = subprocess.run(
+        [sys.executable, "-c", _FORK_SCRIPT, str(src)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    out = r.stdout + r.stderr[-3000:]
+    assert r.returncode == 0, out
+    assert "child: ok status 0" in r.stdout, out
+    assert "parent unchanged: True" in r.stdout and "parent epoch: 3" in r.stdout, out
+
+
+_FORK_CONTROL_SCRIPT = r"""
+import os, sys
+from jasper_mmap import JASPERSteeringDataset
+
+ds = JASPERSteeringDataset(sys.argv[1], "train")
+ds.get_batch([0, 1])
+pid = os.fork()
+if pid == 0:
+    ds.set_epoch(9)
+    ds.force_steering("residual")
+    ds.steering_probs = {"zero": 1.0, "centroid": 0.0, "keyword": 0.0, "residual": 0.0}
+    os._exit(0 if ds.epoch == 9 else 1)
+_, status = os.waitpid(pid, 0)
+snap = ds._control.snapshot()
+print("parent:", status, snap.epoch, snap.forced, snap.override)
+"""
+
+
+def test_a_forked_childs_set_epoch_and_force_steering_stay_in_the_child(pt_dataset):
+    r = subprocess.run(
+        [sys.executable, "-c", _FORK_CONTROL_SCRIPT, str(pt_dataset)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "parent: 0 0 -1 None" in r.stdout, r.stdout + r.stderr[-3000:]
