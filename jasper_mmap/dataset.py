@@ -338,10 +338,13 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         """MB this object holds in this process's own memory (not bytes mapped).
 
         Rows read through the memory maps live in the page cache, shared and evictable, and are
-        not counted; with memory-mapped reading this is the control block only. With a preload
-        it adds the bytes of the preloaded tensors, on :attr:`device`.
+        not counted; with memory-mapped reading this is the control block and the small table
+        attributes read so far (copied on first access; NOTE [writable table memory] in
+        tables.py). With a preload it adds the bytes of the preloaded tensors, on
+        :attr:`device`.
         """
         held = self._control.nbytes
+        held += sum(getattr(t, "_table_owned", 0) for t in self._tables.values())
         if self._preloaded is not None:
             held += self._preloaded.nbytes
         return held / 2**20
@@ -837,8 +840,8 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
 def _table_property(attr: str) -> property:
     return property(
         lambda self: self._table(attr),
-        doc=f"``{attr}`` of the in-RAM dataset: a read-only tensor over the store's map "
-        f"(see :mod:`jasper_mmap.tables`).",
+        doc=f"``{attr}`` of the in-RAM dataset: a tensor that refuses in-place writes, in "
+        f"memory of its own (see :mod:`jasper_mmap.tables`).",
     )
 
 

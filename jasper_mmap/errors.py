@@ -24,6 +24,7 @@ __all__ = [
     "StoreKeyError",
     "DependencyError",
     "TableReadOnlyError",
+    "TableMemoryError",
     "StoreWriteError",
     "StoreStaleError",
     "write_error",
@@ -102,7 +103,12 @@ class StoreWriteError(JasperError, OSError):
 
 class TableReadOnlyError(JasperError, RuntimeError):
     """An in-place write into a table attribute (``dataset.question_embs`` and friends), which
-    are read-only views of the store (a write into the map would kill the process)."""
+    are the store's data: a write would not change the batches, which are read from the store."""
+
+
+class TableMemoryError(JasperError, MemoryError):
+    """A large table attribute could not be given private copy-on-write memory (the kernel
+    refused the mapping), so it is refused rather than served over a read-only map."""
 
 
 _WRITE_ERRNOS = {

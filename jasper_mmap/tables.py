@@ -1,28 +1,36 @@
 """The in-RAM dataset's table attributes (``question_embs``, ``pair_index``, ...), over the maps.
 
-Users and the upstream trainer read ``dataset.centroid_embs`` and friends. Here each is a
-read-only tensor over the store's memory map, made on first access: no copy, no growth of
-anonymous memory, and opening the dataset stays O(1). Writing into one raises
-TableReadOnlyError (NOTE [read-only tables]). Tables stored at reduced precision keep that
-dtype (``float16``/``bfloat16``), since widening would copy. A zarr store has no map: its
-tables are read into memory when first accessed. ``hard_negatives``/``negative_tiers`` are
-those of the negatives generation the dataset serves. ``pair_keyword_ids`` is a list-like
-object that decodes one pair's list at a time.
+Users and the upstream trainer read ``dataset.centroid_embs`` and friends. Here each is made
+on first access (opening the dataset stays O(1)) in memory of its own that a write can never
+crash (NOTE [writable table memory]): a table up to :data:`SMALL_TABLE_BYTES` is copied into
+ordinary memory; a larger one is a private copy-on-write map of the store's file (no copy, no
+growth of anonymous memory until something writes into it). In-place writes through the
+tensor are still refused with TableReadOnlyError (NOTE [read-only tables]): they would not
+change the batches. Tables stored at reduced precision keep that dtype
+(``float16``/``bfloat16``), since widening would copy. A zarr store has no map: its tables are
+read into memory when first accessed. ``hard_negatives``/``negative_tiers`` are those of the
+negatives generation the dataset serves. ``pair_keyword_ids`` is a list-like object that
+decodes one pair's list at a time.
 """
 
 from __future__ import annotations
 
+import errno
+import mmap
+import os
+import platform
 import warnings
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import TableReadOnlyError
+from .errors import StoreStaleError, TableMemoryError, TableReadOnlyError
 from .stores import NEGATIVE_ARRAYS, Store
 
-__all__ = ["TABLES", "KeywordLists", "ReadOnlyTable", "table_tensor"]
+__all__ = ["TABLES", "KeywordLists", "ReadOnlyTable", "SMALL_TABLE_BYTES", "table_tensor"]
 
 #: dataset attribute -> store array (``split_indices`` is the split's own array)
 TABLES = {
@@ -52,36 +60,186 @@ def _as_tensor(arr: np.ndarray, stored: str) -> torch.Tensor:
 
 
 def table_tensor(store: Store, name: str, generation: int, attr: str | None = None) -> torch.Tensor:
-    """Array ``name`` of ``store`` as a tensor: zero-copy over a memory map when there is one,
-    refusing in-place writes (:class:`ReadOnlyTable`; ``attr`` names it in the error)."""
+    """Array ``name`` of ``store`` as a tensor in memory a write cannot crash (NOTE [writable
+    table memory]), refusing in-place writes (:class:`ReadOnlyTable`; ``attr`` names it in
+    the error).
+
+    Raises:
+        TableMemoryError: a table larger than :data:`SMALL_TABLE_BYTES` could not be mapped
+            copy-on-write (the kernel refused the private mapping).
+        StoreStaleError: the store's file was replaced since the store mapped it.
+    """
     if name in NEGATIVE_ARRAYS:
-        raw, stored = store.raw(name, generation), store.entry(name, generation)["stored_dtype"]
+        entry, raw = store.entry(name, generation), store.raw(name, generation)
     else:
-        raw, stored = store.raw(name), store.entry(name)["stored_dtype"]
-    if not isinstance(raw, np.ndarray):  # zarr: no map to share
+        entry, raw = store.entry(name), store.raw(name)
+    attr = attr or name
+    if not isinstance(raw, np.ndarray):  # zarr: no map to share; read into memory of its own
         raw = np.asarray(raw[...])
-    return ReadOnlyTable.over(_as_tensor(raw, stored), attr or name, store.path)
+    elif not raw.flags.writeable:  # a view of the store's read-only map
+        if raw.nbytes <= SMALL_TABLE_BYTES:
+            raw = raw.copy()
+        else:
+            raw = _private_map(raw, store.path / entry["file"], attr, name, store)
+    table = ReadOnlyTable.over(_as_tensor(raw, entry["stored_dtype"]), attr, store.path)
+    table._table_owned = raw.nbytes if raw.flags.owndata else 0
+    return table
+
+
+# NOTE [writable table memory]
+# The batch path reads the store through shared read-only maps (PROT_READ), and a write into
+# one is a SIGSEGV. ReadOnlyTable refuses the writes it sees (NOTE [read-only tables]), but not
+# all: ``layer.weight.data = ds.centroid_embs`` (or ``set_``) makes a Parameter share the
+# table's memory, and ``optimizer.step()`` then writes into it through the Parameter, which
+# is a plain tensor: exit 139, a common way to initialise a cluster head from the centroids.
+# So a table's memory is never the store's read-only map:
+# * up to SMALL_TABLE_BYTES (4 MiB: centroids, small keyword tables, the per-pair arrays and
+#   splits of a small dataset), a copy in ordinary memory, made on first access;
+# * larger (the embedding and steering tables, mostly), a private copy-on-write map of the table's
+#   bytes in the store's file (MAP_PRIVATE with PROT_WRITE): reads share the page cache as
+#   the store's map does, and a written page becomes this process's own (the file and the
+#   batches never change). Linux charges a private writable map's full size against the
+#   commit limit unless it is MAP_NORESERVE; measured here (vm.overcommit_memory=0, 23 GiB
+#   RAM, no swap), a 64 GiB file mapped MAP_PRIVATE failed with ENOMEM and mapped
+#   MAP_PRIVATE|MAP_NORESERVE succeeded. So the map is MAP_NORESERVE: no charge under
+#   overcommit 0 and 1. Under vm.overcommit_memory=2 the kernel charges it anyway; where it
+#   refuses, the table is refused with TableMemoryError naming the fix, never served over
+#   the read-only map. The map is of the file the store mapped (same inode, from
+#   /proc/self/maps), never of another that replaced it since (StoreStaleError).
+# Written pages of a large table are anonymous memory of the process (as the in-RAM dataset's
+# tables were) and are not counted by ``memory_usage_mb``; the copies of small tables are.
+
+#: tables up to this many bytes are copied on first access; larger ones are mapped
+#: copy-on-write (NOTE [writable table memory])
+SMALL_TABLE_BYTES = 4 << 20
+
+# MAP_NORESERVE (absent from Python's mmap module before 3.13), by Linux architecture
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", None)
+if _MAP_NORESERVE is None:
+    _machine = platform.machine().lower()
+    if platform.system() != "Linux":
+        _MAP_NORESERVE = 0
+    elif _machine.startswith(("ppc", "powerpc", "sparc")):
+        _MAP_NORESERVE = 0x40
+    elif _machine.startswith("mips"):
+        _MAP_NORESERVE = 0x400
+    elif _machine.startswith("alpha"):
+        _MAP_NORESERVE = 0x10000
+    else:
+        _MAP_NORESERVE = 0x4000
+
+
+def _mapping_of(address: int) -> tuple[int, int, int, int, int] | None:
+    """(start, file offset, device major, minor, inode) of this process's map that holds
+    ``address``, from /proc/self/maps; None where it cannot be read or holds no such map."""
+    try:
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                lo, _, hi = fields[0].partition("-")
+                if int(lo, 16) <= address < int(hi, 16):
+                    major, _, minor = fields[3].partition(":")
+                    return (
+                        int(lo, 16),
+                        int(fields[2], 16),
+                        int(major, 16),
+                        int(minor, 16),
+                        int(fields[4]),
+                    )
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _overcommit() -> str:
+    try:
+        return Path("/proc/sys/vm/overcommit_memory").read_text().strip()
+    except OSError:
+        return "?"
+
+
+def _map_copy_on_write(fd: int, length: int, offset: int) -> mmap.mmap:
+    """A private writable (copy-on-write) map of ``length`` bytes of ``fd`` at ``offset``,
+    not charged against the commit limit where the kernel allows (MAP_NORESERVE)."""
+    return mmap.mmap(
+        fd,
+        length,
+        flags=mmap.MAP_PRIVATE | _MAP_NORESERVE,
+        prot=mmap.PROT_READ | mmap.PROT_WRITE,
+        offset=offset,
+    )
+
+
+def _private_map(raw: np.ndarray, path: Path, attr: str, name: str, store: Store) -> np.ndarray:
+    """``raw`` (array ``name``: a view of ``store``'s read-only map of ``path``) as the same
+    bytes of a private copy-on-write map of the same file (NOTE [writable table memory])."""
+    what, size = f"{attr} ({store.path})", f"{raw.nbytes / 2**30:.2f} GiB"
+    fix = (
+        f"Read the rows you need with `dataset.store.gather({name!r}, rows)` (a copy of "
+        f"those rows), or let the kernel overcommit (sysctl vm.overcommit_memory=0)."
+    )
+    address = raw.__array_interface__["data"][0]
+    mapping = _mapping_of(address)
+    if mapping is None:
+        raise TableMemoryError(
+            f"{what}: a {size} table cannot be mapped copy-on-write: this system does not "
+            f"say which file maps it (/proc/self/maps). {fix}"
+        )
+    start, file_offset, major, minor, inode = mapping
+    offset = file_offset + address - start
+    aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise StoreStaleError(
+            f"{path}: cannot be opened again for {what} ({e.strerror}); the store changed "
+            f"since this dataset opened it. Open the dataset again."
+        ) from None
+    try:
+        st = os.fstat(fd)
+        if (st.st_ino, os.major(st.st_dev), os.minor(st.st_dev)) != (inode, major, minor):
+            raise StoreStaleError(
+                f"{path}: was replaced since this dataset opened it (another file is there "
+                f"now), so {what} would mix two stores. Open the dataset again."
+            )
+        try:
+            m = _map_copy_on_write(fd, offset - aligned + raw.nbytes, aligned)
+        except OSError as e:
+            if e.errno not in (errno.ENOMEM, errno.EAGAIN, errno.EOVERFLOW):
+                raise
+            raise TableMemoryError(
+                f"{what}: the kernel refused a {size} private copy-on-write map of {path} "
+                f"({e.strerror}; vm.overcommit_memory={_overcommit()}, and 2 charges such a "
+                f"map in full), and a table is never served over the read-only map, where "
+                f"a write through `.data =` would kill the process. {fix}"
+            ) from None
+    finally:
+        os.close(fd)
+    arr = np.frombuffer(m, dtype=raw.dtype, count=raw.size, offset=offset - aligned)
+    return arr.reshape(raw.shape)
 
 
 # NOTE [read-only tables]
-# A table attribute is a tensor over a read-only map (PROT_READ). torch has no read-only
-# tensors: an in-place write into one (``ds.question_embs.mul_(2)``, ``x[0] = 1``, ``out=x``)
-# is a SIGSEGV that kills the interpreter without a traceback (numpy's view even says
-# ``writeable=True``). ReadOnlyTable refuses such writes with TableReadOnlyError before they
-# happen; every other operation runs as on a plain tensor. Results that are views of the same
+# A table attribute is the store's data, and a write into it would not change the batches
+# (they are gathered from the store's own maps). torch has no read-only tensors, and over the
+# store's read-only map (PROT_READ) an in-place write (``ds.question_embs.mul_(2)``, ``x[0] =
+# 1``, ``out=x``) was a SIGSEGV without a traceback; tables now live in memory of their own
+# (NOTE [writable table memory]), so no write can crash, and ReadOnlyTable still refuses the
+# writes it sees with TableReadOnlyError before they happen, so that a user learns they
+# would change nothing; every other operation runs as on a plain tensor. Results that are views of the same
 # storage (slices, ``view``, ``unbind``, ``.numpy()``) stay protected (arrays as
 # ``writeable=False``); results with their own storage (``clone()``, ``x * 2``, fancy indexing)
-# are plain tensors. Writes would not reach the batches anyway (they are gathered from the
-# store's own maps), which is why a zarr store's in-RAM tables are protected too. Pickled or
+# are plain tensors. A zarr store's in-RAM tables are protected too. Pickled or
 # ``torch.save``d, a table is a plain tensor. Only the table attributes are protected; the
 # batch path never sees this class. It costs ~10-25 us per operation on a table (``t[5]``: 12
 # us against 1.3 us, ``x @ x.T`` 35 against 9), which matters only to per-row Python loops
-# over tables (copy the rows first). What it cannot catch: writes through ``data_ptr``,
-# DLPack, ``untyped_storage()``, writes inside other Python-level torch functions than those
-# ``_written`` knows, ``set_``/``.data =`` (they re-point the cached attribute and write
-# nothing into the map), ``as_subclass(torch.Tensor)``, or ``torch.from_numpy`` of a table's
-# (read-only) numpy view: torch warns about a non-writable array only once per process, and
-# jasper_mmap's own maps may have used that warning up. Under torch.compile the class runs
+# over tables (copy the rows first). What it cannot catch (such writes land in the table's
+# own memory: no crash, no change to the file or the batches, but the attribute then differs
+# from the store): writes through ``data_ptr``, DLPack, ``untyped_storage()``, writes inside
+# other Python-level torch functions than those ``_written`` knows, a Parameter made to share
+# the table (``p.data = table``, ``p.set_(table)``) and written by an optimizer,
+# ``as_subclass(torch.Tensor)``, or ``torch.from_numpy`` of a table's numpy view made
+# writable again. Under torch.compile the class runs
 # as a plain tensor (no checks while traced); torch 2.13 itself cannot compile some ops whose
 # input is any tensor subclass with ``__torch_function__`` (``nn.Linear``, ``torch.cdist``:
 # "Multiple dispatch failed ... returned NotImplemented"), so a compiled module is given
@@ -153,6 +311,7 @@ class ReadOnlyTable(torch.Tensor):
 
     _table_name: str
     _table_store: Any
+    _table_owned: int = 0  # bytes of ordinary memory the table holds (a copied small table)
 
     @staticmethod
     def over(t: torch.Tensor, name: str, store: Any) -> ReadOnlyTable:
@@ -174,9 +333,8 @@ class ReadOnlyTable(torch.Tensor):
                 name = getattr(func, "__name__", str(func))
                 raise TableReadOnlyError(
                     f"{target._table_name} ({target._table_store}): is a read-only view of the "
-                    f"store's memory map; {name} would write into it (which kills the process "
-                    f"on a read-only map, and would not change the batches, which are read from "
-                    f"the store). Write into a copy instead: "
+                    f"store's data; {name} would write into it, which would not change the "
+                    f"batches (they are read from the store). Write into a copy instead: "
                     f"`x = dataset.{target._table_name}.clone()`; to change the data itself, "
                     f"change the dataset's files and open it again."
                 )

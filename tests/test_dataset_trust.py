@@ -225,3 +225,134 @@ def test_a_forked_childs_set_epoch_and_force_steering_stay_in_the_child(pt_datas
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "parent: 0 0 -1 None" in r.stdout, r.stdout + r.stderr[-3000:]
+
+
+# -- item 3: no table attribute can kill the interpreter ------------------------------------------
+
+_DATA_SCRIPT = r"""
+import hashlib, pathlib, sys
+import torch
+import jasper_mmap.tables as tables
+from jasper_mmap import JASPERSteeringDataset
+
+store, small = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+tables.SMALL_TABLE_BYTES = small  # 0: every table is a copy-on-write map of the store's file
+digest = lambda: {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in store.rglob("*.safetensors")}
+files = digest()
+ds = JASPERSteeringDataset(store, "train")
+before = ds.get_batch(list(range(8)))
+before = {k: v.clone() for k, v in before.items()}
+for attr in ("centroid_embs", "keyword_embs", "question_embs", "source_embs", "steering_residual"):
+    table = getattr(ds, attr)
+    want = table.clone()
+    layer = torch.nn.Linear(table.shape[1], table.shape[0])
+    layer.weight.data = table  # initialise a head from the table, as with the in-RAM dataset
+    for opt in (torch.optim.SGD(layer.parameters(), lr=1.0), torch.optim.Adam(layer.parameters())):
+        layer(torch.randn(3, table.shape[1])).sum().backward()
+        opt.step()
+    mine = torch.empty(0).set_(getattr(ds, attr).untyped_storage())
+    mine.fill_(5.0)
+    fresh = getattr(JASPERSteeringDataset(store, "train"), attr)
+    assert torch.equal(fresh, want), attr  # another dataset, and the file, never see the writes
+for attr in ("hard_negatives", "pair_index", "split_indices"):
+    torch.empty(0, dtype=torch.int64).set_(getattr(ds, attr).untyped_storage()).fill_(10**9)
+after = ds.get_batch(list(range(8)))
+assert all(torch.equal(after[k], before[k]) for k in before), "batches changed"
+assert digest() == files, "the store's files changed"
+print("survived")
+"""
+
+
+@pytest.mark.parametrize("small", [32 << 20, 0], ids=["copied", "copy-on-write"])
+def test_data_assignment_then_optimizer_step_never_kills_the_process(store_path, small):
+    """Before: ``layer.weight.data = ds.centroid_embs`` then ``optimizer.step()`` was a
+    SIGSEGV (exit -11/139) on a safetensors store: the Parameter wrote into the read-only map."""
+    r = subprocess.run(
+        [sys.executable, "-c", _DATA_SCRIPT, str(store_path), str(small)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert r.returncode == 0, (r.returncode, r.stdout[-1000:], r.stderr[-3000:])
+    assert "survived" in r.stdout
+
+
+@pytest.fixture
+def cow(monkeypatch):
+    """Every table of a safetensors store a copy-on-write map (the path of large tables)."""
+    import jasper_mmap.tables as tables
+
+    monkeypatch.setattr(tables, "SMALL_TABLE_BYTES", 0)
+
+
+def test_copy_on_write_tables_are_bit_identical_and_still_refuse_writes(pt_dataset, cow):
+    from test_tables_readonly import WRITES
+
+    from jasper_mmap.errors import TableReadOnlyError
+    from jasper_mmap.tables import TABLES
+
+    with JASPERSteeringDataset(pt_dataset, "train") as d:
+        copied = {}
+        for attr in TABLES:
+            t = getattr(d, attr)
+            if isinstance(t, torch.Tensor):
+                copied[attr] = t.clone()
+                assert t._table_owned == 0  # a map: its untouched pages are the page cache's
+        for write in WRITES.values():
+            with pytest.raises(TableReadOnlyError):
+                write(d)
+        for attr, want in copied.items():
+            assert torch.equal(getattr(d, attr), want), attr
+    with JASPERSteeringDataset(pt_dataset, "train") as plain:  # copied (small) tables
+        for attr, want in copied.items():
+            got = getattr(plain, attr)
+            assert got.dtype == want.dtype and torch.equal(got, want), attr
+
+
+def test_small_tables_are_copies_counted_in_memory_usage(pt_dataset):
+    with JASPERSteeringDataset(pt_dataset, "train") as d:
+        held = d.memory_usage_mb
+        c = d.centroid_embs
+        assert c._table_owned == c.numel() * 4
+        assert d.memory_usage_mb * 2**20 == pytest.approx(held * 2**20 + c._table_owned)
+
+
+def test_a_refused_copy_on_write_map_is_a_memory_error_naming_the_fix(pt_dataset, cow, monkeypatch):
+    import errno
+
+    import jasper_mmap.tables as tables
+    from jasper_mmap.errors import TableMemoryError
+
+    def refused(*a, **k):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    allowed = tables._map_copy_on_write
+    monkeypatch.setattr(tables, "_map_copy_on_write", refused)
+    with JASPERSteeringDataset(pt_dataset, "train") as d:
+        with pytest.raises(TableMemoryError) as e:
+            _ = d.question_embs
+        assert isinstance(e.value, MemoryError) and isinstance(e.value, JasperError)
+        msg = str(e.value)
+        assert msg.startswith(f"question_embs ({d.store_path}): the kernel refused")
+        assert "vm.overcommit_memory" in msg and "dataset.store.gather('question_embs'" in msg
+        monkeypatch.setattr(tables, "_map_copy_on_write", allowed)
+        assert d.get_batch([0])["question_emb"].shape == (1, 16)  # batches are unaffected
+        assert d.question_embs.shape[1] == 16  # and the table once the kernel allows it
+
+
+def test_a_store_file_replaced_since_opening_is_never_mixed_in(pt_dataset, tmp_path, cow):
+    import os
+    import shutil
+
+    from jasper_mmap.errors import StoreStaleError
+
+    d = JASPERSteeringDataset(pt_dataset, "train")
+    store = tmp_path / "store"
+    shutil.copytree(d.store_path, store)
+    with JASPERSteeringDataset(store, "train") as ds:
+        ds.get_batch([0, 1])  # the store maps its files
+        f = store / ds.store.entry("question_embs")["file"]
+        shutil.copyfile(f, tmp_path / "other")
+        os.replace(tmp_path / "other", f)  # another file (inode) under the same name
+        with pytest.raises(StoreStaleError, match=r"was replaced since this dataset opened it"):
+            _ = ds.question_embs

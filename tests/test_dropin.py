@@ -230,7 +230,12 @@ except ImportError as e:
 # -- 3. attributes -------------------------------------------------------------------------------
 
 
-def test_tables_are_zero_copy_views_of_the_maps_made_on_first_access(src):
+def test_tables_are_zero_copy_views_of_the_maps_made_on_first_access(src, monkeypatch):
+    import jasper_mmap.tables as tables
+
+    # the fixture's tables are all small, hence copies (NOTE [writable table memory]); a
+    # large table is a zero-copy private map of the bytes the store maps
+    monkeypatch.setattr(tables, "SMALL_TABLE_BYTES", 0)
     ds = JASPERSteeringDataset(src, "train")
     assert ds._tables == {}, "opening must not touch the tables (O(1))"
     for name in PT_FILES:
@@ -238,7 +243,11 @@ def test_tables_are_zero_copy_views_of_the_maps_made_on_first_access(src):
         assert isinstance(t, torch.Tensor) and t.device == torch.device("cpu")
         np.testing.assert_array_equal(t.numpy(), load_pt(src / f"{name}.pt"))
         raw = ds.store.raw(name, ds.negatives_generation) if "neg" in name else ds.store.raw(name)
-        assert t.data_ptr() == raw.__array_interface__["data"][0], f"{name} was copied"
+        start, offset, *file = tables._mapping_of(t.data_ptr())
+        raw_start, raw_offset, *raw_file = tables._mapping_of(raw.__array_interface__["data"][0])
+        assert file == raw_file, f"{name} is not a map of the store's file: it was copied"
+        at, raw_at = offset + t.data_ptr() - start, raw_offset + raw.ctypes.data - raw_start
+        assert at == raw_at, f"{name} maps other bytes of the file"
     np.testing.assert_array_equal(ds.split_indices.numpy(), load_pt(src / "train_idx.pt"))
     offsets, values = keyword_arrays(src / "pair_keyword_ids.pt")
     assert len(ds.pair_keyword_ids) == len(offsets) - 1
