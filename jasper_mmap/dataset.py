@@ -38,7 +38,7 @@ from .preload import Preloaded
 from .resolve import resolve_dataset
 from .steering import VARIANTS, SteeringSchedule, distribution, draw_variants, variant_index
 from .stores import Store, open_store
-from .tables import TABLES, KeywordLists, table_tensor
+from .tables import TABLES, KeywordLists, table_array, table_tensor
 
 __all__ = ["JASPERSteeringDataset", "SampleBatch", "BatchPlan", "BATCH_KEYS"]
 
@@ -375,7 +375,10 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
     def _make_table(self, attr: str, generation: int) -> Any:
         store = self.store
         if attr == "pair_keyword_ids":
-            return KeywordLists(store.raw("pair_keyword_offsets"), store.raw("pair_keyword_values"))
+            return KeywordLists(  # NOTE [writable table memory]: its arrays are public too
+                table_array(store, "pair_keyword_offsets", attr=attr, lazy=True),
+                table_array(store, "pair_keyword_values", attr=attr, lazy=True),
+            )
         name = TABLES[attr] or f"{self.split}_idx"
         if name in ("hard_negatives", "negative_tiers"):
             generation = store.serve(generation)

@@ -30,7 +30,14 @@ import torch
 from .errors import StoreStaleError, TableMemoryError, TableReadOnlyError
 from .stores import NEGATIVE_ARRAYS, Store
 
-__all__ = ["TABLES", "KeywordLists", "ReadOnlyTable", "SMALL_TABLE_BYTES", "table_tensor"]
+__all__ = [
+    "TABLES",
+    "KeywordLists",
+    "ReadOnlyTable",
+    "SMALL_TABLE_BYTES",
+    "table_array",
+    "table_tensor",
+]
 
 #: dataset attribute -> store array (``split_indices`` is the split's own array)
 TABLES = {
@@ -69,21 +76,32 @@ def table_tensor(store: Store, name: str, generation: int, attr: str | None = No
             copy-on-write (the kernel refused the private mapping).
         StoreStaleError: the store's file was replaced since the store mapped it.
     """
+    attr = attr or name
+    raw = table_array(store, name, generation, attr)
+    stored = store.entry(name, generation if name in NEGATIVE_ARRAYS else None)["stored_dtype"]
+    table = ReadOnlyTable.over(_as_tensor(raw, stored), attr, store.path)
+    table._table_owned = raw.nbytes if raw.flags.owndata else 0
+    return table
+
+
+def table_array(
+    store: Store, name: str, generation: int | None = None, attr: str = "", lazy: bool = False
+) -> Any:
+    """Array ``name`` of ``store`` as a numpy array in memory a write cannot crash (NOTE
+    [writable table memory]): never a view of the store's read-only map. With ``lazy``, a
+    zarr array stays the (read-only) zarr array, read where indexed. Raises as
+    :func:`table_tensor`."""
     if name in NEGATIVE_ARRAYS:
         entry, raw = store.entry(name, generation), store.raw(name, generation)
     else:
         entry, raw = store.entry(name), store.raw(name)
-    attr = attr or name
     if not isinstance(raw, np.ndarray):  # zarr: no map to share; read into memory of its own
-        raw = np.asarray(raw[...])
-    elif not raw.flags.writeable:  # a view of the store's read-only map
-        if raw.nbytes <= SMALL_TABLE_BYTES:
-            raw = raw.copy()
-        else:
-            raw = _private_map(raw, store.path / entry["file"], attr, name, store)
-    table = ReadOnlyTable.over(_as_tensor(raw, entry["stored_dtype"]), attr, store.path)
-    table._table_owned = raw.nbytes if raw.flags.owndata else 0
-    return table
+        return raw if lazy else np.asarray(raw[...])
+    if raw.flags.writeable:
+        return raw
+    if raw.nbytes <= SMALL_TABLE_BYTES:  # a view of the store's read-only map
+        return raw.copy()
+    return _private_map(raw, store.path / entry["file"], attr or name, name, store)
 
 
 # NOTE [writable table memory]

@@ -356,3 +356,29 @@ def test_a_store_file_replaced_since_opening_is_never_mixed_in(pt_dataset, tmp_p
         os.replace(tmp_path / "other", f)  # another file (inode) under the same name
         with pytest.raises(StoreStaleError, match=r"was replaced since this dataset opened it"):
             _ = ds.question_embs
+
+
+_KEYWORD_ARRAYS_SCRIPT = r"""
+import sys, warnings
+import torch
+from jasper_mmap import JASPERSteeringDataset
+
+warnings.simplefilter("ignore")
+ds = JASPERSteeringDataset(sys.argv[1], "train")
+want = ds.pair_keyword_ids[3]
+torch.from_numpy(ds.pair_keyword_ids.values).fill_(0)  # the list's public arrays
+torch.from_numpy(ds.pair_keyword_ids.offsets).fill_(0)
+assert JASPERSteeringDataset(sys.argv[1], "train").pair_keyword_ids[3] == want
+print("survived")
+"""
+
+
+def test_the_keyword_lists_arrays_are_never_the_read_only_map(pt_dataset):
+    """Before: ``torch.from_numpy(ds.pair_keyword_ids.values).fill_(0)``: SIGSEGV (exit 139)."""
+    r = subprocess.run(
+        [sys.executable, "-c", _KEYWORD_ARRAYS_SCRIPT, str(pt_dataset)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0 and "survived" in r.stdout, (r.returncode, r.stderr[-3000:])
