@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from jasper_mmap import JASPERSteeringDataset, open_store, publish_negatives
-from jasper_mmap._atomic import HOST_TAG, store_lock
+from jasper_mmap._atomic import HOST_TAG
 from jasper_mmap.converters import convert_pt
 from jasper_mmap.errors import ArtifactError, JasperError, StoreExistsError, StoreWriteError
 
@@ -119,6 +119,8 @@ def src(tmp_path, pt_dataset):
 
 
 def test_the_lock_is_reentrant_in_a_thread_and_excludes_other_threads(tmp_path):
+    from jasper_mmap._atomic import store_lock
+
     store = tmp_path / "store"
     order = []
     with store_lock(store, "testing") as real:
@@ -310,23 +312,21 @@ def test_a_full_disk_with_no_lock_file_is_a_clear_error(src, monkeypatch):
     import builtins
     import errno
 
-    def full(path, *a, **kw):
-        if str(path).endswith(".lock"):
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real(path, *a, **kw)
+    (src / ".jasper_mmap_store.lock").unlink(missing_ok=True)
 
-    for module, name in ((builtins, "open"), (os, "open")):
-        real = getattr(module, name)
-        monkeypatch.setattr(
-            module,
-            name,
-            lambda p, *a, _r=real, **kw: (
-                full(p, *a, **kw) if str(p).endswith(".lock") else _r(p, *a, **kw)
-            ),
-        )
+    def full(real):
+        def opener(path, *a, **kw):
+            if str(path).endswith(".lock"):  # creating it needs a directory entry
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            return real(path, *a, **kw)
+
+        return opener
+
+    monkeypatch.setattr(builtins, "open", full(builtins.open))
+    monkeypatch.setattr(os, "open", full(os.open))
     with pytest.raises(StoreWriteError, match="the disk is full") as e:
         JASPERSteeringDataset(src, "train")
-    assert ".jasper_mmap_store.lock" in str(e.value)
+    assert ".jasper_mmap_store.lock" in str(e.value) and "free space" in str(e.value)
 
 
 # -- item 14: n_neg changed under a running dataset: say what to edit -------------------------
@@ -375,3 +375,23 @@ def test_reload_from_two_threads_during_publishes_never_fails(tmp_path, pt_datas
     assert not errors, errors[:3]
     assert len(seen) > 2  # it really raced the publishers
     ds.get_batch(np.arange(4))
+
+
+# -- item 5 (the message): never advise converting over a store the user replaced -------------
+
+
+def test_after_an_overwrite_with_another_dataset_the_advice_is_not_to_convert_over_it(
+    tmp_path, pt_dataset
+):
+    from jasper_mmap.synthetic import SyntheticSpec, make_pt_dataset
+
+    other = make_pt_dataset(tmp_path / "other", SyntheticSpec(n_pairs=80, n_neg=4, seed=3))
+    store = convert_pt(pt_dataset, tmp_path / "store", progress=False)
+    ds = JASPERSteeringDataset(store, "train")
+    convert_pt(other, store, progress=False, overwrite=True)  # on purpose: another dataset
+    publish_negatives(store, np.zeros((80, 4), "int64"), np.ones((80, 4), "int64"))
+    with pytest.raises(JasperError) as e:
+        ds.reload_negatives()
+    assert "was replaced by another conversion" in str(e.value)
+    assert "--overwrite" not in str(e.value) and str(pt_dataset) not in str(e.value)
+    assert JASPERSteeringDataset(store, "train").n_neg == 4  # the new store is intact
