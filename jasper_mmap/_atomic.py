@@ -20,19 +20,26 @@ without ``overwrite``. :func:`publish_dir` checks again what it swapped out befo
 so a directory that appeared at the destination meanwhile is put back, not deleted.
 
 # NOTE [one writer per store]
-Every writer of a store (``convert_pt`` at its swap, ``publish_negatives`` and its clean-up,
-the auto-convert of a dataset directory) holds :func:`store_lock`: an exclusive ``flock`` on
-``.<name>.lock`` BESIDE the store, on its real path (the store directory itself is what an
-overwrite swaps, so a lock inside it would be swapped away with it). A writer opens and checks
-the store only once it holds the lock, so it acts on the store it opened, never on one swapped
-in meanwhile. The lock is re-entrant per thread (the auto-convert holds it and calls
-``convert_pt``, which takes it again); two threads, or two processes, exclude each other. A
-waiter logs who holds it (the holder writes its pid, host and task into the file).
+Every writer of a store (``convert_pt`` and :func:`publishing` at their swap,
+``publish_negatives`` and its clean-up, the auto-convert of a dataset directory) holds
+:func:`store_lock`: an exclusive ``flock`` on ``.<name>.lock`` BESIDE the store, on its real
+path (the store directory itself is what an overwrite swaps, so a lock inside it would be
+swapped away with it). A writer opens and checks the store only once it holds the lock, so it
+acts on the store it opened, never on one swapped in meanwhile. The lock is re-entrant per
+thread (the auto-convert holds it and calls ``convert_pt``, which takes it again); two threads,
+or two processes, exclude each other. A waiter logs who holds it (the holder writes its pid,
+host and task into the file). A converter holds it across the swap and the deletion of the
+old store only, so a publish never waits on a whole ``convert-pt`` run (the auto-convert holds
+it throughout: DDP ranks must not convert twice).
 The lock file is opened without following links and only if it is a regular file; holder
 information is written only into an empty file or one that already holds ours, so no file of a
 user is ever truncated. Where the parent is read-only the existing lock file is locked through
 a read-only descriptor (``flock`` needs no write access), and where none exists there the store
-directory itself is locked: nobody who cannot write the parent can swap the store.
+directory itself is locked: nobody who cannot write the parent can swap the store. Lock files
+are never deleted (unlinking one while another process waits on it would let two writers in).
+Not guarded: writers of older versions (they take only ``negatives/.publish.lock``), a child
+forked while its parent holds the lock (it inherits the lock and must not take it again),
+``mv``/``rm`` by hand.
 
 # NOTE [names are not patterns]
 Destination names may hold ``*``, ``?``, ``[`` (``store[1]``, ``run**2``): leftovers are found by
@@ -426,8 +433,9 @@ def publishing(
     """Check ``dst``, yield ``(temporary directory, real destination)``, publish on success.
 
     The block writes into the temporary directory; when it returns, the directory is fsynced
-    and published at the destination with one rename (:func:`publish_dir`). On any exception
-    it is removed and nothing is published.
+    and published at the destination with one rename (:func:`publish_dir`), under the
+    destination's writer lock (NOTE [one writer per store]). On any exception it is removed
+    and nothing is published.
     """
     real = check_destination(dst, overwrite=overwrite, is_ours=is_ours, what=what)
     remove_stale_partials(real)
@@ -435,7 +443,8 @@ def publishing(
     try:
         yield tmp, real
         fsync_tree(tmp)
-        publish_dir(tmp, real, replace=overwrite, is_ours=is_ours)
+        with store_lock(real, "replacing the store" if overwrite else "publishing the store"):
+            publish_dir(tmp, real, replace=overwrite, is_ours=is_ours)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # already gone once published
 

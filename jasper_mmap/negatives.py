@@ -128,14 +128,17 @@ def _generations(neg_dir: Path, suffix: str | None = ".json") -> dict[int, list[
 
 
 def _next_generation(neg_dir: Path) -> int:
-    return max([read_pointer(neg_dir.parent)["generation"], *_generations(neg_dir)]) + 1
+    """One past every generation number in use (a name taken by anything counts)."""
+    return max([read_pointer(neg_dir.parent)["generation"], *_generations(neg_dir, None)]) + 1
 
 
 def _collect(neg_dir: Path, current: int, keep: int) -> list[int]:
-    """Remove generations older than the newest ``keep`` that no process holds."""
+    """Remove generations older than the newest ``keep`` that no process holds (only those
+    whose description is a regular file: a FIFO or a directory there is not ours)."""
     removed = []
     data = _generations(neg_dir, None)
-    for g, (meta,) in sorted(_generations(neg_dir).items()):
+    metas = _generations(neg_dir).items()
+    for g, (meta,) in sorted((g, m) for g, m in metas if m[0].is_file() and not m[0].is_symlink()):
         if g > current - keep:
             continue
         with open(meta, "rb") as f:

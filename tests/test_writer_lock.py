@@ -395,3 +395,46 @@ def test_after_an_overwrite_with_another_dataset_the_advice_is_not_to_convert_ov
     assert "was replaced by another conversion" in str(e.value)
     assert "--overwrite" not in str(e.value) and str(pt_dataset) not in str(e.value)
     assert JASPERSteeringDataset(store, "train").n_neg == 4  # the new store is intact
+
+
+# -- attacks beyond the issue -----------------------------------------------------------------
+
+
+def test_a_fifo_or_directory_named_as_a_generation_never_blocks_a_publish(tmp_path, pt_dataset):
+    """Old generations are collected by their description; a FIFO there would block the
+    collector's open forever, a directory would raise a raw IsADirectoryError."""
+    store = convert_pt(pt_dataset, tmp_path / "store", progress=False)
+    os.mkfifo(store / "negatives" / "gen-000000x.json")  # not a generation's name either
+    (store / "negatives" / "gen-000001.json").mkdir()
+    os.mkfifo(store / "negatives" / "gen-000002.json")
+    code = (
+        "import sys, numpy as np; from jasper_mmap import publish_negatives\n"
+        "for _ in range(3):\n"
+        "    print(publish_negatives(sys.argv[1], np.zeros((120, 6), 'int64'), "
+        "np.ones((120, 6), 'int64')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(store)], timeout=120, **PIPES)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["3", "4", "5"]  # numbers taken by anything are skipped
+    assert (store / "negatives" / "gen-000001.json").is_dir()  # not ours: left alone
+
+
+def test_a_store_reached_through_a_symlink_shares_the_lock_of_its_real_path(tmp_path):
+    from jasper_mmap._atomic import store_lock
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    order = []
+
+    def take():
+        with store_lock(tmp_path / "link", "other"):
+            order.append("link")
+
+    with store_lock(tmp_path / "real", "testing"):
+        other = threading.Thread(target=take)
+        other.start()
+        other.join(0.5)
+        order.append("real")
+    other.join(10)
+    assert order == ["real", "link"]
+    assert not (tmp_path / ".link.lock").exists()
