@@ -3,8 +3,8 @@
 Flow: read ``config.json`` -> describe every tensor (no data read) -> check shapes and counts ->
 decode keyword ids in a thread while the main thread streams the tensors block by block
 (check, cast, write) into a hidden temporary directory -> write the manifest -> reopen the result
-and compare shapes, dtypes and sampled rows with the sources -> publish with one atomic rename,
-holding the store's writer lock (NOTE [one writer per store] in ``jasper_mmap/_atomic.py``).
+and compare shapes, dtypes and sampled rows with the sources -> publish with one atomic rename
+(a replacement holds the store's writer lock: NOTE [one writer per store] in ``_atomic.py``).
 Memory is bounded by a few blocks (``block_bytes``), whatever the dataset size.
 """
 
@@ -26,7 +26,6 @@ from jasper_mmap._atomic import (
     partial_dir,
     publish_dir,
     remove_stale_partials,
-    store_lock,
     warn_stale_partials,
 )
 from jasper_mmap._dtypes import to_float32, to_stored
@@ -421,10 +420,7 @@ def _convert_into(
         )
         _verify(tmp, units)
         fsync_tree(tmp)
-        # NOTE [one writer per store]: no publisher acts on the old store across the swap and
-        # its deletion (the auto-convert holds the lock already, for the whole conversion)
-        with store_lock(dst, "replacing the store" if overwrite else "publishing the store"):
-            publish_dir(tmp, dst, replace=overwrite)
+        publish_dir(tmp, dst, replace=overwrite)  # a replacement holds the store's writer lock
     except BaseException as e:
         if keywords is not None:
             keywords.cancel()

@@ -20,9 +20,9 @@ without ``overwrite``. :func:`publish_dir` checks again what it swapped out befo
 so a directory that appeared at the destination meanwhile is put back, not deleted.
 
 # NOTE [one writer per store]
-Every writer of a store (``convert_pt`` and :func:`publishing` at their swap,
-``publish_negatives`` and its clean-up, the auto-convert of a dataset directory) holds
-:func:`store_lock`: an exclusive ``flock`` on ``.<name>.lock`` BESIDE the store, on its real
+Every writer of a store (:func:`publish_dir` replacing it, for ``convert_pt --overwrite`` and
+:func:`publishing`; ``publish_negatives`` and its clean-up; the auto-convert of a dataset
+directory) holds :func:`store_lock`: an exclusive ``flock`` on ``.<name>.lock`` BESIDE the store, on its real
 path (the store directory itself is what an overwrite swaps, so a lock inside it would be
 swapped away with it). A writer opens and checks the store only once it holds the lock, so it
 acts on the store it opened, never on one swapped in meanwhile. The lock is re-entrant per
@@ -30,13 +30,17 @@ thread (the auto-convert holds it and calls ``convert_pt``, which takes it again
 or two processes, exclude each other. A waiter logs who holds it (the holder writes its pid,
 host and task into the file). A converter holds it across the swap and the deletion of the
 old store only, so a publish never waits on a whole ``convert-pt`` run (the auto-convert holds
-it throughout: DDP ranks must not convert twice).
+it throughout: DDP ranks must not convert twice); a first conversion (a rename that replaces
+no store) takes no lock and leaves no lock file.
 The lock file is opened without following links and only if it is a regular file; holder
 information is written only into an empty file or one that already holds ours, so no file of a
 user is ever truncated. Where the parent is read-only the existing lock file is locked through
 a read-only descriptor (``flock`` needs no write access), and where none exists there the store
-directory itself is locked: nobody who cannot write the parent can swap the store. Lock files
-are never deleted (unlinking one while another process waits on it would let two writers in).
+directory itself is locked: nobody who cannot write the parent can swap the store. A writer
+that created the lock file removes it before it lets go, so no file is left beside a store; a
+waiter that then gets the lock checks that the name still leads to the file it locked, and
+starts again otherwise (so a removed lock file never lets two writers in). A lock file that was
+there before (another version's, or a holder's that was killed) is left as it is.
 Not guarded: writers of older versions (they take only ``negatives/.publish.lock``), a child
 forked while its parent holds the lock (it inherits the lock and must not take it again),
 ``mv``/``rm`` by hand.
@@ -380,21 +384,20 @@ def publish_dir(
 
     ``dst`` must be the real path :func:`check_destination` returned. The old directory (when
     replaced) is deleted after the swap, but only if ``is_ours`` still holds for it; otherwise
-    it is put back and StoreExistsError is raised.
+    it is put back and StoreExistsError is raised. The swap and the deletion hold ``dst``'s
+    writer lock (NOTE [one writer per store]).
 
     Raises:
         StoreExistsError: another process published a non-empty ``dst`` meanwhile.
     """
     fsync_dir(tmp)
     if dst.exists() and replace and not _is_empty_dir(dst):
-        if _exchange(tmp, dst):
-            _delete_swapped_out(tmp, dst, is_ours, swap_back=lambda: _exchange(tmp, dst))
-            return
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-        os.rename(dst, old)
-        os.rename(tmp, dst)
-        _delete_swapped_out(old, dst, is_ours, swap_back=None)
-        return
+        # NOTE [one writer per store]: no publisher acts on the old store across the swap and
+        # its deletion (a plain rename below needs no lock: it replaces no store)
+        with store_lock(dst, "replacing the store"):
+            if dst.exists() and not _is_empty_dir(dst):
+                _replace(tmp, dst, is_ours)
+                return
     try:
         os.rename(tmp, dst)  # replaces an empty directory; fails on a non-empty one or a file
     except OSError as e:
@@ -405,6 +408,16 @@ def publish_dir(
             ) from None
         raise
     fsync_dir(dst.parent)
+
+
+def _replace(tmp: Path, dst: Path, is_ours: Callable[[Path], bool]) -> None:
+    if _exchange(tmp, dst):
+        _delete_swapped_out(tmp, dst, is_ours, swap_back=lambda: _exchange(tmp, dst))
+        return
+    old = dst.parent / f".{dst.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+    os.rename(dst, old)
+    os.rename(tmp, dst)
+    _delete_swapped_out(old, dst, is_ours, swap_back=None)
 
 
 def _delete_swapped_out(old: Path, dst: Path, is_ours, swap_back) -> None:
@@ -433,9 +446,9 @@ def publishing(
     """Check ``dst``, yield ``(temporary directory, real destination)``, publish on success.
 
     The block writes into the temporary directory; when it returns, the directory is fsynced
-    and published at the destination with one rename (:func:`publish_dir`), under the
-    destination's writer lock (NOTE [one writer per store]). On any exception it is removed
-    and nothing is published.
+    and published at the destination with one rename (:func:`publish_dir`; a replacement under
+    the destination's writer lock, NOTE [one writer per store]). On any exception it is
+    removed and nothing is published.
     """
     real = check_destination(dst, overwrite=overwrite, is_ours=is_ours, what=what)
     remove_stale_partials(real)
@@ -443,8 +456,7 @@ def publishing(
     try:
         yield tmp, real
         fsync_tree(tmp)
-        with store_lock(real, "replacing the store" if overwrite else "publishing the store"):
-            publish_dir(tmp, real, replace=overwrite, is_ours=is_ours)
+        publish_dir(tmp, real, replace=overwrite, is_ours=is_ours)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # already gone once published
 
@@ -481,13 +493,18 @@ def _refuse_lock(path: Path, store: Path, what: str) -> StoreExistsError:
     )
 
 
-def _open_lock(path: Path, store: Path) -> tuple[Any, bool]:
-    """Open ``store``'s lock file (created when absent): ``(file, writable)``."""
+def _open_lock(path: Path, store: Path) -> tuple[Any, bool, bool]:
+    """Open ``store``'s lock file, created when absent: ``(file, writable, created here)``."""
     flags = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO must not block the open
+    created = False
     try:
-        fd, writable = os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o644), True
+        try:
+            fd, writable = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | flags, 0o644), True
+            created = True
+        except FileExistsError:
+            fd, writable = os.open(path, os.O_RDWR | flags), True
     except OSError as e:
-        if e.errno == errno.ELOOP:
+        if e.errno == errno.ELOOP or (e.errno == errno.EEXIST and path.is_symlink()):
             raise _refuse_lock(path, store, "is a symbolic link") from None
         if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise write_error(path, e, f"the lock file of store {store}") from e
@@ -495,20 +512,33 @@ def _open_lock(path: Path, store: Path) -> tuple[Any, bool]:
             fd, writable = os.open(path, os.O_RDONLY | flags), False
         except FileNotFoundError:
             try:  # none there: nobody who cannot write the parent can swap the store
-                fd, writable = os.open(store, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), False
+                fd = os.open(store, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             except OSError:
                 raise write_error(path, e, f"the lock file of store {store}") from e
-            return os.fdopen(fd, "rb", buffering=0), False
+            return os.fdopen(fd, "rb", buffering=0), False, False
         except OSError as e2:
             if e2.errno == errno.ELOOP:
                 raise _refuse_lock(path, store, "is a symbolic link") from None
             raise write_error(path, e, f"the lock file of store {store}") from e
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise _refuse_lock(path, store, "is not a regular file")
     os.set_blocking(fd, True)
-    return os.fdopen(fd, "r+" if writable else "r", encoding="utf-8", errors="replace"), writable
+    mode = "r+" if writable else "r"
+    return os.fdopen(fd, mode, encoding="utf-8", errors="replace"), writable, created
+
+
+def _still_there(lock_file: Any, path: Path) -> bool:
+    """Whether ``path`` still names the file locked through ``lock_file`` (a holder that
+    created the lock file removes it when done; NOTE [one writer per store])."""
+    st = os.fstat(lock_file.fileno())
+    if stat.S_ISDIR(st.st_mode):
+        return True  # the store directory itself (read-only parent)
+    try:
+        now = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
 
 
 def _say_holder(lock_file: Any, doing: str) -> None:
@@ -568,23 +598,31 @@ def store_lock(
         finally:
             depth[key] -= 1
         return
-    lock_file, writable = _open_lock(path, real)
-    with lock_file:
-        t0, said = time.monotonic(), None
-        while True:
-            try:
-                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    t0, said = time.monotonic(), None
+    while True:
+        lock_file, writable, created = _open_lock(path, real)
+        try:
+            while True:
+                try:
+                    fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if said is None or time.monotonic() - said >= log_every():
+                        logger.info(
+                            "%s: waiting for %s (waited %.0f s so far)",
+                            shown or real,
+                            holder(lock_file),
+                            time.monotonic() - t0,
+                        )
+                        said = time.monotonic()
+                    time.sleep(0.1)
+            if _still_there(lock_file, path):
                 break
-            except BlockingIOError:
-                if said is None or time.monotonic() - said >= log_every():
-                    logger.info(
-                        "%s: waiting for %s (waited %.0f s so far)",
-                        shown or real,
-                        holder(lock_file),
-                        time.monotonic() - t0,
-                    )
-                    said = time.monotonic()
-                time.sleep(0.1)
+        except BaseException:
+            lock_file.close()
+            raise
+        lock_file.close()  # its creator removed it when done: lock the one there now
+    with lock_file:
         if writable:
             _say_holder(lock_file, doing)
         depth[key] = 1
@@ -592,3 +630,7 @@ def store_lock(
             yield real
         finally:
             depth.pop(key, None)
+            if created:  # ours alone: removed while still held, so no file is left behind
+                with contextlib.suppress(OSError):
+                    if _still_there(lock_file, path):
+                        path.unlink()

@@ -171,7 +171,6 @@ def test_a_symlink_or_fifo_named_as_the_lock_is_refused_and_left_alone(tmp_path,
     precious = tmp_path / "precious.txt"
     precious.write_text("do not truncate")
     lock = tmp_path / ".store.lock"
-    lock.unlink()
     lock.symlink_to(precious)
     with pytest.raises(StoreExistsError, match="is a symbolic link"):
         publish_negatives(store, *table(1))
@@ -438,3 +437,31 @@ def test_a_store_reached_through_a_symlink_shares_the_lock_of_its_real_path(tmp_
     other.join(10)
     assert order == ["real", "link"]
     assert not (tmp_path / ".link.lock").exists()
+
+
+def test_writers_exclude_each_other_although_the_lock_file_comes_and_goes(tmp_path):
+    """Each holder that created the lock file removes it when done; four processes doing a
+    read-sleep-write increment under the lock still never overlap, and no file is left."""
+    counter = tmp_path / "count"
+    counter.write_text("0")
+    code = (
+        "import sys, time; from pathlib import Path; from jasper_mmap._atomic import store_lock\n"
+        "c = Path(sys.argv[2])\n"
+        "for _ in range(25):\n"
+        "    with store_lock(sys.argv[1], 'counting'):\n"
+        "        n = int(c.read_text()); time.sleep(0.001); c.write_text(str(n + 1))"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "store"), str(counter)])
+        for _ in range(4)
+    ]
+    assert [p.wait(120) for p in procs] == [0] * 4
+    assert counter.read_text() == "100"
+    assert not (tmp_path / ".store.lock").exists()
+
+
+def test_overwrite_and_publish_leave_no_lock_file_beside_the_store(tmp_path, pt_dataset):
+    store = convert_pt(pt_dataset, tmp_path / "store", progress=False)
+    convert_pt(pt_dataset, store, progress=False, overwrite=True)
+    publish_negatives(store, *table(1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
