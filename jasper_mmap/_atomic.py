@@ -42,7 +42,8 @@ waiter that then gets the lock checks that the name still leads to the file it l
 starts again otherwise (so a removed lock file never lets two writers in). A lock file that was
 there before (another version's, or a holder's that was killed) is left as it is.
 Not guarded: writers of older versions (they take only ``negatives/.publish.lock``), a child
-forked while its parent holds the lock (it inherits the lock and must not take it again),
+forked while its parent holds the lock (it inherits the lock and must not take it again), a
+writer that cannot write the parent (it locks the store directory) against one that can,
 ``mv``/``rm`` by hand.
 
 # NOTE [names are not patterns]
