@@ -3,7 +3,8 @@
 Flow: read ``config.json`` -> describe every tensor (no data read) -> check shapes and counts ->
 decode keyword ids in a thread while the main thread streams the tensors block by block
 (check, cast, write) into a hidden temporary directory -> write the manifest -> reopen the result
-and compare shapes, dtypes and sampled rows with the sources -> publish with one atomic rename.
+and compare shapes, dtypes and sampled rows with the sources -> publish with one atomic rename
+(a replacement holds the store's writer lock: NOTE [one writer per store] in ``_atomic.py``).
 Memory is bounded by a few blocks (``block_bytes``), whatever the dataset size.
 """
 
@@ -419,7 +420,7 @@ def _convert_into(
         )
         _verify(tmp, units)
         fsync_tree(tmp)
-        publish_dir(tmp, dst, replace=overwrite)
+        publish_dir(tmp, dst, replace=overwrite)  # a replacement holds the store's writer lock
     except BaseException as e:
         if keywords is not None:
             keywords.cancel()

@@ -18,6 +18,37 @@ link). It refuses a destination that is, or contains, one of the writer's inputs
 leads there; it refuses any non-empty directory that is not one of ours (``is_ours``), with or
 without ``overwrite``. :func:`publish_dir` checks again what it swapped out before deleting it,
 so a directory that appeared at the destination meanwhile is put back, not deleted.
+
+# NOTE [one writer per store]
+Every writer of a store (:func:`publish_dir` replacing it, for ``convert_pt --overwrite`` and
+:func:`publishing`; ``publish_negatives`` and its clean-up; the auto-convert of a dataset
+directory) holds :func:`store_lock`: an exclusive ``flock`` on ``.<name>.lock`` BESIDE the store, on its real
+path (the store directory itself is what an overwrite swaps, so a lock inside it would be
+swapped away with it). A writer opens and checks the store only once it holds the lock, so it
+acts on the store it opened, never on one swapped in meanwhile. The lock is re-entrant per
+thread (the auto-convert holds it and calls ``convert_pt``, which takes it again); two threads,
+or two processes, exclude each other. A waiter logs who holds it (the holder writes its pid,
+host and task into the file). A converter holds it across the swap and the deletion of the
+old store only, so a publish never waits on a whole ``convert-pt`` run (the auto-convert holds
+it throughout: DDP ranks must not convert twice); a first conversion (a rename that replaces
+no store) takes no lock and leaves no lock file.
+The lock file is opened without following links and only if it is a regular file; holder
+information is written only into an empty file or one that already holds ours, so no file of a
+user is ever truncated. Where the parent is read-only the existing lock file is locked through
+a read-only descriptor (``flock`` needs no write access), and where none exists there the store
+directory itself is locked: nobody who cannot write the parent can swap the store. A writer
+that created the lock file removes it before it lets go, so no file is left beside a store; a
+waiter that then gets the lock checks that the name still leads to the file it locked, and
+starts again otherwise (so a removed lock file never lets two writers in). A lock file that was
+there before (another version's, or a holder's that was killed) is left as it is.
+Not guarded: writers of older versions (they take only ``negatives/.publish.lock``), a child
+forked while its parent holds the lock (it inherits the lock and must not take it again), a
+writer that cannot write the parent (it locks the store directory) against one that can,
+``mv``/``rm`` by hand.
+
+# NOTE [names are not patterns]
+Destination names may hold ``*``, ``?``, ``[`` (``store[1]``, ``run**2``): leftovers are found by
+listing the directory and comparing prefixes (:func:`_entries`), never by glob patterns.
 """
 
 from __future__ import annotations
@@ -26,17 +57,23 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import secrets
+import shlex
 import shutil
 import socket
+import stat
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
-from .errors import StoreExistsError, StoreNotFoundError
+from .errors import StoreExistsError, StoreNotFoundError, write_error
 
 __all__ = [
     "partial_dir",
@@ -51,6 +88,9 @@ __all__ = [
     "check_destination",
     "is_store",
     "publishing",
+    "store_lock",
+    "lock_holder",
+    "WAIT_LOG_SECONDS",
 ]
 
 log = logging.getLogger(__name__)
@@ -107,21 +147,32 @@ def _pid_alive(pid: int) -> bool:
     return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] != b"Z"
 
 
+def _entries(directory: Path, prefix: str = ".") -> list[Path]:
+    """The entries of ``directory`` whose names start with ``prefix`` and hold ``.partial-``:
+    a listing, not a glob (NOTE [names are not patterns]). A missing directory has none."""
+    try:
+        with os.scandir(directory) as it:
+            names = [e.name for e in it]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [Path(directory, n) for n in names if n.startswith(prefix) and ".partial-" in n[1:]]
+
+
 def remove_stale_partials(dst: Path) -> list[Path]:
     """Remove ``.<dst>.partial-*`` directories whose writer process no longer exists."""
-    return _remove_dead(dst.parent.glob(f".{dst.name}.partial-*"))
+    return _remove_dead(_entries(dst.parent, f".{dst.name}.partial-"))
 
 
 def remove_stale_partials_in(directory: Path) -> list[Path]:
     """Remove every ``.*.partial-*`` file or directory in ``directory`` whose writer is gone
     (temporary files of :func:`jasper_mmap.layout.write_json_atomic` included)."""
-    return _remove_dead(Path(directory).glob(".*.partial-*"))
+    return _remove_dead(_entries(Path(directory)))
 
 
 def remove_stale_partial_files(final: Path) -> list[Path]:
     """Remove the partial files (not directories) of ``final`` whose writer is gone."""
-    glob = final.parent.glob(f".{final.name}.partial-*")
-    return _remove_dead(p for p in glob if p.is_file() and not p.is_symlink())
+    found = _entries(final.parent, f".{final.name}.partial-")
+    return _remove_dead(p for p in found if p.is_file() and not p.is_symlink())
 
 
 def _dead(candidates: Iterable[Path]) -> Iterator[tuple[Path, int]]:
@@ -162,7 +213,7 @@ def warn_stale_partials(dst: Path, max_entries: int = 1000) -> list[Path]:
     """
     own = f".{dst.name}.partial-"
     named = []
-    for p, pid in _dead(dst.parent.glob(".*.partial-*")):
+    for p, pid in _dead(_entries(dst.parent)):
         if p.name.startswith(own) or p.is_symlink() or not p.is_dir():
             continue  # dst's own are removed; partial files (json, h5) are other writers'
         target = dst.parent / p.name[1 : p.name.rindex(".partial-")]
@@ -186,9 +237,9 @@ def warn_stale_partials(dst: Path, max_entries: int = 1000) -> list[Path]:
             target,
             pid,
             why,
-            target,
+            shlex.quote(str(target)),
             " with --overwrite" if is_store(target) else "",
-            p,
+            shlex.quote(str(p)),
         )
         named.append(p)
     return named
@@ -334,21 +385,20 @@ def publish_dir(
 
     ``dst`` must be the real path :func:`check_destination` returned. The old directory (when
     replaced) is deleted after the swap, but only if ``is_ours`` still holds for it; otherwise
-    it is put back and StoreExistsError is raised.
+    it is put back and StoreExistsError is raised. The swap and the deletion hold ``dst``'s
+    writer lock (NOTE [one writer per store]).
 
     Raises:
         StoreExistsError: another process published a non-empty ``dst`` meanwhile.
     """
     fsync_dir(tmp)
     if dst.exists() and replace and not _is_empty_dir(dst):
-        if _exchange(tmp, dst):
-            _delete_swapped_out(tmp, dst, is_ours, swap_back=lambda: _exchange(tmp, dst))
-            return
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-        os.rename(dst, old)
-        os.rename(tmp, dst)
-        _delete_swapped_out(old, dst, is_ours, swap_back=None)
-        return
+        # NOTE [one writer per store]: no publisher acts on the old store across the swap and
+        # its deletion (a plain rename below needs no lock: it replaces no store)
+        with store_lock(dst, "replacing the store"):
+            if dst.exists() and not _is_empty_dir(dst):
+                _replace(tmp, dst, is_ours)
+                return
     try:
         os.rename(tmp, dst)  # replaces an empty directory; fails on a non-empty one or a file
     except OSError as e:
@@ -359,6 +409,16 @@ def publish_dir(
             ) from None
         raise
     fsync_dir(dst.parent)
+
+
+def _replace(tmp: Path, dst: Path, is_ours: Callable[[Path], bool]) -> None:
+    if _exchange(tmp, dst):
+        _delete_swapped_out(tmp, dst, is_ours, swap_back=lambda: _exchange(tmp, dst))
+        return
+    old = dst.parent / f".{dst.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+    os.rename(dst, old)
+    os.rename(tmp, dst)
+    _delete_swapped_out(old, dst, is_ours, swap_back=None)
 
 
 def _delete_swapped_out(old: Path, dst: Path, is_ours, swap_back) -> None:
@@ -387,8 +447,9 @@ def publishing(
     """Check ``dst``, yield ``(temporary directory, real destination)``, publish on success.
 
     The block writes into the temporary directory; when it returns, the directory is fsynced
-    and published at the destination with one rename (:func:`publish_dir`). On any exception
-    it is removed and nothing is published.
+    and published at the destination with one rename (:func:`publish_dir`; a replacement under
+    the destination's writer lock, NOTE [one writer per store]). On any exception it is
+    removed and nothing is published.
     """
     real = check_destination(dst, overwrite=overwrite, is_ours=is_ours, what=what)
     remove_stale_partials(real)
@@ -399,3 +460,178 @@ def publishing(
         publish_dir(tmp, real, replace=overwrite, is_ours=is_ours)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # already gone once published
+
+
+#: how often a process waiting for another's store lock says so again
+WAIT_LOG_SECONDS = 30.0
+
+_held = threading.local()  # per thread: {(pid, lock path): depth} (NOTE [one writer per store])
+
+
+def lock_path_of(store: str | Path) -> Path:
+    """The lock file of ``store``: ``.<name>.lock`` beside its real path."""
+    real = Path(store).expanduser().absolute().resolve()
+    return real.parent / f".{real.name}.lock"
+
+
+def lock_holder(lock_file: Any) -> str:
+    """Who holds a store lock, from what the holder wrote into the lock file."""
+    try:
+        lock_file.seek(0)
+        info = json.loads(lock_file.read(4096) or "{}")
+        ago = time.time() - float(info["since"])
+        doing = info.get("doing", "converting")
+        return f"process {info['pid']} on {info['host']}, {doing} for {ago:.0f} s"
+    except (ValueError, KeyError, TypeError, AttributeError, OSError):
+        return "another process"
+
+
+def _refuse_lock(path: Path, store: Path, what: str) -> StoreExistsError:
+    return StoreExistsError(
+        f"{path}: the lock file of store {store} {what}; writers of the store never use it "
+        f"(it could lead to a file of yours). Move it away, then run again (writers create "
+        f"their own there)."
+    )
+
+
+def _open_lock(path: Path, store: Path) -> tuple[Any, bool, bool]:
+    """Open ``store``'s lock file, created when absent: ``(file, writable, created here)``."""
+    flags = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO must not block the open
+    created = False
+    try:
+        try:
+            fd, writable = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | flags, 0o644), True
+            created = True
+        except FileExistsError:
+            fd, writable = os.open(path, os.O_RDWR | flags), True
+    except OSError as e:
+        if e.errno == errno.ELOOP or (e.errno == errno.EEXIST and path.is_symlink()):
+            raise _refuse_lock(path, store, "is a symbolic link") from None
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise write_error(path, e, f"the lock file of store {store}") from e
+        try:  # a read-only parent: flock needs no write access
+            fd, writable = os.open(path, os.O_RDONLY | flags), False
+        except FileNotFoundError:
+            try:  # none there: nobody who cannot write the parent can swap the store
+                fd = os.open(store, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                raise write_error(path, e, f"the lock file of store {store}") from e
+            return os.fdopen(fd, "rb", buffering=0), False, False
+        except OSError as e2:
+            if e2.errno == errno.ELOOP:
+                raise _refuse_lock(path, store, "is a symbolic link") from None
+            raise write_error(path, e, f"the lock file of store {store}") from e
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _refuse_lock(path, store, "is not a regular file")
+    os.set_blocking(fd, True)
+    mode = "r+" if writable else "r"
+    return os.fdopen(fd, mode, encoding="utf-8", errors="replace"), writable, created
+
+
+def _still_there(lock_file: Any, path: Path) -> bool:
+    """Whether ``path`` still names the file locked through ``lock_file`` (a holder that
+    created the lock file removes it when done; NOTE [one writer per store])."""
+    st = os.fstat(lock_file.fileno())
+    if stat.S_ISDIR(st.st_mode):
+        return True  # the store directory itself (read-only parent)
+    try:
+        now = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+
+
+def _say_holder(lock_file: Any, doing: str) -> None:
+    """Write who holds the lock into it: only into an empty file or one that holds ours."""
+    try:
+        lock_file.seek(0)
+        old = lock_file.read(4096)
+        if old.strip():
+            info = json.loads(old)
+            if not isinstance(info, dict) or "pid" not in info:
+                return  # not ours: never truncated
+        lock_file.seek(0)
+        lock_file.truncate()
+        lock_file.write(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "since": time.time(),
+                    "doing": doing,
+                }
+            )
+        )
+        lock_file.flush()
+    except (OSError, ValueError) as e:  # a full disk: the lock holds all the same
+        log.debug("%s: could not record the lock's holder (%s)", lock_file.name, e)
+
+
+@contextlib.contextmanager
+def store_lock(
+    store: str | Path,
+    doing: str,
+    *,
+    shown: str | Path | None = None,
+    log_every: Callable[[], float] = lambda: WAIT_LOG_SECONDS,
+    holder: Callable[[Any], str] = lock_holder,
+    logger: logging.Logger = log,
+) -> Iterator[Path]:
+    """Hold ``store``'s writer lock (NOTE [one writer per store]); yield its real path.
+
+    ``doing`` (e.g. "converting") is what a waiter is told the holder does; ``shown`` is the
+    path its waiting message names (default: the store). Re-entrant within a thread.
+
+    Raises:
+        StoreWriteError: the lock file cannot be created (disk full, read-only parent with
+            no store there yet, permission denied).
+        StoreExistsError: the lock file's name is taken by a symlink or a non-regular file.
+    """
+    real = Path(store).expanduser().absolute().resolve()
+    path = real.parent / f".{real.name}.lock"
+    depth = _held.__dict__.setdefault("depth", {})
+    key = (os.getpid(), str(path))
+    if depth.get(key):
+        depth[key] += 1
+        try:
+            yield real
+        finally:
+            depth[key] -= 1
+        return
+    t0, said = time.monotonic(), None
+    while True:
+        lock_file, writable, created = _open_lock(path, real)
+        try:
+            while True:
+                try:
+                    fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if said is None or time.monotonic() - said >= log_every():
+                        logger.info(
+                            "%s: waiting for %s (waited %.0f s so far)",
+                            shown or real,
+                            holder(lock_file),
+                            time.monotonic() - t0,
+                        )
+                        said = time.monotonic()
+                    time.sleep(0.1)
+            if _still_there(lock_file, path):
+                break
+        except BaseException:
+            lock_file.close()
+            raise
+        lock_file.close()  # its creator removed it when done: lock the one there now
+    with lock_file:
+        if writable:
+            _say_holder(lock_file, doing)
+        depth[key] = 1
+        try:
+            yield real
+        finally:
+            depth.pop(key, None)
+            if created:  # ours alone: removed while still held, so no file is left behind
+                with contextlib.suppress(OSError):
+                    if _still_there(lock_file, path):
+                        path.unlink()

@@ -443,8 +443,8 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         log.info("Reloading hard negatives from disk...")
         if self._source_dir is not None:
             refresh_negatives(self._source_dir, self.store_path, self.storage_format)
-        generation = self.store.live_generation()
-        self.store.use_generation(generation)  # leased here: NOTE [generation leases]
+        # leased at once (NOTE [generation leases]); one removed meanwhile: the live one
+        generation = self.store.serve(self.store.live_generation())
         self._control.set(generation=generation)
         if self._preloaded is not None and self._preloaded.generation != generation:
             self._preloaded.refresh_negatives(self.store)

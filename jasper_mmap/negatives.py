@@ -8,7 +8,12 @@ finished file/group to ``negatives/gen-NNNNNN.*``, writes its description ``gen-
 and then replaces ``negatives/CURRENT.json`` with one atomic ``os.replace``: that rename is the
 publication.
 A publisher killed at any point leaves CURRENT naming the previous, complete generation.
-Publishers on one store are serialized by a lock file.
+A publisher takes the store-level writer lock first (NOTE [one writer per store] in
+``_atomic.py``: shared with ``convert-pt --overwrite`` and the auto-convert), then opens and
+checks the store, so it writes into, and cleans up, only the store it opened; it also takes the
+older ``negatives/.publish.lock`` (older versions' publishers take only that one). Only names
+that generations really have (``gen-NNNNNN.json``, ``gen-NNNNNN[.ext]``) are read as
+generations; any other file in ``negatives/`` (``gen-000000 (copy).json``) is left alone.
 
 Readers never follow CURRENT on their own: ``reload_negatives()`` reads it and writes the
 generation number into the dataset's control block (NOTE [worker start-up] in dataset.py);
@@ -24,6 +29,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -37,6 +43,7 @@ from ._atomic import (
     partial_dir,
     remove_stale_partials,
     remove_stale_partials_in,
+    store_lock,
 )
 from .errors import ArtifactError, JasperError, write_error
 from .integrity import entry_files
@@ -104,16 +111,34 @@ def _stream(rows: _Rows, writer, lo: int | None, hi: int | None, what: str) -> d
     return {"min": vmin, "max": vmax}
 
 
+#: what a generation's files are called: its description, its data file or zarr group
+_GEN_NAME = re.compile(r"gen-(\d{6,})(\.[a-z0-9]+)?")
+
+
+def _generations(neg_dir: Path, suffix: str | None = ".json") -> dict[int, list[Path]]:
+    """The entries of ``neg_dir`` named as generation files are (``suffix=None``: any
+    extension, or none): generation -> paths. Other names are not ours to read or remove."""
+    found: dict[int, list[Path]] = {}
+    with os.scandir(neg_dir) as it:
+        for entry in it:
+            m = _GEN_NAME.fullmatch(entry.name)
+            if m and (suffix is None or m.group(2) == suffix):
+                found.setdefault(int(m.group(1)), []).append(Path(entry.path))
+    return found
+
+
 def _next_generation(neg_dir: Path) -> int:
-    gens = [int(p.stem.split("-")[1]) for p in neg_dir.glob("gen-*.json")]
-    return max([read_pointer(neg_dir.parent)["generation"], *gens]) + 1
+    """One past every generation number in use (a name taken by anything counts)."""
+    return max([read_pointer(neg_dir.parent)["generation"], *_generations(neg_dir, None)]) + 1
 
 
 def _collect(neg_dir: Path, current: int, keep: int) -> list[int]:
-    """Remove generations older than the newest ``keep`` that no process holds."""
+    """Remove generations older than the newest ``keep`` that no process holds (only those
+    whose description is a regular file: a FIFO or a directory there is not ours)."""
     removed = []
-    for meta in sorted(neg_dir.glob("gen-*.json")):
-        g = int(meta.stem.split("-")[1])
+    data = _generations(neg_dir, None)
+    metas = _generations(neg_dir).items()
+    for g, (meta,) in sorted((g, m) for g, m in metas if m[0].is_file() and not m[0].is_symlink()):
         if g > current - keep:
             continue
         with open(meta, "rb") as f:
@@ -121,10 +146,13 @@ def _collect(neg_dir: Path, current: int, keep: int) -> list[int]:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # a reader still maps it; a later publish retries
-            for data in neg_dir.glob(f"{generation_name(g)}.*"):
-                if data.suffix != ".json":
-                    data.unlink()
-            shutil.rmtree(neg_dir / generation_name(g), ignore_errors=True)  # zarr group
+            for path in data.get(g, []):
+                if path.suffix == ".json":
+                    continue  # the description goes last (NOTE [generation leases])
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)  # zarr group
+                else:
+                    path.unlink(missing_ok=True)
             meta.unlink()
         removed.append(g)
     return removed
@@ -137,12 +165,14 @@ def publish_negatives(
     *,
     keep: int = KEEP_GENERATIONS,
     sources: dict[str, Any] | None = None,
+    storage_format: str = "auto",
+    cache_dir: str | Path | None = None,
 ) -> int:
     """Validate and publish new negatives as the next generation of a store.
 
     Args:
-        path: a store, or a ``.pt`` dataset directory (its cached store is used; see
-            :func:`jasper_mmap.resolve.resolve_store`).
+        path: a store, or a dataset directory (its store is used, converted first if there
+            is none; see :func:`jasper_mmap.resolve.resolve_dataset`).
         hard_negatives: ``[N_pairs, n_neg]`` source rows: tensor, numpy array, ``.pt`` path, or
             a reader of :mod:`jasper_mmap.converters` (``read_rows``).
         negative_tiers: ``[N_pairs, n_neg]`` tiers (usually 1..4), same forms.
@@ -150,37 +180,47 @@ def publish_negatives(
         sources: fingerprints of the ``.pt`` files the arrays came from; by default those of
             the live generation are carried forward (they say which ``.pt`` files were last
             taken in, so unchanged ``.pt`` files are never republished over this one).
+        storage_format, cache_dir: for a dataset directory, the values the dataset was
+            opened with, so the negatives reach the store the trainer reads. A directory
+            holding both ``.pt`` files and ``dataset.h5`` with both stores made is refused
+            under ``"auto"`` (which one a trainer reads is not knowable here).
 
     Returns:
         The new generation number. Readers switch at their next ``reload_negatives()``.
 
     Raises:
-        ArtifactError: wrong shape, non-integer dtype, a negative past the sources. Nothing
-            is published and the old generation stays in use. (Tiers outside 1..4 are
-            published with a warning: the in-RAM dataset passed tiers through.)
+        ArtifactError: wrong shape, non-integer dtype, a negative past the sources, or an
+            ambiguous dataset directory (see ``storage_format``). Nothing is published and
+            the old generation stays in use. (Tiers outside 1..4 are published with a
+            warning: the in-RAM dataset passed tiers through.)
         StoreWriteError: the disk is full, the filesystem read-only, permission denied.
             Nothing is published; leftovers are removed now or by the next publish.
     """
-    from .resolve import resolve_store
+    from .resolve import resolve_dataset
 
-    store_path = resolve_store(path, check_sources=False)  # negatives are not a staleness
-    store = open_store(store_path)
-    c = store.counts
+    store_path = resolve_dataset(
+        path,
+        cache_dir,
+        check_sources=False,  # negatives are not a staleness
+        storage_format=storage_format,
+        for_publish=True,
+    ).store
     negs, tiers = _Rows(hard_negatives, "hard_negatives"), _Rows(negative_tiers, "negative_tiers")
-    for rows in (negs, tiers):
-        _check(rows, c["n_pairs"], c["n_neg"])
-    neg_dir = store_path / NEGATIVES_DIR
-    try:
-        with open(neg_dir / ".publish.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            g, removed = _publish_locked(store, neg_dir, negs, tiers, sources, keep)
-    except OSError as e:
-        if isinstance(e, JasperError):
-            raise
-        raise write_error(store_path, e, "a negatives generation") from e
-    log.info(
-        "published negatives generation %d in %s (removed %s)", g, store_path, removed or "none"
-    )
+    # NOTE [one writer per store]: the store is opened and checked only once the lock is held
+    with store_lock(store_path, "publishing negatives") as real, open_store(real) as store:
+        c = store.counts
+        for rows in (negs, tiers):
+            _check(rows, c["n_pairs"], c["n_neg"])
+        neg_dir = real / NEGATIVES_DIR
+        try:
+            with open(neg_dir / ".publish.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                g, removed = _publish_locked(store, neg_dir, negs, tiers, sources, keep)
+        except OSError as e:
+            if isinstance(e, JasperError):
+                raise
+            raise write_error(real, e, "a negatives generation") from e
+    log.info("published negatives generation %d in %s (removed %s)", g, real, removed or "none")
     return g
 
 

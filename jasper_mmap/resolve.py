@@ -3,10 +3,12 @@
 A store directory (it has ``manifest.json``) is used as it is. A ``.pt`` dataset directory is
 converted once into a store kept beside the data (``DATASET/.jasper_mmap_store``), or under
 ``cache_dir`` when given, or under ``~/.cache/jasper_mmap`` when the dataset directory is not
-writable. The store is reused while the dataset's own files match the fingerprints recorded in
-its manifest (:mod:`jasper_mmap.fingerprints`), and rebuilt when any changed. A file lock keeps
-two processes (DDP ranks, two jobs) from converting the same directory at once; a process that
-waits says which process holds it and for how long.
+writable (unless the store beside the data is up to date: then it is used as it is). The store
+is reused while the dataset's own files match the fingerprints recorded in its manifest
+(:mod:`jasper_mmap.fingerprints`), and rebuilt when any changed. The store's writer lock
+(NOTE [one writer per store] in ``_atomic.py``) keeps two processes (DDP ranks, two jobs) from
+converting the same directory at once, and a publish or ``convert-pt --overwrite`` from acting
+on it meanwhile; a process that waits says which process holds it and for how long.
 
 Rewritten negatives ``.pt`` files are not a reason to rebuild: they are published as a new
 negatives generation (NOTE [hot reload] in negatives.py), unless a newer publication is live,
@@ -16,24 +18,29 @@ or their ``n_neg`` changed (then the store is rebuilt).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import json
 import logging
 import os
-import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ._atomic import lock_holder, store_lock
 from .converters.sources import STORAGE_FORMATS, detect_storage_format
-from .errors import ArtifactError, ArtifactMissingError, StoreNotFoundError, StoreStaleError
+from .errors import (
+    ArtifactError,
+    ArtifactMissingError,
+    JasperError,
+    StoreNotFoundError,
+    StoreStaleError,
+    StoreWriteError,
+)
 from .fingerprints import H5_FILE, NEGATIVE_FILES, changed, dataset_file_names, fingerprint
-from .layout import CONFIG, MANIFEST, load_manifest, read_manifest, read_pointer
+from .layout import CONFIG, MANIFEST, NEGATIVES_DIR, load_manifest, read_manifest, read_pointer
 from .schema import source_findings
 
 __all__ = [
@@ -222,14 +229,28 @@ def refresh_negatives(src: Path, store: Path, fmt: str = "pt") -> int | None:
         raise ArtifactError(
             f"{src}: the rewritten negatives hold n_neg={n_neg}, but this dataset was opened "
             f"with n_neg={have}; a running dataset cannot change n_neg (its batches have that "
-            f"shape). Open the dataset again (its store is rebuilt with n_neg={n_neg}), or "
-            f"write negatives with n_neg={have}."
+            f"shape). {_n_neg_fix(src, n_neg, have)}"
         )
     names = _negative_files(fmt)
     current = _negatives_fingerprints(src, fmt)
     log.info("%s: publishing the rewritten negatives of %s as a new generation", src, names)
     with _negative_readers(src, fmt) as (negs, tiers):
         return publish_negatives(store, negs, tiers, sources=current)
+
+
+def _n_neg_fix(src: Path, n_neg: int, have: Any) -> str:
+    """How to take in negatives whose ``n_neg`` changed: what to edit, then open again."""
+    try:
+        with open(src / CONFIG, encoding="utf-8") as f:
+            recorded = json.load(f).get("n_neg")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        recorded = None
+    again = f"open the dataset again (its store is rebuilt with n_neg={n_neg})"
+    if recorded is not None and recorded != n_neg:
+        edit = f'Set "n_neg": {n_neg} in {src / CONFIG} (it says {recorded!r}), then {again}'
+    else:
+        edit = again[0].upper() + again[1:]
+    return f"{edit}; or write negatives with n_neg={have}."
 
 
 def _check_sources(store: Path, manifest: dict[str, Any]) -> None:
@@ -256,47 +277,48 @@ def _store_location(src: Path, cache_dir: str | Path | None, fmt: str = "pt") ->
     if cache_dir is not None:
         tag = hashlib.blake2b(str(src).encode(), digest_size=6).hexdigest()
         return Path(cache_dir).expanduser().absolute() / f"{src.name}-{tag}{suffix}"
+    beside = src / f"{STORE_DIRNAME}{suffix}"
     if os.access(src, os.W_OK):
-        return src / f"{STORE_DIRNAME}{suffix}"
+        return beside
+    if _usable_as_it_is(src, beside, fmt):
+        log.info("%s is not writable; its store %s is up to date and is used", src, beside)
+        return beside
     fallback = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "jasper_mmap"
     log.info("%s is not writable; keeping its store under %s", src, fallback)
     return _store_location(src, fallback, fmt)
 
 
-def _holder(lock_file: Any) -> str:
-    """Who holds the conversion lock, from what the holder wrote into the lock file."""
+def _usable_as_it_is(src: Path, store: Path, fmt: str) -> bool:
+    """Whether ``store`` (beside a read-only ``src``) is up to date, and any rewritten
+    negatives can be published into it."""
     try:
-        lock_file.seek(0)
-        info = json.loads(lock_file.read() or "{}")
-        ago = time.time() - float(info["since"])
-        return f"process {info['pid']} on {info['host']}, converting for {ago:.0f} s"
-    except (ValueError, KeyError, TypeError, OSError):
-        return "another process"
+        if _recorded_sources(store) is None or _rebuild_reason(src, store, fmt) is not None:
+            return False
+        return not negatives_to_take_in(src, store, fmt) or os.access(
+            store / NEGATIVES_DIR, os.W_OK
+        )
+    except (JasperError, OSError, KeyError, TypeError):
+        return False  # damaged: a fresh one is made in the cache
 
 
-def _lock_exclusive(lock_file: Any, src: Path) -> None:
-    """Take the conversion lock; while waiting, log who holds it (every WAIT_LOG_SECONDS)."""
-    t0, said = time.monotonic(), None
-    while True:
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            if said is None or time.monotonic() - said >= WAIT_LOG_SECONDS:
-                log.info(
-                    "%s: waiting for %s (waited %.0f s so far)",
-                    src,
-                    _holder(lock_file),
-                    time.monotonic() - t0,
-                )
-                said = time.monotonic()
-            time.sleep(0.2)
-    lock_file.seek(0)
-    lock_file.truncate()
-    lock_file.write(
-        json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
-    )
-    lock_file.flush()
+def _make_store_parent(src: Path, store: Path, cache_dir: str | Path | None) -> None:
+    """Create the directory the store of ``src`` goes into; a clear error when it cannot be."""
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        where = "cache_dir" if cache_dir is not None else "the cache directory"
+        err = StoreWriteError(
+            f"{store.parent}: cannot create {where} for the store of {src} ({e.strerror}). "
+            f"Pass cache_dir= a writable directory (JASPERSteeringDataset(..., cache_dir=...)),"
+            f" set XDG_CACHE_HOME, or make {src} writable."
+        )
+        err.errno = e.errno
+        raise err from e
+
+
+def _holder(lock_file: Any) -> str:
+    """Who holds the store's lock (:func:`jasper_mmap._atomic.lock_holder`)."""
+    return lock_holder(lock_file)
 
 
 def _convert(src: Path, store: Path, store_format: str, options: dict[str, Any], why: str):
@@ -354,6 +376,7 @@ def resolve_dataset(
     *,
     storage_format: str = "auto",
     convert_options: dict[str, Any] | None = None,
+    for_publish: bool = False,
 ) -> Resolved:
     """Resolve ``dataset_dir`` to a store, converting or refreshing it if needed.
 
@@ -361,10 +384,15 @@ def resolve_dataset(
     when that directory still exists (``check_sources=False`` skips this). A dataset directory
     is converted (``.pt`` or ``dataset.h5``, per ``storage_format``; see
     :func:`detect_storage_format`) into a cached store, reused while its files are unchanged.
-    ``convert_options`` go to :func:`jasper_mmap.converters.convert_pt`.
+    ``convert_options`` go to :func:`jasper_mmap.converters.convert_pt`. ``for_publish``
+    (``publish_negatives``): with ``storage_format="auto"``, a directory holding both ``.pt``
+    files and ``dataset.h5`` resolves to the one of its two stores that exists.
 
     Raises:
         StoreNotFoundError: ``dataset_dir`` does not exist (a ValueError too).
+        StoreWriteError: the store's directory cannot be created (e.g. no writable HOME for
+            the cache of a read-only dataset directory: the message names ``cache_dir=``).
+        ArtifactError: ``for_publish`` and both of a directory's stores exist.
         ArtifactMissingError: it has no config.json, or not the files asked for.
         StoreStaleError: a store whose source files changed since conversion.
         ValueError: an unknown ``storage_format``, or h5py missing for ``"hdf5"``.
@@ -390,10 +418,19 @@ def resolve_dataset(
             f"docs/dataset_format.md describes the layout."
         )
     fmt = detect_storage_format(src, storage_format)
+    if for_publish and storage_format == "auto":
+        fmt = _format_to_publish_into(src, cache_dir, fmt)
     store = _store_location(src, cache_dir, fmt)
-    store.parent.mkdir(parents=True, exist_ok=True)
-    with open(store.parent / f".{store.name}.lock", "a+") as lock:
-        _lock_exclusive(lock, src)
+    _make_store_parent(src, store, cache_dir)
+    lock = store_lock(
+        store,
+        "converting",
+        shown=src,
+        log_every=lambda: WAIT_LOG_SECONDS,
+        holder=lambda f: _holder(f),
+        logger=log,
+    )
+    with lock:
         why = _rebuild_reason(src, store, fmt)
         if why is None:
             refresh_negatives(src, store, fmt)
@@ -401,6 +438,40 @@ def resolve_dataset(
             options = {**(convert_options or {}), "source": fmt}
             _convert(src, store, store_format, options, why)
     return Resolved(store, fmt, src)
+
+
+def _format_to_publish_into(src: Path, cache_dir: str | Path | None, fmt: str) -> str:
+    """The source format whose store a publish into dataset directory ``src`` must reach,
+    under ``storage_format="auto"``: ``fmt``, unless the directory holds both ``.pt`` files
+    and ``dataset.h5`` and only the other one's store exists (a dataset opened with
+    ``storage_format`` set reads that one). Both made: refused, it is not knowable here."""
+    present = []
+    for f in ("pt", "hdf5"):
+        try:
+            detect_storage_format(src, f)
+            present.append(f)
+        except (ValueError, ImportError):
+            pass
+    if len(present) < 2:
+        return fmt
+    stores = {f: _store_location(src, cache_dir, f) for f in present}
+    made = [f for f, store in stores.items() if (store / MANIFEST).exists()]
+    if len(made) == 2:
+        raise ArtifactError(
+            f"{src}: holds both .pt files and {H5_FILE}, and has a store for each "
+            f"({stores['pt']} and {stores['hdf5']}); which one your trainer reads is not "
+            f"knowable here. Pass storage_format='pt' or 'hdf5' to publish_negatives, the "
+            f"value the dataset was opened with."
+        )
+    if made and made[0] != fmt:
+        log.info(
+            "%s: publishing into %s, its only store (storage_format=%r)",
+            src,
+            stores[made[0]],
+            made[0],
+        )
+        return made[0]
+    return fmt
 
 
 def resolve_store(

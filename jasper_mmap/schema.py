@@ -85,7 +85,18 @@ def raise_problems(problems: list[Problem], store_dir: str | Path) -> None:
 
 
 def store_fix(store_dir: str | Path, manifest: Any = None) -> str:
-    """The fix for a damaged store of ours: convert its source again over it."""
+    """The fix for a damaged store of ours: convert its source again over it.
+
+    Unless ``store_dir`` is no longer the store ``manifest`` describes (replaced since it was
+    read, e.g. by ``convert-pt --overwrite`` of another dataset): converting the old source
+    over it would destroy a store the user made on purpose, so the fix is to open it again.
+    """
+    if isinstance(manifest, dict) and _replaced_since(store_dir, manifest):
+        return (
+            f"The store at {store_dir} was replaced by another conversion after this process "
+            f"opened it; it is not damaged. Open it again (a new dataset) to read the new "
+            f"store, or convert your data to another path; do not convert over it."
+        )
     src, fmt = "SRC", ""
     if isinstance(manifest, dict):
         source = manifest.get("source")
@@ -95,6 +106,25 @@ def store_fix(store_dir: str | Path, manifest: Any = None) -> str:
             fmt = " --format zarr"
     dst = shlex.quote(str(store_dir))
     return f"Re-create the store with `convert-pt {src} {dst}{fmt} --overwrite`."
+
+
+def _replaced_since(store_dir: str | Path, manifest: dict[str, Any]) -> bool:
+    """Whether the manifest on disk at ``store_dir`` is another conversion's than ``manifest``
+    (unreadable or absent: not known to be, so False)."""
+    import json
+    import os
+    import stat
+
+    path = Path(store_dir) / MANIFEST
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False  # a FIFO is never opened (it would block)
+        with open(path, "rb") as f:
+            on_disk = json.loads(f.read(64 << 20))
+    except (OSError, ValueError, RecursionError):
+        return False
+    keys = ("created_unix", "source", "counts", "backend")
+    return isinstance(on_disk, dict) and any(on_disk.get(k) != manifest.get(k) for k in keys)
 
 
 def bad_rel(rel: Any) -> bool:
