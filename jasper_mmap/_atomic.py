@@ -499,11 +499,18 @@ def _open_lock(path: Path, store: Path) -> tuple[Any, bool, bool]:
     flags = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO must not block the open
     created = False
     try:
-        try:
-            fd, writable = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | flags, 0o644), True
-            created = True
-        except FileExistsError:
-            fd, writable = os.open(path, os.O_RDWR | flags), True
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | flags, 0o644)
+                writable = created = True
+                break
+            except FileExistsError:
+                pass
+            try:
+                fd, writable = os.open(path, os.O_RDWR | flags), True
+                break
+            except FileNotFoundError:
+                continue  # its creator removed it between our two opens: create it again
     except OSError as e:
         if e.errno == errno.ELOOP or (e.errno == errno.EEXIST and path.is_symlink()):
             raise _refuse_lock(path, store, "is a symbolic link") from None
