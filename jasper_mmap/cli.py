@@ -37,7 +37,13 @@ def _dataset_stores(src: Path) -> list[Path]:
 def _not_a_store(path: str, command: str) -> str | None:
     """What to say instead of opening ``path`` when it is plainly no store: a file, or a dataset
     directory (naming the store opening it made, if any). None: let the store checks speak."""
-    p = Path(path)
+    try:
+        return _not_a_store_why(Path(path), command)
+    except OSError:  # unreadable: the store checks name the problem
+        return None
+
+
+def _not_a_store_why(p: Path, command: str) -> str | None:
     if not p.exists() or (p / MANIFEST).exists():
         return None
     if not p.is_dir():
