@@ -157,12 +157,15 @@ def test_every_argument_of_every_command_line_has_help(monkeypatch):
     from jasper_mmap.cli import main as jasper_main
     from jasper_mmap.converters.cli import main as convert_main
 
-    script = Path(__file__).parents[1] / "scripts" / "make_synthetic.py"
-    spec = importlib.util.spec_from_file_location("make_synthetic", script)
-    make_synthetic = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_synthetic)
+    scripts = []
+    for name in ("make_synthetic", "main_job"):
+        path = Path(__file__).parents[1] / "scripts" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        scripts.append(module.main)
     missing = []
-    for main in (jasper_main, convert_main, make_synthetic.main):
+    for main in (jasper_main, convert_main, *scripts):
         for parser in _parsers(monkeypatch, main):
             for action in parser._actions:
                 if not action.help and action.dest != "command":
