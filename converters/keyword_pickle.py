@@ -19,6 +19,16 @@ Deliberate limits, none of which ``pickle.dump``/``torch.save`` ever write: a pi
 objects on its stack at STOP, an inner list appended to after it became part of the outer list,
 an integer encoded in more than 1 MiB, more than ``_MAX_STACK`` pending objects, an opcode that
 crosses the end of its pickle frame (pickle's own readers refuse that too).
+
+NOTE [expansion]: a memo reference costs 2-5 bytes of pickle however long the row it names, so
+a small file can describe an enormous store (one 10,000-id list shared by every pair: 401 KB of
+pickle, 764 MB of keyword arrays). That is nearly always the builder bug ``rows = [[]] * n``
+followed by ``rows[i].append(k)``, which gives every pair the same growing list. Honest lists
+cost at most about 8 bytes of output (int64 offsets and values) per byte of pickle (an empty
+row is 1 byte and one offset). So decoding stops with an ``ArtifactError`` that names the
+expansion factor once the output passes both ``EXPANSION_FLOOR`` bytes and ``MAX_EXPANSION``
+times the pickle's size; it is checked per output block, so at most about one block more is
+written. Raise ``MAX_EXPANSION`` (module attribute) to convert such a file anyway.
 """
 
 from __future__ import annotations
@@ -55,6 +65,10 @@ _MAX_STACK = 1 << 20
 #: longest accepted text line (protocol 0 ints) and integer encoding
 _MAX_LINE, _MAX_LONG = 4400, 1 << 20
 _INT64 = 1 << 63
+#: NOTE [expansion]: most bytes of keyword arrays (int64 offsets + values) per byte of pickle,
+#: checked once the output has passed ``EXPANSION_FLOOR`` bytes
+MAX_EXPANSION = 64.0
+EXPANSION_FLOOR = 64 << 20
 #: first bytes of a protocol 0/1 pickle of a list or tuple: MARK, EMPTY_LIST, EMPTY_TUPLE
 _OLD_PICKLE_STARTS = (b"(", b"]", b")")
 _I32, _U32 = struct.Struct("<i").unpack_from, struct.Struct("<I").unpack_from
@@ -175,14 +189,32 @@ class _Decoder:
         self.sink = RowSink(spill, block, self._flush)
         self.rows = RowStack(self.sink)
         self.bools = False
+        self.out_rows = 0  # rows handed to on_rows or about to be (NOTE [expansion])
         self.buf, self.i, self.base, self.eof = b"", 0, 0, False
         self.frame_end: int | None = None  # end of the current pickle frame (FRAME opcode)
 
     def _flush(self) -> None:
         if self.sink.lens:
+            self._check_expansion()
             self.on_rows(*self.sink.take())
         if self.stop is not None and self.stop.is_set():
             raise KeywordsCancelled()
+
+    def _check_expansion(self) -> None:
+        """NOTE [expansion]: refuse a pickle whose memo references multiply its size."""
+        self.out_rows += len(self.sink.lens)
+        out = 8 * (self.out_rows + 1 + self.sink.total)
+        if out <= EXPANSION_FLOOR or out <= MAX_EXPANSION * max(self.size, 1):
+            return
+        raise ArtifactError(
+            f"{self.path}: pair_keyword_ids expands from {self.size} bytes of pickle to over "
+            f"{out} bytes of keyword arrays after {self.out_rows} rows (x{out / max(self.size, 1):.0f}, "
+            f"limit x{MAX_EXPANSION:g}): its rows refer to the same list object again and again "
+            f"(pickle memo references), as `rows = [[]] * n` followed by `rows[i].append(k)` "
+            f"does, which gives every pair one shared growing list. Build one list per pair "
+            f"(`[[] for _ in range(n)]`) and save it again; if the lists are right, set "
+            f"jasper_mmap.converters.keyword_pickle.MAX_EXPANSION = float('inf') before converting."
+        )
 
     def _pos(self) -> int:
         return self.base + self.i

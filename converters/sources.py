@@ -211,8 +211,14 @@ def detect_storage_format(src: Path, requested: str) -> str:
                 "HDF5 format requested but h5py is not installed. Install with: "
                 "pip install 'jasper_mmap[hdf5]' (or pip install h5py)"
             )
-        if not h5:
-            raise ArtifactMissingError(f"HDF5 file not found: {src / H5_FILE}")
+        if not h5:  # the in-RAM dataset's words first, then the fix
+            fix = (
+                f"{src} holds .pt files: read them with storage_format='pt' or 'auto' "
+                f"(convert-pt --source pt, or auto)"
+                if pt
+                else f"Point at the dataset directory that holds {H5_FILE}"
+            )
+            raise ArtifactMissingError(f"HDF5 file not found: {src / H5_FILE}. {fix}.")
         return "hdf5"
     if not pt:
         raise ArtifactMissingError(

@@ -6,14 +6,68 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from .errors import JasperError
+from .layout import CONFIG, MANIFEST
 
 __all__ = ["main", "EXIT_BROKEN_PIPE"]
 
 #: exit status when the reader of our output went away (``info STORE | head -1``), as a shell
 #: reports a process killed by SIGPIPE
 EXIT_BROKEN_PIPE = 141
+
+
+def _dataset_stores(src: Path) -> list[Path]:
+    """The stores of dataset directory ``src`` that opening it made (beside it, or in the
+    cache for a read-only directory), for its ``.pt`` files or its ``dataset.h5``."""
+    from .resolve import STORE_DIRNAME, _store_location
+
+    src = src.expanduser().absolute()
+    cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "jasper_mmap"
+    found = []
+    for fmt in ("pt", "hdf5"):
+        suffix = "" if fmt == "pt" else f"_{fmt}"
+        for store in (src / f"{STORE_DIRNAME}{suffix}", _store_location(src, cache, fmt)):
+            if (store / MANIFEST).is_file():
+                found.append(store)
+    return found
+
+
+def _not_a_store(path: str, command: str) -> str | None:
+    """What to say instead of opening ``path`` when it is plainly no store: a file, or a dataset
+    directory (naming the store opening it made, if any). None: let the store checks speak."""
+    try:
+        return _not_a_store_why(Path(path), command)
+    except OSError:  # unreadable: the store checks name the problem
+        return None
+
+
+def _not_a_store_why(p: Path, command: str) -> str | None:
+    if not p.exists() or (p / MANIFEST).exists():
+        return None
+    if not p.is_dir():
+        parent = p.parent
+        if (parent / MANIFEST).is_file():
+            return (
+                f"{p}: is a file of the store {parent}, not a store. Run `jasper-mmap "
+                f"{command} {parent}`."
+            )
+        stores = _dataset_stores(parent) if (parent / CONFIG).is_file() else []
+        if stores:
+            return (
+                f"{p}: is not a directory but a file of dataset directory {parent}, which has "
+                f"the store {stores[0]}. Run `jasper-mmap {command} {stores[0]}`."
+            )
+        return None  # load_manifest says what a file is not
+    stores = _dataset_stores(p) if (p / CONFIG).is_file() else []
+    if stores:
+        also = "".join(f" (also {s})" for s in stores[1:])
+        return (
+            f"{p}: is a dataset directory, not a store; its store, converted when the dataset "
+            f"was opened, is {stores[0]}{also}. Run `jasper-mmap {command} {stores[0]}`."
+        )
+    return None
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -60,9 +114,13 @@ def _quiet_stdout() -> None:
     os.close(devnull)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the CLI. Exit status 0: ok (verify: no problems; warnings allowed); 1: problems
-    found, or the store cannot be opened; 141: the output pipe was closed early."""
+_STORE_HELP = (
+    "store directory (it holds manifest.json): one made by convert-pt, or the "
+    ".jasper_mmap_store inside a dataset directory that was opened"
+)
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="jasper-mmap", description="Inspect and check jasper_mmap stores."
     )
@@ -70,15 +128,26 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser(
         "verify", help="check the structure, then read every array once and check it"
     )
-    v.add_argument("store")
+    v.add_argument("store", help=_STORE_HELP)
     v.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     v.set_defaults(run=_verify)
     i = sub.add_parser("info", help="summary of a store (from its manifest; reads no data)")
-    i.add_argument("store")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("store", help=_STORE_HELP)
+    i.add_argument(
+        "--json", action="store_true", help="print the summary as one JSON object (for scripts)"
+    )
     i.set_defaults(run=_info)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI. Exit status 0: ok (verify: no problems; warnings allowed); 1: problems
+    found, or the store cannot be opened; 141: the output pipe was closed early."""
+    args = _parser().parse_args(argv)
     try:
+        if (why := _not_a_store(args.store, args.command)) is not None:
+            print(f"jasper-mmap: error: {why}", file=sys.stderr)
+            return 1
         status = args.run(args)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return status

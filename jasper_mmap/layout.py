@@ -165,11 +165,15 @@ def load_manifest(store_dir: Path) -> dict[str, Any]:
         StoreFormatError: the manifest is not JSON, not ours, or of a newer version.
     """
     store_dir = Path(store_dir)
-    if not store_dir.is_dir():
-        kind = "is not a directory" if store_dir.exists() else "does not exist"
+    if not store_dir.exists():
         raise StoreNotFoundError(
-            f"{store_dir}: store directory {kind}. Check the path, or create a store there "
-            f"with `convert-pt SRC {store_dir}`."
+            f"{store_dir}: store directory does not exist. Check the path, or create a store "
+            f"there with `convert-pt SRC {store_dir}`."
+        )
+    if not store_dir.is_dir():  # not `convert-pt SRC FILE`: convert-pt refuses a file there
+        raise StoreNotFoundError(
+            f"{store_dir}: is not a directory. Pass the store directory that holds "
+            f"manifest.json (one made by `convert-pt DATASET_DIR STORE`), not a file."
         )
     path = store_dir / MANIFEST
     if not path.exists() and (store_dir / CONFIG).is_file() and any(store_dir.glob("*.pt")):

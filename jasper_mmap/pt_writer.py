@@ -5,6 +5,10 @@ pickle (``data.pkl``) that describes the tensor and refers to its storage by key
 storage's raw bytes as the uncompressed record ``data/0``; so the pickle can be written first
 and the bytes streamed after it. Used by the synthetic generators to produce datasets larger
 than RAM for the converter; ``torch.load(path, weights_only=True)`` reads the result (tested).
+A list of lists of int (``pair_keyword_ids.pt``) is written the same way, as a torch archive
+whose ``data.pkl`` is streamed (:func:`write_lists_pt`), so ``torch.load`` reads it too;
+:func:`write_lists_pickle` writes the plain-pickle form some builders use (``torch.load`` cannot
+read that one).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 
 from ._atomic import partial_name
 
-__all__ = ["write_tensor_pt", "write_lists_pickle"]
+__all__ = ["write_tensor_pt", "write_lists_pt", "write_lists_pickle"]
 
 _STORAGE = {
     "float32": "FloatStorage",
@@ -121,17 +125,37 @@ def _list_opcodes(rows: Iterable[np.ndarray]) -> Iterator[bytes]:
     yield b"e."  # APPENDS, STOP
 
 
+def _write_opcodes(f, rows: Iterable[np.ndarray]) -> None:
+    chunk = []
+    for piece in _list_opcodes(rows):
+        chunk.append(piece)
+        if len(chunk) >= 4096:
+            f.write(b"".join(chunk))
+            chunk = []
+    f.write(b"".join(chunk))
+
+
 def write_lists_pickle(path: str | Path, rows: Iterable[np.ndarray]) -> Path:
-    """Write a list of lists of int as a plain pickle, streaming (``pickle.load`` reads it)."""
+    """Write a list of lists of int as a plain pickle, streaming (``pickle.load`` reads it;
+    ``torch.load`` does not: use :func:`write_lists_pt` for a file it reads)."""
     path = Path(path)
     tmp = path.with_name(partial_name(path.name))
     with open(tmp, "wb") as f:
-        chunk = []
-        for piece in _list_opcodes(rows):
-            chunk.append(piece)
-            if len(chunk) >= 4096:
-                f.write(b"".join(chunk))
-                chunk = []
-        f.write(b"".join(chunk))
+        _write_opcodes(f, rows)
+    os.replace(tmp, path)
+    return path
+
+
+def write_lists_pt(path: str | Path, rows: Iterable[np.ndarray]) -> Path:
+    """Write a list of lists of int as ``torch.save`` does (a torch archive whose ``data.pkl``
+    is the list's pickle), streaming; ``torch.load(path, weights_only=True)`` reads it."""
+    path = Path(path)
+    prefix = path.stem.replace(".", "_") or "archive"
+    tmp = path.with_name(partial_name(path.name))
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
+        with z.open(f"{prefix}/data.pkl", "w", force_zip64=True) as f:
+            _write_opcodes(f, rows)
+        z.writestr(f"{prefix}/byteorder", "little")
+        z.writestr(f"{prefix}/version", "3\n")
     os.replace(tmp, path)
     return path

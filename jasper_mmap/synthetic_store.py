@@ -267,7 +267,8 @@ def make_pt_dir(
     """Write the same synthetic dataset as a ``.pt`` directory (docs/dataset_format.md), streaming.
 
     Every artifact is written block by block (:mod:`jasper_mmap.pt_writer`), so the directory
-    (and any single file in it) can be larger than RAM; ``pair_keyword_ids.pt`` is a plain pickle.
+    (and any single file in it) can be larger than RAM; ``torch.load`` reads every file,
+    ``pair_keyword_ids.pt`` included (a torch archive holding the list of lists).
     The directory is built under a temporary name and appears with one rename. An existing
     non-empty ``dst`` is replaced only with ``overwrite`` and only if this function wrote it
     (it holds ``SYNTHETIC_MARKER``); any other directory is refused.
@@ -276,7 +277,7 @@ def make_pt_dir(
         StoreExistsError: ``dst`` is not empty and is not a synthetic directory we wrote, or
             ``overwrite`` is false.
     """
-    from .pt_writer import write_lists_pickle, write_tensor_pt
+    from .pt_writer import write_lists_pt, write_tensor_pt
 
     Path(dst).expanduser().absolute().parent.mkdir(parents=True, exist_ok=True)
     what = "a synthetic .pt directory written by make_pt_dir"
@@ -288,7 +289,7 @@ def make_pt_dir(
         for unit, arrays in _units(g).items():
             for name, shape in arrays:
                 if name == "pair_keyword_offsets":
-                    write_lists_pickle(tmp / "pair_keyword_ids.pt", _keyword_lists(g))
+                    write_lists_pt(tmp / "pair_keyword_ids.pt", _keyword_lists(g))
                 elif name != "pair_keyword_values":
                     write_tensor_pt(tmp / f"{name}.pt", shape, _dtype(name), _rows(g, name))
             log.debug("wrote unit %s", unit)

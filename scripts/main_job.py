@@ -125,11 +125,25 @@ def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--workdir", type=Path, default=Path("example_out"))
-    ap.add_argument("--pairs", type=int, default=20000)
-    ap.add_argument("--dim", type=int, default=384)
-    ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("example_out"),
+        help="where the dataset, its store and the plot go (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--pairs", type=int, default=20000, help="synthetic pairs (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--dim", type=int, default=384, help="embedding dimension (default: %(default)s)"
+    )
+    ap.add_argument("--epochs", type=int, default=6, help="training epochs (default: %(default)s)")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="create_loader's num_workers (gather threads) (default: %(default)s)",
+    )
     args = ap.parse_args()
     t0 = time.perf_counter()
     src, store = args.workdir / "pt_dataset", args.workdir / "store"

@@ -47,15 +47,33 @@ def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("dst", type=Path)
+    ap.add_argument(
+        "dst",
+        type=Path,
+        help="directory to create: a .pt dataset directory (default) or, with --store, a store",
+    )
     size = ap.add_mutually_exclusive_group(required=True)
-    size.add_argument("--pairs", type=int)
+    size.add_argument("--pairs", type=int, help="number of (question, source) pairs")
     size.add_argument("--gb", type=float, help="approximate size in GB (1e9 bytes)")
-    ap.add_argument("--dim", type=int, default=384)
-    ap.add_argument("--n-neg", type=int, default=12)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--dim", type=int, default=384, help="embedding dimension D (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--n-neg",
+        type=int,
+        default=12,
+        help="hard negatives per pair (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of every generator: the same seed gives the same bytes (default: %(default)s)",
+    )
     form = ap.add_mutually_exclusive_group()
-    form.add_argument("--store", action="store_true", help="write a safetensors store directly")
+    form.add_argument(
+        "--store", action="store_true", help="write a safetensors store directly (no .pt files)"
+    )
     form.add_argument(
         "--in-ram", action="store_true", help="build each artifact in RAM (small sizes)"
     )

@@ -82,3 +82,25 @@ def test_pt_dir_of_the_same_data_converts_to_the_same_store(tmp_path, store):
     direct = open_store(store)
     for name in direct.names():
         assert converted.read(name).tobytes() == direct.read(name).tobytes(), name
+
+
+def test_every_file_of_a_pt_dir_is_read_by_torch_load(tmp_path):
+    """make_pt_dir (make_synthetic.py's default) writes files the original dataset can load:
+    torch.load(weights_only=True) reads each one, pair_keyword_ids.pt included, and the keyword
+    lists it gives are the ones the converter stores."""
+    import torch
+
+    from jasper_mmap.converters import convert_pt
+    from jasper_mmap.synthetic_store import make_pt_dir
+
+    src = make_pt_dir(tmp_path / "pt", 2100, dim=8, n_neg=6, n_clusters=5, n_keywords=50)
+    for f in sorted(src.glob("*.pt")):
+        torch.load(f, weights_only=True)  # raises on a file torch cannot read
+    lists = torch.load(src / "pair_keyword_ids.pt", weights_only=True)
+    assert (
+        isinstance(lists, list) and len(lists) == 2100 and all(isinstance(r, list) for r in lists)
+    )
+    store = open_store(convert_pt(src, tmp_path / "s", progress=False))
+    offsets, values = store.read("pair_keyword_offsets"), store.read("pair_keyword_values")
+    assert [len(r) for r in lists] == np.diff(offsets).tolist()
+    assert [v for r in lists for v in r] == values.tolist()
