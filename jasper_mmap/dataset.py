@@ -258,7 +258,7 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         if self.preload:
             self._preloaded = Preloaded(self._store, split, self.device, preload_budget_bytes)
         self._control = ControlBlock(epoch, self._store.generation)
-        self.set_epoch(epoch)
+        self._apply_epoch(epoch)  # logged in the init line below, as the in-RAM dataset does
         log.info(
             "Dataset initialized: %d samples, embedding_dim=%d, n_neg=%d, device=%s, "
             "memory=%.1f MB (%s, %s split of %s)",
@@ -269,7 +269,7 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
             self.memory_usage_mb,
             "memory-mapped" if self.use_mmap else "preloaded",
             split,
-            self.store_path,
+            self.dataset_dir,
         )
 
     def _split_length(self, manifest: dict[str, Any]) -> int:
@@ -396,11 +396,16 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         Raises:
             ConfigError: the curriculum gives probabilities the draw cannot use at ``epoch``.
         """
+        epoch = self._apply_epoch(epoch)
+        log.info("Set epoch %d, steering probs: %s", epoch, _fmt(self.schedule.as_dict(epoch)))
+
+    def _apply_epoch(self, epoch: int) -> int:
+        """:meth:`set_epoch` without its log line (construction logs its own)."""
         epoch = int(epoch)
         self.schedule.probs(epoch)  # refuse now, not at the first batch
         self._control.set(epoch=epoch)
         self._control.set_override(None)
-        log.info("Set epoch %d, steering probs: %s", epoch, _fmt(self.schedule.as_dict(epoch)))
+        return epoch
 
     def force_steering(self, variant: str | None) -> None:
         """Serve every sample with ``variant`` ("zero", "centroid", "keyword", "residual");
@@ -459,7 +464,7 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         if arr.size and arr.dtype.kind not in "iu":
             kind = "a boolean mask" if arr.dtype.kind == "b" else f"{arr.dtype} values"
             raise SampleIndexTypeError(
-                f"{self.store_path}: sample indices of the {self.split} split should be "
+                f"{self.dataset_dir}: sample indices of the {self.split} split should be "
                 f"integers, but got {kind} (e.g. {arr.reshape(-1)[:3].tolist()}); they are "
                 f"never cast. Pass integer sample numbers: `np.flatnonzero(mask)` for a "
                 f"mask, `idx.astype(np.int64)` (or `.long()`) for floats you mean as integers."
@@ -472,7 +477,7 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
             bad = idx[(idx < 0) | (idx >= self._len)][:5].tolist()
             raise SampleIndexError(
                 f"Index {bad[0] if len(bad) == 1 else bad} out of range [0, {self._len}) for "
-                f"the {self.split} split of {self.store_path}"
+                f"the {self.split} split of {self.dataset_dir}"
             )
         return idx
 
@@ -696,7 +701,7 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         if self._preloaded is None:  # unpickled in a DataLoader worker, or after close()
             if self.device.type != "cpu" and torch.utils.data.get_worker_info() is not None:
                 raise RuntimeError(
-                    f"{self.store_path}: a dataset preloaded to {self.device} serves batches in "
+                    f"{self.dataset_dir}: a dataset preloaded to {self.device} serves batches in "
                     f"the process that made it; use num_workers=0 (create_loader does)."
                 )
             self._preloaded = Preloaded(
@@ -764,7 +769,7 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
             idx = int(idx)
         if isinstance(idx, bool) or not isinstance(idx, int | np.integer):
             raise SampleIndexTypeError(
-                f"{self.store_path}: a sample index should be an int, but got "
+                f"{self.dataset_dir}: a sample index should be an int, but got "
                 f"{type(idx).__name__} ({idx!r:.40}). Pass an int; use get_batch for many."
             )
         return SampleBatch(self.get_batch([int(idx)]))[0]
@@ -803,7 +808,7 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
 
     def __repr__(self) -> str:
         return (
-            f"JASPERSteeringDataset({str(self.store_path)!r}, split={self.split!r}, len={self._len}, "
+            f"JASPERSteeringDataset({str(self.dataset_dir)!r}, split={self.split!r}, len={self._len}, "
             f"epoch={self.epoch}, storage_format={self.storage_format!r}, use_mmap={self.use_mmap})"
         )
 

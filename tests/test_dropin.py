@@ -474,6 +474,7 @@ def test_info_logging_as_the_in_ram_dataset(src, caplog):
         ds.reload_negatives()
         ds.close()
     assert "memory=" in init and "Dataset initialized: 96 samples" in init
+    assert "Set epoch" not in init  # the in-RAM dataset logs no epoch line at construction
     for needle in (
         "Set epoch 4, steering probs: zero=",
         "Forced steering variant: zero",
@@ -482,6 +483,16 @@ def test_info_logging_as_the_in_ram_dataset(src, caplog):
         "Dataset closed. Split: train",
     ):
         assert needle in caplog.text, needle
+
+
+def test_messages_and_repr_name_the_directory_the_user_passed(src):
+    """Not the hidden store made inside it (``.jasper_mmap_store``)."""
+    ds = JASPERSteeringDataset(src, "train")
+    assert str(src) in repr(ds) and ".jasper_mmap_store" not in repr(ds)
+    for bad in ([10**6], np.array([0.5])):
+        with pytest.raises((IndexError, TypeError)) as e:
+            ds.get_batch(bad)
+        assert str(src) in str(e.value) and ".jasper_mmap_store" not in str(e.value)
 
 
 def test_a_pt_directory_takes_the_converters_options(src):
