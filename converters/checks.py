@@ -7,7 +7,6 @@ non-finite rows) that end up in the manifest, so readers never have to scan for 
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from jasper_mmap.errors import ArtifactError, ArtifactMissingError, ConfigError
+from jasper_mmap.files import read_json
 from jasper_mmap.steering import SteeringSchedule
 
 __all__ = ["read_config", "Stats", "check_block", "SplitCheck", "COUNT_KEYS", "Notices"]
@@ -37,16 +37,15 @@ COUNT_KEYS = {
 def read_config(src: Path) -> dict[str, Any]:
     """Read ``config.json`` of a dataset directory and check the types of the keys we use."""
     path = src / "config.json"
-    if not path.is_file():
+    if not path.exists():
         raise ArtifactMissingError(
             f"{path}: config.json is missing. Every dataset directory needs one "
             f"(embedding_dim, n_neg, steering_probabilities, ...); see docs/dataset_format.md."
         )
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: is not valid JSON ({e}). Fix the file.") from None
+    # a regular file of bounded nesting (NOTE [regular files only] in jasper_mmap/files.py)
+    config = read_json(
+        path, what="config.json", fix="Fix the file.", error=ConfigError, missing=ArtifactMissingError
+    )
     if not isinstance(config, dict):
         raise ConfigError(
             f"{path}: should be a JSON object, but got {type(config).__name__}. Fix the file."

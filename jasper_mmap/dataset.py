@@ -11,7 +11,6 @@ reach DataLoader workers through the control block (NOTE [worker start-up] in co
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import threading
@@ -33,6 +32,7 @@ from .errors import (
     SampleIndexError,
     SampleIndexTypeError,
 )
+from .files import read_json
 from .layout import CONFIG, SPLITS
 from .preload import Preloaded
 from .resolve import resolve_dataset
@@ -1028,13 +1028,12 @@ def _fmt(probs: dict[str, Any]) -> str:
 
 def _read_config(store_path: Path) -> dict[str, Any]:
     path = store_path / CONFIG
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
+    try:  # a regular file, bounded nesting: NOTE [regular files only] in files.py
+        config = read_json(
+            path, what="config.json", fix="Fix the file.", error=ConfigError, missing=None
+        )
     except FileNotFoundError:
         raise ArtifactMissingError(f"Config file not found: {path}. Re-create the store.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: is not valid JSON ({e}). Fix the file.") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: should be a JSON object. Fix the file.")
     return config

@@ -15,6 +15,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from .errors import ArtifactError, ArtifactMissingError
+from .files import open_regular
 from .layout import ARRAYS, CONFIG, SPLITS
 
 __all__ = [
@@ -36,7 +38,7 @@ def fingerprint(path: Path) -> dict[str, Any]:
     """Size, mtime (ns) and a blake2b hash of the first and last 64 KiB of ``path``."""
     st = os.stat(path)
     h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
+    with open_regular(path, what="source file", error=ArtifactError, missing=ArtifactMissingError) as f:
         h.update(f.read(_EDGE))
         if st.st_size > _EDGE:
             f.seek(max(_EDGE, st.st_size - _EDGE))

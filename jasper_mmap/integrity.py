@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterable
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import JasperError, StoreCorruptError, StoreFormatError, StoreNotFoundError
+from .files import file_kind, read_json
 from .layout import CONFIG, MANIFEST, NEGATIVES_DIR, POINTER
 from .schema import (
     BACKEND_NAMES,
@@ -146,10 +148,15 @@ def file_problems(
             continue
         path = os.path.join(base, rel)
         try:
-            got = os.stat(path).st_size
+            st = os.stat(path)
         except (FileNotFoundError, NotADirectoryError):
             msg = f"{path}: store file is missing ({label} lists it). {fix}"
             problems.append(Problem(StoreNotFoundError, msg, _owners(rel, entries or {})))
+            continue
+        got = st.st_size
+        if not stat.S_ISREG(st.st_mode):  # NOTE [regular files only] in files.py
+            msg = f"{path}: store file is {file_kind(st.st_mode)}, not a regular file. {fix}"
+            problems.append(Problem(StoreCorruptError, msg, _owners(rel, entries or {})))
             continue
         if got != want:
             msg = (
@@ -176,18 +183,13 @@ def check_files(
 def _config_problems(store_dir: Path, fix: str) -> list[Problem]:
     path = Path(store_dir) / CONFIG
     try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (FileNotFoundError, NotADirectoryError):
-        return [
-            Problem(
-                StoreNotFoundError,
-                f"{path}: config.json is missing (the dataset's config.json is kept in the "
-                f"store). Copy the dataset's config.json there, or: {fix}",
-            )
-        ]
-    except (OSError, ValueError) as e:
-        return [Problem(StoreFormatError, f"{path}: config.json is not valid JSON ({e}). {fix}")]
+        config = read_json(
+            path,
+            what="config.json",
+            fix=f"Copy the dataset's config.json there (the store keeps it), or: {fix}",
+        )
+    except JasperError as e:
+        return [Problem(type(e), str(e))]
     if not isinstance(config, dict):
         return [
             Problem(

@@ -28,6 +28,7 @@ from typing import Any
 
 from ._atomic import partial_name
 from .errors import JasperError, StoreFormatError, StoreNotFoundError, write_error
+from .files import read_json
 
 __all__ = [
     "FORMAT_NAME",
@@ -140,14 +141,10 @@ def write_json_atomic(path: Path, obj: Any, what: str | None = None) -> None:
         raise
 
 
-def _read_json(path: Path, what: str, fix: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (FileNotFoundError, NotADirectoryError):
-        raise StoreNotFoundError(f"{path}: {what} is missing. {fix}") from None
-    except (ValueError, OSError) as e:  # JSONDecodeError, UnicodeDecodeError, EISDIR...
-        raise StoreFormatError(f"{path}: {what} is not valid JSON ({e}). {fix}") from None
+def _read_json(path: Path, what: str, fix: str, dir_fd: int | None = None) -> dict[str, Any]:
+    """A JSON object from ``path`` (relative to ``dir_fd`` when given), through
+    :func:`~jasper_mmap.files.read_json` (NOTE [regular files only])."""
+    obj = read_json(path, what=what, fix=fix, dir_fd=dir_fd)
     if not isinstance(obj, dict):
         raise StoreFormatError(
             f"{path}: {what} should be a JSON object, but got {type(obj).__name__}. {fix}"

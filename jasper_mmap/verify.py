@@ -18,7 +18,6 @@ no recorded warning reports (a negatives generation published later, say).
 
 from __future__ import annotations
 
-import json
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,8 +29,10 @@ import numpy as np
 from ._dtypes import entry_nbytes, numpy_dtype, to_float32
 from .converters.checks import Notices, SplitCheck, Stats, check_block, check_steering
 from .errors import ConfigError, JasperError
+from .files import open_regular, read_json
 from .integrity import store_problems
 from .layout import CONFIG, load_manifest
+from .schema import store_fix
 from .stores import BACKENDS, NEGATIVE_ARRAYS, Store, open_store
 
 __all__ = ["verify_store", "VerifyReport", "store_info"]
@@ -101,7 +102,7 @@ def _blocks(store: Store, name: str) -> Iterator[tuple[int, np.ndarray]]:
     path = store.path / entry["file"]
     start, header = read_header(path)
     base = start + header[entry["key"]]["data_offsets"][0]
-    with open(path, "rb", buffering=0) as f:
+    with open_regular(path, what="store file", fix=store_fix(store.path, store.manifest)) as f:
         for lo in range(0, shape[0], step):
             n = min(step, shape[0] - lo)
             raw = _pread(f.fileno(), n * row, base + lo * row)
@@ -166,11 +167,12 @@ def _config_problems(store_dir: Path) -> list[str]:
     """Steering probabilities the draw cannot use (the dataset refuses to open the store;
     ``convert-pt`` refuses them since, but older stores may hold them)."""
     try:
-        with open(store_dir / CONFIG, encoding="utf-8") as f:
-            config = json.load(f)
+        config = read_json(store_dir / CONFIG, what="config.json", fix=store_fix(store_dir))
         check_steering(store_dir, config)
     except ConfigError as e:
         return [f"{e} The dataset cannot be opened until then."]
+    except JasperError as e:  # unreadable (changed since store_problems read it)
+        return [str(e)]
     except Exception as e:  # noqa: BLE001 -- verify reports, it never raises
         return [f"{store_dir / CONFIG}: its steering probabilities cannot be checked ({e!r})."]
     return []

@@ -601,7 +601,7 @@ CASES: list[Case] = [
         "config-directory",
         lambda s: ((s / "config.json").unlink(), (s / "config.json").mkdir()),
         FMT,
-        r"config\.json: config\.json is not valid JSON",
+        r"config\.json: config\.json is a directory, not a regular file",
     ),
     # data files: missing, truncated, appended to
     *(

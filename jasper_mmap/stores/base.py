@@ -22,6 +22,7 @@ import numpy as np
 
 from .._dtypes import to_float32
 from ..errors import SampleIndexError, StoreCorruptError, StoreKeyError, StoreNotFoundError
+from ..files import open_regular
 from ..integrity import check_generation
 from ..layout import NEGATIVES_DIR, generation_name, read_manifest, read_pointer
 
@@ -80,8 +81,8 @@ def _acquire(
         f"{path}: negatives generation {generation} was removed after newer ones were "
         f"published (or never existed). Call reload_negatives() to serve the live one."
     )
-    try:
-        f = open(path, "rb")  # noqa: SIM115 - kept open as the lease
+    try:  # kept open as the lease; a regular file only (NOTE [regular files only])
+        f = open_regular(path, what="negatives generation description", missing=None)
     except FileNotFoundError:
         raise gone from None
     try:

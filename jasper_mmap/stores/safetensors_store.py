@@ -52,7 +52,8 @@ from typing import Any
 import numpy as np
 
 from .._dtypes import entry_nbytes, numpy_dtype, safetensors_code
-from ..errors import JasperError, StoreCorruptError, StoreFormatError, StoreNotFoundError
+from ..errors import JasperError, StoreCorruptError, StoreFormatError
+from ..files import MAX_JSON_DEPTH, json_depth, open_regular
 from ..schema import Problem, is_count, raise_problems, store_fix, type_name
 from .base import NEGATIVE_ARRAYS, Store, StoreWriter, in_gather_thread
 
@@ -90,7 +91,7 @@ def read_header(path: Path, fix: str = _FIX) -> tuple[int, dict[str, Any]]:
         StoreCorruptError: the file cannot be read (a directory, an I/O error).
     """
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, what="store file", fix=fix, error=StoreCorruptError) as f:
             head = f.read(8)
             if len(head) < 8:
                 raise StoreFormatError(
@@ -102,8 +103,6 @@ def read_header(path: Path, fix: str = _FIX) -> tuple[int, dict[str, Any]]:
                     f"{path}: header length {n} is implausible (over {_MAX_HEADER}). {fix}"
                 )
             raw = f.read(n)
-    except (FileNotFoundError, NotADirectoryError):
-        raise StoreNotFoundError(f"{path}: store file is missing. {fix}") from None
     except OSError as e:
         raise StoreCorruptError(f"{path}: store file cannot be read ({e}). {fix}") from None
     if len(raw) != n:
@@ -112,8 +111,13 @@ def read_header(path: Path, fix: str = _FIX) -> tuple[int, dict[str, Any]]:
         )
     try:
         header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StoreFormatError(f"{path}: header is not valid JSON ({e}). {fix}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise StoreFormatError(f"{path}: header is not valid JSON ({e!s:.200}). {fix}") from None
+    if json_depth(header) > MAX_JSON_DEPTH:
+        raise StoreFormatError(
+            f"{path}: header is not valid JSON for us (nested deeper than {MAX_JSON_DEPTH} "
+            f"levels). {fix}"
+        )
     if not isinstance(header, dict):
         raise StoreFormatError(f"{path}: header should be a JSON object. {fix}")
     return 8 + n, header
@@ -390,11 +394,7 @@ class _MappedFile:
         self, path: Path, advice: str = "normal", fix: str = _FIX, store_dir: Path | None = None
     ) -> None:
         self.data_start, self.header = read_header(path, fix)
-        try:
-            f = open(path, "rb")  # noqa: SIM115 - closed below
-        except OSError as e:
-            raise StoreCorruptError(f"{path}: store file cannot be read ({e}). {fix}") from None
-        with f:
+        with open_regular(path, what="store file", fix=fix, error=StoreCorruptError) as f:
             size = os.fstat(f.fileno()).st_size
             problems = layout_problems(path, self.header, self.data_start, size, fix)
             raise_problems(problems, store_dir or path.parent)

@@ -19,7 +19,6 @@ or remote (fsspec) access. Bfloat16 has no zarr data type, so such arrays are st
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 import zlib
@@ -32,6 +31,7 @@ from zarr.storage import LocalStore
 
 from .._dtypes import STORED_DTYPES, numpy_dtype
 from ..errors import JasperError, StoreCorruptError, StoreFormatError, StoreNotFoundError
+from ..files import read_json
 from ..layout import MANIFEST
 from ..schema import Problem, is_count, store_fix, type_name
 from .base import Store, StoreWriter
@@ -232,15 +232,9 @@ def metadata_problems(
     for name, entry in entries.items():
         path = os.path.join(store_dir, entry["file"], "zarr.json")
         try:
-            with open(path, "rb") as f:
-                meta = json.loads(f.read())
-        except (FileNotFoundError, NotADirectoryError):
-            msg = f"{path}: zarr array metadata is missing (array {name!r}). {fix}"
-            problems.append(Problem(StoreNotFoundError, msg, (name,)))
-            continue
-        except (OSError, ValueError) as e:
-            msg = f"{path}: zarr array metadata is not valid JSON ({e}). {fix}"
-            problems.append(Problem(StoreCorruptError, msg, (name,)))
+            meta = read_json(path, what="zarr array metadata", fix=fix, error=StoreCorruptError)
+        except JasperError as e:
+            problems.append(Problem(type(e), str(e), (name,)))
             continue
         found = _json_findings(meta, entry)
         problems += [Problem(StoreCorruptError, f"{path}: {f}. {fix}", (name,)) for f in found]

@@ -1,0 +1,147 @@
+"""Opening the files we read: regular files only, never blocking; JSON of bounded nesting.
+
+# NOTE [regular files only]
+A FIFO, socket or device in place of one of our files (``manifest.json``, ``config.json``,
+``negatives/CURRENT.json``, a ``gen-N.json``, a safetensors file, a ``zarr.json``) would make a
+plain ``open`` wait forever for a writer (FIFO) or read endless bytes (``/dev/zero``). Every
+file jasper_mmap opens for reading goes through :func:`open_regular`: ``O_NONBLOCK`` on the
+open (a FIFO opens at once, with no writer), then ``fstat`` of the descriptor just opened, and
+anything but a regular file is refused naming what it is. ``O_NONBLOCK`` is then cleared (it
+means nothing for a regular file). Checking the descriptor, not the path, leaves no window for
+a swap between the check and the read.
+
+:func:`read_json` reads our JSON files through it and bounds their nesting
+(:data:`MAX_JSON_DEPTH`): our files nest a few levels, and a deeply nested one would otherwise
+raise ``RecursionError`` in the parser, or later in code that walks or prints it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import stat
+from typing import IO, Any
+
+from .errors import StoreFormatError, StoreNotFoundError
+
+__all__ = ["MAX_JSON_DEPTH", "open_regular", "read_json", "file_kind", "json_depth"]
+
+#: deepest nesting accepted in our JSON files (ours nest at most 5 levels)
+MAX_JSON_DEPTH = 64
+
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def file_kind(mode: int) -> str:
+    """``"a regular file"``, ``"a FIFO (named pipe)"``, ``"a directory"``... for ``st_mode``."""
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def open_regular(
+    path: str | os.PathLike,
+    *,
+    what: str = "file",
+    fix: str = "",
+    error: type[Exception] = StoreFormatError,
+    missing: type[Exception] | None = StoreNotFoundError,
+    dir_fd: int | None = None,
+    shown: str | os.PathLike | None = None,
+) -> IO[bytes]:
+    """Open ``path`` for reading (binary), refusing anything but a regular file, never blocking.
+
+    ``dir_fd``: open ``path`` relative to that directory descriptor. ``shown``: the name used
+    in messages (default ``path``). A missing file raises ``missing`` (None: the
+    FileNotFoundError itself); a FIFO, socket, device or directory, or a file that cannot be
+    opened (permissions, I/O error), raises ``error``. Messages are
+    ``{shown}: {what} {problem}. {fix}``.
+    """
+    name = shown if shown is not None else path
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, dir_fd=dir_fd)
+    except (FileNotFoundError, NotADirectoryError):
+        if missing is None:
+            raise
+        raise missing(f"{name}: {what} is missing. {fix}".rstrip()) from None
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # a socket (or a device with nothing behind it)
+            try:
+                kind = file_kind(os.stat(path, dir_fd=dir_fd).st_mode)
+            except OSError:
+                kind = "not a regular file"
+            raise error(f"{name}: {what} is {kind}, not a regular file. {fix}".rstrip()) from None
+        raise error(f"{name}: {what} cannot be opened ({e.strerror}). {fix}".rstrip()) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise error(f"{name}: {what} is {file_kind(mode)}, not a regular file. {fix}".rstrip())
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def json_depth(obj: Any, limit: int = MAX_JSON_DEPTH) -> int:
+    """Nesting depth of parsed JSON ``obj`` (a scalar is 0), counted up to ``limit + 1``:
+    iterative, so any depth is measured without recursion."""
+    deepest = 0
+    stack = [(obj, 1)] if isinstance(obj, dict | list) else []
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > limit:
+            return depth
+        for v in node.values() if isinstance(node, dict) else node:
+            if isinstance(v, dict | list):
+                stack.append((v, depth + 1))
+    return deepest
+
+
+def read_json(
+    path: str | os.PathLike,
+    *,
+    what: str,
+    fix: str,
+    error: type[Exception] = StoreFormatError,
+    missing: type[Exception] | None = StoreNotFoundError,
+    dir_fd: int | None = None,
+    shown: str | os.PathLike | None = None,
+) -> Any:
+    """Parse the JSON file ``path`` (UTF-8), opened with :func:`open_regular`.
+
+    Raises:
+        ``missing``: the file does not exist (None: FileNotFoundError).
+        ``error``: not a regular file, unreadable, not valid JSON or UTF-8, or nested deeper
+            than :data:`MAX_JSON_DEPTH`.
+    """
+    name = shown if shown is not None else path
+    with open_regular(
+        path, what=what, fix=fix, error=error, missing=missing, dir_fd=dir_fd, shown=shown
+    ) as f:
+        try:
+            raw = f.read()
+        except OSError as e:
+            raise error(f"{name}: {what} cannot be read ({e.strerror}). {fix}") from None
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+        if isinstance(e, RecursionError):
+            e = f"nested deeper than {MAX_JSON_DEPTH} levels"
+        raise error(f"{name}: {what} is not valid JSON ({e}). {fix}") from None
+    if json_depth(obj) > MAX_JSON_DEPTH:
+        raise error(
+            f"{name}: {what} is not valid JSON for us (nested deeper than {MAX_JSON_DEPTH} "
+            f"levels). {fix}"
+        )
+    return obj
