@@ -81,6 +81,12 @@ def check_shapes(
             f"{src / 'config.json'}: embedding_dim={want_d}, but every embedding and steering file "
             f"has dimension {dims.pop()}. The files are the truth: fix config.json."
         )
+    if dims == {0}:
+        raise ArtifactError(
+            f"{arts['question_embs'].path}: embeddings have dimension 0 (shape "
+            f"{list(arts['question_embs'].shape)}), as every embedding and steering file has; "
+            f"a row needs at least one value. Re-run the embedding step of the dataset builder."
+        )
     if len(dims) > 1:
         raise ArtifactError(
             f"{src}: embedding dimensions disagree: config.json says embedding_dim="

@@ -143,6 +143,26 @@ def distribution(probs: Mapping[str, Any], where: str, fix: str | None = None) -
     return p / p.sum()
 
 
+_TOO_LARGE = " (an integer too large for a float)"
+
+
+def _too_large(value: Any) -> bool:
+    """Whether ``value`` is an integer that no float can hold (``float()`` overflows)."""
+    if type(value) is not int:
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return True
+    return False
+
+
+def _is_number(value: Any) -> bool:
+    """Whether ``value`` is a JSON number the formula can compute with: an int or float (not
+    a bool, not a string), within a float's range."""
+    return type(value) in (int, float) and not _too_large(value)
+
+
 @dataclass(frozen=True)
 class SteeringSchedule:
     """Variant probabilities per epoch, from ``config.json`` (see :func:`compute_steering_probs`).
@@ -173,9 +193,18 @@ class SteeringSchedule:
             raise ConfigError(f"{where}: curriculum should be an object, but got {cur!r}.")
         for key in CURRICULUM_DEFAULTS:
             value = (cur or {}).get(key, 0)
-            if isinstance(value, bool) or not isinstance(value, int | float):
+            if not _is_number(value):
                 raise ConfigError(
-                    f"{where}: curriculum {key} should be a number, but got {key}={value!r}."
+                    f"{where}: curriculum {key} should be a number, but got {key}={value!r:.60}"
+                    f"{_TOO_LARGE if _too_large(value) else ''}. Fix the curriculum in that "
+                    f"config.json."
+                )
+        for key, value in base.items():
+            if not _is_number(value):
+                raise ConfigError(
+                    f"{where}: steering_probabilities {key} should be a number, but got "
+                    f"{key}={value!r:.60}{_TOO_LARGE if _too_large(value) else ''}. Fix "
+                    f"steering_probabilities in that config.json (numbers, not strings)."
                 )
         return cls({"steering_probabilities": dict(base), "curriculum": dict(cur or {})}, where)
 
