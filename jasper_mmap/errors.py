@@ -27,6 +27,7 @@ __all__ = [
     "TableMemoryError",
     "StoreWriteError",
     "StoreStaleError",
+    "StoreReplacedError",
     "write_error",
 ]
 
@@ -69,6 +70,12 @@ class StoreExistsError(JasperError, FileExistsError):
 
 class StoreStaleError(JasperError, ValueError):
     """A store's source ``.pt`` files changed after it was converted."""
+
+
+class StoreReplacedError(JasperError, RuntimeError):
+    """The store an open dataset (or :class:`~jasper_mmap.stores.Store`) reads was replaced
+    (``convert-pt --overwrite``), moved or removed after it was opened: it never reads the
+    new store's files in its place (NOTE [store identity]). Open the dataset again."""
 
 
 class StoreKeyError(JasperError, KeyError):

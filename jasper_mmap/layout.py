@@ -268,8 +268,10 @@ def write_store_metadata(
     generation's description). ``source["files"]`` are the fingerprints of the inputs.
     ``warnings`` (lenient-input notices of the converter) are recorded for ``jasper-mmap
     info``/``verify`` to show. Every data file is recorded with its size: the manifest's
-    ``files``, and the generation's own ``files`` (NOTE [recorded files] in integrity.py).
+    ``files``, and the generation's own ``files`` (NOTE [recorded files] in integrity.py). The
+    manifest's ``store_id`` is a random token naming this conversion (NOTE [store identity]).
     """
+    import secrets
     import time
 
     from . import __version__
@@ -301,6 +303,7 @@ def write_store_metadata(
         "arrays": entries,
         "negatives_initial": neg,
         "source": source,
+        "store_id": secrets.token_hex(16),  # NOTE [store identity] in stores/base.py
         "warnings": list(warnings or []),
     }
     write_json_atomic(tmp / MANIFEST, manifest)

@@ -21,10 +21,17 @@ from typing import Any
 import numpy as np
 
 from .._dtypes import to_float32
-from ..errors import SampleIndexError, StoreCorruptError, StoreKeyError, StoreNotFoundError
-from ..files import open_regular
+from ..errors import (
+    JasperError,
+    SampleIndexError,
+    StoreCorruptError,
+    StoreKeyError,
+    StoreNotFoundError,
+    StoreReplacedError,
+)
+from ..files import open_regular, read_json
 from ..integrity import check_generation
-from ..layout import NEGATIVES_DIR, generation_name, read_manifest, read_pointer
+from ..layout import MANIFEST, NEGATIVES_DIR, generation_name, read_manifest, read_pointer
 
 __all__ = ["Store", "StoreWriter", "NEGATIVE_ARRAYS", "mark_gather_thread", "in_gather_thread"]
 
@@ -99,6 +106,66 @@ def _acquire(
     return _Generation(desc, f)
 
 
+# NOTE [store identity]
+# ``convert-pt --overwrite`` replaces a store with one rename and then deletes the old
+# directory; a store can also be moved or removed by hand. An open Store reads the store it
+# opened, never the one now at its path, or fails with StoreReplacedError. Two things hold that:
+# - Within a process every file is opened through a descriptor of the store directory, taken
+#   when the Store is created (or first used in a process that unpickled it): ``_root()`` is
+#   ``/proc/self/fd/N``, which names that directory whatever its path names now. A file first
+#   opened later (a safetensors file not mapped yet, every zarr chunk, a generation's files)
+#   comes from the directory opened, or is missing once that directory was deleted, and a
+#   failure there says the store was replaced when it was (``_check_same``).
+# - Across processes (a DataLoader worker unpickles the Store without the descriptor) the
+#   identity recorded when the directory was first taken travels with the Store: the
+#   manifest's ``store_id`` (a random token written at conversion) and the state (device,
+#   inode, size, mtime, ctime) of ``manifest.json``. A process taking the directory again
+#   compares them: the same manifest file is the same store; another manifest file with the
+#   same token too; anything else is StoreReplacedError. Stores written before the token have
+#   only the state. ``live_generation()`` (hot reload) first checks that the path still names
+#   the directory held: publications at the path go to another store now.
+# Without /proc (not Linux) the root is the path and only these checks guard. Not guarded:
+# the instant between reading the manifest and creating the Store in ``open_store`` (checked
+# by path just before); a store rewritten in place file by file (we never do that).
+_PROC_FD = os.path.isdir("/proc/self/fd")
+
+
+def _manifest_state(dir_fd: int) -> tuple | None:
+    try:
+        st = os.stat(MANIFEST, dir_fd=dir_fd)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _token_at(dir_fd: int) -> str | None:
+    """The ``store_id`` of the manifest in directory ``dir_fd`` (None if unreadable/absent)."""
+    try:
+        manifest = read_json(MANIFEST, what="manifest.json", fix="", dir_fd=dir_fd)
+    except JasperError:
+        return None
+    token = manifest.get("store_id") if isinstance(manifest, dict) else None
+    return token if isinstance(token, str) else None
+
+
+class _Dir:
+    """This process's descriptor of a store directory, and the root to open files under;
+    closed when the last holder lets go (the Store, and every zarr array read under it)."""
+
+    __slots__ = ("fd", "root")
+
+    def __init__(self, fd: int, root: Path) -> None:
+        self.fd, self.root = fd, root
+
+    def __del__(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except (OSError, TypeError):  # TypeError: at interpreter exit, os may be gone
+                pass
+
+
 class Store(abc.ABC):
     """Read side of a store. Subclasses implement :meth:`_open_array`.
 
@@ -131,13 +198,88 @@ class Store(abc.ABC):
         self._handles: dict[str, Any] = {}
         self._lock = threading.RLock()
         self._pid = os.getpid()
+        self._identity: tuple[str | None, tuple | None] | None = None  # NOTE [store identity]
+        self._dir: _Dir | None = None
+        self._root()  # the directory is taken now, right after open_store checked it
 
     # -- pickling: paths and small state only ------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        # maps, leases and what was checked at open are per process
-        state.update(_handles={}, _gens={}, _lock=None, _verified={})
+        # maps, leases, the directory and what was checked at open are per process
+        state.update(_handles={}, _gens={}, _lock=None, _verified={}, _dir=None)
         return state
+
+    # -- the directory opened: NOTE [store identity] ------------------------------------------
+    def _root(self) -> Path:
+        """Where this process opens the store's files: the directory taken first."""
+        d = self._dir
+        if d is None:
+            with self._guard():
+                if self._dir is None:
+                    self._dir = self._take_dir()
+                d = self._dir
+        return d.root
+
+    def _replaced(self, what: str) -> StoreReplacedError:
+        return StoreReplacedError(
+            f"{self.path}: the store opened here {what} (convert-pt --overwrite, a move or a "
+            f"removal); nothing of the store now at this path is read in its place. Open the "
+            f"dataset (or store) again to read the store now at {self.path}."
+        )
+
+    def _take_dir(self) -> _Dir:
+        """Open the store directory and check it is the store first opened (if any was)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            if self._identity is not None:
+                raise self._replaced("is gone from its path") from None
+            raise StoreNotFoundError(
+                f"{self.path}: store directory cannot be opened ({e.strerror}). Check the path."
+            ) from None
+        try:
+            state = _manifest_state(fd)
+            if self._identity is None:
+                token = self.manifest.get("store_id")
+                self._identity = (token if isinstance(token, str) else None, state)
+            elif state is None or state != self._identity[1]:
+                token = self._identity[0]
+                if token is None or _token_at(fd) != token:
+                    raise self._replaced("was replaced by another store since it was opened")
+                self._identity = (token, state)  # the same store, its manifest rewritten
+            root = Path(f"/proc/self/fd/{fd}") if _PROC_FD else self.path
+            return _Dir(fd, root)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _check_same(self) -> None:
+        """Raise StoreReplacedError if the directory held was deleted, or the path now names
+        another directory (two ``stat`` calls)."""
+        d = self._dir
+        if d is None:
+            return
+        held = os.fstat(d.fd)
+        try:
+            here = os.stat(self.path)
+        except OSError:
+            here = None
+        if held.st_nlink == 0:
+            raise self._replaced("was deleted (replaced or removed) after it was opened")
+        if here is None or (here.st_dev, here.st_ino) != (held.st_dev, held.st_ino):
+            raise self._replaced("is no longer the one at its path")
+
+    @contextlib.contextmanager
+    def _at_root(self) -> Iterator[Path]:
+        """Yield :meth:`_root`; our errors raised inside name ``self.path`` instead of the
+        root, and one raised because the store was replaced meanwhile says so."""
+        root = self._root()
+        try:
+            yield root
+        except JasperError as e:
+            if not isinstance(e, StoreReplacedError):
+                self._check_same()
+            raise _renamed(e, str(root), str(self.path)) from None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -170,8 +312,15 @@ class Store(abc.ABC):
         return self._leased(self.generation).desc
 
     def live_generation(self) -> int:
-        """The generation ``negatives/CURRENT.json`` names now (one small file read)."""
-        return int(read_pointer(self.path)["generation"])
+        """The generation ``negatives/CURRENT.json`` names now (one small file read).
+
+        Raises:
+            StoreReplacedError: the path no longer names the store opened (NOTE [store
+                identity]): its publications go to another store now.
+        """
+        with self._at_root() as root:
+            self._check_same()
+            return int(read_pointer(root)["generation"])
 
     def _lease_live(self) -> int:
         """Lease the live generation (retried: it can be superseded and removed meanwhile)."""
@@ -192,7 +341,9 @@ class Store(abc.ABC):
             if gen is None:
                 # open_store checked it just now (when it was live): not read and checked again
                 desc = self._verified.pop(generation, None)  # later leases of it check again
-                gen = self._gens[generation] = _acquire(self.path, generation, self.manifest, desc)
+                with self._at_root() as root:
+                    gen = _acquire(root, generation, self.manifest, desc)
+                self._gens[generation] = gen
             return gen
 
     def use_generation(self, generation: int) -> None:
@@ -302,7 +453,8 @@ class Store(abc.ABC):
                 handle = self._handles.get(key)
                 if handle is None:
                     entry = self.entry(name, g) if name in NEGATIVE_ARRAYS else self.entry(name)
-                    handle = self._handles[key] = self._open_array(name, entry)
+                    with self._at_root():  # backends open files under _root()
+                        handle = self._handles[key] = self._open_array(name, entry)
         return handle
 
     def _handle_key(self, name: str, generation: int | None) -> tuple[str, int | None]:
@@ -426,6 +578,9 @@ class Store(abc.ABC):
             self._gens.clear()
             self._handles.clear()
             self._generation = None
+            # taken again (and checked) at the next use; the descriptor itself is closed when
+            # nothing uses it any more (a zarr array still held reads under its root)
+            self._dir = None
 
     def __enter__(self) -> Store:
         return self
@@ -461,6 +616,19 @@ class Store(abc.ABC):
                 f"manifest says, but has {tuple(shape)}. Re-create the store with "
                 f"`convert-pt SRC {self.path} --overwrite`."
             )
+
+
+def _renamed(e: JasperError, old: str, new: str) -> JasperError:
+    """``e`` with ``old`` replaced by ``new`` in its message (same class), when it has it."""
+    msg = str(e)
+    if old not in msg:
+        return e
+    try:
+        out = type(e)(msg.replace(old, new))
+    except TypeError:  # a class with its own constructor: keep it as it is
+        return e
+    out.__cause__ = e.__cause__
+    return out
 
 
 class StoreWriter(abc.ABC):

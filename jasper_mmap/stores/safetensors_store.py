@@ -438,7 +438,7 @@ class SafetensorsStore(Store):
         return self._advice_value
 
     def _open_array(self, name: str, entry: dict[str, Any]) -> np.ndarray:
-        path = self.path / entry["file"]
+        path = self._root() / entry["file"]  # the directory opened: NOTE [store identity]
         fix = store_fix(self.path, self.manifest)
         files = self._handles.setdefault("__files__", {})
         mapped = files.get(entry["file"])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import stat
 import zlib
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from zarr.storage import LocalStore
 
 from .._dtypes import STORED_DTYPES, numpy_dtype
 from ..errors import JasperError, StoreCorruptError, StoreFormatError, StoreNotFoundError
-from ..files import read_json
+from ..files import file_kind, read_json
 from ..layout import MANIFEST
 from ..schema import Problem, is_count, store_fix, type_name
 from .base import Store, StoreWriter
@@ -272,12 +273,21 @@ class ZarrStore(Store):
         group = self._handles.get("__group__")
         if group is not None:
             return group
+        root = self._root()  # the directory opened: NOTE [store identity]
         try:
+            meta = os.stat(root / "zarr.json")  # never let zarr open a FIFO there
+            if not stat.S_ISREG(meta.st_mode):
+                raise StoreCorruptError(
+                    f"{self.path}/zarr.json: zarr group metadata is {file_kind(meta.st_mode)}, "
+                    f"not a regular file. {self._fix()}"
+                )
             if self.manifest.get("files"):
-                local = _StrictLocalStore(self.path, read_only=True)
+                local = _StrictLocalStore(root, read_only=True)
                 group = zarr.open_group(store=local, mode="r", zarr_format=3)
             else:  # written before every file was recorded: missing chunks are legitimate
-                group = zarr.open_group(str(self.path), mode="r", zarr_format=3)
+                group = zarr.open_group(str(root), mode="r", zarr_format=3)
+        except JasperError:
+            raise
         except FileNotFoundError as e:
             raise StoreNotFoundError(
                 f"{self.path}/zarr.json: zarr group is missing ({e}). {self._fix()}"
@@ -312,7 +322,7 @@ class ZarrStore(Store):
                 f"{where}: dtype {arr.dtype} differs from the manifest's "
                 f"{entry['stored_dtype']}. {self._fix()}"
             )
-        return _CheckedArray(arr, name, self.path, self._fix())
+        return _CheckedArray(arr, name, self.path, self._fix(), self)
 
     def _gather_raw(
         self,
@@ -337,8 +347,11 @@ class _CheckedArray:
     error naming the file: a missing chunk as StoreNotFoundError, anything zarr raises for a
     damaged one (checksum, decode) as StoreCorruptError. Other attributes are the array's."""
 
-    def __init__(self, arr: zarr.Array, name: str, root: Path, fix: str) -> None:
+    def __init__(self, arr: zarr.Array, name: str, root: Path, fix: str, store: ZarrStore) -> None:
         self._arr, self._name, self._root, self._fix = arr, name, root, fix
+        # the directory the array reads under stays open while the array lives, and a failed
+        # read says when the store was replaced (NOTE [store identity])
+        self._dir, self._check_same = store._dir, store._check_same
 
     def __getattr__(self, attr: str) -> Any:
         return getattr(self._arr, attr)
@@ -347,7 +360,7 @@ class _CheckedArray:
         return self._arr.shape[0]
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        return self._read(lambda: self._arr[key], key)
+        return self._read_checked(lambda: self._arr[key], key)
 
     @property
     def oindex(self) -> Any:
@@ -356,13 +369,20 @@ class _CheckedArray:
 
         class _OIndex:
             def __getitem__(self, key: Any) -> np.ndarray:
-                return outer._read(lambda: outer._arr.oindex[key], key)
+                return outer._read_checked(lambda: outer._arr.oindex[key], key)
 
         return _OIndex()
 
     def _read(self, fn, key: Any) -> np.ndarray:
         try:
             return fn()
+        except Exception:
+            self._check_same()  # raises StoreReplacedError when that is the cause
+            raise
+
+    def _read_checked(self, fn, key: Any) -> np.ndarray:
+        try:
+            return self._read(fn, key)
         except _MissingChunk as e:
             raise StoreNotFoundError(
                 f"{self._root / e.key}: chunk file of array {self._name!r} is missing (it was "
