@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from jasper_mmap.errors import ArtifactError, ArtifactMissingError, JasperError, SampleIndexError
+from jasper_mmap.files import open_regular
 
 from .pt_reader import TensorArtifact, open_tensor
 
@@ -127,7 +128,13 @@ def fix_text(h5_path: Path) -> str:
 
 def _has_signature(path: Path, size: int) -> bool:
     """Whether an HDF5 superblock signature sits at byte 0, 512, 1024, 2048, ... of the file."""
-    with open(path, "rb") as f:
+    with open_regular(
+        path,
+        what="HDF5 dataset file",
+        error=ArtifactError,
+        missing=ArtifactMissingError,
+        fix=fix_text(path),
+    ) as f:
         pos = 0
         while pos + len(_SIGNATURE) <= size:
             f.seek(pos)
@@ -494,11 +501,18 @@ class _KeywordPass:
         saved = self.fid.get_mdc_config()
         self.big, self.small = self._mdc(_MDC_BASE + 32 * n), self._mdc(1 << 20)
         self.fid.set_mdc_config(self.big)
-        fd = os.open(self.path, os.O_RDONLY)
+        # a regular file only (NOTE [regular files only] in jasper_mmap/files.py)
+        f = open_regular(
+            self.path,
+            what="HDF5 dataset file",
+            fix=fix_text(self.path),
+            error=ArtifactError,
+            missing=ArtifactMissingError,
+        )
         try:
-            yield from self._blocks(fd)
+            yield from self._blocks(f.fileno())
         finally:
-            os.close(fd)
+            f.close()
             self.fid.set_mdc_config(saved)
 
     def _mdc(self, size: int) -> Any:

@@ -12,7 +12,9 @@ a swap between the check and the read.
 
 :func:`read_json` reads our JSON files through it and bounds their nesting
 (:data:`MAX_JSON_DEPTH`): our files nest a few levels, and a deeply nested one would otherwise
-raise ``RecursionError`` in the parser, or later in code that walks or prints it.
+raise ``RecursionError`` in the parser, or later in code that walks or prints it. It also
+bounds their size (:data:`MAX_JSON_BYTES`): a sparse multi-gigabyte ``CURRENT.json`` is
+refused from its ``fstat``, not read into memory.
 """
 
 from __future__ import annotations
@@ -26,10 +28,19 @@ from typing import IO, Any
 
 from .errors import StoreFormatError, StoreNotFoundError
 
-__all__ = ["MAX_JSON_DEPTH", "open_regular", "read_json", "file_kind", "json_depth"]
+__all__ = [
+    "MAX_JSON_BYTES",
+    "MAX_JSON_DEPTH",
+    "open_regular",
+    "read_json",
+    "file_kind",
+    "json_depth",
+]
 
 #: deepest nesting accepted in our JSON files (ours nest at most 5 levels)
 MAX_JSON_DEPTH = 64
+#: largest JSON file read (a manifest lists every data file: ~4 MB for a 372 GB zarr store)
+MAX_JSON_BYTES = 256 << 20
 
 _KINDS = (
     (stat.S_ISDIR, "a directory"),
@@ -130,7 +141,13 @@ def read_json(
         path, what=what, fix=fix, error=error, missing=missing, dir_fd=dir_fd, shown=shown
     ) as f:
         try:
-            raw = f.read()
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_JSON_BYTES:
+                raise error(
+                    f"{name}: {what} is {size} bytes, more than any of ours ({MAX_JSON_BYTES}); "
+                    f"it is not read. {fix}"
+                )
+            raw = f.read(MAX_JSON_BYTES + 1)
         except OSError as e:
             raise error(f"{name}: {what} cannot be read ({e.strerror}). {fix}") from None
     try:

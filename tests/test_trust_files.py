@@ -262,3 +262,13 @@ def test_json_depth_is_iterative_and_read_json_accepts_ours(tmp_path):
     p = tmp_path / "x.json"
     p.write_text(json.dumps({"a": {"b": {"c": [1, 2]}}}))
     assert read_json(p, what="x", fix="") == {"a": {"b": {"c": [1, 2]}}}
+
+
+def test_a_huge_json_file_is_refused_without_reading_it(good, tmp_path):
+    from jasper_mmap.files import MAX_JSON_BYTES
+
+    store = shutil.copytree(good["safetensors"], tmp_path / "s")
+    with open(store / "negatives" / "CURRENT.json", "r+b") as f:
+        f.truncate(MAX_JSON_BYTES + 1)  # sparse: no disk used; refused from its size
+    with pytest.raises(StoreFormatError, match=rf"CURRENT\.json: .* is {MAX_JSON_BYTES + 1} bytes"):
+        open_store(store)
