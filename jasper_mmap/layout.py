@@ -159,7 +159,9 @@ def load_manifest(store_dir: Path) -> dict[str, Any]:
 
     Raises:
         StoreNotFoundError: the directory or its manifest does not exist.
-        StoreFormatError: the manifest is not JSON, not ours, or of a newer version.
+        StoreFormatError: the manifest is not a regular file (NOTE [regular files only] in
+            files.py), not JSON (or nested too deeply, or too large), not ours, or of a newer
+            version.
     """
     store_dir = Path(store_dir)
     if not store_dir.exists():
@@ -237,7 +239,7 @@ def read_pointer(
 
     Raises:
         StoreNotFoundError: the file is missing (a generation removed after newer ones).
-        StoreFormatError: it is not valid JSON or malformed.
+        StoreFormatError: it is not a regular file, not valid JSON, or malformed.
     """
     from .schema import pointer_problems, raise_problems, store_fix
 

@@ -3,7 +3,8 @@
 A :class:`Store` holds the store's path and its (small) manifest. Backend handles — memory
 maps, zarr arrays — are opened on first use in each process and dropped when pickled, so a
 store object costs a few kilobytes to send to a DataLoader worker (see NOTE [worker start-up]
-in ``jasper_mmap/dataset.py`` once it exists).
+in ``jasper_mmap/dataset.py`` once it exists). Every file is opened under the store directory
+this process took, which must be the store first opened (NOTE [store identity]).
 """
 
 from __future__ import annotations
@@ -171,7 +172,9 @@ class Store(abc.ABC):
 
     Thread-safe: handles are opened under a lock, and a batch pins the negatives generation
     it reads (:meth:`pinned`), so concurrent gathers never see a generation released under
-    them. Every generation this process reads is leased (NOTE [generation leases]).
+    them. Every generation this process reads is leased (NOTE [generation leases]). It reads
+    the store it opened or raises StoreReplacedError (NOTE [store identity]), from any
+    method that opens a file, and from :meth:`live_generation`.
 
     Args:
         path: the store directory.

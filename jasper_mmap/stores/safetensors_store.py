@@ -88,7 +88,7 @@ def read_header(path: Path, fix: str = _FIX) -> tuple[int, dict[str, Any]]:
     Raises:
         StoreNotFoundError: the file is missing.
         StoreFormatError: the header is truncated, too large or not valid JSON.
-        StoreCorruptError: the file cannot be read (a directory, an I/O error).
+        StoreCorruptError: the file cannot be read (not a regular file, an I/O error).
     """
     try:
         with open_regular(path, what="store file", fix=fix, error=StoreCorruptError) as f:

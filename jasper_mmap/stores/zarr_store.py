@@ -262,6 +262,7 @@ class ZarrStore(Store):
     A store whose manifest records its files (NOTE [recorded files]) is read through
     :class:`_StrictLocalStore`, so a chunk file removed after opening raises instead of
     reading as zeros; every read error (checksum, decode) is re-raised naming the file.
+    Chunks are read under the directory opened (NOTE [store identity] in base.py).
     """
 
     backend = "zarr"
