@@ -118,7 +118,8 @@ def file_problems(
     fix: str | None = None,
     entries: dict[str, Any] | None = None,
 ) -> list[Problem]:
-    """O(number of files): every file in ``files`` exists with the recorded size.
+    """O(number of files): every file in ``files`` exists, is a regular file (NOTE [regular
+    files only] in files.py), and has the recorded size.
 
     ``where`` names the file that records them (for the messages); ``entries`` (manifest
     entries) lets each problem name the arrays it concerns.

@@ -272,3 +272,34 @@ def test_a_huge_json_file_is_refused_without_reading_it(good, tmp_path):
         f.truncate(MAX_JSON_BYTES + 1)  # sparse: no disk used; refused from its size
     with pytest.raises(StoreFormatError, match=rf"CURRENT\.json: .* is {MAX_JSON_BYTES + 1} bytes"):
         open_store(store)
+
+
+def test_a_fifo_config_in_a_dataset_directory_is_named_as_such(pt_dataset, tmp_path):
+    """convert-pt and the dataset say what config.json is (it used to be called missing)."""
+    src = shutil.copytree(pt_dataset, tmp_path / "ds")
+    _replace_with_fifo(src / "config.json")
+    code = textwrap.dedent(
+        f"""
+        from jasper_mmap import JASPERSteeringDataset
+        from jasper_mmap.converters import convert_pt
+        from jasper_mmap.errors import JasperError
+        for fn in (lambda: convert_pt({str(src)!r}, {str(tmp_path / "out")!r}, progress=False),
+                   lambda: JASPERSteeringDataset({str(src)!r})):
+            try:
+                fn()
+                print("OK")
+            except JasperError as e:
+                print(type(e).__name__, e)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=90, env=env
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("converting a dataset directory whose config.json is a FIFO hung")
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2, done.stdout + done.stderr
+    for line in lines:
+        assert line.startswith("ConfigError") and "config.json is a FIFO" in line, line
