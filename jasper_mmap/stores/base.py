@@ -223,6 +223,11 @@ class Store(abc.ABC):
                 d = self._dir
         return d.root
 
+    def opened_path(self, rel: str) -> Path:
+        """Where this process opens the store's file ``rel`` (relative to the store): under
+        the directory it opened (NOTE [store identity]). For messages use :attr:`path`."""
+        return self._root() / rel
+
     def _replaced(self, what: str) -> StoreReplacedError:
         return StoreReplacedError(
             f"{self.path}: the store opened here {what} (convert-pt --overwrite, a move or a "
