@@ -170,3 +170,12 @@ def test_every_conversion_gets_its_own_token(pt_dataset, tmp_path):
 def test_store_replaced_error_is_ours():
     assert issubclass(StoreReplacedError, JasperError)
     assert issubclass(StoreReplacedError, RuntimeError)
+
+
+def test_opened_path_names_the_directory_opened_not_the_path(pt_dataset, tmp_path):
+    store = _store(pt_dataset, tmp_path, "safetensors")
+    s = open_store(store)
+    token = json.loads((store / "manifest.json").read_text())["store_id"]
+    os.rename(store, tmp_path / "moved")
+    store.mkdir()  # something else at the path now
+    assert json.loads(s.opened_path("manifest.json").read_text())["store_id"] == token
