@@ -200,10 +200,12 @@ class SteeringSchedule:
                     f"config.json."
                 )
         for key, value in base.items():
-            if not _is_number(value):
+            if not _is_number(value):  # the message distribution() gives, saying which value
                 raise ConfigError(
-                    f"{where}: steering_probabilities {key} should be a number, but got "
-                    f"{key}={value!r:.60}{_TOO_LARGE if _too_large(value) else ''}. Fix "
+                    f"{where} at epoch 0: steering probabilities should map {VARIANTS} to "
+                    f"finite non-negative numbers summing to 1, but they are {dict(base)!r:.200}"
+                    f" (steering_probabilities {key} should be a number, but got "
+                    f"{key}={value!r:.60}{_TOO_LARGE if _too_large(value) else ''}). Fix "
                     f"steering_probabilities in that config.json (numbers, not strings)."
                 )
         return cls({"steering_probabilities": dict(base), "curriculum": dict(cur or {})}, where)

@@ -527,6 +527,7 @@ def test_the_converter_installs_under_the_projects_namespace(tmp_path):
 #: modules the converter builds on; they never import the converter or the dataset layer
 CORE = {
     "errors",
+    "files",
     "layout",
     "_atomic",
     "_dtypes",
