@@ -73,7 +73,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import StoreExistsError, StoreNotFoundError, write_error
+from .errors import JasperError, StoreExistsError, StoreNotFoundError, write_error
+from .files import read_json
 
 __all__ = [
     "partial_dir",
@@ -267,24 +268,34 @@ def _disk_usage(root: Path, max_entries: int) -> tuple[int, bool]:
     return total, True
 
 
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename inside it survives a crash."""
-    fd = os.open(path, os.O_RDONLY)
+def _fsync(path: str | os.PathLike) -> None:
+    """fsync a regular file or a directory; anything else is skipped. Opened ``O_NONBLOCK``:
+    a FIFO there opens at once (a plain open would wait forever for a writer), and a socket
+    fails the open (ENXIO); neither holds data to sync."""
     try:
-        os.fsync(fd)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            return
+        raise
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode) or stat.S_ISDIR(os.fstat(fd).st_mode):
+            os.fsync(fd)
     finally:
         os.close(fd)
 
 
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename inside it survives a crash (never blocks on a FIFO)."""
+    _fsync(path)
+
+
 def fsync_tree(root: Path) -> None:
-    """fsync every file and directory under ``root`` (once, before publishing it)."""
+    """fsync every file and directory under ``root`` (once, before publishing it); FIFOs,
+    sockets and devices in it are skipped, never waited on."""
     for dirpath, _, files in os.walk(root):
         for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync(os.path.join(dirpath, name))
         fsync_dir(Path(dirpath))
 
 
@@ -308,10 +319,10 @@ def is_store(path: Path) -> bool:
     """Whether ``path`` is a jasper_mmap store: a directory whose manifest names our format."""
     from .layout import FORMAT_NAME, MANIFEST
 
-    try:
-        with open(Path(path) / MANIFEST, encoding="utf-8") as f:
-            return json.load(f).get("format") == FORMAT_NAME
-    except (OSError, ValueError, AttributeError):
+    try:  # never blocks on a FIFO; nesting bounded (NOTE [regular files only] in files.py)
+        manifest = read_json(Path(path) / MANIFEST, what="manifest", fix="")
+        return isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME
+    except (JasperError, OSError):
         return False
 
 
@@ -482,8 +493,8 @@ def lock_holder(lock_file: Any) -> str:
         ago = time.time() - float(info["since"])
         doing = info.get("doing", "converting")
         return f"process {info['pid']} on {info['host']}, {doing} for {ago:.0f} s"
-    except (ValueError, KeyError, TypeError, AttributeError, OSError):
-        return "another process"
+    except (ValueError, KeyError, TypeError, AttributeError, OSError, RecursionError):
+        return "another process"  # RecursionError: 4 KiB holds 2,000 levels of nesting
 
 
 def _refuse_lock(path: Path, store: Path, what: str) -> StoreExistsError:
@@ -571,7 +582,7 @@ def _say_holder(lock_file: Any, doing: str) -> None:
             )
         )
         lock_file.flush()
-    except (OSError, ValueError) as e:  # a full disk: the lock holds all the same
+    except (OSError, ValueError, RecursionError) as e:  # a full disk: the lock holds all the same
         log.debug("%s: could not record the lock's holder (%s)", lock_file.name, e)
 
 

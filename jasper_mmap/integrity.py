@@ -42,6 +42,7 @@ from .schema import (
     raise_problems,
     shape_problems,
     store_fix,
+    store_replaced,
     type_name,
 )
 
@@ -234,7 +235,12 @@ def _backend_problems(
 
 
 def _generation_fix(store_dir: Path, manifest: dict[str, Any]) -> str:
+    """Publish again, or convert again; for a store replaced by another conversion since it
+    was opened, only ``store_fix``'s advice (open it again): publishing into, or converting
+    over, a store the user made on purpose is never advised."""
     again = store_fix(store_dir, manifest)
+    if store_replaced(store_dir, manifest):
+        return again
     return f"Publish the negatives again (publish_negatives), or {again[0].lower()}{again[1:]}"
 
 

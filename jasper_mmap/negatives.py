@@ -11,7 +11,9 @@ A publisher killed at any point leaves CURRENT naming the previous, complete gen
 A publisher takes the store-level writer lock first (NOTE [one writer per store] in
 ``_atomic.py``: shared with ``convert-pt --overwrite`` and the auto-convert), then opens and
 checks the store, so it writes into, and cleans up, only the store it opened; it also takes the
-older ``negatives/.publish.lock`` (older versions' publishers take only that one). Only names
+older ``negatives/.publish.lock`` (older versions' publishers take only that one, so it is kept;
+opened non-blocking, and refused unless it is a regular file: a FIFO there must not hang the
+publish). Only names
 that generations really have (``gen-NNNNNN.json``, ``gen-NNNNNN[.ext]``) are read as
 generations; any other file in ``negatives/`` (``gen-000000 (copy).json``) is left alone.
 
@@ -26,11 +28,13 @@ file is never rewritten, and unlinking it leaves existing maps valid.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
 import re
 import shutil
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -45,7 +49,8 @@ from ._atomic import (
     remove_stale_partials_in,
     store_lock,
 )
-from .errors import ArtifactError, JasperError, write_error
+from .errors import ArtifactError, JasperError, StoreExistsError, write_error
+from .files import file_kind, open_regular
 from .integrity import entry_files
 from .layout import NEGATIVES_DIR, POINTER, generation_name, read_pointer, write_json_atomic
 from .stores import WRITERS, open_store
@@ -55,6 +60,8 @@ __all__ = ["publish_negatives", "KEEP_GENERATIONS"]
 log = logging.getLogger(__name__)
 
 KEEP_GENERATIONS = 2
+#: the lock older versions' publishers take (inside ``negatives/``)
+PUBLISH_LOCK = ".publish.lock"
 _BLOCK_ROWS = 1 << 16
 
 
@@ -138,10 +145,14 @@ def _collect(neg_dir: Path, current: int, keep: int) -> list[int]:
     removed = []
     data = _generations(neg_dir, None)
     metas = _generations(neg_dir).items()
-    for g, (meta,) in sorted((g, m) for g, m in metas if m[0].is_file() and not m[0].is_symlink()):
+    for g, (meta,) in sorted((g, m) for g, m in metas if not m[0].is_symlink()):
         if g > current - keep:
             continue
-        with open(meta, "rb") as f:
+        try:  # a FIFO swapped in after the listing must not hang the publisher
+            f = open_regular(meta, what="generation description", missing=None)
+        except (FileNotFoundError, JasperError):
+            continue  # gone, or not a regular file: not ours to remove
+        with f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -213,7 +224,7 @@ def publish_negatives(
             _check(rows, c["n_pairs"], c["n_neg"])
         neg_dir = real / NEGATIVES_DIR
         try:
-            with open(neg_dir / ".publish.lock", "a") as lock:
+            with _open_publish_lock(neg_dir, real) as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 g, removed = _publish_locked(store, neg_dir, negs, tiers, sources, keep)
         except OSError as e:
@@ -222,6 +233,37 @@ def publish_negatives(
             raise write_error(real, e, "a negatives generation") from e
     log.info("published negatives generation %d in %s (removed %s)", g, real, removed or "none")
     return g
+
+
+def _open_publish_lock(neg_dir: Path, store: Path) -> Any:
+    """Open (create) ``negatives/.publish.lock``, the lock older versions' publishers take
+    (they take only that one, not the store lock: NOTE [hot reload]). Non-blocking and
+    without following links: a FIFO there must not hang the publish (opened for writing
+    with no reader it fails with ENXIO), and anything but a regular file is refused."""
+    path = neg_dir / PUBLISH_LOCK
+    fix = "Move it away, then publish again (publishers create their own there)."
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if e.errno not in (errno.ENXIO, errno.ELOOP, errno.EISDIR):
+            raise
+        try:
+            kind = "a symbolic link" if path.is_symlink() else file_kind(os.stat(path).st_mode)
+        except OSError:
+            kind = "not a regular file"
+        raise StoreExistsError(
+            f"{path}: the publish lock of store {store} is {kind}, not a regular file. {fix}"
+        ) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise StoreExistsError(
+            f"{path}: the publish lock of store {store} is {file_kind(mode)}, not a regular "
+            f"file. {fix}"
+        )
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "ab")
 
 
 def _publish_locked(store, neg_dir: Path, negs, tiers, sources, keep) -> tuple[int, list[int]]:

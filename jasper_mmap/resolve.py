@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -34,11 +33,13 @@ from .converters.sources import STORAGE_FORMATS, detect_storage_format
 from .errors import (
     ArtifactError,
     ArtifactMissingError,
+    ConfigError,
     JasperError,
     StoreNotFoundError,
     StoreStaleError,
     StoreWriteError,
 )
+from .files import read_json
 from .fingerprints import H5_FILE, NEGATIVE_FILES, changed, dataset_file_names, fingerprint
 from .layout import CONFIG, MANIFEST, NEGATIVES_DIR, load_manifest, read_manifest, read_pointer
 from .schema import source_findings
@@ -240,10 +241,10 @@ def refresh_negatives(src: Path, store: Path, fmt: str = "pt") -> int | None:
 
 def _n_neg_fix(src: Path, n_neg: int, have: Any) -> str:
     """How to take in negatives whose ``n_neg`` changed: what to edit, then open again."""
-    try:
-        with open(src / CONFIG, encoding="utf-8") as f:
-            recorded = json.load(f).get("n_neg")
-    except (OSError, ValueError, AttributeError, RecursionError):
+    try:  # never blocks on a FIFO; nesting bounded (NOTE [regular files only] in files.py)
+        config = read_json(src / CONFIG, what="config file", fix="", error=ConfigError)
+        recorded = config.get("n_neg") if isinstance(config, dict) else None
+    except (JasperError, OSError):
         recorded = None
     again = f"open the dataset again (its store is rebuilt with n_neg={n_neg})"
     if recorded is not None and recorded != n_neg:

@@ -14,6 +14,7 @@ from typing import Any
 
 from ._dtypes import STORED_DTYPES
 from .errors import JasperError, StoreFormatError
+from .files import read_json
 from .layout import ARRAYS, FLOAT_ROLES, MANIFEST, NEGATIVES_DIR, POINTER, SPLITS
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "SPECS",
     "raise_problems",
     "store_fix",
+    "store_replaced",
     "bad_rel",
     "is_count",
     "type_name",
@@ -91,7 +93,7 @@ def store_fix(store_dir: str | Path, manifest: Any = None) -> str:
     read, e.g. by ``convert-pt --overwrite`` of another dataset): converting the old source
     over it would destroy a store the user made on purpose, so the fix is to open it again.
     """
-    if isinstance(manifest, dict) and _replaced_since(store_dir, manifest):
+    if isinstance(manifest, dict) and store_replaced(store_dir, manifest):
         return (
             f"The store at {store_dir} was replaced by another conversion after this process "
             f"opened it; it is not damaged. Open it again (a new dataset) to read the new "
@@ -108,20 +110,12 @@ def store_fix(store_dir: str | Path, manifest: Any = None) -> str:
     return f"Re-create the store with `convert-pt {src} {dst}{fmt} --overwrite`."
 
 
-def _replaced_since(store_dir: str | Path, manifest: dict[str, Any]) -> bool:
+def store_replaced(store_dir: str | Path, manifest: dict[str, Any]) -> bool:
     """Whether the manifest on disk at ``store_dir`` is another conversion's than ``manifest``
     (unreadable or absent: not known to be, so False)."""
-    import json
-    import os
-    import stat
-
-    path = Path(store_dir) / MANIFEST
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            return False  # a FIFO is never opened (it would block)
-        with open(path, "rb") as f:
-            on_disk = json.loads(f.read(64 << 20))
-    except (OSError, ValueError, RecursionError):
+    try:  # never blocks on a FIFO; nesting bounded (NOTE [regular files only] in files.py)
+        on_disk = read_json(Path(store_dir) / MANIFEST, what="manifest", fix="")
+    except (JasperError, OSError):
         return False
     keys = ("created_unix", "source", "counts", "backend")
     return isinstance(on_disk, dict) and any(on_disk.get(k) != manifest.get(k) for k in keys)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import StoreStaleError, TableMemoryError, TableReadOnlyError
+from .errors import StoreReplacedError, StoreStaleError, TableMemoryError, TableReadOnlyError
 from .stores import NEGATIVE_ARRAYS, Store
 
 __all__ = [
@@ -101,7 +101,7 @@ def table_array(
         return raw
     if raw.nbytes <= SMALL_TABLE_BYTES:  # a view of the store's read-only map
         return raw.copy()
-    return _private_map(raw, store.path / entry["file"], attr or name, name, store)
+    return _private_map(raw, entry["file"], attr or name, name, store)
 
 
 # NOTE [writable table memory]
@@ -188,9 +188,12 @@ def _map_copy_on_write(fd: int, length: int, offset: int) -> mmap.mmap:
     )
 
 
-def _private_map(raw: np.ndarray, path: Path, attr: str, name: str, store: Store) -> np.ndarray:
-    """``raw`` (array ``name``: a view of ``store``'s read-only map of ``path``) as the same
-    bytes of a private copy-on-write map of the same file (NOTE [writable table memory])."""
+def _private_map(raw: np.ndarray, rel: str, attr: str, name: str, store: Store) -> np.ndarray:
+    """``raw`` (array ``name``: a view of ``store``'s read-only map of its file ``rel``) as the
+    same bytes of a private copy-on-write map of the same file (NOTE [writable table memory]),
+    opened under the directory the store opened (``Store.opened_path``), so a store replaced
+    at its path since is never mapped."""
+    path = store.path / rel  # for messages
     what, size = f"{attr} ({store.path})", f"{raw.nbytes / 2**30:.2f} GiB"
     fix = (
         f"Read the rows you need with `dataset.store.gather({name!r}, rows)` (a copy of "
@@ -207,8 +210,13 @@ def _private_map(raw: np.ndarray, path: Path, attr: str, name: str, store: Store
     offset = file_offset + address - start
     aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(store.opened_path(rel), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
+        if e.errno == errno.ENOENT:
+            raise StoreReplacedError(
+                f"{path}: is gone from the store this dataset opened (convert-pt --overwrite, "
+                f"a move or a removal), so {what} cannot be mapped. Open the dataset again."
+            ) from None
         raise StoreStaleError(
             f"{path}: cannot be opened again for {what} ({e.strerror}); the store changed "
             f"since this dataset opened it. Open the dataset again."
@@ -216,9 +224,9 @@ def _private_map(raw: np.ndarray, path: Path, attr: str, name: str, store: Store
     try:
         st = os.fstat(fd)
         if (st.st_ino, os.major(st.st_dev), os.minor(st.st_dev)) != (inode, major, minor):
-            raise StoreStaleError(
-                f"{path}: was replaced since this dataset opened it (another file is there "
-                f"now), so {what} would mix two stores. Open the dataset again."
+            raise StoreReplacedError(
+                f"{path}: was replaced since this dataset opened it (another store's file is "
+                f"there now), so {what} would mix two stores. Open the dataset again."
             )
         try:
             m = _map_copy_on_write(fd, offset - aligned + raw.nbytes, aligned)
