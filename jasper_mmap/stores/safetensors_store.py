@@ -33,6 +33,22 @@ The loader's gather threads keep ``numpy.take`` (one thread each): an OpenMP par
 started from another thread gets a team of its own, so N gather threads would each add torch's
 intra-op threads to the step's (``mark_gather_thread``). Both give the same bytes: a gather
 copies rows, it computes nothing.
+On a machine whose cores are busy (issue 24 item 18) torch's intra-op threads collapse: each
+parallel region waits for its slowest thread to get a core. So the in-loop path is chosen per
+gather by :class:`_GatherChooser`: with one intra-op thread always ``numpy.take``; otherwise
+each large gather is timed per byte moved, ``index_select`` kept while it is the cheaper, the
+other path probed by one gather every 8 calls (the interval doubling to 256 while probes
+lose), and a switch made when the other is 1.25x cheaper per byte. Measured on the 2-core dev
+machine (shared: load average ~2.5 before the run, so "idle" was not idle), loader alone,
+num_workers=0, 3 interleaved rounds, median [min-max]:
+``python scripts/bench_busy.py --pairs 50000 --rounds 3 --warmup 3 --seconds 2.0 --workers 0
+--paths torch,numpy,adaptive --no-train``: samples/s idle / busy (a busy loop per core):
+torch 17.3k [14.3-235k] / 4.3k [4.0-16.1k]; numpy 200k [199-201k] / 65.2k [39.7-70.1k];
+adaptive 136k [97-164k] / 54.9k [50.6-64.6k]; per round vs torch under busy: numpy 15.0x
+[2.5-17.6], adaptive 12.6x [3.1-16.2]. So under load the rule is ~0.84 of numpy, 12x torch.
+The truly idle figures above (index_select 2x faster) were not re-measured: if an idle run
+shows the rule within noise of torch and bench_train at num_workers 0 and 4 unchanged, keep
+it; otherwise ``numpy.take`` always is the simpler rule (it wins every row measured here).
 """
 
 from __future__ import annotations
@@ -44,6 +60,7 @@ import math
 import mmap
 import os
 import struct
+import time
 import warnings
 import zlib
 from pathlib import Path
@@ -370,6 +387,62 @@ _INTRA_OP_BYTES = 96 << 10
 
 _UNSET = object()
 
+#: the clock large in-loop gathers are timed with (a test replaces it)
+_clock = time.perf_counter
+
+
+class _GatherChooser:
+    """Which path the next large in-loop gather takes: ``"torch"`` (index_select on the
+    intra-op threads) or ``"numpy"`` (np.take, one thread); NOTE [intra-op gathers].
+
+    Each gather is timed against the bytes it moved; the cost per byte of the path in use
+    is smoothed, the other path's is refreshed by one probe gather every ``interval`` calls
+    (doubling, up to :attr:`PROBE_MAX`, while the probes lose). A path is left for the other
+    when the other is :attr:`MARGIN` times cheaper; a path in use that turns that much
+    costlier than the other's last figure probes the other at the next call. With one
+    intra-op thread torch has no parallelism to offer: numpy, untimed. Both paths give the
+    same bytes; only the time differs.
+    """
+
+    PROBE_FIRST = 8
+    PROBE_MAX = 256
+    MARGIN = 1.25
+    ALPHA = 0.3
+
+    def __init__(self) -> None:
+        self.cost: dict[str, float | None] = {"torch": None, "numpy": None}
+        self.current = "torch"
+        self.interval = self.PROBE_FIRST
+        self.countdown = 2  # numpy's figure early on
+
+    def choose(self, threads: int) -> str:
+        if threads <= 1:
+            return "numpy"
+        self.countdown -= 1
+        if self.countdown <= 0:
+            return "numpy" if self.current == "torch" else "torch"
+        return self.current
+
+    def record(self, path: str, seconds: float, nbytes: int) -> None:
+        c = seconds / max(nbytes, 1)
+        other = "numpy" if path == "torch" else "torch"
+        if path != self.current:  # a probe: its fresh figure decides
+            self.cost[path] = c
+            if c * self.MARGIN < (self.cost[self.current] or float("inf")):
+                self.current, self.interval = path, self.PROBE_FIRST
+            else:
+                self.interval = min(2 * self.interval, self.PROBE_MAX)
+            self.countdown = self.interval
+            return
+        old = self.cost[path]
+        self.cost[path] = c if old is None else old + self.ALPHA * (c - old)
+        theirs = self.cost[other]
+        if theirs is not None and self.cost[path] > self.MARGIN * theirs:
+            self.countdown = min(self.countdown, 1)  # probe the other at the next call
+
+
+_CHOOSER = _GatherChooser()
+
 
 def _torch() -> Any:
     import torch  # the dataset has imported it already; the converter and CLI never need it
@@ -480,8 +553,18 @@ class SafetensorsStore(Store):
             and not in_gather_thread()
         ):  # NOTE [intra-op gathers]
             torch = _torch()
-            view = self._torch_view(key, src)
-            torch.index_select(view, 0, torch.from_numpy(idx), out=torch.from_numpy(out))
+            threads = torch.get_num_threads()
+            path = _CHOOSER.choose(threads)
+            if path == "numpy":
+                t = _clock()
+                np.take(src, idx, axis=0, out=out, mode="clip")
+            else:
+                view, index = self._torch_view(key, src), torch.from_numpy(idx)
+                dest = torch.from_numpy(out)
+                t = _clock()
+                torch.index_select(view, 0, index, out=dest)
+            if threads > 1:
+                _CHOOSER.record(path, _clock() - t, out.nbytes)
             return out
         # indices were range-checked (check_rows); mode="clip" keeps numpy from buffering ``out``
         return np.take(src, idx, axis=0, out=out, mode="clip")
