@@ -12,6 +12,7 @@ single-threaded work. This script measures how much, and which gather path holds
   torch     ``torch.index_select`` on torch's intra-op threads (the loader's path in the loop);
   numpy     ``numpy.take(..., out=)``, one thread, GIL released (the gather threads' path);
   torch@1   ``torch.index_select`` with ``torch.set_num_threads(1)`` while it runs.
+  adaptive  the in-loop rule (NOTE [intra-op gathers]): timed, torch or numpy per gather.
 
 Rows: the loader alone (``create_loader(store, "train", 128, num_workers=w)``, thread mode,
 samples/s over --seconds) for each path and each w of --workers; and a short version of the
@@ -49,7 +50,7 @@ from main_job import SimpleJASPERPredictor, contrastive_loss
 import jasper_mmap.stores.safetensors_store as sst
 from jasper_mmap import create_loader, set_epoch
 
-PATHS = ("torch", "numpy", "torch@1")
+PATHS = ("torch", "numpy", "torch@1", "adaptive")
 INPUTS = ("question_emb", "target_source_emb", "steering", "negative_embs")
 DEFAULT_THREADS = torch.get_num_threads()
 INTRA_OP_BYTES = sst._INTRA_OP_BYTES
@@ -60,11 +61,25 @@ def gather_path(path: str):
     """Make the loader's in-loop gathers take ``path`` (see the module docstring)."""
     sst._INTRA_OP_BYTES = 1 << 62 if path == "numpy" else INTRA_OP_BYTES
     torch.set_num_threads(1 if path == "torch@1" else DEFAULT_THREADS)
+    chooser = sst._CHOOSER
+    if path != "adaptive":  # torch, torch@1: always index_select (the chooser pinned)
+        sst._CHOOSER = _Pinned()
     try:
         yield
     finally:
         sst._INTRA_OP_BYTES = INTRA_OP_BYTES
+        sst._CHOOSER = chooser
         torch.set_num_threads(DEFAULT_THREADS)
+
+
+class _Pinned:
+    """A chooser that always answers index_select (the path before the adaptive rule)."""
+
+    def choose(self, threads: int) -> str:
+        return "torch"
+
+    def record(self, path: str, seconds: float, nbytes: int) -> None:
+        pass
 
 
 @contextlib.contextmanager
