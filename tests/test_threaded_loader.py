@@ -561,6 +561,9 @@ def test_gathers_below_the_intra_op_bytes_stay_with_numpy(st_store, monkeypatch)
     calls = []
     real = torch.index_select
     monkeypatch.setattr(torch, "index_select", lambda *a, **k: calls.append(1) or real(*a, **k))
+    # a fresh rule on several intra-op threads: its first large gather is index_select
+    monkeypatch.setattr(safetensors_store, "_CHOOSER", safetensors_store._GatherChooser())
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
     store = open_store(st_store)
     rows = np.arange(store.shape("source_embs")[0], dtype=np.int64)
     row_bytes = store.raw("source_embs").strides[0]
