@@ -344,7 +344,7 @@ def test_a_store_file_replaced_since_opening_is_never_mixed_in(pt_dataset, tmp_p
     import os
     import shutil
 
-    from jasper_mmap.errors import StoreStaleError
+    from jasper_mmap.errors import StoreReplacedError
 
     d = JASPERSteeringDataset(pt_dataset, "train")
     store = tmp_path / "store"
@@ -354,7 +354,7 @@ def test_a_store_file_replaced_since_opening_is_never_mixed_in(pt_dataset, tmp_p
         f = store / ds.store.entry("question_embs")["file"]
         shutil.copyfile(f, tmp_path / "other")
         os.replace(tmp_path / "other", f)  # another file (inode) under the same name
-        with pytest.raises(StoreStaleError, match=r"was replaced since this dataset opened it"):
+        with pytest.raises(StoreReplacedError, match=r"was replaced since this dataset opened it"):
             _ = ds.question_embs
 
 
