@@ -49,11 +49,12 @@ def test_indices_that_are_not_integers_are_refused_never_cast(pt_dataset, make, 
         assert d.plan_batches([bad]) is None  # no plan of cast indices; the batch raises
 
 
-def test_the_message_names_the_store_and_the_fix(ds):
+def test_the_message_names_the_dataset_and_the_fix(ds):
+    """The directory the user passed, not the hidden store inside it (issue 24 item 17)."""
     with pytest.raises(SampleIndexTypeError) as e:
         ds.get_batch(np.ones(4, dtype=bool))
     msg = str(e.value)
-    assert msg.startswith(f"{ds.store_path}: ") and "boolean mask" in msg
+    assert msg.startswith(f"{ds.dataset_dir}: ") and "boolean mask" in msg
     assert "np.flatnonzero(mask)" in msg
 
 
