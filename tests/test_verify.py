@@ -235,10 +235,13 @@ def test_verify_warns_of_unusual_values_no_recorded_warning_reports(store):
 
 
 def test_info_on_a_pt_dataset_directory_says_so_without_overwrite(pt_dataset, tmp_path, capsys):
-    assert cli_main(["info", str(pt_dataset)]) == 1
+    # a copy without the store other tests' openings of the shared fixture leave inside it
+    ds = tmp_path / "ds"
+    shutil.copytree(pt_dataset, ds, ignore=shutil.ignore_patterns(".jasper_mmap_store*"))
+    assert cli_main(["info", str(ds)]) == 1
     err = capsys.readouterr().err
     assert "is a .pt dataset directory, not a store" in err, err
-    assert f"convert-pt {pt_dataset} STORE" in err and "--overwrite" not in err
+    assert f"convert-pt {ds} STORE" in err and "--overwrite" not in err
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "manifest.json").write_text('{"format": "something else"}')
     assert cli_main(["verify", str(tmp_path / "other"), "-q"]) == 1
