@@ -119,7 +119,9 @@ PIPES = {"capture_output": True, "text": True}
 
 @pytest.fixture()
 def src(tmp_path, pt_dataset):
-    return shutil.copytree(pt_dataset, tmp_path / "ds")
+    # without the store that other tests' openings of the shared fixture leave inside it
+    ignore = shutil.ignore_patterns(".jasper_mmap_store*")
+    return shutil.copytree(pt_dataset, tmp_path / "ds", ignore=ignore)
 
 
 # -- item 1: the lock itself ------------------------------------------------------------------
