@@ -125,7 +125,14 @@ def distribution(probs: Mapping[str, Any], where: str, fix: str | None = None) -
             non-negative number, or a sum that is not 1 (the in-RAM dataset could not draw
             from them either).
     """
-    unknown = sorted(set(probs) - set(VARIANTS))
+    if not isinstance(probs, Mapping):  # a tensor or a list: which variant is which?
+        raise ConfigError(
+            f"{where}: steering probabilities should map {VARIANTS} to finite non-negative "
+            f"numbers summing to 1, but got a {type(probs).__name__} ({probs!r:.80}). "
+            + (fix or "Fix steering_probabilities in that config.json.")
+            + " Give a dict of variant names, e.g. {'zero': 0.25, 'centroid': 0.25, ...}."
+        )
+    unknown = sorted(set(map(str, probs)) - set(VARIANTS))
     try:
         p = np.array([float(probs.get(v, 0.0)) for v in VARIANTS])
     except (TypeError, ValueError, AttributeError):
