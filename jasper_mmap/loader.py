@@ -108,15 +108,17 @@ class JasperLoader(DataLoader):
     def _get_iterator(self) -> Any:
         """The DataLoader's iterator; its worker processes (``worker_mode="process"``, or
         ``batch_size=None``) run :class:`_OurWorker` around ``worker_init_fn``, which stays
-        the user's own attribute (only the workers this call starts see the wrapper)."""
-        if self.num_workers == 0:
-            return super()._get_iterator()
-        init = self.worker_init_fn
-        self.worker_init_fn = _OurWorker(init)
+        the user's own attribute (only the workers this call starts see the wrapper); without
+        an accelerator it does not pin (``pin_memory`` stays as given)."""
+        init, pin = self.worker_init_fn, self.pin_memory
+        if self.num_workers:
+            self.worker_init_fn = _OurWorker(init)
+        if pin and not _accelerator():  # nothing to pin for: torch would only warn
+            self.pin_memory = False
         try:
             return super()._get_iterator()
         finally:
-            self.worker_init_fn = init
+            self.worker_init_fn, self.pin_memory = init, pin
 
     def check_worker_number_rationality(self) -> None:
         """The DataLoader's warning about more worker processes than cores (processes only)."""
@@ -246,8 +248,6 @@ def create_loader(
                 f"but got num_workers={num_workers}"
             )
         pin_memory = False
-    if pin_memory and not _accelerator():
-        pin_memory = False  # nothing to pin for (torch would warn in worker_mode="process")
     train = split == "train"
     drop_last = train if drop_last is None else drop_last
     shuffle = dataloader_kwargs.pop("shuffle", train)
