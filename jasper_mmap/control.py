@@ -13,20 +13,24 @@ jobs on one machine never collide. Writers bump a version before and after writi
 seqlock), so a reader never sees half of an update.
 
 # NOTE [forked children]
-``os.fork()`` copies the block object but not its memory: a child shares the parent's shared
-memory. That is right for a DataLoader worker (it must follow the main process) and wrong for
-any other child (a user's own ``multiprocessing`` with the fork start method): its
-``set_epoch``/``force_steering`` would change the parent's batches. So a block remembers the
-fork count of the process it belongs to (``_FORKS``, bumped in every child by
-``os.register_at_fork``), and the first use of an inherited block settles it: in a DataLoader
-worker (``get_worker_info()`` is set before the worker reads any batch) it stays shared; in any
-other process it is detached into a new shared block holding the same values, which the
-child's own workers then inherit or are sent. A process that forks settles its inherited
-blocks first, so a child's workers follow the child, not the grandparent. A detached child
-also sets torch's intra-op threads to 1 (logged): GNU OpenMP is not fork-safe, and the first
-parallel region in a child of a process that used OpenMP (a batch's ``index_select``) waits
-for the parent's threads forever. torch's own DataLoader workers do the same.
-Spawned or forkserver workers unpickle the block in a fresh process: already theirs.
+A block belongs to the process that made it (its *owner*, a random token of that process,
+renewed in every forked child and pickled with the block). Any other process that holds it
+(a fork or a multiprocessing child of any start method that received the dataset, a Pool's
+worker, a grandchild forked inside a DataLoader worker) reads the owner's values, and gets
+a block of its own, holding the same values, the first time it writes it (``set_epoch``,
+``force_steering``, ``steering_probs =``, ``reload_negatives``), pickles it or forks: its
+changes never reach the owner's batches, and its own workers follow it, not the owner.
+The exception is our own DataLoader worker processes (:class:`~jasper_mmap.loader.JasperLoader`
+with processes, fork or spawn, persistent or not): its ``worker_init_fn`` marks the worker
+(:func:`mark_loader_worker`, with the worker's own token, so a process the worker forks is
+not marked), and a marked worker keeps sharing the block, writes included (DESIGN.md
+guarantee 5). Not ``torch.utils.data.get_worker_info()``: a module global that fork copies
+into a worker's children. A user's own DataLoader over the dataset (not a JasperLoader)
+works as before: its workers read the main process's block; one that writes gets its own.
+The first use of a block in a forked process that is not our worker sets torch's intra-op
+threads to 1 (logged): GNU OpenMP is not fork-safe, and the first parallel region in a
+child of a process that used OpenMP (a batch's ``index_select``) waits for the parent's
+threads forever. torch's own DataLoader workers do the same.
 """
 
 from __future__ import annotations
@@ -40,16 +44,33 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["ControlBlock", "Snapshot"]
+__all__ = ["ControlBlock", "Snapshot", "mark_loader_worker"]
 
 log = logging.getLogger(__name__)
 
 #: forks between the first process and this one (NOTE [forked children])
 _FORKS = 0
+#: this process's identity: an owner token, renewed in every forked child
+_TOKEN = os.urandom(16)
+#: the token of the process marked as one of our DataLoader workers (None: not marked)
+_WORKER: bytes | None = None
 _BLOCKS: weakref.WeakSet[ControlBlock] = weakref.WeakSet()
 _SETTLING = threading.Lock()
 
 _EPOCH, _FORCED, _GENERATION, _OVERRIDE, _PROBS, _VERSION = 0, 1, 2, 3, slice(4, 8), 15
+
+
+def mark_loader_worker() -> None:
+    """Mark this process as one of our DataLoader workers: the blocks it received keep
+    following the main process, writes included (NOTE [forked children]). Called by
+    :class:`~jasper_mmap.loader.JasperLoader`'s ``worker_init_fn``; a process this one forks
+    is not marked (the token is renewed there)."""
+    global _WORKER
+    _WORKER = _TOKEN
+
+
+def _marked_worker() -> bool:
+    return _WORKER is not None and _WORKER == _TOKEN
 
 
 @dataclass(frozen=True)
@@ -76,39 +97,53 @@ class ControlBlock:
         self._write(lambda v: v.__setitem__(_FORCED, -1))
         self.set(epoch=epoch, generation=generation)
 
-    def _own(self, tensor: torch.Tensor) -> None:
-        """Use ``tensor`` as this process's block (NOTE [forked children])."""
-        self.tensor, self._view, self._forks = tensor, tensor.numpy(), _FORKS
+    def _own(self, tensor: torch.Tensor, owner: bytes | None = None) -> None:
+        """Use ``tensor`` as the block, owned by ``owner`` (this process when None; NOTE
+        [forked children])."""
+        self.tensor, self._view = tensor, tensor.numpy()
+        self._owner = _TOKEN if owner is None else owner
+        self._used_in = _TOKEN if self._owner == _TOKEN else None  # first use checked
         _BLOCKS.add(self)
 
     def __getstate__(self) -> dict:
-        if self._forks != _FORKS:
-            self._settle()  # a forked child sends its own block to its workers
-        return {"tensor": self.tensor}
+        self._detach_if_foreign()  # a child sends its own block to its workers
+        return {"tensor": self.tensor, "owner": self._owner}
 
     def __setstate__(self, state: dict) -> None:
-        self._own(state["tensor"])
+        # an older pickle without an owner: another process's block
+        self._own(state["tensor"], state.get("owner", b""))
 
-    def _settle(self) -> None:
-        """Make an inherited block this process's: shared with the parent in a DataLoader
-        worker, a copy of its own elsewhere (NOTE [forked children])."""
+    def _first_use(self) -> None:
+        """The first use of a block in a process that did not make it (NOTE [forked
+        children]): reads follow the owner; a forked process that is not our worker runs
+        torch single-threaded."""
         with _SETTLING:
-            if self._forks == _FORKS:
+            if self._used_in is _TOKEN:
                 return
-            if torch.utils.data.get_worker_info() is not None:
-                self._forks = _FORKS  # a DataLoader worker follows the process that made it
+            if _FORKS and not _marked_worker():
+                _single_threaded_after_fork()
+            self._used_in = _TOKEN
+
+    def _detach_if_foreign(self) -> None:
+        """Before a write, a pickling or a fork: a process that is neither the block's owner
+        nor one of our DataLoader workers gets its own block holding the same values (NOTE
+        [forked children])."""
+        if self._owner == _TOKEN or _marked_worker():
+            return
+        with _SETTLING:
+            if self._owner == _TOKEN:
                 return
-            values = self._read()  # the parent may still be writing: a consistent reading
+            values = self._read()  # the owner may still be writing: a consistent reading
             tensor = torch.tensor(values, dtype=torch.int64).share_memory_()
             self._own(tensor)
+            log.debug("process %d: the dataset's control block is its own", os.getpid())
+        if _FORKS:
             _single_threaded_after_fork()
-            log.debug("forked child %d: the dataset's control block is its own", os.getpid())
 
     _writers = threading.Lock()
 
     def _write(self, change) -> None:
-        if self._forks != _FORKS:
-            self._settle()
+        self._detach_if_foreign()
         with ControlBlock._writers:
             v = self._view
             v[_VERSION] += 1  # odd: a write is under way
@@ -151,8 +186,8 @@ class ControlBlock:
 
     def snapshot(self) -> Snapshot:
         """A consistent reading (retried while a write is under way)."""
-        if self._forks != _FORKS:
-            self._settle()
+        if self._used_in is not _TOKEN:
+            self._first_use()
         values = self._read()
         override = None
         if values[_OVERRIDE]:
@@ -165,8 +200,8 @@ class ControlBlock:
     def version(self) -> int:
         """The write counter: equal to a snapshot's ``version`` while nothing was written
         since it was taken (every write changes it; odd while one is under way)."""
-        if self._forks != _FORKS:
-            self._settle()
+        if self._used_in is not _TOKEN:
+            self._first_use()
         return int(self._view[_VERSION])
 
     @property
@@ -175,7 +210,7 @@ class ControlBlock:
 
 
 def _single_threaded_after_fork() -> None:
-    """torch's intra-op threads to 1 in a forked child that is not a DataLoader worker, where
+    """torch's intra-op threads to 1 in a forked child that is not our DataLoader worker, where
     its parallel backend is OpenMP (NOTE [forked children]); logged, since it is the user's
     process."""
     if torch.get_num_threads() > 1 and "parallel backend: OpenMP" in _parallel_info():
@@ -198,16 +233,16 @@ _PARALLEL_INFO: str | None = None
 
 
 def _before_fork() -> None:
-    """Settle this process's inherited blocks before a child inherits them (a forked child's
-    own workers follow the child)."""
+    """Detach the blocks this process holds but does not own before a child inherits them
+    (a child's own workers follow the child; NOTE [forked children])."""
     for block in list(_BLOCKS):
-        if block._forks != _FORKS:
-            block._settle()
+        block._detach_if_foreign()
 
 
 def _after_fork_in_child() -> None:
-    global _FORKS, _SETTLING
+    global _FORKS, _SETTLING, _TOKEN
     _FORKS += 1
+    _TOKEN = os.urandom(16)  # a new process: it owns nothing, and is not a marked worker
     # a lock held by another thread of the parent at the fork would never be released here
     _SETTLING = threading.Lock()
     ControlBlock._writers = threading.Lock()

@@ -36,7 +36,15 @@ from .files import read_json
 from .layout import CONFIG, SPLITS
 from .preload import Preloaded
 from .resolve import resolve_dataset
-from .steering import VARIANTS, SteeringSchedule, distribution, draw_variants, variant_index
+from .steering import (
+    VARIANTS,
+    SteeringSchedule,
+    check_epoch,
+    check_seed,
+    distribution,
+    draw_variants,
+    variant_index,
+)
 from .stores import Store, open_store
 from .tables import TABLES, KeywordLists, table_array, table_tensor
 
@@ -236,7 +244,15 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         self._store: Store | None = open_store(self.store_path, resolved.manifest)
         self._len = self._split_length(self._store.manifest)
         self.config = _read_config(self.store_path)
-        self.seed = int(seed if seed is not None else self.config.get("random_seed", 42))
+        if seed is not None:
+            self.seed = check_seed(seed, "seed=", "Pass a seed in that range.")
+        else:  # the config of a store converted before the converter bounded it, too
+            origin = self._config_origin()
+            self.seed = check_seed(
+                self.config.get("random_seed", 42),
+                f"{origin}: random_seed",
+                "Fix random_seed in that config.json (or pass seed=).",
+            )
         self.schedule = SteeringSchedule.from_config(self.config, self._config_origin())
         self.device = torch.device(device if device is not None else "cpu")
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -257,7 +273,7 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         self._preloaded: Preloaded | None = None
         if self.preload:
             self._preloaded = Preloaded(self._store, split, self.device, preload_budget_bytes)
-        self._control = ControlBlock(epoch, self._store.generation)
+        self._control = ControlBlock(0, self._store.generation)
         self._apply_epoch(epoch)  # logged in the init line below, as the in-RAM dataset does
         log.info(
             "Dataset initialized: %d samples, embedding_dim=%d, n_neg=%d, device=%s, "
@@ -401,7 +417,7 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
 
     def _apply_epoch(self, epoch: int) -> int:
         """:meth:`set_epoch` without its log line (construction logs its own)."""
-        epoch = int(epoch)
+        epoch = check_epoch(epoch, f"{self.dataset_dir}")
         self.schedule.probs(epoch)  # refuse now, not at the first batch
         self._control.set(epoch=epoch)
         self._control.set_override(None)
@@ -458,27 +474,55 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
 
     # -- reading -------------------------------------------------------------------------------
     def _as_indices(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        """``indices`` as a flat int64 array, refused unless they are integers: a boolean
-        mask or floats are never cast (``dataset[i]`` refuses them too)."""
-        arr = np.asarray(indices)
+        """``indices`` as a flat int64 array, refused unless they are integers: booleans
+        (anywhere in a list, or a 0-d tensor), floats, complex numbers, objects, a masked
+        array or a ragged list are never cast (``dataset[i]`` refuses them too)."""
+        if isinstance(indices, torch.Tensor):  # its dtype first: never cast, never .numpy()
+            if indices.dtype == torch.bool or indices.is_floating_point() or indices.is_complex():
+                self._not_integers(f"a {indices.dtype} tensor", indices.reshape(-1)[:3].tolist())
+            indices = indices.detach().cpu().numpy()
+        elif isinstance(indices, np.ma.MaskedArray):
+            self._not_integers("a masked array (its mask would be ignored)", [])
+        elif isinstance(indices, list | tuple):
+            # the element types, not numpy's common type: [True, 1] would be an int array
+            # (one C-level pass over the list, about as long as numpy's conversion of it)
+            for t in set(map(type, indices)):
+                if t is bool or not issubclass(t, int | np.integer) or issubclass(t, np.bool_):
+                    bad = next(x for x in indices if type(x) is t)
+                    self._not_integers(f"{t.__name__} values", [bad])
+        try:
+            arr = np.asarray(indices)
+        except (ValueError, TypeError) as e:  # a ragged nesting of lists
+            self._not_integers(f"a sequence numpy cannot read as an array ({e})", [])
         if arr.size and arr.dtype.kind not in "iu":
+            if arr.dtype == object and isinstance(indices, list | tuple):  # ints past uint64
+                self._out_of_range([x for x in arr.reshape(-1) if not 0 <= x < self._len])
             kind = "a boolean mask" if arr.dtype.kind == "b" else f"{arr.dtype} values"
-            raise SampleIndexTypeError(
-                f"{self.dataset_dir}: sample indices of the {self.split} split should be "
-                f"integers, but got {kind} (e.g. {arr.reshape(-1)[:3].tolist()}); they are "
-                f"never cast. Pass integer sample numbers: `np.flatnonzero(mask)` for a "
-                f"mask, `idx.astype(np.int64)` (or `.long()`) for floats you mean as integers."
-            )
+            self._not_integers(kind, arr.reshape(-1)[:3].tolist())
+        if arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
+            self._out_of_range(arr[arr >= self._len].tolist())  # before int64 wraps them
         return arr.astype(np.int64, copy=False).reshape(-1)
+
+    def _not_integers(self, kind: str, examples: list) -> None:
+        eg = f" (e.g. {examples!r:.80})" if examples else ""
+        raise SampleIndexTypeError(
+            f"{self.dataset_dir}: sample indices of the {self.split} split should be "
+            f"integers, but got {kind}{eg}; they are never cast. Pass integer sample numbers: "
+            f"`np.flatnonzero(mask)` for a mask, `idx.astype(np.int64)` (or `.long()`) for "
+            f"floats you mean as integers, a flat list of ints."
+        )
+
+    def _out_of_range(self, bad: list) -> None:
+        bad = [int(x) for x in bad[:5]]
+        raise SampleIndexError(
+            f"Index {bad[0] if len(bad) == 1 else bad} out of range [0, {self._len}) for "
+            f"the {self.split} split of {self.dataset_dir}"
+        )
 
     def _check_indices(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         idx = self._as_indices(indices)
         if idx.size and (idx.min() < 0 or idx.max() >= self._len):
-            bad = idx[(idx < 0) | (idx >= self._len)][:5].tolist()
-            raise SampleIndexError(
-                f"Index {bad[0] if len(bad) == 1 else bad} out of range [0, {self._len}) for "
-                f"the {self.split} split of {self.dataset_dir}"
-            )
+            self._out_of_range(idx[(idx < 0) | (idx >= self._len)].tolist())
         return idx
 
     def get_batch(
@@ -732,9 +776,11 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
         """
         n = self._len
         if shuffle:
-            g = torch.Generator().manual_seed(
-                (seed if seed is not None else self.seed) * 1_000_003 + self.epoch
-            )
+            if seed is not None:
+                seed = check_seed(seed, "iter_batches(seed=)", "Pass a seed in that range.")
+            key = (seed if seed is not None else self.seed) * 1_000_003 + self.epoch
+            # the same order as before for every key torch took; larger ones wrap
+            g = torch.Generator().manual_seed(key if -(2**63) <= key < 2**64 else key % 2**64)
             order = torch.randperm(n, generator=g).numpy()
         else:
             order = np.arange(n)
@@ -765,8 +811,9 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
             IndexError: ``idx`` is negative or not below ``len(self)``.
             TypeError: ``idx`` is not an integer (:class:`SampleIndexTypeError`).
         """
-        if isinstance(idx, torch.Tensor) and idx.ndim == 0 and not idx.is_floating_point():
-            idx = int(idx)
+        if isinstance(idx, torch.Tensor) and idx.ndim == 0:  # an integer dtype only
+            if not (idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex()):
+                idx = int(idx)
         if isinstance(idx, bool) or not isinstance(idx, int | np.integer):
             raise SampleIndexTypeError(
                 f"{self.dataset_dir}: a sample index should be an int, but got "

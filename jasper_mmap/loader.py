@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from .control import mark_loader_worker
 from .dataset import BATCH_KEYS, JASPERSteeringDataset, SampleBatch
 from .errors import JasperError
 from .threaded import GatherTuner, ThreadedBatches
@@ -63,6 +64,20 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+class _OurWorker:
+    """The ``worker_init_fn`` a JasperLoader's worker processes run: marks the worker process as ours, so the dataset's
+    control block keeps following the main process there (NOTE [forked children] in
+    control.py), then runs the user's ``worker_init_fn``. Picklable for spawn workers."""
+
+    def __init__(self, init: Any) -> None:
+        self.init = init
+
+    def __call__(self, worker_id: int) -> None:
+        mark_loader_worker()
+        if self.init is not None:
+            self.init(worker_id)
+
+
 WORKER_MODES = ("thread", "process")
 
 
@@ -89,6 +104,21 @@ class JasperLoader(DataLoader):
         #: for this loop and does that (NOTE [gathering in the loop]); None: always ahead
         self.gather_tuner: GatherTuner | None = GatherTuner()
         super().__init__(dataset, **kwargs)
+
+    def _get_iterator(self) -> Any:
+        """The DataLoader's iterator; its worker processes (``worker_mode="process"``, or
+        ``batch_size=None``) run :class:`_OurWorker` around ``worker_init_fn``, which stays
+        the user's own attribute (only the workers this call starts see the wrapper); without
+        an accelerator it does not pin (``pin_memory`` stays as given)."""
+        init, pin = self.worker_init_fn, self.pin_memory
+        if self.num_workers:
+            self.worker_init_fn = _OurWorker(init)
+        if pin and not _accelerator():  # nothing to pin for: torch would only warn
+            self.pin_memory = False
+        try:
+            return super()._get_iterator()
+        finally:
+            self.worker_init_fn, self.pin_memory = init, pin
 
     def check_worker_number_rationality(self) -> None:
         """The DataLoader's warning about more worker processes than cores (processes only)."""
@@ -151,6 +181,14 @@ class JasperLoader(DataLoader):
             pin,
             tuner,
         )
+
+
+def _accelerator() -> bool:
+    """Whether pinned memory has a device to serve (CUDA, or torch's current accelerator)."""
+    if torch.cuda.is_available():
+        return True
+    acc = getattr(torch, "accelerator", None)
+    return acc is not None and acc.current_accelerator() is not None
 
 
 def _inline(dataset: Any, batches: Any, collate: Any, pin: bool) -> Iterator[Any]:
@@ -275,6 +313,20 @@ def _rows(mask: torch.Tensor) -> list[int]:
     return torch.nonzero(mask.reshape(mask.shape[0], -1).any(dim=1)).flatten()[:5].tolist()
 
 
+def _cluster_count(dataset: Any) -> int | None:
+    """The number of clusters: our dataset's store counts them (also after close(), when its
+    tables are gone); another dataset's ``centroid_embs`` (None: not known)."""
+    counts = None
+    if getattr(dataset, "store_path", None) is not None:  # ours: the manifest's counts
+        counts = getattr(getattr(dataset, "store", None), "counts", None)
+    if isinstance(counts, Mapping) and "n_clusters" in counts:
+        return int(counts["n_clusters"])
+    try:
+        return len(dataset.centroid_embs)
+    except (AttributeError, TypeError):
+        return None
+
+
 def validate_first_batch(loader: DataLoader) -> bool:
     """Fetch the first batch and check keys, shapes, dtypes, NaN/Inf (in every floating
     output) and value ranges.
@@ -284,7 +336,9 @@ def validate_first_batch(loader: DataLoader) -> bool:
 
     Raises:
         BatchValidationError: an AssertionError (and ValueError) naming the key and the first
-            offending rows; also when the loader yields no batch at all.
+            offending rows; also when the loader yields no batch at all, when the first
+            batch is empty, is not a mapping, holds something other than tensors (a numpy
+            array) or single samples (``batch_size=None``).
     """
     first_batch_summary(loader)
     return True
@@ -297,7 +351,7 @@ def first_batch_summary(loader: DataLoader) -> dict[str, Any]:
     Raises:
         BatchValidationError: as :func:`validate_first_batch`.
     """
-    dataset = getattr(loader, "dataset_obj", loader.dataset)
+    dataset = getattr(loader, "dataset_obj", getattr(loader, "dataset", None))
     origin = getattr(dataset, "store_path", None)
     where = f"{origin}: " if origin is not None else ""
     try:
@@ -306,17 +360,46 @@ def first_batch_summary(loader: DataLoader) -> dict[str, Any]:
         n = len(dataset) if hasattr(dataset, "__len__") else "?"
         raise BatchValidationError(
             f"{where}the loader yields no batches (the dataset has {n} samples; "
-            f"batch_size={loader.batch_size}, drop_last={loader.drop_last}), so there is no "
+            f"batch_size={getattr(loader, 'batch_size', '?')}, "
+            f"drop_last={getattr(loader, 'drop_last', '?')}), so there is no "
             f"first batch to check. Use a batch_size of at most the split's size, "
             f"drop_last=False, or a split that has samples."
         ) from None
+    keys_fix = (
+        "Return the nine keys from the collate function (create_loader's collate_batch does)."
+    )
+    if not isinstance(batch, Mapping):
+        raise BatchValidationError(
+            f"{where}the first batch should be a mapping of the keys {list(BATCH_KEYS)}, but "
+            f"got a {type(batch).__name__}. {keys_fix}"
+        )
     missing = [k for k in BATCH_KEYS if k not in batch]
     if missing:
+        have = sorted(repr(k) for k in batch)[:20]  # any keys: repr, never compared raw
         raise BatchValidationError(
-            f"{where}batch is missing keys {missing}; it has {sorted(batch)}. Return the "
-            f"nine keys from the collate function (create_loader's collate_batch does)."
+            f"{where}batch is missing keys {missing}; it has [{', '.join(have)}]. {keys_fix}"
         )
+    for key in BATCH_KEYS:
+        t = batch[key]
+        if not isinstance(t, torch.Tensor):
+            kind = "a numpy array" if isinstance(t, np.ndarray) else f"a {type(t).__name__}"
+            raise BatchValidationError(
+                f"{where}{key} should be a torch.Tensor, but got {kind}, not a tensor. Return "
+                f"tensors from the collate function (torch.from_numpy for arrays)."
+            )
+    for key, ndim in (("question_emb", 2), ("negative_tiers", 2)):
+        if batch[key].ndim != ndim:
+            raise BatchValidationError(
+                f"{where}{key} should have {ndim} dimensions (batch first), but got shape "
+                f"{tuple(batch[key].shape)}: the loader yields single samples, not batches "
+                f"(batch_size=None?). Use a batch_size (create_loader's loaders have one)."
+            )
     b, d = batch["question_emb"].shape
+    if b == 0:
+        raise BatchValidationError(
+            f"{where}the first batch holds no samples (shape {tuple(batch['question_emb'].shape)})"
+            f", so nothing in it can be checked. Make the sampler's batches non-empty."
+        )
     n_neg = batch["negative_tiers"].shape[1]
     shapes = {
         "question_emb": (b, d),
@@ -329,7 +412,7 @@ def first_batch_summary(loader: DataLoader) -> dict[str, Any]:
         "steering_variant": (b,),
         "negative_tiers": (b, n_neg),
     }
-    n_clusters = len(dataset.centroid_embs) if hasattr(dataset, "centroid_embs") else None
+    n_clusters = _cluster_count(dataset)
     fix = "Check the source arrays (`jasper-mmap verify STORE`), fix them and convert again."
     for key, shape in shapes.items():
         t = batch[key]

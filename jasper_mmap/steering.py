@@ -125,7 +125,14 @@ def distribution(probs: Mapping[str, Any], where: str, fix: str | None = None) -
             non-negative number, or a sum that is not 1 (the in-RAM dataset could not draw
             from them either).
     """
-    unknown = sorted(set(probs) - set(VARIANTS))
+    if not isinstance(probs, Mapping):  # a tensor or a list: which variant is which?
+        raise ConfigError(
+            f"{where}: steering probabilities should map {VARIANTS} to finite non-negative "
+            f"numbers summing to 1, but got a {type(probs).__name__} ({probs!r:.80}). "
+            + (fix or "Fix steering_probabilities in that config.json.")
+            + " Give a dict of variant names, e.g. {'zero': 0.25, 'centroid': 0.25, ...}."
+        )
+    unknown = sorted(set(map(str, probs)) - set(VARIANTS))
     try:
         p = np.array([float(probs.get(v, 0.0)) for v in VARIANTS])
     except (TypeError, ValueError, AttributeError):
@@ -144,6 +151,44 @@ def distribution(probs: Mapping[str, Any], where: str, fix: str | None = None) -
 
 
 _TOO_LARGE = " (an integer too large for a float)"
+
+#: seeds and epochs are stored and hashed as 64-bit integers; torch's generators take seeds
+#: below 2**64, and a shuffle seeds one with seed + epoch (DistributedSampler)
+SEED_LIMIT = 2**63
+
+
+def check_seed(value: Any, where: str, fix: str) -> int:
+    """``value`` as a seed: an integer (not a bool) in [0, 2**63).
+
+    Raises:
+        ConfigError: anything else (a ValueError), naming ``where``; never masked or cast,
+            so no two seeds draw alike.
+    """
+    ok = isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+    if ok and 0 <= int(value) < SEED_LIMIT:
+        return int(value)
+    raise ConfigError(
+        f"{where} should be an integer in [0, 2**63), but got {value!r:.60}; it is never "
+        f"masked or cast (two seeds would draw alike, and shuffling would overflow). {fix}"
+    )
+
+
+def check_epoch(value: Any, where: str) -> int:
+    """``value`` as an epoch: an integer, or a float that is one, in [-2**63, 2**63).
+
+    Raises:
+        ConfigError: NaN, infinite, fractional, a bool or another type, or out of range (a
+            ValueError, as ``int(nan)`` was).
+    """
+    if isinstance(value, float | np.floating) and math.isfinite(value) and value == int(value):
+        value = int(value)
+    ok = isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+    if ok and -SEED_LIMIT <= int(value) < SEED_LIMIT:
+        return int(value)
+    raise ConfigError(
+        f"{where}: the epoch should be an integer in [-2**63, 2**63), but got {value!r:.60}. "
+        f"Pass the epoch number (an int)."
+    )
 
 
 def _too_large(value: Any) -> bool:
@@ -200,14 +245,24 @@ class SteeringSchedule:
                     f"config.json."
                 )
         for key, value in base.items():
-            if not _is_number(value):  # the message distribution() gives, saying which value
-                raise ConfigError(
-                    f"{where} at epoch 0: steering probabilities should map {VARIANTS} to "
-                    f"finite non-negative numbers summing to 1, but they are {dict(base)!r:.200}"
-                    f" (steering_probabilities {key} should be a number, but got "
-                    f"{key}={value!r:.60}{_TOO_LARGE if _too_large(value) else ''}). Fix "
-                    f"steering_probabilities in that config.json (numbers, not strings)."
-                )
+            # the message distribution() gives, saying which value; a base value outside
+            # [0, 1] (NaN, Infinity) is refused here too, since under a curriculum the formula
+            # would turn it into a valid-looking distribution (all non-zero mass to centroid)
+            if not _is_number(value):
+                problem = f"a number, but got {key}={value!r:.60}"
+                problem += _TOO_LARGE if _too_large(value) else ""
+                fix = "numbers, not strings"
+            elif not 0.0 <= value <= 1.0:
+                problem = f"a finite number in [0, 1], but got {key}={value!r:.60}"
+                fix = "each a probability in [0, 1]"
+            else:
+                continue
+            raise ConfigError(
+                f"{where} at epoch 0: steering probabilities should map {VARIANTS} to "
+                f"finite non-negative numbers summing to 1, but they are {dict(base)!r:.200}"
+                f" (steering_probabilities {key} should be {problem}). Fix "
+                f"steering_probabilities in that config.json ({fix})."
+            )
         return cls({"steering_probabilities": dict(base), "curriculum": dict(cur or {})}, where)
 
     def as_dict(self, epoch: int) -> dict[str, float]:
