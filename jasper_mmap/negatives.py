@@ -44,6 +44,7 @@ import numpy as np
 from ._atomic import (
     fsync_dir,
     fsync_tree,
+    held_flock,
     partial_dir,
     remove_stale_partials,
     remove_stale_partials_in,
@@ -218,14 +219,17 @@ def publish_negatives(
     ).store
     negs, tiers = _Rows(hard_negatives, "hard_negatives"), _Rows(negative_tiers, "negative_tiers")
     # NOTE [one writer per store]: the store is opened and checked only once the lock is held
+    with store_lock(store_path, "publishing negatives") as real:
+        # a killed conversion's leftovers beside the store: its partial, or the old store a
+        # replacement moved aside (NOTE [a killed replacement] in _atomic.py)
+        remove_stale_partials(real)
     with store_lock(store_path, "publishing negatives") as real, open_store(real) as store:
         c = store.counts
         for rows in (negs, tiers):
             _check(rows, c["n_pairs"], c["n_neg"])
         neg_dir = real / NEGATIVES_DIR
         try:
-            with _open_publish_lock(neg_dir, real) as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+            with held_flock(_open_publish_lock(neg_dir, real)):  # never kept by a fork child
                 g, removed = _publish_locked(store, neg_dir, negs, tiers, sources, keep)
         except OSError as e:
             if isinstance(e, JasperError):
@@ -235,7 +239,7 @@ def publish_negatives(
     return g
 
 
-def _open_publish_lock(neg_dir: Path, store: Path) -> Any:
+def _open_publish_lock(neg_dir: Path, store: Path) -> int:
     """Open (create) ``negatives/.publish.lock``, the lock older versions' publishers take
     (they take only that one, not the store lock: NOTE [hot reload]). Non-blocking and
     without following links: a FIFO there must not hang the publish (opened for writing
@@ -263,7 +267,7 @@ def _open_publish_lock(neg_dir: Path, store: Path) -> Any:
             f"file. {fix}"
         )
     os.set_blocking(fd, True)
-    return os.fdopen(fd, "ab")
+    return fd  # a raw descriptor: held_flock releases it (LOCK_UN) and closes it
 
 
 def _publish_locked(store, neg_dir: Path, negs, tiers, sources, keep) -> tuple[int, list[int]]:

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ._atomic import lock_holder, store_lock
+from ._atomic import lock_holder, store_lock, swapped_out
 from .converters.sources import STORAGE_FORMATS, detect_storage_format
 from .errors import (
     ArtifactError,
@@ -399,6 +399,8 @@ def resolve_dataset(
         ValueError: an unknown ``storage_format``, or h5py missing for ``"hdf5"``.
     """
     src = Path(dataset_dir).expanduser().absolute()
+    if not os.path.lexists(src) and swapped_out(src.resolve()):
+        load_manifest(src)  # restores it (NOTE [a killed replacement]) or names where it is
     if not src.is_dir():
         what = "is not a directory" if src.exists() else "does not exist"
         raise StoreNotFoundError(

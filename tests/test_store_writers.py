@@ -1,0 +1,198 @@
+"""Store writers after the attack on issue 24's fixes: a killed replacement without
+``renameat2(RENAME_EXCHANGE)``, the store lock and fork children, lock files that are not
+ours, full disks, read-only mounts, generation numbers and description fields, path spellings.
+Hangs run in subprocesses with timeouts, so they fail instead of hanging the suite."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from jasper_mmap import JASPERSteeringDataset, open_store, publish_negatives
+from jasper_mmap._atomic import HOST_TAG
+from jasper_mmap.converters import convert_pt
+from jasper_mmap.errors import StoreNotFoundError
+
+PIPES = {"capture_output": True, "text": True}
+N_PAIRS, N_NEG = 120, 6
+
+
+def dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], **PIPES)
+    return int(done.stdout)
+
+
+def zeros() -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros((N_PAIRS, N_NEG), "int64"), np.ones((N_PAIRS, N_NEG), "int64")
+
+
+@pytest.fixture()
+def store(tmp_path, pt_dataset):
+    return convert_pt(pt_dataset, tmp_path / "store", progress=False)
+
+
+# -- D2: a killed --overwrite where RENAME_EXCHANGE is missing ---------------------------------
+
+KILL_BETWEEN_RENAMES = textwrap.dedent(
+    """
+    import os, signal, sys
+    import jasper_mmap._atomic as A
+    from jasper_mmap.converters import convert_pt
+    A._exchange = lambda a, b: False  # NFS, CIFS, many FUSE filesystems
+    real_rename = os.rename
+    def rename(a, b):
+        real_rename(a, b)
+        if ".old-" in str(b):
+            os.kill(os.getpid(), signal.SIGKILL)  # old store moved away, new not yet in
+    A.os.rename = rename
+    convert_pt(sys.argv[1], sys.argv[2], overwrite=True, progress=False)
+    """
+)
+
+
+def test_a_replacement_killed_between_its_renames_is_restored_on_open(store, pt_dataset, caplog):
+    done = subprocess.run(
+        [sys.executable, "-c", KILL_BETWEEN_RENAMES, str(pt_dataset), str(store)],
+        timeout=120,
+        **PIPES,
+    )
+    assert done.returncode == -9, done.stderr[-2000:]
+    assert not store.exists()
+    (old,) = [p for p in store.parent.iterdir() if ".old-" in p.name]
+    assert old.name.endswith(f"-{HOST_TAG}"), old.name  # tagged like a partial
+    with caplog.at_level(logging.WARNING), open_store(store) as s:
+        assert s.counts["n_pairs"] == N_PAIRS
+    assert "restored" in caplog.text and old.name in caplog.text
+    assert not old.exists()
+    # and through the dataset-directory path (resolve_dataset)
+    shutil.move(store, old)
+    assert JASPERSteeringDataset(store, "train").store_path == store
+
+
+def test_a_moved_aside_store_that_cannot_be_restored_is_named(store, monkeypatch):
+    import jasper_mmap._atomic as A
+
+    old = store.parent / f".store.old-{dead_pid()}-abcd1234-{HOST_TAG}"
+    store.rename(old)
+    monkeypatch.setattr(A, "store_lock", lambda *a, **k: (_ for _ in ()).throw(OSError(30, "ro")))
+    with pytest.raises(StoreNotFoundError) as e:
+        open_store(store)
+    assert str(old) in str(e.value) and "mv " in str(e.value)
+
+
+def test_a_dead_replacements_old_store_is_removed_by_the_next_writer(store, tmp_path):
+    dead = dead_pid()
+    old = store.parent / f".store.old-{dead}-abcd1234-{HOST_TAG}"
+    shutil.copytree(store, old)
+    not_ours = store.parent / f".store.old-{dead}-beef1234-{HOST_TAG}"
+    not_ours.mkdir()
+    (not_ours / "notes.txt").write_text("mine")
+    publish_negatives(store, *zeros())
+    assert not old.exists(), "a whole old store left beside the new one"
+    assert (not_ours / "notes.txt").read_text() == "mine"  # not a store: never touched
+
+
+def test_a_fallback_replacement_killed_while_deleting_leaves_nothing_behind(store, pt_dataset):
+    code = textwrap.dedent(
+        """
+        import os, signal, sys, shutil
+        import jasper_mmap._atomic as A
+        from jasper_mmap.converters import convert_pt
+        A._exchange = lambda a, b: False
+        real = shutil.rmtree
+        def rm(p, *a, **k):
+            if os.path.basename(str(p)).startswith(".store.") and os.path.isdir(p):
+                os.unlink(os.path.join(p, "manifest.json"))
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(p, *a, **k)
+        A.shutil.rmtree = rm
+        convert_pt(sys.argv[1], sys.argv[2], overwrite=True, progress=False)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(pt_dataset), str(store)], **PIPES)
+    assert done.returncode == -9, done.stderr[-2000:]
+    publish_negatives(store, *zeros())
+    left = [p.name for p in store.parent.iterdir() if p.name.startswith(".store.")]
+    assert left in ([], [".store.lock"]), left
+
+
+# -- H1: fork children never keep a store lock --------------------------------------------------
+
+FORK_WHILE_PUBLISHING = textwrap.dedent(
+    """
+    import os, sys, threading, time
+    import numpy as np
+    from jasper_mmap import publish_negatives
+    store = sys.argv[1]
+    class Slow:  # a miner streaming its rows: the publish holds both locks meanwhile
+        path = "miner"; shape = (120, 6); np_dtype = np.dtype("int64")
+        def read_rows(self, a, b):
+            time.sleep(1.0)
+            return np.zeros((b - a, 6), dtype=np.int64)
+    t = threading.Thread(target=publish_negatives, args=(store, Slow(), np.ones((120, 6), "int64")))
+    t.start(); time.sleep(0.4)
+    pid = os.fork()  # a worker forked while the miner thread holds the locks
+    if pid == 0:
+        time.sleep(60); os._exit(0)
+    t.join()
+    print(pid, flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_a_child_forked_during_a_publish_does_not_keep_the_store_locked(store):
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", FORK_WHILE_PUBLISHING, str(store)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        child = int(trainer.stdout.readline())
+        code = (
+            "import sys, numpy as np; from jasper_mmap import publish_negatives\n"
+            "print(publish_negatives(sys.argv[1], np.zeros((120, 6), 'int64'), "
+            "np.ones((120, 6), 'int64')))"
+        )
+        try:
+            done = subprocess.run([sys.executable, "-c", code, str(store)], timeout=20, **PIPES)
+        except subprocess.TimeoutExpired:
+            pytest.fail("a publish waited on the lock a forked worker inherited")
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.split() == ["2"]
+    finally:
+        trainer.kill()
+        trainer.wait()
+        try:
+            os.kill(child, 9)
+        except (ProcessLookupError, UnboundLocalError):
+            pass
+
+
+def test_a_child_unwinding_its_parents_lock_releases_nothing(tmp_path):
+    code = textwrap.dedent(
+        """
+        import os, sys, fcntl, time
+        from jasper_mmap._atomic import store_lock
+        lock = os.path.join(sys.argv[1], ".s.lock")
+        with store_lock(os.path.join(sys.argv[1], "s"), "testing"):
+            pid = os.fork()
+            if pid:
+                os.waitpid(pid, 0)  # the child left the with block: the lock is still ours
+                fd = os.open(lock, os.O_RDONLY)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    print("released by the child")
+                except BlockingIOError:
+                    print("held")
+        if pid == 0:
+            os._exit(0)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], timeout=60, **PIPES)
+    assert done.stdout.split() == ["held"], done.stderr[-2000:]
