@@ -196,3 +196,94 @@ def test_a_child_unwinding_its_parents_lock_releases_nothing(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], timeout=60, **PIPES)
     assert done.stdout.split() == ["held"], done.stderr[-2000:]
+
+
+# -- R1, R2: read-only and full filesystems (real mounts where root may make them) --------------
+
+
+@pytest.fixture()
+def mount(tmp_path):
+    """``mount(args, target)``: a real mount, unmounted after the test; skips where not
+    permitted (not root, no mount namespace rights)."""
+    made = []
+
+    def do(args: list[str], target) -> None:
+        target.mkdir(exist_ok=True)
+        done = subprocess.run(["mount", *args, str(target)], **PIPES)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount here: {done.stderr.strip()}")
+        made.append(target)
+
+    yield do
+    for target in reversed(made):
+        subprocess.run(["umount", "-l", str(target)], **PIPES)
+
+
+def test_a_read_only_mount_with_no_lock_file_opens_and_refuses_publishes_clearly(
+    tmp_path, pt_dataset, mount
+):
+    from jasper_mmap.errors import StoreWriteError
+
+    base = tmp_path / "base"
+    base.mkdir()
+    ds = shutil.copytree(pt_dataset, base / "ds")
+    JASPERSteeringDataset(ds, "train").close()  # its store beside it, up to date
+    convert_pt(pt_dataset, base / "store", progress=False)
+    assert not [p for p in base.rglob("*.lock")]
+    ro = tmp_path / "ro"
+    mount(["--bind", str(base)], ro)
+    mount(["-o", "remount,bind,ro"], ro)
+    with JASPERSteeringDataset(ro / "ds", "train") as d:
+        assert len(d) > 0
+    with pytest.raises(StoreWriteError, match="read-only"):
+        publish_negatives(ro / "store", *zeros())
+
+
+def test_a_full_disk_never_fails_the_release_of_a_lock(tmp_path, pt_dataset, mount):
+    disk = tmp_path / "tiny"
+    mount(["-t", "tmpfs", "-o", "size=2m", "tmpfs"], disk)
+    store = convert_pt(pt_dataset, disk / "store", progress=False)
+    (disk / ".store.lock").write_text("")  # a killed holder's: empty, ours to write into
+    with open(disk / "filler", "wb") as f:  # the disk fills up
+        with pytest.raises(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+    code = (
+        "import sys; from jasper_mmap._atomic import store_lock\n"
+        "with store_lock(sys.argv[1], 'testing'):\n"
+        "    pass\n"
+        "print('released')"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(store)], timeout=60, **PIPES)
+    assert done.stdout.split() == ["released"], done.stderr[-2000:]
+
+
+# -- R4, D1: lock files that are not ours ----------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["directory", "socket"])
+def test_a_directory_or_socket_named_as_the_lock_is_refused_with_the_fix(store, kind):
+    import socket
+
+    from jasper_mmap.errors import StoreExistsError
+
+    lock = store.parent / ".store.lock"
+    if kind == "directory":
+        lock.mkdir()
+    else:
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(lock))
+        s.close()
+    with pytest.raises(StoreExistsError, match="is not a regular file.*Move it away"):
+        publish_negatives(store, *zeros())
+    assert lock.is_dir() if kind == "directory" else lock.is_socket()
+
+
+@pytest.mark.parametrize("content", ['{"pid": 1, "note": "mine"}', ""])
+def test_a_lock_file_hard_linked_to_a_users_file_is_never_written(store, tmp_path, content):
+    mine = tmp_path / "mine.json"
+    mine.write_text(content)
+    os.link(mine, store.parent / ".store.lock")
+    assert publish_negatives(store, *zeros()) == 1
+    assert mine.read_text() == content
