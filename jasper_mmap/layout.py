@@ -111,6 +111,11 @@ FLOAT_ROLES = ("embedding", "steering")
 SPLITS = ("train", "val", "test")
 
 
+#: generation numbers are below this: the control block's slot is an int64, and a publish adds
+#: one to the largest number in use, so a stray ``gen-<huge>`` name is ignored, never followed
+MAX_GENERATION = 2**62
+
+
 def generation_name(generation: int) -> str:
     """Return the file/group stem of negatives generation ``generation``."""
     return f"gen-{generation:06d}"

@@ -5,6 +5,7 @@ Hangs run in subprocesses with timeouts, so they fail instead of hanging the sui
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -287,3 +288,80 @@ def test_a_lock_file_hard_linked_to_a_users_file_is_never_written(store, tmp_pat
     os.link(mine, store.parent / ".store.lock")
     assert publish_negatives(store, *zeros()) == 1
     assert mine.read_text() == content
+
+
+# -- R3, R5, S9: generation numbers, description fields, publish arguments, uint64 values ------
+
+
+def test_a_stray_huge_generation_name_is_ignored_and_a_huge_live_one_refused(store):
+    from jasper_mmap.errors import StoreFormatError
+
+    neg = store / "negatives"
+    (neg / f"gen-{2**63 - 1}.txt").write_text("not ours")
+    assert publish_negatives(store, *zeros()) == 1
+    assert publish_negatives(store, *zeros()) == 2
+    assert json.loads((neg / "CURRENT.json").read_text())["generation"] == 2
+    assert (neg / f"gen-{2**63 - 1}.txt").read_text() == "not ours"
+    current = json.loads((neg / "CURRENT.json").read_text())
+    current["generation"] = 2**62
+    (neg / "CURRENT.json").write_text(json.dumps(current))
+    with pytest.raises(StoreFormatError, match=r"generation.*2\*\*62"):
+        open_store(store)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("created_unix", "yesterday"),
+        ("created_unix", float("inf")),
+        ("sources", [1, 2]),
+        ("sources", {"hard_negatives.pt": 5}),
+    ],
+)
+def test_a_malformed_description_field_is_a_format_error_naming_it(
+    tmp_path, pt_dataset, field, value
+):
+    from jasper_mmap.errors import StoreFormatError
+    from jasper_mmap.verify import verify_store
+
+    ds = shutil.copytree(pt_dataset, tmp_path / "ds")
+    JASPERSteeringDataset(ds, "train").close()
+    current = ds / ".jasper_mmap_store" / "negatives" / "CURRENT.json"
+    desc = json.loads(current.read_text())
+    desc[field] = value
+    current.write_text(json.dumps(desc))
+    with pytest.raises(StoreFormatError, match=f"'{field}'"):
+        JASPERSteeringDataset(ds, "train")
+    assert any(field in p for p in verify_store(ds / ".jasper_mmap_store").problems)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"keep": "2"}, {"keep": 2.5}, {"sources": "x"}, {"sources": {"a": 1.0}}]
+)
+def test_a_wrong_publish_argument_is_refused_before_anything_is_published(store, kwargs):
+    from jasper_mmap.errors import ArtifactError
+
+    with pytest.raises(ArtifactError, match=next(iter(kwargs))):
+        publish_negatives(store, *zeros(), **kwargs)
+    assert not (store / "negatives" / "gen-000001.json").exists()
+
+
+@pytest.mark.parametrize("reader", [False, True])
+def test_uint64_values_past_int64_are_refused_not_wrapped(store, reader):
+    from jasper_mmap.errors import ArtifactError
+
+    negs, _ = zeros()
+    tiers = values = np.ones((N_PAIRS, N_NEG), "uint64")
+    values[3, 1] = 2**63 + 1
+    if reader:
+
+        class Tiers:
+            path, shape, np_dtype = "tiers-reader", values.shape, values.dtype
+
+            def read_rows(self, a, b):
+                return values[a:b]
+
+        tiers = Tiers()
+    with pytest.raises(ArtifactError, match=r"rows \[3\].*int64"):
+        publish_negatives(store, negs, tiers)
+    assert not (store / "negatives" / "gen-000001.json").exists()
