@@ -276,8 +276,11 @@ def _store_location(src: Path, cache_dir: str | Path | None, fmt: str = "pt") ->
     """Where the store of dataset directory ``src`` (from its ``fmt`` files) is kept."""
     suffix = "" if fmt == "pt" else f"_{fmt}"
     if cache_dir is not None:
-        tag = hashlib.blake2b(str(src).encode(), digest_size=6).hexdigest()
-        return Path(cache_dir).expanduser().absolute() / f"{src.name}-{tag}{suffix}"
+        # keyed by the real path: a symlink or ``..`` spelling of one directory reaches its one
+        # store (stores cached under an older key, the path as given, are converted once again)
+        real = src.resolve()
+        tag = hashlib.blake2b(str(real).encode(), digest_size=6).hexdigest()
+        return Path(cache_dir).expanduser().absolute() / f"{real.name}-{tag}{suffix}"
     beside = src / f"{STORE_DIRNAME}{suffix}"
     if os.access(src, os.W_OK):
         return beside

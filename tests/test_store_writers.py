@@ -365,3 +365,20 @@ def test_uint64_values_past_int64_are_refused_not_wrapped(store, reader):
     with pytest.raises(ArtifactError, match=r"rows \[3\].*int64"):
         publish_negatives(store, negs, tiers)
     assert not (store / "negatives" / "gen-000001.json").exists()
+
+
+# -- S3: one dataset directory, however its path is spelled, has one cached store ---------------
+
+
+def test_publish_through_another_spelling_reaches_the_trainers_cached_store(tmp_path, pt_dataset):
+    ds = shutil.copytree(pt_dataset, tmp_path / "ds")
+    (tmp_path / "link").symlink_to(ds)
+    cache = tmp_path / "cache"
+    trainer = JASPERSteeringDataset(ds, "train", cache_dir=cache)
+    for spelling in (tmp_path / "link", tmp_path / "sub" / ".." / "ds"):
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        publish_negatives(spelling, *zeros(), cache_dir=cache)
+    trainer.reload_negatives()
+    assert trainer.negatives_generation == 2
+    assert len(list(cache.iterdir())) == 1, sorted(p.name for p in cache.iterdir())
+    trainer.close()
