@@ -80,8 +80,14 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import JasperError, StoreExistsError, StoreNotFoundError, write_error
-from .files import read_json
+from .errors import (
+    JasperError,
+    StoreExistsError,
+    StoreNotFoundError,
+    StoreWriteError,
+    write_error,
+)
+from .files import file_kind, read_json
 
 __all__ = [
     "partial_dir",
@@ -133,7 +139,17 @@ def partial_name(name: str) -> str:
 def partial_dir(dst: Path) -> Path:
     """Return a fresh, hidden temporary directory beside ``dst`` (created)."""
     tmp = dst.parent / partial_name(dst.name)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as e:  # /proc, a read-only or full filesystem: said with the fix
+        err = write_error(tmp, e, "a temporary directory")
+        if err is e:
+            err = StoreWriteError(
+                f"{dst.parent}: cannot create a directory there to write {dst.name} into "
+                f"({e.strerror}). Choose a destination on a writable filesystem."
+            )
+            err.errno = e.errno
+        raise err from e
     return tmp
 
 
@@ -455,7 +471,13 @@ def check_destination(
         StoreNotFoundError: the parent directory of ``dst`` does not exist.
     """
     given = Path(dst).expanduser().absolute()
-    real = given.resolve()
+    try:
+        real = given.resolve()
+    except (RuntimeError, OSError) as e:  # a symlink loop (RuntimeError before Python 3.13)
+        raise StoreExistsError(
+            f"{given}: the destination cannot be resolved ({e}): it is, or leads through, a "
+            f"symbolic link loop. Remove or fix the link, or choose another path."
+        ) from None
     shown = given if real == given else f"{given} (a link to {real})"
     for src in inputs:
         src_real = Path(src).expanduser().resolve()
@@ -466,6 +488,14 @@ def check_destination(
                 f"destroy it. Choose a destination outside the input, e.g. {real.parent}/"
                 f"{src_real.name}_store."
             )
+    if not real.exists() and os.path.lexists(real.parent) and not real.parent.is_dir():
+        kind = (
+            file_kind(os.stat(real.parent).st_mode) if real.parent.exists() else "a dangling link"
+        )
+        raise StoreExistsError(
+            f"{shown}: the destination's parent {real.parent} is not a directory ({kind}). "
+            f"Choose a destination inside a directory."
+        )
     if not real.exists() and not real.parent.is_dir():
         raise StoreNotFoundError(
             f"{shown}: the destination's parent directory {real.parent} does not exist. "
@@ -477,6 +507,14 @@ def check_destination(
         )
     if real.is_dir() and not _is_empty_dir(real):
         if not is_ours(real):
+            manifest = real / "manifest.json"
+            if os.path.lexists(manifest) and not manifest.is_file():
+                kind = file_kind(os.lstat(manifest).st_mode)
+                raise StoreExistsError(
+                    f"{real}: a damaged store: its manifest.json is {kind}, not a regular "
+                    f"file, so it is never replaced. If nothing in it is yours, remove it "
+                    f"(rm -r {shlex.quote(str(real))}), then run again."
+                )
             names = sorted(p.name for p in real.iterdir())[:3]
             raise StoreExistsError(
                 f"{shown}: the destination is a non-empty directory that is not {what} "

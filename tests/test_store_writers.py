@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -382,3 +383,29 @@ def test_publish_through_another_spelling_reaches_the_trainers_cached_store(tmp_
     assert trainer.negatives_generation == 2
     assert len(list(cache.iterdir())) == 1, sorted(p.name for p in cache.iterdir())
     trainer.close()
+
+
+# -- R6, M3, M4: destinations that are not what they seem, from the CLI ------------------------
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    code = "import sys; from jasper_mmap.converters.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *args], timeout=120, **PIPES)
+
+
+def test_odd_destinations_are_clear_cli_errors_without_tracebacks(tmp_path, pt_dataset):
+    (tmp_path / "loop").symlink_to("loop")
+    os.mkfifo(tmp_path / "fifo")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    os.mkfifo(bad / "manifest.json")
+    cases = {
+        str(tmp_path / "loop"): "symbolic link loop",
+        "/proc/self/x": "cannot create a directory there",
+        str(tmp_path / "fifo" / "x"): r"is not a directory \(a FIFO",
+        str(bad): "manifest.json is a FIFO.*rm -r",
+    }
+    for dst, said in cases.items():
+        done = _cli(str(pt_dataset), dst, "--overwrite")
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert re.search(said, done.stderr), done.stderr
