@@ -32,17 +32,24 @@ host and task into the file). A converter holds it across the swap and the delet
 old store only, so a publish never waits on a whole ``convert-pt`` run (the auto-convert holds
 it throughout: DDP ranks must not convert twice); a first conversion (a rename that replaces
 no store) takes no lock and leaves no lock file.
-The lock file is opened without following links and only if it is a regular file; holder
-information is written only into an empty file or one that already holds ours, so no file of a
-user is ever truncated. Where the parent is read-only the existing lock file is locked through
+The lock file is opened without following links and only if it is a regular file (a
+directory, socket or FIFO there is refused with the fix); holder information is written only
+into an empty file or one that already holds ours, and never into a file with a second name
+(a hard link), so no file of a user is ever truncated. It is written unbuffered on the
+descriptor and is advisory: a full disk leaves it unwritten, and releasing never writes. Where the parent is read-only the existing lock file is locked through
 a read-only descriptor (``flock`` needs no write access), and where none exists there the store
 directory itself is locked: nobody who cannot write the parent can swap the store. A writer
 that created the lock file removes it before it lets go, so no file is left beside a store; a
 waiter that then gets the lock checks that the name still leads to the file it locked, and
 starts again otherwise (so a removed lock file never lets two writers in). A lock file that was
 there before (another version's, or a holder's that was killed) is left as it is.
-Not guarded: writers of older versions (they take only ``negatives/.publish.lock``), a child
-forked while its parent holds the lock (it inherits the lock and must not take it again), a
+Release is an explicit ``flock(LOCK_UN)``, which frees the lock for every descriptor that
+shares the open file description. A child forked while the lock is held does not hold it: the
+descriptor is ``O_CLOEXEC`` and is closed in the child at fork (``os.register_at_fork``), the
+re-entrancy count is keyed by pid, and a child unwinding its parent's ``with`` releases
+nothing; so the lock is free once the parent lets go of it or dies, whatever its workers do,
+and a child that takes the lock waits for its parent like any other process.
+Not guarded: writers of older versions (they take only ``negatives/.publish.lock``), a
 writer that cannot write the parent (it locks the store directory) against one that can,
 ``mv``/``rm`` by hand.
 
@@ -73,8 +80,14 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import JasperError, StoreExistsError, StoreNotFoundError, write_error
-from .files import read_json
+from .errors import (
+    JasperError,
+    StoreExistsError,
+    StoreNotFoundError,
+    StoreWriteError,
+    write_error,
+)
+from .files import file_kind, read_json
 
 __all__ = [
     "partial_dir",
@@ -83,6 +96,8 @@ __all__ = [
     "publish_dir",
     "remove_stale_partials",
     "remove_stale_partials_in",
+    "settle_swapped_out",
+    "swapped_out",
     "warn_stale_partials",
     "fsync_dir",
     "fsync_tree",
@@ -90,6 +105,7 @@ __all__ = [
     "is_store",
     "publishing",
     "store_lock",
+    "held_flock",
     "lock_holder",
     "WAIT_LOG_SECONDS",
 ]
@@ -123,7 +139,17 @@ def partial_name(name: str) -> str:
 def partial_dir(dst: Path) -> Path:
     """Return a fresh, hidden temporary directory beside ``dst`` (created)."""
     tmp = dst.parent / partial_name(dst.name)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as e:  # /proc, a read-only or full filesystem: said with the fix
+        err = write_error(tmp, e, "a temporary directory")
+        if err is e:
+            err = StoreWriteError(
+                f"{dst.parent}: cannot create a directory there to write {dst.name} into "
+                f"({e.strerror}). Choose a destination on a writable filesystem."
+            )
+            err.errno = e.errno
+        raise err from e
     return tmp
 
 
@@ -148,20 +174,24 @@ def _pid_alive(pid: int) -> bool:
     return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] != b"Z"
 
 
-def _entries(directory: Path, prefix: str = ".") -> list[Path]:
-    """The entries of ``directory`` whose names start with ``prefix`` and hold ``.partial-``:
-    a listing, not a glob (NOTE [names are not patterns]). A missing directory has none."""
+def _entries(directory: Path, prefix: str = ".", marker: str = ".partial-") -> list[Path]:
+    """The entries of ``directory`` whose names start with ``prefix`` and hold ``marker``
+    (``.partial-``, or ``.old-`` for stores swapped out by :func:`_replace`): a listing, not a
+    glob (NOTE [names are not patterns]). A missing directory has none."""
     try:
         with os.scandir(directory) as it:
             names = [e.name for e in it]
-    except (FileNotFoundError, NotADirectoryError):
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
         return []
-    return [Path(directory, n) for n in names if n.startswith(prefix) and ".partial-" in n[1:]]
+    return [Path(directory, n) for n in names if n.startswith(prefix) and marker in n[1:]]
 
 
 def remove_stale_partials(dst: Path) -> list[Path]:
-    """Remove ``.<dst>.partial-*`` directories whose writer process no longer exists."""
-    return _remove_dead(_entries(dst.parent, f".{dst.name}.partial-"))
+    """Remove ``.<dst>.partial-*`` directories whose writer process no longer exists, and
+    settle the stores such a writer swapped out (:func:`settle_swapped_out`)."""
+    removed = _remove_dead(_entries(dst.parent, f".{dst.name}.partial-"))
+    settle_swapped_out(dst)
+    return removed
 
 
 def remove_stale_partials_in(directory: Path) -> list[Path]:
@@ -176,12 +206,12 @@ def remove_stale_partial_files(final: Path) -> list[Path]:
     return _remove_dead(p for p in found if p.is_file() and not p.is_symlink())
 
 
-def _dead(candidates: Iterable[Path]) -> Iterator[tuple[Path, int]]:
-    """``(path, writer pid)`` of each ``...partial-PID-TOKEN[-HOST]`` written on this host
-    (or with no host tag) whose writer is gone."""
+def _dead(candidates: Iterable[Path], marker: str = "partial-") -> Iterator[tuple[Path, int]]:
+    """``(path, writer pid)`` of each ``...partial-PID-TOKEN[-HOST]`` (or ``...old-...``, with
+    ``marker="old-"``) written on this host (or with no host tag) whose writer is gone."""
     for p in candidates:
         try:
-            fields = p.name.rsplit("partial-", 1)[1].split("-")
+            fields = p.name.rsplit(marker, 1)[1].split("-")
             pid = int(fields[0])
         except (IndexError, ValueError):
             continue
@@ -189,6 +219,68 @@ def _dead(candidates: Iterable[Path]) -> Iterator[tuple[Path, int]]:
             continue  # another host's (or container's): its PID cannot be checked here
         if pid != os.getpid() and not _pid_alive(pid):
             yield p, pid
+
+
+def swapped_out(dst: Path) -> list[tuple[Path, int]]:
+    """``(directory, writer pid)`` of each ``.<dst>.old-PID-TOKEN[-HOST]`` beside ``dst`` whose
+    writer is gone: a store that a killed ``--overwrite`` moved away where the filesystem has
+    no ``renameat2(RENAME_EXCHANGE)`` (NOTE [a killed replacement]). Symlinks are not."""
+    found = _entries(Path(dst).parent, f".{Path(dst).name}.old-", ".old-")
+    return [(p, pid) for p, pid in _dead(found, "old-") if p.is_dir() and not p.is_symlink()]
+
+
+def settle_swapped_out(dst: Path) -> list[Path]:
+    """Put back, or remove, the stores killed replacements of ``dst`` moved away.
+
+    NOTE [a killed replacement]: without ``renameat2(RENAME_EXCHANGE)`` (NFS, CIFS, many FUSE
+    filesystems) :func:`_replace` renames the old store to ``.<name>.old-PID-TOKEN-HOST``, then
+    the new one into place. A writer killed between the two renames leaves no store at the path;
+    one killed after them leaves the whole old store beside the new one. Under the store lock,
+    a dead writer's ``.old-`` directory that is a store (:func:`is_store`) is renamed back when
+    nothing (or an empty directory) is at the path, and removed when a store is in place; one
+    that is not a store is never touched (it is named). Returns the directories settled.
+    """
+    dst = Path(dst)
+    if not swapped_out(dst):
+        return []
+    settled = []
+    with store_lock(dst, "restoring the store"):
+        for old, pid in swapped_out(dst):  # again, under the lock
+            if not is_store(old):
+                log.warning(
+                    "%s: a directory left by a replacement of %s whose process (pid %d) is "
+                    "gone is not a jasper_mmap store; it is kept. Remove it if you do not "
+                    "need it: rm -r %s",
+                    old,
+                    dst,
+                    pid,
+                    shlex.quote(str(old)),
+                )
+                continue
+            empty = not os.path.lexists(dst) or (
+                dst.is_dir() and not dst.is_symlink() and _is_empty_dir(dst)
+            )
+            if empty:
+                os.rename(old, dst)  # replaces an empty directory
+                fsync_dir(dst.parent)
+                log.warning(
+                    "%s: restored the store that a replacement (pid %d, killed) had moved to %s",
+                    dst,
+                    pid,
+                    old,
+                )
+            elif is_store(dst):
+                shutil.rmtree(old, ignore_errors=True)
+                log.info(
+                    "removed %s, the store a killed replacement of %s (pid %d) had replaced",
+                    old,
+                    dst,
+                    pid,
+                )
+            else:
+                continue
+            settled.append(old)
+    return settled
 
 
 def _remove_dead(candidates: Iterable[Path]) -> list[Path]:
@@ -243,7 +335,32 @@ def warn_stale_partials(dst: Path, max_entries: int = 1000) -> list[Path]:
             shlex.quote(str(p)),
         )
         named.append(p)
+    for p, pid in _dead(_entries(dst.parent, ".", ".old-"), "old-"):
+        if p.name.startswith(f".{dst.name}.old-") or p.is_symlink() or not p.is_dir():
+            continue  # dst's own are settled by remove_stale_partials
+        target = dst.parent / p.name[1 : p.name.rindex(".old-")]
+        log.warning("%s", swapped_out_advice(target, p, pid))
+        named.append(p)
     return named
+
+
+def swapped_out_advice(target: Path, old: Path, pid: int) -> str:
+    """What to say of ``old``, a store a killed replacement of ``target`` moved away
+    (NOTE [a killed replacement])."""
+    there = os.path.lexists(target)
+    return (
+        f"{old}: a whole store that a replacement of {target} (pid {pid}, no longer running) "
+        f"moved aside and did not finish with; "
+        + (
+            f"{target} holds the new one. The next write to {target} (convert-pt --overwrite, "
+            f"publish_negatives) removes it; or remove it yourself: rm -r {shlex.quote(str(old))}"
+            if there
+            else f"nothing is at {target} now. The next write to {target} (convert-pt, "
+            f"publish_negatives) or opening it restores it; or put it back yourself: "
+            f"mv {shlex.quote(str(old))} {shlex.quote(str(target))}"
+        )
+        + "."
+    )
 
 
 def _disk_usage(root: Path, max_entries: int) -> tuple[int, bool]:
@@ -354,7 +471,13 @@ def check_destination(
         StoreNotFoundError: the parent directory of ``dst`` does not exist.
     """
     given = Path(dst).expanduser().absolute()
-    real = given.resolve()
+    try:
+        real = given.resolve()
+    except (RuntimeError, OSError) as e:  # a symlink loop (RuntimeError before Python 3.13)
+        raise StoreExistsError(
+            f"{given}: the destination cannot be resolved ({e}): it is, or leads through, a "
+            f"symbolic link loop. Remove or fix the link, or choose another path."
+        ) from None
     shown = given if real == given else f"{given} (a link to {real})"
     for src in inputs:
         src_real = Path(src).expanduser().resolve()
@@ -365,6 +488,14 @@ def check_destination(
                 f"destroy it. Choose a destination outside the input, e.g. {real.parent}/"
                 f"{src_real.name}_store."
             )
+    if not real.exists() and os.path.lexists(real.parent) and not real.parent.is_dir():
+        kind = (
+            file_kind(os.stat(real.parent).st_mode) if real.parent.exists() else "a dangling link"
+        )
+        raise StoreExistsError(
+            f"{shown}: the destination's parent {real.parent} is not a directory ({kind}). "
+            f"Choose a destination inside a directory."
+        )
     if not real.exists() and not real.parent.is_dir():
         raise StoreNotFoundError(
             f"{shown}: the destination's parent directory {real.parent} does not exist. "
@@ -376,6 +507,14 @@ def check_destination(
         )
     if real.is_dir() and not _is_empty_dir(real):
         if not is_ours(real):
+            manifest = real / "manifest.json"
+            if os.path.lexists(manifest) and not manifest.is_file():
+                kind = file_kind(os.lstat(manifest).st_mode)
+                raise StoreExistsError(
+                    f"{real}: a damaged store: its manifest.json is {kind}, not a regular "
+                    f"file, so it is never replaced. If nothing in it is yours, remove it "
+                    f"(rm -r {shlex.quote(str(real))}), then run again."
+                )
             names = sorted(p.name for p in real.iterdir())[:3]
             raise StoreExistsError(
                 f"{shown}: the destination is a non-empty directory that is not {what} "
@@ -426,7 +565,8 @@ def _replace(tmp: Path, dst: Path, is_ours: Callable[[Path], bool]) -> None:
     if _exchange(tmp, dst):
         _delete_swapped_out(tmp, dst, is_ours, swap_back=lambda: _exchange(tmp, dst))
         return
-    old = dst.parent / f".{dst.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+    # NOTE [a killed replacement]: tagged like a partial, so a later writer can settle it
+    old = dst.parent / f".{dst.name}.old-{os.getpid()}-{secrets.token_hex(4)}-{HOST_TAG}"
     os.rename(dst, old)
     os.rename(tmp, dst)
     _delete_swapped_out(old, dst, is_ours, swap_back=None)
@@ -435,6 +575,10 @@ def _replace(tmp: Path, dst: Path, is_ours: Callable[[Path], bool]) -> None:
 def _delete_swapped_out(old: Path, dst: Path, is_ours, swap_back) -> None:
     fsync_dir(dst.parent)
     if is_ours(old) or _is_empty_dir(old):
+        if swap_back is None:  # NOTE [a killed replacement]: a partial's name first, so a
+            doomed = old.parent / partial_name(dst.name)  # kill mid-deletion leaves a
+            os.rename(old, doomed)  # partial that the next run removes, not a broken store
+            old = doomed
         shutil.rmtree(old, ignore_errors=True)
         return
     if swap_back is not None and swap_back():
@@ -477,6 +621,20 @@ def publishing(
 WAIT_LOG_SECONDS = 30.0
 
 _held = threading.local()  # per thread: {(pid, lock path): depth} (NOTE [one writer per store])
+#: descriptors of the store locks this process holds: closed in a fork child (NOTE [one writer
+#: per store]), so no child, however long it lives, keeps a lock its parent let go of
+_lock_fds: set[int] = set()
+
+
+def _close_lock_fds_in_child() -> None:
+    for fd in list(_lock_fds):
+        with contextlib.suppress(OSError):
+            os.close(fd)  # no LOCK_UN: that would release the parent's lock too
+    _lock_fds.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_lock_fds_in_child)
 
 
 def lock_path_of(store: str | Path) -> Path:
@@ -485,11 +643,20 @@ def lock_path_of(store: str | Path) -> Path:
     return real.parent / f".{real.name}.lock"
 
 
+def _read_head(lock_file: Any) -> str:
+    """The first 4 KiB of a lock file, given as a descriptor or a file object."""
+    if isinstance(lock_file, int):
+        return os.pread(lock_file, 4096, 0).decode("utf-8", "replace")
+    lock_file.seek(0)
+    head = lock_file.read(4096)
+    return head.decode("utf-8", "replace") if isinstance(head, bytes) else head
+
+
 def lock_holder(lock_file: Any) -> str:
-    """Who holds a store lock, from what the holder wrote into the lock file."""
+    """Who holds a store lock, from what the holder wrote into the lock file (a descriptor
+    or a file object)."""
     try:
-        lock_file.seek(0)
-        info = json.loads(lock_file.read(4096) or "{}")
+        info = json.loads(_read_head(lock_file) or "{}")
         ago = time.time() - float(info["since"])
         doing = info.get("doing", "converting")
         return f"process {info['pid']} on {info['host']}, {doing} for {ago:.0f} s"
@@ -505,8 +672,14 @@ def _refuse_lock(path: Path, store: Path, what: str) -> StoreExistsError:
     )
 
 
-def _open_lock(path: Path, store: Path) -> tuple[Any, bool, bool]:
-    """Open ``store``'s lock file, created when absent: ``(file, writable, created here)``."""
+#: errnos of opening a lock file name taken by a directory (EISDIR) or a socket (ENXIO)
+_NOT_REGULAR = (errno.EISDIR, errno.ENXIO, errno.ENODEV, errno.ENOTDIR)
+
+
+def _open_lock(path: Path, store: Path) -> tuple[int, bool, bool]:
+    """Open ``store``'s lock file, created when absent: ``(descriptor, writable, created
+    here)``. A raw descriptor, never a Python file: nothing is buffered, so nothing is ever
+    flushed (or fails to be, on a full disk) when it is closed."""
     flags = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO must not block the open
     created = False
     try:
@@ -525,6 +698,8 @@ def _open_lock(path: Path, store: Path) -> tuple[Any, bool, bool]:
     except OSError as e:
         if e.errno == errno.ELOOP or (e.errno == errno.EEXIST and path.is_symlink()):
             raise _refuse_lock(path, store, "is a symbolic link") from None
+        if e.errno in _NOT_REGULAR:
+            raise _refuse_lock(path, store, "is not a regular file") from None
         if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise write_error(path, e, f"the lock file of store {store}") from e
         try:  # a read-only parent: flock needs no write access
@@ -534,23 +709,24 @@ def _open_lock(path: Path, store: Path) -> tuple[Any, bool, bool]:
                 fd = os.open(store, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             except OSError:
                 raise write_error(path, e, f"the lock file of store {store}") from e
-            return os.fdopen(fd, "rb", buffering=0), False, False
+            return fd, False, False
         except OSError as e2:
             if e2.errno == errno.ELOOP:
                 raise _refuse_lock(path, store, "is a symbolic link") from None
+            if e2.errno in _NOT_REGULAR:
+                raise _refuse_lock(path, store, "is not a regular file") from None
             raise write_error(path, e, f"the lock file of store {store}") from e
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise _refuse_lock(path, store, "is not a regular file")
     os.set_blocking(fd, True)
-    mode = "r+" if writable else "r"
-    return os.fdopen(fd, mode, encoding="utf-8", errors="replace"), writable, created
+    return fd, writable, created
 
 
-def _still_there(lock_file: Any, path: Path) -> bool:
-    """Whether ``path`` still names the file locked through ``lock_file`` (a holder that
-    created the lock file removes it when done; NOTE [one writer per store])."""
-    st = os.fstat(lock_file.fileno())
+def _still_there(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file locked through ``fd`` (a holder that created the
+    lock file removes it when done; NOTE [one writer per store])."""
+    st = os.fstat(fd)
     if stat.S_ISDIR(st.st_mode):
         return True  # the store directory itself (read-only parent)
     try:
@@ -561,29 +737,43 @@ def _still_there(lock_file: Any, path: Path) -> bool:
 
 
 def _say_holder(lock_file: Any, doing: str) -> None:
-    """Write who holds the lock into it: only into an empty file or one that holds ours."""
+    """Write who holds the lock into it: only into an empty file or one that holds ours, and
+    only if it has no other name (a hard link could lead to a file of a user). Unbuffered
+    (``pwrite`` on the descriptor): advisory, so a full disk or a short write is ignored, and
+    nothing is left to flush at release."""
+    fd = lock_file if isinstance(lock_file, int) else lock_file.fileno()
     try:
-        lock_file.seek(0)
-        old = lock_file.read(4096)
+        if os.fstat(fd).st_nlink > 1:
+            return  # another name leads to this file: never written
+        old = _read_head(fd)
         if old.strip():
             info = json.loads(old)
             if not isinstance(info, dict) or "pid" not in info:
                 return  # not ours: never truncated
-        lock_file.seek(0)
-        lock_file.truncate()
-        lock_file.write(
-            json.dumps(
-                {
-                    "pid": os.getpid(),
-                    "host": socket.gethostname(),
-                    "since": time.time(),
-                    "doing": doing,
-                }
-            )
-        )
-        lock_file.flush()
+        data = json.dumps(
+            {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "doing": doing}
+        ).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
     except (OSError, ValueError, RecursionError) as e:  # a full disk: the lock holds all the same
-        log.debug("%s: could not record the lock's holder (%s)", lock_file.name, e)
+        log.debug("%s: could not record the lock's holder (%s)", fd, e)
+
+
+def _release(fd: int, path: Path, created: bool, owner: int) -> None:
+    """Let go of a store lock: ``LOCK_UN`` (for every holder of the open file description, so
+    nothing that shares it keeps the store locked), then close. Never raises. In a fork child
+    that unwinds its parent's ``with`` (``owner`` is the parent) nothing is done: the
+    descriptor was closed at fork and the lock is the parent's."""
+    if os.getpid() != owner:
+        return
+    _lock_fds.discard(fd)
+    with contextlib.suppress(OSError):
+        if created and _still_there(fd, path):  # ours alone: removed while still held,
+            path.unlink()  # so no file is left behind
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -619,37 +809,57 @@ def store_lock(
         return
     t0, said = time.monotonic(), None
     while True:
-        lock_file, writable, created = _open_lock(path, real)
+        fd, writable, created = _open_lock(path, real)
+        _lock_fds.add(fd)  # from here on, a fork child closes its copy
         try:
             while True:
                 try:
-                    fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
                     if said is None or time.monotonic() - said >= log_every():
                         logger.info(
                             "%s: waiting for %s (waited %.0f s so far)",
                             shown or real,
-                            holder(lock_file),
+                            holder(fd),
                             time.monotonic() - t0,
                         )
                         said = time.monotonic()
                     time.sleep(0.1)
-            if _still_there(lock_file, path):
+            if _still_there(fd, path):
                 break
         except BaseException:
-            lock_file.close()
+            _lock_fds.discard(fd)
+            os.close(fd)
             raise
-        lock_file.close()  # its creator removed it when done: lock the one there now
-    with lock_file:
+        _lock_fds.discard(fd)
+        os.close(fd)  # its creator removed it when done: lock the one there now
+    owner = os.getpid()
+    try:
         if writable:
-            _say_holder(lock_file, doing)
+            _say_holder(fd, doing)
         depth[key] = 1
-        try:
-            yield real
-        finally:
+        yield real
+    finally:
+        if os.getpid() == owner:
             depth.pop(key, None)
-            if created:  # ours alone: removed while still held, so no file is left behind
-                with contextlib.suppress(OSError):
-                    if _still_there(lock_file, path):
-                        path.unlink()
+        _release(fd, path, created, owner)
+
+
+@contextlib.contextmanager
+def held_flock(fd: int) -> Iterator[int]:
+    """Hold an exclusive ``flock`` on ``fd`` (which this takes over and closes), released
+    like the store lock: ``LOCK_UN``, never kept by a fork child (NOTE [one writer per
+    store]). For ``negatives/.publish.lock``, the lock older versions' publishers take."""
+    owner = os.getpid()
+    _lock_fds.add(fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        if os.getpid() == owner:
+            _lock_fds.discard(fd)
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            with contextlib.suppress(OSError):
+                os.close(fd)

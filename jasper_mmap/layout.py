@@ -21,14 +21,17 @@ pointer file. The hot-reload code builds on this.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._atomic import partial_name
+from ._atomic import partial_name, settle_swapped_out, swapped_out, swapped_out_advice
 from .errors import JasperError, StoreFormatError, StoreNotFoundError, write_error
 from .files import read_json
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "FORMAT_NAME",
@@ -108,6 +111,11 @@ FLOAT_ROLES = ("embedding", "steering")
 SPLITS = ("train", "val", "test")
 
 
+#: generation numbers are below this: the control block's slot is an int64, and a publish adds
+#: one to the largest number in use, so a stray ``gen-<huge>`` name is ignored, never followed
+MAX_GENERATION = 2**62
+
+
 def generation_name(generation: int) -> str:
     """Return the file/group stem of negatives generation ``generation``."""
     return f"gen-{generation:06d}"
@@ -152,6 +160,18 @@ def _read_json(path: Path, what: str, fix: str, dir_fd: int | None = None) -> di
     return obj
 
 
+def _restore_swapped_out(store_dir: Path) -> None:
+    """Put back the store a killed ``--overwrite`` moved aside, where nothing is at its path
+    (NOTE [a killed replacement] in _atomic.py); where that cannot be done (a read-only
+    parent), the error that follows names it."""
+    try:
+        settle_swapped_out(Path(store_dir).expanduser().absolute().resolve())
+    except (JasperError, OSError, RuntimeError) as e:
+        log.warning(
+            "%s: could not restore the store a killed replacement moved aside (%s)", store_dir, e
+        )
+
+
 def load_manifest(store_dir: Path) -> dict[str, Any]:
     """Read a store's manifest and check it is ours (format name) and of a version we read.
 
@@ -165,6 +185,14 @@ def load_manifest(store_dir: Path) -> dict[str, Any]:
     """
     store_dir = Path(store_dir)
     if not store_dir.exists():
+        _restore_swapped_out(store_dir)
+    if not store_dir.exists():
+        left = swapped_out(Path(store_dir).expanduser().absolute().resolve())
+        if left:
+            raise StoreNotFoundError(
+                f"{store_dir}: store directory does not exist: "
+                f"{swapped_out_advice(store_dir, *left[0])}"
+            )
         raise StoreNotFoundError(
             f"{store_dir}: store directory does not exist. Check the path, or create a store "
             f"there with `convert-pt SRC {store_dir}`."

@@ -44,6 +44,7 @@ import numpy as np
 from ._atomic import (
     fsync_dir,
     fsync_tree,
+    held_flock,
     partial_dir,
     remove_stale_partials,
     remove_stale_partials_in,
@@ -52,7 +53,14 @@ from ._atomic import (
 from .errors import ArtifactError, JasperError, StoreExistsError, write_error
 from .files import file_kind, open_regular
 from .integrity import entry_files
-from .layout import NEGATIVES_DIR, POINTER, generation_name, read_pointer, write_json_atomic
+from .layout import (
+    MAX_GENERATION,
+    NEGATIVES_DIR,
+    POINTER,
+    generation_name,
+    read_pointer,
+    write_json_atomic,
+)
 from .stores import WRITERS, open_store
 
 __all__ = ["publish_negatives", "KEEP_GENERATIONS"]
@@ -78,11 +86,25 @@ class _Rows:
         if hasattr(value, "read_rows"):
             self.art = value
             self.path, self.shape, self.kind = str(value.path), value.shape, value.np_dtype.kind
-            self.read = lambda a, b: self.art.read_rows(a, b).astype(np.int64)
+            self.read = lambda a, b: self._int64(self.art.read_rows(a, b), a)
         else:
             arr = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
             self.path, self.shape, self.kind = f"the {what} array", arr.shape, arr.dtype.kind
-            self.read = lambda a, b: np.asarray(arr[a:b], dtype=np.int64)
+            self.read = lambda a, b: self._int64(np.asarray(arr[a:b]), a)
+
+    def _int64(self, block: np.ndarray, start: int) -> np.ndarray:
+        """``block`` as int64; unsigned values past its range are refused, never wrapped
+        (as the converter refuses them)."""
+        if block.dtype.kind == "u" and block.dtype.itemsize >= 8 and block.size:
+            too_big = block > np.iinfo(np.int64).max
+            if too_big.any():
+                bad = np.flatnonzero(too_big.any(axis=-1) if block.ndim > 1 else too_big)[:5]
+                raise ArtifactError(
+                    f"{self.path}: {self.what} should fit int64, but rows "
+                    f"{(bad + start).tolist()} hold values of 2**63 or more (uint64). The old "
+                    f"negatives stay in use; fix the miner and publish again."
+                )
+        return block.astype(np.int64, copy=False)
 
 
 def _check(rows: _Rows, n_pairs: int, n_neg: int) -> None:
@@ -129,6 +151,8 @@ def _generations(neg_dir: Path, suffix: str | None = ".json") -> dict[int, list[
     with os.scandir(neg_dir) as it:
         for entry in it:
             m = _GEN_NAME.fullmatch(entry.name)
+            if m and int(m.group(1)) >= MAX_GENERATION:
+                continue  # a stray name: following it would take the next number past int64
             if m and (suffix is None or m.group(2) == suffix):
                 found.setdefault(int(m.group(1)), []).append(Path(entry.path))
     return found
@@ -200,7 +224,9 @@ def publish_negatives(
         The new generation number. Readers switch at their next ``reload_negatives()``.
 
     Raises:
-        ArtifactError: wrong shape, non-integer dtype, a negative past the sources, or an
+        ArtifactError: a ``keep`` or ``sources`` of the wrong kind (checked before anything
+            is converted or published), uint64 values past int64,
+            wrong shape, non-integer dtype, a negative past the sources, or an
             ambiguous dataset directory (see ``storage_format``). Nothing is published and
             the old generation stays in use. (Tiers outside 1..4 are published with a
             warning: the in-RAM dataset passed tiers through.)
@@ -208,7 +234,19 @@ def publish_negatives(
             Nothing is published; leftovers are removed now or by the next publish.
     """
     from .resolve import resolve_dataset
+    from .schema import sources_problem
 
+    # arguments first: nothing is published (or converted) with one that is wrong
+    if type(keep) is not int:  # below 2 is taken as 2, as before
+        raise ArtifactError(
+            f"keep should be an integer (generations kept, at least 2 are), but got "
+            f"keep={keep!r:.40}. Pass e.g. keep=2."
+        )
+    if sources is not None and (why := sources_problem(sources)) is not None:
+        raise ArtifactError(
+            f"sources {why}. Pass the fingerprints of the negatives files the arrays came "
+            f"from (file name -> jasper_mmap.fingerprints.fingerprint(path)), or leave it out."
+        )
     store_path = resolve_dataset(
         path,
         cache_dir,
@@ -218,14 +256,17 @@ def publish_negatives(
     ).store
     negs, tiers = _Rows(hard_negatives, "hard_negatives"), _Rows(negative_tiers, "negative_tiers")
     # NOTE [one writer per store]: the store is opened and checked only once the lock is held
+    with store_lock(store_path, "publishing negatives") as real:
+        # a killed conversion's leftovers beside the store: its partial, or the old store a
+        # replacement moved aside (NOTE [a killed replacement] in _atomic.py)
+        remove_stale_partials(real)
     with store_lock(store_path, "publishing negatives") as real, open_store(real) as store:
         c = store.counts
         for rows in (negs, tiers):
             _check(rows, c["n_pairs"], c["n_neg"])
         neg_dir = real / NEGATIVES_DIR
         try:
-            with _open_publish_lock(neg_dir, real) as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+            with held_flock(_open_publish_lock(neg_dir, real)):  # never kept by a fork child
                 g, removed = _publish_locked(store, neg_dir, negs, tiers, sources, keep)
         except OSError as e:
             if isinstance(e, JasperError):
@@ -235,7 +276,7 @@ def publish_negatives(
     return g
 
 
-def _open_publish_lock(neg_dir: Path, store: Path) -> Any:
+def _open_publish_lock(neg_dir: Path, store: Path) -> int:
     """Open (create) ``negatives/.publish.lock``, the lock older versions' publishers take
     (they take only that one, not the store lock: NOTE [hot reload]). Non-blocking and
     without following links: a FIFO there must not hang the publish (opened for writing
@@ -263,7 +304,7 @@ def _open_publish_lock(neg_dir: Path, store: Path) -> Any:
             f"file. {fix}"
         )
     os.set_blocking(fd, True)
-    return os.fdopen(fd, "ab")
+    return fd  # a raw descriptor: held_flock releases it (LOCK_UN) and closes it
 
 
 def _publish_locked(store, neg_dir: Path, negs, tiers, sources, keep) -> tuple[int, list[int]]:

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ._atomic import lock_holder, store_lock
+from ._atomic import lock_holder, store_lock, swapped_out
 from .converters.sources import STORAGE_FORMATS, detect_storage_format
 from .errors import (
     ArtifactError,
@@ -276,8 +276,11 @@ def _store_location(src: Path, cache_dir: str | Path | None, fmt: str = "pt") ->
     """Where the store of dataset directory ``src`` (from its ``fmt`` files) is kept."""
     suffix = "" if fmt == "pt" else f"_{fmt}"
     if cache_dir is not None:
-        tag = hashlib.blake2b(str(src).encode(), digest_size=6).hexdigest()
-        return Path(cache_dir).expanduser().absolute() / f"{src.name}-{tag}{suffix}"
+        # keyed by the real path: a symlink or ``..`` spelling of one directory reaches its one
+        # store (stores cached under an older key, the path as given, are converted once again)
+        real = src.resolve()
+        tag = hashlib.blake2b(str(real).encode(), digest_size=6).hexdigest()
+        return Path(cache_dir).expanduser().absolute() / f"{real.name}-{tag}{suffix}"
     beside = src / f"{STORE_DIRNAME}{suffix}"
     if os.access(src, os.W_OK):
         return beside
@@ -399,6 +402,8 @@ def resolve_dataset(
         ValueError: an unknown ``storage_format``, or h5py missing for ``"hdf5"``.
     """
     src = Path(dataset_dir).expanduser().absolute()
+    if not os.path.lexists(src) and swapped_out(src.resolve()):
+        load_manifest(src)  # restores it (NOTE [a killed replacement]) or names where it is
     if not src.is_dir():
         what = "is not a directory" if src.exists() else "does not exist"
         raise StoreNotFoundError(

@@ -7,6 +7,7 @@ here reads a file: these functions look at parsed JSON only.
 
 from __future__ import annotations
 
+import math
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,15 @@ from typing import Any
 from ._dtypes import STORED_DTYPES
 from .errors import JasperError, StoreFormatError
 from .files import read_json
-from .layout import ARRAYS, FLOAT_ROLES, MANIFEST, NEGATIVES_DIR, POINTER, SPLITS
+from .layout import (
+    ARRAYS,
+    FLOAT_ROLES,
+    MANIFEST,
+    MAX_GENERATION,
+    NEGATIVES_DIR,
+    POINTER,
+    SPLITS,
+)
 
 __all__ = [
     "Problem",
@@ -409,11 +418,11 @@ def pointer_problems(path: Path, pointer: dict[str, Any], fix: str) -> list[Prob
     where = str(path)
     g = pointer.get("generation")
     arrays = pointer.get("arrays")
-    if type(g) is not int or g < 0 or not isinstance(arrays, dict):
+    if type(g) is not int or not 0 <= g < MAX_GENERATION or not isinstance(arrays, dict):
         return [
             Problem(
                 StoreFormatError,
-                f"{where}: should hold a non-negative integer 'generation' and an 'arrays' "
+                f"{where}: should hold an integer 'generation' in [0, 2**62) and an 'arrays' "
                 f"object, but has generation={g!r:.20} and arrays of type "
                 f"{type_name(arrays)}. {fix}",
             )
@@ -435,6 +444,7 @@ def pointer_problems(path: Path, pointer: dict[str, Any], fix: str) -> list[Prob
             )
             continue
         problems += entry_problems(name, entry, where, fix)
+    problems += description_field_problems(pointer, where, fix)
     if "files" in pointer and not isinstance(pointer["files"], dict):
         problems.append(
             Problem(
@@ -443,4 +453,37 @@ def pointer_problems(path: Path, pointer: dict[str, Any], fix: str) -> list[Prob
                 f"{type_name(pointer['files'])}. {fix}",
             )
         )
+    return problems
+
+
+def is_time(v: Any) -> bool:
+    """Whether ``v`` is a time in seconds since the epoch: a finite, non-negative number."""
+    return type(v) in (int, float) and math.isfinite(v) and v >= 0
+
+
+def sources_problem(sources: Any) -> str | None:
+    """What is wrong with a generation's ``sources`` (the negatives files it took in: file
+    name -> fingerprint object), or None."""
+    if not isinstance(sources, dict):
+        return f"should be an object of file names to fingerprints, but got {type_name(sources)}"
+    for name, fp in sources.items():
+        if fp is not None and not isinstance(fp, dict):
+            return f"should map file names to fingerprint objects, but maps {name!r:.60} to {type_name(fp)}"
+    return None
+
+
+def description_field_problems(pointer: dict[str, Any], where: str, fix: str) -> list[Problem]:
+    """``created_unix`` and ``sources`` of a generation's description (both optional: older
+    versions wrote neither), as :mod:`jasper_mmap.resolve` uses them."""
+    problems = []
+    if "created_unix" in pointer and not is_time(pointer["created_unix"]):
+        problems.append(
+            Problem(
+                StoreFormatError,
+                f"{where}: 'created_unix' should be a finite, non-negative number of seconds, "
+                f"but got {pointer['created_unix']!r:.40}. {fix}",
+            )
+        )
+    if "sources" in pointer and (why := sources_problem(pointer["sources"])) is not None:
+        problems.append(Problem(StoreFormatError, f"{where}: 'sources' {why}. {fix}"))
     return problems
