@@ -1,0 +1,135 @@
+"""Messages for odd inputs say what is there (a FIFO, a device, a symbolic link loop, a link
+to nothing), never that it is missing, and never let a raw exception out: sources of
+convert-pt and the dataset, ``jasper-mmap info`` on a damaged dataset store, and manifest
+values that do not fit the int64 indices readers use (issue 24's attacker, messages round).
+Anything that could block on a FIFO runs in a subprocess with a timeout."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jasper_mmap.converters import convert_pt
+from jasper_mmap.converters.sources import detect_storage_format
+from jasper_mmap.errors import ArtifactError, ArtifactMissingError
+from jasper_mmap.files import describe_path
+
+PIPES = {"capture_output": True, "text": True}
+
+
+def _run(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run([sys.executable, "-c", code, *args], timeout=timeout, **PIPES)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"hung for {timeout} s (a blocking open of a FIFO)")
+
+
+def _copy_dataset(pt_dataset: Path, dst: Path, *, pt: bool = True) -> Path:
+    """A copy of the shared dataset (config.json, and its .pt files when ``pt``)."""
+    dst.mkdir()
+    for f in pt_dataset.iterdir():
+        if f.is_file() and (pt or f.name == "config.json"):
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+# -- M2: dataset.h5 that is a FIFO ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("requested", ["auto", "hdf5"])
+def test_a_fifo_dataset_h5_is_named_a_fifo_not_missing(tmp_path, pt_dataset, requested):
+    pytest.importorskip("h5py")
+    src = _copy_dataset(pt_dataset, tmp_path / "h5only", pt=False)
+    os.mkfifo(src / "dataset.h5")
+    with pytest.raises(ArtifactError) as e:
+        detect_storage_format(src, requested)
+    msg = str(e.value)
+    assert msg.startswith(f"{src / 'dataset.h5'}: is a FIFO (named pipe), not a regular file")
+    assert "Replace it with the dataset.h5 file itself" in msg
+    assert "not found" not in msg and "No dataset files" not in msg
+
+
+def test_a_fifo_dataset_h5_beside_pt_files(tmp_path, pt_dataset):
+    pytest.importorskip("h5py")
+    src = _copy_dataset(pt_dataset, tmp_path / "both")
+    os.mkfifo(src / "dataset.h5")
+    for requested in ("auto", "hdf5"):
+        with pytest.raises(ArtifactError, match=r"is a FIFO \(named pipe\).*storage_format='pt'"):
+            detect_storage_format(src, requested)
+    assert detect_storage_format(src, "pt") == "pt"  # asked for the .pt files: read them
+
+
+def test_convert_pt_source_hdf5_names_the_fifo_and_never_hangs(tmp_path, pt_dataset):
+    pytest.importorskip("h5py")
+    src = _copy_dataset(pt_dataset, tmp_path / "h5only", pt=False)
+    os.mkfifo(src / "dataset.h5")
+    code = (
+        "import sys; from jasper_mmap.converters import convert_pt\n"
+        "try:\n"
+        "    convert_pt(sys.argv[1], sys.argv[2], source='hdf5', progress=False)\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__, e)"
+    )
+    done = _run(code, str(src), str(tmp_path / "out"))
+    assert done.stdout.startswith("ArtifactError "), done.stdout + done.stderr[-2000:]
+    assert "is a FIFO (named pipe)" in done.stdout
+    assert not (tmp_path / "out").exists()
+
+
+# -- M3: odd paths as the source ----------------------------------------------------------------
+
+
+def _odd_paths(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    loop, loop2 = tmp_path / "loop", tmp_path / "loop2"
+    os.symlink(loop2, loop)
+    os.symlink(loop, loop2)
+    dangling = tmp_path / "dangling"
+    os.symlink(tmp_path / "nowhere" / "x", dangling)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    return {
+        "loop": (loop, "is a symbolic link loop"),
+        "dangling": (dangling, f"is a symbolic link to '{tmp_path / 'nowhere' / 'x'}'"),
+        "fifo": (fifo, "is a FIFO (named pipe)"),
+        "devnull": (Path("/dev/null"), "is a character device"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["loop", "dangling", "fifo", "devnull"])
+def test_convert_pt_says_what_an_odd_source_is(tmp_path, kind):
+    src, what = _odd_paths(tmp_path)[kind]
+    want = ArtifactMissingError if kind == "dangling" else ArtifactError
+    with pytest.raises(want) as e:
+        convert_pt(src, tmp_path / "out", progress=False)
+    msg = str(e.value)
+    assert msg.startswith(f"{src}: {what}"), msg
+    assert "does not exist. Check" not in msg and "config.json" in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_pt_cli_odd_sources_give_one_line_errors(tmp_path):
+    for src, what in _odd_paths(tmp_path).values():
+        done = subprocess.run(
+            [sys.executable, "-m", "jasper_mmap.converters.cli", str(src), str(tmp_path / "o")],
+            timeout=60,
+            **PIPES,
+        )
+        assert done.returncode == 1, done.stderr
+        assert "Traceback" not in done.stderr
+        assert done.stderr.strip() == done.stderr.strip().splitlines()[-1]
+        assert f"{src}: {what}" in done.stderr, done.stderr
+
+
+def test_describe_path_never_raises(tmp_path):
+    (tmp_path / "f").write_text("x")
+    assert describe_path(tmp_path / "f") == "is a regular file"
+    assert describe_path(tmp_path) == "is a directory"
+    assert describe_path(tmp_path / "none") == "does not exist"
+    assert describe_path(tmp_path / "f" / "x").startswith("cannot exist")
+    assert describe_path("") == "is an empty path"
+    assert describe_path("a\0b").startswith("is not a usable path")
