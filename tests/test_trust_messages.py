@@ -133,3 +133,44 @@ def test_describe_path_never_raises(tmp_path):
     assert describe_path(tmp_path / "f" / "x").startswith("cannot exist")
     assert describe_path("") == "is an empty path"
     assert describe_path("a\0b").startswith("is not a usable path")
+
+
+# -- M4 and odd store paths: jasper-mmap info / verify ----------------------------------------
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str]:
+    from jasper_mmap.cli import main
+
+    status = main(list(argv))
+    out = capsys.readouterr()
+    return status, out.out + out.err
+
+
+@pytest.mark.parametrize("command", ["info", "verify"])
+def test_info_names_the_damaged_store_of_a_dataset_directory(tmp_path, pt_dataset, capsys, command):
+    src = _copy_dataset(pt_dataset, tmp_path / "ds")
+    store = src / ".jasper_mmap_store"
+    store.mkdir()
+    os.mkfifo(store / "manifest.json")
+    status, out = _cli(capsys, command, str(src))
+    assert status == 1
+    assert f"its store {store} is damaged" in out, out
+    assert f"{store / 'manifest.json'} is a FIFO (named pipe), not a regular file" in out
+    assert f"Remove {store}" in out
+    assert "is missing" not in out
+
+
+@pytest.mark.parametrize("kind", ["loop", "dangling", "fifo", "devnull"])
+def test_info_says_what_an_odd_store_path_is(tmp_path, capsys, kind):
+    path, what = _odd_paths(tmp_path)[kind]
+    status, out = _cli(capsys, "info", str(path))
+    assert status == 1
+    assert out.startswith(f"jasper-mmap: error: {path}: {what}"), out
+    assert "not a store directory" in out and "does not exist. Check" not in out
+
+
+def test_info_refuses_an_empty_store_path(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # '' was read as the current directory
+    status, out = _cli(capsys, "info", "")
+    assert status == 1
+    assert "the store path is empty" in out, out
