@@ -6,6 +6,7 @@ Anything that could block on a FIFO runs in a subprocess with a timeout."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -174,3 +175,88 @@ def test_info_refuses_an_empty_store_path(capsys, tmp_path, monkeypatch):
     status, out = _cli(capsys, "info", "")
     assert status == 1
     assert "the store path is empty" in out, out
+
+
+# -- M6 and a20/a21: manifest values that do not fit, fields typed where read -------------------
+
+
+def _edited_store(store_path: Path, tmp_path: Path, edit, rel: str = "manifest.json") -> Path:
+    store = tmp_path / "store"
+    shutil.copytree(store_path, store)
+    for name in [rel] if rel == "manifest.json" else ["negatives/CURRENT.json", rel]:
+        doc = json.loads((store / name).read_text())
+        edit(doc)
+        (store / name).write_text(json.dumps(doc))
+    return store
+
+
+def _set(*keys, value):
+    def edit(doc):
+        for k in keys[:-1]:
+            doc = doc[k]
+        doc[keys[-1]] = value
+
+    return edit
+
+
+CASES = {
+    "n_pairs 2**64": (("counts", "n_pairs"), 2**64, "'counts.n_pairs' is 18446744073709551616"),
+    "n_sources 2**63": (
+        ("counts", "n_sources"),
+        2**63,
+        "'counts.n_sources' is 9223372036854775808",
+    ),
+    "store_id 5": (("store_id",), 5, "'store_id' should be the token string"),
+    "created_unix str": (("created_unix",), "yesterday", "'created_unix' should be a finite"),
+    "stats NaN": (("arrays", "pair_relevance", "stats", "max"), float("nan"), "'stats.max'"),
+    "nonfinite_rows str": (
+        ("arrays", "question_embs", "stats", "nonfinite_rows"),
+        "all",
+        "'stats.nonfinite_rows' should be a row count",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_manifest_values_that_do_not_fit_are_named(store_path, tmp_path, case):
+    from jasper_mmap import open_store
+    from jasper_mmap.errors import StoreFormatError
+    from jasper_mmap.verify import verify_store
+
+    keys, value, said = CASES[case]
+    store = _edited_store(store_path, tmp_path, _set(*keys, value=value))
+    with pytest.raises(StoreFormatError) as e:
+        open_store(store)
+    assert str(e.value).startswith(f"{store / 'manifest.json'}: "), str(e.value)
+    assert said in str(e.value)
+    report = verify_store(store, progress=False)
+    text = str(report)
+    assert any(said in p for p in report.problems), text
+    assert all(p.startswith(str(store)) for p in report.problems), text
+    assert "Maximum allowed dimension" not in text and "please report" not in text
+
+
+def test_verify_never_sizes_a_split_check_from_untrusted_counts(store_path, tmp_path):
+    """n_pairs that fits int64 but disagrees with pair_index: the splits are not checked
+    against it (a seen-map of 2**40 bytes would be a MemoryError, 'please report it')."""
+    from jasper_mmap.verify import verify_store
+
+    store = _edited_store(store_path, tmp_path, _set("counts", "n_pairs", value=2**40))
+    report = verify_store(store, progress=False)
+    assert not report.ok
+    assert "please report" not in str(report) and "MemoryError" not in str(report), str(report)
+    assert any("'pair_index' has shape" in p for p in report.problems)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "yesterday"])
+def test_a_generation_created_unix_that_is_no_time_is_named(store_path, tmp_path, value):
+    from jasper_mmap import open_store
+    from jasper_mmap.errors import StoreFormatError
+    from jasper_mmap.verify import verify_store
+
+    rel = "negatives/gen-000000.json"
+    store = _edited_store(store_path, tmp_path, _set("created_unix", value=value), rel)
+    with pytest.raises(StoreFormatError, match=r"gen-000000\.json: 'created_unix' should be"):
+        open_store(store)
+    report = verify_store(store, progress=False)
+    assert any("'created_unix' should be a finite number" in p for p in report.problems)
