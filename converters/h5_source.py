@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from jasper_mmap.errors import ArtifactError, ArtifactMissingError, JasperError, SampleIndexError
-from jasper_mmap.files import open_regular
+from jasper_mmap.files import describe_path, open_regular
 
 from .pt_reader import TensorArtifact, open_tensor
 
@@ -148,7 +148,11 @@ def open_h5_file(path: Path) -> Any:
     """Open ``path`` read-only with h5py; every failure is an ArtifactMissingError/ArtifactError."""
     h5py = require_h5py()
     if not path.is_file():
-        what = "is not a file" if path.exists() else "is missing"
+        what = (
+            "is missing"
+            if not os.path.lexists(path)
+            else f"is not a file: it {describe_path(path)}"
+        )
         raise ArtifactMissingError(
             f"{path}: HDF5 dataset file {what}. Write it with "
             f"convert_pt_to_hdf5('{path.parent}'), or use the directory's .pt files."

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from jasper_mmap.errors import ArtifactError, ArtifactMissingError
+from jasper_mmap.files import describe_path
 
 from .tensor_pickle import DTYPE_ITEMSIZE, Malformed, TensorMeta, Unsafe, read_tensor_meta
 
@@ -111,7 +112,11 @@ def _is_legacy(path: Path) -> bool:
 def _sniff(path: Path) -> str:
     """Return ``zip``, ``pickle`` or ``unknown`` from the first bytes; missing -> error."""
     if not path.is_file():
-        what = "is not a file" if path.exists() else "is missing"
+        what = (
+            "is missing"
+            if not os.path.lexists(path)
+            else f"is not a file: it {describe_path(path)}"
+        )
         raise ArtifactMissingError(
             f"{path}: required artifact {what}. Re-run the dataset builder "
             f"or copy the file into the dataset directory."

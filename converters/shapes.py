@@ -14,6 +14,7 @@ from typing import Any
 
 from jasper_mmap._atomic import is_store
 from jasper_mmap.errors import ArtifactError, ArtifactMissingError, ConfigError
+from jasper_mmap.files import describe_path
 from jasper_mmap.layout import CONFIG
 
 from .checks import COUNT_KEYS, Notices
@@ -172,7 +173,13 @@ def check_source(src: Path) -> None:
             f"and the .pt files.{hint}"
         )
     if not src.is_dir():
-        raise ArtifactMissingError(
-            f"{src}: dataset directory does not exist. Check the path; it should hold "
-            f"config.json and the .pt files (docs/dataset_format.md)."
+        # what is there, when it is something (a FIFO, a device, a link loop or to nothing)
+        what = describe_path(src)
+        fix = (
+            "Check the path; it should hold config.json and the .pt files (docs/dataset_format.md)."
         )
+        if what == "does not exist":
+            raise ArtifactMissingError(f"{src}: dataset directory does not exist. {fix}")
+        if what.endswith("which does not exist"):  # a link to nothing: missing, too
+            raise ArtifactMissingError(f"{src}: {what}, so no dataset directory is there. {fix}")
+        raise ArtifactError(f"{src}: {what}, not a dataset directory. {fix}")

@@ -19,6 +19,7 @@ hide their backends):
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +27,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from jasper_mmap.errors import ArtifactMissingError, DependencyError
+from jasper_mmap.errors import ArtifactError, ArtifactMissingError, DependencyError
+from jasper_mmap.files import describe_path
 from jasper_mmap.fingerprints import H5_FILE
 from jasper_mmap.layout import ARRAYS
 
@@ -179,6 +181,22 @@ def _h5py_available() -> bool:
     return True
 
 
+def _refuse_odd_h5(src: Path, pt: bool) -> None:
+    """``dataset.h5`` is there but is no regular file (a FIFO, a device, a directory, a link
+    loop or to nothing): say what it is, never that it is missing, and never read it (a FIFO
+    would block; NOTE [regular files only] in jasper_mmap/files.py)."""
+    path = src / H5_FILE
+    alt = (
+        ", or read the .pt files beside it with storage_format='pt' (convert-pt --source pt)"
+        if pt
+        else ""
+    )
+    raise ArtifactError(
+        f"{path}: {describe_path(path)}, not a regular file, so it cannot be read as the "
+        f"dataset's HDF5 file. Replace it with the dataset.h5 file itself{alt}."
+    )
+
+
 def detect_storage_format(src: Path, requested: str) -> str:
     """Which source files of dataset directory ``src`` to read: ``"pt"`` or ``"hdf5"``.
 
@@ -188,11 +206,18 @@ def detect_storage_format(src: Path, requested: str) -> str:
     Raises:
         ValueError: an unknown ``requested``, or the files it needs are absent (an
             ``ArtifactMissingError``, also a FileNotFoundError), or h5py is missing.
+        ArtifactError: ``dataset.h5`` is there but is not a regular file (unless ``"pt"``).
     """
     if requested not in STORAGE_FORMATS:
         raise ValueError(f"Invalid storage_format: {requested!r}. Must be 'auto', 'pt', or 'hdf5'")
     h5 = (src / H5_FILE).is_file()
     pt = any((src / spec.source).is_file() for spec in ARRAYS if spec.source)  # any of ours
+    odd = not h5 and os.path.lexists(src / H5_FILE)  # there, but no regular file
+    # "auto" reads the .pt files past a link to nothing, as the in-RAM dataset (exists())
+    if odd and (
+        requested == "hdf5" or (requested == "auto" and (not pt or (src / H5_FILE).exists()))
+    ):
+        _refuse_odd_h5(src, pt)
     if requested == "auto":
         if h5 and _h5py_available():
             return "hdf5"

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import JasperError
+from .files import describe_path
 from .layout import CONFIG, MANIFEST
 
 __all__ = ["main", "EXIT_BROKEN_PIPE"]
@@ -29,14 +30,38 @@ def _dataset_stores(src: Path) -> list[Path]:
     for fmt in ("pt", "hdf5"):
         suffix = "" if fmt == "pt" else f"_{fmt}"
         for store in (src / f"{STORE_DIRNAME}{suffix}", _store_location(src, cache, fmt)):
-            if (store / MANIFEST).is_file():
+            # anything there, a FIFO in place of the manifest too: _damaged names it
+            if os.path.lexists(store / MANIFEST):
                 found.append(store)
     return found
 
 
+def _damaged(src: Path, store: Path) -> str | None:
+    """What to say of dataset directory ``src``'s store ``store`` whose manifest is no regular
+    file (a FIFO, a device, a link loop...), or None when it is one."""
+    manifest = store / MANIFEST
+    if manifest.is_file():
+        return None
+    return (
+        f"{src}: is a dataset directory, not a store, and its store {store} is damaged: "
+        f"{manifest} {describe_path(manifest)}, not a regular file. Remove {store} (opening "
+        f"{src} converts it again), or restore its manifest.json."
+    )
+
+
+_PASS_STORE = (
+    "Pass the store directory that holds manifest.json (one made by `convert-pt DATASET_DIR "
+    "STORE`, or the .jasper_mmap_store inside a dataset directory that was opened)."
+)
+
+
 def _not_a_store(path: str, command: str) -> str | None:
-    """What to say instead of opening ``path`` when it is plainly no store: a file, or a dataset
-    directory (naming the store opening it made, if any). None: let the store checks speak."""
+    """What to say instead of opening ``path`` when it is plainly no store: an empty path, a
+    file, a FIFO or device, a symbolic link loop or to nothing, or a dataset directory (naming
+    the store opening it made, if any, and whether it is damaged). None: let the store checks
+    speak."""
+    if not path:  # Path("") is the current directory, which was not asked for
+        return f"{path!r}: the store path is empty. {_PASS_STORE}"
     try:
         return _not_a_store_why(Path(path), command)
     except OSError:  # unreadable: the store checks name the problem
@@ -44,7 +69,12 @@ def _not_a_store(path: str, command: str) -> str | None:
 
 
 def _not_a_store_why(p: Path, command: str) -> str | None:
-    if not p.exists() or (p / MANIFEST).exists():
+    if not p.exists():
+        what = describe_path(p)  # a symbolic link loop, a link to nothing: not "missing"
+        if what == "does not exist":
+            return None  # load_manifest says so, with the fix
+        return f"{p}: {what}, not a store directory. {_PASS_STORE}"
+    if (p / MANIFEST).exists():
         return None
     if not p.is_dir():
         parent = p.parent
@@ -59,8 +89,12 @@ def _not_a_store_why(p: Path, command: str) -> str | None:
                 f"{p}: is not a directory but a file of dataset directory {parent}, which has "
                 f"the store {stores[0]}. Run `jasper-mmap {command} {stores[0]}`."
             )
+        if not p.is_file():  # a FIFO, a device, a socket: say which
+            return f"{p}: {describe_path(p)}, not a store directory. {_PASS_STORE}"
         return None  # load_manifest says what a file is not
     stores = _dataset_stores(p) if (p / CONFIG).is_file() else []
+    if stores and (why := _damaged(p, stores[0])) is not None:
+        return why
     if stores:
         also = "".join(f" (also {s})" for s in stores[1:])
         return (

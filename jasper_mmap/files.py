@@ -15,6 +15,10 @@ a swap between the check and the read.
 raise ``RecursionError`` in the parser, or later in code that walks or prints it. It also
 bounds their size (:data:`MAX_JSON_BYTES`): a sparse multi-gigabyte ``CURRENT.json`` is
 refused from its ``fstat``, not read into memory.
+
+:func:`describe_path` says what is at a path that is not what we wanted (a FIFO, a device, a
+symbolic link loop, a link to nothing...), so a message never calls such a path missing or
+lets ``os``/``pathlib`` raise about it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ __all__ = [
     "open_regular",
     "read_json",
     "file_kind",
+    "describe_path",
     "json_depth",
 ]
 
@@ -56,6 +61,37 @@ def file_kind(mode: int) -> str:
     if stat.S_ISREG(mode):
         return "a regular file"
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def describe_path(path: str | os.PathLike) -> str:
+    """What is at ``path``, for messages: ``"does not exist"``, ``"is a FIFO (named pipe)"``,
+    ``"is a directory"``, ``"is a symbolic link loop"``, ``"is a symbolic link to 'X', which
+    does not exist"``, ``"cannot be examined (Permission denied)"``... Never raises; reads
+    nothing but the path's (and its link's) metadata.
+    """
+    try:
+        if os.fspath(path) in ("", b""):
+            return "is an empty path"
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        try:
+            os.lstat(path)
+        except OSError:
+            if isinstance(e, NotADirectoryError):
+                return "cannot exist (a directory on its path is a file)"
+            return "does not exist"
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        return f"is a symbolic link to {target!r}, which does not exist"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a symbolic link loop (links that point at each other)"
+        return f"cannot be examined ({e.strerror})"
+    except (ValueError, TypeError) as e:  # NUL in the name, not a path
+        return f"is not a usable path ({e})"
+    return f"is {file_kind(st.st_mode)}"
 
 
 def open_regular(

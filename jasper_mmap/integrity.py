@@ -19,6 +19,7 @@ before this (zarr ones recorded no files) keep the old, weaker check.
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 import threading
@@ -27,11 +28,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ._dtypes import STORED_DTYPES
 from .errors import JasperError, StoreCorruptError, StoreFormatError, StoreNotFoundError
 from .files import file_kind, read_json
 from .layout import CONFIG, MANIFEST, NEGATIVES_DIR, POINTER
 from .schema import (
     BACKEND_NAMES,
+    COUNT_KEYS,
     NEGATIVE_NAMES,
     SPECS,
     Problem,
@@ -55,6 +58,8 @@ __all__ = [
     "generation_problems",
     "check_generation",
     "store_problems",
+    "value_problems",
+    "MAX_COUNT",
     "raise_problems",
     "store_fix",
 ]
@@ -256,6 +261,13 @@ def generation_problems(
     if problems:
         return problems
     entries = pointer["arrays"]
+    found = _created_findings(pointer)  # NOTE [values that fit]
+    problems = [Problem(StoreFormatError, f"{path}: {f}. {fix}", NEGATIVE_NAMES) for f in found]
+    for name in NEGATIVE_NAMES:
+        problems += [
+            Problem(StoreFormatError, f"{path}: array {name!r}: {f}. {fix}", (name,))
+            for f in _entry_value_findings(entries[name])
+        ]
     counts = manifest["counts"]
     for name in NEGATIVE_NAMES:
         problems += shape_problems(name, entries[name], counts, str(path), fix)
@@ -462,13 +474,99 @@ def store_problems(
     return problems
 
 
+# NOTE [values that fit]
+# The schema checks types (a count is a non-negative int, a shape a list of them); Python's
+# ints have no bound, so ``counts.n_pairs = 2**64`` passed them and reached numpy in verify
+# ("Maximum allowed dimension exceeded"). Counts and every dimension index int64 arrays and
+# an array's bytes are a file offset: counts and dimensions above MAX_COUNT (2**62, which
+# leaves room for n_pairs + 1 keyword offsets) and arrays of 2**63 bytes or more are refused
+# here, naming the file and the field, before anything sizes a buffer from them. The fields
+# read elsewhere that the schema leaves alone are typed here too: ``store_id`` (the identity
+# token, NOTE [store identity]: not a string silently disabled the check), ``created_unix``
+# (compared with file times when negatives are taken in) and each entry's ``stats``
+# (``nonfinite_rows`` lets verify pass non-finite rows).
+MAX_COUNT = 2**62
+_MAX_BYTES = 2**63 - 1
+
+
+def _finite_number(v: Any) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+def _entry_value_findings(entry: Any) -> list[str]:
+    """What does not fit in an (already typed, or not) array entry: shape, bytes, stats."""
+    if not isinstance(entry, dict):
+        return []
+    found = []
+    shape = entry.get("shape")
+    if isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape):
+        big = [d for d in shape if d > MAX_COUNT]
+        dtype = (
+            STORED_DTYPES.get(entry.get("stored_dtype"))
+            if isinstance(entry.get("stored_dtype"), str)
+            else None
+        )
+        if big:
+            found.append(f"'shape' {shape!r:.80} has a dimension above {MAX_COUNT} (2**62)")
+        elif dtype is not None and math.prod(shape) * dtype[0].itemsize > _MAX_BYTES:
+            found.append(f"'shape' {shape!r:.80} makes an array of 2**63 bytes or more")
+    stats = entry.get("stats")
+    if isinstance(stats, dict):
+        for key in ("min", "max"):
+            if stats.get(key) is not None and not _finite_number(stats[key]):
+                found.append(f"'stats.{key}' should be a finite number or null: {stats[key]!r:.40}")
+        rows = stats.get("nonfinite_rows")
+        if "nonfinite_rows" in stats and not (type(rows) is int and 0 <= rows <= MAX_COUNT):
+            found.append(f"'stats.nonfinite_rows' should be a row count: {rows!r:.40}")
+    return found
+
+
+def _created_findings(doc: dict[str, Any]) -> list[str]:
+    t = doc.get("created_unix")
+    if "created_unix" in doc and not _finite_number(t):
+        return [f"'created_unix' should be a finite number (seconds), but is {t!r:.40}"]
+    return []
+
+
+def value_problems(manifest: dict[str, Any], where: str, fix: str) -> list[Problem]:
+    """NOTE [values that fit]: counts, shapes, ``store_id``, ``created_unix`` and ``stats`` of
+    a parsed manifest (whole-store problems for the counts and top-level fields)."""
+    problems = []
+    counts = manifest.get("counts")
+    if isinstance(counts, dict):
+        for k in COUNT_KEYS:
+            v = counts.get(k)
+            if type(v) is int and v > MAX_COUNT:
+                problems.append(
+                    Problem(
+                        StoreFormatError,
+                        f"{where}: 'counts.{k}' is {v}, more than any store holds (at most "
+                        f"{MAX_COUNT} = 2**62: rows are indexed with int64). {fix}",
+                    )
+                )
+    token = manifest.get("store_id")
+    found = _created_findings(manifest)
+    if "store_id" in manifest and not (isinstance(token, str) and token):
+        found.append(f"'store_id' should be the token string written at conversion: {token!r:.40}")
+    problems += [Problem(StoreFormatError, f"{where}: {f}. {fix}") for f in found]
+    arrays = manifest.get("arrays")
+    for name, entry in arrays.items() if isinstance(arrays, dict) else ():
+        problems += [
+            Problem(StoreFormatError, f"{where}: array {name!r}: {f}. {fix}", (name,))
+            for f in _entry_value_findings(entry)
+        ]
+    return problems
+
+
 def _structure_problems(
     store_dir: Path, manifest: dict[str, Any], verified: dict[int, dict]
 ) -> list[Problem]:
-    problems = manifest_problems(store_dir, manifest)
+    where = str(store_dir / MANIFEST)
+    # first: a count that fits no store explains the shape mismatches that follow
+    problems = value_problems(manifest, where, store_fix(store_dir, manifest))
+    problems += manifest_problems(store_dir, manifest)
     fix = store_fix(store_dir, manifest)
     problems += _config_problems(store_dir, fix)
-    where = str(store_dir / MANIFEST)
     files, backend, arrays = manifest.get("files"), manifest.get("backend"), manifest.get("arrays")
     if not isinstance(arrays, dict):
         arrays = {}
@@ -480,6 +578,8 @@ def _structure_problems(
     good = {n: e for n, e in arrays.items() if n in SPECS and n not in bad | set(NEGATIVE_NAMES)}
     problems += _recorded(files, good, backend, where, fix)
     problems += _backend_problems(store_dir, backend, good, files, fix)
-    if not counts_problems(manifest.get("counts"), where, fix):
+    if not counts_problems(manifest.get("counts"), where, fix) and not any(
+        p.message.startswith(f"{where}: 'counts.") for p in problems
+    ):
         problems += _live_generation_problems(store_dir, manifest, verified)
     return problems

@@ -200,6 +200,8 @@ def verify_store(path: str | Path, progress: bool | None = None) -> VerifyReport
     for pair in (NEGATIVE_ARRAYS, _KEYWORD_ARRAYS):  # checked together: both or neither
         if bad & set(pair):
             bad |= set(pair)
+    if "pair_index" in bad:  # n_pairs is not to be trusted: it sizes each split's seen-map
+        bad |= {n for n in manifest.get("arrays", {}) if n.endswith("_idx")}
     report.problems += _config_problems(Path(path))
     store = BACKENDS[manifest["backend"]](path, manifest)
     names = [n for n in store.names() if n not in bad]
