@@ -38,7 +38,9 @@ def fingerprint(path: Path) -> dict[str, Any]:
     """Size, mtime (ns) and a blake2b hash of the first and last 64 KiB of ``path``."""
     st = os.stat(path)
     h = hashlib.blake2b(digest_size=16)
-    with open_regular(path, what="source file", error=ArtifactError, missing=ArtifactMissingError) as f:
+    with open_regular(
+        path, what="source file", error=ArtifactError, missing=ArtifactMissingError
+    ) as f:
         h.update(f.read(_EDGE))
         if st.st_size > _EDGE:
             f.seek(max(_EDGE, st.st_size - _EDGE))

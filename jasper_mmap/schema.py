@@ -422,7 +422,7 @@ def pointer_problems(path: Path, pointer: dict[str, Any], fix: str) -> list[Prob
         return [
             Problem(
                 StoreFormatError,
-                f"{where}: should hold an integer 'generation' in [0, 2**62) and an 'arrays' "
+                f"{where}: should hold a non-negative integer 'generation' (below 2**62) and an 'arrays' "
                 f"object, but has generation={g!r:.20} and arrays of type "
                 f"{type_name(arrays)}. {fix}",
             )

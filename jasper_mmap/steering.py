@@ -261,7 +261,7 @@ class SteeringSchedule:
                 f"{where} at epoch 0: steering probabilities should map {VARIANTS} to "
                 f"finite non-negative numbers summing to 1, but they are {dict(base)!r:.200}"
                 f" (steering_probabilities {key} should be {problem}). Fix "
-                f"steering_probabilities in that config.json ({fix})."
+                f"steering_probabilities/curriculum in that config.json ({fix})."
             )
         return cls({"steering_probabilities": dict(base), "curriculum": dict(cur or {})}, where)
 
