@@ -11,6 +11,7 @@ Memory is bounded by a few blocks (``block_bytes``), whatever the dataset size.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,7 @@ from jasper_mmap._atomic import (
 from jasper_mmap._dtypes import to_float32, to_stored
 from jasper_mmap.errors import (
     ArtifactError,
+    ArtifactMissingError,
     JasperError,
     write_error,
 )
@@ -334,6 +336,12 @@ def convert_pt(
             process published at ``dst`` meanwhile.
         StoreWriteError: the disk is full, the destination read-only, a file-size limit.
     """
+    for name, path in (("src", src), ("dst", dst)):
+        if not isinstance(path, str | os.PathLike) or os.fspath(path) == "":
+            raise ArtifactMissingError(
+                f"{name} should be a path, but got {path!r:.80} (an empty path is not the "
+                f"current directory). Pass the dataset directory and the store's path."
+            )
     src, dst = Path(src).expanduser().absolute(), Path(dst).expanduser().absolute()
     if format not in FORMATS:
         raise ValueError(f"format should be one of {FORMATS}, but got format={format!r}")

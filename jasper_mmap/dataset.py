@@ -230,8 +230,8 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
                 f"Split file not found: {Path(dataset_dir) / f'{split}_idx.pt'}. Valid splits "
                 f"are: train, val, test (got split={split!r})"
             )
-        self.dataset_dir, self.split = Path(dataset_dir), split
-        resolved = resolve_dataset(
+        self.split = split
+        resolved = resolve_dataset(  # refuses what is not a path, naming it
             dataset_dir,
             cache_dir,
             store_format,
@@ -239,6 +239,7 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
             storage_format=storage_format,
             convert_options={"allow_nonfinite": allow_nonfinite},
         )
+        self.dataset_dir = Path(dataset_dir)
         self.store_path, self.storage_format = resolved.store, resolved.storage_format
         self._source_dir = resolved.source_dir  # the dataset directory it follows, if any
         self._store: Store | None = open_store(self.store_path, resolved.manifest)

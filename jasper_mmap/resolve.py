@@ -39,7 +39,7 @@ from .errors import (
     StoreStaleError,
     StoreWriteError,
 )
-from .files import read_json
+from .files import describe_path, read_json
 from .fingerprints import H5_FILE, NEGATIVE_FILES, changed, dataset_file_names, fingerprint
 from .layout import CONFIG, MANIFEST, NEGATIVES_DIR, load_manifest, read_manifest, read_pointer
 from .schema import source_findings
@@ -401,11 +401,17 @@ def resolve_dataset(
         StoreStaleError: a store whose source files changed since conversion.
         ValueError: an unknown ``storage_format``, or h5py missing for ``"hdf5"``.
     """
+    if not isinstance(dataset_dir, str | os.PathLike) or os.fspath(dataset_dir) == "":
+        raise StoreNotFoundError(
+            f"Dataset directory not found: {dataset_dir!r:.80} is not a path (an empty path is "
+            f"not the current directory). Pass a store made by convert-pt or a dataset "
+            f"directory of .pt files or dataset.h5."
+        )
     src = Path(dataset_dir).expanduser().absolute()
     if not os.path.lexists(src) and swapped_out(src.resolve()):
         load_manifest(src)  # restores it (NOTE [a killed replacement]) or names where it is
     if not src.is_dir():
-        what = "is not a directory" if src.exists() else "does not exist"
+        what = "is not a directory" if src.exists() else describe_path(src)
         raise StoreNotFoundError(
             f"Dataset directory not found: {src} ({what}). Pass a store made by convert-pt "
             f"or a dataset directory of .pt files or dataset.h5."

@@ -263,3 +263,17 @@ def test_a_generation_created_unix_that_is_no_time_is_named(store_path, tmp_path
         open_store(store)
     report = verify_store(store, progress=False)
     assert any("'created_unix' should be a finite" in p for p in report.problems)
+
+
+@pytest.mark.parametrize("bad", ["", None])
+def test_an_empty_or_missing_path_is_never_the_current_directory(bad, tmp_path, monkeypatch):
+    from jasper_mmap import JASPERSteeringDataset
+    from jasper_mmap.converters import convert_pt
+    from jasper_mmap.errors import JasperError
+
+    monkeypatch.chdir(tmp_path)  # an empty path used to mean this directory
+    with pytest.raises(JasperError, match="not a path|should be a path"):
+        JASPERSteeringDataset(bad, "train")
+    with pytest.raises(JasperError, match="should be a path"):
+        convert_pt(bad, tmp_path / "store", progress=False)
+    assert list(tmp_path.iterdir()) == []
