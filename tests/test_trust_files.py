@@ -80,6 +80,17 @@ def _probe(store: Path, timeout: float = 90) -> dict[str, str]:
     return dict(line.split(" ", 1) for line in done.stdout.splitlines() if " " in line)
 
 
+def _run_or_fail(code: str, timeout: float, hung: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter; a hang past ``timeout`` fails the test."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    try:
+        return subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(hung)
+
+
 @pytest.fixture(scope="module")
 def good(tmp_path_factory, pt_dataset):
     root = tmp_path_factory.mktemp("good")
@@ -160,13 +171,7 @@ def test_a_fifo_in_place_of_a_generation_leased_later_is_refused(good, tmp_path)
             print(type(e).__name__, e)
         """
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail("leasing a generation whose description is a FIFO hung")
+    done = _run_or_fail(code, 60, "leasing a generation whose description is a FIFO hung")
     assert "gen-000000.json" in done.stdout and "FIFO" in done.stdout, done.stdout + done.stderr
 
 
@@ -292,13 +297,7 @@ def test_a_fifo_config_in_a_dataset_directory_is_named_as_such(pt_dataset, tmp_p
                 print(type(e).__name__, e)
         """
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, timeout=90, env=env
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail("converting a dataset directory whose config.json is a FIFO hung")
+    done = _run_or_fail(code, 90, "converting a dataset directory whose config.json is a FIFO hung")
     lines = done.stdout.splitlines()
     assert len(lines) == 2, done.stdout + done.stderr
     for line in lines:
