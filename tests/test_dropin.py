@@ -308,7 +308,7 @@ def test_a_preloaded_dataset_gives_tensors_on_its_device(src):
     assert ds.memory_usage_mb > JASPERSteeringDataset(src, "train").memory_usage_mb
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_a_cuda_preloaded_dataset_gives_cuda_tables(src):
     ds = JASPERSteeringDataset(src, "train", device="cuda")
     assert ds.centroid_embs.is_cuda and ds.question_embs.is_cuda and ds.use_mmap is False

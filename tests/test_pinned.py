@@ -13,7 +13,7 @@ import torch
 
 from jasper_mmap import BATCH_KEYS, create_loader
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+cuda = pytest.mark.gpu
 
 
 def loader_of(store, workers: int, pin: bool, **kw):

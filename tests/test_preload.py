@@ -15,7 +15,7 @@ DEVICES = [
     "cpu",
     pytest.param(
         "cuda",
-        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        marks=pytest.mark.gpu,
     ),
 ]
 
@@ -103,7 +103,7 @@ def test_cpu_preload_in_dataloader_workers_is_rebuilt_per_worker(store_path):
         assert_same(mapped.get_batch(np.arange(4 * k, min(4 * k + 4, len(mapped)))), batch)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_cuda_loader_refuses_workers(store_path):
     with pytest.raises(ValueError, match="num_workers should be 0"):
         create_loader(store_path, "val", 4, num_workers=2, device="cuda")
