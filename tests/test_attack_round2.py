@@ -1,0 +1,74 @@
+"""Issue 24, the second attack round on the writer and control fixes: a dataset copied in its
+own process gets a shared control block of its own (1); stray generation names never break a
+publish (2, 5); a fork child never keeps the store lock (6); a moved-aside store of a dead or
+unknown writer is settled before a conversion checks its destination, and named wherever a
+store is missing (3, 4, 8); odd paths get our errors (7); write errors advise for their errno (8)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def _run(tmp_path, script: str, *args: str, timeout: int = 180) -> str:
+    path = tmp_path / "script.py"  # a file: spawn children import __main__'s functions
+    path.write_text(script)
+    r = subprocess.run(
+        [sys.executable, str(path), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    out = r.stdout + r.stderr[-3000:]
+    assert r.returncode == 0, out
+    return r.stdout
+
+
+# -- 1: a copy made in the owner's process ---------------------------------------------------
+
+_COPY_SCRIPT = r"""
+import copy, io, pickle, sys
+import torch
+from jasper_mmap import JASPERSteeringDataset
+from jasper_mmap.loader import JasperLoader, collate_batch
+
+def variants(ds, workers, ctx):
+    ld = JasperLoader(ds, worker_mode="process", batch_size=16, shuffle=False,
+                      num_workers=workers, persistent_workers=bool(workers),
+                      collate_fn=collate_batch, multiprocessing_context=ctx)
+    out = []
+    for step in range(3):
+        if step == 1: ds.set_epoch(7)
+        if step == 2: ds.force_steering("zero")
+        out.append(torch.cat([b["steering_variant"] for b in ld]).tolist())
+    return out
+
+def tsave(ds):
+    buf = io.BytesIO(); torch.save(ds, buf); buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+if __name__ == "__main__":
+    path = sys.argv[1]
+    ref = variants(JASPERSteeringDataset(path, "train"), 0, None)
+    assert ref[0] != ref[1] != ref[2], ref  # each change shows in the batches
+    copies = {"deepcopy": copy.deepcopy, "pickle": lambda d: pickle.loads(pickle.dumps(d)),
+              "torch.save": tsave}
+    for ctx in ("fork", "spawn"):
+        for label, make in copies.items():
+            if ctx == "spawn" and label == "torch.save":
+                continue  # the same pickle path as "pickle"; spawn workers are slow
+            original = JASPERSteeringDataset(path, "train")
+            ds = make(original)
+            got = variants(ds, 1, ctx)
+            print(ctx, label, "shared", ds._control.tensor.is_shared(),
+                  ["same" if g == r else "DIFFERENT" for g, r in zip(got, ref)],
+                  "original", original.epoch, original._control.snapshot().forced)
+"""
+
+
+def test_a_copy_in_the_same_process_has_its_own_shared_block(tmp_path, pt_dataset):
+    out = _run(tmp_path, _COPY_SCRIPT, pt_dataset)
+    lines = [x for x in out.splitlines() if x.startswith(("fork", "spawn"))]
+    assert len(lines) == 5, out
+    for line in lines:  # persistent workers follow the copy; the original is untouched
+        assert "shared True ['same', 'same', 'same'] original 0 -1" in line, out
