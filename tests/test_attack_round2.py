@@ -6,8 +6,18 @@ store is missing (3, 4, 8); odd paths get our errors (7); write errors advise fo
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+
+import numpy as np
+import pytest
+
+from jasper_mmap import JASPERSteeringDataset, open_store, publish_negatives
+from jasper_mmap.converters import convert_pt
+from jasper_mmap.errors import StoreExistsError
+from jasper_mmap.layout import MAX_GENERATION
 
 
 def _run(tmp_path, script: str, *args: str, timeout: int = 180) -> str:
@@ -72,3 +82,51 @@ def test_a_copy_in_the_same_process_has_its_own_shared_block(tmp_path, pt_datase
     assert len(lines) == 5, out
     for line in lines:  # persistent workers follow the copy; the original is untouched
         assert "shared True ['same', 'same', 'same'] original 0 -1" in line, out
+
+
+# -- 2, 5: stray generation names ------------------------------------------------------------
+
+
+@pytest.fixture()
+def store(tmp_path, pt_dataset):
+    return convert_pt(pt_dataset, tmp_path / "store", progress=False)
+
+
+def _negatives(store):
+    with open_store(store) as s:
+        c = s.counts
+    shape = (c["n_pairs"], c["n_neg"])
+    return np.zeros(shape, dtype=np.int64), np.ones(shape, dtype=np.int64)
+
+
+def test_a_stray_name_never_takes_the_next_generation_past_the_bound(store):
+    negs, tiers = _negatives(store)
+    neg_dir = store / "negatives"
+    top = MAX_GENERATION - 1
+    (neg_dir / f"gen-{top}.txt").write_text("notes")  # not one of our names: ignored
+    assert publish_negatives(store, negs, tiers) == 1
+    stray = neg_dir / f"gen-{top}.json"  # one of ours: the number is taken, so refused
+    stray.write_text("{}")
+    before = (neg_dir / "CURRENT.json").read_bytes()
+    with pytest.raises(StoreExistsError, match=f"gen-{top}.json") as e:
+        publish_negatives(store, negs, tiers)
+    assert "Nothing was published" in str(e.value)
+    assert (neg_dir / "CURRENT.json").read_bytes() == before  # the store still opens
+    assert JASPERSteeringDataset(store, "train").negatives_generation == 1
+    stray.unlink()  # the fix the message gives works
+    assert publish_negatives(store, negs, tiers) == 2
+
+
+def test_a_generation_name_with_extra_leading_zeros_is_not_ours(store):
+    negs, tiers = _negatives(store)
+    neg_dir = store / "negatives"
+    assert publish_negatives(store, negs, tiers) == 1
+    stray = neg_dir / "gen-0000001.json"
+    stray.write_bytes((neg_dir / "gen-000001.json").read_bytes())
+    for g in (2, 3, 4):  # no raw "too many values to unpack", old generations collected
+        assert publish_negatives(store, negs, tiers) == g
+    names = sorted(os.listdir(neg_dir))
+    assert "gen-000001.json" not in names and "gen-000002.json" not in names, names
+    assert stray.exists() and json.loads(stray.read_text())["generation"] == 1  # left alone
+    ds = JASPERSteeringDataset(store, "train")
+    assert ds.reload_negatives() == 4
