@@ -45,7 +45,9 @@ starts again otherwise (so a removed lock file never lets two writers in). A loc
 there before (another version's, or a holder's that was killed) is left as it is.
 Release is an explicit ``flock(LOCK_UN)``, which frees the lock for every descriptor that
 shares the open file description. A child forked while the lock is held does not hold it: the
-descriptor is ``O_CLOEXEC`` and is closed in the child at fork (``os.register_at_fork``), the
+descriptor is ``O_CLOEXEC`` and is closed in the child at fork (``os.register_at_fork``; a
+lock is opened and registered, and unlocked, closed and unregistered, under a lock the fork
+hooks take, so a fork from another thread never falls between the two steps), the
 re-entrancy count is keyed by pid, and a child unwinding its parent's ``with`` releases
 nothing; so the lock is free once the parent lets go of it or dies, whatever its workers do,
 and a child that takes the lock waits for its parent like any other process.
@@ -624,17 +626,80 @@ _held = threading.local()  # per thread: {(pid, lock path): depth} (NOTE [one wr
 #: descriptors of the store locks this process holds: closed in a fork child (NOTE [one writer
 #: per store]), so no child, however long it lives, keeps a lock its parent let go of
 _lock_fds: set[int] = set()
+#: held while a lock descriptor is opened and registered, or unlocked, closed and unregistered,
+#: and across every fork (``os.register_at_fork``): a fork from another thread never falls
+#: between the two steps, where the child would inherit a descriptor it does not know of
+_fork_guard = threading.RLock()
+#: the lock paths being opened by this thread's guarded section: a fork inside it (from this
+#: very thread) closes, in the child, every descriptor that leads to one of them
+_opening: set[str] = set()
+
+
+def _lock_fds_before_fork() -> None:
+    _fork_guard.acquire()
+
+
+def _lock_fds_after_fork_in_parent() -> None:
+    _fork_guard.release()
 
 
 def _close_lock_fds_in_child() -> None:
+    global _fork_guard
     for fd in list(_lock_fds):
         with contextlib.suppress(OSError):
             os.close(fd)  # no LOCK_UN: that would release the parent's lock too
     _lock_fds.clear()
+    if _opening:  # forked between an open and its registration, in the same thread
+        with contextlib.suppress(OSError):
+            for name in os.listdir("/proc/self/fd"):
+                with contextlib.suppress(OSError, ValueError):
+                    if os.readlink(f"/proc/self/fd/{name}") in _opening:
+                        os.close(int(name))
+        _opening.clear()
+    _fork_guard = threading.RLock()  # the parent's thread held it at the fork
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_lock_fds_in_child)
+    os.register_at_fork(
+        before=_lock_fds_before_fork,
+        after_in_parent=_lock_fds_after_fork_in_parent,
+        after_in_child=_close_lock_fds_in_child,
+    )
+
+
+@contextlib.contextmanager
+def _opening_lock(*paths: Path) -> Iterator[None]:
+    """The guarded section around opening and registering a lock descriptor (``_fork_guard``,
+    ``_opening``)."""
+    with _fork_guard:
+        names = {str(p) for p in paths} - _opening
+        _opening.update(names)
+        try:
+            yield
+        finally:
+            _opening.difference_update(names)
+
+
+def open_lock_fd(path: Path, flags: int, mode: int = 0o644) -> int:
+    """``os.open`` a lock file and register the descriptor as a lock's, in one step no fork
+    falls between (NOTE [one writer per store]); :func:`held_flock` or
+    :func:`close_lock_fd` closes it."""
+    with _opening_lock(path):
+        fd = os.open(path, flags, mode)
+        _lock_fds.add(fd)
+    return fd
+
+
+def close_lock_fd(fd: int, unlock: bool = False) -> None:
+    """Unregister and close a lock descriptor (``unlock``: ``LOCK_UN`` first), in one step no
+    fork falls between; never raises."""
+    with _fork_guard:
+        if unlock:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        _lock_fds.discard(fd)
 
 
 def lock_path_of(store: str | Path) -> Path:
@@ -766,14 +831,10 @@ def _release(fd: int, path: Path, created: bool, owner: int) -> None:
     descriptor was closed at fork and the lock is the parent's."""
     if os.getpid() != owner:
         return
-    _lock_fds.discard(fd)
     with contextlib.suppress(OSError):
         if created and _still_there(fd, path):  # ours alone: removed while still held,
             path.unlink()  # so no file is left behind
-    with contextlib.suppress(OSError):
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    with contextlib.suppress(OSError):
-        os.close(fd)
+    close_lock_fd(fd, unlock=True)
 
 
 @contextlib.contextmanager
@@ -809,8 +870,9 @@ def store_lock(
         return
     t0, said = time.monotonic(), None
     while True:
-        fd, writable, created = _open_lock(path, real)
-        _lock_fds.add(fd)  # from here on, a fork child closes its copy
+        with _opening_lock(path, real):  # no fork between the open and the registration
+            fd, writable, created = _open_lock(path, real)
+            _lock_fds.add(fd)  # from here on, a fork child closes its copy
         try:
             while True:
                 try:
@@ -829,11 +891,9 @@ def store_lock(
             if _still_there(fd, path):
                 break
         except BaseException:
-            _lock_fds.discard(fd)
-            os.close(fd)
+            close_lock_fd(fd)
             raise
-        _lock_fds.discard(fd)
-        os.close(fd)  # its creator removed it when done: lock the one there now
+        close_lock_fd(fd)  # its creator removed it when done: lock the one there now
     owner = os.getpid()
     try:
         if writable:
@@ -852,14 +912,11 @@ def held_flock(fd: int) -> Iterator[int]:
     like the store lock: ``LOCK_UN``, never kept by a fork child (NOTE [one writer per
     store]). For ``negatives/.publish.lock``, the lock older versions' publishers take."""
     owner = os.getpid()
-    _lock_fds.add(fd)
+    with _fork_guard:
+        _lock_fds.add(fd)  # already there when opened by open_lock_fd
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield fd
     finally:
         if os.getpid() == owner:
-            _lock_fds.discard(fd)
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            with contextlib.suppress(OSError):
-                os.close(fd)
+            close_lock_fd(fd, unlock=True)

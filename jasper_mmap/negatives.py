@@ -45,9 +45,11 @@ from typing import Any
 import numpy as np
 
 from ._atomic import (
+    close_lock_fd,
     fsync_dir,
     fsync_tree,
     held_flock,
+    open_lock_fd,
     partial_dir,
     remove_stale_partials,
     remove_stale_partials_in,
@@ -320,7 +322,7 @@ def _open_publish_lock(neg_dir: Path, store: Path) -> int:
     fix = "Move it away, then publish again (publishers create their own there)."
     flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(path, flags, 0o644)
+        fd = open_lock_fd(path, flags)  # registered at once: never kept by a fork child
     except OSError as e:
         if e.errno not in (errno.ENXIO, errno.ELOOP, errno.EISDIR):
             raise
@@ -333,7 +335,7 @@ def _open_publish_lock(neg_dir: Path, store: Path) -> int:
         ) from None
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
-        os.close(fd)
+        close_lock_fd(fd)
         raise StoreExistsError(
             f"{path}: the publish lock of store {store} is {file_kind(mode)}, not a regular "
             f"file. {fix}"

@@ -130,3 +130,74 @@ def test_a_generation_name_with_extra_leading_zeros_is_not_ours(store):
     assert stray.exists() and json.loads(stray.read_text())["generation"] == 1  # left alone
     ds = JASPERSteeringDataset(store, "train")
     assert ds.reload_negatives() == 4
+
+
+# -- 6: a fork child never keeps the store lock ----------------------------------------------
+
+_FORK_LOCK_SCRIPT = r"""
+import os, sys, threading, time
+import jasper_mmap._atomic as A
+
+store = sys.argv[1]
+lock = str(A.lock_path_of(store))
+
+def fork_and_count():
+    # a child reports how many of its descriptors lead to the lock file
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        hits = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                hits += os.readlink(f"/proc/self/fd/{fd}") == lock
+            except OSError:
+                pass
+        os.write(w, bytes([hits])); os._exit(0)
+    os.close(w); hits = os.read(r, 1)[0]; os.close(r); os.waitpid(pid, 0)
+    return hits
+
+real_open = A._open_lock
+mode, results = None, []
+
+def patched(path, st):
+    got = real_open(path, st)
+    if mode == "same thread":  # a fork at this very instant, from this thread
+        results.append(fork_and_count())
+    elif mode == "other thread":  # another thread forks while the descriptor is unregistered
+        t = threading.Thread(target=lambda: results.append(fork_and_count()))
+        t.start(); t.join(0.5)  # the fork waits for the registration: do not wait on it
+        patched.thread = t
+    return got
+
+A._open_lock = patched
+for mode in ("same thread", "other thread"):
+    with A.store_lock(store, "test"):
+        pass
+    if mode == "other thread":
+        patched.thread.join(10)
+    print(mode, results[-1])
+A._open_lock = real_open
+mode = None
+
+# a thread taking and releasing the lock while this one forks, bounded in time
+stop = threading.Event()
+def churn():
+    while not stop.is_set():
+        with A.store_lock(store, "churn"):
+            pass
+t = threading.Thread(target=churn); t.start()
+found = forks = 0
+t0 = time.monotonic()
+while time.monotonic() - t0 < 1.5:
+    found += fork_and_count() > 0; forks += 1
+stop.set(); t.join()
+print("race", forks, found)
+"""
+
+
+def test_a_fork_never_inherits_an_unregistered_lock_descriptor(tmp_path, store):
+    out = _run(tmp_path, _FORK_LOCK_SCRIPT, store, timeout=60)
+    assert "same thread 0" in out, out
+    assert "other thread 0" in out, out
+    forks, found = map(int, out.split("race ")[1].split())
+    assert forks > 10 and found == 0, out
