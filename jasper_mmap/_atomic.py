@@ -100,6 +100,8 @@ __all__ = [
     "remove_stale_partials_in",
     "settle_swapped_out",
     "swapped_out",
+    "moved_aside",
+    "moved_aside_advice",
     "warn_stale_partials",
     "fsync_dir",
     "fsync_tree",
@@ -231,6 +233,48 @@ def swapped_out(dst: Path) -> list[tuple[Path, int]]:
     return [(p, pid) for p, pid in _dead(found, "old-") if p.is_dir() and not p.is_symlink()]
 
 
+def moved_aside(dst: Path) -> list[tuple[Path, int, str | None]]:
+    """``(directory, writer pid, why it is kept)`` of EVERY ``.<dst>.old-PID-TOKEN[-HOST]``
+    directory beside ``dst`` (symlinks are not): ``why`` is None for a dead writer's
+    (:func:`swapped_out`, settled by the next writer or opener), else why it is never
+    restored or removed here (another host or PID namespace, or a PID that is running: its
+    writer may be alive, or the PID reused). NOTE [a killed replacement]."""
+    dst = Path(dst)
+    dead = {p for p, _ in swapped_out(dst)}
+    found = []
+    for p in _entries(dst.parent, f".{dst.name}.old-", ".old-"):
+        if p.is_symlink() or not p.is_dir():
+            continue
+        try:
+            fields = p.name.rsplit("old-", 1)[1].split("-")
+            pid = int(fields[0])
+        except (IndexError, ValueError):
+            continue
+        if p in dead:
+            why = None
+        elif len(fields) >= 3 and fields[2] != HOST_TAG:
+            why = "written on another host or in another PID namespace (a container)"
+        else:
+            why = f"process {pid} is running: its writer, or another process given its PID"
+        found.append((p, pid, why))
+    return found
+
+
+def moved_aside_advice(dst: Path) -> str:
+    """A sentence naming each moved-aside store of ``dst`` that is never settled here
+    (:func:`moved_aside`), with the ``mv`` that puts it back; "" when there is none."""
+    dst = Path(dst)
+    parts = [
+        f"{old} is a whole store that a replacement of {dst} (pid {pid}) moved aside and is "
+        f"kept ({why}; it cannot be known whether that writer is gone). If no conversion to "
+        f"{dst} is running, put it back: mv {shlex.quote(str(old))} {shlex.quote(str(dst))}"
+        + ("" if not os.path.lexists(dst) else f" (after moving {dst} away)")
+        for old, pid, why in moved_aside(dst)
+        if why is not None
+    ]
+    return " ".join(f"{x}." for x in parts)
+
+
 def settle_swapped_out(dst: Path) -> list[Path]:
     """Put back, or remove, the stores killed replacements of ``dst`` moved away.
 
@@ -240,7 +284,16 @@ def settle_swapped_out(dst: Path) -> list[Path]:
     one killed after them leaves the whole old store beside the new one. Under the store lock,
     a dead writer's ``.old-`` directory that is a store (:func:`is_store`) is renamed back when
     nothing (or an empty directory) is at the path, and removed when a store is in place; one
-    that is not a store is never touched (it is named). Returns the directories settled.
+    that is not a store is never touched (it is named). One whose writer cannot be known to be
+    gone (another host or PID namespace: a container restarted after the kill; or a PID now
+    running, perhaps reused) is never restored or removed, but named, with the ``mv`` that
+    puts it back, in every message about the missing store (:func:`moved_aside_advice`: opening,
+    ``jasper-mmap info``) and by :func:`warn_stale_partials`. A conversion without
+    ``--overwrite`` to a path left empty beside any moved-aside store is refused at once,
+    naming it (:func:`check_destination`): it never resurrects the old store under a new
+    conversion (which then failed at its end), and never publishes over it silently; with
+    ``--overwrite`` the old store is restored first and then replaced. Returns the
+    directories settled.
     """
     dst = Path(dst)
     if not swapped_out(dst):
@@ -343,6 +396,15 @@ def warn_stale_partials(dst: Path, max_entries: int = 1000) -> list[Path]:
         target = dst.parent / p.name[1 : p.name.rindex(".old-")]
         log.warning("%s", swapped_out_advice(target, p, pid))
         named.append(p)
+    # those never settled here (another host/namespace, a running PID), dst's own included
+    targets = {dst.name}
+    for p in _entries(dst.parent, ".", ".old-"):
+        targets.add(p.name[1 : p.name.rindex(".old-")])
+    for name in sorted(targets):
+        advice = moved_aside_advice(dst.parent / name)
+        if advice:
+            log.warning("%s", advice)
+            named += [old for old, _, why in moved_aside(dst.parent / name) if why is not None]
     return named
 
 
@@ -507,6 +569,21 @@ def check_destination(
         raise StoreExistsError(
             f"{shown}: the destination is a file, not a directory. Choose another path."
         )
+    if not overwrite and (not real.exists() or _is_empty_dir(real)):
+        # NOTE [a killed replacement]: a store moved aside by a killed (or unknown) replacement
+        # is what was there; a conversion never resurrects it silently, nor publishes over it
+        # only to fail at the end
+        aside = moved_aside(real)
+        if aside:
+            olds = ", ".join(str(old) for old, _, _ in aside)
+            first = shlex.quote(str(aside[0][0]))
+            raise StoreExistsError(
+                f"{shown}: nothing is there now, but {olds} holds the store that a replacement "
+                f"of it (pid {aside[0][1]}, killed or not known to be gone) moved aside. Put it "
+                f"back (mv {first} {shlex.quote(str(real))}; opening {real} does that where its "
+                f"writer is known to be gone), or pass --overwrite (overwrite=True) to convert "
+                f"over it."
+            )
     if real.is_dir() and not _is_empty_dir(real):
         if not is_ours(real):
             manifest = real / "manifest.json"

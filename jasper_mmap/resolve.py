@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ._atomic import lock_holder, store_lock, swapped_out
+from ._atomic import lock_holder, moved_aside, store_lock
 from .converters.sources import STORAGE_FORMATS, detect_storage_format
 from .errors import (
     ArtifactError,
@@ -408,7 +408,7 @@ def resolve_dataset(
             f"directory of .pt files or dataset.h5."
         )
     src = Path(dataset_dir).expanduser().absolute()
-    if not os.path.lexists(src) and swapped_out(src.resolve()):
+    if not os.path.lexists(src) and moved_aside(src.resolve()):
         load_manifest(src)  # restores it (NOTE [a killed replacement]) or names where it is
     if not src.is_dir():
         what = "is not a directory" if src.exists() else describe_path(src)

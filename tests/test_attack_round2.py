@@ -16,7 +16,7 @@ import pytest
 
 from jasper_mmap import JASPERSteeringDataset, open_store, publish_negatives
 from jasper_mmap.converters import convert_pt
-from jasper_mmap.errors import StoreExistsError
+from jasper_mmap.errors import JasperError, StoreExistsError
 from jasper_mmap.layout import MAX_GENERATION
 
 
@@ -201,3 +201,52 @@ def test_a_fork_never_inherits_an_unregistered_lock_descriptor(tmp_path, store):
     assert "other thread 0" in out, out
     forks, found = map(int, out.split("race ")[1].split())
     assert forks > 10 and found == 0, out
+
+
+# -- 3, 4, 8 (b01 c): a store moved aside by a killed replacement ------------------------------
+
+
+def _move_aside(store, pid: int, tag: str):
+    old = store.parent / f".{store.name}.old-{pid}-0badf00d-{tag}"
+    os.rename(store, old)
+    return old
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_a_conversion_never_resurrects_a_moved_aside_store(store, pt_dataset):
+    from jasper_mmap._atomic import HOST_TAG
+
+    old = _move_aside(store, _dead_pid(), HOST_TAG)  # killed between the two renames
+    with pytest.raises(StoreExistsError, match="moved aside") as e:
+        convert_pt(pt_dataset, store, progress=False)  # refused at once, not at its end
+    assert f"mv {old} {store}" in str(e.value) and "--overwrite" in str(e.value)
+    assert not os.path.lexists(store) and old.is_dir()  # nothing resurrected or removed
+    convert_pt(pt_dataset, store, overwrite=True, progress=False)
+    assert (store / "manifest.json").is_file() and not old.exists()
+
+
+@pytest.mark.parametrize("why", ["another namespace", "a running pid"])
+def test_a_moved_aside_store_of_an_unknown_writer_is_named(store, why, caplog):
+    from jasper_mmap._atomic import HOST_TAG, warn_stale_partials
+
+    pid, tag = (2, "0123abcd") if why == "another namespace" else (os.getppid(), HOST_TAG)
+    old = _move_aside(store, pid, tag)
+    with pytest.raises(JasperError, match="does not exist") as e:
+        JASPERSteeringDataset(store, "train")
+    assert f"mv {old} {store}" in str(e.value), str(e.value)
+    r = subprocess.run(
+        [sys.executable, "-m", "jasper_mmap.cli", "info", str(store)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode != 0 and f"mv {old} {store}" in r.stdout + r.stderr, r
+    with caplog.at_level("WARNING"):
+        assert old in warn_stale_partials(store)
+    assert f"mv {old} {store}" in caplog.text
+    assert old.is_dir() and not os.path.lexists(store)  # never restored or removed here
