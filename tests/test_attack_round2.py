@@ -250,3 +250,66 @@ def test_a_moved_aside_store_of_an_unknown_writer_is_named(store, why, caplog):
         assert old in warn_stale_partials(store)
     assert f"mv {old} {store}" in caplog.text
     assert old.is_dir() and not os.path.lexists(store)  # never restored or removed here
+
+
+# -- 7: odd paths get our errors -------------------------------------------------------------
+
+
+class _BytesPath:
+    def __init__(self, p: bytes) -> None:
+        self.p = p
+
+    def __fspath__(self) -> bytes:
+        return self.p
+
+
+_ODD_PATHS = {
+    "no such user": ("~nosuchuser_zz/x", "no user 'nosuchuser_zz'"),
+    "NUL": ("/tmp/st\0x", "NUL character"),
+    "long name": ("/tmp/" + "n" * 300, "past the 255"),
+    "long path": ("/tmp/" + "/".join(["d" * 200] * 25), "past the 4096"),
+    "not a path": (3, "should be a path"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_ODD_PATHS))
+def test_an_odd_path_gets_our_error_everywhere(case, pt_dataset, tmp_path, capsys):
+    from jasper_mmap.cli import main as cli_main
+    from jasper_mmap.converters.cli import main as convert_main
+    from jasper_mmap.verify import store_info, verify_store
+
+    value, said = _ODD_PATHS[case]
+    negs = np.zeros((3, 2), dtype=np.int64)
+    calls = {
+        "open": lambda: JASPERSteeringDataset(value, "train"),
+        "publish": lambda: publish_negatives(value, negs, negs),
+        "convert dst": lambda: convert_pt(pt_dataset, value, progress=False),
+        "convert src": lambda: convert_pt(value, tmp_path / "dst", progress=False),
+        "open_store": lambda: open_store(value),
+        "store_info": lambda: store_info(value),
+    }
+    for name, call in calls.items():
+        with pytest.raises(JasperError, match=said) as e:
+            call()
+        assert isinstance(e.value, ValueError), name  # as the builtin users catch
+    report = verify_store(value)  # never raises for a problem: reports it
+    assert any(said in p for p in report.problems), report.problems
+    if isinstance(value, str) and "\0" not in value:  # what a command line can pass
+        capsys.readouterr()
+        assert convert_main([str(pt_dataset), value]) == 1
+        for command in ("info", "verify"):
+            assert cli_main([command, value]) == 1
+        err = capsys.readouterr().err
+        assert err.count(said) == 3 and "Traceback" not in err, err
+
+
+def test_a_bytes_path_is_a_path(store_path, tmp_path, pt_dataset):
+    from jasper_mmap.verify import store_info, verify_store
+
+    for value in (os.fsencode(store_path), _BytesPath(os.fsencode(store_path))):
+        assert len(JASPERSteeringDataset(value, "train")) > 0
+        assert store_info(value)["store"] == str(store_path)
+        assert verify_store(value).problems == []
+        open_store(value).close()
+    dst = convert_pt(os.fsencode(pt_dataset), os.fsencode(tmp_path / "st"), progress=False)
+    assert dst == tmp_path / "st"
