@@ -93,7 +93,16 @@ class _Rows:
             self.path, self.shape, self.kind = str(value.path), value.shape, value.np_dtype.kind
             self.read = lambda a, b: self._int64(self.art.read_rows(a, b), a)
         else:
-            arr = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+            try:  # a ragged list, or objects numpy cannot make an array of
+                arr = (
+                    value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+                )
+            except (ValueError, TypeError) as e:
+                raise ArtifactError(
+                    f"the {what} array: {what} should be an [N_pairs, n_neg] array of "
+                    f"integers, but it cannot be made into one ({e}). Nothing was published "
+                    f"and the old negatives stay in use; pass a tensor or a numpy array."
+                ) from None
             self.path, self.shape, self.kind = f"the {what} array", arr.shape, arr.dtype.kind
             self.read = lambda a, b: self._int64(np.asarray(arr[a:b]), a)
 

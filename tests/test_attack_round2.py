@@ -313,3 +313,37 @@ def test_a_bytes_path_is_a_path(store_path, tmp_path, pt_dataset):
         open_store(value).close()
     dst = convert_pt(os.fsencode(pt_dataset), os.fsencode(tmp_path / "st"), progress=False)
     assert dst == tmp_path / "st"
+
+
+# -- 8: a ragged list; write errors advise for their errno -----------------------------------
+
+
+def test_a_ragged_list_of_negatives_is_our_error(store):
+    from jasper_mmap.errors import ArtifactError
+
+    before = (store / "negatives" / "CURRENT.json").read_bytes()
+    with pytest.raises(ArtifactError, match="hard_negatives.*cannot be made into one") as e:
+        publish_negatives(store, [[1, 2], [3]], [[1, 1], [1]])
+    assert isinstance(e.value, ValueError)
+    assert (store / "negatives" / "CURRENT.json").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "code, says, never",
+    [
+        ("EROFS", "writable filesystem", "free space"),
+        ("EACCES", "permission", "free space"),
+        ("EPERM", "permission", "free space"),
+        ("ENOSPC", "free space", "permission"),
+        ("EDQUOT", "quota", "permission"),
+    ],
+)
+def test_a_write_errors_advice_matches_its_errno(code, says, never):
+    import errno
+
+    from jasper_mmap.errors import StoreWriteError, write_error
+
+    e = OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+    err = write_error("/x/store", e, "a negatives generation")
+    assert isinstance(err, StoreWriteError) and err.errno == e.errno
+    assert says in str(err) and never not in str(err), str(err)
