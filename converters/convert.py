@@ -11,7 +11,6 @@ Memory is bounded by a few blocks (``block_bytes``), whatever the dataset size.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +35,7 @@ from jasper_mmap.errors import (
     JasperError,
     write_error,
 )
+from jasper_mmap.files import as_path
 from jasper_mmap.fingerprints import source_fingerprints
 from jasper_mmap.layout import (
     ARRAYS,
@@ -336,13 +336,8 @@ def convert_pt(
             process published at ``dst`` meanwhile.
         StoreWriteError: the disk is full, the destination read-only, a file-size limit.
     """
-    for name, path in (("src", src), ("dst", dst)):
-        if not isinstance(path, str | os.PathLike) or os.fspath(path) == "":
-            raise ArtifactMissingError(
-                f"{name} should be a path, but got {path!r:.80} (an empty path is not the "
-                f"current directory). Pass the dataset directory and the store's path."
-            )
-    src, dst = Path(src).expanduser().absolute(), Path(dst).expanduser().absolute()
+    src = as_path(src, "src (the dataset directory)", ArtifactMissingError)
+    dst = as_path(dst, "dst (the store's path)", ArtifactMissingError)
     if format not in FORMATS:
         raise ValueError(f"format should be one of {FORMATS}, but got format={format!r}")
     if dtype not in DTYPES:

@@ -45,7 +45,9 @@ starts again otherwise (so a removed lock file never lets two writers in). A loc
 there before (another version's, or a holder's that was killed) is left as it is.
 Release is an explicit ``flock(LOCK_UN)``, which frees the lock for every descriptor that
 shares the open file description. A child forked while the lock is held does not hold it: the
-descriptor is ``O_CLOEXEC`` and is closed in the child at fork (``os.register_at_fork``), the
+descriptor is ``O_CLOEXEC`` and is closed in the child at fork (``os.register_at_fork``; a
+lock is opened and registered, and unlocked, closed and unregistered, under a lock the fork
+hooks take, so a fork from another thread never falls between the two steps), the
 re-entrancy count is keyed by pid, and a child unwinding its parent's ``with`` releases
 nothing; so the lock is free once the parent lets go of it or dies, whatever its workers do,
 and a child that takes the lock waits for its parent like any other process.
@@ -98,6 +100,8 @@ __all__ = [
     "remove_stale_partials_in",
     "settle_swapped_out",
     "swapped_out",
+    "moved_aside",
+    "moved_aside_advice",
     "warn_stale_partials",
     "fsync_dir",
     "fsync_tree",
@@ -229,6 +233,48 @@ def swapped_out(dst: Path) -> list[tuple[Path, int]]:
     return [(p, pid) for p, pid in _dead(found, "old-") if p.is_dir() and not p.is_symlink()]
 
 
+def moved_aside(dst: Path) -> list[tuple[Path, int, str | None]]:
+    """``(directory, writer pid, why it is kept)`` of EVERY ``.<dst>.old-PID-TOKEN[-HOST]``
+    directory beside ``dst`` (symlinks are not): ``why`` is None for a dead writer's
+    (:func:`swapped_out`, settled by the next writer or opener), else why it is never
+    restored or removed here (another host or PID namespace, or a PID that is running: its
+    writer may be alive, or the PID reused). NOTE [a killed replacement]."""
+    dst = Path(dst)
+    dead = {p for p, _ in swapped_out(dst)}
+    found = []
+    for p in _entries(dst.parent, f".{dst.name}.old-", ".old-"):
+        if p.is_symlink() or not p.is_dir():
+            continue
+        try:
+            fields = p.name.rsplit("old-", 1)[1].split("-")
+            pid = int(fields[0])
+        except (IndexError, ValueError):
+            continue
+        if p in dead:
+            why = None
+        elif len(fields) >= 3 and fields[2] != HOST_TAG:
+            why = "written on another host or in another PID namespace (a container)"
+        else:
+            why = f"process {pid} is running: its writer, or another process given its PID"
+        found.append((p, pid, why))
+    return found
+
+
+def moved_aside_advice(dst: Path) -> str:
+    """A sentence naming each moved-aside store of ``dst`` that is never settled here
+    (:func:`moved_aside`), with the ``mv`` that puts it back; "" when there is none."""
+    dst = Path(dst)
+    parts = [
+        f"{old} is a whole store that a replacement of {dst} (pid {pid}) moved aside and is "
+        f"kept ({why}; it cannot be known whether that writer is gone). If no conversion to "
+        f"{dst} is running, put it back: mv {shlex.quote(str(old))} {shlex.quote(str(dst))}"
+        + ("" if not os.path.lexists(dst) else f" (after moving {dst} away)")
+        for old, pid, why in moved_aside(dst)
+        if why is not None
+    ]
+    return " ".join(f"{x}." for x in parts)
+
+
 def settle_swapped_out(dst: Path) -> list[Path]:
     """Put back, or remove, the stores killed replacements of ``dst`` moved away.
 
@@ -238,7 +284,16 @@ def settle_swapped_out(dst: Path) -> list[Path]:
     one killed after them leaves the whole old store beside the new one. Under the store lock,
     a dead writer's ``.old-`` directory that is a store (:func:`is_store`) is renamed back when
     nothing (or an empty directory) is at the path, and removed when a store is in place; one
-    that is not a store is never touched (it is named). Returns the directories settled.
+    that is not a store is never touched (it is named). One whose writer cannot be known to be
+    gone (another host or PID namespace: a container restarted after the kill; or a PID now
+    running, perhaps reused) is never restored or removed, but named, with the ``mv`` that
+    puts it back, in every message about the missing store (:func:`moved_aside_advice`: opening,
+    ``jasper-mmap info``) and by :func:`warn_stale_partials`. A conversion without
+    ``--overwrite`` to a path left empty beside any moved-aside store is refused at once,
+    naming it (:func:`check_destination`): it never resurrects the old store under a new
+    conversion (which then failed at its end), and never publishes over it silently; with
+    ``--overwrite`` the old store is restored first and then replaced. Returns the
+    directories settled.
     """
     dst = Path(dst)
     if not swapped_out(dst):
@@ -341,6 +396,15 @@ def warn_stale_partials(dst: Path, max_entries: int = 1000) -> list[Path]:
         target = dst.parent / p.name[1 : p.name.rindex(".old-")]
         log.warning("%s", swapped_out_advice(target, p, pid))
         named.append(p)
+    # those never settled here (another host/namespace, a running PID), dst's own included
+    targets = {dst.name}
+    for p in _entries(dst.parent, ".", ".old-"):
+        targets.add(p.name[1 : p.name.rindex(".old-")])
+    for name in sorted(targets):
+        advice = moved_aside_advice(dst.parent / name)
+        if advice:
+            log.warning("%s", advice)
+            named += [old for old, _, why in moved_aside(dst.parent / name) if why is not None]
     return named
 
 
@@ -505,6 +569,21 @@ def check_destination(
         raise StoreExistsError(
             f"{shown}: the destination is a file, not a directory. Choose another path."
         )
+    if not overwrite and (not real.exists() or _is_empty_dir(real)):
+        # NOTE [a killed replacement]: a store moved aside by a killed (or unknown) replacement
+        # is what was there; a conversion never resurrects it silently, nor publishes over it
+        # only to fail at the end
+        aside = moved_aside(real)
+        if aside:
+            olds = ", ".join(str(old) for old, _, _ in aside)
+            first = shlex.quote(str(aside[0][0]))
+            raise StoreExistsError(
+                f"{shown}: nothing is there now, but {olds} holds the store that a replacement "
+                f"of it (pid {aside[0][1]}, killed or not known to be gone) moved aside. Put it "
+                f"back (mv {first} {shlex.quote(str(real))}; opening {real} does that where its "
+                f"writer is known to be gone), or pass --overwrite (overwrite=True) to convert "
+                f"over it."
+            )
     if real.is_dir() and not _is_empty_dir(real):
         if not is_ours(real):
             manifest = real / "manifest.json"
@@ -624,17 +703,80 @@ _held = threading.local()  # per thread: {(pid, lock path): depth} (NOTE [one wr
 #: descriptors of the store locks this process holds: closed in a fork child (NOTE [one writer
 #: per store]), so no child, however long it lives, keeps a lock its parent let go of
 _lock_fds: set[int] = set()
+#: held while a lock descriptor is opened and registered, or unlocked, closed and unregistered,
+#: and across every fork (``os.register_at_fork``): a fork from another thread never falls
+#: between the two steps, where the child would inherit a descriptor it does not know of
+_fork_guard = threading.RLock()
+#: the lock paths being opened by this thread's guarded section: a fork inside it (from this
+#: very thread) closes, in the child, every descriptor that leads to one of them
+_opening: set[str] = set()
+
+
+def _lock_fds_before_fork() -> None:
+    _fork_guard.acquire()
+
+
+def _lock_fds_after_fork_in_parent() -> None:
+    _fork_guard.release()
 
 
 def _close_lock_fds_in_child() -> None:
+    global _fork_guard
     for fd in list(_lock_fds):
         with contextlib.suppress(OSError):
             os.close(fd)  # no LOCK_UN: that would release the parent's lock too
     _lock_fds.clear()
+    if _opening:  # forked between an open and its registration, in the same thread
+        with contextlib.suppress(OSError):
+            for name in os.listdir("/proc/self/fd"):
+                with contextlib.suppress(OSError, ValueError):
+                    if os.readlink(f"/proc/self/fd/{name}") in _opening:
+                        os.close(int(name))
+        _opening.clear()
+    _fork_guard = threading.RLock()  # the parent's thread held it at the fork
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_lock_fds_in_child)
+    os.register_at_fork(
+        before=_lock_fds_before_fork,
+        after_in_parent=_lock_fds_after_fork_in_parent,
+        after_in_child=_close_lock_fds_in_child,
+    )
+
+
+@contextlib.contextmanager
+def _opening_lock(*paths: Path) -> Iterator[None]:
+    """The guarded section around opening and registering a lock descriptor (``_fork_guard``,
+    ``_opening``)."""
+    with _fork_guard:
+        names = {str(p) for p in paths} - _opening
+        _opening.update(names)
+        try:
+            yield
+        finally:
+            _opening.difference_update(names)
+
+
+def open_lock_fd(path: Path, flags: int, mode: int = 0o644) -> int:
+    """``os.open`` a lock file and register the descriptor as a lock's, in one step no fork
+    falls between (NOTE [one writer per store]); :func:`held_flock` or
+    :func:`close_lock_fd` closes it."""
+    with _opening_lock(path):
+        fd = os.open(path, flags, mode)
+        _lock_fds.add(fd)
+    return fd
+
+
+def close_lock_fd(fd: int, unlock: bool = False) -> None:
+    """Unregister and close a lock descriptor (``unlock``: ``LOCK_UN`` first), in one step no
+    fork falls between; never raises."""
+    with _fork_guard:
+        if unlock:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        _lock_fds.discard(fd)
 
 
 def lock_path_of(store: str | Path) -> Path:
@@ -766,14 +908,10 @@ def _release(fd: int, path: Path, created: bool, owner: int) -> None:
     descriptor was closed at fork and the lock is the parent's."""
     if os.getpid() != owner:
         return
-    _lock_fds.discard(fd)
     with contextlib.suppress(OSError):
         if created and _still_there(fd, path):  # ours alone: removed while still held,
             path.unlink()  # so no file is left behind
-    with contextlib.suppress(OSError):
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    with contextlib.suppress(OSError):
-        os.close(fd)
+    close_lock_fd(fd, unlock=True)
 
 
 @contextlib.contextmanager
@@ -809,8 +947,9 @@ def store_lock(
         return
     t0, said = time.monotonic(), None
     while True:
-        fd, writable, created = _open_lock(path, real)
-        _lock_fds.add(fd)  # from here on, a fork child closes its copy
+        with _opening_lock(path, real):  # no fork between the open and the registration
+            fd, writable, created = _open_lock(path, real)
+            _lock_fds.add(fd)  # from here on, a fork child closes its copy
         try:
             while True:
                 try:
@@ -829,11 +968,9 @@ def store_lock(
             if _still_there(fd, path):
                 break
         except BaseException:
-            _lock_fds.discard(fd)
-            os.close(fd)
+            close_lock_fd(fd)
             raise
-        _lock_fds.discard(fd)
-        os.close(fd)  # its creator removed it when done: lock the one there now
+        close_lock_fd(fd)  # its creator removed it when done: lock the one there now
     owner = os.getpid()
     try:
         if writable:
@@ -852,14 +989,11 @@ def held_flock(fd: int) -> Iterator[int]:
     like the store lock: ``LOCK_UN``, never kept by a fork child (NOTE [one writer per
     store]). For ``negatives/.publish.lock``, the lock older versions' publishers take."""
     owner = os.getpid()
-    _lock_fds.add(fd)
+    with _fork_guard:
+        _lock_fds.add(fd)  # already there when opened by open_lock_fd
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield fd
     finally:
         if os.getpid() == owner:
-            _lock_fds.discard(fd)
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            with contextlib.suppress(OSError):
-                os.close(fd)
+            close_lock_fd(fd, unlock=True)

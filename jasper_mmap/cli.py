@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import JasperError
-from .files import describe_path
+from .files import as_path, describe_path
 from .layout import CONFIG, MANIFEST
 
 __all__ = ["main", "EXIT_BROKEN_PIPE"]
@@ -62,6 +62,10 @@ def _not_a_store(path: str, command: str) -> str | None:
     speak."""
     if not path:  # Path("") is the current directory, which was not asked for
         return f"{path!r}: the store path is empty. {_PASS_STORE}"
+    try:  # a NUL, a ~user with no such user, a name past NAME_MAX: said, never a traceback
+        as_path(path, "the store's path")
+    except JasperError as e:
+        return f"{e} {_PASS_STORE}"
     try:
         return _not_a_store_why(Path(path), command)
     except OSError:  # unreadable: the store checks name the problem

@@ -20,6 +20,10 @@ worker, a grandchild forked inside a DataLoader worker) reads the owner's values
 a block of its own, holding the same values, the first time it writes it (``set_epoch``,
 ``force_steering``, ``steering_probs =``, ``reload_negatives``), pickles it or forks: its
 changes never reach the owner's batches, and its own workers follow it, not the owner.
+A copy made in the owner's own process (``copy.deepcopy``, a ``pickle`` or ``torch.save``
+round trip) is a new dataset object: it gets a new block in shared memory, holding the same
+values and owned by this process, so the copy's workers (fork or spawn, persistent too) follow
+the copy's ``set_epoch``/``force_steering``, and the copy never changes the original's batches.
 The exception is our own DataLoader worker processes (:class:`~jasper_mmap.loader.JasperLoader`
 with processes, fork or spawn, persistent or not): its ``worker_init_fn`` marks the worker
 (:func:`mark_loader_worker`, with the worker's own token, so a process the worker forks is
@@ -111,7 +115,14 @@ class ControlBlock:
 
     def __setstate__(self, state: dict) -> None:
         # an older pickle without an owner: another process's block
-        self._own(state["tensor"], state.get("owner", b""))
+        owner, tensor = state.get("owner", b""), state["tensor"]
+        if owner == _TOKEN:
+            # a copy made in the owner's own process (copy.deepcopy, a pickle or torch.save
+            # round trip): a new dataset object, so a new block in shared memory holding the
+            # same values (the tensor received may be private memory; NOTE [forked children])
+            values = torch.as_tensor(tensor, dtype=torch.int64).tolist()
+            tensor, owner = torch.tensor(values, dtype=torch.int64).share_memory_(), None
+        self._own(tensor, owner)
 
     def _first_use(self) -> None:
         """The first use of a block in a process that did not make it (NOTE [forked

@@ -227,7 +227,7 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
     ) -> None:
         if split not in SPLITS:
             raise ValueError(
-                f"Split file not found: {Path(dataset_dir) / f'{split}_idx.pt'}. Valid splits "
+                f"Split file not found: {_shown_path(dataset_dir)}/{split}_idx.pt. Valid splits "
                 f"are: train, val, test (got split={split!r})"
             )
         self.split = split
@@ -239,7 +239,7 @@ class JASPERSteeringDataset(torch.utils.data.Dataset):
             storage_format=storage_format,
             convert_options={"allow_nonfinite": allow_nonfinite},
         )
-        self.dataset_dir = Path(dataset_dir)
+        self.dataset_dir = Path(os.fsdecode(dataset_dir))  # a path (resolve_dataset checked)
         self.store_path, self.storage_format = resolved.store, resolved.storage_format
         self._source_dir = resolved.source_dir  # the dataset directory it follows, if any
         self._store: Store | None = open_store(self.store_path, resolved.manifest)
@@ -1085,3 +1085,11 @@ def _read_config(store_path: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: should be a JSON object. Fix the file.")
     return config
+
+
+def _shown_path(value: object) -> str:
+    """A dataset path as given, for a message (bytes decoded; anything else as its repr)."""
+    try:
+        return os.fsdecode(value)  # type: ignore[arg-type]
+    except TypeError:
+        return repr(value)

@@ -128,6 +128,19 @@ _WRITE_ERRNOS = {
 }
 
 
+#: the fix for each errno of _WRITE_ERRNOS: a read-only or forbidden destination is not
+#: helped by freeing space, nor a full disk by permissions
+_WRITE_FIXES = {
+    errno.ENOSPC: "free space on that filesystem or choose a destination on another",
+    errno.EDQUOT: "free space within your quota or choose a destination on another filesystem",
+    errno.EROFS: "choose a destination on a writable filesystem (or remount it read-write)",
+    errno.EFBIG: "raise the file size limit (ulimit -f) or choose a filesystem that allows "
+    "larger files",
+    errno.EACCES: "choose a destination you may write (or ask for write permission there)",
+    errno.EPERM: "choose a destination you may write (or ask for write permission there)",
+}
+
+
 def write_error(target: object, e: OSError, what: str) -> OSError:
     """Turn an OSError met while writing ``target`` into a StoreWriteError with the fix.
 
@@ -137,8 +150,8 @@ def write_error(target: object, e: OSError, what: str) -> OSError:
         return e
     err = StoreWriteError(
         f"{target}: could not write {what}: {_WRITE_ERRNOS[e.errno]} ({e.strerror}). "
-        f"Nothing was published and the previous state is intact; free space or choose "
-        f"a writable destination, then run again."
+        f"Nothing was published and the previous state is intact; {_WRITE_FIXES[e.errno]}, "
+        f"then run again."
     )
     err.errno = e.errno  # (not strerror: OSError would then print only "[Errno N] strerror")
     return err

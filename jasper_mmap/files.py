@@ -28,9 +28,10 @@ import fcntl
 import json
 import os
 import stat
+from pathlib import Path
 from typing import IO, Any
 
-from .errors import StoreFormatError, StoreNotFoundError
+from .errors import JasperError, StoreFormatError, StoreNotFoundError
 
 __all__ = [
     "MAX_JSON_BYTES",
@@ -40,6 +41,7 @@ __all__ = [
     "file_kind",
     "describe_path",
     "json_depth",
+    "as_path",
 ]
 
 #: deepest nesting accepted in our JSON files (ours nest at most 5 levels)
@@ -198,3 +200,60 @@ def read_json(
             f"levels). {fix}"
         )
     return obj
+
+
+#: longest path the kernel takes (PATH_MAX), and the usual longest name (NAME_MAX)
+_PATH_MAX, _NAME_MAX = 4096, 255
+
+
+def as_path(value: Any, what: str, error: type[JasperError] = StoreNotFoundError) -> Path:
+    """``value`` (a ``str``, ``bytes`` or ``os.PathLike`` giving either) as an absolute
+    ``Path``, ``~`` expanded, or ``error`` (ours, also the builtin users catch) saying what is
+    wrong with it: not a path, empty (never the current directory), a NUL character, a
+    ``~user`` with no such user, a name or path past the kernel's limits. Bytes are decoded
+    with ``os.fsdecode`` (names that are not UTF-8 included). ``what`` names the argument in
+    the message ("the dataset directory")."""
+    fix = f"Pass {what} as a path (str or pathlib.Path)."
+    try:
+        raw = os.fspath(value)
+    except TypeError:  # not a path, or a PathLike whose __fspath__ returns something else
+        raise error(
+            f"{value!r:.80}: {what} should be a path (a str, bytes or os.PathLike), but is "
+            f"not a path. {fix}"
+        ) from None
+    if not isinstance(raw, str | bytes):
+        raise error(
+            f"{value!r:.80}: {what} should be a path, but its __fspath__ gives a "
+            f"{type(raw).__name__}. {fix}"
+        )
+    text = os.fsdecode(raw)
+    if text == "":
+        raise error(
+            f"{value!r:.80}: {what} should be a path, but is empty (an empty path is not "
+            f"the current directory). {fix}"
+        )
+    if "\0" in text:
+        raise error(f"{text!r:.200}: {what} holds a NUL character, which no path can. {fix}")
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError:  # "~nosuchuser/x"
+        user = text[1:].split(os.sep, 1)[0]
+        raise error(
+            f"{text}: {what} starts with ~{user}, but there is no user {user!r} to expand it "
+            f"to. Write the directory out in full."
+        ) from None
+    path = path.absolute()
+    encoded = os.fsencode(str(path))
+    if len(encoded) >= _PATH_MAX:
+        raise error(
+            f"{str(path)[:80]}...: {what} is {len(encoded)} bytes long, past the {_PATH_MAX} a "
+            f"path may have. Choose a shorter path."
+        )
+    for part in path.parts:
+        if len(os.fsencode(part)) > _NAME_MAX:
+            raise error(
+                f"{path}: {what} has a name of {len(os.fsencode(part))} bytes "
+                f"({part[:40]}...), past the {_NAME_MAX} a file name may have. Choose a "
+                f"shorter name."
+            )
+    return path

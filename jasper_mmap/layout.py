@@ -27,7 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._atomic import partial_name, settle_swapped_out, swapped_out, swapped_out_advice
+from ._atomic import (
+    moved_aside_advice,
+    partial_name,
+    settle_swapped_out,
+    swapped_out,
+    swapped_out_advice,
+)
 from .errors import JasperError, StoreFormatError, StoreNotFoundError, write_error
 from .files import read_json
 
@@ -187,12 +193,16 @@ def load_manifest(store_dir: Path) -> dict[str, Any]:
     if not store_dir.exists():
         _restore_swapped_out(store_dir)
     if not store_dir.exists():
-        left = swapped_out(Path(store_dir).expanduser().absolute().resolve())
+        real = Path(store_dir).expanduser().absolute().resolve()
+        left = swapped_out(real)
         if left:
             raise StoreNotFoundError(
                 f"{store_dir}: store directory does not exist: "
                 f"{swapped_out_advice(store_dir, *left[0])}"
             )
+        aside = moved_aside_advice(real)  # another namespace's, or a running (reused) PID's
+        if aside:
+            raise StoreNotFoundError(f"{store_dir}: store directory does not exist. {aside}")
         raise StoreNotFoundError(
             f"{store_dir}: store directory does not exist. Check the path, or create a store "
             f"there with `convert-pt SRC {store_dir}`."

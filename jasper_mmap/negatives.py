@@ -14,8 +14,11 @@ checks the store, so it writes into, and cleans up, only the store it opened; it
 older ``negatives/.publish.lock`` (older versions' publishers take only that one, so it is kept;
 opened non-blocking, and refused unless it is a regular file: a FIFO there must not hang the
 publish). Only names
-that generations really have (``gen-NNNNNN.json``, ``gen-NNNNNN[.ext]``) are read as
-generations; any other file in ``negatives/`` (``gen-000000 (copy).json``) is left alone.
+that generations really have (``gen-NNNNNN.json``, ``gen-NNNNNN.safetensors``, the zarr group
+``gen-NNNNNN``, with the number written exactly as ``generation_name`` writes it) are read as
+generations; any other file in ``negatives/`` (``gen-000000 (copy).json``, ``gen-0000001.json``,
+``gen-000001.txt``) is left alone. A publish whose next number would reach ``MAX_GENERATION``
+is refused before anything is written, naming the file(s) that took the number there.
 
 Readers never follow CURRENT on their own: ``reload_negatives()`` reads it and writes the
 generation number into the dataset's control block (NOTE [worker start-up] in dataset.py);
@@ -42,9 +45,11 @@ from typing import Any
 import numpy as np
 
 from ._atomic import (
+    close_lock_fd,
     fsync_dir,
     fsync_tree,
     held_flock,
+    open_lock_fd,
     partial_dir,
     remove_stale_partials,
     remove_stale_partials_in,
@@ -88,7 +93,16 @@ class _Rows:
             self.path, self.shape, self.kind = str(value.path), value.shape, value.np_dtype.kind
             self.read = lambda a, b: self._int64(self.art.read_rows(a, b), a)
         else:
-            arr = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+            try:  # a ragged list, or objects numpy cannot make an array of
+                arr = (
+                    value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+                )
+            except (ValueError, TypeError) as e:
+                raise ArtifactError(
+                    f"the {what} array: {what} should be an [N_pairs, n_neg] array of "
+                    f"integers, but it cannot be made into one ({e}). Nothing was published "
+                    f"and the old negatives stay in use; pass a tensor or a numpy array."
+                ) from None
             self.path, self.shape, self.kind = f"the {what} array", arr.shape, arr.dtype.kind
             self.read = lambda a, b: self._int64(np.asarray(arr[a:b]), a)
 
@@ -140,27 +154,56 @@ def _stream(rows: _Rows, writer, lo: int | None, hi: int | None, what: str) -> d
     return {"min": vmin, "max": vmax}
 
 
-#: what a generation's files are called: its description, its data file or zarr group
-_GEN_NAME = re.compile(r"gen-(\d{6,})(\.[a-z0-9]+)?")
+#: what a generation's files are called: its description, its safetensors file or its zarr
+#: group (no extension); a name is a generation's only when its stem is exactly
+#: ``generation_name(g)`` (``gen-0000001.json``, ``gen-000001.txt`` are not ours)
+_GEN_NAME = re.compile(r"gen-(\d{6,})(\.json|\.safetensors)?")
+
+
+def _generation_of(name: str) -> int | None:
+    """The generation ``name`` belongs to, or None when it is not one of our names."""
+    m = _GEN_NAME.fullmatch(name)
+    if m is None or generation_name(int(m.group(1))) != f"gen-{m.group(1)}":
+        return None  # leading zeros past six digits: another name for the same number
+    return int(m.group(1))
 
 
 def _generations(neg_dir: Path, suffix: str | None = ".json") -> dict[int, list[Path]]:
-    """The entries of ``neg_dir`` named as generation files are (``suffix=None``: any
-    extension, or none): generation -> paths. Other names are not ours to read or remove."""
+    """The entries of ``neg_dir`` named as generation files are (``suffix=None``: any of
+    their extensions, or none): generation -> paths. Other names are not ours to read or
+    remove; numbers from ``MAX_GENERATION`` on are never ours either (``_next_generation``
+    names them)."""
     found: dict[int, list[Path]] = {}
     with os.scandir(neg_dir) as it:
         for entry in it:
-            m = _GEN_NAME.fullmatch(entry.name)
-            if m and int(m.group(1)) >= MAX_GENERATION:
-                continue  # a stray name: following it would take the next number past int64
-            if m and (suffix is None or m.group(2) == suffix):
-                found.setdefault(int(m.group(1)), []).append(Path(entry.path))
+            g = _generation_of(entry.name)
+            if g is None or g >= MAX_GENERATION:
+                continue
+            if suffix is None or entry.name == f"{generation_name(g)}{suffix}":
+                found.setdefault(g, []).append(Path(entry.path))
     return found
 
 
 def _next_generation(neg_dir: Path) -> int:
-    """One past every generation number in use (a name taken by anything counts)."""
-    return max([read_pointer(neg_dir.parent)["generation"], *_generations(neg_dir, None)]) + 1
+    """One past every generation number in use (a name of ours taken by anything counts);
+    refused at ``MAX_GENERATION``, naming the files that took the number there."""
+    taken = _generations(neg_dir, None)
+    current = read_pointer(neg_dir.parent)["generation"]
+    g = max([current, *taken]) + 1
+    if g >= MAX_GENERATION:
+        top = max(taken, default=-1)
+        names = (
+            ", ".join(str(p) for p in sorted(taken[top]))
+            if top >= current
+            else f"{neg_dir / POINTER} (generation {current})"
+        )
+        raise StoreExistsError(
+            f"{neg_dir}: the next negatives generation would be {g}, past the last one allowed "
+            f"({MAX_GENERATION - 1}), because of {names}. Nothing was published and the old "
+            f"negatives stay in use; move the stray file(s) out of {neg_dir} (or, when the "
+            f"live generation is that high, convert the store again), then publish again."
+        )
+    return g
 
 
 def _collect(neg_dir: Path, current: int, keep: int) -> list[int]:
@@ -169,7 +212,7 @@ def _collect(neg_dir: Path, current: int, keep: int) -> list[int]:
     removed = []
     data = _generations(neg_dir, None)
     metas = _generations(neg_dir).items()
-    for g, (meta,) in sorted((g, m) for g, m in metas if not m[0].is_symlink()):
+    for g, (meta,) in sorted((g, m) for g, m in metas if not m[0].is_symlink()):  # one each
         if g > current - keep:
             continue
         try:  # a FIFO swapped in after the listing must not hang the publisher
@@ -230,6 +273,9 @@ def publish_negatives(
             ambiguous dataset directory (see ``storage_format``). Nothing is published and
             the old generation stays in use. (Tiers outside 1..4 are published with a
             warning: the in-RAM dataset passed tiers through.)
+        StoreExistsError: the next generation number would reach ``MAX_GENERATION`` (a
+            stray ``gen-NNNNNN`` file of a huge number, named in the message), or the publish
+            lock is not a regular file. Nothing is published.
         StoreWriteError: the disk is full, the filesystem read-only, permission denied.
             Nothing is published; leftovers are removed now or by the next publish.
     """
@@ -285,7 +331,7 @@ def _open_publish_lock(neg_dir: Path, store: Path) -> int:
     fix = "Move it away, then publish again (publishers create their own there)."
     flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(path, flags, 0o644)
+        fd = open_lock_fd(path, flags)  # registered at once: never kept by a fork child
     except OSError as e:
         if e.errno not in (errno.ENXIO, errno.ELOOP, errno.EISDIR):
             raise
@@ -298,7 +344,7 @@ def _open_publish_lock(neg_dir: Path, store: Path) -> int:
         ) from None
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
-        os.close(fd)
+        close_lock_fd(fd)
         raise StoreExistsError(
             f"{path}: the publish lock of store {store} is {file_kind(mode)}, not a regular "
             f"file. {fix}"

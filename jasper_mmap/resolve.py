@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ._atomic import lock_holder, store_lock, swapped_out
+from ._atomic import lock_holder, moved_aside, store_lock
 from .converters.sources import STORAGE_FORMATS, detect_storage_format
 from .errors import (
     ArtifactError,
@@ -39,7 +39,7 @@ from .errors import (
     StoreStaleError,
     StoreWriteError,
 )
-from .files import describe_path, read_json
+from .files import as_path, describe_path, read_json
 from .fingerprints import H5_FILE, NEGATIVE_FILES, changed, dataset_file_names, fingerprint
 from .layout import CONFIG, MANIFEST, NEGATIVES_DIR, load_manifest, read_manifest, read_pointer
 from .schema import source_findings
@@ -280,7 +280,7 @@ def _store_location(src: Path, cache_dir: str | Path | None, fmt: str = "pt") ->
         # store (stores cached under an older key, the path as given, are converted once again)
         real = src.resolve()
         tag = hashlib.blake2b(str(real).encode(), digest_size=6).hexdigest()
-        return Path(cache_dir).expanduser().absolute() / f"{real.name}-{tag}{suffix}"
+        return as_path(cache_dir, "cache_dir") / f"{real.name}-{tag}{suffix}"
     beside = src / f"{STORE_DIRNAME}{suffix}"
     if os.access(src, os.W_OK):
         return beside
@@ -401,14 +401,8 @@ def resolve_dataset(
         StoreStaleError: a store whose source files changed since conversion.
         ValueError: an unknown ``storage_format``, or h5py missing for ``"hdf5"``.
     """
-    if not isinstance(dataset_dir, str | os.PathLike) or os.fspath(dataset_dir) == "":
-        raise StoreNotFoundError(
-            f"Dataset directory not found: {dataset_dir!r:.80} is not a path (an empty path is "
-            f"not the current directory). Pass a store made by convert-pt or a dataset "
-            f"directory of .pt files or dataset.h5."
-        )
-    src = Path(dataset_dir).expanduser().absolute()
-    if not os.path.lexists(src) and swapped_out(src.resolve()):
+    src = as_path(dataset_dir, "the dataset directory (a store, or a directory of .pt files)")
+    if not os.path.lexists(src) and moved_aside(src.resolve()):
         load_manifest(src)  # restores it (NOTE [a killed replacement]) or names where it is
     if not src.is_dir():
         what = "is not a directory" if src.exists() else describe_path(src)

@@ -18,6 +18,7 @@ no recorded warning reports (a negatives generation published later, say).
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ import numpy as np
 from ._dtypes import entry_nbytes, numpy_dtype, to_float32
 from .converters.checks import Notices, SplitCheck, Stats, check_block, check_steering
 from .errors import ConfigError, JasperError
-from .files import open_regular, read_json
+from .files import as_path, open_regular, read_json
 from .integrity import store_problems
 from .layout import CONFIG, load_manifest
 from .schema import store_fix
@@ -181,9 +182,16 @@ def _config_problems(store_dir: Path) -> list[str]:
 def verify_store(path: str | Path, progress: bool | None = None) -> VerifyReport:
     """Check the store at ``path`` (see the module docstring). Never raises for a problem of
     the store, however damaged: every problem goes into the report."""
-    report = VerifyReport(Path(path))
     try:
-        manifest = load_manifest(Path(path))
+        path = as_path(path, "the store's path")
+    except JasperError as e:  # never raises for a problem: a path that cannot be one is one
+        report = VerifyReport(Path(_shown(path)))
+        report.problems.append(str(e))
+        report.data_read = False
+        return report
+    report = VerifyReport(path)
+    try:
+        manifest = load_manifest(path)
     except JasperError as e:
         report.problems.append(str(e))
         report.data_read = False
@@ -238,6 +246,14 @@ def _check_arrays(store: Store, names: list[str], report: VerifyReport, progress
                     f"{e}). This is unexpected; please report it with this message."
                 )
             report.checked.append(name)
+
+
+def _shown(path: Any) -> str:
+    """``path`` as text for a report, whatever it is."""
+    try:
+        return os.fsdecode(path)
+    except TypeError:
+        return repr(path)
 
 
 def store_info(path: str | Path) -> dict[str, Any]:

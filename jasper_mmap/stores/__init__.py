@@ -7,6 +7,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from ..files import as_path
 from ..integrity import raise_problems, store_problems
 from ..layout import load_manifest
 from .base import NEGATIVE_ARRAYS, Store, StoreWriter
@@ -56,7 +57,7 @@ def open_store(path: str | Path, manifest: dict[str, Any] | None = None) -> Stor
             backend, or malformed.
         StoreCorruptError: a data file disagrees with the manifest (size, header, metadata).
     """
-    path = Path(path)
+    path = as_path(path, "the store's path")
     if manifest is None:
         manifest = load_manifest(path)
     verified: dict[int, dict[str, Any]] = {}
