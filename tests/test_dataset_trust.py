@@ -184,6 +184,7 @@ print("parent epoch:", ds.epoch)
 """
 
 
+@pytest.mark.slow
 def test_a_forked_child_has_its_own_control_block_and_never_hangs(tmp_path):
     # rows large enough that a batch gathers with torch.index_select on the intra-op threads
     src = make_pt_dataset(tmp_path / "ds", SyntheticSpec(n_pairs=2000, dim=64))
@@ -264,6 +265,7 @@ print("survived")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("small", [32 << 20, 0], ids=["copied", "copy-on-write"])
 def test_data_assignment_then_optimizer_step_never_kills_the_process(store_path, small):
     """Before: ``layer.weight.data = ds.centroid_embs`` then ``optimizer.step()`` was a

@@ -237,6 +237,7 @@ def _publisher(store: str, first: int, count: int, done) -> None:
     done.set()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("store", ["safetensors"], indirect=True)
 @pytest.mark.parametrize(
     "workers,persistent,mode",

@@ -130,6 +130,7 @@ def test_the_same_store_with_its_manifest_rewritten_still_opens_in_a_worker(stor
     assert _same(pickle.loads(blob).get_batch(IDX), before)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_store_without_a_token_falls_back_to_the_manifest_file(
     pt_dataset, other_dataset, tmp_path, backend

@@ -354,6 +354,7 @@ def _linked_copy(src: Path, dst: Path) -> Path:
     return shutil.copytree(src, dst, copy_function=os.link)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["safetensors", "zarr"])
 @settings(
     max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -371,6 +372,7 @@ def test_manifest_mutations_give_our_error_or_the_same_data(fuzz_stores, backend
         _check_outcome(store, fuzz_stores[backend], f"{target}: {what}")
 
 
+@pytest.mark.slow
 @settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

@@ -86,6 +86,7 @@ def _race(src: Path, store: Path, seconds: float) -> list[str]:
     return outs
 
 
+@pytest.mark.slow
 def test_overwrite_racing_publish_never_breaks_the_store(tmp_path, pt_dataset):
     """convert-pt --overwrite in one process, publish_negatives in another, for a few seconds:
     no raw exception, every publish either lands in the store it opened or fails with one of
@@ -353,6 +354,7 @@ def test_changed_n_neg_says_which_config_key_to_edit(src):
     assert JASPERSteeringDataset(src, "train").n_neg == 4
 
 
+@pytest.mark.slow
 def test_reload_from_two_threads_during_publishes_never_fails(tmp_path, pt_dataset):
     """Generations published (and old ones collected) by another process while two threads
     reload: every reload serves a live generation; none raises "call reload_negatives()"."""
