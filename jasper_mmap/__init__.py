@@ -13,20 +13,20 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from jasper_mmap._version import __version__  # noqa: E402
 
-from . import errors  # noqa: E402
-from .layout import FORMAT_NAME, FORMAT_VERSION  # noqa: E402
-from .stores import Store, open_store  # noqa: E402
+#
+from jasper_mmap.format.spec import FORMAT_NAME, FORMAT_VERSION  # noqa: E402
+from jasper_mmap.stores import Store, open_store  # noqa: E402
 
 _LAZY = {
-    "JASPERSteeringDataset": "dataset",
-    "BATCH_KEYS": "dataset",
-    "create_loader": "loader",
-    "set_epoch": "loader",
-    "validate_first_batch": "loader",
+    "JASPERSteeringDataset": "dataset.dataset",
+    "BATCH_KEYS": "dataset.batches",
+    "create_loader": "loading.loader",
+    "set_epoch": "loading.loader",
+    "validate_first_batch": "loading.loader",
     "VARIANTS": "steering",
-    "publish_negatives": "negatives",
+    "publish_negatives": "dataset.publish",
 }
 
 __all__ = [

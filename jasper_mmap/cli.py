@@ -8,9 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import JasperError
-from .files import as_path, describe_path
-from .layout import CONFIG, MANIFEST
+from jasper_mmap._fs.files import as_path, describe_path
+from jasper_mmap.errors import JasperError
+from jasper_mmap.format.spec import CONFIG, MANIFEST
 
 __all__ = ["main", "EXIT_BROKEN_PIPE"]
 
@@ -22,7 +22,7 @@ EXIT_BROKEN_PIPE = 141
 def _dataset_stores(src: Path) -> list[Path]:
     """The stores of dataset directory ``src`` that opening it made (beside it, or in the
     cache for a read-only directory), for its ``.pt`` files or its ``dataset.h5``."""
-    from .resolve import STORE_DIRNAME, _store_location
+    from jasper_mmap.dataset.resolve import STORE_DIRNAME, _store_location
 
     src = src.expanduser().absolute()
     cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "jasper_mmap"
@@ -109,7 +109,7 @@ def _not_a_store_why(p: Path, command: str) -> str | None:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .verify import store_info
+    from jasper_mmap.stores.verify import store_info
 
     info = store_info(args.store)
     if args.json:
@@ -138,7 +138,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .verify import verify_store
+    from jasper_mmap.stores.verify import verify_store
 
     report = verify_store(args.store, progress=False if args.quiet else None)
     print(report)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
+from jasper_mmap.errors import ConfigError
 
 __all__ = [
     "VARIANTS",

@@ -52,7 +52,10 @@ def main() -> int:
             ds.__getitems__(b)
         rates.append(len(batches) * 128 / (time.perf_counter() - t))
     opens, full = [], []
-    checked = getattr(getattr(jasper_mmap, "integrity", None), "_CHECKED", None)
+    integrity = sys.modules.get("jasper_mmap.format.integrity") or sys.modules.get(
+        "jasper_mmap.integrity"
+    )  # before and after the layout move (issue 25)
+    checked = getattr(integrity, "_CHECKED", None)
     for _ in range(args.opens):
         t = time.perf_counter()
         JASPERSteeringDataset(args.store, "train")

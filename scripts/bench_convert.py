@@ -132,7 +132,7 @@ def ensure_dataset(workdir: Path, n_pairs: int, code: Path) -> Path:
         cfg_path.unlink()  # config.json is written last: its presence marks a complete dataset
     t0 = time.perf_counter()
     if n_pairs > STREAMING_FROM:  # too large to build in RAM: the block-by-block generator
-        from jasper_mmap.synthetic_store import make_pt_dir
+        from jasper_mmap.synthetic.large import make_pt_dir
 
         make_pt_dir(
             src, n_pairs, dim=DIM, n_neg=N_NEG, n_clusters=N_CLUSTERS, n_keywords=N_KEYWORDS
@@ -309,8 +309,6 @@ def snapshot_code(workdir: Path) -> Path:
     shutil.rmtree(dst, ignore_errors=True)
     ignore = shutil.ignore_patterns("__pycache__")
     shutil.copytree(REPO / "jasper_mmap", dst / "jasper_mmap", ignore=ignore)
-    # installed as jasper_mmap.converters (pyproject's package-dir mapping)
-    shutil.copytree(REPO / "converters", dst / "jasper_mmap" / "converters", ignore=ignore)
     return dst
 
 

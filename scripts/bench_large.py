@@ -48,8 +48,8 @@ from pathlib import Path
 import numpy as np
 
 from jasper_mmap import JASPERSteeringDataset, create_loader, open_store
+from jasper_mmap.format.safetensors_header import read_header
 from jasper_mmap.steering import draw_variants
-from jasper_mmap.stores.safetensors_store import read_header
 
 B = 128
 STEER = {1: "steering_centroid", 2: "steering_keyword_weighted", 3: "steering_residual"}
@@ -68,7 +68,7 @@ def status_kb(pid: int, key: str) -> int:
 
 def make(store: Path, gb: float) -> None:
     code = (
-        "import sys, resource; from jasper_mmap.synthetic_store import make_store, pairs_for_bytes; "
+        "import sys, resource; from jasper_mmap.synthetic.large import make_store, pairs_for_bytes; "
         "make_store(sys.argv[1], pairs_for_bytes(float(sys.argv[2]) * 1e9), sparse_train=True); "
         "print(f'peak RSS of the generator: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB')"
     )

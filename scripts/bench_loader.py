@@ -133,7 +133,7 @@ def open_time_ms(store: Path, repeats: int = 20, full: bool = False) -> float:
     found sound is only stat-ed at open (NOTE [checked stores] in jasper_mmap/integrity.py);
     ``full`` forgets that before each open, so every open checks the store in full, as the
     first open of a process does."""
-    from jasper_mmap import integrity
+    from jasper_mmap.format import integrity
 
     times = []
     for _ in range(repeats):

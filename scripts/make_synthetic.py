@@ -19,10 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-from jasper_mmap._atomic import publishing
 from jasper_mmap.errors import JasperError
+from jasper_mmap.format.store_dirs import publishing
 from jasper_mmap.synthetic import SyntheticSpec, make_pt_dataset
-from jasper_mmap.synthetic_store import (
+from jasper_mmap.synthetic.large import (
     is_synthetic_pt_dir,
     make_pt_dir,
     make_store,

@@ -17,7 +17,7 @@ import pytest
 from jasper_mmap import JASPERSteeringDataset, open_store, publish_negatives
 from jasper_mmap.converters import convert_pt
 from jasper_mmap.errors import JasperError, StoreExistsError
-from jasper_mmap.layout import MAX_GENERATION
+from jasper_mmap.format.spec import MAX_GENERATION
 
 
 def _run(tmp_path, script: str, *args: str, timeout: int = 180) -> str:
@@ -40,7 +40,7 @@ _COPY_SCRIPT = r"""
 import copy, io, pickle, sys
 import torch
 from jasper_mmap import JASPERSteeringDataset
-from jasper_mmap.loader import JasperLoader, collate_batch
+from jasper_mmap.loading.loader import JasperLoader, collate_batch
 
 def variants(ds, workers, ctx):
     ld = JasperLoader(ds, worker_mode="process", batch_size=16, shuffle=False,
@@ -136,7 +136,7 @@ def test_a_generation_name_with_extra_leading_zeros_is_not_ours(store):
 
 _FORK_LOCK_SCRIPT = r"""
 import os, sys, threading, time
-import jasper_mmap._atomic as A
+import jasper_mmap._fs.lock as A
 
 store = sys.argv[1]
 lock = str(A.lock_path_of(store))
@@ -219,7 +219,7 @@ def _dead_pid() -> int:
 
 
 def test_a_conversion_never_resurrects_a_moved_aside_store(store, pt_dataset):
-    from jasper_mmap._atomic import HOST_TAG
+    from jasper_mmap._fs.partials import HOST_TAG
 
     old = _move_aside(store, _dead_pid(), HOST_TAG)  # killed between the two renames
     with pytest.raises(StoreExistsError, match="moved aside") as e:
@@ -232,7 +232,8 @@ def test_a_conversion_never_resurrects_a_moved_aside_store(store, pt_dataset):
 
 @pytest.mark.parametrize("why", ["another namespace", "a running pid"])
 def test_a_moved_aside_store_of_an_unknown_writer_is_named(store, why, caplog):
-    from jasper_mmap._atomic import HOST_TAG, warn_stale_partials
+    from jasper_mmap._fs.partials import HOST_TAG
+    from jasper_mmap.format.store_dirs import warn_stale_partials
 
     pid, tag = (2, "0123abcd") if why == "another namespace" else (os.getppid(), HOST_TAG)
     old = _move_aside(store, pid, tag)
@@ -276,7 +277,7 @@ _ODD_PATHS = {
 def test_an_odd_path_gets_our_error_everywhere(case, pt_dataset, tmp_path, capsys):
     from jasper_mmap.cli import main as cli_main
     from jasper_mmap.converters.cli import main as convert_main
-    from jasper_mmap.verify import store_info, verify_store
+    from jasper_mmap.stores.verify import store_info, verify_store
 
     value, said = _ODD_PATHS[case]
     negs = np.zeros((3, 2), dtype=np.int64)
@@ -304,7 +305,7 @@ def test_an_odd_path_gets_our_error_everywhere(case, pt_dataset, tmp_path, capsy
 
 
 def test_a_bytes_path_is_a_path(store_path, tmp_path, pt_dataset):
-    from jasper_mmap.verify import store_info, verify_store
+    from jasper_mmap.stores.verify import store_info, verify_store
 
     for value in (os.fsencode(store_path), _BytesPath(os.fsencode(store_path))):
         assert len(JASPERSteeringDataset(value, "train")) > 0

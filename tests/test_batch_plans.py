@@ -1,4 +1,4 @@
-"""Batch plans (NOTE [batch plans] in dataset.py): the bookkeeping of several batches done at
+"""Batch plans (NOTE [batch plans] in jasper_mmap/dataset/batches.py): the bookkeeping of several batches done at
 once gives the bytes of ``get_batch`` of each batch's indices at the moment it is served,
 also after ``set_epoch``, ``force_steering``, assigned probabilities or ``reload_negatives``
 between the plan and the batch; a subclass's own batches, a preloaded dataset and a bad index
@@ -17,8 +17,9 @@ from test_negatives import table
 from jasper_mmap import JASPERSteeringDataset, create_loader, publish_negatives
 from jasper_mmap.converters import convert_pt
 from jasper_mmap.errors import SampleIndexError
-from jasper_mmap.loader import JasperLoader, collate_batch
-from jasper_mmap.threaded import PLAN_BATCHES, GatherTuner
+from jasper_mmap.loading.loader import JasperLoader, collate_batch
+from jasper_mmap.loading.threads import PLAN_BATCHES
+from jasper_mmap.loading.tuner import GatherTuner
 
 # batches of uneven sizes, in no order, a repeated row, one of a single sample
 BATCHES = [[5, 1, 9, 1], list(range(20, 37)), [0], np.array([70, 3, 44, 12, 95]), [95] * 3]

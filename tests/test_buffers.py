@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from jasper_mmap import JASPERSteeringDataset, create_loader
-from jasper_mmap.buffers import BufferPool
+from jasper_mmap.dataset.outputs import BufferPool
 
 KEYS = ("question_emb", "target_source_emb", "steering", "negative_embs", "negative_tiers")
 

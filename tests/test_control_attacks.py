@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from jasper_mmap import JASPERSteeringDataset, create_loader, validate_first_batch
 from jasper_mmap.errors import ConfigError, JasperError, SampleIndexError, SampleIndexTypeError
-from jasper_mmap.loader import BatchValidationError
+from jasper_mmap.loading.loader import BatchValidationError
 
 
 @pytest.fixture(scope="module")

@@ -25,10 +25,7 @@ from jasper_mmap.errors import (
     SampleIndexError,
     StoreNotFoundError,
 )
-from jasper_mmap.loader import (
-    BatchValidationError,
-    first_batch_summary,
-)
+from jasper_mmap.loading.loader import BatchValidationError, first_batch_summary
 from jasper_mmap.steering import SteeringSchedule, draw_variants
 from jasper_mmap.synthetic import SyntheticSpec, make_pt_dataset
 
@@ -254,7 +251,7 @@ def _numpy_draw(_):
 
 def test_workers_get_distinct_numpy_seeds(pt_dataset):
     loader = create_loader(pt_dataset, "train", batch_size=1, num_workers=2, shuffle=False)
-    from jasper_mmap.loader import seed_worker
+    from jasper_mmap.loading.loader import seed_worker
 
     seeded = DataLoader(
         range(4),
@@ -329,7 +326,7 @@ def test_validate_first_batch_names_key_and_rows(pt_dataset):
 
 @pytest.mark.parametrize("advice", ["random", "normal"])
 def test_read_ahead_advice_and_prefetch_do_not_change_batches(src, tmp_path, monkeypatch, advice):
-    from jasper_mmap.stores.safetensors_store import choose_advice
+    from jasper_mmap.stores.readahead import choose_advice
 
     monkeypatch.setenv("JASPER_MMAP_MADVISE", advice)
     assert choose_advice(10**15) == advice
@@ -372,7 +369,7 @@ def test_batch_prefetch_advises_pages_inside_the_maps(src, monkeypatch):
     """NOTE [batch prefetch]: every MADV_WILLNEED lands on mapped pages (madvise returns 0)."""
     import ctypes
 
-    from jasper_mmap.stores import safetensors_store
+    from jasper_mmap.stores import readahead as safetensors_store
 
     if safetensors_store._MADVISE is None:
         pytest.skip("no libc madvise here")
@@ -394,7 +391,7 @@ def test_batch_prefetch_advises_pages_inside_the_maps(src, monkeypatch):
 
 
 def _madvise_recorder(monkeypatch):
-    from jasper_mmap.stores import safetensors_store
+    from jasper_mmap.stores import readahead as safetensors_store
 
     calls: list[tuple[int, int]] = []
     monkeypatch.setenv("JASPER_MMAP_MADVISE", "random")  # as for a store larger than RAM/2
@@ -407,7 +404,7 @@ def _madvise_recorder(monkeypatch):
 def _in(calls, store, name: str) -> list[tuple[int, int]]:
     """The calls that start inside array ``name``'s bytes of its map, or in the aligned window
     before them that holds its first row (never before the map: another map may lie there)."""
-    from jasper_mmap.stores.safetensors_store import DENSE_WINDOW, _address
+    from jasper_mmap.stores.readahead import DENSE_WINDOW, _address
 
     arr = store.raw(name)
     lo = arr.__array_interface__["data"][0]
@@ -421,8 +418,7 @@ def test_dense_arrays_are_prefetched_in_windows_once_and_sparse_ones_by_page(src
     per process; the steering tables page by page at every batch; batches are unchanged."""
     import mmap
 
-    from jasper_mmap.dataset import dense_arrays
-    from jasper_mmap.stores.safetensors_store import DENSE_WINDOW
+    from jasper_mmap.stores.readahead import DENSE_WINDOW, dense_arrays
 
     calls = _madvise_recorder(monkeypatch)
     ds = JASPERSteeringDataset(src, "train", epoch=2)
@@ -455,9 +451,9 @@ def test_dense_arrays_are_prefetched_in_windows_once_and_sparse_ones_by_page(src
 def test_dense_windows_can_be_turned_off_and_respect_half_of_ram(src, monkeypatch):
     import os
 
-    from jasper_mmap import dataset as dataset_module
-    from jasper_mmap._dtypes import entry_nbytes
-    from jasper_mmap.dataset import dense_arrays
+    from jasper_mmap.format.dtypes import entry_nbytes
+    from jasper_mmap.stores import readahead as dataset_module
+    from jasper_mmap.stores.readahead import dense_arrays
 
     _madvise_recorder(monkeypatch)
     ds = JASPERSteeringDataset(src, "train")
@@ -516,7 +512,7 @@ def test_prefetch_advises_the_batchs_generation_not_the_one_served_meanwhile(
 
 def _map_range(store, generation: int) -> tuple[int, int]:
     """Addresses of the map holding generation ``generation``'s hard_negatives."""
-    from jasper_mmap.stores.safetensors_store import _address
+    from jasper_mmap.stores.readahead import _address
 
     store.raw("hard_negatives", generation)
     m = store._handles["__files__"][store.entry("hard_negatives", generation)["file"]].map

@@ -14,7 +14,7 @@ import torch
 
 from jasper_mmap import JASPERSteeringDataset, create_loader, validate_first_batch
 from jasper_mmap.errors import JasperError, SampleIndexTypeError
-from jasper_mmap.loader import BatchValidationError
+from jasper_mmap.loading.loader import BatchValidationError
 from jasper_mmap.synthetic import SyntheticSpec, make_pt_dataset
 
 
@@ -234,7 +234,7 @@ def test_a_forked_childs_set_epoch_and_force_steering_stay_in_the_child(pt_datas
 _DATA_SCRIPT = r"""
 import hashlib, pathlib, sys
 import torch
-import jasper_mmap.tables as tables
+import jasper_mmap.dataset.tables as tables
 from jasper_mmap import JASPERSteeringDataset
 
 store, small = pathlib.Path(sys.argv[1]), int(sys.argv[2])
@@ -283,7 +283,7 @@ def test_data_assignment_then_optimizer_step_never_kills_the_process(store_path,
 @pytest.fixture
 def cow(monkeypatch):
     """Every table of a safetensors store a copy-on-write map (the path of large tables)."""
-    import jasper_mmap.tables as tables
+    import jasper_mmap.dataset.tables as tables
 
     monkeypatch.setattr(tables, "SMALL_TABLE_BYTES", 0)
 
@@ -291,8 +291,8 @@ def cow(monkeypatch):
 def test_copy_on_write_tables_are_bit_identical_and_still_refuse_writes(pt_dataset, cow):
     from test_tables_readonly import WRITES
 
+    from jasper_mmap.dataset.tables import TABLES
     from jasper_mmap.errors import TableReadOnlyError
-    from jasper_mmap.tables import TABLES
 
     with JASPERSteeringDataset(pt_dataset, "train") as d:
         copied = {}
@@ -323,7 +323,7 @@ def test_small_tables_are_copies_counted_in_memory_usage(pt_dataset):
 def test_a_refused_copy_on_write_map_is_a_memory_error_naming_the_fix(pt_dataset, cow, monkeypatch):
     import errno
 
-    import jasper_mmap.tables as tables
+    import jasper_mmap.dataset.tables as tables
     from jasper_mmap.errors import TableMemoryError
 
     def refused(*a, **k):

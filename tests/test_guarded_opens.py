@@ -1,5 +1,5 @@
 """Files a user or another process controls are opened without blocking and parsed with
-bounded nesting (NOTE [regular files only] in files.py): the call sites issue 24 left
+bounded nesting (NOTE [regular files only] in jasper_mmap/_fs/files.py): the call sites issue 24 left
 unguarded. A hang is tested in a subprocess with a timeout."""
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from jasper_mmap import open_store, publish_negatives
-from jasper_mmap._atomic import _say_holder, is_store, lock_holder
+from jasper_mmap._fs.lock import _say_holder, lock_holder
 from jasper_mmap.converters import convert_pt
 from jasper_mmap.errors import StoreReplacedError
+from jasper_mmap.format.store_dirs import is_store
 
 PIPES = {"capture_output": True, "text": True}
 DEEP = "[" * 5000 + "]" * 5000  # parses only with recursion (RecursionError in json)
@@ -44,7 +45,7 @@ def test_a_fifo_manifest_at_the_destination_never_hangs_convert_pt(tmp_path, pt_
     os.mkfifo(dst / "manifest.json")
     code = (
         "import sys; from jasper_mmap.converters import convert_pt\n"
-        "from jasper_mmap._atomic import is_store\n"
+        "from jasper_mmap.format.store_dirs import is_store\n"
         "print(is_store(sys.argv[2]))\n"
         "try:\n"
         "    convert_pt(sys.argv[1], sys.argv[2], overwrite=True, progress=False)\n"
@@ -178,7 +179,7 @@ def test_fsync_tree_skips_a_fifo(tmp_path):
 def test_a_large_table_maps_the_store_opened_not_the_one_now_at_the_path(
     tmp_path, pt_dataset, monkeypatch
 ):
-    from jasper_mmap import tables
+    from jasper_mmap.dataset import tables
 
     store = convert_pt(pt_dataset, tmp_path / "store", progress=False)
     s = open_store(store)
@@ -194,7 +195,7 @@ def test_a_large_table_maps_the_store_opened_not_the_one_now_at_the_path(
 def test_a_table_file_replaced_under_the_opened_store_is_a_replaced_store(
     tmp_path, pt_dataset, monkeypatch
 ):
-    from jasper_mmap import tables
+    from jasper_mmap.dataset import tables
 
     store = convert_pt(pt_dataset, tmp_path / "store", progress=False)
     s = open_store(store)
@@ -211,7 +212,7 @@ def test_a_table_file_replaced_under_the_opened_store_is_a_replaced_store(
 
 
 def test_the_generation_fix_of_a_replaced_store_is_only_to_open_it_again(tmp_path, pt_dataset):
-    from jasper_mmap.integrity import _generation_fix
+    from jasper_mmap.format.integrity import _generation_fix
 
     store = convert_pt(pt_dataset, tmp_path / "store", progress=False)
     manifest = json.loads((store / "manifest.json").read_text())

@@ -20,16 +20,6 @@ import numpy as np
 import pytest
 import torch
 
-from jasper_mmap.converters import h5_source
-from jasper_mmap.converters.h5_source import (
-    H5_PATHS,
-    KEYWORDS_PATH,
-    H5Array,
-    iter_h5_keyword_rows,
-    open_h5_source,
-)
-from jasper_mmap.converters.h5_writer import convert_pt_to_hdf5
-from jasper_mmap.converters.pt_reader import TensorArtifact, open_tensor
 from jasper_mmap.errors import (
     ArtifactError,
     ArtifactMissingError,
@@ -37,6 +27,12 @@ from jasper_mmap.errors import (
     SampleIndexError,
     StoreExistsError,
 )
+from jasper_mmap.sources.hdf5 import keywords as h5_keywords
+from jasper_mmap.sources.hdf5 import reader as h5_source
+from jasper_mmap.sources.hdf5.layout import H5_PATHS, KEYWORDS_PATH
+from jasper_mmap.sources.hdf5.reader import H5Array, iter_h5_keyword_rows, open_h5_source
+from jasper_mmap.sources.hdf5.writer import convert_pt_to_hdf5
+from jasper_mmap.sources.pt.reader import TensorArtifact, open_tensor
 from jasper_mmap.synthetic import SyntheticSpec, make_pt_dataset
 
 #: upstream's reader (jasper_steering_dataset.py, _HDF5_PATH_MAP and _load_embeddings_hdf5)
@@ -310,7 +306,7 @@ def test_keyword_pass_with_a_userblock_and_cache_evictions(pt_dir, kw_lists, tmp
     with h5py.File(ref, "r") as a, h5py.File(d / "dataset.h5", "a") as b:
         for g in a:
             a.copy(a[g], b, g)
-    monkeypatch.setattr(h5_source, "_EVICT_EVERY", 16)
+    monkeypatch.setattr(h5_keywords, "_EVICT_EVERY", 16)
     with open_h5_source(d) as src:
         assert keyword_lists(src) == kw_lists
         cfg = src._file.id.get_mdc_config()
@@ -319,7 +315,7 @@ def test_keyword_pass_with_a_userblock_and_cache_evictions(pt_dir, kw_lists, tmp
 
 def test_keyword_pass_in_a_thread_beside_array_reads(h5_dir, pt_dir, kw_lists, monkeypatch):
     """As the converter runs it: keywords decoded in a thread while tables stream."""
-    monkeypatch.setattr(h5_source, "_EVICT_EVERY", 8)
+    monkeypatch.setattr(h5_keywords, "_EVICT_EVERY", 8)
     want = {n: open_tensor(pt_dir / f"{n}.pt") for n in H5_PATHS}
     with open_h5_source(h5_dir) as src, ThreadPoolExecutor(1) as pool:
         for _ in range(3):
@@ -543,7 +539,7 @@ def _copy(pt_dir: Path, tmp_path: Path) -> Path:
 
 def test_writer_logs_each_array_and_returns_the_path(pt_dir, tmp_path, caplog):
     d = _copy(pt_dir, tmp_path)
-    caplog.set_level(logging.INFO, logger="jasper_mmap.converters.h5_writer")
+    caplog.set_level(logging.INFO, logger="jasper_mmap.sources.hdf5.writer")
     assert convert_pt_to_hdf5(str(d)) == d / "dataset.h5"
     wrote = [r.getMessage() for r in caplog.records if "dataset.h5: wrote" in r.getMessage()]
     assert len(wrote) == len(H5_PATHS) + 1  # every tensor and the keyword group
@@ -594,7 +590,7 @@ def test_full_disk_is_a_store_write_error_and_keeps_the_old_file(pt_dir, tmp_pat
     limits = [full * k // 12 for k in range(1, 12)]
     code = (
         "import resource, signal, sys\n"
-        "from jasper_mmap.converters.h5_writer import convert_pt_to_hdf5\n"
+        "from jasper_mmap.sources.hdf5.writer import convert_pt_to_hdf5\n"
         "from jasper_mmap.errors import StoreWriteError\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         f"for limit in {limits}:\n"
@@ -706,8 +702,8 @@ def test_import_error_without_h5py(h5_dir):
     """Both entry points say how to install h5py when it cannot be imported."""
     code = (
         "import sys; sys.modules['h5py'] = None\n"
-        "from jasper_mmap.converters.h5_writer import convert_pt_to_hdf5\n"
-        "from jasper_mmap.converters.h5_source import open_h5_source\n"
+        "from jasper_mmap.sources.hdf5.writer import convert_pt_to_hdf5\n"
+        "from jasper_mmap.sources.hdf5.reader import open_h5_source\n"
         "for fn in (convert_pt_to_hdf5, open_h5_source):\n"
         "    try:\n"
         f"        fn({str(h5_dir)!r})\n"

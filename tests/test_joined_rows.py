@@ -1,4 +1,4 @@
-"""Joined rows (NOTE [joined rows] in dataset.py): where the store keeps the question and source
+"""Joined rows (NOTE [joined rows] in jasper_mmap/dataset/batches.py): where the store keeps the question and source
 rows back to back in one file, and the three steering tables too, a batch reads its embedding
 rows with two gathers into one block. The bytes are those of one gather per array, for every
 variant, in the loop's thread (torch) and in a gather thread (numpy); a kept output is never
@@ -15,7 +15,8 @@ from test_batch_plans import BATCHES, same
 
 from jasper_mmap import JASPERSteeringDataset, open_store
 from jasper_mmap.converters import convert_pt
-from jasper_mmap.dataset import _EMBEDDINGS, _STEERING_NAMES
+from jasper_mmap.dataset.batches import _EMBEDDINGS
+from jasper_mmap.format.spec import _STEERING_NAMES
 from jasper_mmap.stores import base, safetensors_store
 
 FLOAT_KEYS = ("question_emb", "target_source_emb", "steering", "negative_embs")

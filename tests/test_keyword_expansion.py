@@ -13,9 +13,9 @@ import torch
 
 from jasper_mmap import open_store
 from jasper_mmap.converters import convert_pt
-from jasper_mmap.converters import keyword_pickle as kp
-from jasper_mmap.converters.keyword_pickle import decode_keyword_rows
 from jasper_mmap.errors import ArtifactError
+from jasper_mmap.sources.pt import keywords as kp
+from jasper_mmap.sources.pt.keywords import decode_keyword_rows
 
 N_P = 120  # pairs of the conftest dataset
 

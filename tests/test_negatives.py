@@ -133,7 +133,7 @@ _KILL_CODE = """
 import sys, time
 from pathlib import Path
 import numpy as np
-import jasper_mmap.negatives as N
+import jasper_mmap.stores.generations as N
 point = sys.argv[3]
 real_stream, real_json = N._stream, N.write_json_atomic
 def pause():
@@ -150,7 +150,7 @@ def write_json(path, obj, *rest):
     return real_json(path, obj, *rest)
 N._stream, N.write_json_atomic = stream, write_json
 n = np.arange(120)[:, None] * np.ones((1, 6), dtype=np.int64)
-N.publish_negatives(sys.argv[1], n % 120, np.ones((120, 6), dtype=np.int64))
+N.publish_generation(Path(sys.argv[1]), n % 120, np.ones((120, 6), dtype=np.int64))
 """
 
 

@@ -17,12 +17,14 @@ from pathlib import Path
 import pytest
 
 from jasper_mmap import open_store
-from jasper_mmap._atomic import partial_dir, publish_dir
+from jasper_mmap._fs.partials import partial_dir
+from jasper_mmap._fs.publish import publish_dir
 from jasper_mmap.converters import convert_pt
 from jasper_mmap.converters.cli import main as cli_main
 from jasper_mmap.errors import StoreExistsError, StoreNotFoundError
+from jasper_mmap.format.store_dirs import is_store
 from jasper_mmap.synthetic import SyntheticSpec, make_pt_dataset
-from jasper_mmap.synthetic_store import make_pt_dir, make_store
+from jasper_mmap.synthetic.large import make_pt_dir, make_store
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "jasper_mmap.converters.cli"]
@@ -182,7 +184,7 @@ def test_publish_puts_back_a_foreign_directory_that_appeared_after_the_check(tmp
     tmp = partial_dir(dst)
     (tmp / "manifest.json").write_text("{}")
     with pytest.raises(StoreExistsError, match="put back unchanged"):
-        publish_dir(tmp, dst, replace=True)
+        publish_dir(tmp, dst, replace=True, is_ours=is_store)
     assert (dst / "precious.txt").read_text() == "mine"
     assert not tmp.exists()
 
@@ -266,7 +268,7 @@ def test_a_partial_of_another_host_is_never_judged_by_its_pid(home, caplog):
     """On a filesystem shared between machines (or containers), a PID that is not running here
     may be a live writer there: a partial with another host's tag is neither removed nor named;
     this host's, and older names without a tag, are removed once their writer is gone."""
-    from jasper_mmap._atomic import HOST_TAG, partial_name
+    from jasper_mmap._fs.partials import HOST_TAG, partial_name
 
     code = "import os; print(os.getpid())"
     dead = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
@@ -291,7 +293,7 @@ def test_a_partial_of_another_host_is_never_judged_by_its_pid(home, caplog):
 def test_this_hosts_partial_of_another_destination_is_named_without_the_other_host_caveat(
     home, caplog
 ):
-    from jasper_mmap._atomic import HOST_TAG
+    from jasper_mmap._fs.partials import HOST_TAG
 
     code = "import os; print(os.getpid())"
     dead = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
@@ -311,7 +313,8 @@ def test_a_partial_from_another_pid_namespace_is_not_judged_by_its_pid(tmp_path)
     nothing here, so a partial it writes is not removed for a PID that is gone here."""
     import shutil as _shutil
 
-    from jasper_mmap._atomic import HOST_TAG, remove_stale_partials
+    from jasper_mmap._fs.partials import HOST_TAG
+    from jasper_mmap.format.store_dirs import remove_stale_partials
 
     if _shutil.which("unshare") is None:
         pytest.skip("needs unshare(1)")

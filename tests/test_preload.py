@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from jasper_mmap import BATCH_KEYS, JASPERSteeringDataset, create_loader, publish_negatives
 from jasper_mmap.converters import convert_pt
-from jasper_mmap.preload import PreloadTooLargeError
+from jasper_mmap.dataset.preload import PreloadTooLargeError
 
 DEVICES = [
     "cpu",

@@ -35,11 +35,11 @@ from hypothesis import strategies as st
 from jasper_mmap import open_store
 from jasper_mmap.converters import convert_pt
 from jasper_mmap.converters import keywords as keywords_mod
-from jasper_mmap.converters.keyword_pickle import decode_keyword_rows
-from jasper_mmap.converters.keyword_rows import RowSink
 from jasper_mmap.converters.keywords import KeywordJob
-from jasper_mmap.converters.pt_reader import open_tensor
 from jasper_mmap.errors import ArtifactError, ArtifactMissingError
+from jasper_mmap.sources.pt.keyword_rows import RowSink
+from jasper_mmap.sources.pt.keywords import decode_keyword_rows
+from jasper_mmap.sources.pt.reader import open_tensor
 from jasper_mmap.synthetic import SyntheticSpec, make_pt_dataset
 
 FUZZ = settings(
@@ -958,7 +958,7 @@ def test_far_repeat_read_back_from_the_values_file(tmp_path, monkeypatch):
     reads = []
     real_pread = os.pread
     monkeypatch.setattr(
-        "jasper_mmap.converters.keyword_rows.os.pread",
+        "jasper_mmap.sources.pt.keyword_rows.os.pread",
         lambda fd, n, off: reads.append(off) or real_pread(fd, n, off),
     )
     obj = _far_repeats()

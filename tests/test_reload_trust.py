@@ -20,8 +20,8 @@ from test_negatives import check_batch, table
 
 from jasper_mmap import JASPERSteeringDataset, create_loader, open_store, publish_negatives
 from jasper_mmap.converters import convert_pt
+from jasper_mmap.dataset.resolve import STORE_DIRNAME, resolve_store
 from jasper_mmap.errors import StoreNotFoundError
-from jasper_mmap.resolve import STORE_DIRNAME, resolve_store
 
 
 @pytest.fixture()
@@ -213,7 +213,7 @@ def test_a_config_n_neg_that_disagrees_with_new_negatives_says_what_to_fix(src):
 
 
 def test_waiting_for_the_conversion_lock_names_the_holder(src, caplog, monkeypatch):
-    import jasper_mmap.resolve as resolve
+    import jasper_mmap.dataset.resolve as resolve
 
     lock_path = src / f".{STORE_DIRNAME}.lock"
     holder = open(lock_path, "w")  # (the copied fixture may hold an old lock file)
@@ -230,7 +230,7 @@ def test_waiting_for_the_conversion_lock_names_the_holder(src, caplog, monkeypat
         return calls[-1]
 
     monkeypatch.setattr(resolve, "_holder", holder_then_release)
-    with caplog.at_level(logging.INFO, logger="jasper_mmap.resolve"):
+    with caplog.at_level(logging.INFO, logger="jasper_mmap.dataset.resolve"):
         resolve_store(src)
     assert "waiting for process 4242 on nodeA, converting for 7" in caplog.text
     assert len(calls) == 2, "the waiter logs again every WAIT_LOG_SECONDS"

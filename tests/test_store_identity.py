@@ -1,5 +1,5 @@
 """An open dataset reads the store it opened, or fails clearly; it never mixes two stores
-(issue 24, item 5; NOTE [store identity] in jasper_mmap/stores/base.py).
+(issue 24, item 5; NOTE [store identity] in jasper_mmap/stores/identity.py).
 
 A store replaced by ``convert-pt --overwrite`` (another dataset of the same shapes), moved or
 rewritten under an open dataset: batches, lazily opened files, ``reload_negatives()``, and a
@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from jasper_mmap import JASPERSteeringDataset, open_store
+from jasper_mmap._fs.files import write_json_atomic
 from jasper_mmap.converters import convert_pt
 from jasper_mmap.errors import JasperError, StoreReplacedError
-from jasper_mmap.layout import write_json_atomic
 from jasper_mmap.synthetic import SyntheticSpec, make_pt_dataset
 
 BACKENDS = ("safetensors", "zarr")

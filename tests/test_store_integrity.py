@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from jasper_mmap import JASPERSteeringDataset, open_store
+from jasper_mmap._fs.files import write_json_atomic
 from jasper_mmap.cli import main as cli_main
 from jasper_mmap.converters import convert_pt
 from jasper_mmap.errors import (
@@ -30,9 +31,9 @@ from jasper_mmap.errors import (
     StoreNotFoundError,
     StoreWriteError,
 )
-from jasper_mmap.integrity import check_files, check_generation, data_files
-from jasper_mmap.layout import write_json_atomic
-from jasper_mmap.verify import verify_store
+from jasper_mmap.format.integrity import check_generation
+from jasper_mmap.format.recorded import check_files, data_files
+from jasper_mmap.stores.verify import verify_store
 
 FMT, CORRUPT, MISSING = StoreFormatError, StoreCorruptError, StoreNotFoundError
 BOTH, ST, ZARR = ("safetensors", "zarr"), ("safetensors",), ("zarr",)
@@ -1374,7 +1375,7 @@ def test_open_checks_the_live_generation_once_and_later_ones_at_first_lease(
     import pickle
 
     from jasper_mmap import publish_negatives
-    from jasper_mmap.stores import base
+    from jasper_mmap.stores import leases as base
 
     store_dir = shutil.copytree(good[backend], tmp_path / "s")
     checked = []
@@ -1408,7 +1409,7 @@ def test_open_checks_the_live_generation_once_and_later_ones_at_first_lease(
 def files_look_old(monkeypatch):
     """Let integrity trust files written just now (the racy window is 2 s), and forget what
     other tests found sound."""
-    from jasper_mmap import integrity
+    from jasper_mmap.format import integrity
 
     monkeypatch.setattr(integrity, "_RACY_SECONDS", -1e9)
     monkeypatch.setattr(integrity, "_CHECKED", {})
@@ -1477,7 +1478,7 @@ def test_a_sound_store_opened_again_is_only_stat_ed(
 
 def test_a_store_written_just_now_is_checked_in_full_at_every_open(good, tmp_path, monkeypatch):
     """Within the racy window (files changed less than 2 s ago) nothing is remembered."""
-    from jasper_mmap import integrity
+    from jasper_mmap.format import integrity
 
     monkeypatch.setattr(integrity, "_CHECKED", {})
     store_dir = shutil.copytree(good["safetensors"], tmp_path / "s")  # ctime: now
@@ -1530,7 +1531,7 @@ def test_a_file_changed_during_the_full_check_is_not_remembered(good, tmp_path, 
     check took."""
     import time
 
-    from jasper_mmap import integrity
+    from jasper_mmap.format import integrity
 
     monkeypatch.setattr(integrity, "_CHECKED", {})
     monkeypatch.setattr(integrity, "_RACY_SECONDS", 0.3)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from jasper_mmap import JASPERSteeringDataset, open_store, publish_negatives
-from jasper_mmap._atomic import HOST_TAG
+from jasper_mmap._fs.partials import HOST_TAG
 from jasper_mmap.converters import convert_pt
 from jasper_mmap.errors import StoreNotFoundError
 
@@ -45,7 +45,7 @@ def store(tmp_path, pt_dataset):
 KILL_BETWEEN_RENAMES = textwrap.dedent(
     """
     import os, signal, sys
-    import jasper_mmap._atomic as A
+    import jasper_mmap._fs.publish as A
     from jasper_mmap.converters import convert_pt
     A._exchange = lambda a, b: False  # NFS, CIFS, many FUSE filesystems
     real_rename = os.rename
@@ -79,7 +79,7 @@ def test_a_replacement_killed_between_its_renames_is_restored_on_open(store, pt_
 
 
 def test_a_moved_aside_store_that_cannot_be_restored_is_named(store, monkeypatch):
-    import jasper_mmap._atomic as A
+    import jasper_mmap.format.store_dirs as A
 
     old = store.parent / f".store.old-{dead_pid()}-abcd1234-{HOST_TAG}"
     store.rename(old)
@@ -105,7 +105,7 @@ def test_a_fallback_replacement_killed_while_deleting_leaves_nothing_behind(stor
     code = textwrap.dedent(
         """
         import os, signal, sys, shutil
-        import jasper_mmap._atomic as A
+        import jasper_mmap._fs.publish as A
         from jasper_mmap.converters import convert_pt
         A._exchange = lambda a, b: False
         real = shutil.rmtree
@@ -180,7 +180,7 @@ def test_a_child_unwinding_its_parents_lock_releases_nothing(tmp_path):
     code = textwrap.dedent(
         """
         import os, sys, fcntl, time
-        from jasper_mmap._atomic import store_lock
+        from jasper_mmap._fs.lock import store_lock
         lock = os.path.join(sys.argv[1], ".s.lock")
         with store_lock(os.path.join(sys.argv[1], "s"), "testing"):
             pid = os.fork()
@@ -323,7 +323,7 @@ def test_a_malformed_description_field_is_a_format_error_naming_it(
     tmp_path, pt_dataset, field, value
 ):
     from jasper_mmap.errors import StoreFormatError
-    from jasper_mmap.verify import verify_store
+    from jasper_mmap.stores.verify import verify_store
 
     ds = shutil.copytree(pt_dataset, tmp_path / "ds")
     JASPERSteeringDataset(ds, "train").close()

@@ -19,7 +19,7 @@ from jasper_mmap.errors import (
     StoreFormatError,
     StoreNotFoundError,
 )
-from jasper_mmap.layout import ARRAYS
+from jasper_mmap.format.spec import ARRAYS
 from jasper_mmap.stores.zarr_store import ZARR_CHUNK_BYTES
 
 TENSOR_ARRAYS = [s for s in ARRAYS if s.source and s.name != "pair_keyword_offsets"]

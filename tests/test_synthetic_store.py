@@ -7,8 +7,8 @@ import pytest
 
 from jasper_mmap import create_loader, open_store, validate_first_batch
 from jasper_mmap.errors import StoreExistsError
-from jasper_mmap.loader import first_batch_summary
-from jasper_mmap.synthetic_store import _BLOCK, make_store
+from jasper_mmap.loading.loader import first_batch_summary
+from jasper_mmap.synthetic.large import _BLOCK, make_store
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_pt_dir_of_the_same_data_converts_to_the_same_store(tmp_path, store):
     import torch
 
     from jasper_mmap.converters import convert_pt
-    from jasper_mmap.synthetic_store import make_pt_dir
+    from jasper_mmap.synthetic.large import make_pt_dir
 
     src = make_pt_dir(
         tmp_path / "pt", 2 * _BLOCK + 1000, dim=8, n_neg=6, n_clusters=5, n_keywords=50
@@ -91,7 +91,7 @@ def test_every_file_of_a_pt_dir_is_read_by_torch_load(tmp_path):
     import torch
 
     from jasper_mmap.converters import convert_pt
-    from jasper_mmap.synthetic_store import make_pt_dir
+    from jasper_mmap.synthetic.large import make_pt_dir
 
     src = make_pt_dir(tmp_path / "pt", 2100, dim=8, n_neg=6, n_clusters=5, n_keywords=50)
     for f in sorted(src.glob("*.pt")):

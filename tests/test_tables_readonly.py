@@ -1,5 +1,5 @@
 """Table attributes refuse in-place writes with TableReadOnlyError instead of killing the
-process (NOTE [read-only tables] in jasper_mmap/tables.py); everything else reads as a tensor."""
+process (NOTE [read-only tables] in jasper_mmap/dataset/tables.py); everything else reads as a tensor."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from jasper_mmap import create_loader, publish_negatives, set_epoch
-from jasper_mmap.loader import JasperLoader
+from jasper_mmap.loading.loader import JasperLoader
 from jasper_mmap.stores import safetensors_store
 
 KEYS = ("question_emb", "negative_embs", "steering", "steering_variant", "negative_tiers")
@@ -339,7 +339,7 @@ def test_gather_threads_are_at_most_the_cpus_and_batches_do_not_change(
 
 
 # -- NOTE [gathering in the loop]: the tuner and the way each batch is gathered ----------------
-from jasper_mmap.threaded import GatherTuner  # noqa: E402
+from jasper_mmap.loading.tuner import GatherTuner  # noqa: E402
 
 
 def always_switching() -> GatherTuner:

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 
 from jasper_mmap import JASPERSteeringDataset, open_store
+from jasper_mmap._fs.files import MAX_JSON_DEPTH, json_depth, open_regular, read_json
 from jasper_mmap.cli import main as cli_main
 from jasper_mmap.converters import convert_pt
-from jasper_mmap.converters.checks import read_config
 from jasper_mmap.errors import ConfigError, JasperError, StoreCorruptError, StoreFormatError
-from jasper_mmap.files import MAX_JSON_DEPTH, json_depth, open_regular, read_json
-from jasper_mmap.verify import verify_store
+from jasper_mmap.format.config import read_config
+from jasper_mmap.stores.verify import verify_store
 
 ROOT = Path(__file__).resolve().parents[1]
 GEN = "negatives/gen-000000.json"
@@ -38,7 +38,7 @@ _PROBE = textwrap.dedent(
     from jasper_mmap import JASPERSteeringDataset, open_store
     from jasper_mmap.cli import main
     from jasper_mmap.errors import JasperError
-    from jasper_mmap.verify import verify_store
+    from jasper_mmap.stores.verify import verify_store
     store = sys.argv[1]
     ways = {
         "open": lambda: open_store(store),
@@ -270,7 +270,7 @@ def test_json_depth_is_iterative_and_read_json_accepts_ours(tmp_path):
 
 
 def test_a_huge_json_file_is_refused_without_reading_it(good, tmp_path):
-    from jasper_mmap.files import MAX_JSON_BYTES
+    from jasper_mmap._fs.files import MAX_JSON_BYTES
 
     store = shutil.copytree(good["safetensors"], tmp_path / "s")
     with open(store / "negatives" / "CURRENT.json", "r+b") as f:

@@ -16,8 +16,8 @@ import pytest
 
 from jasper_mmap import JASPERSteeringDataset
 from jasper_mmap.converters import convert_pt
-from jasper_mmap.converters.h5_writer import convert_pt_to_hdf5
 from jasper_mmap.errors import ArtifactError
+from jasper_mmap.sources.hdf5.writer import convert_pt_to_hdf5
 from jasper_mmap.synthetic import SyntheticSpec, make_pt_dataset
 
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from jasper_mmap._fs.files import describe_path
 from jasper_mmap.converters import convert_pt
-from jasper_mmap.converters.sources import detect_storage_format
 from jasper_mmap.errors import ArtifactError, ArtifactMissingError
-from jasper_mmap.files import describe_path
+from jasper_mmap.sources.directory import detect_storage_format
 
 PIPES = {"capture_output": True, "text": True}
 
@@ -221,7 +221,7 @@ CASES = {
 def test_manifest_values_that_do_not_fit_are_named(store_path, tmp_path, case):
     from jasper_mmap import open_store
     from jasper_mmap.errors import StoreFormatError
-    from jasper_mmap.verify import verify_store
+    from jasper_mmap.stores.verify import verify_store
 
     keys, value, said = CASES[case]
     store = _edited_store(store_path, tmp_path, _set(*keys, value=value))
@@ -239,7 +239,7 @@ def test_manifest_values_that_do_not_fit_are_named(store_path, tmp_path, case):
 def test_verify_never_sizes_a_split_check_from_untrusted_counts(store_path, tmp_path):
     """n_pairs that fits int64 but disagrees with pair_index: the splits are not checked
     against it (a seen-map of 2**40 bytes would be a MemoryError, 'please report it')."""
-    from jasper_mmap.verify import verify_store
+    from jasper_mmap.stores.verify import verify_store
 
     store = _edited_store(store_path, tmp_path, _set("counts", "n_pairs", value=2**40))
     report = verify_store(store, progress=False)
@@ -252,7 +252,7 @@ def test_verify_never_sizes_a_split_check_from_untrusted_counts(store_path, tmp_
 def test_a_generation_created_unix_that_is_no_time_is_named(store_path, tmp_path, value):
     from jasper_mmap import open_store
     from jasper_mmap.errors import StoreFormatError
-    from jasper_mmap.verify import verify_store
+    from jasper_mmap.stores.verify import verify_store
 
     rel = "negatives/gen-000000.json"
     store = _edited_store(store_path, tmp_path, _set("created_unix", value=value), rel)

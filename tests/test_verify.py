@@ -24,13 +24,13 @@ from hypothesis import strategies as st
 from jasper_mmap.cli import EXIT_BROKEN_PIPE
 from jasper_mmap.cli import main as cli_main
 from jasper_mmap.converters import convert_pt
+from jasper_mmap.dataset.publish import publish_negatives
 from jasper_mmap.errors import JasperError
-from jasper_mmap.layout import read_manifest
-from jasper_mmap.negatives import publish_negatives
+from jasper_mmap.format.manifest import read_manifest
+from jasper_mmap.format.safetensors_header import read_header
 from jasper_mmap.stores import open_store
-from jasper_mmap.stores.safetensors_store import read_header
+from jasper_mmap.stores.verify import verify_store
 from jasper_mmap.synthetic import SyntheticSpec, make_pt_dataset
-from jasper_mmap.verify import verify_store
 
 
 @pytest.fixture()

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from jasper_mmap import JASPERSteeringDataset, open_store, publish_negatives
-from jasper_mmap._atomic import HOST_TAG
+from jasper_mmap._fs.partials import HOST_TAG
 from jasper_mmap.converters import convert_pt
 from jasper_mmap.errors import (
     ArtifactError,
@@ -129,7 +129,7 @@ def src(tmp_path, pt_dataset):
 
 
 def test_the_lock_is_reentrant_in_a_thread_and_excludes_other_threads(tmp_path):
-    from jasper_mmap._atomic import store_lock
+    from jasper_mmap._fs.lock import store_lock
 
     store = tmp_path / "store"
     order = []
@@ -169,7 +169,7 @@ def test_a_publish_waits_for_a_conversion_and_names_its_holder(tmp_path, pt_data
     )
     assert holder.stdout.readline().strip() == "held"
     t0 = time.monotonic()
-    with caplog.at_level(logging.INFO, logger="jasper_mmap._atomic"):
+    with caplog.at_level(logging.INFO, logger="jasper_mmap._fs"):
         assert publish_negatives(store, *table(1)) == 1
     assert time.monotonic() - t0 > 0.5
     assert f"waiting for process {holder.pid} on" in caplog.text and "converting for" in caplog.text
@@ -252,7 +252,7 @@ def _read_only(monkeypatch, directory: Path) -> None:
 
 
 def test_a_read_only_dataset_dir_uses_its_up_to_date_store(src, tmp_path, monkeypatch):
-    from jasper_mmap.resolve import resolve_store
+    from jasper_mmap.dataset.resolve import resolve_store
 
     beside = resolve_store(src)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -280,7 +280,7 @@ def test_glob_characters_in_a_destination_name(tmp_path, pt_dataset, name, caplo
     # another destination's leftover is named with advice that works in a shell
     other = tmp_path / f".{name}x.partial-{dead_pid()}-abcd1234-{HOST_TAG}"
     other.mkdir()
-    with caplog.at_level(logging.WARNING, logger="jasper_mmap._atomic"):
+    with caplog.at_level(logging.WARNING, logger="jasper_mmap.format.store_dirs"):
         convert_pt(pt_dataset, tmp_path / name, progress=False, overwrite=True)
     assert other.exists() and f"rm -r '{other}'" in caplog.text
 
@@ -433,7 +433,7 @@ def test_a_fifo_or_directory_named_as_a_generation_never_blocks_a_publish(tmp_pa
 
 
 def test_a_store_reached_through_a_symlink_shares_the_lock_of_its_real_path(tmp_path):
-    from jasper_mmap._atomic import store_lock
+    from jasper_mmap._fs.lock import store_lock
 
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")

@@ -7,10 +7,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..files import as_path
-from ..integrity import raise_problems, store_problems
-from ..layout import load_manifest
-from .base import NEGATIVE_ARRAYS, Store, StoreWriter
+from jasper_mmap._fs.files import as_path
+from jasper_mmap.format.integrity import raise_problems, store_problems
+from jasper_mmap.format.manifest import load_manifest
+from jasper_mmap.stores.base import NEGATIVE_ARRAYS, Store, StoreWriter
 
 __all__ = ["open_store", "Store", "StoreWriter", "BACKENDS", "WRITERS", "NEGATIVE_ARRAYS"]
 
@@ -45,10 +45,10 @@ def open_store(path: str | Path, manifest: dict[str, Any] | None = None) -> Stor
     """Open the store at ``path``; data is mapped on first use.
 
     Checks the store's structure in O(number of files), reading no array data
-    (``jasper_mmap.integrity.store_problems``): the manifest field by field, ``config.json``,
+    (``jasper_mmap.format.integrity.store_problems``): the manifest field by field, ``config.json``,
     every recorded data file's size, each safetensors header or zarr array metadata against
     the manifest, and the live negatives generation. Raises the first problem found.
-    ``manifest``: the manifest as :func:`~jasper_mmap.layout.load_manifest` just read it,
+    ``manifest``: the manifest as :func:`~jasper_mmap.format.manifest.load_manifest` just read it,
     when the caller has it (it is not read again).
 
     Raises:

@@ -3,7 +3,7 @@
 A :class:`Store` holds the store's path and its (small) manifest. Backend handles — memory
 maps, zarr arrays — are opened on first use in each process and dropped when pickled, so a
 store object costs a few kilobytes to send to a DataLoader worker (see NOTE [worker start-up]
-in ``jasper_mmap/dataset.py`` once it exists). Every file is opened under the store directory
+in ``jasper_mmap/dataset/control.py``). Every file is opened under the store directory
 this process took, which must be the store first opened (NOTE [store identity]).
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import fcntl
 import logging
 import os
 import threading
@@ -21,8 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .._dtypes import to_float32
-from ..errors import (
+from jasper_mmap.errors import (
     JasperError,
     SampleIndexError,
     StoreCorruptError,
@@ -30,15 +28,19 @@ from ..errors import (
     StoreNotFoundError,
     StoreReplacedError,
 )
-from ..files import open_regular, read_json
-from ..integrity import check_generation
-from ..layout import MANIFEST, NEGATIVES_DIR, generation_name, read_manifest, read_pointer
+from jasper_mmap.format.dtypes import to_float32
+from jasper_mmap.format.manifest import read_manifest, read_pointer
+from jasper_mmap.format.spec import NEGATIVES_DIR
+from jasper_mmap.stores.identity import _PROC_FD, _Dir, _manifest_state, _token_at
+from jasper_mmap.stores.leases import _acquire, _Generation
 
-__all__ = ["Store", "StoreWriter", "NEGATIVE_ARRAYS", "mark_gather_thread", "in_gather_thread"]
+__all__ = ["NEGATIVE_ARRAYS", "Store", "StoreWriter", "in_gather_thread", "mark_gather_thread"]
 
 NEGATIVE_ARRAYS = ("hard_negatives", "negative_tiers")
 
+
 log = logging.getLogger(__name__)
+
 
 _THREAD = threading.local()
 
@@ -52,119 +54,6 @@ def mark_gather_thread() -> None:
 def in_gather_thread() -> bool:
     """Whether :func:`mark_gather_thread` marked the calling thread."""
     return getattr(_THREAD, "gather", False)
-
-
-class _Generation:
-    """A negatives generation this process leases: its description and the locked file."""
-
-    __slots__ = ("desc", "lease", "pins")
-
-    def __init__(self, desc: dict[str, Any], lease: Any) -> None:
-        self.desc, self.lease, self.pins = desc, lease, 0
-
-
-def _acquire(
-    store_dir: Path,
-    generation: int,
-    manifest: dict[str, Any] | None = None,
-    desc: dict[str, Any] | None = None,
-) -> _Generation:
-    """Lease ``generation``: a shared ``flock`` on its description, held while it is mapped.
-
-    Its description is read and checked against ``manifest`` (when given), unless ``desc``
-    is the description just read and checked (by ``open_store``): generation numbers are
-    never reused and a description is never rewritten, so it is the file now locked.
-
-    # NOTE [generation leases]
-    The collector in ``negatives.py`` removes a generation only while it holds an exclusive
-    lock on its description, and unlinks the description last. So: open, lock shared, and if
-    the file was unlinked in between (``st_nlink == 0``) the generation is gone. Once the
-    shared lock is held the generation stays on disk until the lease is closed.
-
-    Raises:
-        StoreNotFoundError: the generation was removed (or never existed).
-    """
-    path = store_dir / NEGATIVES_DIR / f"{generation_name(generation)}.json"
-    gone = StoreNotFoundError(
-        f"{path}: negatives generation {generation} was removed after newer ones were "
-        f"published (or never existed). Call reload_negatives() to serve the live one."
-    )
-    try:  # kept open as the lease; a regular file only (NOTE [regular files only])
-        f = open_regular(path, what="negatives generation description", missing=None)
-    except FileNotFoundError:
-        raise gone from None
-    try:
-        fcntl.flock(f, fcntl.LOCK_SH)
-        if os.fstat(f.fileno()).st_nlink == 0:
-            raise gone
-        if desc is None:
-            desc = read_pointer(store_dir, generation)
-            if manifest is not None:  # its files, sizes and headers, before anything is mapped
-                check_generation(store_dir, desc, manifest, path)
-    except BaseException:
-        f.close()
-        raise
-    return _Generation(desc, f)
-
-
-# NOTE [store identity]
-# ``convert-pt --overwrite`` replaces a store with one rename and then deletes the old
-# directory; a store can also be moved or removed by hand. An open Store reads the store it
-# opened, never the one now at its path, or fails with StoreReplacedError. Two things hold that:
-# - Within a process every file is opened through a descriptor of the store directory, taken
-#   when the Store is created (or first used in a process that unpickled it): ``_root()`` is
-#   ``/proc/self/fd/N``, which names that directory whatever its path names now. A file first
-#   opened later (a safetensors file not mapped yet, every zarr chunk, a generation's files)
-#   comes from the directory opened, or is missing once that directory was deleted, and a
-#   failure there says the store was replaced when it was (``_check_same``).
-# - Across processes (a DataLoader worker unpickles the Store without the descriptor) the
-#   identity recorded when the directory was first taken travels with the Store: the
-#   manifest's ``store_id`` (a random token written at conversion) and the state (device,
-#   inode, size, mtime, ctime) of ``manifest.json``. A process taking the directory again
-#   compares them: the same manifest file is the same store; another manifest file with the
-#   same token too; anything else is StoreReplacedError. Stores written before the token have
-#   only the state. ``live_generation()`` (hot reload) first checks that the path still names
-#   the directory held: publications at the path go to another store now.
-# Without /proc (not Linux) the root is the path and only these checks guard. Not guarded:
-# the instant between reading the manifest and creating the Store in ``open_store`` (checked
-# by path just before); a store rewritten in place file by file (we never do that).
-_PROC_FD = os.path.isdir("/proc/self/fd")
-
-
-def _manifest_state(dir_fd: int) -> tuple | None:
-    try:
-        st = os.stat(MANIFEST, dir_fd=dir_fd)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def _token_at(dir_fd: int) -> str | None:
-    """The ``store_id`` of the manifest in directory ``dir_fd`` (None if unreadable/absent)."""
-    try:
-        manifest = read_json(MANIFEST, what="manifest.json", fix="", dir_fd=dir_fd)
-    except JasperError:
-        return None
-    token = manifest.get("store_id") if isinstance(manifest, dict) else None
-    return token if isinstance(token, str) else None
-
-
-class _Dir:
-    """This process's descriptor of a store directory, and the root to open files under;
-    closed when the last holder lets go (the Store, and every zarr array read under it)."""
-
-    __slots__ = ("fd", "root")
-
-    def __init__(self, fd: int, root: Path) -> None:
-        self.fd, self.root = fd, root
-
-    def __del__(self) -> None:
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            try:
-                os.close(fd)
-            except (OSError, TypeError):  # TypeError: at interpreter exit, os may be gone
-                pass
 
 
 class Store(abc.ABC):
@@ -553,7 +442,7 @@ class Store(abc.ABC):
     def advice(self) -> str:
         """Read-ahead advice of the store's maps: ``"random"`` for a store larger than half
         of RAM, whose batches :meth:`prefetch` reads ahead; ``"normal"`` otherwise, and for
-        backends that do not map (NOTE [read-ahead advice] in safetensors_store.py)."""
+        backends that do not map (NOTE [read-ahead advice] in jasper_mmap/stores/safetensors_store.py)."""
         return "normal"
 
     def prefetch(  # noqa: B027 - optional hook

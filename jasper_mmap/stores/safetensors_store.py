@@ -53,10 +53,8 @@ it; otherwise ``numpy.take`` always is the simpler rule (it wins every row measu
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import json
-import math
 import mmap
 import os
 import struct
@@ -68,183 +66,21 @@ from typing import Any
 
 import numpy as np
 
-from .._dtypes import entry_nbytes, numpy_dtype, safetensors_code
-from ..errors import JasperError, StoreCorruptError, StoreFormatError
-from ..files import MAX_JSON_DEPTH, json_depth, open_regular
-from ..schema import Problem, is_count, raise_problems, store_fix, type_name
-from .base import NEGATIVE_ARRAYS, Store, StoreWriter, in_gather_thread
+from jasper_mmap._fs.files import open_regular
+from jasper_mmap.errors import StoreCorruptError
+from jasper_mmap.format.dtypes import entry_nbytes, numpy_dtype, safetensors_code
+from jasper_mmap.format.safetensors_header import (
+    _ALIGN,
+    _FIX,
+    layout_problems,
+    read_header,
+    tensor_problems,
+)
+from jasper_mmap.format.schema import raise_problems, store_fix
+from jasper_mmap.stores.base import NEGATIVE_ARRAYS, Store, StoreWriter, in_gather_thread
+from jasper_mmap.stores.readahead import DENSE_WINDOW, _address, _data, _willneed, choose_advice
 
-__all__ = [
-    "SafetensorsStore",
-    "SafetensorsWriter",
-    "read_header",
-    "header_problems",
-    "layout_problems",
-    "tensor_problems",
-    "choose_advice",
-    "ram_bytes",
-    "DENSE_WINDOW",
-]
-
-_ALIGN = 8
-#: a header larger than this is not ours (ours are a few kilobytes)
-_MAX_HEADER = 100 * 1024 * 1024
-_FIX = "Re-create the store with `convert-pt SRC STORE --overwrite`."
-#: bytes per element of every safetensors dtype code
-_CODE_SIZES = {
-    **dict.fromkeys(("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0"), 1),
-    **dict.fromkeys(("I16", "U16", "F16", "BF16"), 2),
-    **dict.fromkeys(("I32", "U32", "F32"), 4),
-    **dict.fromkeys(("I64", "U64", "F64"), 8),
-}
-
-
-def read_header(path: Path, fix: str = _FIX) -> tuple[int, dict[str, Any]]:
-    """Return ``(data_start, header)`` of safetensors file ``path``; reads only the header.
-
-    Raises:
-        StoreNotFoundError: the file is missing.
-        StoreFormatError: the header is truncated, too large or not valid JSON.
-        StoreCorruptError: the file cannot be read (not a regular file, an I/O error).
-    """
-    try:
-        with open_regular(path, what="store file", fix=fix, error=StoreCorruptError) as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise StoreFormatError(
-                    f"{path}: file is {len(head)} bytes, shorter than a safetensors header. {fix}"
-                )
-            (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER:
-                raise StoreFormatError(
-                    f"{path}: header length {n} is implausible (over {_MAX_HEADER}). {fix}"
-                )
-            raw = f.read(n)
-    except OSError as e:
-        raise StoreCorruptError(f"{path}: store file cannot be read ({e}). {fix}") from None
-    if len(raw) != n:
-        raise StoreFormatError(
-            f"{path}: header should be {n} bytes, but the file ends after {len(raw)}. {fix}"
-        )
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise StoreFormatError(f"{path}: header is not valid JSON ({e!s:.200}). {fix}") from None
-    if json_depth(header) > MAX_JSON_DEPTH:
-        raise StoreFormatError(
-            f"{path}: header is not valid JSON for us (nested deeper than {MAX_JSON_DEPTH} "
-            f"levels). {fix}"
-        )
-    if not isinstance(header, dict):
-        raise StoreFormatError(f"{path}: header should be a JSON object. {fix}")
-    return 8 + n, header
-
-
-def _tensor_findings(meta: Any) -> list[str]:
-    """What is wrong with one header entry ``{"dtype", "shape", "data_offsets"}``."""
-    if not isinstance(meta, dict):
-        return [f"should be an object, but is {type_name(meta)}"]
-    code, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
-    found = []
-    if not isinstance(code, str) or code not in _CODE_SIZES:
-        found.append(f"dtype {code!r:.20} is not a safetensors dtype")
-    if not isinstance(shape, list) or not all(is_count(d) for d in shape):
-        found.append(f"shape {shape!r:.40} should be a list of non-negative integers")
-    if not (
-        isinstance(offsets, list)
-        and len(offsets) == 2
-        and all(is_count(v) for v in offsets)
-        and offsets[0] <= offsets[1]
-    ):
-        found.append(f"data_offsets {offsets!r:.40} should be [begin, end], 0 <= begin <= end")
-    if not found:
-        need = math.prod(shape) * _CODE_SIZES[code]
-        if offsets[1] - offsets[0] != need:
-            found.append(
-                f"data_offsets {offsets} span {offsets[1] - offsets[0]} bytes, but shape "
-                f"{shape} of {code} needs {need}"
-            )
-    return found
-
-
-def layout_problems(
-    path: Path, header: dict[str, Any], data_start: int, size: int, fix: str, arrays=()
-) -> list[Problem]:
-    """Every header entry well formed, and the tensors tiling the data section exactly, as
-    ``safetensors.safe_open`` requires (no gap, no overlap, nothing past the file's end)."""
-    problems, spans = [], []
-    for key, meta in header.items():
-        if key == "__metadata__":
-            if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-                problems.append(f"__metadata__ should be an object of strings: {meta!r:.40}")
-            continue
-        found = _tensor_findings(meta)
-        problems += [f"header entry {key!r}: {f}" for f in found]
-        if not found:
-            spans.append((*meta["data_offsets"], key))
-    pos = 0
-    for begin, end, key in sorted(spans) if not problems else ():
-        if begin != pos:
-            problems.append(
-                f"tensor {key!r} starts at byte {begin} of the data, but the tensors before it "
-                f"end at byte {pos} (a gap or an overlap; safetensors readers refuse it)"
-            )
-            break
-        pos = end
-    if not problems and data_start + pos != size:
-        problems.append(
-            f"file is {size} bytes, but its header describes {data_start + pos} bytes "
-            f"(truncated or appended to)"
-        )
-    return [Problem(StoreCorruptError, f"{path}: {p}. {fix}", tuple(arrays)) for p in problems]
-
-
-def tensor_problems(
-    path: Path | str, header: dict[str, Any], name: str, entry: dict[str, Any], fix: str
-) -> list[Problem]:
-    """The header's tensor of array ``name`` against its (well-formed) manifest ``entry``."""
-    key = entry["key"]
-    meta = header.get(key)
-    if key == "__metadata__" or meta is None:
-        msg = f"{path}: has no tensor {key!r} that the manifest lists (array {name!r}). {fix}"
-        return [Problem(StoreCorruptError, msg, (name,))]
-    found = _tensor_findings(meta)
-    if not found:
-        code = safetensors_code(entry["stored_dtype"])
-        if meta["dtype"] != code:
-            found.append(f"has dtype {meta['dtype']}, but the manifest says {code}")
-        if meta["shape"] != entry["shape"]:
-            found.append(f"has shape {meta['shape']}, but the manifest says {entry['shape']}")
-        want = entry.get("data_offsets")
-        if want is not None and meta["data_offsets"] != want:
-            found.append(
-                f"has data_offsets {meta['data_offsets']}, but the manifest recorded {want}"
-            )
-    return [
-        Problem(StoreCorruptError, f"{path}: tensor {key!r} {f}. {fix}", (name,)) for f in found
-    ]
-
-
-def header_problems(store_dir: Path, entries: dict[str, dict[str, Any]], fix: str) -> list[Problem]:
-    """Each safetensors file's header (read once) against the manifest ``entries`` it holds."""
-    by_file: dict[str, list[str]] = {}
-    for name, e in entries.items():
-        by_file.setdefault(e["file"], []).append(name)
-    problems = []
-    base = os.fspath(store_dir)
-    for rel, names in by_file.items():
-        path = os.path.join(base, rel)
-        try:
-            start, header = read_header(Path(path), fix)
-            size = os.path.getsize(path)
-        except (JasperError, OSError) as e:
-            err = type(e) if isinstance(e, JasperError) else StoreCorruptError
-            problems.append(Problem(err, str(e), tuple(sorted(names))))
-            continue
-        problems += layout_problems(path, header, start, size, fix, sorted(names))
-        for name in names:
-            problems += tensor_problems(path, header, name, entries[name], fix)
-    return problems
+__all__ = ["SafetensorsStore", "SafetensorsWriter"]
 
 
 class SafetensorsWriter(StoreWriter):
@@ -336,56 +172,14 @@ class SafetensorsWriter(StoreWriter):
             self._file = None
 
 
-#: read unit of a dense array's prefetch (NOTE [dense arrays] in dataset.py): on the disk of
-#: the README's benchmarks, random 1 MiB reads ran at ~476 MiB/s and 4 KiB reads at ~24k/s
-#: (95 MiB/s): a window costs about as much as 50 single pages
-DENSE_WINDOW = 1 << 20
-
-
-def ram_bytes() -> int | None:
-    """This machine's physical memory (None where ``sysconf`` cannot tell)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        return None
-
-
-def choose_advice(store_bytes: int) -> str:
-    """``"normal"`` or ``"random"`` read-ahead for a store of ``store_bytes`` (NOTE above)."""
-    forced = os.environ.get("JASPER_MMAP_MADVISE", "auto").lower()
-    if forced in ("normal", "random"):
-        return forced
-    ram = ram_bytes()
-    if ram is None:
-        return "normal"
-    return "normal" if store_bytes <= ram // 2 else "random"
-
-
-def _libc_madvise() -> Any:
-    """libc's ``madvise`` through ctypes, which drops the GIL for the call (None if absent).
-
-    ``mmap.madvise`` keeps the GIL during the system call, and ``MADV_WILLNEED`` on a file map
-    can block while the kernel queues the reads; with gather threads that stalled every other
-    thread, the training loop included (NOTE [batch prefetch]).
-    """
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_MADVISE = _libc_madvise()
-
-
 #: smaller gathers (bytes) are faster with numpy: torch's call costs ~15 us. Measured (random
 #: rows of a 300 MB array, 2 threads): 32 x 1.5 KiB rows 11 us numpy, 14 us torch; 64 rows 19
 #: and 19 us; 128 rows 37 and 25 us; 1,664 rows 341 and 180 us; 128 x 96 B rows 4 and 6 us
 _INTRA_OP_BYTES = 96 << 10
 
+
 _UNSET = object()
+
 
 #: the clock large in-loop gathers are timed with (a test replaces it)
 _clock = time.perf_counter
@@ -450,16 +244,6 @@ def _torch() -> Any:
     return torch
 
 
-def _data(a: np.ndarray) -> int:
-    """Address of an array's first byte."""
-    return a.__array_interface__["data"][0]
-
-
-def _address(m: mmap.mmap) -> int:
-    """Address of the first byte of a read-only map (through a zero-copy numpy view)."""
-    return _data(np.frombuffer(m, dtype=np.uint8, count=1))
-
-
 class _MappedFile:
     """One read-only mapping of a safetensors file and its parsed header."""
 
@@ -476,20 +260,6 @@ class _MappedFile:
                 self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
                 if advice == "random" and hasattr(mmap, "MADV_RANDOM"):
                     self.map.madvise(mmap.MADV_RANDOM)
-
-
-def _willneed(m: mmap.mmap, base: int, starts: np.ndarray, length: int) -> None:
-    """``MADV_WILLNEED`` on ``[start, start + length)`` of map ``m`` (at ``base``) for each
-    start, clipped to the map; through ctypes, without the GIL (NOTE [batch prefetch])."""
-    if not starts.size:
-        return
-    lengths = np.minimum(length, len(m) - starts)
-    if _MADVISE is None:
-        for start, n in zip(starts.tolist(), lengths.tolist(), strict=True):
-            m.madvise(mmap.MADV_WILLNEED, start, n)
-        return
-    for start, n in zip((starts + base).tolist(), lengths.tolist(), strict=True):
-        _MADVISE(start, n, mmap.MADV_WILLNEED)  # a hint: errors are ignored
 
 
 class SafetensorsStore(Store):
@@ -591,7 +361,7 @@ class SafetensorsStore(Store):
         to back in one file (in any order), 2-D, with one row width and dtype; None
         otherwise, and for the negatives (a reload replaces them). The converter writes
         ``question_embs`` and ``source_embs`` so, and the three steering tables (NOTE [joined
-        rows] in dataset.py)."""
+        rows] in jasper_mmap/dataset/batches.py)."""
         joined = self._joined(names)
         return None if joined is None else joined[1]
 
@@ -667,7 +437,7 @@ class SafetensorsStore(Store):
     ) -> None:
         """``MADV_WILLNEED`` on the pages of the given rows, when the store exceeds RAM/2; for
         an array in ``dense``, on the aligned ``DENSE_WINDOW`` around each row instead, once
-        per window and ``epoch`` in this process (NOTE [dense arrays] in dataset.py).
+        per window and ``epoch`` in this process (NOTE [dense arrays] in jasper_mmap/stores/readahead.py).
 
         # NOTE [batch prefetch]
         A worker that gathers rows of a cold map waits for one page fault at a time. Telling

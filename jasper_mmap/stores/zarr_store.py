@@ -18,7 +18,6 @@ or remote (fsspec) access. Bfloat16 has no zarr data type, so such arrays are st
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import stat
@@ -30,23 +29,18 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from .._dtypes import STORED_DTYPES, numpy_dtype
-from ..errors import JasperError, StoreCorruptError, StoreFormatError, StoreNotFoundError
-from ..files import file_kind, read_json
-from ..layout import MANIFEST
-from ..schema import Problem, is_count, store_fix, type_name
-from .base import Store, StoreWriter
+from jasper_mmap._fs.files import file_kind
+from jasper_mmap.errors import JasperError, StoreCorruptError, StoreNotFoundError
+from jasper_mmap.format.dtypes import numpy_dtype
+from jasper_mmap.format.schema import store_fix
+from jasper_mmap.format.zarr_metadata import _META_NAMES
+from jasper_mmap.stores.base import Store, StoreWriter
 
-__all__ = [
-    "ZarrStore",
-    "ZarrWriter",
-    "ZARR_CHUNK_BYTES",
-    "ZARR_SHARD_BYTES",
-    "chunk_rows",
-    "metadata_problems",
-]
+__all__ = ["ZARR_CHUNK_BYTES", "ZARR_SHARD_BYTES", "ZarrStore", "ZarrWriter", "chunk_rows"]
 
 ZARR_CHUNK_BYTES = 128 * 1024
+
+
 ZARR_SHARD_BYTES = 8 * 1024 * 1024
 
 
@@ -142,11 +136,6 @@ class ZarrWriter(StoreWriter):
         return entries
 
 
-_META_NAMES = ("zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata")
-#: stored dtype -> zarr v3 ``data_type`` of the raw bytes
-_DATA_TYPES = {name: np_dtype.name for name, (np_dtype, _) in STORED_DTYPES.items()}
-
-
 class _MissingChunk(StoreNotFoundError):
     """A chunk/shard file that the store records is gone (raised through zarr's reads)."""
 
@@ -158,7 +147,7 @@ class _MissingChunk(StoreNotFoundError):
 class _StrictLocalStore(LocalStore):
     """A read-only ``LocalStore`` that fails on a missing chunk file instead of returning None
     (which zarr serves as the fill value: zeros). For stores whose every chunk file exists
-    (NOTE [recorded files] in integrity.py); metadata keys keep zarr's behaviour."""
+    (NOTE [recorded files] in jasper_mmap/format/integrity.py); metadata keys keep zarr's behaviour."""
 
     async def get(self, key: str, prototype=None, byte_range=None):
         got = await super().get(key, prototype, byte_range)
@@ -167,102 +156,13 @@ class _StrictLocalStore(LocalStore):
         return got
 
 
-def _json_findings(meta: Any, entry: dict[str, Any]) -> list[str]:
-    """What in an array's ``zarr.json`` disagrees with its (well-formed) manifest ``entry``."""
-    if not isinstance(meta, dict):
-        return [f"should be a JSON object, but is {type_name(meta)}"]
-    found = []
-    if meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
-        found.append("should describe a zarr v3 array (zarr_format 3, node_type array)")
-    if meta.get("shape") != entry["shape"]:
-        found.append(f"has shape {meta.get('shape')!r:.40}, the manifest says {entry['shape']}")
-    want = _DATA_TYPES[entry["stored_dtype"]]
-    if meta.get("data_type") != want:
-        found.append(f"has data_type {meta.get('data_type')!r:.20}, the manifest says {want!r}")
-    attrs = meta.get("attributes")
-    logical = attrs.get("logical_dtype") if isinstance(attrs, dict) else None
-    if logical not in (None, entry["stored_dtype"]):
-        found.append(
-            f"has logical_dtype {logical!r:.20}, the manifest says {entry['stored_dtype']!r}"
-        )
-    if _grid(meta, len(entry["shape"])) is None:
-        found.append("has a chunk grid or chunk key encoding zarr_store cannot read")
-    if not isinstance(meta.get("codecs"), list) or not meta["codecs"]:
-        found.append("should list its codecs")
-    return found
-
-
-def _grid(meta: dict[str, Any], ndim: int) -> tuple[list[int], str, str] | None:
-    """(chunk shape, key prefix, separator) of a regular grid, or None."""
-    grid, enc = meta.get("chunk_grid"), meta.get("chunk_key_encoding")
-    if not (isinstance(grid, dict) and isinstance(enc, dict) and grid.get("name") == "regular"):
-        return None
-    conf, econf = grid.get("configuration"), enc.get("configuration", {})
-    chunks = conf.get("chunk_shape") if isinstance(conf, dict) else None
-    if not (isinstance(chunks, list) and len(chunks) == ndim and all(is_count(c) for c in chunks)):
-        return None
-    if not all(chunks) or not isinstance(econf, dict) or enc.get("name") not in ("default", "v2"):
-        return None
-    sep = econf.get("separator", "/" if enc["name"] == "default" else ".")
-    if sep not in ("/", "."):
-        return None
-    return chunks, ("c" if enc["name"] == "default" else ""), sep
-
-
-def _chunk_keys(meta: dict[str, Any], shape: list[int]) -> list[str]:
-    """The key of every chunk (shard) file of an array, in grid order."""
-    chunks, prefix, sep = _grid(meta, len(shape))
-    counts = [math.ceil(n / c) for n, c in zip(shape, chunks, strict=True)]
-    if not shape:
-        return [prefix or "0"]
-    head = f"{prefix}{sep}" if prefix else ""
-    if all(c == 1 for c in counts[1:]):  # full-width chunks, as we write them: fast path
-        tail = f"{sep}0" * (len(shape) - 1)
-        return [f"{head}{i}{tail}" for i in range(counts[0])]
-    grid = itertools.product(*(range(n) for n in counts))
-    return [head + sep.join(str(c) for c in coords) for coords in grid]
-
-
-def metadata_problems(
-    store_dir: Path, entries: dict[str, dict[str, Any]], files: dict[str, int], fix: str
-) -> list[Problem]:
-    """Each array's ``zarr.json`` against its manifest entry (shape, dtype, grid); with recorded
-    ``files`` (NOTE [recorded files]), also that every chunk file the grid implies is recorded.
-    Reads one small JSON file per array."""
-    problems = []
-    for name, entry in entries.items():
-        path = os.path.join(store_dir, entry["file"], "zarr.json")
-        try:
-            meta = read_json(path, what="zarr array metadata", fix=fix, error=StoreCorruptError)
-        except JasperError as e:
-            problems.append(Problem(type(e), str(e), (name,)))
-            continue
-        found = _json_findings(meta, entry)
-        problems += [Problem(StoreCorruptError, f"{path}: {f}. {fix}", (name,)) for f in found]
-        if found or not files:
-            continue
-        for key in _chunk_keys(meta, entry["shape"]):
-            rel = f"{entry['file']}/{key}"
-            if rel not in files:
-                problems.append(
-                    Problem(
-                        StoreFormatError,
-                        f"{Path(store_dir) / MANIFEST}: 'files' does not record {rel}, a chunk "
-                        f"file of array {name!r}, so it cannot be checked. {fix}",
-                        (name,),
-                    )
-                )
-                break
-    return problems
-
-
 class ZarrStore(Store):
     """Reads a zarr-backend store with ``zarr.open_group``; rows via orthogonal indexing.
 
     A store whose manifest records its files (NOTE [recorded files]) is read through
     :class:`_StrictLocalStore`, so a chunk file removed after opening raises instead of
     reading as zeros; every read error (checksum, decode) is re-raised naming the file.
-    Chunks are read under the directory opened (NOTE [store identity] in base.py).
+    Chunks are read under the directory opened (NOTE [store identity] in jasper_mmap/stores/identity.py).
     """
 
     backend = "zarr"

@@ -1,0 +1,1 @@
+"""File-system primitives: regular-file JSON reads, atomic publication, locks."""

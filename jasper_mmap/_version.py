@@ -1,0 +1,3 @@
+"""The package version (a leaf: no imports)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Loading: ``create_loader``, gather threads and their tuner."""

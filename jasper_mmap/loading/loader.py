@@ -1,0 +1,446 @@
+"""``create_loader``, ``set_epoch``, ``validate_first_batch`` and the worker seeding.
+
+``create_loader`` builds a ``torch.utils.data.DataLoader`` on the batched path: the DataLoader
+calls ``dataset.__getitems__`` with a batch's indices (a few vectorized gathers) and
+:func:`collate_batch` passes the batch through untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from jasper_mmap.dataset.batches import BATCH_KEYS, SampleBatch
+from jasper_mmap.dataset.control import mark_loader_worker
+from jasper_mmap.dataset.dataset import JASPERSteeringDataset
+from jasper_mmap.errors import JasperError
+from jasper_mmap.loading.threads import ThreadedBatches
+from jasper_mmap.loading.tuner import GatherTuner
+
+__all__ = [
+    "create_loader",
+    "JasperLoader",
+    "WORKER_MODES",
+    "set_epoch",
+    "validate_first_batch",
+    "first_batch_summary",
+    "collate_batch",
+    "seed_worker",
+    "BatchValidationError",
+]
+
+log = logging.getLogger(__name__)
+
+
+class BatchValidationError(JasperError, AssertionError, ValueError):
+    """A batch has a missing key, a wrong shape or dtype, NaN/Inf, or a value out of range.
+
+    An AssertionError, as the in-RAM dataset's ``validate_first_batch`` raised (its docs tell
+    users to catch that), and a ValueError.
+    """
+
+
+def collate_batch(data: Any) -> Any:
+    """Collate for the batched path: a :class:`SampleBatch` is already a batch."""
+    if isinstance(data, SampleBatch):
+        return data.batch
+    return torch.utils.data.default_collate(data)
+
+
+def seed_worker(worker_id: int) -> None:
+    """``worker_init_fn``: distinct, derived seeds for torch, numpy and random in each worker.
+
+    torch already gives worker ``i`` the seed ``base_seed + i``; numpy's global RNG is not
+    reseeded by torch, so every forked worker would otherwise draw the same numbers.
+    """
+    seed = torch.initial_seed()  # base_seed + worker_id, set by the DataLoader
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+class _OurWorker:
+    """The ``worker_init_fn`` a JasperLoader's worker processes run: marks the worker process as ours, so the dataset's
+    control block keeps following the main process there (NOTE [forked children] in
+    control.py), then runs the user's ``worker_init_fn``. Picklable for spawn workers."""
+
+    def __init__(self, init: Any) -> None:
+        self.init = init
+
+    def __call__(self, worker_id: int) -> None:
+        mark_loader_worker()
+        if self.init is not None:
+            self.init(worker_id)
+
+
+WORKER_MODES = ("thread", "process")
+
+
+class JasperLoader(DataLoader):
+    """A ``torch.utils.data.DataLoader`` whose ``num_workers`` are gather threads by default.
+
+    ``worker_mode="thread"``: ``num_workers`` threads of this process gather batches in
+    parallel, ``prefetch_factor`` per thread ahead (:attr:`in_flight`), in sampler order, with
+    no per-batch process transport (NOTE [thread loading] in jasper_mmap/loading/threads.py), or the loop gathers
+    them itself when :attr:`gather_tuner` measures that to be faster (a CPU training step that
+    uses every core; NOTE [gathering in the loop]); ``num_workers=0`` gathers in the loop.
+    ``worker_mode="process"``: the DataLoader's own worker processes, for users who add
+    per-sample Python work of their own (a custom collate function, say) that threads would
+    serialize on the GIL. Batches are bit-identical in every mode.
+    """
+
+    def __init__(self, dataset: Any, *, worker_mode: str = "thread", **kwargs: Any) -> None:
+        if worker_mode not in WORKER_MODES:
+            raise ValueError(
+                f"worker_mode should be one of {WORKER_MODES}, but got worker_mode={worker_mode!r}"
+            )
+        self.worker_mode = worker_mode  # before DataLoader.__init__, which checks the workers
+        #: thread mode: measures whether gathering ahead on threads or in the loop is faster
+        #: for this loop and does that (NOTE [gathering in the loop]); None: always ahead
+        self.gather_tuner: GatherTuner | None = GatherTuner()
+        super().__init__(dataset, **kwargs)
+
+    def _get_iterator(self) -> Any:
+        """The DataLoader's iterator; its worker processes (``worker_mode="process"``, or
+        ``batch_size=None``) run :class:`_OurWorker` around ``worker_init_fn``, which stays
+        the user's own attribute (only the workers this call starts see the wrapper); without
+        an accelerator it does not pin (``pin_memory`` stays as given)."""
+        init, pin = self.worker_init_fn, self.pin_memory
+        if self.num_workers:
+            self.worker_init_fn = _OurWorker(init)
+        if pin and not _accelerator():  # nothing to pin for: torch would only warn
+            self.pin_memory = False
+        try:
+            return super()._get_iterator()
+        finally:
+            self.worker_init_fn, self.pin_memory = init, pin
+
+    def check_worker_number_rationality(self) -> None:
+        """The DataLoader's warning about more worker processes than cores (processes only)."""
+        if self.worker_mode == "process":
+            super().check_worker_number_rationality()
+
+    def _epoch_batches(self) -> Iterator[Any]:
+        """The sampler's batches of a new epoch, drawn as the DataLoader's own iterators do:
+        the sampler iterator first, then one draw of the loader's generator (the workers' base
+        seed), so a seeded sampler gives the same order in every mode."""
+        batches = iter(self._index_sampler)
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        return batches
+
+    @property
+    def gather_threads(self) -> int:
+        """Threads that gather in thread mode: ``num_workers``, at most the CPUs this process
+        may run on. A gather is CPU work (warm pages) or waits on reads the batch prefetch
+        already queued (cold pages), so threads beyond the cores only contend: measured on 2
+        cores, 4 threads gathered 81k samples/s where 2 gathered 104k (README, Performance)."""
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cpus = os.cpu_count() or 1
+        return max(1, min(self.num_workers, cpus))
+
+    @property
+    def in_flight(self) -> int:
+        """Batches gathered ahead at most in thread mode (memory: this x one batch's bytes):
+        ``prefetch_factor`` per gather thread, as a DataLoader's per worker. Counted per
+        thread that runs (:attr:`gather_threads`), not per ``num_workers``: a deeper queue
+        only buffers, and on 2 cores with ``num_workers=4`` (2 threads) a depth of 8 batches
+        trained at 0.910 / 0.925 of the loader-free bound where 4 gave 0.925 / 0.935 (two
+        interleaved A/B sets of 7 rounds; every switch to gathering ahead queues the depth
+        at once while the step needs both cores)."""
+        return (self.prefetch_factor or 1) * self.gather_threads if self.num_workers else 1
+
+    def __iter__(self) -> Any:
+        threads = self.worker_mode == "thread" and self._auto_collation
+        if not threads:
+            return super().__iter__()
+        if getattr(self.dataset, "device", torch.device("cpu")).type != "cpu":
+            return _inline(self.dataset, self._epoch_batches(), self.collate_fn, False)  # on GPU
+        pin = bool(self.pin_memory) and torch.cuda.is_available()
+        if self.num_workers == 0:
+            return _inline(self.dataset, self._epoch_batches(), self.collate_fn, pin)
+        reserve = getattr(self.dataset, "reserve_batch_buffers", None)
+        if reserve is not None:  # the batches in flight and the one the loop holds
+            reserve(self.in_flight + 2)
+        tuner = self.gather_tuner
+        store = getattr(self.dataset, "store", None)  # a dataset of ours has one
+        if store is not None and store.advice == "random":
+            tuner = None  # larger than RAM: batches wait on the disk; threads keep reads in flight
+        return ThreadedBatches(
+            self.dataset,
+            self._epoch_batches(),
+            self.collate_fn,
+            self.gather_threads,
+            self.in_flight,
+            pin,
+            tuner,
+        )
+
+
+def _accelerator() -> bool:
+    """Whether pinned memory has a device to serve (CUDA, or torch's current accelerator)."""
+    if torch.cuda.is_available():
+        return True
+    acc = getattr(torch, "accelerator", None)
+    return acc is not None and acc.current_accelerator() is not None
+
+
+def _inline(dataset: Any, batches: Any, collate: Any, pin: bool) -> Iterator[Any]:
+    for indices in batches:
+        yield collate(dataset.__getitems__(indices, pin_memory=pin))
+
+
+def create_loader(
+    dataset_dir: str | Path,
+    split: str,
+    batch_size: int,
+    num_workers: int = 0,
+    distributed: bool = False,
+    epoch: int = 0,
+    drop_last: bool | None = None,
+    pin_memory: bool = True,
+    *,
+    worker_mode: str = "thread",
+    **dataloader_kwargs: Any,
+) -> JasperLoader:
+    """A DataLoader over ``JASPERSteeringDataset(dataset_dir, split, epoch)`` on the batched path.
+
+    Train shuffles and drops the last partial batch by default; val/test do neither. With
+    ``distributed=True`` a ``DistributedSampler`` shards the split across ranks.
+    ``num_workers`` gather threads (``worker_mode="thread"``, the default) or worker processes
+    (``worker_mode="process"``); see :class:`JasperLoader`. ``pin_memory`` (with CUDA) gathers
+    straight into pinned memory. ``dataloader_kwargs`` go to the DataLoader and override these
+    defaults (``shuffle``, ``prefetch_factor``, ``persistent_workers``,
+    ``multiprocessing_context``, ...); dataset options (``seed``, ``cache_dir``,
+    ``store_format``, ``storage_format``, ``use_mmap``, ``report_generation``, ...) are taken
+    out first.
+
+    Returns:
+        A :class:`JasperLoader` (a ``torch.utils.data.DataLoader``), with ``.dataset_obj``
+        (the dataset) and ``.sampler_obj`` (the DistributedSampler, or None).
+    """
+    ds_keys = (
+        "seed",
+        "cache_dir",
+        "store_format",
+        "storage_format",
+        "use_mmap",
+        "device",
+        "report_generation",
+        "preload",
+        "preload_budget_bytes",
+        "check_sources",
+        "allow_nonfinite",
+    )
+    ds_kwargs = {k: dataloader_kwargs.pop(k) for k in ds_keys if k in dataloader_kwargs}
+    dataset = JASPERSteeringDataset(dataset_dir, split, epoch, **ds_kwargs)
+    if dataset.device.type != "cpu":
+        if num_workers and worker_mode == "process":
+            raise ValueError(
+                f"num_workers should be 0 for a dataset preloaded to {dataset.device} with "
+                f"worker_mode='process' (batches are gathered on the device in this process), "
+                f"but got num_workers={num_workers}"
+            )
+        pin_memory = False
+    train = split == "train"
+    drop_last = train if drop_last is None else drop_last
+    shuffle = dataloader_kwargs.pop("shuffle", train)
+    sampler = None
+    if distributed:
+        sampler = DistributedSampler(
+            dataset, shuffle=shuffle, drop_last=drop_last, seed=dataset.seed
+        )
+        sampler.set_epoch(epoch)
+        shuffle = False
+    kwargs: dict[str, Any] = {
+        "batch_size": batch_size,
+        "shuffle": shuffle if sampler is None else False,
+        "sampler": sampler,
+        "num_workers": num_workers,
+        "drop_last": drop_last,
+        "collate_fn": collate_batch,
+        "pin_memory": pin_memory,
+        "worker_init_fn": seed_worker,
+    }
+    if dataloader_kwargs.get("batch_sampler") is not None:  # it decides batches alone
+        for key in ("batch_size", "shuffle", "sampler", "drop_last"):
+            kwargs.pop(key)
+    kwargs.update(dataloader_kwargs)
+    loader = JasperLoader(dataset, worker_mode=worker_mode, **kwargs)
+    loader.dataset_obj = dataset
+    loader.sampler_obj = sampler
+    log.info(
+        "Created %s DataLoader: %d samples, batch_size=%s, num_workers=%d (%s), distributed=%s",
+        split,
+        len(dataset),
+        batch_size,
+        num_workers,
+        "threads" if worker_mode == "thread" else "processes",
+        distributed,
+    )
+    return loader
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Set the epoch of the loader's dataset (curriculum) and of its sampler (shuffling)."""
+    dataset = getattr(loader, "dataset_obj", loader.dataset)
+    dataset.set_epoch(epoch)
+    sampler = getattr(loader, "sampler_obj", None) or loader.sampler
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+
+
+#: checked as the in-RAM dataset checks them (tiers are not: it never did)
+_RANGES = {
+    "relevance": (0.0, 1.0),
+    "centroid_distance": (0.0, 2.0),
+    "steering_variant": (0, 3),
+}
+_DTYPES = {
+    "cluster_id": torch.int64,
+    "steering_variant": torch.int64,
+    "negative_tiers": torch.int64,
+}
+
+
+def _rows(mask: torch.Tensor) -> list[int]:
+    return torch.nonzero(mask.reshape(mask.shape[0], -1).any(dim=1)).flatten()[:5].tolist()
+
+
+def _cluster_count(dataset: Any) -> int | None:
+    """The number of clusters: our dataset's store counts them (also after close(), when its
+    tables are gone); another dataset's ``centroid_embs`` (None: not known)."""
+    counts = None
+    if getattr(dataset, "store_path", None) is not None:  # ours: the manifest's counts
+        counts = getattr(getattr(dataset, "store", None), "counts", None)
+    if isinstance(counts, Mapping) and "n_clusters" in counts:
+        return int(counts["n_clusters"])
+    try:
+        return len(dataset.centroid_embs)
+    except (AttributeError, TypeError):
+        return None
+
+
+def validate_first_batch(loader: DataLoader) -> bool:
+    """Fetch the first batch and check keys, shapes, dtypes, NaN/Inf (in every floating
+    output) and value ranges.
+
+    Returns:
+        True (the summary is :func:`first_batch_summary`).
+
+    Raises:
+        BatchValidationError: an AssertionError (and ValueError) naming the key and the first
+            offending rows; also when the loader yields no batch at all, when the first
+            batch is empty, is not a mapping, holds something other than tensors (a numpy
+            array) or single samples (``batch_size=None``).
+    """
+    first_batch_summary(loader)
+    return True
+
+
+def first_batch_summary(loader: DataLoader) -> dict[str, Any]:
+    """:func:`validate_first_batch`'s checks; returns batch size, embedding dim, n_neg and the
+    variant counts of the first batch.
+
+    Raises:
+        BatchValidationError: as :func:`validate_first_batch`.
+    """
+    dataset = getattr(loader, "dataset_obj", getattr(loader, "dataset", None))
+    origin = getattr(dataset, "store_path", None)
+    where = f"{origin}: " if origin is not None else ""
+    try:
+        batch = next(iter(loader))
+    except StopIteration:
+        n = len(dataset) if hasattr(dataset, "__len__") else "?"
+        raise BatchValidationError(
+            f"{where}the loader yields no batches (the dataset has {n} samples; "
+            f"batch_size={getattr(loader, 'batch_size', '?')}, "
+            f"drop_last={getattr(loader, 'drop_last', '?')}), so there is no "
+            f"first batch to check. Use a batch_size of at most the split's size, "
+            f"drop_last=False, or a split that has samples."
+        ) from None
+    keys_fix = (
+        "Return the nine keys from the collate function (create_loader's collate_batch does)."
+    )
+    if not isinstance(batch, Mapping):
+        raise BatchValidationError(
+            f"{where}the first batch should be a mapping of the keys {list(BATCH_KEYS)}, but "
+            f"got a {type(batch).__name__}. {keys_fix}"
+        )
+    missing = [k for k in BATCH_KEYS if k not in batch]
+    if missing:
+        have = sorted(repr(k) for k in batch)[:20]  # any keys: repr, never compared raw
+        raise BatchValidationError(
+            f"{where}batch is missing keys {missing}; it has [{', '.join(have)}]. {keys_fix}"
+        )
+    for key in BATCH_KEYS:
+        t = batch[key]
+        if not isinstance(t, torch.Tensor):
+            kind = "a numpy array" if isinstance(t, np.ndarray) else f"a {type(t).__name__}"
+            raise BatchValidationError(
+                f"{where}{key} should be a torch.Tensor, but got {kind}, not a tensor. Return "
+                f"tensors from the collate function (torch.from_numpy for arrays)."
+            )
+    for key, ndim in (("question_emb", 2), ("negative_tiers", 2)):
+        if batch[key].ndim != ndim:
+            raise BatchValidationError(
+                f"{where}{key} should have {ndim} dimensions (batch first), but got shape "
+                f"{tuple(batch[key].shape)}: the loader yields single samples, not batches "
+                f"(batch_size=None?). Use a batch_size (create_loader's loaders have one)."
+            )
+    b, d = batch["question_emb"].shape
+    if b == 0:
+        raise BatchValidationError(
+            f"{where}the first batch holds no samples (shape {tuple(batch['question_emb'].shape)})"
+            f", so nothing in it can be checked. Make the sampler's batches non-empty."
+        )
+    n_neg = batch["negative_tiers"].shape[1]
+    shapes = {
+        "question_emb": (b, d),
+        "target_source_emb": (b, d),
+        "steering": (b, d),
+        "negative_embs": (b, n_neg, d),
+        "cluster_id": (b,),
+        "relevance": (b,),
+        "centroid_distance": (b,),
+        "steering_variant": (b,),
+        "negative_tiers": (b, n_neg),
+    }
+    n_clusters = _cluster_count(dataset)
+    fix = "Check the source arrays (`jasper-mmap verify STORE`), fix them and convert again."
+    for key, shape in shapes.items():
+        t = batch[key]
+        if tuple(t.shape) != shape:
+            raise BatchValidationError(
+                f"{where}{key} should have shape {shape}, but got {tuple(t.shape)}. {fix}"
+            )
+        want = _DTYPES.get(key, torch.float32)
+        if t.dtype != want:
+            raise BatchValidationError(f"{where}{key} should be {want}, but got {t.dtype}. {fix}")
+        # every floating output, not only the embeddings: NaN fails every range comparison
+        # below, so a NaN relevance or distance would pass them
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise BatchValidationError(
+                f"{where}{key} holds NaN/Inf in batch rows {_rows(~torch.isfinite(t))}. {fix}"
+            )
+        lo, hi = _RANGES.get(key, (None, None))
+        if key == "cluster_id" and n_clusters is not None:
+            lo, hi = 0, n_clusters - 1
+        if lo is not None and ((t < lo - 1e-4) | (t > hi + 1e-4)).any():
+            bad = (t < lo - 1e-4) | (t > hi + 1e-4)
+            raise BatchValidationError(
+                f"{where}{key} should be in [{lo}, {hi}], but batch rows {_rows(bad)} hold "
+                f"{t[bad][:5].tolist()}. {fix}"
+            )
+    counts = torch.bincount(batch["steering_variant"], minlength=4).tolist()
+    summary = {"batch_size": b, "embedding_dim": d, "n_neg": n_neg, "variant_counts": counts}
+    log.info("first batch is valid: %s", summary)
+    return summary

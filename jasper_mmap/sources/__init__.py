@@ -1,0 +1,1 @@
+"""Dataset sources: ``.pt`` directories and ``dataset.h5`` (read and write)."""

@@ -1,0 +1,1 @@
+"""Upstream's ``dataset.h5``: layout, reader, keyword pass, writer."""

@@ -1,0 +1,1 @@
+"""``.pt`` files: the zip archive, the restricted pickle, readers, writers."""
