@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-#: above this many pairs datasets are generated with jasper_mmap.synthetic_store.make_pt_dir
+#: above this many pairs datasets are generated with jasper_mmap.synthetic.large.make_pt_dir
 #: (streamed, bounded memory) instead of jasper_mmap.synthetic.make_pt_dataset (in RAM)
 STREAMING_FROM = 1_000_000
 

@@ -2,7 +2,7 @@
 
     python scripts/bench_large.py --workdir bench_out --gb 32
 
-1. Writes a synthetic store of about ``--gb`` GB with `jasper_mmap.synthetic_store.make_store`
+1. Writes a synthetic store of about ``--gb`` GB with `jasper_mmap.synthetic.large.make_store`
    (in a child process, whose peak RSS is reported) unless it exists. Its train split is every
    tenth pair, so it spans the whole store.
 2. Drops the page cache, opens the dataset (cold open time), and for each loader of

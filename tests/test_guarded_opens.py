@@ -151,7 +151,9 @@ def test_a_fifo_description_swapped_in_never_hangs_the_collector(tmp_path, pt_da
 
 def test_a_fifo_config_never_hangs_the_n_neg_advice(tmp_path):
     os.mkfifo(tmp_path / "config.json")
-    code = "import sys; from pathlib import Path; from jasper_mmap.resolve import _n_neg_fix\n"
+    code = (
+        "import sys; from pathlib import Path; from jasper_mmap.dataset.resolve import _n_neg_fix\n"
+    )
     code += "print(_n_neg_fix(Path(sys.argv[1]), 7, 6))"
     done = _run(code, str(tmp_path))
     assert done.stdout.strip() == (
@@ -167,7 +169,7 @@ def test_fsync_tree_skips_a_fifo(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "data").write_bytes(b"x")
     os.mkfifo(tmp_path / "sub" / "pipe")
-    code = "import sys; from jasper_mmap._atomic import fsync_tree, fsync_dir\n"
+    code = "import sys; from jasper_mmap._fs.publish import fsync_tree, fsync_dir\n"
     code += "fsync_tree(sys.argv[1]); fsync_dir(sys.argv[1] + '/sub/pipe'); print('done')"
     done = _run(code, str(tmp_path))
     assert done.stdout.strip() == "done", done.stderr[-2000:]

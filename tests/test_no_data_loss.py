@@ -318,7 +318,7 @@ def test_a_partial_from_another_pid_namespace_is_not_judged_by_its_pid(tmp_path)
 
     if _shutil.which("unshare") is None:
         pytest.skip("needs unshare(1)")
-    code = "from jasper_mmap._atomic import HOST_TAG; print(HOST_TAG)"
+    code = "from jasper_mmap._fs.partials import HOST_TAG; print(HOST_TAG)"
     inner = subprocess.run(
         ["unshare", "--pid", "--fork", sys.executable, "-c", code], capture_output=True, text=True
     )

@@ -252,7 +252,7 @@ def test_a_full_disk_never_fails_the_release_of_a_lock(tmp_path, pt_dataset, mou
                 f.write(b"\0" * 65536)
                 f.flush()
     code = (
-        "import sys; from jasper_mmap._atomic import store_lock\n"
+        "import sys; from jasper_mmap._fs.lock import store_lock\n"
         "with store_lock(sys.argv[1], 'testing'):\n"
         "    pass\n"
         "print('released')"

@@ -159,7 +159,7 @@ def test_a_publish_waits_for_a_conversion_and_names_its_holder(tmp_path, pt_data
         [
             sys.executable,
             "-c",
-            "import sys, time; from jasper_mmap._atomic import store_lock\n"
+            "import sys, time; from jasper_mmap._fs.lock import store_lock\n"
             "with store_lock(sys.argv[1], 'converting'):\n"
             "    print('held', flush=True); time.sleep(1.5)",
             str(store),
@@ -459,7 +459,7 @@ def test_writers_exclude_each_other_although_the_lock_file_comes_and_goes(tmp_pa
     counter = tmp_path / "count"
     counter.write_text("0")
     code = (
-        "import sys, time; from pathlib import Path; from jasper_mmap._atomic import store_lock\n"
+        "import sys, time; from pathlib import Path; from jasper_mmap._fs.lock import store_lock\n"
         "c = Path(sys.argv[2])\n"
         "for _ in range(25):\n"
         "    with store_lock(sys.argv[1], 'counting'):\n"

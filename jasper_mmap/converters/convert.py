@@ -403,7 +403,7 @@ def _convert_into(
             format,
             entries,
             counts,
-            writer="jasper_mmap.convert_pt",
+            writer="jasper_mmap.converters.convert_pt",
             source={
                 "dir": str(reader.dir),
                 "format": reader.format,

@@ -44,7 +44,7 @@ def parse_keywords(
     """Decode ``path`` into ``tmp/.kw_offsets.bin`` (n_pairs + 1) and ``tmp/.kw_values.bin``.
 
     ``decode(on_rows, spill, stop)`` reads another kind of source (``dataset.h5``; see
-    :mod:`jasper_mmap.converters.sources`); by default ``path`` is a pickled list of lists.
+    :mod:`jasper_mmap.sources.directory`); by default ``path`` is a pickled list of lists.
 
     Returns:
         ``{"nnz", "offsets_stats", "values_stats"}``.

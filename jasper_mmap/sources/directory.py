@@ -11,9 +11,9 @@ hide their backends):
 * ``keyword_path`` and ``keyword_bytes``: what errors name and progress counts;
 * ``close()``.
 
-:class:`PtSource` reads ``.pt`` files (:mod:`~jasper_mmap.converters.pt_reader`,
-:mod:`~jasper_mmap.converters.keyword_pickle`); :class:`H5DatasetSource` reads ``dataset.h5``
-(:mod:`~jasper_mmap.converters.h5_source`).
+:class:`PtSource` reads ``.pt`` files (:mod:`~jasper_mmap.sources.pt.reader`,
+:mod:`~jasper_mmap.sources.pt.keywords`); :class:`H5DatasetSource` reads ``dataset.h5``
+(:mod:`~jasper_mmap.sources.hdf5.reader`).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ checks: the crc32 recorded at conversion, every index against the counts it refe
 indices (in range, not empty), keyword offsets, and NaN/Inf. It reports every problem it finds,
 not only the first, and never raises.
 
-The values are checked by the converter's own checks (``jasper_mmap.converters.checks``), so
+The values are checked by the converter's own checks (``jasper_mmap.format.values``), so
 verify sorts them exactly as ``convert-pt`` did: what the converter refuses is a problem; what it
 accepts with a warning (tiers outside 1..4, relevance outside [0, 1], centroid distances
 outside [0, 2], splits that repeat pairs) is a warning, not a problem. Verify shows the

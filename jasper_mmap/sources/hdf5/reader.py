@@ -1,7 +1,7 @@
 """Read an upstream ``dataset.h5`` as a conversion source, block by block (never whole).
 
 ``open_h5_source(dataset_dir)`` returns an :class:`H5Source` whose ``arrays`` offer the same
-interface as :class:`~jasper_mmap.converters.pt_reader.TensorArtifact` (``path``, ``shape``,
+interface as :class:`~jasper_mmap.sources.pt.reader.TensorArtifact` (``path``, ``shape``,
 ``dtype``, ``np_dtype``, ``nbytes``, ``row_bytes``, ``read_rows``), keyed by the store's array
 names, and whose ``keyword_rows()`` yields ``(lengths, values)`` int64 blocks like those
 ``keyword_pickle.decode_keyword_rows`` hands out. The HDF5 layout is the one upstream's

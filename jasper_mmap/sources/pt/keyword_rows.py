@@ -1,6 +1,6 @@
 """The output side of the keyword decoder: rows, the pickle memo, and the values written so far.
 
-:mod:`jasper_mmap.converters.keyword_pickle` interprets the opcodes; this module holds what they
+:mod:`jasper_mmap.sources.pt.keywords` interprets the opcodes; this module holds what they
 build. An inner list or tuple is a :class:`Row` while it is on the pickle stack; once it is
 part of the outer list it is *committed*: its length goes to the pending lengths, its values to
 the pending values, and pending values are written to the ``spill`` file block by block.

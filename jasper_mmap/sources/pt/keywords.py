@@ -13,7 +13,7 @@ refuses any other opcode (strings, floats, dicts, globals, calls, tensors...) na
 found, without executing it. It streams: rows are committed as soon as they can no longer
 change, also inside one huge APPENDS batch or an outer tuple (whose items pickle keeps on its
 stack until the closing TUPLE), so memory is bounded by one row, one input block and one output
-block, plus 12 bytes per memo key (see :mod:`jasper_mmap.converters.keyword_rows`).
+block, plus 12 bytes per memo key (see :mod:`jasper_mmap.sources.pt.keyword_rows`).
 
 Deliberate limits, none of which ``pickle.dump``/``torch.save`` ever write: a pickle that leaves
 objects on its stack at STOP, an inner list appended to after it became part of the outer list,
@@ -212,7 +212,7 @@ class _Decoder:
             f"(pickle memo references), as `rows = [[]] * n` followed by `rows[i].append(k)` "
             f"does, which gives every pair one shared growing list. Build one list per pair "
             f"(`[[] for _ in range(n)]`) and save it again; if the lists are right, set "
-            f"jasper_mmap.converters.keyword_pickle.MAX_EXPANSION = float('inf') before converting."
+            f"jasper_mmap.sources.pt.keywords.MAX_EXPANSION = float('inf') before converting."
         )
 
     def _pos(self) -> int:

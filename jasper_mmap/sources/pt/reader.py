@@ -1,7 +1,7 @@
 """Read ``.pt`` artifacts without ever holding one whole in RAM, and without running pickles.
 
 Tensors: the small ``data.pkl`` record of the zip archive is unpickled by the restricted
-unpickler of :mod:`jasper_mmap.converters.tensor_pickle`, which admits only the globals a plain
+unpickler of :mod:`jasper_mmap.sources.pt.tensor_pickle`, which admits only the globals a plain
 tensor needs (the same allow-list idea as ``torch.load(weights_only=True)``, each global
 replaced by a harmless stand-in), and never imports torch (a second and ~200 MB per process). It
 yields dtype, shape, strides, storage offset and storage record; every one is checked against
@@ -15,7 +15,7 @@ float8 tensors come back decoded to float32 (numpy has no float8) through a 256-
 built from each format's definition (bit-exact with torch's ``.float()``, NaN payloads
 included); a tensor saved with its negative or conjugate bit set comes back resolved.
 
-Keyword ids (a pickled list of lists) are decoded by :mod:`jasper_mmap.converters.keyword_pickle`.
+Keyword ids (a pickled list of lists) are decoded by :mod:`jasper_mmap.sources.pt.keywords`.
 """
 
 from __future__ import annotations
