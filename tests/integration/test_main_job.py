@@ -8,7 +8,7 @@ from pathlib import Path
 from jasper_mmap.converters import convert_pt
 from jasper_mmap.synthetic import SyntheticSpec, make_pt_dataset
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "main_job.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "main_job.py"
 
 
 def _main_job():

@@ -1,27 +1,15 @@
-"""`.pt` inputs: every valid form is read exactly, every malformed one is refused cleanly.
-
-Rule: whatever ``torch.load(path, weights_only=True)`` accepts as a tensor, or what a pickle
-builds as a list of lists of ints (``pickle.dump`` protocols 0-5, ``torch.save`` with any
-``pickle_protocol``), is valid and must be read bit-exactly; anything else gives an
-``ArtifactError`` naming the file and saying what was found, without executing anything.
-Also: conversion never starts a child process (it works without a ``__main__`` guard, inside
-``multiprocessing.Pool`` and DataLoader workers), and the keyword thread stops on cancel.
-"""
+"""The `.pt` inputs of the tests under tests/sources/test_pt_*.py: helpers, the valid forms
+and the malformed ones (tensors, hand-made tensor records, tensor files, keyword lists and
+keyword files) and the metadata fuzzers. Data and helpers only: no tests here."""
 
 from __future__ import annotations
 
 import collections
 import io
-import multiprocessing
 import os
 import pickle
 import pickletools
 import re
-import subprocess
-import sys
-import textwrap
-import threading
-import time
 import warnings
 import zipfile
 from pathlib import Path
@@ -29,18 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from jasper_mmap import open_store
-from jasper_mmap.converters import convert_pt
-from jasper_mmap.converters import keywords as keywords_mod
-from jasper_mmap.converters.keywords import KeywordJob
 from jasper_mmap.errors import ArtifactError, ArtifactMissingError
-from jasper_mmap.sources.pt.keyword_rows import RowSink
 from jasper_mmap.sources.pt.keywords import decode_keyword_rows
 from jasper_mmap.sources.pt.reader import open_tensor
-from jasper_mmap.synthetic import SyntheticSpec, make_pt_dataset
 
 FUZZ = settings(
     max_examples=150,
@@ -140,190 +122,6 @@ class _RefusingPython(pickle._Unpickler):  # the pure-Python one: a dict memo, a
     find_class, persistent_load = _Refusing.find_class, _Refusing.persistent_load
 
 
-# -- no child processes: thread, not spawn ---------------------------------------------------
-
-
-def run_script(tmp_path: Path, body: str, timeout: float = 180) -> str:
-    """Run ``body`` as a user script in its own session; a hang fails the test (killed)."""
-    script = tmp_path / "user_script.py"
-    script.write_text(textwrap.dedent(body))
-    proc = subprocess.Popen(
-        [sys.executable, str(script)],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.communicate()
-        pytest.fail(f"the script hung for {timeout} s (a spawned child waiting on its parent?)")
-    assert proc.returncode == 0, out
-    return out
-
-
-def test_unguarded_script_converts_at_top_level(tmp_path, pt_dataset):
-    out = run_script(
-        tmp_path,
-        f"""
-        from jasper_mmap.converters import convert_pt
-        convert_pt({str(pt_dataset)!r}, {str(tmp_path / "store")!r}, progress=False)
-        print("converted")
-        """,
-    )
-    assert "converted" in out
-    with open_store(tmp_path / "store") as store:
-        assert store.counts["n_pairs"] == SyntheticSpec().resolved().n_pairs
-
-
-def test_unguarded_script_opens_pt_directory(tmp_path, pt_dataset):
-    out = run_script(
-        tmp_path,
-        f"""
-        import jasper_mmap
-        ds = jasper_mmap.JASPERSteeringDataset({str(pt_dataset)!r}, "train",
-                                               cache_dir={str(tmp_path / "cache")!r})
-        print("samples", len(ds), sorted(ds[0])[0])
-        """,
-    )
-    assert re.search(r"samples [1-9]\d* \w+", out), out
-
-
-@pytest.mark.parametrize("method", ["fork", "spawn"])
-def test_conversion_inside_pool_worker(tmp_path, pt_dataset, method):
-    out = run_script(
-        tmp_path,
-        f"""
-        import multiprocessing
-        from jasper_mmap.converters import convert_pt
-
-        def work(dst):
-            return str(convert_pt({str(pt_dataset)!r}, dst, progress=False))
-
-        if __name__ == "__main__":
-            with multiprocessing.get_context({method!r}).Pool(1) as pool:
-                print("stores", pool.map(work, [{str(tmp_path / "a")!r}, {str(tmp_path / "b")!r}]))
-        """,
-    )
-    assert "stores" in out
-    for name in ("a", "b"):
-        with open_store(tmp_path / name) as store:
-            assert store.has("pair_keyword_values")
-
-
-def test_conversion_inside_dataloader_worker(tmp_path, pt_dataset):
-    out = run_script(
-        tmp_path,
-        f"""
-        import torch
-        from jasper_mmap.converters import convert_pt
-
-        class Converting(torch.utils.data.Dataset):
-            def __len__(self):
-                return 2
-
-            def __getitem__(self, i):
-                convert_pt({str(pt_dataset)!r}, {str(tmp_path)!r} + f"/store{{i}}", progress=False)
-                return i
-
-        if __name__ == "__main__":
-            loader = torch.utils.data.DataLoader(Converting(), num_workers=1, batch_size=None)
-            print("items", list(loader))
-        """,
-    )
-    assert "items [0, 1]" in out
-    for i in range(2):
-        with open_store(tmp_path / f"store{i}") as store:
-            assert store.counts["n_pairs"] == SyntheticSpec().resolved().n_pairs
-
-
-def test_conversion_starts_no_process(tmp_path, pt_dataset, monkeypatch):
-    def refuse(self):
-        raise AssertionError(f"convert_pt started a process ({self.name})")
-
-    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
-    convert_pt(pt_dataset, tmp_path / "store", progress=False)
-    assert multiprocessing.active_children() == []
-
-
-def _big_keyword_file(tmp_path: Path) -> Path:
-    """Two million memo references: seconds of decoding, a few MB of pickle."""
-    return save_kw(tmp_path / "kw.pt", [[1, 2, 3]] * 2_000_000, ("pickle", 4))
-
-
-def test_cancel_stops_the_keyword_thread_promptly(tmp_path):
-    job = KeywordJob(str(_big_keyword_file(tmp_path)), str(tmp_path), 2_000_000, 10)
-    time.sleep(0.2)
-    assert job._thread.is_alive(), "decoding should still run (the input takes seconds)"
-    t0 = time.perf_counter()
-    job.cancel()
-    assert time.perf_counter() - t0 < 1.0
-    assert not job._thread.is_alive()
-    assert not [t for t in threading.enumerate() if t.name == "convert-pt-keywords"]
-    with pytest.raises(RuntimeError, match="cancelled"):
-        job.result()
-
-
-def test_keyword_thread_error_keeps_its_type_and_message(tmp_path, pt_dataset):
-    path = save_kw(tmp_path / "kw.pt", [[1, "x"]], ("torch", 2))
-    job = KeywordJob(str(path), str(tmp_path), 1, 10)
-    expect_refused(path, job.result, "list of lists of int.*a string.*BINUNICODE")
-    job.cancel()
-    assert not job._thread.is_alive()
-
-
-def test_keyword_check_raises_a_finished_failure_without_waiting(tmp_path):
-    bad = save_kw(tmp_path / "bad.pt", {"not": "a list"}, ("torch", 2))
-    job = KeywordJob(str(bad), str(tmp_path), 1, 10)
-    job._thread.join()
-    expect_refused(bad, job.check, "its pickle holds a dict")
-    job.cancel()
-    running = KeywordJob(str(_big_keyword_file(tmp_path)), str(tmp_path), 2_000_000, 10)
-    t0 = time.perf_counter()
-    running.check()  # still decoding: returns at once
-    assert time.perf_counter() - t0 < 0.1 and running._thread.is_alive()
-    running.cancel()
-
-
-def test_keyword_thread_unexpected_error_surfaces_unchanged(tmp_path, monkeypatch):
-    def boom(*args, **kwargs):
-        raise KeyError("decoder bug 1234")
-
-    monkeypatch.setattr(keywords_mod, "decode_keyword_rows", boom)
-    path = save_kw(tmp_path / "kw.pt", [[1]], ("torch", 2))
-    job = KeywordJob(str(path), str(tmp_path), 1, 10)
-    with pytest.raises(KeyError, match="decoder bug 1234"):
-        job.result()
-    job.cancel()
-
-
-_THREAD_START = threading.Thread.start
-
-
-def test_failed_conversion_cancels_the_thread(tmp_path, pt_dataset, monkeypatch):
-    """A tensor error while keywords decode: the error surfaces, no thread is left."""
-    src = tmp_path / "src"
-    make_pt_dataset(src, SyntheticSpec())
-    save_kw(src / "pair_keyword_ids.pt", [[1, 2, 3]] * 2_000_000, ("pickle", 4))
-    emb = torch.load(src / "source_embs.pt", weights_only=True)
-    emb[3, 0] = float("nan")
-    torch.save(emb, src / "source_embs.pt")
-    started = []
-    monkeypatch.setattr(
-        keywords_mod.threading.Thread,
-        "start",
-        lambda self: (started.append(1), _THREAD_START(self)),
-    )
-    with pytest.raises(ArtifactError, match=r"source_embs.*NaN"):
-        convert_pt(src, tmp_path / "store", progress=False)
-    assert started, "the keyword thread should have been running"
-    assert not [t for t in threading.enumerate() if t.name == "convert-pt-keywords"]
-    assert not (tmp_path / "store").exists()
-
-
 # -- tensors: every form weights_only loading accepts is read bit-exactly --------------------
 
 
@@ -388,35 +186,6 @@ VALID_TENSORS = {
     "1d": lambda: torch.arange(50, dtype=torch.int64),
     "4d": lambda: torch.randn(2, 3, 4, 5, generator=_G),
 }
-
-
-@pytest.mark.parametrize("name", list(VALID_TENSORS))
-def test_valid_tensor_read_bit_exactly(tmp_path, name):
-    t = VALID_TENSORS[name]()
-    path = tmp_path / "t.pt"
-    torch.save(t, path)
-    loaded = torch_load(path)
-    assert loaded is not None, "torch.load(weights_only=True) accepts it: so must we"
-    assert_same_tensor(path, loaded)
-    assert_same_tensor(path, t)
-
-
-@pytest.mark.parametrize("protocol", [1, 2, 3, 4, 5])
-@pytest.mark.parametrize("name", ["float32", "parameter", "float8_e4m3fn_strided_view"])
-def test_tensor_saved_with_any_pickle_protocol(tmp_path, name, protocol):
-    t = VALID_TENSORS[name]()
-    torch.save(t, tmp_path / "t.pt", pickle_protocol=protocol)
-    assert_same_tensor(tmp_path / "t.pt", t)
-
-
-@pytest.mark.parametrize("name", F8)
-def test_float8_table_matches_torch_for_all_256_codes(tmp_path, name):
-    t = torch.arange(256, dtype=torch.uint8).view(getattr(torch, name))
-    torch.save(t, tmp_path / "t.pt")
-    got = open_tensor(tmp_path / "t.pt").read_rows(0, 256)
-    assert got.dtype == np.float32
-    assert got.view(np.uint32).tolist() == t.float().numpy().view(np.uint32).tolist()
-    assert np.isnan(got).sum() == torch.isnan(t.float()).sum().item() >= 1
 
 
 # -- tensors: hand-made records (any field value, written the way torch.save writes it) -------
@@ -508,27 +277,6 @@ VALID_RECORDS = {
 }
 
 
-@pytest.mark.parametrize("name", list(VALID_RECORDS))
-def test_valid_hand_made_record(tmp_path, name):
-    fields = VALID_RECORDS[name]
-    path = tensor_file(tmp_path / "t.pt", **fields)
-    # the reference: torch reading the same record (protocol 2, which its weights_only reader
-    # handles; mapped to the CPU where the record names a CUDA device)
-    ref = tensor_file(tmp_path / "ref.pt", **{**fields, "protocol": 2})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        want = torch.load(ref, weights_only=True, map_location="cpu")
-    assert_same_tensor(path, want)
-
-
-def test_big_endian_archive(tmp_path):
-    want = np.arange(12, dtype=np.float32).reshape(4, 3) * 1.5
-    path = tensor_file(tmp_path / "t.pt", data=want.astype(">f4").tobytes(), byteorder=b"big")
-    block = open_tensor(path).read_rows(0, 4)
-    assert block.dtype == np.dtype(">f4")  # the converter swaps blocks to little-endian
-    assert block.astype("<f4").tobytes() == torch_load(path).numpy().tobytes() == want.tobytes()
-
-
 _PAST = "does not fit its storage"
 _MALFORMED = "should hold one tensor, but its tensor metadata is malformed"
 _RECORD = "storage record holds 48 bytes but its pickle says"
@@ -608,13 +356,6 @@ BAD_RECORDS = {
         "not a tensor class",
     ),
 }
-
-
-@pytest.mark.parametrize("name", list(BAD_RECORDS))
-def test_malformed_tensor_record_refused(tmp_path, name):
-    fields, problem = BAD_RECORDS[name]
-    path = tensor_file(tmp_path / "t.pt", **fields)
-    expect_refused(path, lambda: open_tensor(path), problem)
 
 
 def _sparse(path):
@@ -711,32 +452,6 @@ BAD_FILES = {
 }
 
 
-@pytest.mark.parametrize("name", list(BAD_FILES))
-def test_bad_tensor_file_refused(tmp_path, name):
-    make, problem = BAD_FILES[name]
-    marker_before = set(tmp_path.iterdir())
-    make(tmp_path / "t.pt")
-    path = tmp_path / "t.pt"
-    expect_refused(path, lambda: open_tensor(path), problem)
-    assert set(tmp_path.iterdir()) - marker_before == {path}
-
-
-def test_negative_offset_never_becomes_rows(tmp_path):
-    """Regression: a negative storage offset converted, with zip header bytes as embeddings."""
-    src = make_pt_dataset(tmp_path / "src", SyntheticSpec())
-    t = torch.load(src / "question_embs.pt", weights_only=True)
-    n, d = t.shape
-    raw = tensor_pickle(offset=-d, size=(n, d), stride=(d, 1), numel=n * d)
-    write_archive(src / "question_embs.pt", raw, {"0": t.numpy().tobytes()})
-    assert torch_load(src / "question_embs.pt") is None  # torch refuses it too
-    expect_refused(
-        src / "question_embs.pt",
-        lambda: convert_pt(src, tmp_path / "store", progress=False),
-        _OFFSET + f" -{d},",
-    )
-    assert not (tmp_path / "store").exists()
-
-
 # -- tensors: fuzzing the metadata -----------------------------------------------------------
 
 
@@ -808,23 +523,6 @@ _FIELDS = {
 }
 
 
-@FUZZ
-@given(
-    template=st.sampled_from(_TEMPLATES),
-    fields=st.fixed_dictionaries({}, optional=_FIELDS),
-)
-def test_fuzz_generated_tensor_metadata(tmp_path, template, fields):
-    """Records torch.save could write, with random values in some fields: each is either read
-    exactly as torch.load reads it, or refused with an ArtifactError naming the file."""
-    fields = {**template, **fields}
-    if fields["fn"] is not V3:
-        fields.pop("dtype", None)
-    if fields["fn"] is V3 and "stype" not in fields:
-        fields["stype"] = torch.UntypedStorage
-    path = tensor_file(tmp_path / "t.pt", data=np.random.default_rng(0).bytes(48), **fields)
-    event(check_against_torch(path))
-
-
 def _mutable_ops(raw: bytes) -> list[tuple[str, int, int, object]]:
     """(kind, start, end, arg) of the int and string opcodes of a pickle."""
     ops, found = list(pickletools.genops(raw)), []
@@ -882,24 +580,6 @@ def _mutate(raw: bytes, data) -> bytes:
     return raw[:a] + new + raw[b:]
 
 
-@FUZZ
-@given(base=st.sampled_from(list(_BASES)), data=st.data())
-def test_fuzz_mutated_torch_save_metadata(tmp_path, base, data):
-    """Mutate the data.pkl of a real torch.save'd tensor: ints in sizes/strides/offsets and
-    numel, memo keys, storage keys and strings, truncation and byte flips."""
-    path = tmp_path / "t.pt"
-    torch.save(_BASES[base](), path)
-    with zipfile.ZipFile(path) as z:
-        records = {n: z.read(n) for n in z.namelist()}
-    name = next(n for n in records if n.endswith("data.pkl"))
-    for _ in range(data.draw(st.integers(1, 3))):
-        records[name] = _mutate(records[name], data)
-    with zipfile.ZipFile(path, "w") as z:
-        for n, content in records.items():
-            z.writestr(n, content)
-    event(check_against_torch(path))
-
-
 # -- keyword ids: every list of lists of ints a pickle can build -----------------------------
 
 
@@ -941,32 +621,6 @@ VALID_KEYWORDS = {
 }
 
 
-@pytest.mark.parametrize("saver", SAVERS, ids=[f"{k}{p}" for k, p in SAVERS])
-@pytest.mark.parametrize("name", list(VALID_KEYWORDS))
-def test_valid_keyword_lists_decode_exactly(tmp_path, name, saver):
-    obj = VALID_KEYWORDS[name]
-    path = save_kw(tmp_path / "kw.pt", obj, saver)
-    want = [[int(v) for v in row] for row in obj]
-    assert decode(path) == want
-    if name in ("repeats_far_apart", "upstream_fixture", "outer_tuple_of_lists") and saver[1] == 2:
-        assert decode(path, block=7) == want  # rows flushed to the values file in tiny blocks
-
-
-def test_far_repeat_read_back_from_the_values_file(tmp_path, monkeypatch):
-    """With no cache, a memo reference to a row written out long ago is re-read from disk."""
-    monkeypatch.setattr(RowSink, "CACHE_ROWS", 0)
-    reads = []
-    real_pread = os.pread
-    monkeypatch.setattr(
-        "jasper_mmap.sources.pt.keyword_rows.os.pread",
-        lambda fd, n, off: reads.append(off) or real_pread(fd, n, off),
-    )
-    obj = _far_repeats()
-    path = save_kw(tmp_path / "kw.pt", obj, ("torch", 2))
-    assert decode(path, block=64) == obj
-    assert reads, "the repeats should have been read back from the values file"
-
-
 def _decode_peak(path: Path) -> tuple[int, int]:
     """(rows decoded, peak bytes allocated by Python while decoding) with 4096-value blocks."""
     import tracemalloc
@@ -979,21 +633,6 @@ def _decode_peak(path: Path) -> tuple[int, int]:
         return rows[0], tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-
-
-@pytest.mark.parametrize("shape", ["memo_references", "outer_tuple"])
-def test_keyword_memory_stays_bounded(tmp_path, shape):
-    """No per-row objects: 4x the rows costs at most the memo's 12 bytes per key (with array
-    doubling) more, far below a list object per row (> 56 bytes)."""
-    peaks = []
-    for n in (10_000, 40_000):
-        obj = [[0, 1, 2]] * n if shape == "memo_references" else tuple([i, 9] for i in range(n))
-        rows, peak = _decode_peak(save_kw(tmp_path / "kw.pt", obj, ("pickle", 2)))
-        assert rows == n
-        peaks.append(peak)
-    per_row = (peaks[1] - peaks[0]) / 30_000
-    assert per_row < 40, f"{per_row:.0f} bytes per row (peaks {peaks})"
-    assert peaks[0] < 2 << 20
 
 
 class Evil:
@@ -1041,27 +680,6 @@ BAD_KEYWORD_OBJECTS = {
     "int_-2**63-1": ([[-(2**63) - 1]], "integer too large for int64"),
     "int_2**300": ([[2**300]], "integer too large for int64 .*-bit number"),
 }
-
-
-@pytest.mark.parametrize("saver", [("pickle", 0), ("pickle", 2), ("torch", 2), ("torch", 4)])
-@pytest.mark.parametrize("name", list(BAD_KEYWORD_OBJECTS))
-def test_keyword_file_not_a_list_of_lists_refused(tmp_path, name, saver):
-    obj, problem = BAD_KEYWORD_OBJECTS[name]
-    path = save_kw(tmp_path / "kw.pt", obj, saver)
-    problem = "should be a list of lists of int, but .*" + problem
-    if saver == ("pickle", 0) and not isinstance(obj, list | tuple):  # may start otherwise
-        problem = f"is neither a torch archive nor a pickled list|{problem}"
-    expect_refused(path, lambda: decode(path), problem)
-
-
-@pytest.mark.parametrize("saver", [("pickle", 0), ("pickle", 4), ("torch", 2)])
-def test_keyword_pickle_with_a_global_is_not_executed(tmp_path, saver):
-    marker = tmp_path / "pwned"
-    path = save_kw(tmp_path / "kw.pt", [[1], [Evil(marker)]], saver)
-    expect_refused(
-        path, lambda: decode(path), r"Python global (posix|os)\.system.*nothing was executed"
-    )
-    assert not marker.exists()
 
 
 def _kw_bytes(data: bytes):
@@ -1120,157 +738,3 @@ BAD_KEYWORD_FILES = {
     "zip_without_data_pkl": (_kw_zip_without_pickle, "zip file but not a torch archive"),
     **{f"cut_protocol_{p}": (_kw_cut(p), "truncated") for p in range(6)},
 }
-
-
-@pytest.mark.parametrize("name", list(BAD_KEYWORD_FILES))
-def test_bad_keyword_file_refused(tmp_path, name):
-    make, problem = BAD_KEYWORD_FILES[name]
-    path = tmp_path / "kw.pt"
-    make(path)
-    expect_refused(path, lambda: decode(path), problem)
-
-
-# -- keyword ids: generated structures and mutated pickles -----------------------------------
-
-_ROW_VALUES = st.one_of(st.integers(0, 300), st.integers(-(2**63), 2**63 - 1), st.booleans())
-
-
-@FUZZ
-@given(
-    pool=st.lists(
-        st.tuples(st.lists(_ROW_VALUES, max_size=6), st.booleans()), min_size=1, max_size=8
-    ),  # fmt: skip
-    picks=st.lists(st.integers(0, 7), max_size=60),
-    outer_tuple=st.booleans(),
-    saver=st.sampled_from(SAVERS),
-    block=st.sampled_from([1, 5, 1 << 17]),
-)
-def test_fuzz_generated_keyword_structures(tmp_path, pool, picks, outer_tuple, saver, block):
-    """Shared row objects (memo references), inner and outer tuples, every int encoding and
-    protocol, tiny output blocks: decoded exactly as pickle builds them."""
-    rows = [tuple(vals) if as_tuple else vals for vals, as_tuple in pool]
-    obj = [rows[k % len(rows)] for k in picks]
-    obj = tuple(obj) if outer_tuple else obj
-    path = save_kw(tmp_path / "kw.pt", obj, saver)
-    assert decode(path, block=block) == [[int(v) for v in row] for row in obj]
-
-
-def _reference_rows(data: bytes):
-    """What the pickle builds, read by Python's unpickler without globals (safe), or None."""
-    unpickler = _Refusing if _safe_for_c_unpickler(data) else _RefusingPython
-    try:
-        got = unpickler(io.BytesIO(data)).load()
-    except Exception:  # noqa: BLE001 - refused
-        return None
-    if not isinstance(got, list | tuple) or not all(
-        isinstance(r, list | tuple) and all(type(v) in (int, bool) for v in r) for r in got
-    ):
-        return None
-    return [[int(v) for v in r] for r in got]
-
-
-def _safe_for_c_unpickler(data: bytes) -> bool:
-    """The C unpickler sizes its memo by the largest key: skip records with huge keys."""
-    try:
-        return all(
-            not (op.name.endswith(("PUT", "GET")) and isinstance(arg, int) and arg > 1 << 20)
-            for op, arg, _ in pickletools.genops(data)
-        )
-    except Exception:  # noqa: BLE001 - then the unpickler stops at the same place
-        return True
-
-
-@FUZZ
-@given(
-    base=st.sampled_from(["shared", "tuples", "plain"]),
-    protocol=st.sampled_from([0, 1, 2, 4]),
-    data=st.data(),
-)
-def test_fuzz_mutated_keyword_pickles(tmp_path, base, protocol, data):
-    """Mutated keyword pickles (ints, memo keys, cuts, byte flips): refused with an
-    ArtifactError naming the file, or decoded exactly as the pickle builds them."""
-    kw = [5, 6]
-    obj = {
-        "shared": [kw, [1], kw, [], kw, [2, 3]],
-        "tuples": ([1, 2], (3,), (), (4, 5, 6, 7), [8]),
-        "plain": [[i, i + 1] for i in range(6)],
-    }[base]
-    raw = pickle.dumps(obj, protocol=protocol)
-    for _ in range(data.draw(st.integers(1, 3))):
-        raw = _mutate(raw, data)
-    path = tmp_path / "kw.pt"
-    path.write_bytes(raw)
-    try:
-        got = decode(path)
-    except (ArtifactError, ArtifactMissingError) as e:
-        assert str(path) in str(e)
-        event("refused")
-        return
-    assert got == _reference_rows(raw), "decoded something other than what the pickle builds"
-    event("decoded")
-
-
-# -- through convert_pt ----------------------------------------------------------------------
-
-
-def _keyword_lists(store) -> list[list[int]]:
-    offsets, values = store.read("pair_keyword_offsets"), store.read("pair_keyword_values")
-    return [values[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
-
-
-def test_convert_tensors_of_every_valid_form(tmp_path):
-    """Parameters, float8, uint16/32, bfloat16 and strided or offset views convert exactly."""
-    src = make_pt_dataset(tmp_path / "src", SyntheticSpec())
-
-    def load(name):
-        return torch.load(src / f"{name}.pt", weights_only=True)
-
-    def wider(t):  # a bigger tensor whose slice [3 : 3 + n] (every other column) is t
-        big = torch.zeros(t.shape[0] + 5, 2 * t.shape[1], dtype=t.dtype)
-        big[3 : 3 + t.shape[0], ::2] = t
-        return big[3 : 3 + t.shape[0], ::2]
-
-    forms = {
-        "question_embs": torch.nn.Parameter(load("question_embs")),
-        "source_embs": load("source_embs").to(torch.float8_e4m3fn),
-        "keyword_embs": torch.nn.Parameter(load("keyword_embs").bfloat16()),
-        "centroid_embs": load("centroid_embs").to(torch.float8_e5m2).t().contiguous().t(),
-        "steering_residual": wider(load("steering_residual")),
-        "steering_centroid": load("steering_centroid").t().contiguous().t(),
-        "hard_negatives": load("hard_negatives").to(torch.uint16),
-        "pair_index": wider(load("pair_index").to(torch.int32)),
-        "pair_cluster_id": load("pair_cluster_id").to(torch.uint8),
-        "train_idx": load("train_idx").to(torch.uint32),
-    }
-    for name, t in forms.items():
-        torch.save(t, src / f"{name}.pt")
-    with open_store(convert_pt(src, tmp_path / "store", progress=False)) as store:
-        for name, t in forms.items():
-            want = t.detach().float() if t.is_floating_point() else t.to(torch.int64)
-            got = store.gather(name, np.arange(t.shape[0]))
-            assert got.tobytes() == want.numpy().tobytes(), name
-
-
-KEYWORD_FORMS = {
-    "pickle_protocol_0": lambda lists: (lists, ("pickle", 0)),
-    "pickle_protocol_1_outer_tuple_of_tuples": lambda lists: (
-        tuple(tuple(r) for r in lists),
-        ("pickle", 1),
-    ),
-    "torch_shared_rows": lambda lists: ([lists[0]] * len(lists), ("torch", 2)),
-    "torch_protocol_5_upstream_pattern": lambda lists: (
-        ([[0, 1, 2], [1, 3], [2, 4, 5]] * len(lists))[: len(lists)],
-        ("torch", 5),
-    ),
-}
-
-
-@pytest.mark.parametrize("form", list(KEYWORD_FORMS))
-def test_convert_keyword_files_of_every_valid_form(tmp_path, form):
-    src = make_pt_dataset(tmp_path / "src", SyntheticSpec())
-    lists = torch.load(src / "pair_keyword_ids.pt", weights_only=True)
-    lists[0] = lists[0] or [1]
-    obj, saver = KEYWORD_FORMS[form](lists)
-    save_kw(src / "pair_keyword_ids.pt", obj, saver)
-    with open_store(convert_pt(src, tmp_path / "store", progress=False)) as store:
-        assert _keyword_lists(store) == [list(r) for r in obj]

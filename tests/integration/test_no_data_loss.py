@@ -26,7 +26,7 @@ from jasper_mmap.format.store_dirs import is_store
 from jasper_mmap.synthetic import SyntheticSpec, make_pt_dataset
 from jasper_mmap.synthetic.large import make_pt_dir, make_store
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "jasper_mmap.converters.cli"]
 
 

@@ -159,7 +159,7 @@ def test_every_argument_of_every_command_line_has_help(monkeypatch):
 
     scripts = []
     for name in ("make_synthetic", "main_job"):
-        path = Path(__file__).parents[1] / "scripts" / f"{name}.py"
+        path = Path(__file__).parents[2] / "scripts" / f"{name}.py"
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)

@@ -17,7 +17,7 @@ import pytest
 
 from jasper_mmap.synthetic import SyntheticSpec, make_pt_dataset
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 MAX_LINES = 250

@@ -25,7 +25,7 @@ from jasper_mmap.errors import ConfigError, JasperError, StoreCorruptError, Stor
 from jasper_mmap.format.config import read_config
 from jasper_mmap.stores.verify import verify_store
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GEN = "negatives/gen-000000.json"
 #: the files of a store opening and verify read as JSON
 JSON_FILES = ("manifest.json", "config.json", "negatives/CURRENT.json", GEN)

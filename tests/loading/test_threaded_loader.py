@@ -123,7 +123,7 @@ def test_set_epoch_and_force_steering_between_epochs_reach_the_threads(st_store)
 def reload_mid_epoch(tmp_path, pt_dataset, workers: int, at: int, tuner) -> tuple[list, int]:
     """Serve an epoch, publish and reload after batch ``at``; each batch's negatives
     generation (every batch checked against the table it claims) and the loader's depth."""
-    from test_negatives import check_batch, table
+    from dataset.test_negatives import check_batch, table
 
     from jasper_mmap import open_store
     from jasper_mmap.converters import convert_pt

@@ -22,7 +22,7 @@ from jasper_mmap.errors import ConfigError
 from jasper_mmap.steering import compute_steering_probs
 from jasper_mmap.synthetic import SyntheticSpec, make_pt_dataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PT_FILES = [
     "question_embs",
     "source_embs",
