@@ -309,7 +309,7 @@ def store_problems(
     and check it again). ``reuse``: when this process found the store sound before and none
     of the files looked at changed since, only stat them (NOTE [checked stores]).
     """
-    from jasper_mmap.format.manifest import load_manifest
+    from jasper_mmap.format.manifest import read_raw_manifest
 
     store_dir = Path(store_dir)
     key = os.fspath(store_dir)
@@ -321,7 +321,7 @@ def store_problems(
             return []
     if manifest is None:
         try:
-            manifest = load_manifest(store_dir)
+            manifest = read_raw_manifest(store_dir)
         except JasperError as e:
             return [Problem(type(e), str(e))]
     live: dict[int, dict] = {}

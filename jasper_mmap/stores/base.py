@@ -29,7 +29,7 @@ from jasper_mmap.errors import (
     StoreReplacedError,
 )
 from jasper_mmap.format.dtypes import to_float32
-from jasper_mmap.format.manifest import read_manifest, read_pointer
+from jasper_mmap.format.manifest import read_pointer, read_valid_manifest
 from jasper_mmap.format.spec import NEGATIVES_DIR
 from jasper_mmap.stores.identity import _PROC_FD, _Dir, _manifest_state, _token_at
 from jasper_mmap.stores.leases import _acquire, _Generation
@@ -82,7 +82,7 @@ class Store(abc.ABC):
         verified: dict[int, dict[str, Any]] | None = None,
     ) -> None:
         self.path = Path(path)
-        self.manifest = manifest if manifest is not None else read_manifest(self.path)
+        self.manifest = manifest if manifest is not None else read_valid_manifest(self.path)
         # generations open_store has just checked: their first lease here skips the same check
         self._verified = dict(verified or {})
         self._generation: int | None = None  # the generation served when none is named
