@@ -40,7 +40,7 @@ from jasper_mmap.errors import (
     StoreStaleError,
     StoreWriteError,
 )
-from jasper_mmap.format.manifest import read_pointer, read_raw_manifest, read_valid_manifest
+from jasper_mmap.format.manifest import read_generation_desc, read_raw_manifest, read_valid_manifest
 from jasper_mmap.format.schema import source_findings
 from jasper_mmap.format.spec import CONFIG, MANIFEST, NEGATIVES_DIR
 from jasper_mmap.sources.directory import STORAGE_FORMATS, detect_storage_format
@@ -201,7 +201,7 @@ def negatives_to_take_in(src: Path, store: Path, fmt: str = "pt") -> bool:
     ``publish_negatives`` call made after the files were written wins over them. Files that
     do not exist are not news.
     """
-    pointer, names = read_pointer(store), _negative_files(fmt)
+    pointer, names = read_generation_desc(store), _negative_files(fmt)
     recorded = _taken_in(store, pointer, names)
     moved = [n for n in names if _negatives_moved(src, n, recorded.get(n), fmt)]
     if not moved:

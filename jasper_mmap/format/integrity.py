@@ -149,13 +149,13 @@ def _named_generation(
     """The generation ``CURRENT.json`` (``pointer``) names: its own description
     ``gen-NNNNNN.json`` (what readers use) in full, and the pointer agreeing with it.
     Returns the problems and the description read (None when it could not be read)."""
-    from jasper_mmap.format.manifest import read_pointer
+    from jasper_mmap.format.manifest import read_generation_desc
     from jasper_mmap.format.spec import generation_name
 
     g, fix = pointer["generation"], _generation_fix(store_dir, manifest)
     path = store_dir / NEGATIVES_DIR / f"{generation_name(g)}.json"
     try:
-        desc = read_pointer(store_dir, g, check=False)
+        desc = read_generation_desc(store_dir, g, check=False)
     except StoreNotFoundError:
         msg = f"{path}: negatives generation {g}, which {POINTER} names, has no description. {fix}"
         return [Problem(StoreNotFoundError, msg)], None
@@ -179,13 +179,13 @@ def _live_generation_problems(
     read again (up to twice) if a publisher switched ``CURRENT.json`` meanwhile, so a
     generation removed after a newer one went live is not reported. A generation found
     sound is recorded in ``verified`` (generation -> its description)."""
-    from jasper_mmap.format.manifest import read_pointer
+    from jasper_mmap.format.manifest import read_generation_desc
 
     current = store_dir / NEGATIVES_DIR / POINTER
     problems: list[Problem] = []
     for _ in range(3):
         try:
-            pointer = read_pointer(store_dir, check=False)
+            pointer = read_generation_desc(store_dir, check=False)
         except JasperError as e:
             return [Problem(type(e), str(e))]
         problems = pointer_problems(current, pointer, _generation_fix(store_dir, manifest))
@@ -196,7 +196,7 @@ def _live_generation_problems(
                     verified[pointer["generation"]] = desc
                 return []
         try:
-            again = read_pointer(store_dir, check=False).get("generation")
+            again = read_generation_desc(store_dir, check=False).get("generation")
         except JasperError:
             again = None
         if again == pointer.get("generation"):

@@ -25,7 +25,12 @@ from jasper_mmap.format.spec import (
 )
 from jasper_mmap.format.store_dirs import settle_swapped_out
 
-__all__ = ["read_raw_manifest", "read_valid_manifest", "read_pointer", "write_store_metadata"]
+__all__ = [
+    "read_raw_manifest",
+    "read_valid_manifest",
+    "read_generation_desc",
+    "write_store_metadata",
+]
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +145,7 @@ def read_valid_manifest(store_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-def read_pointer(
+def read_generation_desc(
     store_dir: Path, generation: int | None = None, *, check: bool = True
 ) -> dict[str, Any]:
     """Read the description of a negatives generation.

@@ -29,7 +29,7 @@ from jasper_mmap.errors import (
     StoreReplacedError,
 )
 from jasper_mmap.format.dtypes import to_float32
-from jasper_mmap.format.manifest import read_pointer, read_valid_manifest
+from jasper_mmap.format.manifest import read_generation_desc, read_valid_manifest
 from jasper_mmap.format.spec import NEGATIVES_DIR
 from jasper_mmap.stores.identity import _PROC_FD, _Dir, _manifest_state, _token_at
 from jasper_mmap.stores.leases import _acquire, _Generation
@@ -217,7 +217,7 @@ class Store(abc.ABC):
         """
         with self._at_root() as root:
             self._check_same()
-            return int(read_pointer(root)["generation"])
+            return int(read_generation_desc(root)["generation"])
 
     def _lease_live(self) -> int:
         """Lease the live generation (retried: it can be superseded and removed meanwhile)."""
