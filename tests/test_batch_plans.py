@@ -291,14 +291,14 @@ def test_a_read_error_while_planning_surfaces_at_its_own_batch(st_store, monkeyp
     store = loader.dataset_obj.store
     split = store.read("train_idx")
     cursed = int(split[6 * 4 + 1])  # a pair of batch 6
-    real = type(store).take
+    real = type(store).gather_unchecked
 
     def take(self, name, idx, out=None, generation=None):
         if name == "hard_negatives" and cursed in np.asarray(idx).tolist():
             raise OSError(f"disk error reading the negatives of pair {cursed}")
         return real(self, name, idx, out, generation)
 
-    monkeypatch.setattr(type(store), "take", take)
+    monkeypatch.setattr(type(store), "gather_unchecked", take)
     it = iter(loader)
     seen = []
     with pytest.raises(OSError, match=f"pair {cursed}"):

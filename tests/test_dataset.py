@@ -543,11 +543,11 @@ def test_prefetch_leaves_rows_outside_an_array_to_the_gather(src, monkeypatch):
 )
 def test_a_batch_names_rows_a_damaged_index_points_past(src, monkeypatch, array, at, bad, named):
     """Each index array of a batch is range-checked once (``check_rows``) before the arrays
-    it addresses are read without checks (``take``): a store whose index arrays point past
+    it addresses are read without checks (``gather_unchecked``): a store whose index arrays point past
     the rows they address still fails with SampleIndexError naming the array."""
     ds = JASPERSteeringDataset(src, "train")
     store = ds.store
-    real = store.take
+    real = store.gather_unchecked
 
     def damaged(name, idx, out=None, generation=None):
         rows = real(name, idx, out, generation)
@@ -556,7 +556,7 @@ def test_a_batch_names_rows_a_damaged_index_points_past(src, monkeypatch, array,
             rows.reshape(-1)[at] = bad(store)
         return rows
 
-    monkeypatch.setattr(store, "take", damaged)
+    monkeypatch.setattr(store, "gather_unchecked", damaged)
     with pytest.raises(SampleIndexError, match=rf"rows of '{named}' should be in"):
         ds.get_batch([0, 1, 2])
 

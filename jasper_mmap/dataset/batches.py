@@ -235,8 +235,8 @@ class BatchEngine:
         store = self.store
         bounds = list(itertools.accumulate((b.size for b in batches), initial=0))
         # each index array is range-checked once; every array of that length is read with
-        # it (``take``): the pair-keyed arrays have n_pairs rows (schema, at open and publish)
-        pairs = store.check_rows("pair_index", store.take(f"{self.split}_idx", idx))
+        # it (``gather_unchecked``): the pair-keyed arrays have n_pairs rows (schema, at open and publish)
+        pairs = store.check_rows("pair_index", store.gather_unchecked(f"{self.split}_idx", idx))
         variants = self._variants(pairs, snap)
         # NOTE [batch prefetch], NOTE [dense arrays]: only a store read ahead gets the hints
         ahead, dense = store.advice == "random", self._dense_arrays(store)
@@ -245,8 +245,8 @@ class BatchEngine:
             store.prefetch(
                 {name: pairs for name in _PAIR_ARRAYS} | chosen, dense, snap.epoch, generation
             )
-        qs = store.take("pair_index", pairs)
-        negs = store.take("hard_negatives", pairs, generation=generation)
+        qs = store.gather_unchecked("pair_index", pairs)
+        negs = store.gather_unchecked("hard_negatives", pairs, generation=generation)
         k = negs.shape[1]
         # source rows: the targets, then the negatives (k a sample)
         targets = store.check_rows("source_embs", qs[:, 1])
@@ -284,7 +284,7 @@ class BatchEngine:
             outputs = {}
             for key, (name, shape, dtype) in _PAIR_KEYS.items():
                 out = np.empty(shape(idx.size, k), _NP_DTYPES[dtype])
-                outputs[key] = store.take(name, pairs, out, generation=generation)
+                outputs[key] = store.gather_unchecked(name, pairs, out, generation=generation)
         return BatchPlan(
             snap.version,
             generation,
@@ -308,8 +308,8 @@ class BatchEngine:
         if plan.steering is not None:  # NOTE [joined rows]: one block, two gathers
             n, m = b * (1 + k), b * (2 + k)  # targets, negatives; questions; steering rows
             block, tensor = gather.block((m + b, d))
-            self.store.take_joined(_EMBEDDINGS, plan.sources[j], block[:m])
-            self.store.take_joined(_STEERING_NAMES, plan.steering[lo:hi], block[m:])
+            self.store.gather_joined_unchecked(_EMBEDDINGS, plan.sources[j], block[:m])
+            self.store.gather_joined_unchecked(_STEERING_NAMES, plan.steering[lo:hi], block[m:])
             if plan.zeros[j].size:
                 block[m:][plan.zeros[j]] = 0
             if tensor is None:  # plain memory: a tensor over each slice is cheaper to make

@@ -135,9 +135,9 @@ class _gatherer:
         self, variants: np.ndarray, pairs: np.ndarray, shape: tuple[int, int]
     ) -> torch.Tensor:
         """The batch's steering rows: zeros for variant 0, else the pair's row of the
-        variant's table (``Store.take_mixed``: one gather where the tables are adjacent)."""
+        variant's table (``Store.gather_mixed_unchecked``: one gather where the tables are adjacent)."""
         out = self._empty(shape, torch.float32)
-        self.store.take_mixed(_STEERING_NAMES, variants - 1, pairs, out.numpy())
+        self.store.gather_mixed_unchecked(_STEERING_NAMES, variants - 1, pairs, out.numpy())
         return out
 
     def block(self, shape: tuple[int, int]) -> tuple[np.ndarray, torch.Tensor | None]:
@@ -161,5 +161,5 @@ class _gatherer:
     ) -> torch.Tensor:
         """Rows ``rows`` (range-checked by the caller: ``Store.check_rows``) of ``name``."""
         out = self._empty(shape, dtype)
-        self.store.take(name, rows, out.numpy(), generation=self.generation)
+        self.store.gather_unchecked(name, rows, out.numpy(), generation=self.generation)
         return out

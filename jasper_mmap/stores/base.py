@@ -376,7 +376,7 @@ class Store(abc.ABC):
             SampleIndexError: an index is negative or not below the array's length.
         """
         idx = self.check_rows(name, index, generation)
-        return self.take(name, idx, out, generation)
+        return self.gather_unchecked(name, idx, out, generation)
 
     def check_rows(
         self, name: str, index: np.ndarray | list[int], generation: int | None = None
@@ -395,7 +395,7 @@ class Store(abc.ABC):
             )
         return idx
 
-    def take(
+    def gather_unchecked(
         self,
         name: str,
         idx: np.ndarray,
@@ -414,7 +414,7 @@ class Store(abc.ABC):
         out[...] = result
         return out
 
-    def take_mixed(
+    def gather_mixed_unchecked(
         self, names: tuple[str, ...], which: np.ndarray, idx: np.ndarray, out: np.ndarray
     ) -> np.ndarray:
         """Row ``idx[i]`` of array ``names[which[i]]`` into ``out[i]``; zeros where
@@ -425,16 +425,18 @@ class Store(abc.ABC):
         for k, name in enumerate(names):
             chosen = which == k
             if chosen.any():
-                out[chosen] = self.take(name, idx[chosen])
+                out[chosen] = self.gather_unchecked(name, idx[chosen])
         return out
 
     def joined(self, names: tuple[str, ...]) -> tuple[int, ...] | None:
         """Where each of the arrays ``names`` begins in one joined row space that
-        :meth:`take_joined` reads with one gather, or None: here always None (a backend that
+        :meth:`gather_joined_unchecked` reads with one gather, or None: here always None (a backend that
         maps its files joins arrays lying back to back in one file)."""
         return None
 
-    def take_joined(self, names: tuple[str, ...], idx: np.ndarray, out: np.ndarray) -> np.ndarray:
+    def gather_joined_unchecked(
+        self, names: tuple[str, ...], idx: np.ndarray, out: np.ndarray
+    ) -> np.ndarray:
         """Rows ``idx`` of the joined rows of ``names``; only where :meth:`joined` is not None."""
         raise NotImplementedError(f"{self.path}: {self.backend} stores join no arrays")
 

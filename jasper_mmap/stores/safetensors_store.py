@@ -339,7 +339,7 @@ class SafetensorsStore(Store):
         # indices were range-checked (check_rows); mode="clip" keeps numpy from buffering ``out``
         return np.take(src, idx, axis=0, out=out, mode="clip")
 
-    def take_mixed(
+    def gather_mixed_unchecked(
         self, names: tuple[str, ...], which: np.ndarray, idx: np.ndarray, out: np.ndarray
     ) -> np.ndarray:
         """One gather where the arrays lie back to back in one file (the steering tables as
@@ -347,7 +347,7 @@ class SafetensorsStore(Store):
         (:meth:`joined`). Otherwise one gather per array (the base class)."""
         joined = self._joined(names)
         if joined is None or out.dtype != joined[0].dtype:
-            return super().take_mixed(names, which, idx, out)
+            return super().gather_mixed_unchecked(names, which, idx, out)
         view, offsets = joined
         rows = np.asarray(offsets, dtype=np.int64)[np.maximum(which, 0)] + idx
         zero = which < 0
@@ -365,7 +365,9 @@ class SafetensorsStore(Store):
         joined = self._joined(names)
         return None if joined is None else joined[1]
 
-    def take_joined(self, names: tuple[str, ...], idx: np.ndarray, out: np.ndarray) -> np.ndarray:
+    def gather_joined_unchecked(
+        self, names: tuple[str, ...], idx: np.ndarray, out: np.ndarray
+    ) -> np.ndarray:
         """Rows ``idx`` of the joined rows of ``names`` (:meth:`joined` is not None) into
         ``out`` (their dtype). ``idx`` addresses rows of the arrays, each range-checked
         against its own array (:meth:`check_rows`) and moved by that array's offset: it is not
