@@ -134,7 +134,7 @@ def test_plans_are_none_where_batches_are_made_one_by_one(st_store, monkeypatch)
     patched.__getitems__ = lambda indices, pin_memory=False: None
     assert patched.plan_batches(BATCHES) is None
     assert JASPERSteeringDataset(st_store, "train", preload=True).plan_batches(BATCHES) is None
-    monkeypatch.setattr(type(ds.store), "advice", property(lambda self: "random"))
+    monkeypatch.setattr(type(ds.store), "reads_ahead", property(lambda self: True))
     assert ds.plan_batches(BATCHES) is None  # read ahead from disk batch by batch
 
 

@@ -585,7 +585,7 @@ def test_a_store_larger_than_half_of_ram_always_gathers_ahead(st_store, monkeypa
     """NOTE [gathering in the loop]: no tuning where batches wait on the disk."""
     monkeypatch.setenv("JASPER_MMAP_MADVISE", "random")
     loader = create_loader(st_store, "train", 4, num_workers=2, shuffle=False)
-    assert loader.dataset_obj.store.advice == "random"
+    assert loader.dataset_obj.store.reads_ahead
     loader.gather_tuner = always_switching()
     modes = set()
     it = iter(loader)

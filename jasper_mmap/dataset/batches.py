@@ -239,7 +239,7 @@ class BatchEngine:
         pairs = store.check_rows("pair_index", store.gather_unchecked(f"{self.split}_idx", idx))
         variants = self._variants(pairs, snap)
         # NOTE [batch prefetch], NOTE [dense arrays]: only a store read ahead gets the hints
-        ahead, dense = store.advice == "random", self._dense_arrays(store)
+        ahead, dense = store.reads_ahead, self._dense_arrays(store)
         if ahead:
             chosen = {table: pairs[variants == v] for v, table in _STEERING_TABLES.items()}
             store.prefetch(

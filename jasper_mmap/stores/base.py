@@ -441,11 +441,11 @@ class Store(abc.ABC):
         raise NotImplementedError(f"{self.path}: {self.backend} stores join no arrays")
 
     @property
-    def advice(self) -> str:
-        """Read-ahead advice of the store's maps: ``"random"`` for a store larger than half
-        of RAM, whose batches :meth:`prefetch` reads ahead; ``"normal"`` otherwise, and for
-        backends that do not map (NOTE [read-ahead advice] in jasper_mmap/stores/safetensors_store.py)."""
-        return "normal"
+    def reads_ahead(self) -> bool:
+        """True for a store whose maps are advised ``"random"`` (larger than half of RAM):
+        its batches :meth:`prefetch` reads ahead. False otherwise, and for backends that do
+        not map (NOTE [read-ahead advice] in jasper_mmap/stores/safetensors_store.py)."""
+        return False
 
     def prefetch(  # noqa: B027 - optional hook
         self,

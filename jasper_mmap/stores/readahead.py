@@ -120,7 +120,7 @@ def dense_arrays(store: Store, split_len: int) -> frozenset[str]:
 
     if os.environ.get("JASPER_MMAP_DENSE", "auto").lower() == "off":
         return frozenset()
-    if store.advice != "random":
+    if not store.reads_ahead:
         return frozenset()  # cached (or not mapped): the batch prefetch does nothing
     refs = dict.fromkeys(_PAIR_ARRAYS, split_len)
     refs.update(question_embs=split_len, source_embs=split_len * (1 + store.counts["n_neg"]))

@@ -268,9 +268,10 @@ class SafetensorsStore(Store):
     backend = "safetensors"
 
     @property
-    def advice(self) -> str:
-        """Read-ahead advice for this store's maps (NOTE [read-ahead advice])."""
-        return self._advice()
+    def reads_ahead(self) -> bool:
+        """Whether this store's maps are advised ``"random"`` and its batches read ahead
+        (NOTE [read-ahead advice])."""
+        return self._advice() == "random"
 
     def _advice(self) -> str:
         cached = self.__dict__.get("_advice_value")
