@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from jasper_mmap.dataset.control import Snapshot
-from jasper_mmap.dataset.outputs import _NP_DTYPES, _gatherer
+from jasper_mmap.dataset.outputs import _NP_DTYPES, BatchOutputs
 from jasper_mmap.dataset.preload import Preloaded
 from jasper_mmap.errors import (
     SampleIndexError,
@@ -304,7 +304,7 @@ class BatchEngine:
         """Batch ``j`` of ``plan``: its embedding rows gathered, the rest taken from the plan."""
         lo, hi = plan.bounds[j], plan.bounds[j + 1]
         b, d, k = hi - lo, self.embedding_dim, plan.n_neg
-        gather = _gatherer(self.store, plan.generation, pin_memory, self._pool)
+        gather = BatchOutputs(self.store, plan.generation, pin_memory, self._pool)
         if plan.steering is not None:  # NOTE [joined rows]: one block, two gathers
             n, m = b * (1 + k), b * (2 + k)  # targets, negatives; questions; steering rows
             block, tensor = gather.block((m + b, d))

@@ -33,7 +33,7 @@ import torch
 from jasper_mmap.format.spec import _STEERING_NAMES
 from jasper_mmap.stores import Store
 
-__all__ = ["BufferPool"]
+__all__ = ["BatchOutputs", "BufferPool"]
 
 _POOLS: weakref.WeakSet[BufferPool] = weakref.WeakSet()
 
@@ -107,8 +107,9 @@ if hasattr(os, "register_at_fork"):
 _NP_DTYPES = {torch.float32: np.float32, torch.int64: np.int64}
 
 
-class _gatherer:
-    """Gathers a batch's outputs as tensors, allocated where they will be used.
+class BatchOutputs:
+    """Allocates a batch's outputs as tensors where they will be used, and gathers into them
+    (only through :meth:`Store.gather_unchecked` and :meth:`Store.gather_mixed_unchecked`).
 
     In a DataLoader worker process the batch travels to the main process through shared
     memory, and torch copies every tensor there when the batch is queued; so there each output
