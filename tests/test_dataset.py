@@ -408,7 +408,7 @@ def _in(calls, store, name: str) -> list[tuple[int, int]]:
 
     arr = store.raw(name)
     lo = arr.__array_interface__["data"][0]
-    start = _address(store._handles["__files__"][store.entry(name)["file"]].map)
+    start = _address(store._maps[store.entry(name)["file"]].map)
     return [(a, n) for a, n in calls if max(start, lo - DENSE_WINDOW) <= a < lo + arr.nbytes]
 
 
@@ -513,7 +513,7 @@ def _map_range(store, generation: int) -> tuple[int, int]:
     from jasper_mmap.stores.readahead import _address
 
     store.raw("hard_negatives", generation)
-    m = store._handles["__files__"][store.entry("hard_negatives", generation)["file"]].map
+    m = store._maps[store.entry("hard_negatives", generation)["file"]].map
     return _address(m), _address(m) + len(m)
 
 

@@ -30,7 +30,6 @@ from jasper_mmap.errors import (
 )
 from jasper_mmap.format.dtypes import to_float32
 from jasper_mmap.format.manifest import read_generation_desc, read_valid_manifest
-from jasper_mmap.format.spec import NEGATIVES_DIR
 from jasper_mmap.stores.identity import _PROC_FD, _Dir, _manifest_state, _token_at
 from jasper_mmap.stores.leases import _acquire, _Generation
 
@@ -87,7 +86,8 @@ class Store(abc.ABC):
         self._verified = dict(verified or {})
         self._generation: int | None = None  # the generation served when none is named
         self._gens: dict[int, _Generation] = {}  # per process: leased generations
-        self._handles: dict[str, Any] = {}
+        # (name, generation) -> the backend's handle; generation None for all but the negatives
+        self._handles: dict[tuple[str, int | None], Any] = {}
         self._lock = threading.RLock()
         self._pid = os.getpid()
         self._identity: tuple[str | None, tuple | None] | None = None  # NOTE [store identity]
@@ -303,8 +303,7 @@ class Store(abc.ABC):
     def _release(self, generation: int) -> None:
         """Drop the maps and the lease of ``generation`` (under the lock)."""
         gen = self._gens.pop(generation)
-        prefix = f"{NEGATIVES_DIR}/{generation}/"
-        for key in [k for k in self._handles if k.startswith(prefix)]:
+        for key in [k for k in self._handles if k[1] == generation]:
             del self._handles[key]
         self._release_files({e["file"] for e in gen.desc["arrays"].values()})
         gen.lease.close()  # releases the shared lock: the generation may now be removed
@@ -354,12 +353,15 @@ class Store(abc.ABC):
                         handle = self._handles[key] = self._open_array(name, entry)
         return handle
 
-    def _handle_key(self, name: str, generation: int | None) -> tuple[str, int | None]:
-        """The key of ``name``'s handle, and the generation it is read from (negatives)."""
+    def _handle_key(
+        self, name: str, generation: int | None
+    ) -> tuple[tuple[str, int | None], int | None]:
+        """The key of ``name``'s handle, ``(name, generation)``, and the generation it is read
+        from (negatives; None for every other array)."""
         if name not in NEGATIVE_ARRAYS:
-            return name, None
+            return (name, None), None
         g = self.generation if generation is None else generation
-        return f"{NEGATIVES_DIR}/{g}/{name}", g
+        return (name, g), g
 
     def gather(
         self,
