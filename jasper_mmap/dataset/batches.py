@@ -19,7 +19,7 @@ from jasper_mmap.errors import (
     SampleIndexError,
     SampleIndexTypeError,
 )
-from jasper_mmap.format.spec import _STEERING_NAMES, _STEERING_TABLES
+from jasper_mmap.format.spec import _STEERING_NAMES, _STEERING_TABLES, PAIR_ARRAYS
 from jasper_mmap.steering import (
     draw_variants,
 )
@@ -43,16 +43,6 @@ BATCH_KEYS = (
 
 
 _EMBEDDINGS = ("question_embs", "source_embs")  # read as one where joined: NOTE [joined rows]
-
-
-_PAIR_ARRAYS = (
-    "pair_index",
-    "hard_negatives",
-    "negative_tiers",
-    "pair_cluster_id",
-    "pair_relevance",
-    "centroid_distances",
-)
 
 
 class SampleBatch(Sequence):
@@ -243,7 +233,7 @@ class BatchEngine:
         if ahead:
             chosen = {table: pairs[variants == v] for v, table in _STEERING_TABLES.items()}
             store.prefetch(
-                {name: pairs for name in _PAIR_ARRAYS} | chosen, dense, snap.epoch, generation
+                {name: pairs for name in PAIR_ARRAYS} | chosen, dense, snap.epoch, generation
             )
         qs = store.gather_unchecked("pair_index", pairs)
         negs = store.gather_unchecked("hard_negatives", pairs, generation=generation)

@@ -45,12 +45,12 @@ from jasper_mmap.format.schema import source_findings
 from jasper_mmap.format.spec import CONFIG, MANIFEST, NEGATIVES_DIR
 from jasper_mmap.sources.directory import STORAGE_FORMATS, detect_storage_format
 from jasper_mmap.sources.fingerprints import (
-    H5_FILE,
     NEGATIVE_FILES,
     changed,
     dataset_file_names,
     fingerprint,
 )
+from jasper_mmap.sources.hdf5.layout import H5_FILE
 
 __all__ = [
     "resolve_store",

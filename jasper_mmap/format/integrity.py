@@ -45,7 +45,7 @@ from jasper_mmap.format.spec import (
     CONFIG,
     COUNT_KEYS,
     MANIFEST,
-    NEGATIVE_NAMES,
+    NEGATIVE_ARRAYS,
     NEGATIVES_DIR,
     POINTER,
     SPECS,
@@ -115,14 +115,14 @@ def generation_problems(
         return problems
     entries = pointer["arrays"]
     found = _created_findings(pointer)  # NOTE [values that fit]
-    problems = [Problem(StoreFormatError, f"{path}: {f}. {fix}", NEGATIVE_NAMES) for f in found]
-    for name in NEGATIVE_NAMES:
+    problems = [Problem(StoreFormatError, f"{path}: {f}. {fix}", NEGATIVE_ARRAYS) for f in found]
+    for name in NEGATIVE_ARRAYS:
         problems += [
             Problem(StoreFormatError, f"{path}: array {name!r}: {f}. {fix}", (name,))
             for f in _entry_value_findings(entries[name])
         ]
     counts = manifest["counts"]
-    for name in NEGATIVE_NAMES:
+    for name in NEGATIVE_ARRAYS:
         problems += shape_problems(name, entries[name], counts, str(path), fix)
     files = pointer.get("files", {})
     problems += file_problems(store_dir, files, str(path), fix=fix, entries=entries)
@@ -168,7 +168,7 @@ def _named_generation(
             f"{store_dir / NEGATIVES_DIR / POINTER}: {differ} differ from {path.name}'s (both "
             f"are written from one description when a generation is published). {fix}"
         )
-        problems.append(Problem(StoreFormatError, msg, NEGATIVE_NAMES))
+        problems.append(Problem(StoreFormatError, msg, NEGATIVE_ARRAYS))
     return problems, desc
 
 
@@ -255,7 +255,7 @@ def _checked_files(manifest: dict[str, Any], verified: dict[int, dict]) -> tuple
         return [f"{e['file']}/zarr.json" if zarr else e["file"] for e in entries.values()]
 
     rels = [MANIFEST, CONFIG, f"{NEGATIVES_DIR}/{POINTER}", *manifest.get("files", {})]
-    rels += read({n: e for n, e in manifest["arrays"].items() if n not in NEGATIVE_NAMES})
+    rels += read({n: e for n, e in manifest["arrays"].items() if n not in NEGATIVE_ARRAYS})
     for g, desc in verified.items():
         rels += [f"{NEGATIVES_DIR}/{generation_name(g)}.json", *desc.get("files", {})]
         rels += read(desc["arrays"])
@@ -437,7 +437,7 @@ def _structure_problems(
     if backend not in BACKEND_NAMES or not isinstance(files, dict):
         return problems
     bad = {a for p in problems for a in p.arrays}
-    good = {n: e for n, e in arrays.items() if n in SPECS and n not in bad | set(NEGATIVE_NAMES)}
+    good = {n: e for n, e in arrays.items() if n in SPECS and n not in bad | set(NEGATIVE_ARRAYS)}
     problems += _recorded(files, good, backend, where, fix)
     problems += _backend_problems(store_dir, backend, good, files, fix)
     if not counts_problems(manifest.get("counts"), where, fix) and not any(

@@ -30,12 +30,11 @@ from jasper_mmap.errors import (
 )
 from jasper_mmap.format.dtypes import to_float32
 from jasper_mmap.format.manifest import read_generation_desc, read_valid_manifest
+from jasper_mmap.format.spec import NEGATIVE_ARRAYS
 from jasper_mmap.stores.identity import _PROC_FD, _Dir, _manifest_state, _token_at
 from jasper_mmap.stores.leases import _acquire, _Generation
 
 __all__ = ["NEGATIVE_ARRAYS", "Store", "StoreWriter", "in_gather_thread", "mark_gather_thread"]
-
-NEGATIVE_ARRAYS = ("hard_negatives", "negative_tiers")
 
 
 log = logging.getLogger(__name__)
