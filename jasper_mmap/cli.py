@@ -76,7 +76,7 @@ def _not_a_store_why(p: Path, command: str) -> str | None:
     if not p.exists():
         what = describe_path(p)  # a symbolic link loop, a link to nothing: not "missing"
         if what == "does not exist":
-            return None  # load_manifest says so, with the fix
+            return None  # read_raw_manifest says so, with the fix
         return f"{p}: {what}, not a store directory. {_PASS_STORE}"
     if (p / MANIFEST).exists():
         return None
@@ -95,7 +95,7 @@ def _not_a_store_why(p: Path, command: str) -> str | None:
             )
         if not p.is_file():  # a FIFO, a device, a socket: say which
             return f"{p}: {describe_path(p)}, not a store directory. {_PASS_STORE}"
-        return None  # load_manifest says what a file is not
+        return None  # read_raw_manifest says what a file is not
     stores = _dataset_stores(p) if (p / CONFIG).is_file() else []
     if stores and (why := _damaged(p, stores[0])) is not None:
         return why

@@ -254,7 +254,7 @@ def main() -> int:
     ds = JASPERSteeringDataset(store, "train")
     print(
         f"cold open: {(time.perf_counter() - t) * 1e3:.1f} ms; {len(ds)} train samples of "
-        f"{ds.store.counts['n_pairs']} pairs; read-ahead advice {ds.store.advice!r}"
+        f"{ds.store.counts['n_pairs']} pairs; reads ahead: {ds.store.reads_ahead}"
     )
     del ds
     passes = {}

@@ -13,13 +13,13 @@ import numpy as np
 import torch
 
 from jasper_mmap.dataset.control import Snapshot
-from jasper_mmap.dataset.outputs import _NP_DTYPES, _gatherer
+from jasper_mmap.dataset.outputs import _NP_DTYPES, BatchOutputs
 from jasper_mmap.dataset.preload import Preloaded
 from jasper_mmap.errors import (
     SampleIndexError,
     SampleIndexTypeError,
 )
-from jasper_mmap.format.spec import _STEERING_NAMES, _STEERING_TABLES
+from jasper_mmap.format.spec import _STEERING_NAMES, _STEERING_TABLES, PAIR_ARRAYS
 from jasper_mmap.steering import (
     draw_variants,
 )
@@ -43,16 +43,6 @@ BATCH_KEYS = (
 
 
 _EMBEDDINGS = ("question_embs", "source_embs")  # read as one where joined: NOTE [joined rows]
-
-
-_PAIR_ARRAYS = (
-    "pair_index",
-    "hard_negatives",
-    "negative_tiers",
-    "pair_cluster_id",
-    "pair_relevance",
-    "centroid_distances",
-)
 
 
 class SampleBatch(Sequence):
@@ -235,18 +225,18 @@ class BatchEngine:
         store = self.store
         bounds = list(itertools.accumulate((b.size for b in batches), initial=0))
         # each index array is range-checked once; every array of that length is read with
-        # it (``take``): the pair-keyed arrays have n_pairs rows (schema, at open and publish)
-        pairs = store.check_rows("pair_index", store.take(f"{self.split}_idx", idx))
+        # it (``gather_unchecked``): the pair-keyed arrays have n_pairs rows (schema, at open and publish)
+        pairs = store.check_rows("pair_index", store.gather_unchecked(f"{self.split}_idx", idx))
         variants = self._variants(pairs, snap)
         # NOTE [batch prefetch], NOTE [dense arrays]: only a store read ahead gets the hints
-        ahead, dense = store.advice == "random", self._dense_arrays(store)
+        ahead, dense = store.reads_ahead, self._dense_arrays(store)
         if ahead:
             chosen = {table: pairs[variants == v] for v, table in _STEERING_TABLES.items()}
             store.prefetch(
-                {name: pairs for name in _PAIR_ARRAYS} | chosen, dense, snap.epoch, generation
+                {name: pairs for name in PAIR_ARRAYS} | chosen, dense, snap.epoch, generation
             )
-        qs = store.take("pair_index", pairs)
-        negs = store.take("hard_negatives", pairs, generation=generation)
+        qs = store.gather_unchecked("pair_index", pairs)
+        negs = store.gather_unchecked("hard_negatives", pairs, generation=generation)
         k = negs.shape[1]
         # source rows: the targets, then the negatives (k a sample)
         targets = store.check_rows("source_embs", qs[:, 1])
@@ -284,7 +274,7 @@ class BatchEngine:
             outputs = {}
             for key, (name, shape, dtype) in _PAIR_KEYS.items():
                 out = np.empty(shape(idx.size, k), _NP_DTYPES[dtype])
-                outputs[key] = store.take(name, pairs, out, generation=generation)
+                outputs[key] = store.gather_unchecked(name, pairs, out, generation=generation)
         return BatchPlan(
             snap.version,
             generation,
@@ -304,12 +294,12 @@ class BatchEngine:
         """Batch ``j`` of ``plan``: its embedding rows gathered, the rest taken from the plan."""
         lo, hi = plan.bounds[j], plan.bounds[j + 1]
         b, d, k = hi - lo, self.embedding_dim, plan.n_neg
-        gather = _gatherer(self.store, plan.generation, pin_memory, self._pool)
+        gather = BatchOutputs(self.store, plan.generation, pin_memory, self._pool)
         if plan.steering is not None:  # NOTE [joined rows]: one block, two gathers
             n, m = b * (1 + k), b * (2 + k)  # targets, negatives; questions; steering rows
             block, tensor = gather.block((m + b, d))
-            self.store.take_joined(_EMBEDDINGS, plan.sources[j], block[:m])
-            self.store.take_joined(_STEERING_NAMES, plan.steering[lo:hi], block[m:])
+            self.store.gather_joined_unchecked(_EMBEDDINGS, plan.sources[j], block[:m])
+            self.store.gather_joined_unchecked(_STEERING_NAMES, plan.steering[lo:hi], block[m:])
             if plan.zeros[j].size:
                 block[m:][plan.zeros[j]] = 0
             if tensor is None:  # plain memory: a tensor over each slice is cheaper to make

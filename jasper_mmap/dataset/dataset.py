@@ -396,7 +396,7 @@ class JASPERSteeringDataset(BatchEngine, torch.utils.data.Dataset):
             self.preload
             or getattr(self.get_batch, "__func__", None) is not _OWN_GET_BATCH
             or getattr(self.__getitems__, "__func__", None) is not _OWN_GETITEMS
-            or self.store.advice == "random"
+            or self.store.reads_ahead
         ):
             return None
         try:

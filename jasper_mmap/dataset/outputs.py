@@ -33,7 +33,7 @@ import torch
 from jasper_mmap.format.spec import _STEERING_NAMES
 from jasper_mmap.stores import Store
 
-__all__ = ["BufferPool"]
+__all__ = ["BatchOutputs", "BufferPool"]
 
 _POOLS: weakref.WeakSet[BufferPool] = weakref.WeakSet()
 
@@ -107,8 +107,9 @@ if hasattr(os, "register_at_fork"):
 _NP_DTYPES = {torch.float32: np.float32, torch.int64: np.int64}
 
 
-class _gatherer:
-    """Gathers a batch's outputs as tensors, allocated where they will be used.
+class BatchOutputs:
+    """Allocates a batch's outputs as tensors where they will be used, and gathers into them
+    (only through :meth:`Store.gather_unchecked` and :meth:`Store.gather_mixed_unchecked`).
 
     In a DataLoader worker process the batch travels to the main process through shared
     memory, and torch copies every tensor there when the batch is queued; so there each output
@@ -135,9 +136,9 @@ class _gatherer:
         self, variants: np.ndarray, pairs: np.ndarray, shape: tuple[int, int]
     ) -> torch.Tensor:
         """The batch's steering rows: zeros for variant 0, else the pair's row of the
-        variant's table (``Store.take_mixed``: one gather where the tables are adjacent)."""
+        variant's table (``Store.gather_mixed_unchecked``: one gather where the tables are adjacent)."""
         out = self._empty(shape, torch.float32)
-        self.store.take_mixed(_STEERING_NAMES, variants - 1, pairs, out.numpy())
+        self.store.gather_mixed_unchecked(_STEERING_NAMES, variants - 1, pairs, out.numpy())
         return out
 
     def block(self, shape: tuple[int, int]) -> tuple[np.ndarray, torch.Tensor | None]:
@@ -161,5 +162,5 @@ class _gatherer:
     ) -> torch.Tensor:
         """Rows ``rows`` (range-checked by the caller: ``Store.check_rows``) of ``name``."""
         out = self._empty(shape, dtype)
-        self.store.take(name, rows, out.numpy(), generation=self.generation)
+        self.store.gather_unchecked(name, rows, out.numpy(), generation=self.generation)
         return out

@@ -40,17 +40,17 @@ from jasper_mmap.errors import (
     StoreStaleError,
     StoreWriteError,
 )
-from jasper_mmap.format.manifest import load_manifest, read_manifest, read_pointer
+from jasper_mmap.format.manifest import read_generation_desc, read_raw_manifest, read_valid_manifest
 from jasper_mmap.format.schema import source_findings
 from jasper_mmap.format.spec import CONFIG, MANIFEST, NEGATIVES_DIR
 from jasper_mmap.sources.directory import STORAGE_FORMATS, detect_storage_format
 from jasper_mmap.sources.fingerprints import (
-    H5_FILE,
     NEGATIVE_FILES,
     changed,
     dataset_file_names,
     fingerprint,
 )
+from jasper_mmap.sources.hdf5.layout import H5_FILE
 
 __all__ = [
     "resolve_store",
@@ -75,7 +75,7 @@ def _recorded_sources(store: Path) -> dict | None:
     if not (store / MANIFEST).exists():
         return None
     try:
-        files = read_manifest(store)["source"]["files"]
+        files = read_valid_manifest(store)["source"]["files"]
     except (KeyError, TypeError, ValueError, OSError):
         return None
     return files if isinstance(files, dict) else None
@@ -137,7 +137,7 @@ def _taken_in(store: Path, pointer: dict[str, Any], names: tuple[str, ...]) -> d
     recorded = dict(pointer.get("sources") or {})
     missing = [n for n in names if n not in recorded]
     if missing:
-        converted = (read_manifest(store).get("source") or {}).get("files") or {}
+        converted = (read_valid_manifest(store).get("source") or {}).get("files") or {}
         recorded.update({n: converted.get(n) for n in missing})
     return recorded
 
@@ -201,7 +201,7 @@ def negatives_to_take_in(src: Path, store: Path, fmt: str = "pt") -> bool:
     ``publish_negatives`` call made after the files were written wins over them. Files that
     do not exist are not news.
     """
-    pointer, names = read_pointer(store), _negative_files(fmt)
+    pointer, names = read_generation_desc(store), _negative_files(fmt)
     recorded = _taken_in(store, pointer, names)
     moved = [n for n in names if _negatives_moved(src, n, recorded.get(n), fmt)]
     if not moved:
@@ -233,7 +233,7 @@ def refresh_negatives(src: Path, store: Path, fmt: str = "pt") -> int | None:
 
     if not negatives_to_take_in(src, store, fmt):
         return None
-    n_neg, have = _negatives_n_neg(src, fmt), read_manifest(store)["counts"].get("n_neg")
+    n_neg, have = _negatives_n_neg(src, fmt), read_valid_manifest(store)["counts"].get("n_neg")
     if n_neg is not None and n_neg != have:
         raise ArtifactError(
             f"{src}: the rewritten negatives hold n_neg={n_neg}, but this dataset was opened "
@@ -349,7 +349,7 @@ def _rebuild_reason(src: Path, store: Path, fmt: str) -> str | None:
     if stale:
         return f"{', '.join(stale)} changed since the store was built"
     n_neg = _negatives_n_neg(src, fmt)
-    have = read_manifest(store)["counts"].get("n_neg")
+    have = read_valid_manifest(store)["counts"].get("n_neg")
     if n_neg is not None and n_neg != have and negatives_to_take_in(src, store, fmt):
         return f"the negatives files now hold n_neg={n_neg} (the store has {have})"
     return None
@@ -362,7 +362,7 @@ class Resolved:
     store: Path  # the store to open
     storage_format: str  # "pt" or "hdf5": the source the store was made from
     source_dir: Path | None  # the dataset directory it follows, or None for a store given
-    manifest: dict[str, Any] | None = None  # its manifest, when read here (load_manifest)
+    manifest: dict[str, Any] | None = None  # its manifest, when read here (read_raw_manifest)
 
 
 def _store_format_of(store: Path, requested: str, manifest: dict[str, Any]) -> str:
@@ -411,7 +411,7 @@ def resolve_dataset(
     """
     src = as_path(dataset_dir, "the dataset directory (a store, or a directory of .pt files)")
     if not os.path.lexists(src) and moved_aside(src.resolve()):
-        load_manifest(src)  # restores it (NOTE [a killed replacement]) or names where it is
+        read_raw_manifest(src)  # restores it (NOTE [a killed replacement]) or names where it is
     if not src.is_dir():
         what = "is not a directory" if src.exists() else describe_path(src)
         raise StoreNotFoundError(
@@ -420,7 +420,7 @@ def resolve_dataset(
         )
     if (src / MANIFEST).exists():
         # ours and of a known version; open_store checks the rest of its structure next
-        manifest = load_manifest(src)
+        manifest = read_raw_manifest(src)
         fmt = _store_format_of(src, storage_format, manifest)
         if check_sources:
             _check_sources(src, manifest)

@@ -45,7 +45,7 @@ from jasper_mmap.format.spec import (
     CONFIG,
     COUNT_KEYS,
     MANIFEST,
-    NEGATIVE_NAMES,
+    NEGATIVE_ARRAYS,
     NEGATIVES_DIR,
     POINTER,
     SPECS,
@@ -115,14 +115,14 @@ def generation_problems(
         return problems
     entries = pointer["arrays"]
     found = _created_findings(pointer)  # NOTE [values that fit]
-    problems = [Problem(StoreFormatError, f"{path}: {f}. {fix}", NEGATIVE_NAMES) for f in found]
-    for name in NEGATIVE_NAMES:
+    problems = [Problem(StoreFormatError, f"{path}: {f}. {fix}", NEGATIVE_ARRAYS) for f in found]
+    for name in NEGATIVE_ARRAYS:
         problems += [
             Problem(StoreFormatError, f"{path}: array {name!r}: {f}. {fix}", (name,))
             for f in _entry_value_findings(entries[name])
         ]
     counts = manifest["counts"]
-    for name in NEGATIVE_NAMES:
+    for name in NEGATIVE_ARRAYS:
         problems += shape_problems(name, entries[name], counts, str(path), fix)
     files = pointer.get("files", {})
     problems += file_problems(store_dir, files, str(path), fix=fix, entries=entries)
@@ -149,13 +149,13 @@ def _named_generation(
     """The generation ``CURRENT.json`` (``pointer``) names: its own description
     ``gen-NNNNNN.json`` (what readers use) in full, and the pointer agreeing with it.
     Returns the problems and the description read (None when it could not be read)."""
-    from jasper_mmap.format.manifest import read_pointer
+    from jasper_mmap.format.manifest import read_generation_desc
     from jasper_mmap.format.spec import generation_name
 
     g, fix = pointer["generation"], _generation_fix(store_dir, manifest)
     path = store_dir / NEGATIVES_DIR / f"{generation_name(g)}.json"
     try:
-        desc = read_pointer(store_dir, g, check=False)
+        desc = read_generation_desc(store_dir, g, check=False)
     except StoreNotFoundError:
         msg = f"{path}: negatives generation {g}, which {POINTER} names, has no description. {fix}"
         return [Problem(StoreNotFoundError, msg)], None
@@ -168,7 +168,7 @@ def _named_generation(
             f"{store_dir / NEGATIVES_DIR / POINTER}: {differ} differ from {path.name}'s (both "
             f"are written from one description when a generation is published). {fix}"
         )
-        problems.append(Problem(StoreFormatError, msg, NEGATIVE_NAMES))
+        problems.append(Problem(StoreFormatError, msg, NEGATIVE_ARRAYS))
     return problems, desc
 
 
@@ -179,13 +179,13 @@ def _live_generation_problems(
     read again (up to twice) if a publisher switched ``CURRENT.json`` meanwhile, so a
     generation removed after a newer one went live is not reported. A generation found
     sound is recorded in ``verified`` (generation -> its description)."""
-    from jasper_mmap.format.manifest import read_pointer
+    from jasper_mmap.format.manifest import read_generation_desc
 
     current = store_dir / NEGATIVES_DIR / POINTER
     problems: list[Problem] = []
     for _ in range(3):
         try:
-            pointer = read_pointer(store_dir, check=False)
+            pointer = read_generation_desc(store_dir, check=False)
         except JasperError as e:
             return [Problem(type(e), str(e))]
         problems = pointer_problems(current, pointer, _generation_fix(store_dir, manifest))
@@ -196,7 +196,7 @@ def _live_generation_problems(
                     verified[pointer["generation"]] = desc
                 return []
         try:
-            again = read_pointer(store_dir, check=False).get("generation")
+            again = read_generation_desc(store_dir, check=False).get("generation")
         except JasperError:
             again = None
         if again == pointer.get("generation"):
@@ -255,7 +255,7 @@ def _checked_files(manifest: dict[str, Any], verified: dict[int, dict]) -> tuple
         return [f"{e['file']}/zarr.json" if zarr else e["file"] for e in entries.values()]
 
     rels = [MANIFEST, CONFIG, f"{NEGATIVES_DIR}/{POINTER}", *manifest.get("files", {})]
-    rels += read({n: e for n, e in manifest["arrays"].items() if n not in NEGATIVE_NAMES})
+    rels += read({n: e for n, e in manifest["arrays"].items() if n not in NEGATIVE_ARRAYS})
     for g, desc in verified.items():
         rels += [f"{NEGATIVES_DIR}/{generation_name(g)}.json", *desc.get("files", {})]
         rels += read(desc["arrays"])
@@ -309,7 +309,7 @@ def store_problems(
     and check it again). ``reuse``: when this process found the store sound before and none
     of the files looked at changed since, only stat them (NOTE [checked stores]).
     """
-    from jasper_mmap.format.manifest import load_manifest
+    from jasper_mmap.format.manifest import read_raw_manifest
 
     store_dir = Path(store_dir)
     key = os.fspath(store_dir)
@@ -321,7 +321,7 @@ def store_problems(
             return []
     if manifest is None:
         try:
-            manifest = load_manifest(store_dir)
+            manifest = read_raw_manifest(store_dir)
         except JasperError as e:
             return [Problem(type(e), str(e))]
     live: dict[int, dict] = {}
@@ -437,7 +437,7 @@ def _structure_problems(
     if backend not in BACKEND_NAMES or not isinstance(files, dict):
         return problems
     bad = {a for p in problems for a in p.arrays}
-    good = {n: e for n, e in arrays.items() if n in SPECS and n not in bad | set(NEGATIVE_NAMES)}
+    good = {n: e for n, e in arrays.items() if n in SPECS and n not in bad | set(NEGATIVE_ARRAYS)}
     problems += _recorded(files, good, backend, where, fix)
     problems += _backend_problems(store_dir, backend, good, files, fix)
     if not counts_problems(manifest.get("counts"), where, fix) and not any(

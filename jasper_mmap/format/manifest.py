@@ -25,7 +25,12 @@ from jasper_mmap.format.spec import (
 )
 from jasper_mmap.format.store_dirs import settle_swapped_out
 
-__all__ = ["load_manifest", "read_manifest", "read_pointer", "write_store_metadata"]
+__all__ = [
+    "read_raw_manifest",
+    "read_valid_manifest",
+    "read_generation_desc",
+    "write_store_metadata",
+]
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +58,10 @@ def _restore_swapped_out(store_dir: Path) -> None:
         )
 
 
-def load_manifest(store_dir: Path) -> dict[str, Any]:
+def read_raw_manifest(store_dir: Path) -> dict[str, Any]:
     """Read a store's manifest and check it is ours (format name) and of a version we read.
 
-    Its contents are not checked further: see :func:`read_manifest`.
+    Its contents are not checked further: see :func:`read_valid_manifest`.
 
     Raises:
         StoreNotFoundError: the directory or its manifest does not exist.
@@ -114,10 +119,10 @@ def load_manifest(store_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-def read_manifest(store_dir: Path) -> dict[str, Any]:
+def read_valid_manifest(store_dir: Path) -> dict[str, Any]:
     """Read a store's manifest and check its structure and the sizes of its data files.
 
-    Checks what :func:`load_manifest` checks, then the types of every field and array entry,
+    Checks what :func:`read_raw_manifest` checks, then the types of every field and array entry,
     required arrays, dtypes, shapes against ``counts``, and that every recorded data file
     exists with its recorded size (O(number of files); see ``jasper_mmap.format.integrity``).
 
@@ -130,7 +135,7 @@ def read_manifest(store_dir: Path) -> dict[str, Any]:
     from jasper_mmap.format.schema import manifest_problems, raise_problems, store_fix
 
     store_dir = Path(store_dir)
-    manifest = load_manifest(store_dir)
+    manifest = read_raw_manifest(store_dir)
     problems = manifest_problems(store_dir, manifest)
     if not problems:
         fix = store_fix(store_dir, manifest)
@@ -140,7 +145,7 @@ def read_manifest(store_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-def read_pointer(
+def read_generation_desc(
     store_dir: Path, generation: int | None = None, *, check: bool = True
 ) -> dict[str, Any]:
     """Read the description of a negatives generation.

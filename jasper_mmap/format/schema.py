@@ -23,7 +23,7 @@ from jasper_mmap.format.spec import (
     FLOAT_ROLES,
     MANIFEST,
     MAX_GENERATION,
-    NEGATIVE_NAMES,
+    NEGATIVE_ARRAYS,
     NEGATIVES_DIR,
     POINTER,
     SPECS,
@@ -233,7 +233,7 @@ def expected_shape(name: str, counts: dict[str, int]) -> tuple[int | None, ...]:
         return (rows[name], d)
     if name.startswith("steering_"):
         return (p, d)
-    if name in NEGATIVE_NAMES:
+    if name in NEGATIVE_ARRAYS:
         return (p, counts["n_neg"])
     return {
         "pair_index": (p, 2),
@@ -355,7 +355,7 @@ def manifest_problems(store_dir: Path, manifest: dict[str, Any]) -> list[Problem
     if not isinstance(arrays, dict):
         return problems
     for spec in ARRAYS:
-        if spec.required and spec.name not in NEGATIVE_NAMES and spec.name not in arrays:
+        if spec.required and spec.name not in NEGATIVE_ARRAYS and spec.name not in arrays:
             problems.append(
                 Problem(
                     StoreFormatError,
@@ -365,7 +365,7 @@ def manifest_problems(store_dir: Path, manifest: dict[str, Any]) -> list[Problem
             )
     counts_ok = not counts_problems(manifest.get("counts"), where, fix)
     for name, entry in arrays.items():
-        if name in NEGATIVE_NAMES:
+        if name in NEGATIVE_ARRAYS:
             problems.append(
                 Problem(
                     StoreFormatError,
@@ -418,17 +418,17 @@ def pointer_problems(path: Path, pointer: dict[str, Any], fix: str) -> list[Prob
             )
         ]
     problems = []
-    for name in NEGATIVE_NAMES:
+    for name in NEGATIVE_ARRAYS:
         if name not in arrays:
             problems.append(
                 Problem(StoreFormatError, f"{where}: 'arrays' lacks {name!r}. {fix}", (name,))
             )
     for name, entry in arrays.items():
-        if name not in NEGATIVE_NAMES:
+        if name not in NEGATIVE_ARRAYS:
             problems.append(
                 Problem(
                     StoreFormatError,
-                    f"{where}: 'arrays' should hold only {list(NEGATIVE_NAMES)}, but has "
+                    f"{where}: 'arrays' should hold only {list(NEGATIVE_ARRAYS)}, but has "
                     f"{name!r}. {fix}",
                 )
             )

@@ -36,6 +36,8 @@ __all__ = [
     "MAX_GENERATION",
     "NEGATIVES_DIR",
     "POINTER",
+    "NEGATIVE_ARRAYS",
+    "PAIR_ARRAYS",
     "SPLITS",
     "generation_name",
 ]
@@ -124,7 +126,19 @@ def generation_name(generation: int) -> str:
 BACKEND_NAMES = ("safetensors", "zarr")
 
 
-NEGATIVE_NAMES = ("hard_negatives", "negative_tiers")
+#: the arrays of a negatives generation (NOTE [negatives generations]), not of the manifest
+NEGATIVE_ARRAYS = ("hard_negatives", "negative_tiers")
+
+
+#: the per-pair arrays a batch reads (read-ahead plans them; the batch engine gathers them)
+PAIR_ARRAYS = (
+    "pair_index",
+    "hard_negatives",
+    "negative_tiers",
+    "pair_cluster_id",
+    "pair_relevance",
+    "centroid_distances",
+)
 
 
 #: every count a manifest records (all non-negative integers; embedding_dim at least 1)

@@ -172,7 +172,7 @@ class JasperLoader(DataLoader):
             reserve(self.in_flight + 2)
         tuner = self.gather_tuner
         store = getattr(self.dataset, "store", None)  # a dataset of ours has one
-        if store is not None and store.advice == "random":
+        if store is not None and store.reads_ahead:
             tuner = None  # larger than RAM: batches wait on the disk; threads keep reads in flight
         return ThreadedBatches(
             self.dataset,

@@ -30,7 +30,7 @@ import numpy as np
 from jasper_mmap._fs.files import describe_path
 from jasper_mmap.errors import ArtifactError, ArtifactMissingError, DependencyError
 from jasper_mmap.format.spec import ARRAYS
-from jasper_mmap.sources.fingerprints import H5_FILE
+from jasper_mmap.sources.hdf5.layout import H5_FILE
 from jasper_mmap.sources.pt.keywords import KeywordsCancelled, decode_keyword_rows
 from jasper_mmap.sources.pt.reader import open_tensor
 

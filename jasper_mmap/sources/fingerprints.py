@@ -18,6 +18,7 @@ from typing import Any
 from jasper_mmap._fs.files import open_regular
 from jasper_mmap.errors import ArtifactError, ArtifactMissingError
 from jasper_mmap.format.spec import ARRAYS, CONFIG, SPLITS
+from jasper_mmap.sources.hdf5.layout import H5_FILE
 
 __all__ = [
     "fingerprint",
@@ -25,12 +26,10 @@ __all__ = [
     "dataset_file_names",
     "source_fingerprints",
     "NEGATIVE_FILES",
-    "H5_FILE",
 ]
 
 #: the negatives' source files: handled by negatives generations (NOTE [hot reload])
 NEGATIVE_FILES = ("hard_negatives.pt", "negative_tiers.pt")
-H5_FILE = "dataset.h5"
 _EDGE = 65536
 
 

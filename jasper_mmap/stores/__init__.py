@@ -9,7 +9,7 @@ from typing import Any
 
 from jasper_mmap._fs.files import as_path
 from jasper_mmap.format.integrity import raise_problems, store_problems
-from jasper_mmap.format.manifest import load_manifest
+from jasper_mmap.format.manifest import read_raw_manifest
 from jasper_mmap.stores.base import NEGATIVE_ARRAYS, Store, StoreWriter
 
 __all__ = ["open_store", "Store", "StoreWriter", "BACKENDS", "WRITERS", "NEGATIVE_ARRAYS"]
@@ -48,7 +48,7 @@ def open_store(path: str | Path, manifest: dict[str, Any] | None = None) -> Stor
     (``jasper_mmap.format.integrity.store_problems``): the manifest field by field, ``config.json``,
     every recorded data file's size, each safetensors header or zarr array metadata against
     the manifest, and the live negatives generation. Raises the first problem found.
-    ``manifest``: the manifest as :func:`~jasper_mmap.format.manifest.load_manifest` just read it,
+    ``manifest``: the manifest as :func:`~jasper_mmap.format.manifest.read_raw_manifest` just read it,
     when the caller has it (it is not read again).
 
     Raises:
@@ -59,7 +59,7 @@ def open_store(path: str | Path, manifest: dict[str, Any] | None = None) -> Stor
     """
     path = as_path(path, "the store's path")
     if manifest is None:
-        manifest = load_manifest(path)
+        manifest = read_raw_manifest(path)
     verified: dict[int, dict[str, Any]] = {}
     raise_problems(store_problems(path, manifest, verified, reuse=True), path)
     return BACKENDS[manifest["backend"]](path, manifest, verified)

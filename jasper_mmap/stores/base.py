@@ -29,14 +29,12 @@ from jasper_mmap.errors import (
     StoreReplacedError,
 )
 from jasper_mmap.format.dtypes import to_float32
-from jasper_mmap.format.manifest import read_manifest, read_pointer
-from jasper_mmap.format.spec import NEGATIVES_DIR
+from jasper_mmap.format.manifest import read_generation_desc, read_valid_manifest
+from jasper_mmap.format.spec import NEGATIVE_ARRAYS
 from jasper_mmap.stores.identity import _PROC_FD, _Dir, _manifest_state, _token_at
 from jasper_mmap.stores.leases import _acquire, _Generation
 
 __all__ = ["NEGATIVE_ARRAYS", "Store", "StoreWriter", "in_gather_thread", "mark_gather_thread"]
-
-NEGATIVE_ARRAYS = ("hard_negatives", "negative_tiers")
 
 
 log = logging.getLogger(__name__)
@@ -82,12 +80,13 @@ class Store(abc.ABC):
         verified: dict[int, dict[str, Any]] | None = None,
     ) -> None:
         self.path = Path(path)
-        self.manifest = manifest if manifest is not None else read_manifest(self.path)
+        self.manifest = manifest if manifest is not None else read_valid_manifest(self.path)
         # generations open_store has just checked: their first lease here skips the same check
         self._verified = dict(verified or {})
         self._generation: int | None = None  # the generation served when none is named
         self._gens: dict[int, _Generation] = {}  # per process: leased generations
-        self._handles: dict[str, Any] = {}
+        # (name, generation) -> the backend's handle; generation None for all but the negatives
+        self._handles: dict[tuple[str, int | None], Any] = {}
         self._lock = threading.RLock()
         self._pid = os.getpid()
         self._identity: tuple[str | None, tuple | None] | None = None  # NOTE [store identity]
@@ -217,7 +216,7 @@ class Store(abc.ABC):
         """
         with self._at_root() as root:
             self._check_same()
-            return int(read_pointer(root)["generation"])
+            return int(read_generation_desc(root)["generation"])
 
     def _lease_live(self) -> int:
         """Lease the live generation (retried: it can be superseded and removed meanwhile)."""
@@ -303,8 +302,7 @@ class Store(abc.ABC):
     def _release(self, generation: int) -> None:
         """Drop the maps and the lease of ``generation`` (under the lock)."""
         gen = self._gens.pop(generation)
-        prefix = f"{NEGATIVES_DIR}/{generation}/"
-        for key in [k for k in self._handles if k.startswith(prefix)]:
+        for key in [k for k in self._handles if k[1] == generation]:
             del self._handles[key]
         self._release_files({e["file"] for e in gen.desc["arrays"].values()})
         gen.lease.close()  # releases the shared lock: the generation may now be removed
@@ -354,12 +352,15 @@ class Store(abc.ABC):
                         handle = self._handles[key] = self._open_array(name, entry)
         return handle
 
-    def _handle_key(self, name: str, generation: int | None) -> tuple[str, int | None]:
-        """The key of ``name``'s handle, and the generation it is read from (negatives)."""
+    def _handle_key(
+        self, name: str, generation: int | None
+    ) -> tuple[tuple[str, int | None], int | None]:
+        """The key of ``name``'s handle, ``(name, generation)``, and the generation it is read
+        from (negatives; None for every other array)."""
         if name not in NEGATIVE_ARRAYS:
-            return name, None
+            return (name, None), None
         g = self.generation if generation is None else generation
-        return f"{NEGATIVES_DIR}/{g}/{name}", g
+        return (name, g), g
 
     def gather(
         self,
@@ -376,7 +377,7 @@ class Store(abc.ABC):
             SampleIndexError: an index is negative or not below the array's length.
         """
         idx = self.check_rows(name, index, generation)
-        return self.take(name, idx, out, generation)
+        return self.gather_unchecked(name, idx, out, generation)
 
     def check_rows(
         self, name: str, index: np.ndarray | list[int], generation: int | None = None
@@ -395,7 +396,7 @@ class Store(abc.ABC):
             )
         return idx
 
-    def take(
+    def gather_unchecked(
         self,
         name: str,
         idx: np.ndarray,
@@ -414,7 +415,7 @@ class Store(abc.ABC):
         out[...] = result
         return out
 
-    def take_mixed(
+    def gather_mixed_unchecked(
         self, names: tuple[str, ...], which: np.ndarray, idx: np.ndarray, out: np.ndarray
     ) -> np.ndarray:
         """Row ``idx[i]`` of array ``names[which[i]]`` into ``out[i]``; zeros where
@@ -425,25 +426,27 @@ class Store(abc.ABC):
         for k, name in enumerate(names):
             chosen = which == k
             if chosen.any():
-                out[chosen] = self.take(name, idx[chosen])
+                out[chosen] = self.gather_unchecked(name, idx[chosen])
         return out
 
     def joined(self, names: tuple[str, ...]) -> tuple[int, ...] | None:
         """Where each of the arrays ``names`` begins in one joined row space that
-        :meth:`take_joined` reads with one gather, or None: here always None (a backend that
+        :meth:`gather_joined_unchecked` reads with one gather, or None: here always None (a backend that
         maps its files joins arrays lying back to back in one file)."""
         return None
 
-    def take_joined(self, names: tuple[str, ...], idx: np.ndarray, out: np.ndarray) -> np.ndarray:
+    def gather_joined_unchecked(
+        self, names: tuple[str, ...], idx: np.ndarray, out: np.ndarray
+    ) -> np.ndarray:
         """Rows ``idx`` of the joined rows of ``names``; only where :meth:`joined` is not None."""
         raise NotImplementedError(f"{self.path}: {self.backend} stores join no arrays")
 
     @property
-    def advice(self) -> str:
-        """Read-ahead advice of the store's maps: ``"random"`` for a store larger than half
-        of RAM, whose batches :meth:`prefetch` reads ahead; ``"normal"`` otherwise, and for
-        backends that do not map (NOTE [read-ahead advice] in jasper_mmap/stores/safetensors_store.py)."""
-        return "normal"
+    def reads_ahead(self) -> bool:
+        """True for a store whose maps are advised ``"random"`` (larger than half of RAM):
+        its batches :meth:`prefetch` reads ahead. False otherwise, and for backends that do
+        not map (NOTE [read-ahead advice] in jasper_mmap/stores/safetensors_store.py)."""
+        return False
 
     def prefetch(  # noqa: B027 - optional hook
         self,

@@ -49,7 +49,7 @@ from jasper_mmap._fs.lock import close_lock_fd, held_flock, open_lock_fd, store_
 from jasper_mmap._fs.partials import partial_dir, remove_stale_partials_in
 from jasper_mmap._fs.publish import fsync_dir, fsync_tree
 from jasper_mmap.errors import ArtifactError, JasperError, StoreExistsError, write_error
-from jasper_mmap.format.manifest import read_pointer
+from jasper_mmap.format.manifest import read_generation_desc
 from jasper_mmap.format.recorded import entry_files
 from jasper_mmap.format.spec import MAX_GENERATION, NEGATIVES_DIR, POINTER, generation_name
 from jasper_mmap.format.store_dirs import remove_stale_partials
@@ -171,7 +171,7 @@ def _next_generation(neg_dir: Path) -> int:
     """One past every generation number in use (a name of ours taken by anything counts);
     refused at ``MAX_GENERATION``, naming the files that took the number there."""
     taken = _generations(neg_dir, None)
-    current = read_pointer(neg_dir.parent)["generation"]
+    current = read_generation_desc(neg_dir.parent)["generation"]
     g = max([current, *taken]) + 1
     if g >= MAX_GENERATION:
         top = max(taken, default=-1)
@@ -288,7 +288,7 @@ def _publish_locked(store, neg_dir: Path, negs, tiers, sources, keep) -> tuple[i
     """Write, describe and publish the next generation (the publish lock is held)."""
     remove_stale_partials(neg_dir)  # STORE/.negatives.partial-*: killed publishers' data
     remove_stale_partials_in(neg_dir)  # their half-written descriptions
-    previous = read_pointer(store.path)
+    previous = read_generation_desc(store.path)
     g = _next_generation(neg_dir)
     what = f"negatives generation {g}"
     try:

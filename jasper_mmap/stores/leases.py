@@ -14,7 +14,7 @@ from jasper_mmap.errors import (
     StoreNotFoundError,
 )
 from jasper_mmap.format.integrity import check_generation
-from jasper_mmap.format.manifest import read_pointer
+from jasper_mmap.format.manifest import read_generation_desc
 from jasper_mmap.format.spec import NEGATIVES_DIR, generation_name
 
 
@@ -62,7 +62,7 @@ def _acquire(
         if os.fstat(f.fileno()).st_nlink == 0:
             raise gone
         if desc is None:
-            desc = read_pointer(store_dir, generation)
+            desc = read_generation_desc(store_dir, generation)
             if manifest is not None:  # its files, sizes and headers, before anything is mapped
                 check_generation(store_dir, desc, manifest, path)
     except BaseException:

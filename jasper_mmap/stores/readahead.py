@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from jasper_mmap.format.dtypes import entry_nbytes
+from jasper_mmap.format.spec import PAIR_ARRAYS
 from jasper_mmap.stores.base import Store
 
 __all__ = ["DENSE_WINDOW", "choose_advice", "ram_bytes"]
@@ -103,26 +104,15 @@ def _willneed(m: mmap.mmap, base: int, starts: np.ndarray, length: int) -> None:
 DENSE_REFS_PER_WINDOW = 50
 
 
-#: the per-pair arrays a batch reads (the dataset's batch engine reads the same)
-_PAIR_ARRAYS = (
-    "pair_index",
-    "hard_negatives",
-    "negative_tiers",
-    "pair_cluster_id",
-    "pair_relevance",
-    "centroid_distances",
-)
-
-
 def dense_arrays(store: Store, split_len: int) -> frozenset[str]:
     """Arrays of ``store`` that a pass over ``split_len`` samples reads mostly whole."""
     pass  # (import moved into this module)
 
     if os.environ.get("JASPER_MMAP_DENSE", "auto").lower() == "off":
         return frozenset()
-    if store.advice != "random":
+    if not store.reads_ahead:
         return frozenset()  # cached (or not mapped): the batch prefetch does nothing
-    refs = dict.fromkeys(_PAIR_ARRAYS, split_len)
+    refs = dict.fromkeys(PAIR_ARRAYS, split_len)
     refs.update(question_embs=split_len, source_embs=split_len * (1 + store.counts["n_neg"]))
     sizes = {n: entry_nbytes(store.entry(n)) for n in refs}
     budget, dense = (ram_bytes() or 0) // 2, []

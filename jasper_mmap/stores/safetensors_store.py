@@ -267,10 +267,27 @@ class SafetensorsStore(Store):
 
     backend = "safetensors"
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # per process, like Store._handles (dropped by __getstate__ and close):
+        self._maps: dict[str, _MappedFile] = {}  # file (relative path) -> its map
+        # arrays (names) -> their joined rows and offsets (None: not joinable); :meth:`joined`
+        self._joins: dict[tuple[str, ...], tuple[np.ndarray, tuple[int, ...]] | None] = {}
+        # a handle key (Store._handle_key) or (names, None) of joined rows -> a tensor over it
+        self._torch_views: dict[tuple[str | tuple[str, ...], int | None], Any] = {}
+        # (epoch, {(file, name): windows asked}) of NOTE [dense arrays]
+        self._windows: tuple[int, dict[tuple[str, str], np.ndarray]] | None = None
+        super().__init__(*args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(_maps={}, _joins={}, _torch_views={}, _windows=None)
+        return state
+
     @property
-    def advice(self) -> str:
-        """Read-ahead advice for this store's maps (NOTE [read-ahead advice])."""
-        return self._advice()
+    def reads_ahead(self) -> bool:
+        """Whether this store's maps are advised ``"random"`` and its batches read ahead
+        (NOTE [read-ahead advice])."""
+        return self._advice() == "random"
 
     def _advice(self) -> str:
         cached = self.__dict__.get("_advice_value")
@@ -283,10 +300,9 @@ class SafetensorsStore(Store):
     def _open_array(self, name: str, entry: dict[str, Any]) -> np.ndarray:
         path = self._root() / entry["file"]  # the directory opened: NOTE [store identity]
         fix = store_fix(self.path, self.manifest)
-        files = self._handles.setdefault("__files__", {})
-        mapped = files.get(entry["file"])
+        mapped = self._maps.get(entry["file"])
         if mapped is None:
-            mapped = files[entry["file"]] = _MappedFile(path, self._advice(), fix, self.path)
+            mapped = self._maps[entry["file"]] = _MappedFile(path, self._advice(), fix, self.path)
         raise_problems(tensor_problems(path, mapped.header, name, entry, fix), self.path)
         meta = mapped.header[entry["key"]]
         dtype = numpy_dtype(entry["stored_dtype"])
@@ -312,7 +328,9 @@ class SafetensorsStore(Store):
         src = self.raw(name, generation)
         return self._rows(src, self._handle_key(name, generation)[0], idx, out)
 
-    def _rows(self, src: np.ndarray, key: str, idx: np.ndarray, out: np.ndarray | None):
+    def _rows(
+        self, src: np.ndarray, key: tuple[Any, int | None], idx: np.ndarray, out: np.ndarray | None
+    ):
         """Rows ``idx`` of ``src`` (a map's array, handle ``key``), the fastest way here."""
         if (
             out is not None
@@ -339,7 +357,7 @@ class SafetensorsStore(Store):
         # indices were range-checked (check_rows); mode="clip" keeps numpy from buffering ``out``
         return np.take(src, idx, axis=0, out=out, mode="clip")
 
-    def take_mixed(
+    def gather_mixed_unchecked(
         self, names: tuple[str, ...], which: np.ndarray, idx: np.ndarray, out: np.ndarray
     ) -> np.ndarray:
         """One gather where the arrays lie back to back in one file (the steering tables as
@@ -347,12 +365,12 @@ class SafetensorsStore(Store):
         (:meth:`joined`). Otherwise one gather per array (the base class)."""
         joined = self._joined(names)
         if joined is None or out.dtype != joined[0].dtype:
-            return super().take_mixed(names, which, idx, out)
+            return super().gather_mixed_unchecked(names, which, idx, out)
         view, offsets = joined
         rows = np.asarray(offsets, dtype=np.int64)[np.maximum(which, 0)] + idx
         zero = which < 0
         rows[zero] = 0  # zeroed after the gather: read the first row, a cached page
-        self._rows(view, "#".join(names), rows, out)
+        self._rows(view, (names, None), rows, out)
         out[zero] = 0
         return out
 
@@ -365,7 +383,9 @@ class SafetensorsStore(Store):
         joined = self._joined(names)
         return None if joined is None else joined[1]
 
-    def take_joined(self, names: tuple[str, ...], idx: np.ndarray, out: np.ndarray) -> np.ndarray:
+    def gather_joined_unchecked(
+        self, names: tuple[str, ...], idx: np.ndarray, out: np.ndarray
+    ) -> np.ndarray:
         """Rows ``idx`` of the joined rows of ``names`` (:meth:`joined` is not None) into
         ``out`` (their dtype). ``idx`` addresses rows of the arrays, each range-checked
         against its own array (:meth:`check_rows`) and moved by that array's offset: it is not
@@ -373,22 +393,23 @@ class SafetensorsStore(Store):
         joined = self._joined(names)
         if joined is None:
             raise NotImplementedError(f"{self.path}: the arrays {names} are not joined")
-        return self._rows(joined[0], "#".join(names), idx, out)
+        return self._rows(joined[0], (names, None), idx, out)
 
     def _joined(self, names: tuple[str, ...]) -> tuple[np.ndarray, tuple[int, ...]] | None:
         """:meth:`joined`'s view of the rows and the offsets; made once, kept with the maps
         (dropped on close)."""
-        key = "#".join(names) + "#joined"
-        joined = self._handles.get(key, _UNSET)
+        joined = self._joins.get(names, _UNSET)
         if joined is not _UNSET:
             return joined
         if any(name in NEGATIVE_ARRAYS for name in names):
             return None  # a generation's arrays: replaced by every reload, never joined
         with self._guard():  # a close from another thread waits until the view is made
             arrays = [self.raw(name) for name in names]
-            while any(self._handles.get(n) is not a for n, a in zip(names, arrays, strict=True)):
+            while any(
+                self._handles.get((n, None)) is not a for n, a in zip(names, arrays, strict=True)
+            ):
                 arrays = [self.raw(name) for name in names]  # closed meanwhile: all from now
-            self._handles[key] = joined = self._join(names, arrays)
+            self._joins[names] = joined = self._join(names, arrays)
         return joined
 
     def _join(
@@ -407,7 +428,7 @@ class SafetensorsStore(Store):
         starts = list(itertools.accumulate((arrays[k].nbytes for k in order), initial=start))
         if any(_data(arrays[k]) != at for k, at in zip(order, starts[:-1], strict=True)):
             return None  # not back to back
-        mapped = self._handles["__files__"][files.pop()]
+        mapped = self._maps[files.pop()]
         view = np.frombuffer(
             mapped.map,
             dtype=first.dtype,
@@ -416,16 +437,16 @@ class SafetensorsStore(Store):
         ).reshape(-1, first.shape[1])
         return view, tuple((_data(a) - start) // first.strides[0] for a in arrays)
 
-    def _torch_view(self, key: str, src: np.ndarray) -> Any:
+    def _torch_view(self, key: tuple[Any, int | None], src: np.ndarray) -> Any:
         """A read-only tensor over ``src`` (a map's array, handle ``key``), made once per map;
-        kept under the key + "#torch", so it is dropped with the map (release, close)."""
-        key += "#torch"
-        view = self._handles.get(key)
+        kept in ``_torch_views`` under the same key, so it is dropped with the map (release of
+        its generation, close)."""
+        view = self._torch_views.get(key)
         if view is None:
             with self._guard(), warnings.catch_warnings():
                 # torch warns that it cannot mark the tensor read-only; nothing writes to it
                 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                view = self._handles[key] = _torch().from_numpy(src)
+                view = self._torch_views[key] = _torch().from_numpy(src)
         return view
 
     def prefetch(
@@ -455,7 +476,7 @@ class SafetensorsStore(Store):
             arr, file = self.raw(name, generation), self.entry(name, generation)["file"]
             if not idx.size or arr.base is None:
                 continue
-            mapped = self._handles["__files__"][file]
+            mapped = self._maps[file]
             row, base = arr.strides[0], _address(mapped.map)  # the map stays open: arr views it
             first = _data(arr) - base
             offsets = first + np.asarray(idx, dtype=np.int64) * row
@@ -465,10 +486,10 @@ class SafetensorsStore(Store):
             span = -(-row // mmap.PAGESIZE) * mmap.PAGESIZE  # a row may cross a block's end
             if name in dense:  # NOTE [dense arrays]: a window each, the first time
                 windows = np.unique(offsets // DENSE_WINDOW)
-                asked_epoch, asked = self._handles.get("__windows__", (None, None))
+                asked_epoch, asked = self._windows or (None, None)
                 if asked is None or asked_epoch != epoch:  # asked again each epoch
                     asked = {}
-                    self._handles["__windows__"] = (epoch, asked)
+                    self._windows = (epoch, asked)
                 seen = asked.get((file, name))
                 if seen is None:
                     seen = asked[file, name] = np.zeros(len(mapped.map) // DENSE_WINDOW + 1, bool)
@@ -479,8 +500,13 @@ class SafetensorsStore(Store):
             pages = np.unique(offsets // mmap.PAGESIZE)
             _willneed(mapped.map, base, pages * mmap.PAGESIZE, mmap.PAGESIZE + span)
 
+    def _release(self, generation: int) -> None:
+        for key in [k for k in self._torch_views if k[1] == generation]:
+            del self._torch_views[key]
+        super()._release(generation)
+
     def _release_files(self, files: set[str]) -> None:
-        mapped = self._handles.get("__files__", {})
+        mapped = self._maps
         for name in files:
             m = mapped.pop(name, None)
             if m is not None and m.map is not None:
@@ -490,8 +516,10 @@ class SafetensorsStore(Store):
                     pass  # a view is still alive; the map closes when it is released
 
     def close(self) -> None:
-        files = self._handles.get("__files__", {})
-        super().close()
+        with self._guard():
+            files, self._maps = self._maps, {}
+            self._joins, self._torch_views, self._windows = {}, {}, None
+            super().close()
         for mapped in files.values():
             if mapped.map is not None:
                 try:

@@ -31,7 +31,7 @@ from jasper_mmap._fs.files import as_path, open_regular, read_json
 from jasper_mmap.errors import ConfigError, JasperError
 from jasper_mmap.format.dtypes import entry_nbytes, numpy_dtype, to_float32
 from jasper_mmap.format.integrity import store_problems
-from jasper_mmap.format.manifest import load_manifest
+from jasper_mmap.format.manifest import read_raw_manifest
 from jasper_mmap.format.schema import store_fix
 from jasper_mmap.format.spec import CONFIG
 from jasper_mmap.format.values import Notices, SplitCheck, Stats, check_block, check_steering
@@ -193,7 +193,7 @@ def verify_store(path: str | Path, progress: bool | None = None) -> VerifyReport
         return report
     report = VerifyReport(path)
     try:
-        manifest = load_manifest(path)
+        manifest = read_raw_manifest(path)
     except JasperError as e:
         report.problems.append(str(e))
         report.data_read = False

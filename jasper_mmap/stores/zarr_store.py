@@ -166,12 +166,23 @@ class ZarrStore(Store):
     """
 
     backend = "zarr"
+    _zarr_group: Any = None  # per process, like Store._handles (dropped by pickling and close)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_zarr_group", None)
+        return state
+
+    def close(self) -> None:
+        with self._guard():
+            self._zarr_group = None
+            super().close()
 
     def _fix(self) -> str:
         return store_fix(self.path, self.manifest)
 
     def _group(self) -> Any:
-        group = self._handles.get("__group__")
+        group = self._zarr_group
         if group is not None:
             return group
         root = self._root()  # the directory opened: NOTE [store identity]
@@ -198,7 +209,7 @@ class ZarrStore(Store):
                 f"{self.path}/zarr.json: zarr group cannot be opened ({type(e).__name__}: "
                 f"{e}). {self._fix()}"
             ) from e
-        self._handles["__group__"] = group
+        self._zarr_group = group
         return group
 
     def _open_array(self, name: str, entry: dict[str, Any]) -> Any:

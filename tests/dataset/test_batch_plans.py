@@ -134,7 +134,7 @@ def test_plans_are_none_where_batches_are_made_one_by_one(st_store, monkeypatch)
     patched.__getitems__ = lambda indices, pin_memory=False: None
     assert patched.plan_batches(BATCHES) is None
     assert JASPERSteeringDataset(st_store, "train", preload=True).plan_batches(BATCHES) is None
-    monkeypatch.setattr(type(ds.store), "advice", property(lambda self: "random"))
+    monkeypatch.setattr(type(ds.store), "reads_ahead", property(lambda self: True))
     assert ds.plan_batches(BATCHES) is None  # read ahead from disk batch by batch
 
 
@@ -291,14 +291,14 @@ def test_a_read_error_while_planning_surfaces_at_its_own_batch(st_store, monkeyp
     store = loader.dataset_obj.store
     split = store.read("train_idx")
     cursed = int(split[6 * 4 + 1])  # a pair of batch 6
-    real = type(store).take
+    real = type(store).gather_unchecked
 
     def take(self, name, idx, out=None, generation=None):
         if name == "hard_negatives" and cursed in np.asarray(idx).tolist():
             raise OSError(f"disk error reading the negatives of pair {cursed}")
         return real(self, name, idx, out, generation)
 
-    monkeypatch.setattr(type(store), "take", take)
+    monkeypatch.setattr(type(store), "gather_unchecked", take)
     it = iter(loader)
     seen = []
     with pytest.raises(OSError, match=f"pair {cursed}"):

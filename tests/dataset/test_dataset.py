@@ -331,7 +331,7 @@ def test_read_ahead_advice_and_prefetch_do_not_change_batches(src, tmp_path, mon
     monkeypatch.setenv("JASPER_MMAP_MADVISE", advice)
     assert choose_advice(10**15) == advice
     ds = JASPERSteeringDataset(src, "train", epoch=2)
-    assert ds.store.advice == advice
+    assert ds.store.reads_ahead == (advice == "random")
     idx = np.array([0, 95, 3, 3, 50])
     got = ds.get_batch(idx)
     want = _expected(src, "train", idx, epoch=2)
@@ -408,7 +408,7 @@ def _in(calls, store, name: str) -> list[tuple[int, int]]:
 
     arr = store.raw(name)
     lo = arr.__array_interface__["data"][0]
-    start = _address(store._handles["__files__"][store.entry(name)["file"]].map)
+    start = _address(store._maps[store.entry(name)["file"]].map)
     return [(a, n) for a, n in calls if max(start, lo - DENSE_WINDOW) <= a < lo + arr.nbytes]
 
 
@@ -478,9 +478,7 @@ def test_dense_windows_can_be_turned_off_and_respect_half_of_ram(src, monkeypatc
     monkeypatch.setattr(dataset_module, "DENSE_REFS_PER_WINDOW", 50)
     monkeypatch.setattr(dataset_module.os, "sysconf", real)
     cached = JASPERSteeringDataset(src, "train")  # the advice is chosen once per store
-    assert (
-        cached.store.advice == "normal" and dense_arrays(cached.store, len(cached)) == frozenset()
-    )
+    assert not cached.store.reads_ahead and dense_arrays(cached.store, len(cached)) == frozenset()
 
 
 def test_prefetch_advises_the_batchs_generation_not_the_one_served_meanwhile(
@@ -515,7 +513,7 @@ def _map_range(store, generation: int) -> tuple[int, int]:
     from jasper_mmap.stores.readahead import _address
 
     store.raw("hard_negatives", generation)
-    m = store._handles["__files__"][store.entry("hard_negatives", generation)["file"]].map
+    m = store._maps[store.entry("hard_negatives", generation)["file"]].map
     return _address(m), _address(m) + len(m)
 
 
@@ -543,11 +541,11 @@ def test_prefetch_leaves_rows_outside_an_array_to_the_gather(src, monkeypatch):
 )
 def test_a_batch_names_rows_a_damaged_index_points_past(src, monkeypatch, array, at, bad, named):
     """Each index array of a batch is range-checked once (``check_rows``) before the arrays
-    it addresses are read without checks (``take``): a store whose index arrays point past
+    it addresses are read without checks (``gather_unchecked``): a store whose index arrays point past
     the rows they address still fails with SampleIndexError naming the array."""
     ds = JASPERSteeringDataset(src, "train")
     store = ds.store
-    real = store.take
+    real = store.gather_unchecked
 
     def damaged(name, idx, out=None, generation=None):
         rows = real(name, idx, out, generation)
@@ -556,7 +554,7 @@ def test_a_batch_names_rows_a_damaged_index_points_past(src, monkeypatch, array,
             rows.reshape(-1)[at] = bad(store)
         return rows
 
-    monkeypatch.setattr(store, "take", damaged)
+    monkeypatch.setattr(store, "gather_unchecked", damaged)
     with pytest.raises(SampleIndexError, match=rf"rows of '{named}' should be in"):
         ds.get_batch([0, 1, 2])
 

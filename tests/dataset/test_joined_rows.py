@@ -38,7 +38,9 @@ def test_joined_rows_are_each_arrays_rows(store_path, names):
     if store.backend != "safetensors":
         assert offsets is None
         with pytest.raises(NotImplementedError, match="join no arrays"):
-            store.take_joined(names, np.zeros(1, np.int64), np.empty((1, 16), np.float32))
+            store.gather_joined_unchecked(
+                names, np.zeros(1, np.int64), np.empty((1, 16), np.float32)
+            )
         return
     assert offsets is not None and len(offsets) == len(names)
     rng = np.random.default_rng(0)
@@ -48,18 +50,18 @@ def test_joined_rows_are_each_arrays_rows(store_path, names):
         rows.append(idx + at)
         want.append(store.gather(name, idx))
     rows, want = np.concatenate(rows), np.concatenate(want)
-    got = [store.take_joined(names, rows, np.empty_like(want))]
+    got = [store.gather_joined_unchecked(names, rows, np.empty_like(want))]
     old = safetensors_store._INTRA_OP_BYTES
     try:
         safetensors_store._INTRA_OP_BYTES = 1  # the loop's thread: torch.index_select
-        got.append(store.take_joined(names, rows, np.empty_like(want)))
+        got.append(store.gather_joined_unchecked(names, rows, np.empty_like(want)))
     finally:
         safetensors_store._INTRA_OP_BYTES = old
     result = []
 
     def in_a_gather_thread():
         base.mark_gather_thread()
-        result.append(store.take_joined(names, rows, np.empty_like(want)))
+        result.append(store.gather_joined_unchecked(names, rows, np.empty_like(want)))
 
     thread = threading.Thread(target=in_a_gather_thread)
     thread.start()
@@ -134,20 +136,20 @@ def test_variant_zero_rows_read_the_first_row_not_their_pairs(tmp_path, pt_datas
     would be a read of its own, one nothing asked the kernel for ahead."""
     ds = JASPERSteeringDataset(convert_pt(pt_dataset, tmp_path / "s", progress=False), "train")
     store, seen = ds.store, []
-    take = store.take_joined
+    take = store.gather_joined_unchecked
 
     def spy(names, idx, out):
         if names == _STEERING_NAMES:
             seen.append(idx.copy())
         return take(names, idx, out)
 
-    store.take_joined = spy
+    store.gather_joined_unchecked = spy
     ds.set_epoch(3)
     batch = ds.get_batch(BATCHES[1])
     variants = batch["steering_variant"].numpy()
     assert 0 in variants and (variants > 0).any()
     assert (seen[0][variants == 0] == 0).all()
-    pairs = store.take("train_idx", np.asarray(BATCHES[1]))
+    pairs = store.gather_unchecked("train_idx", np.asarray(BATCHES[1]))
     offsets, chosen = np.asarray(store.joined(_STEERING_NAMES)), variants > 0
     want = offsets[variants[chosen] - 1] + pairs[chosen]
     np.testing.assert_array_equal(seen[0][chosen], want)

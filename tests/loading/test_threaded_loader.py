@@ -569,11 +569,15 @@ def test_gathers_below_the_intra_op_bytes_stay_with_numpy(st_store, monkeypatch)
     row_bytes = store.raw("source_embs").strides[0]
     out = np.empty((rows.size, store.shape("source_embs")[1]), np.float32)
     monkeypatch.setattr(safetensors_store, "_INTRA_OP_BYTES", rows.size * row_bytes + 1)
-    np.testing.assert_array_equal(store.take("source_embs", rows, out), store.read("source_embs"))
+    np.testing.assert_array_equal(
+        store.gather_unchecked("source_embs", rows, out), store.read("source_embs")
+    )
     assert calls == []
     monkeypatch.setattr(safetensors_store, "_INTRA_OP_BYTES", rows.size * row_bytes)
     out[:] = 0
-    np.testing.assert_array_equal(store.take("source_embs", rows, out), store.read("source_embs"))
+    np.testing.assert_array_equal(
+        store.gather_unchecked("source_embs", rows, out), store.read("source_embs")
+    )
     assert calls == [1]
 
 
@@ -581,7 +585,7 @@ def test_a_store_larger_than_half_of_ram_always_gathers_ahead(st_store, monkeypa
     """NOTE [gathering in the loop]: no tuning where batches wait on the disk."""
     monkeypatch.setenv("JASPER_MMAP_MADVISE", "random")
     loader = create_loader(st_store, "train", 4, num_workers=2, shuffle=False)
-    assert loader.dataset_obj.store.advice == "random"
+    assert loader.dataset_obj.store.reads_ahead
     loader.gather_tuner = always_switching()
     modes = set()
     it = iter(loader)

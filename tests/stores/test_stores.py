@@ -63,14 +63,16 @@ class TestStoreContract:
             store.gather("pair_index", [10**9])
 
     def test_check_rows_once_then_take_reads_what_gather_reads(self, store_path):
-        """A batch checks an index array once and reads several arrays with it (``take``)."""
+        """A batch checks an index array once and reads several arrays with it (``gather_unchecked``)."""
         store = open_store(store_path)
         idx = store.check_rows("pair_index", [3, 0, 3, store.shape("pair_index")[0] - 1])
         assert idx.dtype == np.int64
         for name in ("pair_index", "pair_relevance", "steering_centroid", "hard_negatives"):
-            np.testing.assert_array_equal(store.take(name, idx), store.gather(name, idx))
+            np.testing.assert_array_equal(
+                store.gather_unchecked(name, idx), store.gather(name, idx)
+            )
             out = np.empty_like(store.gather(name, idx))
-            assert store.take(name, idx, out) is out
+            assert store.gather_unchecked(name, idx, out) is out
             np.testing.assert_array_equal(out, store.gather(name, idx))
         n = store.shape("source_embs")[0]
         with pytest.raises(SampleIndexError, match=rf"'source_embs' should be in \[0, {n}\)"):
@@ -92,7 +94,7 @@ class TestStoreContract:
         for k, name in enumerate(names):
             want[which == k] = store.gather(name, idx[which == k])
         out = np.full_like(want, np.nan)
-        assert store.take_mixed(names, which, idx, out) is out
+        assert store.gather_mixed_unchecked(names, which, idx, out) is out
         np.testing.assert_array_equal(out, want)
         if store.backend == "safetensors":
             assert store.joined(names) is not None
@@ -201,20 +203,22 @@ def test_take_mixed_widens_and_splits_like_gather(tmp_path, pt_dataset, dtype):
     want = np.zeros((n, d), np.float32)
     for k, name in enumerate(STEERING):
         want[which == k] = store.gather(name, idx[which == k])
-    got = [store.take_mixed(STEERING, which, idx, np.empty((n, d), np.float32))]
+    got = [store.gather_mixed_unchecked(STEERING, which, idx, np.empty((n, d), np.float32))]
     joined = store._joined(STEERING)  # float16 rows: one read per table, widened
     assert joined is not None and (joined[0].dtype == np.float32) == (dtype == "keep")
     old = safetensors_store._INTRA_OP_BYTES
     try:
         safetensors_store._INTRA_OP_BYTES = 1  # the loop's thread: torch.index_select
-        got.append(store.take_mixed(STEERING, which, idx, np.empty((n, d), np.float32)))
+        got.append(store.gather_mixed_unchecked(STEERING, which, idx, np.empty((n, d), np.float32)))
     finally:
         safetensors_store._INTRA_OP_BYTES = old
     result = []
     thread = threading.Thread(  # a gather thread: numpy.take
         target=lambda: (
             base.mark_gather_thread(),
-            result.append(store.take_mixed(STEERING, which, idx, np.empty((n, d), np.float32))),
+            result.append(
+                store.gather_mixed_unchecked(STEERING, which, idx, np.empty((n, d), np.float32))
+            ),
         )
     )
     thread.start()

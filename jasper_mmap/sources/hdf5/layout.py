@@ -8,17 +8,16 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "H5_NAME",
+    "H5_FILE",
     "H5_PATHS",
     "KEYWORDS_PATH",
     "KINDS",
-    "SPLIT_NAMES",
     "TORCH_DTYPES",
     "fix_text",
     "require_h5py",
 ]
 
-H5_NAME = "dataset.h5"
+H5_FILE = "dataset.h5"
 
 
 KEYWORDS_PATH = "pair_data/keyword_ids"
@@ -46,9 +45,6 @@ H5_PATHS: dict[str, tuple[str, str, int]] = {
     "val_idx": ("splits/val", "int", 1),
     "test_idx": ("splits/test", "int", 1),
 }
-
-
-SPLIT_NAMES = ("train", "val", "test")
 
 
 #: numpy (kind, itemsize) -> torch dtype name: float16..64, int8..64, uint8..64, bool

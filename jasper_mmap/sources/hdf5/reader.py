@@ -50,14 +50,14 @@ import numpy as np
 
 from jasper_mmap._fs.files import describe_path, open_regular
 from jasper_mmap.errors import ArtifactError, ArtifactMissingError, JasperError, SampleIndexError
+from jasper_mmap.format.spec import SPLITS
 from jasper_mmap.sources.hdf5.keywords import _KeywordPass
 from jasper_mmap.sources.hdf5.layout import (
     _SIGNATURE,
-    H5_NAME,
+    H5_FILE,
     H5_PATHS,
     KEYWORDS_PATH,
     KINDS,
-    SPLIT_NAMES,
     TORCH_DTYPES,
     _brief,
     _data_outside,
@@ -330,7 +330,7 @@ class H5Source:
 
     def _open_splits(self) -> None:
         """Each split from ``{split}_idx.pt`` if present, else ``splits/{split}``; see NOTE."""
-        for split in SPLIT_NAMES:
+        for split in SPLITS:
             name = f"{split}_idx"
             pt = self.path.parent / f"{name}.pt"
             h5name = H5_PATHS[name][0]
@@ -397,7 +397,7 @@ def open_h5_source(dataset_dir: str | Path) -> H5Source:
     require_h5py()
     path = Path(dataset_dir)
     if path.suffix != ".h5" or path.is_dir():
-        path = path / H5_NAME
+        path = path / H5_FILE
     path = path.absolute()
     return H5Source(path, open_h5_file(path))
 

@@ -49,7 +49,7 @@ from jasper_mmap.errors import (
 )
 from jasper_mmap.format.dtypes import to_float32
 from jasper_mmap.sources.hdf5.layout import (
-    H5_NAME,
+    H5_FILE,
     H5_PATHS,
     KEYWORDS_PATH,
     KINDS,
@@ -227,7 +227,7 @@ def _check_compression(compression: Any) -> None:
 
 def _target(src: Path) -> Path:
     """``src/dataset.h5``, or the file a symlink there points to; a directory is refused."""
-    final = src / H5_NAME
+    final = src / H5_FILE
     if final.is_symlink():
         final = final.resolve()
     if final.is_dir():
