@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
-import sys
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from helpers import run_script
 from torch.utils.data import DataLoader
 
 from jasper_mmap import JASPERSteeringDataset, create_loader, validate_first_batch
@@ -31,17 +30,7 @@ def ds(pt_dataset):
 
 
 def _run(tmp_path, script: str, *args: str, timeout: int = 120) -> str:
-    path = tmp_path / "script.py"  # a file: spawn children import __main__'s functions
-    path.write_text(script)
-    r = subprocess.run(
-        [sys.executable, str(path), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    out = r.stdout + r.stderr[-3000:]
-    assert r.returncode == 0, out
-    return r.stdout
+    return run_script(tmp_path, script, *args, timeout=timeout)
 
 
 # -- S1: a process that received the dataset by pickling -------------------------------------

@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import run_script
 
 from jasper_mmap import JASPERSteeringDataset, open_store, publish_negatives
 from jasper_mmap.converters import convert_pt
@@ -21,17 +22,7 @@ from jasper_mmap.format.spec import MAX_GENERATION
 
 
 def _run(tmp_path, script: str, *args: str, timeout: int = 180) -> str:
-    path = tmp_path / "script.py"  # a file: spawn children import __main__'s functions
-    path.write_text(script)
-    r = subprocess.run(
-        [sys.executable, str(path), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    out = r.stdout + r.stderr[-3000:]
-    assert r.returncode == 0, out
-    return r.stdout
+    return run_script(tmp_path, script, *args, timeout=timeout)
 
 
 # -- 1: a copy made in the owner's process ---------------------------------------------------
