@@ -49,19 +49,11 @@ it is the chosen way again. The probe wins only if it beat the mean of the two w
 around it (a probe that an epoch's end cuts short is dropped): a training loop's own speed
 drifts by a tenth or more within seconds on a shared machine, and a probe compared with
 windows seconds away was decided by that drift. The growing interval measures a fresh
-loader's cold first windows again soon (the loader alone on 2 cores: ahead 220k samples/s,
-in the loop 194k, yet a cold first window of ahead had kept the loop for 16 windows). It grew
-2x per probe before: in a trace of the seed's CPU loop, the first epoch of 1,200 steps then
-gathered ahead in 197 of them (its first windows and four probes), ~9% slower each, and a
-benchmark's first rounds paid for it; 4x probes at windows 1, 7, 25, 91, where 2x probed at
-1, 5, 11, 21, 39, 73. Measured before the probes were bracketed so (the seed's training loop, 2 cores, ``num_workers=4``, 2,400 steps): a window was
-compared with the other way's last window, so a drop of the loop's speed switched the way
-and a lucky window kept it; the loader gathered ahead in ~18% of the windows, where ahead is
-~10% slower. A probe costs one window (and the batches of its switch) in the slower way. With
-bracketed probes a decision holds, so they come at most every 64 windows (~25 s of the seed's
-CPU loop): with every 16, a trace of that loop (8 epochs of 420 steps) spent one probe of 41
-batches in every ~740, ~0.6% of its time. Both ways give the same batches in the same order
-(NOTE [thread loading]); only where and when a batch is gathered changes, and never more than
+loader's cold first windows again soon. A probe costs one window (and the batches of its
+switch) in the slower way. With bracketed probes a decision holds, so they come at most every
+64 windows (~25 s of the seed's CPU loop). The earlier probe schedules and the traces that
+replaced them: docs/design/gathering-in-the-loop.md. Both ways give the same batches in the
+same order (NOTE [thread loading]); only where and when a batch is gathered changes, and never more than
 ``depth`` ahead.
 
 Not for a store larger than half of RAM (read-ahead advice "random"): there batches wait on the

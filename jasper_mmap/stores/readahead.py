@@ -95,9 +95,9 @@ def _willneed(m: mmap.mmap, base: int, starts: np.ndarray, length: int) -> None:
 # references its rows at least DENSE_REFS_PER_WINDOW times per window (the cost of a window in
 # page reads, measured on the benchmark disk), densest first, while the dense arrays together
 # fit in half of RAM (beyond that, windows would be evicted before the pass used them). A
-# window is asked for once per epoch and process: asking again for each row's pages costs a
-# system call per page, which took the 32 GB pass from ~32k to ~12k samples/s; a window
-# evicted within an epoch anyway (memory pressure from elsewhere) is read a page per fault.
+# window is asked for once per epoch and process (asking again per row costs a system call
+# per page; docs/design/dense-arrays.md); a window evicted within an epoch anyway (memory
+# pressure from elsewhere) is read a page per fault.
 # The steering tables (one row per sample, of one table in four) stay sparse.
 # JASPER_MMAP_DENSE=off reads every array page by page. Measured by scripts/bench_large.py
 # (README, "Larger than RAM").

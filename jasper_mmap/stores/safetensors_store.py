@@ -26,29 +26,20 @@ A batch is mostly row gathers of 2-D float32 arrays (1,664 rows of 1.5 KiB from 
 at B=128, n_neg=12). Gathered in the training loop's own thread (``num_workers=0``, or a loader
 gathering in the loop; NOTE [thread loading]) they are ``torch.index_select`` on a tensor view
 of the map, written into the caller's buffer: torch splits the rows over its intra-op threads,
-the ones the training step itself uses, so no thread is added. Measured on 2 cores
-(200k store, page cache warm): those 1,664 rows in 323 us against 636 us with ``numpy.take``;
-between training steps, where the step has just evicted the caches, 0.45 against 0.73 ms.
-The loader's gather threads keep ``numpy.take`` (one thread each): an OpenMP parallel region
-started from another thread gets a team of its own, so N gather threads would each add torch's
-intra-op threads to the step's (``mark_gather_thread``). Both give the same bytes: a gather
+the ones the training step itself uses, so no thread is added (idle, 2 cores: those 1,664
+rows in 323 us against 636 us with ``numpy.take``). The loader's gather threads keep
+``numpy.take`` (one thread each): an OpenMP parallel region started from another thread gets
+a team of its own, so N gather threads would each add torch's intra-op threads to the step's
+(``mark_gather_thread``). Both give the same bytes: a gather
 copies rows, it computes nothing.
-On a machine whose cores are busy (issue 24 item 18) torch's intra-op threads collapse: each
-parallel region waits for its slowest thread to get a core. So the in-loop path is chosen per
+On a machine whose cores are busy torch's intra-op threads collapse: each parallel region waits for its slowest thread to get a core. So the in-loop path is chosen per
 gather by :class:`_GatherChooser`: with one intra-op thread always ``numpy.take``; otherwise
 each large gather is timed per byte moved, ``index_select`` kept while it is the cheaper, the
 other path probed by one gather every 8 calls (the interval doubling to 256 while probes
-lose), and a switch made when the other is 1.25x cheaper per byte. Measured on the 2-core dev
-machine (shared: load average ~2.5 before the run, so "idle" was not idle), loader alone,
-num_workers=0, 3 interleaved rounds, median [min-max]:
-``python scripts/bench_busy.py --pairs 50000 --rounds 3 --warmup 3 --seconds 2.0 --workers 0
---paths torch,numpy,adaptive --no-train``: samples/s idle / busy (a busy loop per core):
-torch 17.3k [14.3-235k] / 4.3k [4.0-16.1k]; numpy 200k [199-201k] / 65.2k [39.7-70.1k];
-adaptive 136k [97-164k] / 54.9k [50.6-64.6k]; per round vs torch under busy: numpy 15.0x
-[2.5-17.6], adaptive 12.6x [3.1-16.2]. So under load the rule is ~0.84 of numpy, 12x torch.
-The truly idle figures above (index_select 2x faster) were not re-measured: if an idle run
-shows the rule within noise of torch and bench_train at num_workers 0 and 4 unchanged, keep
-it; otherwise ``numpy.take`` always is the simpler rule (it wins every row measured here).
+lose), and a switch made when the other is 1.25x cheaper per byte. Under load
+(scripts/bench_busy.py, 2 cores, a busy loop per core, num_workers=0) the rule runs at ~0.84 of
+``numpy.take``'s rate and 12x ``index_select``'s. The measurements behind this and the open
+re-measurement of the idle case: docs/design/intra-op-gathers.md.
 """
 
 from __future__ import annotations
