@@ -53,8 +53,8 @@ loader's cold first windows again soon. A probe costs one window (and the batche
 switch) in the slower way. With bracketed probes a decision holds, so they come at most every
 64 windows (~25 s of the seed's CPU loop). The earlier probe schedules and the traces that
 replaced them: docs/design/gathering-in-the-loop.md. Both ways give the same batches in the
-same order (NOTE [thread loading]); only where and when a batch is gathered changes, and never more than
-``depth`` ahead.
+same order (NOTE [thread loading]); only where and when a batch is gathered changes, and
+never more than ``depth`` ahead.
 
 Not for a store larger than half of RAM (read-ahead advice "random"): there batches wait on the
 disk, the threads keep more reads in flight, and a pass speeds up as the page cache fills, so

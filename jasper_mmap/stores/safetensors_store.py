@@ -32,7 +32,8 @@ rows in 323 us against 636 us with ``numpy.take``). The loader's gather threads 
 a team of its own, so N gather threads would each add torch's intra-op threads to the step's
 (``mark_gather_thread``). Both give the same bytes: a gather
 copies rows, it computes nothing.
-On a machine whose cores are busy torch's intra-op threads collapse: each parallel region waits for its slowest thread to get a core. So the in-loop path is chosen per
+On a machine whose cores are busy torch's intra-op threads collapse: each parallel region
+waits for its slowest thread to get a core. So the in-loop path is chosen per
 gather by :class:`_GatherChooser`: with one intra-op thread always ``numpy.take``; otherwise
 each large gather is timed per byte moved, ``index_select`` kept while it is the cheaper, the
 other path probed by one gather every 8 calls (the interval doubling to 256 while probes
