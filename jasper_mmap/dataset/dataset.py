@@ -31,7 +31,7 @@ from jasper_mmap.errors import (
     DeviceUnavailableError,
     SampleIndexTypeError,
 )
-from jasper_mmap.format.config import _read_config
+from jasper_mmap.format.config import read_store_config
 from jasper_mmap.format.spec import CONFIG, SPLITS
 from jasper_mmap.steering import (
     VARIANTS,
@@ -132,7 +132,7 @@ class JASPERSteeringDataset(BatchEngine, torch.utils.data.Dataset):
         self._source_dir = resolved.source_dir  # the dataset directory it follows, if any
         self._store: Store | None = open_store(self.store_path, resolved.manifest)
         self._len = self._split_length(self._store.manifest)
-        self.config = _read_config(self.store_path)
+        self.config = read_store_config(self.store_path)
         if seed is not None:
             self.seed = check_seed(seed, "seed=", "Pass a seed in that range.")
         else:  # the config of a store converted before the converter bounded it, too

@@ -22,7 +22,7 @@ from jasper_mmap.format.spec import (
 from jasper_mmap.format.values import COUNT_KEYS
 
 
-def _config_problems(store_dir: Path, fix: str) -> list[Problem]:
+def config_problems(store_dir: Path, fix: str) -> list[Problem]:
     path = Path(store_dir) / CONFIG
     try:
         config = read_json(
@@ -78,7 +78,7 @@ def read_config(src: Path) -> dict[str, Any]:
     return config
 
 
-def _read_config(store_path: Path) -> dict[str, Any]:
+def read_store_config(store_path: Path) -> dict[str, Any]:
     path = store_path / CONFIG
     try:  # a regular file, bounded nesting: NOTE [regular files only] in jasper_mmap/_fs/files.py
         config = read_json(

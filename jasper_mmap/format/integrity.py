@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from jasper_mmap.errors import JasperError, StoreFormatError, StoreNotFoundError
-from jasper_mmap.format.config import _config_problems
+from jasper_mmap.format.config import config_problems
 from jasper_mmap.format.dtypes import STORED_DTYPES
 from jasper_mmap.format.recorded import file_problems
 from jasper_mmap.format.schema import (
@@ -428,7 +428,7 @@ def _structure_problems(
     problems = value_problems(manifest, where, store_fix(store_dir, manifest))
     problems += manifest_problems(store_dir, manifest)
     fix = store_fix(store_dir, manifest)
-    problems += _config_problems(store_dir, fix)
+    problems += config_problems(store_dir, fix)
     files, backend, arrays = manifest.get("files"), manifest.get("backend"), manifest.get("arrays")
     if not isinstance(arrays, dict):
         arrays = {}

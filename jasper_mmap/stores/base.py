@@ -31,8 +31,8 @@ from jasper_mmap.errors import (
 from jasper_mmap.format.dtypes import to_float32
 from jasper_mmap.format.manifest import read_generation_desc, read_valid_manifest
 from jasper_mmap.format.spec import NEGATIVE_ARRAYS
-from jasper_mmap.stores.identity import _PROC_FD, _Dir, _manifest_state, _token_at
-from jasper_mmap.stores.leases import _acquire, _Generation
+from jasper_mmap.stores.identity import PROC_FD, StoreDir, manifest_state, token_at
+from jasper_mmap.stores.leases import LeasedGeneration, acquire_lease
 
 __all__ = ["NEGATIVE_ARRAYS", "Store", "StoreWriter", "in_gather_thread", "mark_gather_thread"]
 
@@ -84,13 +84,13 @@ class Store(abc.ABC):
         # generations open_store has just checked: their first lease here skips the same check
         self._verified = dict(verified or {})
         self._generation: int | None = None  # the generation served when none is named
-        self._gens: dict[int, _Generation] = {}  # per process: leased generations
+        self._gens: dict[int, LeasedGeneration] = {}  # per process: leased generations
         # (name, generation) -> the backend's handle; generation None for all but the negatives
         self._handles: dict[tuple[str, int | None], Any] = {}
         self._lock = threading.RLock()
         self._pid = os.getpid()
         self._identity: tuple[str | None, tuple | None] | None = None  # NOTE [store identity]
-        self._dir: _Dir | None = None
+        self._dir: StoreDir | None = None
         self._root()  # the directory is taken now, right after open_store checked it
 
     # -- pickling: paths and small state only ------------------------------------------------
@@ -123,7 +123,7 @@ class Store(abc.ABC):
             f"dataset (or store) again to read the store now at {self.path}."
         )
 
-    def _take_dir(self) -> _Dir:
+    def _take_dir(self) -> StoreDir:
         """Open the store directory and check it is the store first opened (if any was)."""
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -134,17 +134,17 @@ class Store(abc.ABC):
                 f"{self.path}: store directory cannot be opened ({e.strerror}). Check the path."
             ) from None
         try:
-            state = _manifest_state(fd)
+            state = manifest_state(fd)
             if self._identity is None:
                 token = self.manifest.get("store_id")
                 self._identity = (token if isinstance(token, str) else None, state)
             elif state is None or state != self._identity[1]:
                 token = self._identity[0]
-                if token is None or _token_at(fd) != token:
+                if token is None or token_at(fd) != token:
                     raise self._replaced("was replaced by another store since it was opened")
                 self._identity = (token, state)  # the same store, its manifest rewritten
-            root = Path(f"/proc/self/fd/{fd}") if _PROC_FD else self.path
-            return _Dir(fd, root)
+            root = Path(f"/proc/self/fd/{fd}") if PROC_FD else self.path
+            return StoreDir(fd, root)
         except BaseException:
             os.close(fd)
             raise
@@ -231,14 +231,14 @@ class Store(abc.ABC):
         self._leased(g)
         return g
 
-    def _leased(self, generation: int) -> _Generation:
+    def _leased(self, generation: int) -> LeasedGeneration:
         with self._guard():
             gen = self._gens.get(generation)
             if gen is None:
                 # open_store checked it just now (when it was live): not read and checked again
                 desc = self._verified.pop(generation, None)  # later leases of it check again
                 with self._at_root() as root:
-                    gen = _acquire(root, generation, self.manifest, desc)
+                    gen = acquire_lease(root, generation, self.manifest, desc)
                 self._gens[generation] = gen
             return gen
 

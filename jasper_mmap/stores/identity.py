@@ -32,10 +32,10 @@ from jasper_mmap.format.spec import MANIFEST
 # Without /proc (not Linux) the root is the path and only these checks guard. Not guarded:
 # the instant between reading the manifest and creating the Store in ``open_store`` (checked
 # by path just before); a store rewritten in place file by file (we never do that).
-_PROC_FD = os.path.isdir("/proc/self/fd")
+PROC_FD = os.path.isdir("/proc/self/fd")
 
 
-def _manifest_state(dir_fd: int) -> tuple | None:
+def manifest_state(dir_fd: int) -> tuple | None:
     try:
         st = os.stat(MANIFEST, dir_fd=dir_fd)
     except OSError:
@@ -43,7 +43,7 @@ def _manifest_state(dir_fd: int) -> tuple | None:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _token_at(dir_fd: int) -> str | None:
+def token_at(dir_fd: int) -> str | None:
     """The ``store_id`` of the manifest in directory ``dir_fd`` (None if unreadable/absent)."""
     try:
         manifest = read_json(MANIFEST, what="manifest.json", fix="", dir_fd=dir_fd)
@@ -53,7 +53,7 @@ def _token_at(dir_fd: int) -> str | None:
     return token if isinstance(token, str) else None
 
 
-class _Dir:
+class StoreDir:
     """This process's descriptor of a store directory, and the root to open files under;
     closed when the last holder lets go (the Store, and every zarr array read under it)."""
 

@@ -18,7 +18,7 @@ from jasper_mmap.format.manifest import read_generation_desc
 from jasper_mmap.format.spec import NEGATIVES_DIR, generation_name
 
 
-class _Generation:
+class LeasedGeneration:
     """A negatives generation this process leases: its description and the locked file."""
 
     __slots__ = ("desc", "lease", "pins")
@@ -27,12 +27,12 @@ class _Generation:
         self.desc, self.lease, self.pins = desc, lease, 0
 
 
-def _acquire(
+def acquire_lease(
     store_dir: Path,
     generation: int,
     manifest: dict[str, Any] | None = None,
     desc: dict[str, Any] | None = None,
-) -> _Generation:
+) -> LeasedGeneration:
     """Lease ``generation``: a shared ``flock`` on its description, held while it is mapped.
 
     Its description is read and checked against ``manifest`` (when given), unless ``desc``
@@ -68,4 +68,4 @@ def _acquire(
     except BaseException:
         f.close()
         raise
-    return _Generation(desc, f)
+    return LeasedGeneration(desc, f)
