@@ -114,8 +114,7 @@ def generation_problems(
     if problems:
         return problems
     entries = pointer["arrays"]
-    found = _created_findings(pointer)  # NOTE [values that fit]
-    problems = [Problem(StoreFormatError, f"{path}: {f}. {fix}", NEGATIVE_ARRAYS) for f in found]
+    problems = []  # created_unix and sources: pointer_problems (description_field_problems)
     for name in NEGATIVE_ARRAYS:
         problems += [
             Problem(StoreFormatError, f"{path}: array {name!r}: {f}. {fix}", (name,))
@@ -383,13 +382,6 @@ def _entry_value_findings(entry: Any) -> list[str]:
     return found
 
 
-def _created_findings(doc: dict[str, Any]) -> list[str]:
-    t = doc.get("created_unix")
-    if "created_unix" in doc and not _finite_number(t):
-        return [f"'created_unix' should be a finite number (seconds), but is {t!r:.40}"]
-    return []
-
-
 def value_problems(manifest: dict[str, Any], where: str, fix: str) -> list[Problem]:
     """NOTE [values that fit]: counts, shapes, ``store_id``, ``created_unix`` and ``stats`` of
     a parsed manifest (whole-store problems for the counts and top-level fields)."""
@@ -407,7 +399,10 @@ def value_problems(manifest: dict[str, Any], where: str, fix: str) -> list[Probl
                     )
                 )
     token = manifest.get("store_id")
-    found = _created_findings(manifest)
+    found = []
+    t = manifest.get("created_unix")
+    if "created_unix" in manifest and not _finite_number(t):
+        found.append(f"'created_unix' should be a finite number (seconds), but is {t!r:.40}")
     if "store_id" in manifest and not (isinstance(token, str) and token):
         found.append(f"'store_id' should be the token string written at conversion: {token!r:.40}")
     problems += [Problem(StoreFormatError, f"{where}: {f}. {fix}") for f in found]
