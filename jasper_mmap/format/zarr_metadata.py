@@ -5,8 +5,12 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import google_crc32c
+import numpy as np
 
 from jasper_mmap._fs.files import read_json
 from jasper_mmap.errors import JasperError, StoreCorruptError, StoreFormatError
@@ -14,9 +18,16 @@ from jasper_mmap.format.dtypes import STORED_DTYPES
 from jasper_mmap.format.schema import Problem, is_count, type_name
 from jasper_mmap.format.spec import MANIFEST
 
-__all__ = ["metadata_problems"]
+__all__ = [
+    "MISSING",
+    "ShardLayout",
+    "decode_shard_index",
+    "encode_shard_index",
+    "metadata_problems",
+    "shard_layout",
+]
 
-_META_NAMES = ("zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata")
+META_NAMES = ("zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata")
 
 
 #: stored dtype -> zarr v3 ``data_type`` of the raw bytes
@@ -110,3 +121,101 @@ def metadata_problems(
                 )
                 break
     return problems
+
+
+# -- the layout convert-pt writes: NOTE [zarr shards as rows] --------------------------------
+
+#: an index entry of a chunk the shard does not hold
+MISSING = 2**64 - 1
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Where an array's rows lie in its shard files, for arrays stored as convert-pt writes
+    them (:func:`shard_layout`): uncompressed full-width chunks of ``chunk_rows`` rows in
+    shards of ``shard_rows`` rows, each shard's index (``chunks_per_shard`` pairs of little-endian
+    uint64 offset and length, then their crc32c) at the end of its file."""
+
+    chunk_rows: int
+    shard_rows: int
+    row_bytes: int
+    keys: tuple[str, ...]  # the shard files, relative to the array's directory, in row order
+
+    @property
+    def chunks_per_shard(self) -> int:
+        return self.shard_rows // self.chunk_rows
+
+    @property
+    def index_bytes(self) -> int:
+        return 16 * self.chunks_per_shard + 4
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self.chunk_rows * self.row_bytes
+
+
+def _is_bytes_codec(codec: Any, itemsize: int) -> bool:
+    if not isinstance(codec, dict) or codec.get("name") != "bytes":
+        return False
+    conf = codec.get("configuration") or {}
+    return isinstance(conf, dict) and conf.get("endian", None if itemsize == 1 else "") in (
+        "little",
+        None,
+    )
+
+
+def shard_layout(meta: Any, entry: dict[str, Any]) -> ShardLayout | None:
+    """The :class:`ShardLayout` of an array whose ``zarr.json`` (``meta``, already checked
+    against its manifest ``entry`` by :func:`metadata_problems`) describes the layout
+    convert-pt writes; None for any other layout (compressed or checksummed chunks, an index at
+    the start, chunks narrower than a row...), which only zarr-python reads."""
+    shape = entry["shape"]
+    if not isinstance(meta, dict) or not shape or _grid(meta, len(shape)) is None:
+        return None
+    shard = meta["chunk_grid"]["configuration"]["chunk_shape"]
+    codecs = meta.get("codecs")
+    if not (isinstance(codecs, list) and len(codecs) == 1 and isinstance(codecs[0], dict)):
+        return None
+    conf = codecs[0].get("configuration")
+    if codecs[0].get("name") != "sharding_indexed" or not isinstance(conf, dict):
+        return None
+    itemsize = STORED_DTYPES[entry["stored_dtype"]][0].itemsize
+    inner, index = conf.get("codecs"), conf.get("index_codecs")
+    chunk = conf.get("chunk_shape")
+    if not (
+        isinstance(chunk, list)
+        and len(chunk) == len(shape)
+        and all(is_count(c) and c for c in chunk)
+        and list(chunk[1:]) == list(shape[1:]) == list(shard[1:])
+        and shard[0] % chunk[0] == 0
+        and isinstance(inner, list)
+        and len(inner) == 1
+        and _is_bytes_codec(inner[0], itemsize)
+        and isinstance(index, list)
+        and len(index) == 2
+        and _is_bytes_codec(index[0], 8)
+        and index[1] == {"name": "crc32c"}
+        and conf.get("index_location", "end") == "end"
+    ):
+        return None
+    row_bytes = itemsize * math.prod(shape[1:])
+    if not row_bytes:
+        return None
+    return ShardLayout(chunk[0], shard[0], row_bytes, tuple(_chunk_keys(meta, shape)))
+
+
+def encode_shard_index(offsets_lengths: np.ndarray) -> bytes:
+    """A shard's index as stored: ``[chunks, 2]`` uint64 little-endian, then its crc32c."""
+    blob = np.ascontiguousarray(offsets_lengths, dtype="<u8").tobytes()
+    return blob + np.uint32(google_crc32c.value(blob)).astype("<u4").tobytes()
+
+
+def decode_shard_index(blob: bytes, chunks: int) -> np.ndarray | None:
+    """The ``[chunks, 2]`` offsets and lengths of a stored index; None if its crc32c differs."""
+    data, crc = blob[:-4], blob[-4:]
+    if (
+        len(data) != 16 * chunks
+        or np.uint32(google_crc32c.value(data)).astype("<u4").tobytes() != crc
+    ):
+        return None
+    return np.frombuffer(data, dtype="<u8").reshape(chunks, 2)

@@ -2,22 +2,26 @@
 
 # NOTE [zarr chunking]
 Chunks span full rows (a chunk is ``rows x D``) and are grouped into ~8 MiB shards (the
-``sharding_indexed`` codec) so a large store is not millions of files; no compressor
-(embeddings do not compress, and decoding would cost more than the bytes saved). The chunk
-size is ``ZARR_CHUNK_BYTES`` = 128 KiB (85 rows at D=384 float32), chosen from
+``sharding_indexed`` codec) so a large store is not millions of files; an array over
+MAX_SHARDS * 8 MiB gets larger shards instead of more (each shard is a map in every reading
+process). No compressor: embeddings do not compress, and training reads rows, not chunks,
+through maps of the shard files (NOTE [zarr shards as rows]), so no chunk is ever decoded on
+the batch path and the chunk size does not change its speed. It matters to readers that go
+through zarr-python (other tools, ``zarr.open_group``), which pay ~0.2 ms per chunk touched:
+``ZARR_CHUNK_BYTES`` = 128 KiB (85 rows at D=384 float32) was chosen for them from
 ``scripts/bench_zarr_chunks.py`` on a [200000, 384] float32 array, warm page cache, random
-batches of 1536 rows: 1 row/chunk 3.0k rows/s, 16 KiB 4.8k, 128 KiB 5.5k, 1 MiB 11.0k rows/s
-(numpy.memmap: 2.3M rows/s); sequential reads 9, 79, 546, 1526 MB/s; writes 29.4, 4.2, 2.0,
-1.5 s. zarr pays ~0.2 ms per chunk touched, which outweighs the bytes decoded, so larger chunks
-read faster from a warm cache; but every random row costs a whole chunk of I/O from a cold
-store, 8x more at 1 MiB than at 128 KiB. 128 KiB is the compromise. For random-row training
-from local disk use the safetensors backend (200-400x faster here); zarr is for chunk-local
-or remote (fsspec) access. Bfloat16 has no zarr data type, so such arrays are stored as their
-``uint16`` bit patterns with attribute ``"logical_dtype": "bfloat16"``.
+batches of 1536 rows through zarr-python: 1 row/chunk 3.0k rows/s, 16 KiB 4.8k, 128 KiB 5.5k,
+1 MiB 11.0k rows/s; sequential reads 9, 79, 546, 1526 MB/s; but every random row costs a
+whole chunk of I/O from a cold store through zarr-python, 8x more at 1 MiB than at 128 KiB.
+Bfloat16 has no zarr data type, so such arrays are stored as their ``uint16`` bit patterns
+with attribute ``"logical_dtype": "bfloat16"``.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
+import logging
 import math
 import os
 import stat
@@ -29,19 +33,34 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from jasper_mmap._fs.files import file_kind
+from jasper_mmap._fs.files import file_kind, read_json
 from jasper_mmap.errors import JasperError, StoreCorruptError, StoreNotFoundError
 from jasper_mmap.format.dtypes import numpy_dtype
 from jasper_mmap.format.schema import store_fix
-from jasper_mmap.format.zarr_metadata import _META_NAMES
-from jasper_mmap.stores.base import Store, StoreWriter
+from jasper_mmap.format.zarr_metadata import (
+    META_NAMES,
+    MISSING,
+    ShardLayout,
+    decode_shard_index,
+    encode_shard_index,
+    shard_layout,
+)
+from jasper_mmap.stores.base import StoreWriter
+from jasper_mmap.stores.mapped import MappedStore, RowPlace
+from jasper_mmap.stores.regions import Region, region_array, regions_supported, slot_bytes
 
 __all__ = ["ZARR_CHUNK_BYTES", "ZARR_SHARD_BYTES", "ZarrStore", "ZarrWriter", "chunk_rows"]
+
+log = logging.getLogger(__name__)
 
 ZARR_CHUNK_BYTES = 128 * 1024
 
 
 ZARR_SHARD_BYTES = 8 * 1024 * 1024
+
+#: shards of an array larger than MAX_SHARDS * ZARR_SHARD_BYTES grow instead of multiplying: each
+#: is one map per process (NOTE [one range for many files]; Linux allows 65,530 by default)
+MAX_SHARDS = 2048
 
 
 def chunk_rows(
@@ -60,18 +79,79 @@ def chunk_rows(
     return rows, shard
 
 
+class _ShardStream:
+    """One array being written: rows go straight into its shard files (NOTE [zarr shards as
+    rows]), each closed with its index once its rows are in."""
+
+    def __init__(
+        self, root: Path, path: str, shape: tuple[int, ...], dtype: np.dtype, layout: ShardLayout
+    ) -> None:
+        self.root, self.path, self.shape, self.layout = root, path, shape, layout
+        self.dtype = dtype
+        self.pos, self.crc = 0, 0  # rows written; crc32 of the array's bytes (the manifest's)
+        self.file: Any = None
+        self.in_shard = 0  # rows written into the open shard file
+
+    def write(self, block: np.ndarray) -> None:
+        if block.dtype != self.dtype or tuple(block.shape[1:]) != self.shape[1:]:
+            raise RuntimeError(
+                f"{self.root}: block {block.dtype}{block.shape} does not fit {self.path!r} "
+                f"{self.dtype}{self.shape}"
+            )
+        data = memoryview(np.ascontiguousarray(block)).cast("B")
+        rows, row = block.shape[0], self.layout.row_bytes
+        if self.pos + rows > self.shape[0]:
+            raise RuntimeError(f"{self.root}: too many rows for {self.path!r}")
+        self.crc = zlib.crc32(data, self.crc)
+        done = 0
+        while done < rows:
+            if self.file is None:
+                key = self.layout.keys[self.pos // self.layout.shard_rows]
+                target = self.root / self.path / key
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self.file, self.in_shard = open(target, "wb"), 0  # noqa: SIM115 - closed below
+            n = min(rows - done, self.layout.shard_rows - self.in_shard)
+            self.file.write(data[done * row : (done + n) * row])
+            done, self.pos, self.in_shard = done + n, self.pos + n, self.in_shard + n
+            if self.in_shard == self.layout.shard_rows or self.pos == self.shape[0]:
+                self._close_shard()
+
+    def _close_shard(self) -> None:
+        """Pad the last chunk with zeros (zarr's fill value) and write the index: chunks in
+        order from offset 0, those past the array's end absent (as zarr-python writes them)."""
+        lay = self.layout
+        chunks = -(-self.in_shard // lay.chunk_rows)
+        pad = chunks * lay.chunk_bytes - self.in_shard * lay.row_bytes
+        if pad:
+            self.file.write(bytes(pad))
+        index = np.full((lay.chunks_per_shard, 2), MISSING, dtype=np.uint64)
+        index[:chunks, 0] = np.arange(chunks, dtype=np.uint64) * lay.chunk_bytes
+        index[:chunks, 1] = lay.chunk_bytes
+        self.file.write(encode_shard_index(index))
+        self.file.close()  # the converter fsyncs the whole store once, before publishing
+        self.file = None
+
+    def abort(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
 class ZarrWriter(StoreWriter):
-    """Writes arrays into the zarr v3 group rooted at the store directory, shard by shard."""
+    """Writes arrays into the zarr v3 group rooted at the store directory: zarr-python
+    writes the metadata, the rows go straight into the shard files (NOTE [zarr shards as
+    rows]), in the layout zarr-python writes and reads."""
 
     backend = "zarr"
 
     def __init__(
-        self, root: Path, chunk_bytes: int = ZARR_CHUNK_BYTES, shard_bytes: int = ZARR_SHARD_BYTES
+        self, root: Path, chunk_bytes: int | None = None, shard_bytes: int | None = None
     ) -> None:
         super().__init__(root)
         self.group = zarr.open_group(str(self.root), mode="a", zarr_format=3)
-        self.chunk_bytes, self.shard_bytes = chunk_bytes, shard_bytes
-        self._arrays: dict[str, dict[str, Any]] = {}
+        self.chunk_bytes = chunk_bytes or ZARR_CHUNK_BYTES
+        self.shard_bytes = shard_bytes or ZARR_SHARD_BYTES
+        self._arrays: dict[str, _ShardStream] = {}
         self._unit = ""
 
     def begin_unit(self, unit: str, arrays: list[tuple[str, tuple[int, ...], str]]) -> None:
@@ -80,8 +160,10 @@ class ZarrWriter(StoreWriter):
         group = self.group.require_group(prefix) if prefix else self.group
         for name, shape, dtype in arrays:
             np_dtype = numpy_dtype(dtype)
-            rows, shard = chunk_rows(shape, np_dtype.itemsize, self.chunk_bytes, self.shard_bytes)
-            arr = group.create_array(
+            nbytes = math.prod(shape) * np_dtype.itemsize
+            shard_bytes = max(self.shard_bytes, -(-nbytes // MAX_SHARDS))
+            rows, shard = chunk_rows(shape, np_dtype.itemsize, self.chunk_bytes, shard_bytes)
+            group.create_array(
                 name,
                 shape=shape,
                 dtype=np_dtype,
@@ -93,47 +175,27 @@ class ZarrWriter(StoreWriter):
                 config={"write_empty_chunks": True},  # every shard exists: NOTE [recorded files]
             )
             path = f"{prefix}/{name}" if prefix else name
-            self._arrays[name] = {
-                "arr": arr,
-                "path": path,
-                "shard": shard,
-                "shape": tuple(shape),
-                "buf": [],
-                "buffered": 0,
-                "pos": 0,
-                "crc": 0,
-            }
+            entry = {"shape": list(shape), "stored_dtype": dtype}
+            layout = shard_layout(json.loads((self.root / path / "zarr.json").read_bytes()), entry)
+            if layout is None:  # zarr-python changed what it writes: fail loudly, here
+                raise RuntimeError(f"{self.root / path}: zarr wrote metadata of another layout")
+            self._arrays[name] = _ShardStream(self.root, path, tuple(shape), np_dtype, layout)
 
     def write(self, name: str, block: np.ndarray) -> None:
-        st = self._arrays[name]
-        st["buf"].append(np.ascontiguousarray(block))
-        st["buffered"] += block.shape[0]
-        while st["buffered"] >= st["shard"]:
-            self._flush(st, st["shard"])
-
-    def _flush(self, st: dict[str, Any], n: int) -> None:
-        data = np.concatenate(st["buf"]) if len(st["buf"]) > 1 else st["buf"][0]
-        head, rest = data[:n], data[n:]
-        if st["pos"] + n > st["shape"][0]:
-            raise RuntimeError(f"{self.root}: too many rows for {st['path']!r}")
-        st["arr"][st["pos"] : st["pos"] + n] = head
-        st["crc"] = zlib.crc32(memoryview(np.ascontiguousarray(head)).cast("B"), st["crc"])
-        st["pos"] += n
-        st["buf"] = [rest] if rest.shape[0] else []
-        st["buffered"] = rest.shape[0]
+        self._arrays[name].write(block)
 
     def end_unit(self) -> dict[str, dict[str, Any]]:
         entries = {}
         for name, st in self._arrays.items():
-            if st["buffered"]:
-                self._flush(st, st["buffered"])
-            if st["pos"] != st["shape"][0]:
-                raise RuntimeError(
-                    f"{self.root}: array {st['path']!r} is incomplete ({st['pos']} rows)"
-                )
-            entries[name] = {"file": st["path"], "key": name, "crc32": st["crc"]}
+            if st.pos != st.shape[0]:
+                raise RuntimeError(f"{self.root}: array {st.path!r} is incomplete ({st.pos} rows)")
+            entries[name] = {"file": st.path, "key": name, "crc32": st.crc}
         self._arrays = {}
         return entries
+
+    def abort(self) -> None:
+        for st in self._arrays.values():
+            st.abort()
 
 
 class _MissingChunk(StoreNotFoundError):
@@ -151,18 +213,21 @@ class _StrictLocalStore(LocalStore):
 
     async def get(self, key: str, prototype=None, byte_range=None):
         got = await super().get(key, prototype, byte_range)
-        if got is None and key.rsplit("/", 1)[-1] not in _META_NAMES:
+        if got is None and key.rsplit("/", 1)[-1] not in META_NAMES:
             raise _MissingChunk(self.root, key)
         return got
 
 
-class ZarrStore(Store):
-    """Reads a zarr-backend store with ``zarr.open_group``; rows via orthogonal indexing.
+class ZarrStore(MappedStore):
+    """Reads a zarr-backend store: rows stored as convert-pt writes them through read-only
+    maps of the shard files (NOTE [zarr shards as rows]); any other layout, and whole arrays
+    handed out as tables (:meth:`raw`), through ``zarr.open_group``.
 
     A store whose manifest records its files (NOTE [recorded files]) is read through
     :class:`_StrictLocalStore`, so a chunk file removed after opening raises instead of
     reading as zeros; every read error (checksum, decode) is re-raised naming the file.
-    Chunks are read under the directory opened (NOTE [store identity] in jasper_mmap/stores/identity.py).
+    Files are opened under the directory opened (NOTE [store identity] in
+    jasper_mmap/stores/identity.py).
     """
 
     backend = "zarr"
@@ -243,7 +308,9 @@ class ZarrStore(Store):
         out: np.ndarray | None = None,
         generation: int | None = None,
     ) -> np.ndarray:
-        arr = self.raw(name, generation)
+        if self._placed((name,), generation) is not None:
+            return super()._gather_raw(name, idx, out, generation)
+        arr = self.raw(name, generation)  # another layout: zarr-python
         if idx.size == 0:
             rows = np.empty((0, *arr.shape[1:]), dtype=arr.dtype)
         else:
@@ -252,6 +319,186 @@ class ZarrStore(Store):
             return rows
         out[...] = rows
         return out
+
+    def _read_raw(self, name: str, start: int, stop: int | None) -> np.ndarray:
+        if self._placed((name,)) is not None:
+            return super()._read_raw(name, start, stop)
+        return self.raw(name)[start:stop]
+
+    # -- NOTE [zarr shards as rows] -------------------------------------------------------
+    def _place(self, names: tuple[str, ...], generation: int | None) -> RowPlace | None:
+        """The rows of ``names`` (one array, or several joined end to end) over one range of
+        maps of their shard files; None where an array is not in the layout convert-pt writes
+        (read through zarr-python, with a warning once), or the arrays cannot be joined."""
+        if not regions_supported() or not self.manifest.get("files"):
+            self._warn_slow(names[0], "this system or this store's manifest")
+            return None  # written before every file was recorded: chunks may be absent
+        entries = [self.entry(name, generation) for name in names]
+        with self._at_root() as root:
+            layouts = []
+            for name, entry in zip(names, entries, strict=True):
+                meta = read_json(
+                    root / entry["file"] / "zarr.json",
+                    what="zarr array metadata",
+                    fix=self._fix(),
+                    error=StoreCorruptError,
+                )
+                layout = shard_layout(meta, entry)
+                if layout is None:
+                    if len(names) == 1:
+                        self._warn_slow(name, "its chunk layout")
+                    return None
+                layouts.append(layout)
+            first, dtype = layouts[0], numpy_dtype(entries[0]["stored_dtype"])
+            row_shape = tuple(entries[0]["shape"][1:])
+            if len(names) > 1 and not all(
+                len(e["shape"]) == 2
+                and tuple(e["shape"][1:]) == row_shape
+                and e["stored_dtype"] == entries[0]["stored_dtype"]
+                and lay.chunk_rows == first.chunk_rows
+                for e, lay in zip(entries, layouts, strict=True)
+            ):
+                return None
+            shards = [
+                _open_shards(root, self.path, name, e, lay, self._fix())
+                for name, e, lay in zip(names, entries, layouts, strict=True)
+            ]
+            try:
+                return _map_side_by_side(names, entries, layouts, shards, dtype, row_shape)
+            except OSError as e:  # out of addresses or of maps (vm.max_map_count)
+                self._warn_slow(names[0], f"mapping its shard files failed ({e})")
+                return None
+            finally:
+                for opened in shards:
+                    for fd, _, _ in opened:
+                        os.close(fd)
+
+    def _warn_slow(self, name: str, why: str) -> None:
+        if self.path in _WARNED:
+            return
+        _WARNED.add(self.path)
+        log.warning(
+            "%s: array %r is read through zarr-python because of %s: each batch reads whole "
+            "chunks, ~100x slower than the rows convert-pt's layout maps. Run "
+            "`convert-pt SRC %s --format zarr --overwrite` to rewrite the store in that layout.",
+            self.path,
+            name,
+            why,
+            self.path,
+        )
+
+
+#: stores already warned about in this process (ZarrStore._warn_slow)
+_WARNED: set[Path] = set()
+
+
+# NOTE [zarr shards as rows]
+# convert-pt writes each zarr array in full-width uncompressed chunks, grouped into shards
+# whose index (offset and length of each chunk, then its crc32c) ends the file; a chunk is
+# ``rows x row_bytes`` raw little-endian bytes, so a shard's data is its rows in order, padded to
+# whole chunks. The reader maps every shard file of an array read-only into one range of
+# addresses, a whole number of pages and rows apart (NOTE [one range for many files] in
+# jasper_mmap/stores/regions.py), after reading each shard's index once per process and
+# generation: a row's place is ``chunk_start[row // chunk_rows] + row % chunk_rows`` (a lookup,
+# a divide), and a batch is the same gather as from a safetensors map (torch or numpy, joined
+# rows, read-ahead). Before mapping, every shard file must be a regular file holding its
+# index, the index's crc32c must match, and every chunk of the array's rows must be present,
+# whole, row-aligned and inside the file: otherwise the read fails naming the file, never
+# serving zeros. zarr-python wrote (and reads) the same bytes; other layouts (compressed or
+# checksummed chunks, an index at the start) are read through it.
+
+
+def _open_shards(
+    root: Path, shown: Path, name: str, entry: dict[str, Any], lay: ShardLayout, fix: str
+) -> list[tuple[int, int, np.ndarray]]:
+    """``(descriptor, size, index)`` of each shard file of array ``name``, checked (NOTE
+    above); every descriptor is closed if one fails. Errors name the file under ``shown``."""
+    n, opened = entry["shape"][0], []
+    try:
+        for s, key in enumerate(lay.keys):
+            rel = f"{entry['file']}/{key}"
+            where = shown / rel
+            try:
+                fd = os.open(root / rel, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            except FileNotFoundError:
+                raise StoreNotFoundError(
+                    f"{where}: chunk file of array {name!r} is missing (the store records it). "
+                    f"{fix}"
+                ) from None
+            opened.append((fd, 0, None))
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise StoreCorruptError(
+                    f"{where}: chunk file of array {name!r} is {file_kind(st.st_mode)}, not a "
+                    f"regular file. {fix}"
+                )
+            if st.st_size < lay.index_bytes:
+                raise StoreCorruptError(
+                    f"{where}: shard file of array {name!r} holds {st.st_size} bytes, less than "
+                    f"its index ({lay.index_bytes} bytes). {fix}"
+                )
+            blob = os.pread(fd, lay.index_bytes, st.st_size - lay.index_bytes)
+            index = decode_shard_index(blob, lay.chunks_per_shard)
+            if index is None:
+                raise StoreCorruptError(
+                    f"{where}: the shard index's checksum (crc32c) does not match: the shard "
+                    f"file of array {name!r} is damaged. {fix}"
+                )
+            rows = min(lay.shard_rows, n - s * lay.shard_rows)
+            used = index[: -(-rows // lay.chunk_rows)]
+            bad = (
+                (used[:, 0] == MISSING)
+                | (used[:, 1] != lay.chunk_bytes)
+                | (used[:, 0] % lay.row_bytes != 0)
+                | (used[:, 0] > st.st_size - lay.index_bytes - lay.chunk_bytes)
+            )
+            if bad.any():
+                c = int(np.flatnonzero(bad)[0])
+                off, length = (int(v) for v in used[c])
+                raise StoreCorruptError(
+                    f"{where}: chunk {c} of this shard of array {name!r} "
+                    + ("is absent" if off == MISSING else f"is {length} bytes at offset {off}")
+                    + f" where {lay.chunk_bytes} bytes at a row boundary inside the file were "
+                    f"expected. {fix}"
+                )
+            opened[-1] = (fd, st.st_size, used[:, 0].astype(np.int64))
+    except BaseException:
+        for fd, _, _ in opened:
+            os.close(fd)
+        raise
+    return opened
+
+
+def _map_side_by_side(
+    names: tuple[str, ...],
+    entries: list[dict[str, Any]],
+    layouts: list[ShardLayout],
+    shards: list[list[tuple[int, int, np.ndarray]]],
+    dtype: np.dtype,
+    row_shape: tuple[int, ...],
+) -> RowPlace:
+    """Map every shard of ``names`` into one :class:`Region` (NOTE [one range for many files]);
+    the rows of array ``k`` follow those of array ``k - 1`` padded to whole chunks."""
+    row_bytes, chunk = layouts[0].row_bytes, layouts[0].chunk_rows
+    slots = [
+        slot_bytes(max((size for _, size, _ in opened), default=0), row_bytes) for opened in shards
+    ]
+    bases = list(
+        itertools.accumulate((len(o) * s for o, s in zip(shards, slots, strict=True)), initial=0)
+    )
+    region = Region(bases[-1])
+    starts, offsets, joined = [], [], 0
+    for k, (opened, slot) in enumerate(zip(shards, slots, strict=True)):
+        for s, (fd, size, chunk_offsets) in enumerate(opened):
+            at = bases[k] + s * slot
+            region.map_file(fd, at, size)
+            starts.append((at + chunk_offsets) // row_bytes)
+        offsets.append(joined)
+        joined += -(-entries[k]["shape"][0] // chunk) * chunk
+    lut = np.concatenate(starts) if starts else np.zeros(0, np.int64)
+    buffer = region_array(region)
+    view = buffer.view(dtype).reshape(-1, *row_shape) if buffer.size else buffer.view(dtype)
+    return RowPlace(view, tuple(offsets), buffer, entries[0]["file"], chunk, lut)
 
 
 class _CheckedArray:
