@@ -62,15 +62,21 @@ from jasper_mmap._fs.files import open_regular
 from jasper_mmap.errors import StoreCorruptError
 from jasper_mmap.format.dtypes import entry_nbytes, numpy_dtype, safetensors_code
 from jasper_mmap.format.safetensors_header import (
-    _ALIGN,
-    _FIX,
+    ALIGN,
+    RECREATE_FIX,
     layout_problems,
     read_header,
     tensor_problems,
 )
 from jasper_mmap.format.schema import raise_problems, store_fix
 from jasper_mmap.stores.base import NEGATIVE_ARRAYS, Store, StoreWriter, in_gather_thread
-from jasper_mmap.stores.readahead import DENSE_WINDOW, _address, _data, _willneed, choose_advice
+from jasper_mmap.stores.readahead import (
+    DENSE_WINDOW,
+    array_address,
+    choose_advice,
+    map_address,
+    willneed,
+)
 
 __all__ = ["SafetensorsStore", "SafetensorsWriter"]
 
@@ -107,7 +113,7 @@ class SafetensorsWriter(StoreWriter):
             offset += nbytes
         header["__metadata__"] = {"format": "pt", "writer": "jasper_mmap"}
         blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % _ALIGN)
+        blob += b" " * (-len(blob) % ALIGN)
         path = self.root / f"{unit}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
         self._unit, self._path = unit, path
@@ -240,7 +246,11 @@ class _MappedFile:
     """One read-only mapping of a safetensors file and its parsed header."""
 
     def __init__(
-        self, path: Path, advice: str = "normal", fix: str = _FIX, store_dir: Path | None = None
+        self,
+        path: Path,
+        advice: str = "normal",
+        fix: str = RECREATE_FIX,
+        store_dir: Path | None = None,
     ) -> None:
         self.data_start, self.header = read_header(path, fix)
         with open_regular(path, what="store file", fix=fix, error=StoreCorruptError) as f:
@@ -415,19 +425,19 @@ class SafetensorsStore(Store):
             and all(a.shape[1] == first.shape[1] and a.dtype == first.dtype for a in arrays)
         ):
             return None
-        order = sorted(range(len(arrays)), key=lambda k: _data(arrays[k]))
-        start = _data(arrays[order[0]])
+        order = sorted(range(len(arrays)), key=lambda k: array_address(arrays[k]))
+        start = array_address(arrays[order[0]])
         starts = list(itertools.accumulate((arrays[k].nbytes for k in order), initial=start))
-        if any(_data(arrays[k]) != at for k, at in zip(order, starts[:-1], strict=True)):
+        if any(array_address(arrays[k]) != at for k, at in zip(order, starts[:-1], strict=True)):
             return None  # not back to back
         mapped = self._maps[files.pop()]
         view = np.frombuffer(
             mapped.map,
             dtype=first.dtype,
             count=sum(a.size for a in arrays),
-            offset=start - _address(mapped.map),
+            offset=start - map_address(mapped.map),
         ).reshape(-1, first.shape[1])
-        return view, tuple((_data(a) - start) // first.strides[0] for a in arrays)
+        return view, tuple((array_address(a) - start) // first.strides[0] for a in arrays)
 
     def _torch_view(self, key: tuple[Any, int | None], src: np.ndarray) -> Any:
         """A read-only tensor over ``src`` (a map's array, handle ``key``), made once per map;
@@ -469,8 +479,8 @@ class SafetensorsStore(Store):
             if not idx.size or arr.base is None:
                 continue
             mapped = self._maps[file]
-            row, base = arr.strides[0], _address(mapped.map)  # the map stays open: arr views it
-            first = _data(arr) - base
+            row, base = arr.strides[0], map_address(mapped.map)  # the map stays open: arr views it
+            first = array_address(arr) - base
             offsets = first + np.asarray(idx, dtype=np.int64) * row
             # rows outside the array are skipped (the dataset range-checks them before; a
             # caller that did not is told by gather/check_rows, which name them)
@@ -487,10 +497,10 @@ class SafetensorsStore(Store):
                     seen = asked[file, name] = np.zeros(len(mapped.map) // DENSE_WINDOW + 1, bool)
                 new = windows[~seen[windows]]
                 seen[new] = True
-                _willneed(mapped.map, base, new * DENSE_WINDOW, DENSE_WINDOW + span)
+                willneed(mapped.map, base, new * DENSE_WINDOW, DENSE_WINDOW + span)
                 continue
             pages = np.unique(offsets // mmap.PAGESIZE)
-            _willneed(mapped.map, base, pages * mmap.PAGESIZE, mmap.PAGESIZE + span)
+            willneed(mapped.map, base, pages * mmap.PAGESIZE, mmap.PAGESIZE + span)
 
     def _release(self, generation: int) -> None:
         for key in [k for k in self._torch_views if k[1] == generation]:
