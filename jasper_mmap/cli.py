@@ -22,14 +22,14 @@ EXIT_BROKEN_PIPE = 141
 def _dataset_stores(src: Path) -> list[Path]:
     """The stores of dataset directory ``src`` that opening it made (beside it, or in the
     cache for a read-only directory), for its ``.pt`` files or its ``dataset.h5``."""
-    from jasper_mmap.dataset.resolve import STORE_DIRNAME, _store_location
+    from jasper_mmap.dataset.resolve import STORE_DIRNAME, store_location
 
     src = src.expanduser().absolute()
     cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "jasper_mmap"
     found = []
     for fmt in ("pt", "hdf5"):
         suffix = "" if fmt == "pt" else f"_{fmt}"
-        for store in (src / f"{STORE_DIRNAME}{suffix}", _store_location(src, cache, fmt)):
+        for store in (src / f"{STORE_DIRNAME}{suffix}", store_location(src, cache, fmt)):
             # anything there, a FIFO in place of the manifest too: _damaged names it
             if os.path.lexists(store / MANIFEST):
                 found.append(store)

@@ -92,7 +92,7 @@ def _pid_alive(pid: int) -> bool:
     return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] != b"Z"
 
 
-def _entries(directory: Path, prefix: str = ".", marker: str = ".partial-") -> list[Path]:
+def marked_entries(directory: Path, prefix: str = ".", marker: str = ".partial-") -> list[Path]:
     """The entries of ``directory`` whose names start with ``prefix`` and hold ``marker``
     (``.partial-``, or ``.old-`` for stores swapped out by :func:`_replace`): a listing, not a
     glob (NOTE [names are not patterns]). A missing directory has none."""
@@ -107,16 +107,18 @@ def _entries(directory: Path, prefix: str = ".", marker: str = ".partial-") -> l
 def remove_stale_partials_in(directory: Path) -> list[Path]:
     """Remove every ``.*.partial-*`` file or directory in ``directory`` whose writer is gone
     (temporary files of :func:`jasper_mmap._fs.files.write_json_atomic` included)."""
-    return _remove_dead(_entries(Path(directory)))
+    return remove_dead(marked_entries(Path(directory)))
 
 
 def remove_stale_partial_files(final: Path) -> list[Path]:
     """Remove the partial files (not directories) of ``final`` whose writer is gone."""
-    found = _entries(final.parent, f".{final.name}.partial-")
-    return _remove_dead(p for p in found if p.is_file() and not p.is_symlink())
+    found = marked_entries(final.parent, f".{final.name}.partial-")
+    return remove_dead(p for p in found if p.is_file() and not p.is_symlink())
 
 
-def _dead(candidates: Iterable[Path], marker: str = "partial-") -> Iterator[tuple[Path, int]]:
+def dead_writers(
+    candidates: Iterable[Path], marker: str = "partial-"
+) -> Iterator[tuple[Path, int]]:
     """``(path, writer pid)`` of each ``...partial-PID-TOKEN[-HOST]`` (or ``...old-...``, with
     ``marker="old-"``) written on this host (or with no host tag) whose writer is gone."""
     for p in candidates:
@@ -135,8 +137,8 @@ def swapped_out(dst: Path) -> list[tuple[Path, int]]:
     """``(directory, writer pid)`` of each ``.<dst>.old-PID-TOKEN[-HOST]`` beside ``dst`` whose
     writer is gone: a store that a killed ``--overwrite`` moved away where the filesystem has
     no ``renameat2(RENAME_EXCHANGE)`` (NOTE [a killed replacement]). Symlinks are not."""
-    found = _entries(Path(dst).parent, f".{Path(dst).name}.old-", ".old-")
-    return [(p, pid) for p, pid in _dead(found, "old-") if p.is_dir() and not p.is_symlink()]
+    found = marked_entries(Path(dst).parent, f".{Path(dst).name}.old-", ".old-")
+    return [(p, pid) for p, pid in dead_writers(found, "old-") if p.is_dir() and not p.is_symlink()]
 
 
 def moved_aside(dst: Path) -> list[tuple[Path, int, str | None]]:
@@ -148,7 +150,7 @@ def moved_aside(dst: Path) -> list[tuple[Path, int, str | None]]:
     dst = Path(dst)
     dead = {p for p, _ in swapped_out(dst)}
     found = []
-    for p in _entries(dst.parent, f".{dst.name}.old-", ".old-"):
+    for p in marked_entries(dst.parent, f".{dst.name}.old-", ".old-"):
         if p.is_symlink() or not p.is_dir():
             continue
         try:
@@ -181,9 +183,9 @@ def moved_aside_advice(dst: Path) -> str:
     return " ".join(f"{x}." for x in parts)
 
 
-def _remove_dead(candidates: Iterable[Path]) -> list[Path]:
+def remove_dead(candidates: Iterable[Path]) -> list[Path]:
     removed = []
-    for p, pid in list(_dead(candidates)):
+    for p, pid in list(dead_writers(candidates)):
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:

@@ -57,7 +57,7 @@ writer that cannot write the parent (it locks the store directory) against one t
 
 # NOTE [names are not patterns]
 Destination names may hold ``*``, ``?``, ``[`` (``store[1]``, ``run**2``): leftovers are found by
-listing the directory and comparing prefixes (:func:`_entries`), never by glob patterns.
+listing the directory and comparing prefixes (:func:`marked_entries`), never by glob patterns.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a))
 
 
-def _is_empty_dir(path: Path) -> bool:
+def is_empty_dir(path: Path) -> bool:
     with os.scandir(path) as it:
         return next(it, None) is None
 
@@ -202,7 +202,7 @@ def check_destination(
         raise StoreExistsError(
             f"{shown}: the destination is a file, not a directory. Choose another path."
         )
-    if not overwrite and (not real.exists() or _is_empty_dir(real)):
+    if not overwrite and (not real.exists() or is_empty_dir(real)):
         # NOTE [a killed replacement]: a store moved aside by a killed (or unknown) replacement
         # is what was there; a conversion never resurrects it silently, nor publishes over it
         # only to fail at the end
@@ -217,7 +217,7 @@ def check_destination(
                 f"writer is known to be gone), or pass --overwrite (overwrite=True) to convert "
                 f"over it."
             )
-    if real.is_dir() and not _is_empty_dir(real):
+    if real.is_dir() and not is_empty_dir(real):
         if not is_ours(real):
             manifest = real / "manifest.json"
             if os.path.lexists(manifest) and not manifest.is_file():
@@ -252,11 +252,11 @@ def publish_dir(tmp: Path, dst: Path, replace: bool, is_ours: Callable[[Path], b
         StoreExistsError: another process published a non-empty ``dst`` meanwhile.
     """
     fsync_dir(tmp)
-    if dst.exists() and replace and not _is_empty_dir(dst):
+    if dst.exists() and replace and not is_empty_dir(dst):
         # NOTE [one writer per store]: no publisher acts on the old store across the swap and
         # its deletion (a plain rename below needs no lock: it replaces no store)
         with store_lock(dst, "replacing the store"):
-            if dst.exists() and not _is_empty_dir(dst):
+            if dst.exists() and not is_empty_dir(dst):
                 _replace(tmp, dst, is_ours)
                 return
     try:
@@ -284,7 +284,7 @@ def _replace(tmp: Path, dst: Path, is_ours: Callable[[Path], bool]) -> None:
 
 def _delete_swapped_out(old: Path, dst: Path, is_ours, swap_back) -> None:
     fsync_dir(dst.parent)
-    if is_ours(old) or _is_empty_dir(old):
+    if is_ours(old) or is_empty_dir(old):
         if swap_back is None:  # NOTE [a killed replacement]: a partial's name first, so a
             doomed = old.parent / partial_name(dst.name)  # kill mid-deletion leaves a
             os.rename(old, doomed)  # partial that the next run removes, not a broken store

@@ -31,6 +31,7 @@ from jasper_mmap.format.dtypes import to_float32, to_stored
 from jasper_mmap.format.manifest import write_store_metadata
 from jasper_mmap.format.spec import (
     ARRAYS,
+    BACKEND_NAMES,
     CONFIG,
     FLOAT_ROLES,
     NEGATIVES_DIR,
@@ -55,7 +56,7 @@ __all__ = ["convert_pt", "FORMATS", "DTYPES"]
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("safetensors", "zarr")
+FORMATS = BACKEND_NAMES  # the store formats convert-pt writes
 DTYPES = ("keep", "float16", "bfloat16")
 UNIT_ORDER = ("embeddings", "steering", "pairs", "splits", NEGATIVES_DIR)
 

@@ -14,9 +14,9 @@ from typing import Any
 
 from jasper_mmap._fs.files import describe_path
 from jasper_mmap.errors import ArtifactError, ArtifactMissingError, ConfigError
-from jasper_mmap.format.spec import CONFIG
+from jasper_mmap.format.spec import CONFIG, STEERING_NAMES
 from jasper_mmap.format.store_dirs import is_store
-from jasper_mmap.format.values import COUNT_KEYS, Notices
+from jasper_mmap.format.values import CONFIG_COUNTS, Notices
 from jasper_mmap.sources.pt.reader import TensorArtifact
 
 __all__ = ["check_shapes", "check_source", "FLOAT_SOURCES", "INT_SOURCES"]
@@ -70,7 +70,7 @@ def check_shapes(
     did use) are errors.
     """
     emb = ["question_embs", "source_embs", "keyword_embs", "centroid_embs"]
-    steer = ["steering_centroid", "steering_keyword_weighted", "steering_residual"]
+    steer = list(STEERING_NAMES)
     for name in emb + steer:
         _expect(arts[name], 2, FLOAT_SOURCES, "rows of embeddings")
     dims = {arts[n].shape[1] for n in emb + steer}
@@ -134,7 +134,7 @@ def check_shapes(
     for name in ("train_idx", "val_idx", "test_idx"):
         if name in arts:
             _expect(arts[name], 1, INT_SOURCES, "pair rows of the split")
-    for key, name in COUNT_KEYS.items():
+    for key, name in CONFIG_COUNTS.items():
         if config.get(key) is not None and config[key] != arts[name].shape[0]:
             notices.note(
                 f"{src / 'config.json'}: {key}={config[key]}, but {arts[name].path} has "

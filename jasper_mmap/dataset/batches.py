@@ -13,13 +13,13 @@ import numpy as np
 import torch
 
 from jasper_mmap.dataset.control import Snapshot
-from jasper_mmap.dataset.outputs import _NP_DTYPES, BatchOutputs
+from jasper_mmap.dataset.outputs import NP_DTYPES, BatchOutputs
 from jasper_mmap.dataset.preload import Preloaded
 from jasper_mmap.errors import (
     SampleIndexError,
     SampleIndexTypeError,
 )
-from jasper_mmap.format.spec import _STEERING_NAMES, _STEERING_TABLES, PAIR_ARRAYS
+from jasper_mmap.format.spec import PAIR_ARRAYS, STEERING_NAMES, STEERING_TABLES
 from jasper_mmap.steering import (
     draw_variants,
 )
@@ -198,8 +198,8 @@ class BatchEngine:
         store's joined rows (NOTE [joined rows]); None unless both groups are joined float32."""
         joined = self.__dict__.get("_joined_rows", False)
         if joined is False:
-            emb, steering = store.joined(_EMBEDDINGS), store.joined(_STEERING_NAMES)
-            names = _EMBEDDINGS + _STEERING_NAMES
+            emb, steering = store.joined(_EMBEDDINGS), store.joined(STEERING_NAMES)
+            names = _EMBEDDINGS + STEERING_NAMES
             joined = None
             if (
                 emb is not None
@@ -231,7 +231,7 @@ class BatchEngine:
         # NOTE [batch prefetch], NOTE [dense arrays]: only a store read ahead gets the hints
         ahead, dense = store.reads_ahead, self._dense_arrays(store)
         if ahead:
-            chosen = {table: pairs[variants == v] for v, table in _STEERING_TABLES.items()}
+            chosen = {table: pairs[variants == v] for v, table in STEERING_TABLES.items()}
             store.prefetch(
                 {name: pairs for name in PAIR_ARRAYS} | chosen, dense, snap.epoch, generation
             )
@@ -273,7 +273,7 @@ class BatchEngine:
         if small:
             outputs = {}
             for key, (name, shape, dtype) in _PAIR_KEYS.items():
-                out = np.empty(shape(idx.size, k), _NP_DTYPES[dtype])
+                out = np.empty(shape(idx.size, k), NP_DTYPES[dtype])
                 outputs[key] = store.gather_unchecked(name, pairs, out, generation=generation)
         return BatchPlan(
             snap.version,
@@ -299,7 +299,7 @@ class BatchEngine:
             n, m = b * (1 + k), b * (2 + k)  # targets, negatives; questions; steering rows
             block, tensor = gather.block((m + b, d))
             self.store.gather_joined_unchecked(_EMBEDDINGS, plan.sources[j], block[:m])
-            self.store.gather_joined_unchecked(_STEERING_NAMES, plan.steering[lo:hi], block[m:])
+            self.store.gather_joined_unchecked(STEERING_NAMES, plan.steering[lo:hi], block[m:])
             if plan.zeros[j].size:
                 block[m:][plan.zeros[j]] = 0
             if tensor is None:  # plain memory: a tensor over each slice is cheaper to make

@@ -23,7 +23,7 @@ import torch
 from jasper_mmap.dataset.batches import BatchEngine, BatchPlan, SampleBatch
 from jasper_mmap.dataset.control import ControlBlock
 from jasper_mmap.dataset.outputs import BufferPool
-from jasper_mmap.dataset.preload import Preloaded, _memory_mode
+from jasper_mmap.dataset.preload import Preloaded, memory_mode
 from jasper_mmap.dataset.resolve import resolve_dataset
 from jasper_mmap.dataset.tables import TABLES, KeywordLists, table_array, table_tensor
 from jasper_mmap.errors import (
@@ -151,7 +151,7 @@ class JASPERSteeringDataset(BatchEngine, torch.utils.data.Dataset):
                 f"CPU dataset (or use_mmap=False to hold the split in RAM), or run on a "
                 f"machine with a CUDA GPU and a CUDA build of torch."
             )
-        self.preload = _memory_mode(self.device, use_mmap, preload)
+        self.preload = memory_mode(self.device, use_mmap, preload)
         self.use_mmap = not self.preload
         self.preload_budget_bytes = preload_budget_bytes
         self.report_generation = report_generation

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 #
-from jasper_mmap.format.spec import _STEERING_NAMES
+from jasper_mmap.format.spec import STEERING_NAMES
 from jasper_mmap.stores import Store
 
 __all__ = ["BatchOutputs", "BufferPool"]
@@ -104,7 +104,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-_NP_DTYPES = {torch.float32: np.float32, torch.int64: np.int64}
+NP_DTYPES = {torch.float32: np.float32, torch.int64: np.int64}
 
 
 class BatchOutputs:
@@ -127,7 +127,7 @@ class BatchOutputs:
     def _empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An output tensor of the batch, where this mode allocates them (contents arbitrary)."""
         if self.mode == "plain":  # a recycled buffer: NOTE [recycled batch buffers]
-            return torch.from_numpy(self.pool.empty(shape, _NP_DTYPES[dtype]))
+            return torch.from_numpy(self.pool.empty(shape, NP_DTYPES[dtype]))
         if self.mode == "shared":
             return torch.empty(shape, dtype=dtype).share_memory_()
         return torch.empty(shape, dtype=dtype, pin_memory=True)
@@ -138,7 +138,7 @@ class BatchOutputs:
         """The batch's steering rows: zeros for variant 0, else the pair's row of the
         variant's table (``Store.gather_mixed_unchecked``: one gather where the tables are adjacent)."""
         out = self._empty(shape, torch.float32)
-        self.store.gather_mixed_unchecked(_STEERING_NAMES, variants - 1, pairs, out.numpy())
+        self.store.gather_mixed_unchecked(STEERING_NAMES, variants - 1, pairs, out.numpy())
         return out
 
     def block(self, shape: tuple[int, int]) -> tuple[np.ndarray, torch.Tensor | None]:

@@ -18,8 +18,7 @@ import numpy as np
 import torch
 
 from jasper_mmap.errors import JasperError
-
-#
+from jasper_mmap.format.spec import STEERING_NAMES
 from jasper_mmap.stores import Store
 
 __all__ = ["Preloaded", "PreloadTooLargeError", "MARGIN_BYTES"]
@@ -29,7 +28,6 @@ log = logging.getLogger(__name__)
 #: left free on a CUDA device beyond the preloaded tensors (allocator slack, the model)
 MARGIN_BYTES = 512 * 2**20
 _BLOCK_ROWS = 65536
-_STEERING = ("steering_centroid", "steering_keyword_weighted", "steering_residual")
 
 
 class PreloadTooLargeError(JasperError, MemoryError):
@@ -92,7 +90,7 @@ class Preloaded:
                 "pair_cluster_id",
                 "pair_relevance",
                 "centroid_distances",
-                *_STEERING,
+                *STEERING_NAMES,
             )
         }
         self.generation = store.generation
@@ -161,7 +159,7 @@ class Preloaded:
         v = torch.from_numpy(variants).to(dev, non_blocking=True)
         t = self.tables
         steering = torch.zeros((idx.size, self.questions.shape[1]), device=dev)
-        for k, name in enumerate(_STEERING, start=1):
+        for k, name in enumerate(STEERING_NAMES, start=1):
             steering = torch.where((v == k)[:, None], t[name][i], steering)
         return {
             "question_emb": self.questions[self.q_row[i]],
@@ -176,7 +174,7 @@ class Preloaded:
         }
 
 
-def _memory_mode(device: torch.device, use_mmap: bool | None, preload: bool | None) -> bool:
+def memory_mode(device: torch.device, use_mmap: bool | None, preload: bool | None) -> bool:
     """Whether the split is preloaded (True) or read through the memory maps (False)."""
     if use_mmap is not None and preload is not None and bool(use_mmap) == bool(preload):
         raise ValueError(

@@ -66,8 +66,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 STORE_DIRNAME = ".jasper_mmap_store"
-#: how often a process waiting for another's conversion says so again
-WAIT_LOG_SECONDS = 30.0
 
 
 def _recorded_sources(store: Path) -> dict | None:
@@ -280,7 +278,7 @@ def _check_sources(store: Path, manifest: dict[str, Any]) -> None:
         )
 
 
-def _store_location(src: Path, cache_dir: str | Path | None, fmt: str = "pt") -> Path:
+def store_location(src: Path, cache_dir: str | Path | None, fmt: str = "pt") -> Path:
     """Where the store of dataset directory ``src`` (from its ``fmt`` files) is kept."""
     suffix = "" if fmt == "pt" else f"_{fmt}"
     if cache_dir is not None:
@@ -297,7 +295,7 @@ def _store_location(src: Path, cache_dir: str | Path | None, fmt: str = "pt") ->
         return beside
     fallback = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "jasper_mmap"
     log.info("%s is not writable; keeping its store under %s", src, fallback)
-    return _store_location(src, fallback, fmt)
+    return store_location(src, fallback, fmt)
 
 
 def _usable_as_it_is(src: Path, store: Path, fmt: str) -> bool:
@@ -434,13 +432,12 @@ def resolve_dataset(
     fmt = detect_storage_format(src, storage_format)
     if for_publish and storage_format == "auto":
         fmt = _format_to_publish_into(src, cache_dir, fmt)
-    store = _store_location(src, cache_dir, fmt)
+    store = store_location(src, cache_dir, fmt)
     _make_store_parent(src, store, cache_dir)
     lock = store_lock(
         store,
         "converting",
         shown=src,
-        log_every=lambda: WAIT_LOG_SECONDS,
         holder=lambda f: _holder(f),
         logger=log,
     )
@@ -468,7 +465,7 @@ def _format_to_publish_into(src: Path, cache_dir: str | Path | None, fmt: str) -
             pass
     if len(present) < 2:
         return fmt
-    stores = {f: _store_location(src, cache_dir, f) for f in present}
+    stores = {f: store_location(src, cache_dir, f) for f in present}
     made = [f for f, store in stores.items() if (store / MANIFEST).exists()]
     if len(made) == 2:
         raise ArtifactError(

@@ -19,7 +19,7 @@ from jasper_mmap.format.schema import (
 from jasper_mmap.format.spec import (
     CONFIG,
 )
-from jasper_mmap.format.values import COUNT_KEYS
+from jasper_mmap.format.values import CONFIG_COUNTS
 
 
 def config_problems(store_dir: Path, fix: str) -> list[Problem]:
@@ -62,7 +62,7 @@ def read_config(src: Path) -> dict[str, Any]:
         raise ConfigError(
             f"{path}: should be a JSON object, but got {type(config).__name__}. Fix the file."
         )
-    for key in ("embedding_dim", "n_neg", "random_seed", *COUNT_KEYS):
+    for key in ("embedding_dim", "n_neg", "random_seed", *CONFIG_COUNTS):
         value = config.get(key)
         if value is not None and (type(value) is not int or value < 0):
             raise ConfigError(

@@ -16,14 +16,14 @@ from jasper_mmap.format.schema import Problem, is_count, type_name
 
 __all__ = ["header_problems", "layout_problems", "read_header", "tensor_problems"]
 
-_ALIGN = 8
+ALIGN = 8
 
 
 #: a header larger than this is not ours (ours are a few kilobytes)
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-_FIX = "Re-create the store with `convert-pt SRC STORE --overwrite`."
+RECREATE_FIX = "Re-create the store with `convert-pt SRC STORE --overwrite`."
 
 
 #: bytes per element of every safetensors dtype code
@@ -35,7 +35,7 @@ _CODE_SIZES = {
 }
 
 
-def read_header(path: Path, fix: str = _FIX) -> tuple[int, dict[str, Any]]:
+def read_header(path: Path, fix: str = RECREATE_FIX) -> tuple[int, dict[str, Any]]:
     """Return ``(data_start, header)`` of safetensors file ``path``; reads only the header.
 
     Raises:

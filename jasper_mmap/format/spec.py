@@ -141,7 +141,7 @@ PAIR_ARRAYS = (
 )
 
 
-#: every count a manifest records (all non-negative integers; embedding_dim at least 1)
+#: every count a manifest records (format.values.CONFIG_COUNTS: which array a config count sizes) (all non-negative integers; embedding_dim at least 1)
 COUNT_KEYS = (
     "embedding_dim",
     "n_neg",
@@ -157,7 +157,7 @@ COUNT_KEYS = (
 SPECS = {s.name: s for s in ARRAYS}
 
 
-_STEERING_TABLES = {1: "steering_centroid", 2: "steering_keyword_weighted", 3: "steering_residual"}
+STEERING_TABLES = {1: "steering_centroid", 2: "steering_keyword_weighted", 3: "steering_residual"}
 
 
-_STEERING_NAMES = tuple(_STEERING_TABLES.values())  # variant v > 0 reads _STEERING_NAMES[v - 1]
+STEERING_NAMES = tuple(STEERING_TABLES.values())  # variant v > 0 reads STEERING_NAMES[v - 1]

@@ -18,20 +18,20 @@ from jasper_mmap._fs.files import read_json
 from jasper_mmap._fs.lock import store_lock
 from jasper_mmap._fs.partials import (
     HOST_TAG,
-    _dead,
-    _entries,
-    _remove_dead,
+    dead_writers,
+    marked_entries,
     moved_aside,
     moved_aside_advice,
     partial_dir,
+    remove_dead,
     swapped_out,
     swapped_out_advice,
 )
 from jasper_mmap._fs.publish import (
-    _is_empty_dir,
     check_destination,
     fsync_dir,
     fsync_tree,
+    is_empty_dir,
     publish_dir,
 )
 from jasper_mmap.errors import (
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 def remove_stale_partials(dst: Path) -> list[Path]:
     """Remove ``.<dst>.partial-*`` directories whose writer process no longer exists, and
     settle the stores such a writer swapped out (:func:`settle_swapped_out`)."""
-    removed = _remove_dead(_entries(dst.parent, f".{dst.name}.partial-"))
+    removed = remove_dead(marked_entries(dst.parent, f".{dst.name}.partial-"))
     settle_swapped_out(dst)
     return removed
 
@@ -95,7 +95,7 @@ def settle_swapped_out(dst: Path) -> list[Path]:
                 )
                 continue
             empty = not os.path.lexists(dst) or (
-                dst.is_dir() and not dst.is_symlink() and _is_empty_dir(dst)
+                dst.is_dir() and not dst.is_symlink() and is_empty_dir(dst)
             )
             if empty:
                 os.rename(old, dst)  # replaces an empty directory
@@ -131,7 +131,7 @@ def warn_stale_partials(dst: Path, max_entries: int = 1000) -> list[Path]:
     """
     own = f".{dst.name}.partial-"
     named = []
-    for p, pid in _dead(_entries(dst.parent)):
+    for p, pid in dead_writers(marked_entries(dst.parent)):
         if p.name.startswith(own) or p.is_symlink() or not p.is_dir():
             continue  # dst's own are removed; partial files (json, h5) are other writers'
         target = dst.parent / p.name[1 : p.name.rindex(".partial-")]
@@ -160,7 +160,7 @@ def warn_stale_partials(dst: Path, max_entries: int = 1000) -> list[Path]:
             shlex.quote(str(p)),
         )
         named.append(p)
-    for p, pid in _dead(_entries(dst.parent, ".", ".old-"), "old-"):
+    for p, pid in dead_writers(marked_entries(dst.parent, ".", ".old-"), "old-"):
         if p.name.startswith(f".{dst.name}.old-") or p.is_symlink() or not p.is_dir():
             continue  # dst's own are settled by remove_stale_partials
         target = dst.parent / p.name[1 : p.name.rindex(".old-")]
@@ -168,7 +168,7 @@ def warn_stale_partials(dst: Path, max_entries: int = 1000) -> list[Path]:
         named.append(p)
     # those never settled here (another host/namespace, a running PID), dst's own included
     targets = {dst.name}
-    for p in _entries(dst.parent, ".", ".old-"):
+    for p in marked_entries(dst.parent, ".", ".old-"):
         targets.add(p.name[1 : p.name.rindex(".old-")])
     for name in sorted(targets):
         advice = moved_aside_advice(dst.parent / name)

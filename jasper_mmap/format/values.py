@@ -18,7 +18,7 @@ from jasper_mmap.errors import ArtifactError, ConfigError
 from jasper_mmap.steering import SteeringSchedule
 
 __all__ = [
-    "COUNT_KEYS",
+    "CONFIG_COUNTS",
     "Notices",
     "REBUILD",
     "SplitCheck",
@@ -34,7 +34,7 @@ REBUILD = "Re-run the dataset builder, or fix the file and convert again."
 
 
 #: config key -> (array whose first dimension it counts)
-COUNT_KEYS = {
+CONFIG_COUNTS = {
     "n_questions": "question_embs",
     "n_sources": "source_embs",
     "n_keywords": "keyword_embs",

@@ -61,17 +61,17 @@ def _libc_madvise() -> Any:
 _MADVISE = _libc_madvise()
 
 
-def _data(a: np.ndarray) -> int:
+def array_address(a: np.ndarray) -> int:
     """Address of an array's first byte."""
     return a.__array_interface__["data"][0]
 
 
-def _address(m: mmap.mmap) -> int:
+def map_address(m: mmap.mmap) -> int:
     """Address of the first byte of a read-only map (through a zero-copy numpy view)."""
-    return _data(np.frombuffer(m, dtype=np.uint8, count=1))
+    return array_address(np.frombuffer(m, dtype=np.uint8, count=1))
 
 
-def _willneed(m: mmap.mmap, base: int, starts: np.ndarray, length: int) -> None:
+def willneed(m: mmap.mmap, base: int, starts: np.ndarray, length: int) -> None:
     """``MADV_WILLNEED`` on ``[start, start + length)`` of map ``m`` (at ``base``) for each
     start, clipped to the map; through ctypes, without the GIL (NOTE [batch prefetch])."""
     if not starts.size:

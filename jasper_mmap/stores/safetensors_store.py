@@ -41,8 +41,8 @@ from jasper_mmap._fs.files import open_regular
 from jasper_mmap.errors import StoreCorruptError
 from jasper_mmap.format.dtypes import numpy_dtype, safetensors_code
 from jasper_mmap.format.safetensors_header import (
-    _ALIGN,
-    _FIX,
+    ALIGN,
+    RECREATE_FIX,
     layout_problems,
     read_header,
     tensor_problems,
@@ -50,6 +50,7 @@ from jasper_mmap.format.safetensors_header import (
 from jasper_mmap.format.schema import raise_problems, store_fix
 from jasper_mmap.stores.base import StoreWriter
 from jasper_mmap.stores.mapped import MappedStore, RowPlace
+from jasper_mmap.stores.readahead import array_address, map_address
 
 __all__ = ["SafetensorsStore", "SafetensorsWriter"]
 
@@ -86,7 +87,7 @@ class SafetensorsWriter(StoreWriter):
             offset += nbytes
         header["__metadata__"] = {"format": "pt", "writer": "jasper_mmap"}
         blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % _ALIGN)
+        blob += b" " * (-len(blob) % ALIGN)
         path = self.root / f"{unit}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
         self._unit, self._path = unit, path
@@ -147,7 +148,11 @@ class _MappedFile:
     """One read-only mapping of a safetensors file and its parsed header."""
 
     def __init__(
-        self, path: Path, advice: str = "normal", fix: str = _FIX, store_dir: Path | None = None
+        self,
+        path: Path,
+        advice: str = "normal",
+        fix: str = RECREATE_FIX,
+        store_dir: Path | None = None,
     ) -> None:
         self.data_start, self.header = read_header(path, fix)
         with open_regular(path, what="store file", fix=fix, error=StoreCorruptError) as f:

@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from jasper_mmap.format.manifest import write_store_metadata
-from jasper_mmap.format.spec import CONFIG
+from jasper_mmap.format.spec import CONFIG, STEERING_NAMES
 from jasper_mmap.format.store_dirs import publishing
 from jasper_mmap.stores.safetensors_store import SafetensorsWriter
 from jasper_mmap.synthetic import synthetic_config
-from jasper_mmap.synthetic.small import _normalize, _tier_counts
+from jasper_mmap.synthetic.small import normalize_rows, tier_counts
 
 __all__ = [
     "make_store",
@@ -73,9 +73,9 @@ class _Gen:
         self.P, self.Q, self.D, self.K, self.C = n_pairs, n_pairs // 2, dim, n_keywords, n_clusters
         self.n_neg, self.seed, self.every, self.sparse_train = n_neg, seed, every, sparse_train
         rng = self.rng("tables", 0)
-        self.centroids = _normalize(rng.standard_normal((n_clusters, dim)))
+        self.centroids = normalize_rows(rng.standard_normal((n_clusters, dim)))
         kw_cluster = rng.integers(0, n_clusters, n_keywords)
-        self.keywords = _normalize(
+        self.keywords = normalize_rows(
             self.centroids[kw_cluster] + 0.3 * rng.standard_normal((n_keywords, dim))
         )
         sim = self.centroids @ self.centroids.T
@@ -109,14 +109,14 @@ class _Gen:
     def questions(self, b: int, lo: int, hi: int) -> np.ndarray:
         q = np.arange(lo // 2, (hi + 1) // 2)
         noise = self.rng("q", b).standard_normal((q.size, self.D), dtype=np.float32)
-        return _normalize(
+        return normalize_rows(
             self.centroids[self.cluster_of_question(q)] + (0.8 / np.sqrt(self.D)) * noise
         )
 
     def sources(self, b: int, lo: int, hi: int) -> np.ndarray:
         q = np.repeat(self.questions(b, lo, hi), 2, axis=0)[: hi - lo]
         noise = self.rng("s", b).standard_normal(q.shape, dtype=np.float32)
-        return _normalize(q + (0.5 / np.sqrt(self.D)) * noise)
+        return normalize_rows(q + (0.5 / np.sqrt(self.D)) * noise)
 
     def cluster(self, lo: int, hi: int) -> np.ndarray:
         return self.cluster_of_question(np.arange(lo, hi) // 2)
@@ -131,19 +131,19 @@ class _Gen:
             return cent
         if kind == "steering_residual":
             q = np.repeat(self.questions(b, lo, hi), 2, axis=0)[: hi - lo]
-            return _normalize(cent - q)
+            return normalize_rows(cent - q)
         ids, n = self.keyword_ids(b, lo, hi), self.n_kw[lo:hi]
         out = cent.copy()
         has = np.flatnonzero(n > 0)
         if has.size:
             starts = (self.kw_offsets[lo:hi] - self.kw_offsets[lo])[has]
             out[has] = np.add.reduceat(self.keywords[ids], starts, axis=0)
-        return _normalize(out)
+        return normalize_rows(out)
 
     def negatives(self, b: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         rng, c = self.rng("neg", b), self.cluster(lo, hi)
         cols, tiers = [], []
-        for tier, k in enumerate(_tier_counts(self.n_neg), start=1):
+        for tier, k in enumerate(tier_counts(self.n_neg), start=1):
             for _ in range(k):
                 if tier == 1 or self.C == 1:
                     cc = c
@@ -326,10 +326,7 @@ def _units(g: _Gen) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
             ("keyword_embs", (g.K, D)),
             ("centroid_embs", (g.C, D)),
         ],
-        "steering": [
-            (n, (P, D))
-            for n in ("steering_centroid", "steering_keyword_weighted", "steering_residual")
-        ],
+        "steering": [(n, (P, D)) for n in STEERING_NAMES],
         "pairs": [
             ("pair_index", (P, 2)),
             ("pair_cluster_id", (P,)),

@@ -48,11 +48,11 @@ class SyntheticSpec:
         )
 
 
-def _normalize(x: np.ndarray) -> np.ndarray:
+def normalize_rows(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
 
 
-def _tier_counts(n_neg: int) -> list[int]:
+def tier_counts(n_neg: int) -> list[int]:
     """Split ``n_neg`` over the four tiers in the in-RAM dataset's proportions 3:4:3:2."""
     raw = np.array([3, 4, 3, 2], dtype=float) * n_neg / 12
     counts = np.floor(raw).astype(int)
@@ -116,14 +116,14 @@ def make_pt_dataset(
         save(torch.from_numpy(np.ascontiguousarray(arr)), out / f"{name}.pt")
 
     C, D, P = s.n_clusters, s.dim, s.n_pairs
-    centroids = _normalize(rng.standard_normal((C, D)))
+    centroids = normalize_rows(rng.standard_normal((C, D)))
     src_cluster = np.sort(rng.integers(0, C, s.n_sources))
     src_cluster[:C] = np.arange(C)  # every cluster owns at least one source
     src_cluster.sort()
     order = np.arange(s.n_sources)
     sizes = np.bincount(src_cluster, minlength=C)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    sources = _normalize(
+    sources = normalize_rows(
         centroids[src_cluster] + 0.35 * rng.standard_normal((s.n_sources, D)) / np.sqrt(D) * 4
     )
     put("source_embs", sources)
@@ -138,7 +138,7 @@ def make_pt_dataset(
     first_target[np.bincount(q_of_pair, minlength=s.n_questions) == 0] = starts[q_cluster][
         np.bincount(q_of_pair, minlength=s.n_questions) == 0
     ]
-    questions = _normalize(
+    questions = normalize_rows(
         sources[first_target] + 0.5 * rng.standard_normal((s.n_questions, D)) / np.sqrt(D) * 2
     )
     put("question_embs", questions)
@@ -153,7 +153,7 @@ def make_pt_dataset(
     del sources
 
     kw_cluster = rng.integers(0, C, s.n_keywords)
-    keywords = _normalize(
+    keywords = normalize_rows(
         centroids[kw_cluster] + 0.6 * rng.standard_normal((s.n_keywords, D)) / np.sqrt(D) * 3
     )
     put("keyword_embs", keywords)
@@ -174,15 +174,15 @@ def make_pt_dataset(
         a, b = offsets[rows[0]], offsets[rows[-1] + 1]
         weights[rows] = np.add.reduceat(keywords[kw_ids[a:b]], offsets[rows] - a, axis=0)
     put("steering_centroid", centroids[cluster])
-    put("steering_keyword_weighted", _normalize(weights))
+    put("steering_keyword_weighted", normalize_rows(weights))
     del weights
-    put("steering_residual", _normalize(centroids[cluster] - q))
+    put("steering_residual", normalize_rows(centroids[cluster] - q))
     del q
 
     sim = centroids @ centroids.T
     np.fill_diagonal(sim, -np.inf)
     by_sim = np.argsort(-sim, axis=1)  # nearest other clusters first
-    tiers = _tier_counts(s.n_neg)
+    tiers = tier_counts(s.n_neg)
     negs, tier_ids = [], []
     for tier, k in enumerate(tiers, start=1):
         for _ in range(k):

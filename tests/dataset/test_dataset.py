@@ -404,11 +404,11 @@ def _madvise_recorder(monkeypatch):
 def _in(calls, store, name: str) -> list[tuple[int, int]]:
     """The calls that start inside array ``name``'s bytes of its map, or in the aligned window
     before them that holds its first row (never before the map: another map may lie there)."""
-    from jasper_mmap.stores.readahead import DENSE_WINDOW, _address
+    from jasper_mmap.stores.readahead import DENSE_WINDOW, map_address
 
     arr = store.raw(name)
     lo = arr.__array_interface__["data"][0]
-    start = _address(store._maps[store.entry(name)["file"]].map)
+    start = map_address(store._maps[store.entry(name)["file"]].map)
     return [(a, n) for a, n in calls if max(start, lo - DENSE_WINDOW) <= a < lo + arr.nbytes]
 
 
@@ -510,11 +510,11 @@ def test_prefetch_advises_the_batchs_generation_not_the_one_served_meanwhile(
 
 def _map_range(store, generation: int) -> tuple[int, int]:
     """Addresses of the map holding generation ``generation``'s hard_negatives."""
-    from jasper_mmap.stores.readahead import _address
+    from jasper_mmap.stores.readahead import map_address
 
     store.raw("hard_negatives", generation)
     m = store._maps[store.entry("hard_negatives", generation)["file"]].map
-    return _address(m), _address(m) + len(m)
+    return map_address(m), map_address(m) + len(m)
 
 
 def test_prefetch_leaves_rows_outside_an_array_to_the_gather(src, monkeypatch):

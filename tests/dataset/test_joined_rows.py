@@ -16,7 +16,7 @@ from test_batch_plans import BATCHES, same
 from jasper_mmap import JASPERSteeringDataset, open_store
 from jasper_mmap.converters import convert_pt
 from jasper_mmap.dataset.batches import _EMBEDDINGS
-from jasper_mmap.format.spec import _STEERING_NAMES
+from jasper_mmap.format.spec import STEERING_NAMES
 from jasper_mmap.stores import base, safetensors_store
 
 FLOAT_KEYS = ("question_emb", "target_source_emb", "steering", "negative_embs")
@@ -29,7 +29,7 @@ def per_array(store_path) -> JASPERSteeringDataset:
     return ds
 
 
-@pytest.mark.parametrize("names", [_EMBEDDINGS, _EMBEDDINGS[::-1], _STEERING_NAMES])
+@pytest.mark.parametrize("names", [_EMBEDDINGS, _EMBEDDINGS[::-1], STEERING_NAMES])
 def test_joined_rows_are_each_arrays_rows(store_path, names):
     """Row ``offsets[k] + i`` of the joined rows is row ``i`` of ``names[k]``, with numpy (a
     gather thread) and with torch (the loop's thread); zarr joins nothing."""
@@ -73,7 +73,7 @@ def test_joined_rows_are_each_arrays_rows(store_path, names):
 def test_only_arrays_back_to_back_in_one_file_are_joined(tmp_path, pt_dataset):
     store = open_store(convert_pt(pt_dataset, tmp_path / "s", progress=False))
     assert store.joined(("steering_centroid",)) == (0,)
-    assert store.joined(_STEERING_NAMES[::2]) is None  # the keyword table lies between them
+    assert store.joined(STEERING_NAMES[::2]) is None  # the keyword table lies between them
     assert store.joined(("question_embs", "steering_centroid")) is None  # two files
     assert store.joined(("pair_cluster_id", "pair_relevance")) is None  # not 2-D, two dtypes
     assert store.joined(("hard_negatives",)) is None  # a generation's: replaced by reloads
@@ -139,7 +139,7 @@ def test_variant_zero_rows_read_the_first_row_not_their_pairs(tmp_path, pt_datas
     take = store.gather_joined_unchecked
 
     def spy(names, idx, out):
-        if names == _STEERING_NAMES:
+        if names == STEERING_NAMES:
             seen.append(idx.copy())
         return take(names, idx, out)
 
@@ -150,7 +150,7 @@ def test_variant_zero_rows_read_the_first_row_not_their_pairs(tmp_path, pt_datas
     assert 0 in variants and (variants > 0).any()
     assert (seen[0][variants == 0] == 0).all()
     pairs = store.gather_unchecked("train_idx", np.asarray(BATCHES[1]))
-    offsets, chosen = np.asarray(store.joined(_STEERING_NAMES)), variants > 0
+    offsets, chosen = np.asarray(store.joined(STEERING_NAMES)), variants > 0
     want = offsets[variants[chosen] - 1] + pairs[chosen]
     np.testing.assert_array_equal(seen[0][chosen], want)
 

@@ -220,7 +220,9 @@ def test_waiting_for_the_conversion_lock_names_the_holder(src, caplog, monkeypat
     fcntl.flock(holder, fcntl.LOCK_EX)
     holder.write(json.dumps({"pid": 4242, "host": "nodeA", "since": time.time() - 75}))
     holder.flush()
-    monkeypatch.setattr(resolve, "WAIT_LOG_SECONDS", 0.1)
+    import jasper_mmap._fs.lock as lock
+
+    monkeypatch.setattr(lock, "WAIT_LOG_SECONDS", 0.1)
     real_holder, calls = resolve._holder, []
 
     def holder_then_release(lock_file):  # the holder finishes once the waiter has said so

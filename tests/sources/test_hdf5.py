@@ -280,7 +280,7 @@ def test_contiguous_int32_keywords_take_the_pread_path(h5_dir, kw_lists, monkeyp
     def refuse(*args):
         raise AssertionError("H5Dread used for a contiguous int32 keyword dataset")
 
-    monkeypatch.setattr(h5_source._KeywordPass, "_read_converted", refuse)
+    monkeypatch.setattr(h5_source.KeywordPass, "_read_converted", refuse)
     with open_h5_source(h5_dir) as src:
         assert keyword_lists(src) == kw_lists
 

@@ -17,14 +17,13 @@ import zarr
 
 from jasper_mmap import JASPERSteeringDataset, create_loader, open_store
 from jasper_mmap.converters import convert_pt
+from jasper_mmap.dataset.batches import BATCH_KEYS
 from jasper_mmap.errors import StoreCorruptError, StoreNotFoundError
 from jasper_mmap.format.dtypes import numpy_dtype
 from jasper_mmap.format.zarr_metadata import MISSING, encode_shard_index
 from jasper_mmap.stores import zarr_store
 from jasper_mmap.stores.zarr_store import ZarrWriter, chunk_rows
 from jasper_mmap.synthetic.small import SyntheticSpec, make_pt_dataset
-
-from jasper_mmap.dataset.batches import BATCH_KEYS  # noqa: I001 - after the store imports
 
 # small chunks and shards, so that a tiny dataset spans many of both
 CHUNK, SHARD = 3 * 64, 5 * 3 * 64  # bytes: 3 rows of D=16 float32 per chunk, 5 chunks per shard
@@ -86,7 +85,9 @@ def test_shards_written_directly_are_the_bytes_zarr_python_writes(
     _zarr_python_copy(shape, numpy_dtype(dtype), data, chunk_bytes, shard_bytes, tmp_path / "ref")
 
     def files(root: Path) -> dict[str, bytes]:
-        return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+        return {
+            p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()
+        }
 
     assert files(ours) == files(tmp_path / "ref")
     np.testing.assert_array_equal(zarr.open_group(ours, mode="r")["x"][...], data)
@@ -198,7 +199,9 @@ def _rewrite_index(path: Path, chunks: int, edit) -> None:
         ("past the end", lambda ix: ix.__setitem__((4, 0), 10**9), "inside the file"),
     ],
 )
-def test_a_shard_index_that_does_not_hold_every_chunk_is_refused(pair, tmp_path, what, edit, message):
+def test_a_shard_index_that_does_not_hold_every_chunk_is_refused(
+    pair, tmp_path, what, edit, message
+):
     store = _copy(pair[1], tmp_path)
     _rewrite_index(_shard(store), 5, edit)  # same size, valid checksum: only the index lies
     with pytest.raises(StoreCorruptError, match=rf"source_embs/c/2/0: chunk \d .*{message}"):
@@ -228,9 +231,7 @@ def test_other_layouts_read_through_zarr_python_with_one_warning(pair, tmp_path,
     a = g.create_array("source_embs", shape=src.shape, dtype=src.dtype, chunks=(7, 16))
     a[...] = src
     m = json.loads((store / "manifest.json").read_text())
-    m["files"] = {
-        k: v for k, v in m["files"].items() if not k.startswith("source_embs/")
-    } | {
+    m["files"] = {k: v for k, v in m["files"].items() if not k.startswith("source_embs/")} | {
         p.relative_to(store).as_posix(): p.stat().st_size
         for p in (store / "source_embs").rglob("*")
         if p.is_file()
@@ -242,7 +243,9 @@ def test_other_layouts_read_through_zarr_python_with_one_warning(pair, tmp_path,
         idx = [0, 7, 150, 3]
         np.testing.assert_array_equal(s.gather("source_embs", idx), src[idx])
         s.gather("source_embs", [1])
-        np.testing.assert_array_equal(s.gather("question_embs", [2]), open_store(pair[1]).gather("question_embs", [2]))
+        np.testing.assert_array_equal(
+            s.gather("question_embs", [2]), open_store(pair[1]).gather("question_embs", [2])
+        )
     warned = [r.getMessage() for r in caplog.records if "zarr-python" in r.getMessage()]
     assert len(warned) == 1 and "--format zarr --overwrite" in warned[0], warned
 

@@ -16,8 +16,8 @@ from jasper_mmap._fs.files import open_regular
 from jasper_mmap.errors import ArtifactError, ArtifactMissingError, JasperError
 from jasper_mmap.sources.hdf5.layout import (
     KEYWORDS_PATH,
-    _brief,
-    _data_outside,
+    brief,
+    data_outside,
     fix_text,
     require_h5py,
 )
@@ -32,7 +32,7 @@ _MDC_BASE = 64 << 20
 _EVICT_EVERY = 4096
 
 
-class _KeywordPass:
+class KeywordPass:
     """One pass over the per-pair keyword datasets; see NOTE [keyword pass]."""
 
     def __init__(self, path: Path, gid: Any, n_pairs: int, block_rows: int) -> None:
@@ -104,7 +104,7 @@ class _KeywordPass:
             self.values = np.resize(self.values, 2 * (pos + n))
         offset = ds.get_offset() if n else None
         if offset is None and n:  # not contiguous in this file: NOTE [data outside dataset.h5]
-            outside = _data_outside(ds)
+            outside = data_outside(ds)
             if outside:
                 raise self._bad(i, f"are in {outside}; data outside {self.path.name} are refused")
         if offset is not None and tid.equal(self.i32):
@@ -123,7 +123,7 @@ class _KeywordPass:
         try:
             ds.read(self.h5s.ALL, self.h5s.ALL, tmp)
         except (OSError, RuntimeError, ValueError, TypeError) as e:
-            raise self._bad(i, f"cannot be read ({_brief(e)})") from None
+            raise self._bad(i, f"cannot be read ({brief(e)})") from None
         if tmp.min() < -(2**31) or tmp.max() >= 2**31:
             raise self._bad(i, f"holds ids outside the int32 range ({tmp.min()}..{tmp.max()})")
         self.values[pos : pos + n] = tmp
@@ -143,7 +143,7 @@ class _KeywordPass:
                     f"(upstream writes one dataset per pair, named 0..{self.n_pairs - 1}). "
                     f"{fix_text(self.path)}"
                 ) from None
-            raise self._bad(i, f"is not a readable dataset ({_brief(e)})") from None
+            raise self._bad(i, f"is not a readable dataset ({brief(e)})") from None
         if evict:
             self.fid.set_mdc_config(self.big)
         return ds
@@ -170,7 +170,7 @@ class _KeywordPass:
 
     def _corrupt(self, e: BaseException) -> JasperError:
         return ArtifactError(
-            f"{self.path}:{KEYWORDS_PATH}: the group's metadata is corrupt ({_brief(e)}). "
+            f"{self.path}:{KEYWORDS_PATH}: the group's metadata is corrupt ({brief(e)}). "
             f"{fix_text(self.path)}"
         )
 

@@ -23,7 +23,7 @@ H5_FILE = "dataset.h5"
 KEYWORDS_PATH = "pair_data/keyword_ids"
 
 
-_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 #: store array name -> (HDF5 path in upstream's layout, element kind, ndim)
@@ -79,11 +79,11 @@ def fix_text(h5_path: Path) -> str:
     )
 
 
-def _brief(e: BaseException) -> str:
+def brief(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
-def _data_outside(dsid: Any) -> str | None:
+def data_outside(dsid: Any) -> str | None:
     """How a dataset keeps its data outside its file (external storage, virtual), or None."""
     h5py = require_h5py()
     plist = dsid.get_create_plist()

@@ -51,16 +51,16 @@ import numpy as np
 from jasper_mmap._fs.files import describe_path, open_regular
 from jasper_mmap.errors import ArtifactError, ArtifactMissingError, JasperError, SampleIndexError
 from jasper_mmap.format.spec import SPLITS
-from jasper_mmap.sources.hdf5.keywords import _KeywordPass
+from jasper_mmap.sources.hdf5.keywords import KeywordPass
 from jasper_mmap.sources.hdf5.layout import (
-    _SIGNATURE,
     H5_FILE,
     H5_PATHS,
+    HDF5_SIGNATURE,
     KEYWORDS_PATH,
     KINDS,
     TORCH_DTYPES,
-    _brief,
-    _data_outside,
+    brief,
+    data_outside,
     fix_text,
     require_h5py,
 )
@@ -87,9 +87,9 @@ def _has_signature(path: Path, size: int) -> bool:
         fix=fix_text(path),
     ) as f:
         pos = 0
-        while pos + len(_SIGNATURE) <= size:
+        while pos + len(HDF5_SIGNATURE) <= size:
             f.seek(pos)
-            if f.read(len(_SIGNATURE)) == _SIGNATURE:
+            if f.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE:
                 return True
             pos = 512 if pos == 0 else pos * 2
     return False
@@ -122,7 +122,7 @@ def open_h5_file(path: Path) -> Any:
             return h5py.File(path, "r")
     except OSError as e:
         raise ArtifactError(
-            f"{path}: HDF5 file is truncated or corrupt ({_brief(e)}). {fix_text(path)}"
+            f"{path}: HDF5 file is truncated or corrupt ({brief(e)}). {fix_text(path)}"
         ) from None
 
 
@@ -158,11 +158,11 @@ def _get_node(f: Any, path: Path, name: str) -> Any:
         raise
     except (OSError, KeyError, RuntimeError, ValueError) as e:
         raise ArtifactError(
-            f"{path}:{name}: cannot be opened, the file's metadata is corrupt ({_brief(e)}). "
+            f"{path}:{name}: cannot be opened, the file's metadata is corrupt ({brief(e)}). "
             f"{fix_text(path)}"
         ) from None
     if isinstance(node, h5py.Dataset):
-        outside = _data_outside(node.id)
+        outside = data_outside(node.id)
         if outside:
             raise _outside(path, name, outside)
     return node
@@ -203,7 +203,7 @@ class H5Array:
             dtype, shape = ds.dtype, ds.shape
         except (TypeError, ValueError, OSError) as e:
             raise ArtifactError(
-                f"{self.path}: has a type or shape h5py cannot read ({_brief(e)}). "
+                f"{self.path}: has a type or shape h5py cannot read ({brief(e)}). "
                 f"{fix_text(file_path)}"
             ) from None
         self._check(dtype, shape, kind, ndim)
@@ -273,7 +273,7 @@ class H5Array:
                 self._drop()
                 raise ArtifactError(
                     f"{self.path}: cannot read rows {start}:{stop} (corrupt or truncated "
-                    f"data: {_brief(e)}). {fix_text(self.file_path)}"
+                    f"data: {brief(e)}). {fix_text(self.file_path)}"
                 ) from None
             self._next = stop
             if stop == self.shape[0] or stop - start < (self.chunk_rows or 1):
@@ -363,7 +363,7 @@ class H5Source:
         """Yield ``(lengths, values)`` int64 blocks of the ``n_pairs`` keyword lists, in order."""
         if self._file is None:
             raise ArtifactError(f"{self.path}: keyword ids read after the H5Source was closed.")
-        yield from _KeywordPass(self.path, self._keywords.id, self.n_pairs, block_rows)
+        yield from KeywordPass(self.path, self._keywords.id, self.n_pairs, block_rows)
 
     def close(self) -> None:
         """Close every reader and the file (idempotent)."""
@@ -412,4 +412,4 @@ def iter_h5_keyword_rows(
     """
     with open_h5_source(h5_path) as src:
         n = src.n_pairs if n_pairs is None else n_pairs
-        yield from _KeywordPass(src.path, src._keywords.id, n, block_rows)
+        yield from KeywordPass(src.path, src._keywords.id, n, block_rows)

@@ -33,14 +33,14 @@ _BYTEORDERS = {b"little": "<", b"big": ">"}
 _ZIP_ERRORS = (zipfile.BadZipFile, EOFError, ValueError, struct.error, NotImplementedError)
 
 
-def _is_legacy(path: Path) -> bool:
+def is_legacy(path: Path) -> bool:
     """Whether ``path`` starts with the pickled magic number of torch's pre-1.6 format."""
     with open(path, "rb") as f:
         head = f.read(16)
     return head[:4] == b"\x80\x02\x8a\x0a" and int.from_bytes(head[4:14], "little") == LEGACY_MAGIC
 
 
-def _sniff(path: Path) -> str:
+def sniff(path: Path) -> str:
     """Return ``zip``, ``pickle`` or ``unknown`` from the first bytes; missing -> error."""
     if not path.is_file():
         what = (
@@ -65,14 +65,14 @@ def _sniff(path: Path) -> str:
     return "unknown"
 
 
-def _corrupt(path: Path, e: BaseException) -> ArtifactError:
+def corrupt_error(path: Path, e: BaseException) -> ArtifactError:
     return ArtifactError(
         f"{path}: torch archive is corrupt or truncated ({type(e).__name__}: "
         f"{str(e)[:200]}). Re-run the dataset builder to write it again."
     )
 
 
-def _zip_prefix(path: Path) -> tuple[str, str]:
+def zip_prefix(path: Path) -> tuple[str, str]:
     """Return ``(archive prefix, numpy byte order '<' or '>')`` of a torch zip archive."""
     try:
         with zipfile.ZipFile(path) as z:
@@ -91,11 +91,11 @@ def _zip_prefix(path: Path) -> tuple[str, str]:
     except OSError as e:
         if e.errno not in (None, errno.EINVAL):
             raise
-        raise _corrupt(path, e) from None
+        raise corrupt_error(path, e) from None
     except _ZIP_ERRORS as e:
         if isinstance(e, ArtifactError):
             raise
-        raise _corrupt(path, e) from None
+        raise corrupt_error(path, e) from None
     if order not in _BYTEORDERS:
         raise ArtifactError(
             f"{path}: its byteorder record says {order[:16]!r}, not little or big (corrupt). "

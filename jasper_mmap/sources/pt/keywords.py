@@ -48,7 +48,7 @@ from typing import BinaryIO
 import numpy as np
 
 from jasper_mmap.errors import ArtifactError
-from jasper_mmap.sources.pt.archive import LEGACY_FIX, _is_legacy, _sniff, _zip_prefix
+from jasper_mmap.sources.pt.archive import LEGACY_FIX, is_legacy, sniff, zip_prefix
 from jasper_mmap.sources.pt.keyword_rows import Mark, Refused, Row, RowSink, RowStack
 
 __all__ = ["decode_keyword_rows", "KeywordsCancelled"]
@@ -125,9 +125,9 @@ def _bad(path: Path, what: str) -> ArtifactError:
 @contextlib.contextmanager
 def _pickle_stream(path: Path):
     """Open the pickle of ``path``: a torch archive's ``data.pkl``, or the file itself."""
-    kind = _sniff(path)
+    kind = sniff(path)
     if kind == "zip":
-        prefix, _ = _zip_prefix(path)
+        prefix, _ = zip_prefix(path)
         with zipfile.ZipFile(path) as z:
             storages = [n for n in z.namelist() if n.startswith(prefix + "data/")]
             if storages:
@@ -135,7 +135,7 @@ def _pickle_stream(path: Path):
             with z.open(prefix + "data.pkl") as f:
                 yield f, z.getinfo(prefix + "data.pkl").file_size
         return
-    if kind == "pickle" and _is_legacy(path):
+    if kind == "pickle" and is_legacy(path):
         raise ArtifactError(f"{path}: not a zip-format torch archive. {LEGACY_FIX}")
     if kind == "unknown":
         with open(path, "rb") as f:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from jasper_mmap.errors import ArtifactError
-from jasper_mmap.sources.pt.archive import LEGACY_FIX, _corrupt, _is_legacy, _sniff, _zip_prefix
+from jasper_mmap.sources.pt.archive import LEGACY_FIX, corrupt_error, is_legacy, sniff, zip_prefix
 from jasper_mmap.sources.pt.tensor_pickle import (
     DTYPE_ITEMSIZE,
     Malformed,
@@ -208,7 +208,7 @@ def _record_offset(z: zipfile.ZipFile, path: Path, name: str) -> tuple[int, int]
 
 def _describe(path: Path) -> tuple[TensorMeta, int, int, str]:
     """The tensor's metadata, its storage record's (byte offset, size) and the byte order."""
-    prefix, order = _zip_prefix(path)
+    prefix, order = zip_prefix(path)
     try:
         with zipfile.ZipFile(path) as z:
             pkl = z.getinfo(prefix + "data.pkl")
@@ -232,7 +232,7 @@ def _describe(path: Path) -> tuple[TensorMeta, int, int, str]:
     except Exception as e:  # noqa: BLE001 - any other failure of a corrupt record
         if isinstance(e, OSError) and e.errno not in (None, errno.EINVAL):
             raise
-        raise _corrupt(path, e) from None
+        raise corrupt_error(path, e) from None
     return meta, base, size, order
 
 
@@ -245,9 +245,9 @@ def open_tensor(path: Path) -> TensorArtifact:
             single tensor, a dtype without numpy equivalent, or metadata (offset, size, stride,
             storage key, numel, dtype) that does not fit the storage record.
     """
-    kind = _sniff(path)
+    kind = sniff(path)
     if kind == "pickle":
-        if _is_legacy(path):
+        if is_legacy(path):
             raise ArtifactError(f"{path}: not a zip-format torch archive. {LEGACY_FIX}")
         raise ArtifactError(
             f"{path}: is a plain pickle, not a torch archive (it was not unpickled). "
