@@ -66,14 +66,14 @@ def status_kb(pid: int, key: str) -> int:
         return next((int(line.split()[1]) for line in f if line.startswith(key + ":")), 0)
 
 
-def make(store: Path, gb: float) -> None:
+def make(store: Path, gb: float, fmt: str) -> None:
     code = (
         "import sys, resource; from jasper_mmap.synthetic.large import make_store, pairs_for_bytes; "
-        "make_store(sys.argv[1], pairs_for_bytes(float(sys.argv[2]) * 1e9), sparse_train=True); "
+        "make_store(sys.argv[1], pairs_for_bytes(float(sys.argv[2]) * 1e9), sparse_train=True, format=sys.argv[3]); "
         "print(f'peak RSS of the generator: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB')"
     )
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code, str(store), str(gb)], check=True)
+    subprocess.run([sys.executable, "-c", code, str(store), str(gb), fmt], check=True)
     size = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
     print(
         f"made {store}: {size / 1e9:.1f} GB in {time.perf_counter() - t:.0f} s "
@@ -240,15 +240,23 @@ def main() -> int:
     )
     ap.add_argument("--fio-seconds", type=int, default=20)
     ap.add_argument(
+        "--format",
+        default="safetensors",
+        choices=["safetensors", "zarr"],
+        help="store format (zarr: the disk probes and fio, which read safetensors files, are "
+        "skipped)",
+    )
+    ap.add_argument(
         "--json", type=Path, help="append the figures to this JSON-lines file (for plots)"
     )
     args = ap.parse_args()
     print("$", " ".join([sys.executable, *sys.argv]))
     with open("/proc/meminfo") as f:
         print("machine:", os.cpu_count(), "cores,", f.readline().strip())
-    store = args.workdir / f"large_{args.gb:g}gb"
+    suffix = "" if args.format == "safetensors" else f"_{args.format}"
+    store = args.workdir / f"large_{args.gb:g}gb{suffix}"
     if not (store / "manifest.json").exists():
-        make(store, args.gb)
+        make(store, args.gb, args.format)
     drop_caches()
     t = time.perf_counter()
     ds = JASPERSteeringDataset(store, "train")
@@ -261,10 +269,6 @@ def main() -> int:
     for spec in args.loaders.split(","):
         drop_caches()
         passes[spec] = full_pass(store, args.probe_batches, spec)
-    order = next(iter(passes.values()))["order"]
-    reads = row_reads(store, order[: args.probe_batches])
-    per_sample = len(reads) / sum(len(b) for b in order[: args.probe_batches])
-    print(f"{per_sample:.2f} large rows per sample ({len(reads)} in {args.probe_batches} batches)")
     if args.json:
         size = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
         rates = {}
@@ -272,7 +276,16 @@ def main() -> int:
             rates[f"full pass, {spec}"] = r["rate"]
             rates[f"first batches cold, {spec}"] = r["first"]
         with open(args.json, "a") as f:
-            f.write(json.dumps({"bench": "large", "store_bytes": size, "rates": rates}) + "\n")
+            record = {"bench": "large", "store_bytes": size, "rates": rates}
+            if args.format != "safetensors":
+                record["format"] = args.format
+            f.write(json.dumps(record) + "\n")
+    if args.format != "safetensors":
+        return 0
+    order = next(iter(passes.values()))["order"]
+    reads = row_reads(store, order[: args.probe_batches])
+    per_sample = len(reads) / sum(len(b) for b in order[: args.probe_batches])
+    print(f"{per_sample:.2f} large rows per sample ({len(reads)} in {args.probe_batches} batches)")
     for threads in (2, 32):
         disk = disk_rows_per_s(reads, threads)
         print(f"disk, same kind of rows, cold, pread by {threads} threads: {disk:,.0f} rows/s")

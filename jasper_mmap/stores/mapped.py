@@ -176,7 +176,12 @@ class MappedStore(Store):
         cached = self.__dict__.get("_advice_value")
         if cached is not None:
             return cached
-        total = sum(entry_nbytes(e) for e in self.manifest["arrays"].values())
+        total = 0
+        for e in self.manifest["arrays"].values():
+            try:
+                total += entry_nbytes(e)
+            except (KeyError, TypeError, ValueError):  # verify reads a store that failed open
+                continue
         self._advice_value = choose_advice(total)
         return self._advice_value
 
@@ -277,7 +282,9 @@ class MappedStore(Store):
         to back in one file); None otherwise, and for the negatives (a reload replaces them).
         The converter writes ``question_embs`` and ``source_embs`` so, and the three steering
         tables (NOTE [joined rows] in jasper_mmap/dataset/batches.py)."""
-        place = self._placed(names) if len(names) > 1 else None
+        if any(name in NEGATIVE_ARRAYS for name in names):
+            return None  # replaced by every reload
+        place = self._placed(names)
         return None if place is None else place.offsets
 
     def gather_joined_unchecked(
@@ -287,7 +294,7 @@ class MappedStore(Store):
         ``out`` (their dtype). ``idx`` addresses rows of the arrays, each range-checked
         against its own array (:meth:`check_rows`) and moved by that array's offset: it is not
         checked here."""
-        place = self._placed(names) if len(names) > 1 else None
+        place = self._placed(names)
         if place is None:
             raise NotImplementedError(f"{self.path}: the arrays {names} are not joined")
         return self._rows(place.view, (names, None), place.at(idx), out)

@@ -71,6 +71,12 @@ def map_address(m: mmap.mmap) -> int:
     return array_address(np.frombuffer(m, dtype=np.uint8, count=1))
 
 
+def advise_random(address: int, length: int) -> None:
+    """``MADV_RANDOM`` on ``length`` bytes at ``address`` (a hint: errors are ignored)."""
+    if _MADVISE is not None and hasattr(mmap, "MADV_RANDOM"):
+        _MADVISE(address, length, mmap.MADV_RANDOM)
+
+
 def willneed(m: mmap.mmap, base: int, starts: np.ndarray, length: int) -> None:
     """``MADV_WILLNEED`` on ``[start, start + length)`` of map ``m`` (at ``base``) for each
     start, clipped to the map; through ctypes, without the GIL (NOTE [batch prefetch])."""

@@ -206,7 +206,10 @@ class SafetensorsStore(MappedStore):
         """One array: its view of the file's map (None for an empty one). Arrays joined:
         a view of their rows where they lie back to back in one file (in any order), 2-D,
         with one row width and dtype; None otherwise."""
+        keys = [self._handle_key(name, generation)[0] for name in names]
         arrays = [self.raw(name, generation) for name in names]
+        while any(self._handles.get(k) is not a for k, a in zip(keys, arrays, strict=True)):
+            arrays = [self.raw(name, generation) for name in names]  # closed meanwhile: again
         files = {self.entry(name, generation)["file"] for name in names}
         first = arrays[0]
         if len(files) != 1 or any(a.base is None or not a.size for a in arrays):

@@ -47,6 +47,7 @@ from jasper_mmap.format.zarr_metadata import (
 )
 from jasper_mmap.stores.base import StoreWriter
 from jasper_mmap.stores.mapped import MappedStore, RowPlace
+from jasper_mmap.stores.readahead import advise_random, map_address
 from jasper_mmap.stores.regions import Region, region_array, regions_supported, slot_bytes
 
 __all__ = ["ZARR_CHUNK_BYTES", "ZARR_SHARD_BYTES", "ZarrStore", "ZarrWriter", "chunk_rows"]
@@ -349,22 +350,25 @@ class ZarrStore(MappedStore):
                         self._warn_slow(name, "its chunk layout")
                     return None
                 layouts.append(layout)
-            first, dtype = layouts[0], numpy_dtype(entries[0]["stored_dtype"])
+            dtype = numpy_dtype(entries[0]["stored_dtype"])
             row_shape = tuple(entries[0]["shape"][1:])
             if len(names) > 1 and not all(
                 len(e["shape"]) == 2
                 and tuple(e["shape"][1:]) == row_shape
                 and e["stored_dtype"] == entries[0]["stored_dtype"]
-                and lay.chunk_rows == first.chunk_rows
-                for e, lay in zip(entries, layouts, strict=True)
+                for e in entries
             ):
                 return None
+            if sum(e["shape"][0] for e in entries) > _MAX_PLACES * math.gcd(
+                *(lay.chunk_rows for lay in layouts)
+            ):
+                return None  # chunks too unlike to join: the row table would be too large
             shards = [
                 _open_shards(root, self.path, name, e, lay, self._fix())
                 for name, e, lay in zip(names, entries, layouts, strict=True)
             ]
             try:
-                return _map_side_by_side(names, entries, layouts, shards, dtype, row_shape)
+                place = _map_side_by_side(names, entries, layouts, shards, dtype, row_shape)
             except OSError as e:  # out of addresses or of maps (vm.max_map_count)
                 self._warn_slow(names[0], f"mapping its shard files failed ({e})")
                 return None
@@ -372,6 +376,9 @@ class ZarrStore(MappedStore):
                 for opened in shards:
                     for fd, _, _ in opened:
                         os.close(fd)
+        if self._advice() == "random":  # NOTE [read-ahead advice], as for safetensors maps
+            advise_random(map_address(place.buffer), len(place.buffer))
+        return place
 
     def _warn_slow(self, name: str, why: str) -> None:
         if self.path in _WARNED:
@@ -387,6 +394,9 @@ class ZarrStore(MappedStore):
             self.path,
         )
 
+
+#: joined arrays whose row table would pass this many entries are gathered one by one
+_MAX_PLACES = 1 << 22
 
 #: stores already warned about in this process (ZarrStore._warn_slow)
 _WARNED: set[Path] = set()
@@ -477,9 +487,12 @@ def _map_side_by_side(
     dtype: np.dtype,
     row_shape: tuple[int, ...],
 ) -> RowPlace:
-    """Map every shard of ``names`` into one :class:`Region` (NOTE [one range for many files]);
-    the rows of array ``k`` follow those of array ``k - 1`` padded to whole chunks."""
-    row_bytes, chunk = layouts[0].row_bytes, layouts[0].chunk_rows
+    """Map every shard of ``names`` into one :class:`Region` (NOTE [one range for many files]).
+    The joined rows of array ``k`` follow those of array ``k - 1`` padded to whole chunks; the
+    row table has one entry per ``gcd`` of the arrays' chunk rows (one per chunk when they
+    are alike, as the converter's large arrays are)."""
+    row_bytes = layouts[0].row_bytes
+    unit = math.gcd(*(lay.chunk_rows for lay in layouts))
     slots = [
         slot_bytes(max((size for _, size, _ in opened), default=0), row_bytes) for opened in shards
     ]
@@ -488,17 +501,18 @@ def _map_side_by_side(
     )
     region = Region(bases[-1])
     starts, offsets, joined = [], [], 0
-    for k, (opened, slot) in enumerate(zip(shards, slots, strict=True)):
+    for k, (opened, slot, lay) in enumerate(zip(shards, slots, layouts, strict=True)):
+        within = np.arange(lay.chunk_rows // unit, dtype=np.int64) * unit * row_bytes
         for s, (fd, size, chunk_offsets) in enumerate(opened):
             at = bases[k] + s * slot
             region.map_file(fd, at, size)
-            starts.append((at + chunk_offsets) // row_bytes)
+            starts.append(((at + chunk_offsets)[:, None] + within).ravel() // row_bytes)
         offsets.append(joined)
-        joined += -(-entries[k]["shape"][0] // chunk) * chunk
+        joined += -(-entries[k]["shape"][0] // lay.chunk_rows) * lay.chunk_rows
     lut = np.concatenate(starts) if starts else np.zeros(0, np.int64)
     buffer = region_array(region)
     view = buffer.view(dtype).reshape(-1, *row_shape) if buffer.size else buffer.view(dtype)
-    return RowPlace(view, tuple(offsets), buffer, entries[0]["file"], chunk, lut)
+    return RowPlace(view, tuple(offsets), buffer, entries[0]["file"], unit, lut)
 
 
 class _CheckedArray:

@@ -32,7 +32,8 @@ import numpy as np
 from jasper_mmap.format.manifest import write_store_metadata
 from jasper_mmap.format.spec import CONFIG, STEERING_NAMES
 from jasper_mmap.format.store_dirs import publishing
-from jasper_mmap.stores.safetensors_store import SafetensorsWriter
+from jasper_mmap.stores import WRITERS
+from jasper_mmap.stores.base import StoreWriter
 from jasper_mmap.synthetic import synthetic_config
 from jasper_mmap.synthetic.small import normalize_rows, tier_counts
 
@@ -168,9 +169,7 @@ class _Gen:
         return p[{"val": r == 0, "test": r == 1, "train": train}[name]]
 
 
-def _write_rows(
-    writer: SafetensorsWriter, name: str, blocks: Iterator[np.ndarray], stats: dict
-) -> None:
+def _write_rows(writer: StoreWriter, name: str, blocks: Iterator[np.ndarray], stats: dict) -> None:
     lo_, hi_ = None, None
     for block in blocks:
         writer.write(name, np.ascontiguousarray(block))
@@ -193,18 +192,22 @@ def make_store(
     sparse_train: bool = False,
     overwrite: bool = False,
     progress=None,
+    format: str = "safetensors",
 ) -> Path:
-    """Write a synthetic safetensors store of ``n_pairs`` pairs at ``dst``, block by block.
+    """Write a synthetic store (``format`` safetensors or zarr) of ``n_pairs`` pairs at
+    ``dst``, block by block.
 
     Memory stays at a few blocks (``_BLOCK`` pairs) plus 9 bytes per pair (keyword counts and
     offsets), whatever the embedding bytes. The store appears with one atomic rename when complete.
     """
+    if format not in WRITERS:
+        raise ValueError(f"format should be one of {list(WRITERS)}, but got format={format!r}")
     Path(dst).expanduser().absolute().parent.mkdir(parents=True, exist_ok=True)
     n_pairs = n_pairs // 2 * 2
     t0 = time.perf_counter()
     with publishing(dst, overwrite=overwrite) as (tmp, dst):  # NOTE [never destroy ...]
         g = _Gen(n_pairs, dim, n_neg, n_clusters, n_keywords, seed, every, sparse_train)
-        entries, stats = _write_all(g, tmp, progress)
+        entries, stats = _write_all(g, tmp, progress, WRITERS[format](tmp))
         config = _config(g)
         keys = ("embedding_dim", "n_neg", "n_pairs", "n_questions", "n_sources")
         counts = {k: config[k] for k in (*keys, "n_keywords", "n_clusters")}
@@ -214,7 +217,7 @@ def make_store(
         (tmp / CONFIG).write_text(json.dumps(config, indent=1))
         write_store_metadata(
             tmp,
-            "safetensors",
+            format,
             entries,
             counts,
             writer="jasper_mmap.synthetic_store",
@@ -340,8 +343,8 @@ def _units(g: _Gen) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
     }
 
 
-def _write_all(g: _Gen, tmp: Path, progress) -> tuple[dict, dict]:
-    writer, entries, stats = SafetensorsWriter(tmp), {}, {}
+def _write_all(g: _Gen, tmp: Path, progress, writer: StoreWriter) -> tuple[dict, dict]:
+    entries, stats = {}, {}
     for unit, arrays in _units(g).items():
         specs = [(n, s, _dtype(n)) for n, s in arrays]
         writer.begin_unit(unit, specs)

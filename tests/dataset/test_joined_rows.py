@@ -17,7 +17,7 @@ from jasper_mmap import JASPERSteeringDataset, open_store
 from jasper_mmap.converters import convert_pt
 from jasper_mmap.dataset.batches import _EMBEDDINGS
 from jasper_mmap.format.spec import STEERING_NAMES
-from jasper_mmap.stores import base, safetensors_store
+from jasper_mmap.stores import base, mapped
 
 FLOAT_KEYS = ("question_emb", "target_source_emb", "steering", "negative_embs")
 
@@ -32,16 +32,10 @@ def per_array(store_path) -> JASPERSteeringDataset:
 @pytest.mark.parametrize("names", [_EMBEDDINGS, _EMBEDDINGS[::-1], STEERING_NAMES])
 def test_joined_rows_are_each_arrays_rows(store_path, names):
     """Row ``offsets[k] + i`` of the joined rows is row ``i`` of ``names[k]``, with numpy (a
-    gather thread) and with torch (the loop's thread); zarr joins nothing."""
+    gather thread) and with torch (the loop's thread); both backends join them (zarr: their
+    shards side by side in one range, NOTE [zarr shards as rows])."""
     store = open_store(store_path)
     offsets = store.joined(names)
-    if store.backend != "safetensors":
-        assert offsets is None
-        with pytest.raises(NotImplementedError, match="join no arrays"):
-            store.gather_joined_unchecked(
-                names, np.zeros(1, np.int64), np.empty((1, 16), np.float32)
-            )
-        return
     assert offsets is not None and len(offsets) == len(names)
     rng = np.random.default_rng(0)
     rows, want = [], []
@@ -51,12 +45,12 @@ def test_joined_rows_are_each_arrays_rows(store_path, names):
         want.append(store.gather(name, idx))
     rows, want = np.concatenate(rows), np.concatenate(want)
     got = [store.gather_joined_unchecked(names, rows, np.empty_like(want))]
-    old = safetensors_store._INTRA_OP_BYTES
+    old = mapped._INTRA_OP_BYTES
     try:
-        safetensors_store._INTRA_OP_BYTES = 1  # the loop's thread: torch.index_select
+        mapped._INTRA_OP_BYTES = 1  # the loop's thread: torch.index_select
         got.append(store.gather_joined_unchecked(names, rows, np.empty_like(want)))
     finally:
-        safetensors_store._INTRA_OP_BYTES = old
+        mapped._INTRA_OP_BYTES = old
     result = []
 
     def in_a_gather_thread():
@@ -89,7 +83,7 @@ def test_a_batch_from_joined_rows_is_one_gather_per_array(store_path, variant):
     variant is 0): the bytes of the per-array reads."""
     ds, ref = JASPERSteeringDataset(store_path, "train"), per_array(store_path)
     joined = ds._joined(ds.store) is not None
-    assert joined == (ds.store.backend == "safetensors")
+    assert joined  # both backends (zarr: NOTE [zarr shards as rows])
     for d in (ds, ref):
         d.set_epoch(3)
         d.force_steering(variant)

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from jasper_mmap import create_loader, publish_negatives, set_epoch
 from jasper_mmap.loading.loader import JasperLoader
-from jasper_mmap.stores import safetensors_store
+from jasper_mmap.stores import mapped
 
 KEYS = ("question_emb", "negative_embs", "steering", "steering_variant", "negative_tiers")
 
@@ -538,7 +538,7 @@ def test_the_loop_gathers_on_torchs_threads_and_gather_threads_with_numpy(st_sto
 
     monkeypatch.setattr(torch, "index_select", spy)
     # the fixture's rows are small: every 2-D gather reaches a threshold of 1 byte
-    monkeypatch.setattr(safetensors_store, "_INTRA_OP_BYTES", 1)
+    monkeypatch.setattr(mapped, "_INTRA_OP_BYTES", 1)
     inline = create_loader(st_store, "train", 8, num_workers=0, shuffle=False, drop_last=False)
     ahead = create_loader(st_store, "train", 8, num_workers=2, shuffle=False, drop_last=False)
     ahead.gather_tuner = None  # always ahead
@@ -562,18 +562,18 @@ def test_gathers_below_the_intra_op_bytes_stay_with_numpy(st_store, monkeypatch)
     real = torch.index_select
     monkeypatch.setattr(torch, "index_select", lambda *a, **k: calls.append(1) or real(*a, **k))
     # a fresh rule on several intra-op threads: its first large gather is index_select
-    monkeypatch.setattr(safetensors_store, "_CHOOSER", safetensors_store._GatherChooser())
+    monkeypatch.setattr(mapped, "_CHOOSER", mapped._GatherChooser())
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
     store = open_store(st_store)
     rows = np.arange(store.shape("source_embs")[0], dtype=np.int64)
     row_bytes = store.raw("source_embs").strides[0]
     out = np.empty((rows.size, store.shape("source_embs")[1]), np.float32)
-    monkeypatch.setattr(safetensors_store, "_INTRA_OP_BYTES", rows.size * row_bytes + 1)
+    monkeypatch.setattr(mapped, "_INTRA_OP_BYTES", rows.size * row_bytes + 1)
     np.testing.assert_array_equal(
         store.gather_unchecked("source_embs", rows, out), store.read("source_embs")
     )
     assert calls == []
-    monkeypatch.setattr(safetensors_store, "_INTRA_OP_BYTES", rows.size * row_bytes)
+    monkeypatch.setattr(mapped, "_INTRA_OP_BYTES", rows.size * row_bytes)
     out[:] = 0
     np.testing.assert_array_equal(
         store.gather_unchecked("source_embs", rows, out), store.read("source_embs")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-import jasper_mmap.stores.safetensors_store as sst
+import jasper_mmap.stores.mapped as sst
 from jasper_mmap import open_store
 from jasper_mmap.converters import convert_pt
 

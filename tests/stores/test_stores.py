@@ -193,7 +193,7 @@ def test_take_mixed_widens_and_splits_like_gather(tmp_path, pt_dataset, dtype):
     """A float16 store is read one table at a time (widened to float32); in a gather
     thread (numpy) and in the loop's thread (torch, above the intra-op bytes) the same bytes."""
     from jasper_mmap.converters import convert_pt
-    from jasper_mmap.stores import base, safetensors_store
+    from jasper_mmap.stores import base, mapped
 
     dst = convert_pt(pt_dataset, tmp_path / "r", dtype=dtype, progress=False)
     store = open_store(dst)
@@ -204,14 +204,14 @@ def test_take_mixed_widens_and_splits_like_gather(tmp_path, pt_dataset, dtype):
     for k, name in enumerate(STEERING):
         want[which == k] = store.gather(name, idx[which == k])
     got = [store.gather_mixed_unchecked(STEERING, which, idx, np.empty((n, d), np.float32))]
-    joined = store._joined(STEERING)  # float16 rows: one read per table, widened
-    assert joined is not None and (joined[0].dtype == np.float32) == (dtype == "keep")
-    old = safetensors_store._INTRA_OP_BYTES
+    joined = store._placed(STEERING)  # float16 rows: one read per table, widened
+    assert joined is not None and (joined.view.dtype == np.float32) == (dtype == "keep")
+    old = mapped._INTRA_OP_BYTES
     try:
-        safetensors_store._INTRA_OP_BYTES = 1  # the loop's thread: torch.index_select
+        mapped._INTRA_OP_BYTES = 1  # the loop's thread: torch.index_select
         got.append(store.gather_mixed_unchecked(STEERING, which, idx, np.empty((n, d), np.float32)))
     finally:
-        safetensors_store._INTRA_OP_BYTES = old
+        mapped._INTRA_OP_BYTES = old
     result = []
     thread = threading.Thread(  # a gather thread: numpy.take
         target=lambda: (

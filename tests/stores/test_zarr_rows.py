@@ -42,12 +42,12 @@ def pair(tmp_path_factory):
     return s, z
 
 
-def _zarr_python_copy(shape, dtype, data, chunk_bytes, shard_bytes, root: Path) -> None:
-    rows, shard = chunk_rows(shape, np.dtype(dtype).itemsize, chunk_bytes, shard_bytes)
+def _zarr_python_copy(shape, dtype: str, data, chunk_bytes, shard_bytes, root: Path) -> None:
+    rows, shard = chunk_rows(shape, numpy_dtype(dtype).itemsize, chunk_bytes, shard_bytes)
     a = zarr.open_group(root, mode="w", zarr_format=3).create_array(
         "x",
         shape=shape,
-        dtype=dtype,
+        dtype=numpy_dtype(dtype),
         chunks=(rows, *shape[1:]),
         shards=(shard, *shape[1:]),
         compressors=None,
@@ -82,7 +82,7 @@ def test_shards_written_directly_are_the_bytes_zarr_python_writes(
     for lo in range(0, shape[0], 333):  # blocks that straddle chunks and shards
         w.write("x", data[lo : lo + 333])
     w.end_unit()
-    _zarr_python_copy(shape, numpy_dtype(dtype), data, chunk_bytes, shard_bytes, tmp_path / "ref")
+    _zarr_python_copy(shape, dtype, data, chunk_bytes, shard_bytes, tmp_path / "ref")
 
     def files(root: Path) -> dict[str, bytes]:
         return {
