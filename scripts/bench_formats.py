@@ -1,6 +1,7 @@
 """Loader throughput of the same dataset stored as safetensors and as zarr, interleaved.
 
     python scripts/bench_formats.py --workdir bench_out --pairs 200000 --workers 0,4 --rounds 4
+    python scripts/bench_formats.py ... --dtype bfloat16    # both stores converted --dtype bfloat16
 
 One process, page cache warm (every store file read once first), B=128, D=384, n_neg=12:
 for each round and each ``num_workers`` value, ``create_loader(store, "train", 128,
@@ -8,7 +9,8 @@ num_workers=N)`` over ``--batches`` fixed random batches, once per format, the f
 order alternating between rounds (A B, B A, ...), so a shared machine's drift hits both
 alike. Prints samples/s per measurement, and per ``num_workers`` the ratio zarr/safetensors
 of each round, their median and spread. The stores are made once by ``convert-pt`` (the zarr
-one with ``--format zarr``) from the ``.pt`` directory the other benchmarks use.
+one with ``--format zarr``; with ``--dtype``, both with that dtype) from the ``.pt`` directory
+the other benchmarks use.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from benchlib import B, ensure_dataset
 
 from jasper_mmap import JASPERSteeringDataset, create_loader
+from jasper_mmap.converters import convert_pt
 
 FORMATS = ("safetensors", "zarr")
 
@@ -64,11 +67,19 @@ def main() -> int:
     ap.add_argument("--workers", default="0,4", help="comma-separated num_workers values")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--batches", type=int, default=300)
+    ap.add_argument("--dtype", default="keep", help="convert-pt --dtype of both stores")
     ap.add_argument("--json", type=Path, help="append the figures to this JSON-lines file")
     args = ap.parse_args()
     print("$", " ".join([sys.executable, *sys.argv]))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads")
     stores = {f: ensure_dataset(args.workdir, args.pairs, f)[1] for f in FORMATS}
+    if args.dtype != "keep":
+        src = ensure_dataset(args.workdir, args.pairs)[0]
+        for f in FORMATS:
+            dst = args.workdir / f"store_{args.pairs}_{args.dtype}_{f}"
+            if not (dst / "manifest.json").exists():
+                convert_pt(src, dst, format=f, dtype=args.dtype, progress=False)
+            stores[f] = dst
     for store in stores.values():
         warm(store)
     n_train = len(JASPERSteeringDataset(stores["safetensors"], "train"))
@@ -83,7 +94,10 @@ def main() -> int:
                 x = rate(stores[fmt], w, sampler)
                 rates.setdefault((fmt, w), []).append(x)
                 print(f"round {r} num_workers={w} {fmt:12s} {x:10,.0f} samples/s", flush=True)
-    print(f"\n{args.pairs} pairs, B={B}, {args.batches} random batches, page cache warm:")
+    print(
+        f"\n{args.pairs} pairs, dtype {args.dtype}, B={B}, {args.batches} random batches, "
+        "page cache warm:"
+    )
     summary = {}
     for w in workers:
         s, z = rates[("safetensors", w)], rates[("zarr", w)]
@@ -102,6 +116,7 @@ def main() -> int:
                     "bench": "formats",
                     "pairs": args.pairs,
                     "num_workers": w,
+                    "dtype": args.dtype,
                     "rates": {
                         f"{fmt}, num_workers={w}": statistics.median(rates[(fmt, w)])
                         for fmt in FORMATS

@@ -1,7 +1,8 @@
 """Training throughput of the seed's loop with each loader, against a loader-free bound.
 
     python scripts/bench_train.py [--pairs 200000] [--steps 400] [--rounds 5] [--workers 0,2,4]
-                                  [--store PATH [--src PT_DIR]] [--json FILE] [--device cuda]
+                                  [--store PATH [--src PT_DIR]] [--also-store PATH] [--json FILE]
+                                  [--device cuda]
 
 What is measured: the seed's training step (`SimpleJASPERPredictor`, InfoNCE
 `contrastive_loss`, AdamW lr 3e-4; B=128, D=384, n_neg=12, the train split = 80% of the pairs,
@@ -218,6 +219,13 @@ def training_rows(store, base, args, device) -> tuple[list[Row], int]:
     floor = gather_floor(store, first["negative_embs"].shape[1])
     rows.append(Row("gather floor (large rows only, index_select)", floor))
     rows += [Row(f"create_loader, num_workers={w}", epoch_iter(ld)) for w, ld in loaders.items()]
+    if args.also_store:  # the same rows over the other store, in the same rounds
+        fmt = open_store(args.also_store).backend
+        also = {w: create_loader(args.also_store, "train", B, num_workers=w) for w in args.workers}
+        rows += [
+            Row(f"create_loader ({fmt}), num_workers={w}", epoch_iter(ld)) for w, ld in also.items()
+        ]
+        loaders.update({-1 - w: ld for w, ld in also.items()})
     rows.append(
         Row(
             f"in-RAM seed dataset, num_workers={args.inram_workers}",
@@ -243,10 +251,10 @@ def alone_rows(store, base, arrays, n_train: int, args) -> list[Row]:
         for idx in RandomBatches(n_train, B, rnd):
             yield raw_bound(arrays, [np.asarray(idx)], base.sched)
 
-    def ours(w: int) -> Callable[[int], Iterator[int]]:
+    def ours(w: int, where=store) -> Callable[[int], Iterator[int]]:
         def start(rnd: int) -> Iterator[int]:
             sampler = RandomBatches(n_train, B, rnd)
-            return counted(create_loader(store, "train", B, num_workers=w, batch_sampler=sampler))
+            return counted(create_loader(where, "train", B, num_workers=w, batch_sampler=sampler))
 
         return start
 
@@ -260,6 +268,12 @@ def alone_rows(store, base, arrays, n_train: int, args) -> list[Row]:
 
     rows = [Row("raw bound: numpy gather per array from RAM", raw)]
     rows += [Row(f"create_loader, num_workers={w}", ours(w)) for w in args.workers]
+    if args.also_store:
+        fmt = open_store(args.also_store).backend
+        rows += [
+            Row(f"create_loader ({fmt}), num_workers={w}", ours(w, args.also_store))
+            for w in args.workers
+        ]
     rows.append(Row(f"in-RAM seed dataset, num_workers={args.inram_workers}", inram))
     return rows
 
@@ -380,6 +394,12 @@ def parse_args():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--workers", default="0,2,4", help="num_workers of create_loader rows")
     ap.add_argument("--inram-workers", type=int, default=4)
+    ap.add_argument(
+        "--also-store",
+        type=Path,
+        help="a second store of the same dataset (e.g. its zarr conversion): its create_loader "
+        "rows join the same rounds",
+    )
     ap.add_argument("--alone-seconds", type=float, default=3.0)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--json", type=Path, help="append one JSON record per row to this file")
@@ -418,6 +438,8 @@ def main() -> int:
     print(f"in-RAM baseline: torch.load of every .pt of {src}: {time.perf_counter() - t:.1f} s")
     t = time.perf_counter()
     warm_page_cache(store)
+    if args.also_store:
+        warm_page_cache(args.also_store)
     size = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
     print(
         f"page cache warmed: read the store {store} once ({size / 1e9:.2f} GB, "

@@ -202,6 +202,11 @@ def _optional_findings(entry: dict[str, Any]) -> list[str]:
     crc = entry.get("crc32")
     if "crc32" in entry and not (type(crc) is int and 0 <= crc < _MAX_CRC):
         found.append(f"'crc32' should be an integer in [0, 2**32), but got {crc!r:.40}")
+    shards = entry.get("shard_crc32")
+    if "shard_crc32" in entry and not (
+        isinstance(shards, list) and all(type(c) is int and 0 <= c < _MAX_CRC for c in shards)
+    ):
+        found.append(f"'shard_crc32' should be a list of crc32 values, but got {shards!r:.40}")
     if "stats" in entry and not isinstance(entry["stats"], dict):
         found.append(f"'stats' should be an object, but got {entry['stats']!r:.40}")
     for key in ("source", "source_dtype"):

@@ -90,12 +90,32 @@ class _Unusual(Notices):
         return [m for m in self.messages() if not any(r in m for r in reported)]
 
 
-def _blocks(store: Store, name: str) -> Iterator[tuple[int, np.ndarray]]:
-    """(first row, raw block) of array ``name``, read with ``pread`` (safetensors) or slices."""
+def _shards(store: Store, name: str) -> tuple[int, list[str]] | None:
+    """``(rows per shard, shard files)`` of a zarr array whose entry records each shard's
+    crc32 (``shard_crc32``), in the layout convert-pt writes; None otherwise."""
+    entry = store.entry(name)
+    if store.backend != "zarr" or "shard_crc32" not in entry:
+        return None
+    from jasper_mmap.format.zarr_metadata import shard_layout
+
+    meta = read_json(
+        store.path / entry["file"] / "zarr.json",
+        what="zarr array metadata",
+        fix=store_fix(store.path, store.manifest),
+    )
+    layout = shard_layout(meta, entry)
+    if layout is None:
+        return None
+    return layout.shard_rows, [f"{entry['file']}/{key}" for key in layout.keys]
+
+
+def _blocks(store: Store, name: str, step: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, raw block) of array ``name``, read with ``pread`` (safetensors) or slices;
+    ``step`` rows at a time (default: ~16 MiB)."""
     entry = store.entry(name)
     shape, dtype = tuple(entry["shape"]), numpy_dtype(entry["stored_dtype"])
     row = max(1, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
-    step = max(1, _BLOCK_BYTES // row)
+    step = step or max(1, _BLOCK_BYTES // row)
     if store.backend != "safetensors":
         for lo in range(0, shape[0], step):
             yield lo, np.ascontiguousarray(store._read_raw(name, lo, lo + step))
@@ -135,8 +155,23 @@ def _check_array(store: Store, name: str, progress, notices: Notices) -> None:
     )
     crc, stats, prev_end = 0, Stats(), 0
     where = store.path / entry["file"]
-    for lo, raw in _blocks(store, name):
-        crc = zlib.crc32(memoryview(np.ascontiguousarray(raw)).cast("B"), crc)
+    shards = _shards(store, name)
+    if shards is not None and len(shards[1]) != len(entry["shard_crc32"]):
+        raise ValueError(
+            f"{where}: the store records {len(entry['shard_crc32'])} "
+            f"shard checksums for {len(shards[1])} shard files"
+        )
+    for lo, raw in _blocks(store, name, shards[0] if shards else 0):
+        data = memoryview(np.ascontiguousarray(raw)).cast("B")
+        crc = zlib.crc32(data, crc)
+        if shards is not None:
+            k = lo // shards[0]
+            if zlib.crc32(data) != entry["shard_crc32"][k]:
+                raise ValueError(
+                    f"{store.path / shards[1][k]}: this shard of {name} has crc32 "
+                    f"{zlib.crc32(data):08x}, but {entry['shard_crc32'][k]:08x} was recorded "
+                    f"when it was written: its bytes changed on disk"
+                )
         block = to_float32(raw, entry["stored_dtype"])
         allowed = bool(
             entry.get("stats", {}).get("nonfinite_rows")

@@ -90,6 +90,7 @@ class _ShardStream:
         self.root, self.path, self.shape, self.layout = root, path, shape, layout
         self.dtype = dtype
         self.pos, self.crc = 0, 0  # rows written; crc32 of the array's bytes (the manifest's)
+        self.shard_crcs: list[int] = []  # crc32 of each shard's rows (not its padding, index)
         self.file: Any = None
         self.in_shard = 0  # rows written into the open shard file
 
@@ -112,7 +113,11 @@ class _ShardStream:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 self.file, self.in_shard = open(target, "wb"), 0  # noqa: SIM115 - closed below
             n = min(rows - done, self.layout.shard_rows - self.in_shard)
-            self.file.write(data[done * row : (done + n) * row])
+            part = data[done * row : (done + n) * row]
+            self.file.write(part)
+            if not self.in_shard:
+                self.shard_crcs.append(0)
+            self.shard_crcs[-1] = zlib.crc32(part, self.shard_crcs[-1])
             done, self.pos, self.in_shard = done + n, self.pos + n, self.in_shard + n
             if self.in_shard == self.layout.shard_rows or self.pos == self.shape[0]:
                 self._close_shard()
@@ -190,7 +195,12 @@ class ZarrWriter(StoreWriter):
         for name, st in self._arrays.items():
             if st.pos != st.shape[0]:
                 raise RuntimeError(f"{self.root}: array {st.path!r} is incomplete ({st.pos} rows)")
-            entries[name] = {"file": st.path, "key": name, "crc32": st.crc}
+            entries[name] = {
+                "file": st.path,
+                "key": name,
+                "crc32": st.crc,
+                "shard_crc32": st.shard_crcs,  # verify names the damaged shard file
+            }
         self._arrays = {}
         return entries
 
@@ -456,22 +466,25 @@ def _open_shards(
                 )
             rows = min(lay.shard_rows, n - s * lay.shard_rows)
             used = index[: -(-rows // lay.chunk_rows)]
+            absent = (used == MISSING).any(axis=1)
+            off, length = used.astype(np.int64).T  # MISSING reads as -1: refused below
+            data_end = st.st_size - lay.index_bytes
             bad = (
-                (used[:, 0] == MISSING)
-                | (used[:, 1] != lay.chunk_bytes)
-                | (used[:, 0] % lay.row_bytes != 0)
-                | (used[:, 0] > st.st_size - lay.index_bytes - lay.chunk_bytes)
+                absent
+                | (length != lay.chunk_bytes)
+                | (off < 0)
+                | (off % lay.row_bytes != 0)
+                | (off > data_end - lay.chunk_bytes)
             )
             if bad.any():
                 c = int(np.flatnonzero(bad)[0])
-                off, length = (int(v) for v in used[c])
                 raise StoreCorruptError(
                     f"{where}: chunk {c} of this shard of array {name!r} "
-                    + ("is absent" if off == MISSING else f"is {length} bytes at offset {off}")
+                    + ("is absent" if absent[c] else f"is {length[c]} bytes at offset {off[c]}")
                     + f" where {lay.chunk_bytes} bytes at a row boundary inside the file were "
                     f"expected. {fix}"
                 )
-            opened[-1] = (fd, st.st_size, used[:, 0].astype(np.int64))
+            opened[-1] = (fd, st.st_size, off)
     except BaseException:
         for fd, _, _ in opened:
             os.close(fd)

@@ -265,3 +265,31 @@ def test_maps_of_a_closed_store_are_released(pair):
     s.close()
     gc.collect()
     assert mapped() == before
+
+
+def test_verify_names_the_shard_whose_bytes_changed(pair, tmp_path):
+    from jasper_mmap.stores.verify import verify_store
+
+    store = _copy(pair[1], tmp_path)
+    assert verify_store(store, progress=False).ok
+    shard = _shard(store, 3)
+    with open(shard, "r+b") as f:  # one bit of a row, same size, index intact
+        f.seek(70)
+        b = f.read(1)
+        f.seek(70)
+        f.write(bytes([b[0] ^ 1]))
+    report = verify_store(store, progress=False)
+    assert len(report.problems) == 1, str(report)
+    assert "source_embs/c/3/0: this shard of source_embs has crc32" in report.problems[0]
+
+
+def test_verify_reports_shard_checksums_that_do_not_fit(pair, tmp_path):
+    from jasper_mmap.stores.verify import verify_store
+
+    store = _copy(pair[1], tmp_path)
+    m = json.loads((store / "manifest.json").read_text())
+    m["arrays"]["source_embs"]["shard_crc32"].pop()
+    (store / "manifest.json").write_text(json.dumps(m))
+    report = verify_store(store, progress=False)
+    assert any("shard checksums for" in p for p in report.problems), str(report)
+    assert not any("unexpected" in p for p in report.problems), str(report)
