@@ -136,7 +136,7 @@ class RowPlace:
     def at(self, rows: np.ndarray) -> np.ndarray:
         """Where rows ``rows`` (checked int64 indices) lie in :attr:`view`."""
         if self.chunk_rows is None:
-            return rows
+            return rows  # the joined rows are the view's rows
         q, r = np.divmod(rows, self.chunk)
         q = self.chunk_rows[q]
         q += r
@@ -225,11 +225,13 @@ class MappedStore(Store):
 
     def _read_raw(self, name: str, start: int, stop: int | None) -> np.ndarray:
         place = self._placed((name,))
-        if place is None or place.chunk_rows is None:
+        if place is None:
             return super()._read_raw(name, start, stop)
-        n = self.shape(name)[0]
-        lo, hi, _ = slice(start, stop).indices(n)
-        return np.take(place.view, place.at(np.arange(lo, max(lo, hi), dtype=np.int64)), axis=0)
+        lo, hi, _ = slice(start, stop).indices(self.shape(name)[0])
+        hi = max(lo, hi)
+        if place.chunk_rows is None:  # rows in order: a view
+            return place.view[place.offsets[0] + lo : place.offsets[0] + hi]
+        return np.take(place.view, place.at(np.arange(lo, hi, dtype=np.int64)), axis=0)
 
     def _rows(
         self, src: np.ndarray, key: tuple[Any, int | None], idx: np.ndarray, out: np.ndarray | None

@@ -23,6 +23,7 @@ import itertools
 import json
 import logging
 import math
+import mmap
 import os
 import stat
 import zlib
@@ -59,6 +60,9 @@ ZARR_CHUNK_BYTES = 128 * 1024
 
 ZARR_SHARD_BYTES = 8 * 1024 * 1024
 
+#: the page size a shard's bytes are a multiple of (the reader's, on most machines)
+_PAGE = 4096
+
 #: shards of an array larger than MAX_SHARDS * ZARR_SHARD_BYTES grow instead of multiplying: each
 #: is one map per process (NOTE [one range for many files]; Linux allows 65,530 by default)
 MAX_SHARDS = 2048
@@ -70,10 +74,14 @@ def chunk_rows(
     chunk_bytes: int = ZARR_CHUNK_BYTES,
     shard_bytes: int = ZARR_SHARD_BYTES,
 ) -> tuple[int, int]:
-    """Return ``(rows per chunk, rows per shard)`` for an array of ``shape``."""
+    """Return ``(rows per chunk, rows per shard)`` for an array of ``shape``. A shard holds a
+    whole number of 4 KiB pages of rows (NOTE [zarr shards as rows]: its rows then follow the
+    previous shard's in the reader's range, with no gap)."""
     row_bytes = max(1, itemsize * int(np.prod(shape[1:], dtype=np.int64)))
     rows = max(1, chunk_bytes // row_bytes)
-    shard = rows * max(1, shard_bytes // (rows * row_bytes))
+    per_page = _PAGE // math.gcd(rows * row_bytes, _PAGE)  # chunks whose bytes fill pages
+    chunks = max(1, shard_bytes // (rows * row_bytes))
+    shard = rows * (-(-chunks // per_page) * per_page)
     n = max(1, shape[0])
     rows = min(rows, n)
     shard = min(shard, math.ceil(n / rows) * rows)
@@ -501,31 +509,63 @@ def _map_side_by_side(
     row_shape: tuple[int, ...],
 ) -> RowPlace:
     """Map every shard of ``names`` into one :class:`Region` (NOTE [one range for many files]).
-    The joined rows of array ``k`` follow those of array ``k - 1`` padded to whole chunks; the
-    row table has one entry per ``gcd`` of the arrays' chunk rows (one per chunk when they
-    are alike, as the converter's large arrays are)."""
+
+    Where every array is *contiguous* (each shard's chunks in order from its first byte, and
+    all but the last shard a whole number of pages), shard ``s + 1`` is mapped right where
+    shard ``s``'s rows end (over its index, which is read with ``pread``), so an array's rows
+    lie in the range exactly as in a safetensors file: row ``r`` of array ``k`` is row
+    ``offsets[k] + r`` of the view, with no row table. Otherwise each shard gets a slot of its
+    own and a row table (one entry per ``gcd`` of the arrays' chunk rows) says where each
+    run of rows begins; array ``k``'s rows in the joined numbering follow those of array
+    ``k - 1`` padded to whole chunks."""
     row_bytes = layouts[0].row_bytes
-    unit = math.gcd(*(lay.chunk_rows for lay in layouts))
-    slots = [
-        slot_bytes(max((size for _, size, _ in opened), default=0), row_bytes) for opened in shards
-    ]
-    bases = list(
-        itertools.accumulate((len(o) * s for o, s in zip(shards, slots, strict=True)), initial=0)
-    )
-    region = Region(bases[-1])
-    starts, offsets, joined = [], [], 0
-    for k, (opened, slot, lay) in enumerate(zip(shards, slots, layouts, strict=True)):
-        within = np.arange(lay.chunk_rows // unit, dtype=np.int64) * unit * row_bytes
-        for s, (fd, size, chunk_offsets) in enumerate(opened):
-            at = bases[k] + s * slot
-            region.map_file(fd, at, size)
-            starts.append(((at + chunk_offsets)[:, None] + within).ravel() // row_bytes)
-        offsets.append(joined)
-        joined += -(-entries[k]["shape"][0] // lay.chunk_rows) * lay.chunk_rows
-    lut = np.concatenate(starts) if starts else np.zeros(0, np.int64)
+    align = math.lcm(mmap.PAGESIZE, row_bytes)
+    if all(_contiguous(lay, opened) for lay, opened in zip(layouts, shards, strict=True)):
+        spans = [
+            (len(o) - 1) * lay.shard_rows * row_bytes + o[-1][1] if o else 0
+            for lay, o in zip(layouts, shards, strict=True)
+        ]
+        bases = list(itertools.accumulate((-(-s // align) * align for s in spans), initial=0))
+        region = Region(bases[-1])
+        for k, (opened, lay) in enumerate(zip(shards, layouts, strict=True)):
+            for s, (fd, size, _) in enumerate(opened):
+                region.map_file(fd, bases[k] + s * lay.shard_rows * row_bytes, size)
+        offsets, unit, lut = tuple(b // row_bytes for b in bases[:-1]), 0, None
+    else:
+        unit = math.gcd(*(lay.chunk_rows for lay in layouts))
+        slots = [slot_bytes(max((n for _, n, _ in o), default=0), row_bytes) for o in shards]
+        bases = list(
+            itertools.accumulate(
+                (len(o) * s for o, s in zip(shards, slots, strict=True)), initial=0
+            )
+        )
+        region = Region(bases[-1])
+        starts, at_rows, joined = [], [], 0
+        for k, (opened, slot, lay) in enumerate(zip(shards, slots, layouts, strict=True)):
+            within = np.arange(lay.chunk_rows // unit, dtype=np.int64) * unit * row_bytes
+            for s, (fd, size, chunk_offsets) in enumerate(opened):
+                at = bases[k] + s * slot
+                region.map_file(fd, at, size)
+                starts.append(((at + chunk_offsets)[:, None] + within).ravel() // row_bytes)
+            at_rows.append(joined)
+            joined += -(-entries[k]["shape"][0] // lay.chunk_rows) * lay.chunk_rows
+        offsets = tuple(at_rows)
+        lut = np.concatenate(starts) if starts else np.zeros(0, np.int64)
     buffer = region_array(region)
     view = buffer.view(dtype).reshape(-1, *row_shape) if buffer.size else buffer.view(dtype)
-    return RowPlace(view, tuple(offsets), buffer, entries[0]["file"], unit, lut)
+    return RowPlace(view, offsets, buffer, entries[0]["file"], unit, lut)
+
+
+def _contiguous(lay: ShardLayout, opened: list[tuple[int, int, np.ndarray]]) -> bool:
+    """Whether every shard's chunks lie in order from its first byte, and every shard but the
+    last holds a whole number of this machine's pages of rows."""
+    full = lay.shard_rows * lay.row_bytes
+    if len(opened) > 1 and full % mmap.PAGESIZE:
+        return False
+    return all(
+        np.array_equal(offs, np.arange(offs.size, dtype=np.int64) * lay.chunk_bytes)
+        for _, _, offs in opened
+    )
 
 
 class _CheckedArray:
