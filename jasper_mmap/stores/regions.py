@@ -6,11 +6,13 @@ A zarr array is hundreds of shard files. Gathering a batch's rows from one map p
 cost a Python call per file touched (~190 for 1,664 rows of a 1.5 GB array), so the files are
 mapped side by side into one range of addresses instead: the range is reserved first
 (``PROT_NONE``, ``MAP_NORESERVE``: no memory, no commit charge), then each file is mapped
-read-only (``PROT_READ``, ``MAP_SHARED``) over its slot with ``MAP_FIXED``. Slots are a whole
+read-only (``PROT_READ``, ``MAP_SHARED``) at its place with ``MAP_FIXED``. Places are a whole
 number of pages and of rows apart, so every row of every file sits at a row-aligned address of
-the range and the whole range is one 2-D numpy array of "slot rows"; a row's place there
-comes from the shard index by integer arithmetic (jasper_mmap/stores/zarr_store.py). Pages
-between a file's end and the next slot are never read (no row lies there). The file maps are
+the range and the whole range is one 2-D numpy array; where a file's rows end on a page
+boundary the next file is mapped right there, over the end of the previous map (its shard
+index, never read through the map), so the rows of consecutive files follow each other with
+no gap (NOTE [zarr shards as rows] in jasper_mmap/stores/zarr_store.py). Pages between a
+file's end and the next place are never read (no row lies there). The file maps are
 the same shared, read-only page-cache maps as the safetensors backend's; the range is unmapped
 when the last array over it is garbage-collected, never while a view of it is alive.
 Linux only (libc ``mmap`` through ctypes; Python's ``mmap`` cannot map at an address); where it
