@@ -263,7 +263,8 @@ def bench_size(args: argparse.Namespace, n_pairs: int, formats: list[str]) -> li
     print(f"[{n_pairs}] source {nbytes / 1e9:.2f} GB")
     rows = []
     for fmt in formats:
-        dst = args.workdir / f"store_{n_pairs}_{fmt}"
+        # a name no other benchmark uses: this one is removed after the run
+        dst = args.workdir / f"converted_{n_pairs}_{fmt}"
         print(f"[{n_pairs}] {fmt}: {drop_caches()}")
         disk = disk_write_speed(args.workdir, args.disk_test_bytes or nbytes)
         print(
