@@ -26,7 +26,7 @@ from jasper_mmap.steering import (
 from jasper_mmap.stores import Store
 from jasper_mmap.stores.readahead import dense_arrays
 
-__all__ = ["BATCH_KEYS", "BatchEngine", "BatchPlan", "SampleBatch"]
+__all__ = ["BATCH_KEYS", "BatchEngine", "BatchPlan", "LoadedBatch", "SampleBatch"]
 
 #: the nine keys of a batch, as the in-RAM dataset returns them
 BATCH_KEYS = (
@@ -53,8 +53,17 @@ class SampleBatch(Sequence):
     default collate of a plain ``DataLoader`` iterates the samples and stacks them again.
     """
 
-    def __init__(self, batch: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self,
+        batch: dict[str, torch.Tensor],
+        version: int | None = None,
+        indices: Any = None,
+    ) -> None:
         self.batch = batch
+        #: the control block's version read before the batch was gathered, and its indices:
+        #: a loader gathers it again if the version changed before it is handed out (NOTE
+        #: [control at hand-out] in jasper_mmap/loading/loader.py)
+        self.version, self.indices = version, indices
 
     def __len__(self) -> int:
         return int(self.batch["relevance"].shape[0])
@@ -68,6 +77,15 @@ class SampleBatch(Sequence):
 
     def keys(self):
         return self.batch.keys()
+
+
+class LoadedBatch(dict):
+    """A collated batch (a dict of the batch keys) that remembers the control version it was
+    gathered under and its indices (NOTE [control at hand-out] in jasper_mmap/loading/loader.py)."""
+
+    def __init__(self, batch: dict[str, torch.Tensor], version: int, indices: Any) -> None:
+        super().__init__(batch)
+        self.control_version, self.indices = version, indices
 
 
 #: batch key -> (array, shape from (B, n_neg), dtype) of the pair-level outputs

@@ -361,6 +361,28 @@ class JASPERSteeringDataset(BatchEngine, torch.utils.data.Dataset):
         log.info("Hard negatives reloaded successfully (generation %d)", generation)
         return generation
 
+    def use_negatives_generation(self, generation: int) -> int:
+        """Serve negatives generation ``generation`` from the next batch (a resumed run's).
+
+        Raises:
+            StoreNotFoundError: that generation was removed from the store (collected after
+                newer ones were published); resume with ``negatives="live"``.
+        """
+        from jasper_mmap.errors import StoreNotFoundError
+
+        try:
+            self.store.use_generation(int(generation))
+        except StoreNotFoundError as e:
+            raise StoreNotFoundError(
+                f"{self.store_path}: negatives generation {generation} (the one the state was "
+                f"saved with) is no longer in the store ({e}). Resume with "
+                f'loader.load_state_dict(state, negatives="live") to use the live generation.'
+            ) from None
+        self._control.set(generation=int(generation))
+        if self._preloaded is not None and self._preloaded.generation != generation:
+            self._preloaded.refresh_negatives(self.store)
+        return int(generation)
+
     def get_batch(
         self, indices: Sequence[int] | np.ndarray, pin_memory: bool = False
     ) -> dict[str, torch.Tensor]:
@@ -419,9 +441,10 @@ class JASPERSteeringDataset(BatchEngine, torch.utils.data.Dataset):
         From the plan while nothing was changed since it was made (``set_epoch``,
         ``force_steering``, assigned ``steering_probs``, ``reload_negatives``); otherwise made
         anew from the control block as it is now."""
-        if self._control.version != plan.version:
+        version = self._control.version
+        if version != plan.version:
             return self.__getitems__(plan.batches[j], pin_memory)
-        return SampleBatch(self._serve(plan, j, pin_memory))
+        return SampleBatch(self._serve(plan, j, pin_memory), version, plan.batches[j])
 
     def iter_batches(
         self,
@@ -462,7 +485,8 @@ class JASPERSteeringDataset(BatchEngine, torch.utils.data.Dataset):
 
     def __getitems__(self, indices: Sequence[int], pin_memory: bool = False) -> SampleBatch:
         """Batched fetch used by ``torch.utils.data.DataLoader`` (:meth:`get_batch`)."""
-        return SampleBatch(self.get_batch(indices, pin_memory))
+        version = self._control.version  # before: the batch is of this state or a later one
+        return SampleBatch(self.get_batch(indices, pin_memory), version, indices)
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         """One sample (shapes without the batch dimension); ``idx`` may be an int, a numpy

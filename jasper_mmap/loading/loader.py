@@ -16,14 +16,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import BatchSampler, DataLoader
 
-from jasper_mmap.dataset.batches import BATCH_KEYS, SampleBatch
+from jasper_mmap.dataset.batches import BATCH_KEYS, LoadedBatch, SampleBatch
 from jasper_mmap.dataset.control import mark_loader_worker
 from jasper_mmap.dataset.dataset import JASPERSteeringDataset
 from jasper_mmap.errors import JasperError
+from jasper_mmap.loading.order import (
+    OrderedBatches,
+    ResumableRandomSampler,
+    ResumableSequentialSampler,
+    _Resumable,
+)
+from jasper_mmap.loading.resume import STATE_VERSION, check_state, data_identity, probs_dict
 from jasper_mmap.loading.threads import ThreadedBatches
 from jasper_mmap.loading.tuner import GatherTuner
+from jasper_mmap.steering import VARIANTS
 
 __all__ = [
     "create_loader",
@@ -49,9 +57,12 @@ class BatchValidationError(JasperError, AssertionError, ValueError):
 
 
 def collate_batch(data: Any) -> Any:
-    """Collate for the batched path: a :class:`SampleBatch` is already a batch."""
+    """Collate for the batched path: a :class:`SampleBatch` is already a batch (returned as
+    a :class:`LoadedBatch`, a dict that remembers the control version it was gathered under)."""
     if isinstance(data, SampleBatch):
-        return data.batch
+        if data.version is None:
+            return data.batch
+        return LoadedBatch(data.batch, data.version, data.indices)
     return torch.utils.data.default_collate(data)
 
 
@@ -106,6 +117,12 @@ class JasperLoader(DataLoader):
         #: for this loop and does that (NOTE [gathering in the loop]); None: always ahead
         self.gather_tuner: GatherTuner | None = GatherTuner()
         super().__init__(dataset, **kwargs)
+        if isinstance(self.sampler, _Resumable) and type(self.batch_sampler) is BatchSampler:
+            # each batch computed at once (DataLoader forbids setting this after __init__)
+            batches = OrderedBatches(self.sampler, self.batch_size, self.drop_last)
+            object.__setattr__(self, "batch_sampler", batches)
+        #: (plan, batches handed out) of the newest iterator: what state_dict counts
+        self._position: tuple[Any, int] | None = None
 
     def _get_iterator(self) -> Any:
         """The DataLoader's iterator; its worker processes (``worker_mode="process"``, or
@@ -159,6 +176,12 @@ class JasperLoader(DataLoader):
         return (self.prefetch_factor or 1) * self.gather_threads if self.num_workers else 1
 
     def __iter__(self) -> Any:
+        if not isinstance(self.sampler, _Resumable) or not self._auto_collation:
+            return self._batches()
+        return _HandOut(self)
+
+    def _batches(self) -> Any:
+        """The batches of a new iterator, in this loader's mode."""
         threads = self.worker_mode == "thread" and self._auto_collation
         if not threads:
             return super().__iter__()
@@ -183,6 +206,157 @@ class JasperLoader(DataLoader):
             pin,
             tuner,
         )
+
+    # -- resuming: NOTE [resuming] in jasper_mmap/loading/resume.py ---------------------------
+    def _resumable(self) -> _Resumable:
+        if not isinstance(self.sampler, _Resumable) or not isinstance(
+            self.batch_sampler, OrderedBatches
+        ):
+            raise ValueError(
+                f"{_where(self)}: this loader's batches come from a sampler of your own "
+                f"({type(self.batch_sampler or self.sampler).__name__}), so it has no position to "
+                f"save or restore. Let create_loader choose the sampler (shuffle=, drop_last=, "
+                f"distributed=), or save your sampler's state yourself."
+            )
+        return self.sampler
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this loader is: small, JSON-safe, identical on every rank (NOTE [resuming]).
+
+        Counts the batches handed to the training loop (not those gathered ahead). Before
+        the first ``iter()``, or after ``load_state_dict``, the position the next iterator
+        starts at."""
+        sampler, dataset = self._resumable(), self.dataset
+        position = self._position
+        if position is not None and position[1]:
+            cursor = position[0].cursor_after(position[1])
+        else:
+            cursor = sampler.cursor
+        snap = dataset._control.snapshot()
+        return {
+            "kind": "jasper_mmap.loader",
+            "version": STATE_VERSION,
+            "data": data_identity(dataset),
+            "order": {
+                "seed": sampler.seed,
+                "epoch": sampler.epoch,
+                "shuffle": sampler.shuffle,
+                "drop_last": bool(self.drop_last),
+            },
+            "cursor": cursor,
+            "control": {
+                "epoch": snap.epoch,
+                "forced": None if snap.forced < 0 else VARIANTS[snap.forced],
+                "steering_probs": probs_dict(snap.override),
+                "negatives_generation": snap.generation,
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any], negatives: str = "saved") -> None:
+        """Resume from ``state`` (:meth:`state_dict`, saved at any world size and batch size):
+        the next iterator serves the rest of the saved epoch, in the saved order, with the
+        saved control state (curriculum epoch, forced variant, assigned probabilities).
+
+        Args:
+            negatives: ``"saved"`` serves the negatives generation the state names (an error
+                if it was removed since); ``"live"`` the generation published now.
+
+        Raises:
+            ResumeStateError: (a ValueError) not a state of ours, another version, or saved
+                for another dataset (naming the field that differs).
+            StoreNotFoundError: ``negatives="saved"`` and that generation was removed.
+        """
+        if negatives not in ("saved", "live"):
+            raise ValueError(f'negatives should be "saved" or "live", but got {negatives!r}')
+        sampler, dataset = self._resumable(), self.dataset
+        state = check_state(state, data_identity(dataset), _where(self))
+        order, control = state["order"], state["control"]
+        if order.get("shuffle") != sampler.shuffle or order.get("seed") != sampler.seed:
+            from jasper_mmap.loading.resume import ResumeStateError
+
+            raise ResumeStateError(
+                f"{_where(self)}: the state's order (seed {order.get('seed')!r:.20}, shuffle "
+                f"{order.get('shuffle')!r:.8}) is not this loader's (seed {sampler.seed}, "
+                f"shuffle {sampler.shuffle}). Create the loader with the run's seed and shuffle."
+            )
+        if negatives == "saved":
+            dataset.use_negatives_generation(int(control["negatives_generation"]))
+        else:
+            dataset.reload_negatives()
+        dataset.set_epoch(int(control["epoch"]))
+        if control.get("steering_probs") is not None:
+            dataset.steering_probs = control["steering_probs"]
+        dataset.force_steering(control.get("forced"))
+        self._position = None
+        sampler.epoch, sampler.cursor, sampler._handed_out = int(order["epoch"]), 0, None
+        sampler.cursor = int(state["cursor"])
+
+
+def _where(loader: JasperLoader) -> str:
+    return str(getattr(loader.dataset, "dataset_dir", "loader"))
+
+
+class _HandOut:
+    """The iterator a resumable loader hands out (NOTE [resuming], NOTE [control at
+    hand-out]): counts the batches handed to the loop, starts the epoch at the sampler's
+    cursor, starts again if the sampler's epoch or cursor changed before its first batch,
+    and gathers a batch again when the control state changed after it was gathered.
+
+    # NOTE [control at hand-out]
+    Batches are gathered ahead (threads, worker processes, prefetch). A control change
+    (``set_epoch``, ``force_steering``, ``steering_probs``, ``reload_negatives``) bumps the
+    control block's version; each batch remembers the version read before it was gathered, and
+    a batch whose version is no longer current when the loop asks for it is gathered again in
+    the loop's thread from the same indices. So a change takes effect from the next batch
+    handed out, whatever ``num_workers``, mode or prefetch depth, and the stream of batches is
+    a function of the calls the loop made, nothing else.
+    """
+
+    def __init__(self, loader: JasperLoader) -> None:
+        self.loader, self.handed, self.inner = loader, 0, None
+        self._start()
+
+    def _start(self) -> None:
+        s = self.loader.sampler
+        if self.inner is not None and hasattr(self.inner, "close"):
+            self.inner.close()
+        self.key = (s.epoch, s.cursor)
+        self.plan = s.plan()
+        s._handed_out = 0
+        self.loader._position = (self.plan, 0)
+        self.inner = self.loader._batches()
+
+    def __iter__(self) -> _HandOut:
+        return self
+
+    def __len__(self) -> int:
+        return max(0, self.plan.batches - self.handed)
+
+    def __next__(self) -> Any:
+        loader, s = self.loader, self.loader.sampler
+        if not self.handed and (s.epoch, s.cursor) != self.key:
+            self._start()  # set_epoch (or a resume) after iter(), before its first batch
+        batch = next(self.inner)
+        version = getattr(batch, "control_version", None)
+        dataset = loader.dataset
+        if version is not None and version != dataset._control.version:
+            pin = bool(loader.pin_memory) and torch.cuda.is_available()
+            batch = loader.collate_fn(dataset.__getitems__(batch.indices, pin_memory=pin))
+        self.handed += 1
+        if self.handed == 1:
+            s.cursor = 0  # consumed: a new iter() starts its epoch at batch 0
+        s._handed_out = self.handed
+        loader._position = (self.plan, self.handed)
+        return batch
+
+    def close(self) -> None:
+        if self.inner is not None and hasattr(self.inner, "close"):
+            self.inner.close()
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("inner", "loader"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)  # the inner iterator's (mode, alive, _workers...)
 
 
 def _accelerator() -> bool:
@@ -253,16 +427,31 @@ def create_loader(
     train = split == "train"
     drop_last = train if drop_last is None else drop_last
     shuffle = dataloader_kwargs.pop("shuffle", train)
-    sampler = None
+    replicas, rank = (
+        dataloader_kwargs.pop("num_replicas", None),
+        dataloader_kwargs.pop("rank", None),
+    )
     if distributed:
-        sampler = DistributedSampler(
-            dataset, shuffle=shuffle, drop_last=drop_last, seed=dataset.seed
+        replicas, rank = _world(replicas, rank)
+    elif replicas not in (None, 1) or rank not in (None, 0):
+        raise ValueError(
+            f"num_replicas and rank shard the split across ranks: pass distributed=True with "
+            f"them (got num_replicas={replicas!r}, rank={rank!r})"
         )
-        sampler.set_epoch(epoch)
-        shuffle = False
+    sampler = None
+    if dataloader_kwargs.get("sampler") is None and dataloader_kwargs.get("batch_sampler") is None:
+        # NOTE [epoch order]: one sampler for every mode, its order a function of (seed, epoch)
+        kind = ResumableRandomSampler if shuffle else ResumableSequentialSampler
+        sampler = kind(dataset, dataset.seed, epoch, replicas or 1, rank or 0)
+    elif distributed:
+        raise ValueError(
+            "distributed=True shards the split with create_loader's own sampler: pass no "
+            "sampler= or batch_sampler= with it (or shard in your sampler and pass "
+            "distributed=False)"
+        )
     kwargs: dict[str, Any] = {
         "batch_size": batch_size,
-        "shuffle": shuffle if sampler is None else False,
+        "shuffle": shuffle if sampler is None and "sampler" not in dataloader_kwargs else False,
         "sampler": sampler,
         "num_workers": num_workers,
         "drop_last": drop_last,
@@ -276,7 +465,7 @@ def create_loader(
     kwargs.update(dataloader_kwargs)
     loader = JasperLoader(dataset, worker_mode=worker_mode, **kwargs)
     loader.dataset_obj = dataset
-    loader.sampler_obj = sampler
+    loader.sampler_obj = sampler if distributed else None
     log.info(
         "Created %s DataLoader: %d samples, batch_size=%s, num_workers=%d (%s), distributed=%s",
         split,
@@ -287,6 +476,21 @@ def create_loader(
         distributed,
     )
     return loader
+
+
+def _world(replicas: int | None, rank: int | None) -> tuple[int, int]:
+    """``(num_replicas, rank)``: as given, else torch.distributed's (as DistributedSampler)."""
+    if replicas is None or rank is None:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "distributed=True needs torch.distributed's default process group "
+                "(init_process_group), or num_replicas= and rank= passed to create_loader"
+            )
+        replicas = dist.get_world_size() if replicas is None else replicas
+        rank = dist.get_rank() if rank is None else rank
+    return replicas, rank
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:

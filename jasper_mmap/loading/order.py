@@ -1,0 +1,222 @@
+"""The order of an epoch's samples as a pure function of (seed, epoch), and its samplers.
+
+# NOTE [epoch order]
+An epoch's order is a permutation of ``[0, n)`` that is computed, not stored: position ``p``
+holds sample ``perm(p)``, where ``perm`` is a keyed bijection (a Feistel network over the
+smallest even number of bits that covers ``n``, its round keys derived from (seed, epoch),
+walked until it lands below ``n``). Any run of positions costs O(its length) to compute, so an
+epoch starts in O(1) time and memory whatever ``n`` (``randperm(n)`` took 1.3-1.5 s at 10M and
+3.9-6.8 s with ~1.3 GB at 30M, per rank), and resuming at position ``c`` reads and computes
+nothing for the first ``c``. Not shuffled: ``perm(p) = p``.
+
+The epoch is served in *global batches* of ``num_replicas x batch_size`` positions from a
+cursor ``c`` (0 at the start of the epoch): rank ``r`` takes positions ``[c + j G + r B,
+c + j G + (r + 1) B)`` of global batch ``j``. With ``drop_last`` the last incomplete global
+batch is dropped; without, it is shared out evenly (``ceil(L / R)`` positions each, positions
+past the end wrap around to the epoch's first positions), so every rank has the same number
+of batches, as with ``DistributedSampler``. The cursor after ``k`` batches handed out is ``c +
+k G`` (``n`` after the epoch's last batch): the same on every rank, and it means the same
+samples at any world size or batch size, so a run resumes exactly where it stopped, elastic
+(NOTE [resuming] in jasper_mmap/loading/resume.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
+
+from jasper_mmap.steering import check_epoch, check_seed
+
+__all__ = ["EpochOrder", "OrderedBatches", "ResumableRandomSampler", "ResumableSequentialSampler"]
+
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+_ROUNDS = 6
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer on uint64 (wrapping arithmetic)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+class EpochOrder:
+    """Sample at each position of epoch ``epoch``'s order of ``n`` samples (NOTE above)."""
+
+    def __init__(self, n: int, seed: int, epoch: int, shuffle: bool) -> None:
+        self.n, self.seed, self.epoch, self.shuffle = int(n), int(seed), int(epoch), shuffle
+        bits = max(2, math.ceil(math.log2(max(self.n, 2))))
+        self._half = (bits + 1) // 2
+        self._mask = np.uint64((1 << self._half) - 1)
+        key = np.array([self.seed % 2**64, self.epoch % 2**64], dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            base = _mix(_mix(key[:1]) ^ key[1:] ^ np.uint64(0x9E3779B97F4A7C15))[0]
+            self._keys = _mix(base + np.arange(1, _ROUNDS + 1, dtype=np.uint64))
+
+    def _feistel(self, x: np.ndarray) -> np.ndarray:
+        h, mask = np.uint64(self._half), self._mask
+        left, right = x >> h, x & mask
+        with np.errstate(over="ignore"):
+            for k in self._keys:
+                left, right = right, left ^ (_mix(right ^ k) & mask)
+        return (left << h) | right
+
+    def at(self, positions: np.ndarray) -> np.ndarray:
+        """The samples (int64) at ``positions`` (int64 in ``[0, n)``)."""
+        p = np.asarray(positions, dtype=np.int64)
+        if not self.shuffle or not p.size:
+            return p.copy()
+        x = self._feistel(p.astype(np.uint64))
+        out = x >= np.uint64(self.n)
+        while out.any():  # cycle walking: a bijection of [0, 2**bits) restricted to [0, n)
+            x[out] = self._feistel(x[out])
+            out[out] = x[out] >= np.uint64(self.n)
+        return x.astype(np.int64)
+
+
+class _Plan:
+    """What one rank serves of an epoch from a cursor (NOTE [epoch order])."""
+
+    def __init__(self, n: int, cursor: int, replicas: int, rank: int, batch: int, drop_last: bool):
+        self.n, self.cursor, self.replicas, self.rank = n, cursor, replicas, rank
+        self.batch, self.drop_last = batch, drop_last
+        self.group = replicas * batch
+        left = max(0, n - cursor)
+        if drop_last:
+            self.batches = left // self.group
+            self.last = batch
+        else:
+            self.batches = -(-left // self.group)
+            tail = left - (self.batches - 1) * self.group if self.batches else 0
+            self.last = -(-tail // replicas) if tail else batch
+
+    def positions(self, j: int) -> np.ndarray:
+        """Positions (wrapped into ``[0, n)``) of this rank's batch ``j``."""
+        size = self.last if j == self.batches - 1 else self.batch
+        start = self.cursor + j * self.group + self.rank * size
+        p = np.arange(start, start + size, dtype=np.int64)
+        if p.size and p[-1] >= self.n:
+            p %= self.n  # the last batch's padding: the epoch's first positions again
+        return p
+
+    def cursor_after(self, k: int) -> int:
+        """The global cursor once ``k`` batches of this plan were handed out."""
+        return self.n if k >= self.batches else self.cursor + k * self.group
+
+    @property
+    def samples(self) -> int:
+        if not self.batches:
+            return 0
+        return (self.batches - 1) * self.batch + self.last
+
+
+class _Resumable:
+    """The state every sampler of ours keeps: (seed, epoch, shuffle), the world it serves
+    (``num_replicas``, ``rank``) and where the next iterator starts (``cursor``)."""
+
+    def _setup(
+        self,
+        n: int,
+        seed: int,
+        epoch: int,
+        shuffle: bool,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if not (isinstance(num_replicas, int) and num_replicas >= 1):
+            raise ValueError(f"num_replicas should be an integer >= 1, but got {num_replicas!r}")
+        if not (isinstance(rank, int) and 0 <= rank < num_replicas):
+            raise ValueError(f"rank should be in [0, {num_replicas}), but got {rank!r}")
+        self.n, self.shuffle = int(n), bool(shuffle)
+        self.seed = check_seed(seed, "seed=", "Pass a seed in that range.")
+        self.epoch = check_epoch(epoch, "sampler")
+        self.num_replicas, self.rank = num_replicas, rank
+        self.cursor = 0  # where the next iterator starts (a pending resume)
+        self.batch_size, self.drop_last = 1, False  # set by OrderedBatches
+        self._handed_out: int | None = None  # batches of the live iterator handed out
+
+    def set_epoch(self, epoch: int) -> None:
+        """Order of epoch ``epoch`` from its first batch; the restored epoch keeps its
+        restored position while no batch of it was handed out (NOTE [resuming])."""
+        epoch = check_epoch(epoch, "set_epoch")
+        if epoch == self.epoch and self._handed_out in (None, 0):
+            return
+        self.epoch, self.cursor, self._handed_out = epoch, 0, None
+
+    def order(self) -> EpochOrder:
+        return EpochOrder(self.n, self.seed, self.epoch, self.shuffle)
+
+    def plan(self) -> _Plan:
+        return _Plan(
+            self.n, self.cursor, self.num_replicas, self.rank, self.batch_size, self.drop_last
+        )
+
+    def _samples(self) -> Iterator[int]:
+        plan, order = self.plan(), self.order()
+        for j in range(plan.batches):
+            yield from order.at(plan.positions(j)).tolist()
+
+    def _len(self) -> int:
+        return self.plan().samples
+
+
+class ResumableRandomSampler(_Resumable, RandomSampler):
+    """The train shuffle: a ``RandomSampler`` whose order is a function of (seed, epoch) only
+    (NOTE [epoch order]); sharded over ``num_replicas`` ranks like ``DistributedSampler``."""
+
+    def __init__(
+        self, data_source: Any, seed: int, epoch: int = 0, num_replicas: int = 1, rank: int = 0
+    ) -> None:
+        self._setup(len(data_source), seed, epoch, True, num_replicas, rank)
+        RandomSampler.__init__(self, data_source)
+
+    def __iter__(self) -> Iterator[int]:
+        return self._samples()
+
+    def __len__(self) -> int:
+        return self._len()
+
+    @property
+    def num_samples(self) -> int:
+        return self._len()
+
+
+class ResumableSequentialSampler(_Resumable, SequentialSampler):
+    """Val/test: a ``SequentialSampler`` (in order), resumable and sharded like the train
+    sampler."""
+
+    def __init__(
+        self, data_source: Any, seed: int, epoch: int = 0, num_replicas: int = 1, rank: int = 0
+    ) -> None:
+        self._setup(len(data_source), seed, epoch, False, num_replicas, rank)
+        SequentialSampler.__init__(self, data_source)
+
+    def __iter__(self) -> Iterator[int]:
+        return self._samples()
+
+    def __len__(self) -> int:
+        return self._len()
+
+
+class OrderedBatches(BatchSampler):
+    """The loader's batch sampler over one of our samplers: each batch computed at once
+    (vectorized), this rank's share of each global batch (NOTE [epoch order])."""
+
+    def __init__(self, sampler: _Resumable, batch_size: int, drop_last: bool) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        sampler.batch_size, sampler.drop_last = batch_size, drop_last
+
+    def __iter__(self) -> Iterator[list[int]]:
+        s = self.sampler
+        plan, order = s.plan(), s.order()
+        for j in range(plan.batches):
+            yield order.at(plan.positions(j)).tolist()
+
+    def __len__(self) -> int:
+        return self.sampler.plan().batches
