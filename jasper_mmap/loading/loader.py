@@ -439,16 +439,19 @@ def create_loader(
             f"them (got num_replicas={replicas!r}, rank={rank!r})"
         )
     sampler = None
-    if dataloader_kwargs.get("sampler") is None and dataloader_kwargs.get("batch_sampler") is None:
+    own = ("sampler", "batch_sampler") + (("generator",) if shuffle else ())
+    if all(dataloader_kwargs.get(k) is None for k in own):
         # NOTE [epoch order]: one sampler for every mode, its order a function of (seed, epoch)
         kind = ResumableRandomSampler if shuffle else ResumableSequentialSampler
         sampler = kind(dataset, dataset.seed, epoch, replicas or 1, rank or 0)
     elif distributed:
         raise ValueError(
             "distributed=True shards the split with create_loader's own sampler: pass no "
-            "sampler= or batch_sampler= with it (or shard in your sampler and pass "
-            "distributed=False)"
+            "sampler=, batch_sampler= or generator= with it (or shard in your sampler and "
+            "pass distributed=False)"
         )
+    # else: the user's sampler, or torch's RandomSampler drawing from the user's generator
+    # (the order a plain DataLoader gives): no position to save (state_dict says so)
     kwargs: dict[str, Any] = {
         "batch_size": batch_size,
         "shuffle": shuffle if sampler is None and "sampler" not in dataloader_kwargs else False,

@@ -9,12 +9,14 @@ epoch starts in O(1) time and memory whatever ``n`` (``randperm(n)`` took 1.3-1.
 3.9-6.8 s with ~1.3 GB at 30M, per rank), and resuming at position ``c`` reads and computes
 nothing for the first ``c``. Not shuffled: ``perm(p) = p``.
 
-The epoch is served in *global batches* of ``num_replicas x batch_size`` positions from a
-cursor ``c`` (0 at the start of the epoch): rank ``r`` takes positions ``[c + j G + r B,
-c + j G + (r + 1) B)`` of global batch ``j``. With ``drop_last`` the last incomplete global
-batch is dropped; without, it is shared out evenly (``ceil(L / R)`` positions each, positions
-past the end wrap around to the epoch's first positions), so every rank has the same number
-of batches, as with ``DistributedSampler``. The cursor after ``k`` batches handed out is ``c +
+The epoch is served in *global batches* of ``G = num_replicas x batch_size`` positions from a
+cursor ``c`` (0 at the start of the epoch), dealt out as ``DistributedSampler`` deals: rank
+``r`` takes positions ``c + r, c + r + R, c + r + 2R, ...``, so its batch ``j`` holds
+``c + (j B + i) R + r`` for ``i < B``, and global batch ``j`` (all ranks' batch ``j``) is
+positions ``[c + j G, c + (j + 1) G)``. With ``drop_last`` the last incomplete global batch is
+dropped; without, it is shared out evenly (``ceil(L / R)`` positions each; positions past the
+end wrap around to the epoch's first positions), so every rank has the same number of batches
+and, from cursor 0, the same samples ``DistributedSampler`` would give it (in our order). The cursor after ``k`` batches handed out is ``c +
 k G`` (``n`` after the epoch's last batch): the same on every rank, and it means the same
 samples at any world size or batch size, so a run resumes exactly where it stopped, elastic
 (NOTE [resuming] in jasper_mmap/loading/resume.py).
@@ -97,10 +99,12 @@ class _Plan:
             self.last = -(-tail // replicas) if tail else batch
 
     def positions(self, j: int) -> np.ndarray:
-        """Positions (wrapped into ``[0, n)``) of this rank's batch ``j``."""
+        """Positions (wrapped into ``[0, n)``) of this rank's batch ``j``: every
+        ``replicas``-th position from the cursor, from the rank's own, as DistributedSampler
+        deals them out."""
         size = self.last if j == self.batches - 1 else self.batch
-        start = self.cursor + j * self.group + self.rank * size
-        p = np.arange(start, start + size, dtype=np.int64)
+        k = np.arange(j * self.batch, j * self.batch + size, dtype=np.int64)
+        p = self.cursor + k * self.replicas + self.rank
         if p.size and p[-1] >= self.n:
             p %= self.n  # the last batch's padding: the epoch's first positions again
         return p
