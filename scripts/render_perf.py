@@ -22,6 +22,8 @@ TRAIN_ROWS = {
     "create_loader, num_workers=4": "4",
     "gather floor (large rows only, index_select)": "floor",
     "in-RAM seed dataset, num_workers=4": "in-RAM",
+    "create_loader (zarr), num_workers=0": "zarr 0",
+    "create_loader (zarr), num_workers=4": "zarr 4",
 }
 ALONE_ROWS = {
     "raw bound: numpy gather per array from RAM": "raw bound",
@@ -29,6 +31,8 @@ ALONE_ROWS = {
     "create_loader, num_workers=2": "2",
     "create_loader, num_workers=4": "4",
     "in-RAM seed dataset, num_workers=4": "in-RAM",
+    "create_loader (zarr), num_workers=0": "zarr 0",
+    "create_loader (zarr), num_workers=4": "zarr 4",
 }
 
 
@@ -66,7 +70,8 @@ def render(records: list[dict]) -> str:
     out = [
         "Training loop (`scripts/bench_train.py`): the loader-free bound in steps/s, then each",
         "row's fraction of it (median over rounds); columns 0 / 2 / 4 are `create_loader`'s",
-        "`num_workers`, in-RAM is the in-RAM dataset with 4 worker processes.",
+        "`num_workers`, in-RAM is the in-RAM dataset with 4 worker processes, zarr 0 / 4 the",
+        "same store converted to zarr (`--also-store`, in the same rounds).",
         "",
         *_table(["run", "code", "rounds", *TRAIN_ROWS.values()], train),
         "",
@@ -74,8 +79,8 @@ def render(records: list[dict]) -> str:
         "",
         *_table(["run", "code", "rounds", *ALONE_ROWS.values()], alone),
         "",
-        "Other records (`bench_loader.py`: `loader`; `bench_large.py`: `large`), samples/s, in",
-        "file order:",
+        "Other records (`bench_loader.py`: `loader`; `bench_large.py`: `large`;",
+        "`bench_formats.py`: `formats`), samples/s, in file order:",
         "",
     ]
     other = [r for r in records if r["bench"] != "train"]
@@ -83,9 +88,8 @@ def render(records: list[dict]) -> str:
     for i, r in enumerate(other, 1):
         rates = "; ".join(f"{k} {v:,.0f}" for k, v in r["rates"].items())
         size = f"{r['store_bytes'] / 1e9:.2f} GB" if r.get("store_bytes") else "-"
-        rows.append(
-            [str(i), r["bench"], size, rates + (f" ({r['from']})" if r.get("from") else "")]
-        )
+        bench = r["bench"] + "".join(f", {k} {r[k]}" for k in ("format", "dtype") if r.get(k))
+        rows.append([str(i), bench, size, rates + (f" ({r['from']})" if r.get("from") else "")])
     return "\n".join(out + _table(["#", "bench", "store", "rates"], rows))
 
 

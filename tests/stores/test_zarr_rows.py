@@ -304,3 +304,12 @@ def test_verify_reports_shard_checksums_that_do_not_fit(pair, tmp_path):
     report = verify_store(store, progress=False)
     assert any("shard checksums for" in p for p in report.problems), str(report)
     assert not any("unexpected" in p for p in report.problems), str(report)
+
+
+def test_zarr_open_group_reads_every_array_as_we_do(pair):
+    _, z = pair
+    store, group = open_store(z), zarr.open_group(z, mode="r")
+    for name in store.names():
+        entry = store.entry(name)
+        got = store._read_raw(name, 0, None)  # the stored bytes, as mapped
+        np.testing.assert_array_equal(group[entry["file"]][...], got, err_msg=name)
