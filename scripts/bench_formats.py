@@ -24,20 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_loader import warm_page_cache
 from benchlib import B, ensure_dataset
 
 from jasper_mmap import JASPERSteeringDataset, create_loader
 from jasper_mmap.converters import convert_pt
 
 FORMATS = ("safetensors", "zarr")
-
-
-def warm(store: Path) -> None:
-    for f in store.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                while fh.read(16 << 20):
-                    pass
 
 
 def rate(store: Path, workers: int, sampler: list[list[int]]) -> float:
@@ -81,7 +74,7 @@ def main() -> int:
                 convert_pt(src, dst, format=f, dtype=args.dtype, progress=False)
             stores[f] = dst
     for store in stores.values():
-        warm(store)
+        warm_page_cache(store)
     n_train = len(JASPERSteeringDataset(stores["safetensors"], "train"))
     rng = np.random.default_rng(0)
     sampler = [rng.integers(0, n_train, B).tolist() for _ in range(args.batches)]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import platform
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ from jasper_mmap.errors import (
     TableReadOnlyError,
 )
 from jasper_mmap.stores import NEGATIVE_ARRAYS, Store
+from jasper_mmap.stores.regions import MAP_NORESERVE
 
 __all__ = [
     "TABLES",
@@ -136,21 +136,6 @@ def table_array(
 #: copy-on-write (NOTE [writable table memory])
 SMALL_TABLE_BYTES = 4 << 20
 
-# MAP_NORESERVE (absent from Python's mmap module before 3.13), by Linux architecture
-_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", None)
-if _MAP_NORESERVE is None:
-    _machine = platform.machine().lower()
-    if platform.system() != "Linux":
-        _MAP_NORESERVE = 0
-    elif _machine.startswith(("ppc", "powerpc", "sparc")):
-        _MAP_NORESERVE = 0x40
-    elif _machine.startswith("mips"):
-        _MAP_NORESERVE = 0x400
-    elif _machine.startswith("alpha"):
-        _MAP_NORESERVE = 0x10000
-    else:
-        _MAP_NORESERVE = 0x4000
-
 
 def _mapping_of(address: int) -> tuple[int, int, int, int, int] | None:
     """(start, file offset, device major, minor, inode) of this process's map that holds
@@ -187,7 +172,7 @@ def _map_copy_on_write(fd: int, length: int, offset: int) -> mmap.mmap:
     return mmap.mmap(
         fd,
         length,
-        flags=mmap.MAP_PRIVATE | _MAP_NORESERVE,
+        flags=mmap.MAP_PRIVATE | MAP_NORESERVE,
         prot=mmap.PROT_READ | mmap.PROT_WRITE,
         offset=offset,
     )

@@ -236,23 +236,25 @@ def test_reload_applies_from_the_next_batch_handed_out(store, tmp_path):
     assert not same(ref[3], _stream(store, {"num_workers": 0}, {})[3])
 
 
+@pytest.mark.parametrize("workers", [0, 4])
+@pytest.mark.parametrize("change", [1, 3, 4], ids=["force_steering", "set_epoch", "steering_probs"])
 @pytest.mark.parametrize("at", ["before", "right after", "a batch after"])
-def test_a_checkpoint_around_a_control_change_resumes_exactly(store, at):
-    """The reference forces a variant after its second batch; the checkpoint is taken just
-    before that call, right after it, or one batch later."""
-    ref = _stream(store, {"num_workers": 0}, {1: CALLS[1]})
-    loader = create_loader(store, "train", 8, num_workers=4)
+def test_a_checkpoint_around_a_control_change_resumes_exactly(store, at, change, workers):
+    """The reference makes a control change after its second batch; the checkpoint is taken
+    just before that call, right after it, or one batch later."""
+    ref = _stream(store, {"num_workers": 0}, {1: CALLS[change]})
+    loader = create_loader(store, "train", 8, num_workers=workers)
     it = iter(loader)
     got = take(it, 2)
     if at != "before":
-        loader.dataset.force_steering("residual")
+        CALLS[change](loader)
     if at == "a batch after":
         got += take(it, 1)
     state = loader.state_dict()
     del it
     again = create_loader(store, "train", 8, num_workers=2, worker_mode="process")
     if at == "before":  # the change comes after the checkpoint: made by the resumed run
-        tail = _stream_from(again, state, {-1: CALLS[1]})
+        tail = _stream_from(again, state, {-1: CALLS[change]})
     else:
         again.load_state_dict(state)
         tail = rest(iter(again))
