@@ -35,8 +35,9 @@ from jasper_mmap.steering import check_epoch, check_seed
 
 __all__ = ["EpochOrder", "OrderedBatches", "ResumableRandomSampler", "ResumableSequentialSampler"]
 
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-_ROUNDS = 6
+_ROUNDS = 4  # a Feistel network of 4 rounds is a pseudo-random permutation (Luby-Rackoff)
+#: samples whose order is computed at once (NOTE [epoch order]; _Plan.batches_of)
+_CHUNK = 8192
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -109,6 +110,29 @@ class _Plan:
             p %= self.n  # the last batch's padding: the epoch's first positions again
         return p
 
+    def positions_of(self, j0: int, j1: int) -> np.ndarray:
+        """Positions of this rank's batches ``j0`` to ``j1 - 1``, one after the other (all
+        but the plan's last batch hold ``batch`` positions)."""
+        size = (j1 - j0) * self.batch
+        if j1 == self.batches and j1 > j0:
+            size += self.last - self.batch
+        k = np.arange(j0 * self.batch, j0 * self.batch + size, dtype=np.int64)
+        p = self.cursor + k * self.replicas + self.rank
+        if p.size and p[-1] >= self.n:
+            p %= self.n  # the last batch's padding: the epoch's first positions again
+        return p
+
+    def batches_of(self, order: EpochOrder) -> Iterator[list[int]]:
+        """This rank's batches of samples, computed ``_CHUNK`` samples at a time (a numpy
+        call costs ~1 us whatever its length: one batch at a time cost ~330 us per batch of
+        128 here, a chunk of 64 batches ~5 us a batch)."""
+        step = max(1, _CHUNK // self.batch)
+        for j0 in range(0, self.batches, step):
+            j1 = min(self.batches, j0 + step)
+            samples = order.at(self.positions_of(j0, j1)).tolist()
+            for j in range(j1 - j0):
+                yield samples[j * self.batch : (j + 1) * self.batch]
+
     def cursor_after(self, k: int) -> int:
         """The global cursor once ``k`` batches of this plan were handed out."""
         return self.n if k >= self.batches else self.cursor + k * self.group
@@ -162,9 +186,8 @@ class _Resumable:
         )
 
     def _samples(self) -> Iterator[int]:
-        plan, order = self.plan(), self.order()
-        for j in range(plan.batches):
-            yield from order.at(plan.positions(j)).tolist()
+        for batch in self.plan().batches_of(self.order()):
+            yield from batch
 
     def _len(self) -> int:
         return self.plan().samples
@@ -218,9 +241,7 @@ class OrderedBatches(BatchSampler):
 
     def __iter__(self) -> Iterator[list[int]]:
         s = self.sampler
-        plan, order = s.plan(), s.order()
-        for j in range(plan.batches):
-            yield order.at(plan.positions(j)).tolist()
+        return s.plan().batches_of(s.order())
 
     def __len__(self) -> int:
         return self.sampler.plan().batches
