@@ -83,8 +83,12 @@ class LoadedBatch(dict):
     """A collated batch (a dict of the batch keys) that remembers the control version it was
     gathered under and its indices (NOTE [control at hand-out] in jasper_mmap/loading/loader.py)."""
 
-    def __init__(self, batch: dict[str, torch.Tensor], version: int, indices: Any) -> None:
-        super().__init__(batch)
+    def __init__(
+        self, batch: Any = (), version: int | None = None, indices: Any = None, **kw: Any
+    ) -> None:
+        # a mapping alone also makes one, as libraries rebuild a batch (type(b)(mapping)):
+        # Lightning moving it to a device, say
+        super().__init__(batch, **kw)
         self.control_version, self.indices = version, indices
 
 

@@ -180,17 +180,19 @@ class _Resumable:
     def order(self) -> EpochOrder:
         return EpochOrder(self.n, self.seed, self.epoch, self.shuffle)
 
-    def plan(self) -> _Plan:
-        return _Plan(
-            self.n, self.cursor, self.num_replicas, self.rank, self.batch_size, self.drop_last
-        )
+    def plan(self, from_start: bool = False) -> _Plan:
+        """What this rank serves from the cursor (``from_start``: the whole epoch)."""
+        cursor = 0 if from_start else self.cursor
+        return _Plan(self.n, cursor, self.num_replicas, self.rank, self.batch_size, self.drop_last)
 
     def _samples(self) -> Iterator[int]:
         for batch in self.plan().batches_of(self.order()):
             yield from batch
 
     def _len(self) -> int:
-        return self.plan().samples
+        # a whole epoch's, also while a resume is pending: frameworks count an epoch's
+        # batches with len() and the batches done since its start (Lightning does)
+        return self.plan(from_start=True).samples
 
 
 class ResumableRandomSampler(_Resumable, RandomSampler):
@@ -244,4 +246,4 @@ class OrderedBatches(BatchSampler):
         return s.plan().batches_of(s.order())
 
     def __len__(self) -> int:
-        return self.sampler.plan().batches
+        return self.sampler.plan(from_start=True).batches  # a whole epoch's (see _len)

@@ -355,7 +355,8 @@ def test_another_dataset_is_refused_naming_the_field_and_a_moved_store_resumes(
     moved = shutil.copytree(store, tmp_path / "elsewhere")
     again = create_loader(moved, "train", 8)
     again.load_state_dict(state)  # the same data at another path
-    assert len(rest(iter(again))) == len(again.batch_sampler) + 0 or True
+    assert len(again) == len(loader)  # len() is a whole epoch's, as frameworks count it
+    assert len(rest(iter(again))) == len(loader) - 2
     with pytest.raises(ResumeStateError, match=r"data\.split"):
         create_loader(store, "val", 8).load_state_dict(state)
     bad = json.loads(json.dumps(state))
