@@ -422,3 +422,46 @@ class _Stateful(Protocol):  # torchdata.stateful_dataloader.Stateful's protocol
 
 def test_the_loader_is_stateful(store):
     assert isinstance(create_loader(store, "train", 8), _Stateful)
+
+
+def test_validate_first_batch_and_set_epoch_after_iter_do_not_move_the_order(store):
+    from jasper_mmap import validate_first_batch
+
+    ref = rest(iter(create_loader(store, "train", 8)))
+    loader = create_loader(store, "train", 8, num_workers=2)
+    validate_first_batch(loader)  # takes a batch of its own iterator
+    assert all(same(a, b) for a, b in zip(rest(iter(loader)), ref, strict=True))
+    epoch1 = rest(iter(create_loader(store, "train", 8, epoch=1)))
+    it = iter(loader)
+    set_epoch(loader, 1)  # after iter(), before its first batch: epoch 1 from its start
+    got = rest(it)
+    assert len(got) == len(epoch1) and all(same(a, b) for a, b in zip(got, epoch1, strict=True))
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"num_workers": 2, "worker_mode": "process", "persistent_workers": True}]
+)
+def test_val_and_persistent_workers_resume(store, kw):
+    ref = rest(iter(create_loader(store, "val", 4)))
+    loader = create_loader(store, "val", 4, **kw)
+    it = iter(loader)
+    head = take(it, 1)
+    state = loader.state_dict()
+    del it
+    again = create_loader(store, "val", 4, **kw)
+    again.load_state_dict(state)
+    tail = rest(iter(again))
+    assert len(head) + len(tail) == len(ref)
+    assert all(same(a, b) for a, b in zip(head + tail, ref, strict=True))
+
+
+def test_a_batch_sampler_of_ones_own_has_no_position(store):
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    ds_len = len(create_loader(store, "train", 8).dataset)
+    own = BatchSampler(SequentialSampler(range(ds_len)), 8, drop_last=True)
+    loader = create_loader(store, "train", 8, batch_sampler=own)
+    with pytest.raises(ValueError, match="sampler of your own .* no position"):
+        loader.state_dict()
+    with pytest.raises(ValueError, match="sampler of your own"):
+        loader.load_state_dict({})
