@@ -532,8 +532,12 @@ def _map_side_by_side(
         bases = list(itertools.accumulate((-(-s // align) * align for s in spans), initial=0))
         region = Region(bases[-1])
         for k, (opened, lay) in enumerate(zip(shards, layouts, strict=True)):
+            full = lay.shard_rows * row_bytes  # a shard's rows (its chunks are inside the file)
             for s, (fd, size, _) in enumerate(opened):
-                region.map_file(fd, bases[k] + s * lay.shard_rows * row_bytes, size)
+                # all but the last shard: only its rows (a valid shard may hold unused bytes
+                # before its index; the next shard is mapped where its rows end)
+                length = size if s == len(opened) - 1 else min(size, full)
+                region.map_file(fd, bases[k] + s * full, length)
         offsets, unit, lut = tuple(b // row_bytes for b in bases[:-1]), 0, None
     else:
         unit = math.gcd(*(lay.chunk_rows for lay in layouts))
@@ -556,7 +560,9 @@ def _map_side_by_side(
         offsets = tuple(at_rows)
         lut = np.concatenate(starts) if starts else np.zeros(0, np.int64)
     buffer = region_array(region)
-    view = buffer.view(dtype).reshape(-1, *row_shape) if buffer.size else buffer.view(dtype)
+    # whole rows only: a range holds at least a page, more than an array of 0 rows fills
+    rows = buffer[: len(buffer) // row_bytes * row_bytes]
+    view = rows.view(dtype).reshape(-1, *row_shape)
     return RowPlace(view, offsets, buffer, entries[0]["file"], unit, lut)
 
 
