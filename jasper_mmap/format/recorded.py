@@ -120,6 +120,10 @@ def file_problems(
             msg = f"{path}: store file is missing ({label} lists it). {fix}"
             problems.append(Problem(StoreNotFoundError, msg, _owners(rel, entries or {})))
             continue
+        except OSError as e:  # a symlink loop, no permission on a folder...
+            msg = f"{path}: store file cannot be read ({e.strerror}). {fix}"
+            problems.append(Problem(StoreCorruptError, msg, _owners(rel, entries or {})))
+            continue
         got = st.st_size
         if not stat.S_ISREG(st.st_mode):  # NOTE [regular files only] in jasper_mmap/_fs/files.py
             msg = f"{path}: store file is {file_kind(st.st_mode)}, not a regular file. {fix}"

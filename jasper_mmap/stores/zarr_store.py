@@ -452,9 +452,14 @@ def _open_shards(
             where = shown / rel
             try:
                 fd = os.open(root / rel, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 raise StoreNotFoundError(
                     f"{where}: chunk file of array {name!r} is missing (the store records it). "
+                    f"{fix}"
+                ) from None
+            except OSError as e:  # a symlink loop, no permission...
+                raise StoreCorruptError(
+                    f"{where}: chunk file of array {name!r} cannot be opened ({e.strerror}). "
                     f"{fix}"
                 ) from None
             opened.append((fd, 0, None))

@@ -72,3 +72,43 @@ def test_array_of_zero_rows_reads_empty(tmp_path):
     assert s.read("keyword_embs").shape == (0, 24)
     assert s.gather("keyword_embs", []).shape == (0, 24)
     assert verify_store(z, progress=False).ok
+
+
+def _loop(store, rel):
+    (store / rel).unlink()
+    (store / rel).symlink_to(store / rel)
+
+
+def _not_a_dir(store, rel):
+    shutil.rmtree(store / rel.rsplit("/", 1)[0])
+    (store / rel.rsplit("/", 1)[0]).write_bytes(b"x")
+
+
+@pytest.mark.parametrize("damage", [_loop, _not_a_dir])
+def test_shard_path_that_cannot_be_opened_after_open_names_the_file(small, tmp_path, damage):
+    """A shard replaced after the store was opened by a symlink to itself (ELOOP), or its
+    folder by a file (ENOTDIR): the map path raised raw OSError / NotADirectoryError."""
+    from jasper_mmap.errors import JasperError
+
+    store = shutil.copytree(small, tmp_path / "z")
+    rel = "source_embs/c/1/0"
+    s = open_store(store)
+    damage(store, rel)
+    with pytest.raises(JasperError, match=rel):
+        s.gather("source_embs", [0, 70])
+    report = verify_store(store, progress=False)
+    assert not report.ok and rel in str(report) and "unexpected" not in str(report).lower()
+
+
+def test_shard_symlink_loop_before_open_names_the_file(small, tmp_path):
+    """open_store and verify raised a raw ``OSError: [Errno 40] Too many levels of symbolic
+    links`` from the recorded-files check."""
+    from jasper_mmap.errors import StoreCorruptError
+
+    store = shutil.copytree(small, tmp_path / "z")
+    rel = "source_embs/c/1/0"
+    _loop(store, rel)
+    with pytest.raises(StoreCorruptError, match=rel):
+        open_store(store)
+    report = verify_store(store, progress=False)
+    assert not report.ok and rel in str(report) and "unexpected" not in str(report).lower()
