@@ -23,6 +23,7 @@ import numpy as np
 from jasper_mmap.errors import (
     JasperError,
     SampleIndexError,
+    SampleIndexTypeError,
     StoreCorruptError,
     StoreKeyError,
     StoreNotFoundError,
@@ -387,7 +388,13 @@ class Store(abc.ABC):
         Raises:
             SampleIndexError: an index is negative or not below the array's length.
         """
-        idx = np.asarray(index, dtype=np.int64)
+        raw = np.asarray(index)
+        if raw.size and raw.dtype.kind not in "iu":  # never cast: 0.5 would read row 0
+            raise SampleIndexTypeError(
+                f"{self.path}: rows of {name!r} should be integers, but got {raw.dtype} "
+                f"values ({raw.ravel()[:3].tolist()}). Pass integer row indices."
+            )
+        idx = raw.astype(np.int64, copy=False)
         n = self.shape(name, generation)[0]
         if idx.size and (idx.min() < 0 or idx.max() >= n):
             bad = idx[(idx < 0) | (idx >= n)]

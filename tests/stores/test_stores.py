@@ -274,3 +274,14 @@ def test_open_checks_file_sizes_against_the_manifest(tmp_path, pt_dataset):
     (dst / "steering.safetensors").unlink()
     with pytest.raises(StoreNotFoundError, match="steering.safetensors: store file is missing"):
         open_store(dst)
+
+
+@pytest.mark.parametrize("rows", [[0.5], [0.7, 1.0], [True], np.array([1.0])])
+def test_store_gather_refuses_rows_that_are_not_integers(store_path, rows):
+    """Found by an attack: ``np.asarray(rows, dtype=int64)`` read row 0 for 0.5."""
+    from jasper_mmap.errors import SampleIndexTypeError
+
+    store = open_store(store_path)
+    with pytest.raises(SampleIndexTypeError, match="should be integers"):
+        store.gather("source_embs", rows)
+    assert store.gather("source_embs", []).shape == (0, store.shape("source_embs")[1])

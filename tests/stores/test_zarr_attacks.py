@@ -13,7 +13,7 @@ import zarr
 
 from jasper_mmap import open_store
 from jasper_mmap.converters import convert_pt
-from jasper_mmap.format.zarr_metadata import decode_shard_index, encode_shard_index
+from jasper_mmap.format.zarr_metadata import decode_shard_index
 from jasper_mmap.stores import zarr_store
 from jasper_mmap.stores.verify import verify_store
 from jasper_mmap.synthetic.small import SyntheticSpec, make_pt_dataset
