@@ -123,6 +123,9 @@ class JasperLoader(DataLoader):
             object.__setattr__(self, "batch_sampler", batches)
         #: (plan, batches handed out, epoch) of the newest iterator: what state_dict counts
         self._position: tuple[Any, int, int] | None = None
+        #: load_state_dict ran and no batch was handed out since: set_epoch(loader, the
+        #: restored epoch) keeps the restored control state (module-level set_epoch)
+        self._resume_pending = False
 
     def _get_iterator(self) -> Any:
         """The DataLoader's iterator; its worker processes (``worker_mode="process"``, or
@@ -307,6 +310,7 @@ class JasperLoader(DataLoader):
             dataset.steering_probs = control["steering_probs"]
         dataset.force_steering(control.get("forced"))
         self._position = None
+        self._resume_pending = True
         sampler.epoch, sampler.cursor, sampler._handed_out = int(order["epoch"]), 0, None
         sampler.cursor = int(state["cursor"])
 
@@ -364,6 +368,7 @@ class _HandOut:
         self.handed += 1
         if self.handed == 1:
             s.cursor = 0  # consumed: a new iter() starts its epoch at batch 0
+            loader._resume_pending = False
         s._handed_out = self.handed
         loader._position = (self.plan, self.handed, self.key[0])
         return batch
@@ -516,10 +521,23 @@ def _world(replicas: int | None, rank: int | None) -> tuple[int, int]:
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Set the epoch of the loader's dataset (curriculum) and of its sampler (shuffling)."""
+    """Set the epoch of the loader's dataset (curriculum) and of its sampler (shuffling).
+
+    Right after ``load_state_dict`` (no batch handed out since), the restored epoch keeps the
+    restored position and control state (assigned probabilities, forced variant): a loop that
+    calls ``set_epoch(loader, epoch)`` at each epoch's start resumes exactly (NOTE [resuming]).
+    """
     dataset = getattr(loader, "dataset_obj", loader.dataset)
-    dataset.set_epoch(epoch)
     sampler = getattr(loader, "sampler_obj", None) or loader.sampler
+    restored = (
+        getattr(loader, "_resume_pending", False)
+        and getattr(sampler, "epoch", None) == epoch
+        and dataset._control.snapshot().epoch == epoch
+    )
+    if not restored:
+        dataset.set_epoch(epoch)
+        if hasattr(loader, "_resume_pending"):
+            loader._resume_pending = False
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
 
@@ -579,14 +597,26 @@ def _peek(loader: DataLoader) -> Any:
     sampler = getattr(loader, "sampler", None)
     if not isinstance(loader, JasperLoader) or not isinstance(sampler, _Resumable):
         return next(iter(loader))
-    saved = (sampler.epoch, sampler.cursor, sampler._handed_out, loader._position)
+    saved = (
+        sampler.epoch,
+        sampler.cursor,
+        sampler._handed_out,
+        loader._position,
+        loader._resume_pending,
+    )
     it = iter(loader)
     try:
         return next(it)
     finally:
         if hasattr(it, "close"):
             it.close()
-        sampler.epoch, sampler.cursor, sampler._handed_out, loader._position = saved
+        (
+            sampler.epoch,
+            sampler.cursor,
+            sampler._handed_out,
+            loader._position,
+            loader._resume_pending,
+        ) = saved
 
 
 def first_batch_summary(loader: DataLoader) -> dict[str, Any]:

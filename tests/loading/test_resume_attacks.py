@@ -147,3 +147,25 @@ def test_a_generator_is_named_when_state_dict_refuses(store):
     loader = create_loader(store, "train", 8, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="generator="):
         loader.state_dict()
+
+
+@pytest.mark.parametrize("change", ["steering_probs", "force_steering"])
+def test_set_epoch_of_the_restored_epoch_keeps_the_restored_control(store, change):
+    """The usual loop calls set_epoch(loader, epoch) at each epoch's start, also the resumed
+    one: that must not drop the steering probabilities the state restored."""
+    loader = create_loader(store, "train", 8)
+    set_epoch(loader, 0)
+    it = iter(loader)
+    next(it), next(it)
+    if change == "steering_probs":
+        loader.dataset.steering_probs = {"zero": 0, "centroid": 0, "keyword": 1, "residual": 0}
+    else:
+        loader.dataset.force_steering("residual")
+    state = json.loads(json.dumps(loader.state_dict()))
+    want = rest(it)
+    resumed = create_loader(store, "train", 8, num_workers=2)
+    resumed.load_state_dict(state)
+    set_epoch(resumed, state["order"]["epoch"])
+    assert same(rest(resumed), want)
+    set_epoch(resumed, 1)  # a new epoch: the curriculum's probabilities again
+    assert resumed.state_dict()["control"]["steering_probs"] is None
