@@ -126,6 +126,9 @@ class JasperLoader(DataLoader):
         #: load_state_dict ran and no batch was handed out since: set_epoch(loader, the
         #: restored epoch) keeps the restored control state (module-level set_epoch)
         self._resume_pending = False
+        #: bumped by load_state_dict: an iterator started before it no longer moves the
+        #: position state_dict reports (the resume is where the next iterator starts)
+        self._loads = 0
 
     def _get_iterator(self) -> Any:
         """The DataLoader's iterator; its worker processes (``worker_mode="process"``, or
@@ -212,6 +215,11 @@ class JasperLoader(DataLoader):
 
     # -- resuming: NOTE [resuming] in jasper_mmap/loading/resume.py ---------------------------
     def _resumable(self) -> _Resumable:
+        if isinstance(self.sampler, _Resumable) and self.batch_sampler is None:
+            raise ValueError(
+                f"{_where(self)}: batch_size=None serves single samples, so this loader has no "
+                f"batch position to save or restore. Pass a batch_size to create_loader."
+            )
         if not isinstance(self.sampler, _Resumable) or not isinstance(
             self.batch_sampler, OrderedBatches
         ):
@@ -311,6 +319,7 @@ class JasperLoader(DataLoader):
         dataset.force_steering(control.get("forced"))
         self._position = None
         self._resume_pending = True
+        self._loads += 1
         sampler.epoch, sampler.cursor, sampler._handed_out = int(order["epoch"]), 0, None
         sampler.cursor = int(state["cursor"])
 
@@ -344,6 +353,7 @@ class _HandOut:
         if self.inner is not None and hasattr(self.inner, "close"):
             self.inner.close()
         self.key = (s.epoch, s.cursor)
+        self.loads = self.loader._loads
         self.plan = s.plan()
         s._handed_out = 0
         self.loader._position = (self.plan, 0, s.epoch)
@@ -357,7 +367,7 @@ class _HandOut:
 
     def __next__(self) -> Any:
         loader, s = self.loader, self.loader.sampler
-        if not self.handed and (s.epoch, s.cursor) != self.key:
+        if not self.handed and ((s.epoch, s.cursor) != self.key or self.loads != loader._loads):
             self._start()  # set_epoch (or a resume) after iter(), before its first batch
         batch = next(self.inner)
         version = getattr(batch, "control_version", None)
@@ -366,6 +376,8 @@ class _HandOut:
             pin = bool(loader.pin_memory) and torch.cuda.is_available()
             batch = loader.collate_fn(dataset.__getitems__(batch.indices, pin_memory=pin))
         self.handed += 1
+        if self.loads != loader._loads:  # load_state_dict ran since this iterator started
+            return batch
         if self.handed == 1:
             s.cursor = 0  # consumed: a new iter() starts its epoch at batch 0
             loader._resume_pending = False

@@ -169,3 +169,31 @@ def test_set_epoch_of_the_restored_epoch_keeps_the_restored_control(store, chang
     assert same(rest(resumed), want)
     set_epoch(resumed, 1)  # a new epoch: the curriculum's probabilities again
     assert resumed.state_dict()["control"]["steering_probs"] is None
+
+
+def test_an_iterator_started_before_load_state_dict_does_not_move_the_saved_position(store, state):
+    loader = create_loader(store, "train", 8)
+    old = iter(loader)
+    next(old)
+    loader.load_state_dict(state)
+    next(old)  # the stale iterator goes on
+    assert loader.state_dict() == state
+    want = create_loader(store, "train", 8)
+    want.load_state_dict(state)
+    assert same(rest(loader), rest(want))
+
+
+def test_an_unused_iterator_from_before_load_state_dict_counts_from_the_state(store, state):
+    start = copy.deepcopy(state)
+    start["cursor"] = 0  # the same (epoch, cursor) as the iterator's own start
+    loader = create_loader(store, "train", 8)
+    it = iter(loader)
+    loader.load_state_dict(start)
+    next(it), next(it)
+    assert loader.state_dict()["cursor"] == 16
+
+
+def test_batch_size_none_is_named_when_state_dict_refuses(store):
+    loader = create_loader(store, "train", None, drop_last=False)
+    with pytest.raises(ValueError, match="batch_size=None"):
+        loader.state_dict()
