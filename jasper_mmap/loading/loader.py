@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from jasper_mmap.dataset.batches import BATCH_KEYS, LoadedBatch, SampleBatch
 from jasper_mmap.dataset.control import mark_loader_worker
@@ -121,8 +121,14 @@ class JasperLoader(DataLoader):
             # each batch computed at once (DataLoader forbids setting this after __init__)
             batches = OrderedBatches(self.sampler, self.batch_size, self.drop_last)
             object.__setattr__(self, "batch_sampler", batches)
-        #: (plan, batches handed out) of the newest iterator: what state_dict counts
-        self._position: tuple[Any, int] | None = None
+        #: (plan, batches handed out, epoch) of the newest iterator: what state_dict counts
+        self._position: tuple[Any, int, int] | None = None
+        #: load_state_dict ran and no batch was handed out since: set_epoch(loader, the
+        #: restored epoch) keeps the restored control state (module-level set_epoch)
+        self._resume_pending = False
+        #: bumped by load_state_dict: an iterator started before it no longer moves the
+        #: position state_dict reports (the resume is where the next iterator starts)
+        self._loads = 0
 
     def _get_iterator(self) -> Any:
         """The DataLoader's iterator; its worker processes (``worker_mode="process"``, or
@@ -209,14 +215,32 @@ class JasperLoader(DataLoader):
 
     # -- resuming: NOTE [resuming] in jasper_mmap/loading/resume.py ---------------------------
     def _resumable(self) -> _Resumable:
+        if isinstance(self.sampler, _Resumable) and self.batch_sampler is None:
+            raise ValueError(
+                f"{_where(self)}: batch_size=None serves single samples, so this loader has no "
+                f"batch position to save or restore. Pass a batch_size to create_loader."
+            )
         if not isinstance(self.sampler, _Resumable) or not isinstance(
             self.batch_sampler, OrderedBatches
         ):
+            torch_shuffle = (
+                type(self.sampler) is RandomSampler and type(self.batch_sampler) is BatchSampler
+            )
+            if torch_shuffle and self.generator is not None:  # the user's RNG draws the order
+                what = "are shuffled by torch's RandomSampler from your generator="
+                fix = "Pass no generator= (the order is a function of seed= and the epoch)"
+            else:
+                what = (
+                    f"come from a sampler of your own "
+                    f"({type(self.batch_sampler or self.sampler).__name__})"
+                )
+                fix = (
+                    "Let create_loader choose the sampler (shuffle=, drop_last=, distributed=), "
+                    "or save your sampler's state yourself"
+                )
             raise ValueError(
-                f"{_where(self)}: this loader's batches come from a sampler of your own "
-                f"({type(self.batch_sampler or self.sampler).__name__}), so it has no position to "
-                f"save or restore. Let create_loader choose the sampler (shuffle=, drop_last=, "
-                f"distributed=), or save your sampler's state yourself."
+                f"{_where(self)}: this loader's batches {what}, so it has no position to save "
+                f"or restore. {fix}."
             )
         return self.sampler
 
@@ -228,7 +252,13 @@ class JasperLoader(DataLoader):
         starts at."""
         sampler, dataset = self._resumable(), self.dataset
         position = self._position
-        if position is not None and position[1]:
+        # the newest iterator's count (it may go on after a set_epoch of its own epoch), unless
+        # it can serve no more of the sampler's epoch: set_epoch moved to another epoch, or
+        # restarted its finished epoch; then where the next iterator starts
+        live = position is not None and position[1] and position[2] == sampler.epoch
+        if live and sampler._handed_out is None and position[1] >= position[0].batches:
+            live = False
+        if live:
             cursor = position[0].cursor_after(position[1])
         else:
             cursor = sampler.cursor
@@ -288,6 +318,8 @@ class JasperLoader(DataLoader):
             dataset.steering_probs = control["steering_probs"]
         dataset.force_steering(control.get("forced"))
         self._position = None
+        self._resume_pending = True
+        self._loads += 1
         sampler.epoch, sampler.cursor, sampler._handed_out = int(order["epoch"]), 0, None
         sampler.cursor = int(state["cursor"])
 
@@ -321,9 +353,10 @@ class _HandOut:
         if self.inner is not None and hasattr(self.inner, "close"):
             self.inner.close()
         self.key = (s.epoch, s.cursor)
+        self.loads = self.loader._loads
         self.plan = s.plan()
         s._handed_out = 0
-        self.loader._position = (self.plan, 0)
+        self.loader._position = (self.plan, 0, s.epoch)
         self.inner = self.loader._batches()
 
     def __iter__(self) -> _HandOut:
@@ -334,7 +367,7 @@ class _HandOut:
 
     def __next__(self) -> Any:
         loader, s = self.loader, self.loader.sampler
-        if not self.handed and (s.epoch, s.cursor) != self.key:
+        if not self.handed and ((s.epoch, s.cursor) != self.key or self.loads != loader._loads):
             self._start()  # set_epoch (or a resume) after iter(), before its first batch
         batch = next(self.inner)
         version = getattr(batch, "control_version", None)
@@ -343,10 +376,13 @@ class _HandOut:
             pin = bool(loader.pin_memory) and torch.cuda.is_available()
             batch = loader.collate_fn(dataset.__getitems__(batch.indices, pin_memory=pin))
         self.handed += 1
+        if self.loads != loader._loads:  # load_state_dict ran since this iterator started
+            return batch
         if self.handed == 1:
             s.cursor = 0  # consumed: a new iter() starts its epoch at batch 0
+            loader._resume_pending = False
         s._handed_out = self.handed
-        loader._position = (self.plan, self.handed)
+        loader._position = (self.plan, self.handed, self.key[0])
         return batch
 
     def close(self) -> None:
@@ -497,10 +533,23 @@ def _world(replicas: int | None, rank: int | None) -> tuple[int, int]:
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Set the epoch of the loader's dataset (curriculum) and of its sampler (shuffling)."""
+    """Set the epoch of the loader's dataset (curriculum) and of its sampler (shuffling).
+
+    Right after ``load_state_dict`` (no batch handed out since), the restored epoch keeps the
+    restored position and control state (assigned probabilities, forced variant): a loop that
+    calls ``set_epoch(loader, epoch)`` at each epoch's start resumes exactly (NOTE [resuming]).
+    """
     dataset = getattr(loader, "dataset_obj", loader.dataset)
-    dataset.set_epoch(epoch)
     sampler = getattr(loader, "sampler_obj", None) or loader.sampler
+    restored = (
+        getattr(loader, "_resume_pending", False)
+        and getattr(sampler, "epoch", None) == epoch
+        and dataset._control.snapshot().epoch == epoch
+    )
+    if not restored:
+        dataset.set_epoch(epoch)
+        if hasattr(loader, "_resume_pending"):
+            loader._resume_pending = False
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
 
@@ -553,6 +602,35 @@ def validate_first_batch(loader: DataLoader) -> bool:
     return True
 
 
+def _peek(loader: DataLoader) -> Any:
+    """The first batch of a new iterator of ``loader``, leaving a resumable loader where it
+    was: a pending resume (load_state_dict) and state_dict() are as before the peek, so the
+    training loop that follows starts where it would have (NOTE [resuming])."""
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(loader, JasperLoader) or not isinstance(sampler, _Resumable):
+        return next(iter(loader))
+    saved = (
+        sampler.epoch,
+        sampler.cursor,
+        sampler._handed_out,
+        loader._position,
+        loader._resume_pending,
+    )
+    it = iter(loader)
+    try:
+        return next(it)
+    finally:
+        if hasattr(it, "close"):
+            it.close()
+        (
+            sampler.epoch,
+            sampler.cursor,
+            sampler._handed_out,
+            loader._position,
+            loader._resume_pending,
+        ) = saved
+
+
 def first_batch_summary(loader: DataLoader) -> dict[str, Any]:
     """:func:`validate_first_batch`'s checks; returns batch size, embedding dim, n_neg and the
     variant counts of the first batch.
@@ -564,7 +642,7 @@ def first_batch_summary(loader: DataLoader) -> dict[str, Any]:
     origin = getattr(dataset, "store_path", None)
     where = f"{origin}: " if origin is not None else ""
     try:
-        batch = next(iter(loader))
+        batch = _peek(loader)
     except StopIteration:
         n = len(dataset) if hasattr(dataset, "__len__") else "?"
         raise BatchValidationError(

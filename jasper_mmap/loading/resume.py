@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from jasper_mmap.errors import JasperError
+from jasper_mmap.errors import ConfigError, JasperError
 from jasper_mmap.format.spec import NEGATIVE_ARRAYS, PAIR_ARRAYS
-from jasper_mmap.steering import VARIANTS
+from jasper_mmap.steering import VARIANTS, check_epoch, distribution
 
 __all__ = ["STATE_VERSION", "ResumeStateError", "data_identity", "check_state"]
 
@@ -70,7 +70,8 @@ def check_state(state: Any, identity: dict[str, Any], where: str) -> dict[str, A
             f"{where}: load_state_dict got {type(state).__name__}, not a state from a "
             f"jasper_mmap loader's state_dict(). Pass what loader.state_dict() returned."
         )
-    if state.get("version") != STATE_VERSION:
+    version = state.get("version")
+    if not _is_int(version) or version != STATE_VERSION:
         raise ResumeStateError(
             f"{where}: the state's version is {state.get('version')!r}; this jasper_mmap reads "
             f"version {STATE_VERSION}. Resume with the jasper_mmap version that saved it."
@@ -96,15 +97,64 @@ def check_state(state: Any, identity: dict[str, Any], where: str) -> dict[str, A
             f"{where}: the state's cursor should be an integer in [0, {identity['length']}], "
             f"but got {cursor!r:.40}. {_FIX}"
         )
+    _check_fields(order, control, where)
     forced = control.get("forced")
     if forced is not None and forced not in VARIANTS:
         raise ResumeStateError(f"{where}: control.forced {forced!r:.40} is not a variant. {_FIX}")
     probs = control.get("steering_probs")
-    if probs is not None and not (
-        isinstance(probs, dict) and all(isinstance(v, int | float) for v in probs.values())
-    ):
-        raise ResumeStateError(f"{where}: control.steering_probs is malformed. {_FIX}")
+    if probs is not None:
+        ok = isinstance(probs, dict) and all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in probs.values()
+        )
+        try:  # checked here, before load_state_dict changes anything (all or nothing)
+            if ok:
+                distribution(probs, "control.steering_probs", _FIX)
+        except ConfigError:
+            ok = False
+        if not ok:
+            raise ResumeStateError(
+                f"{where}: control.steering_probs is malformed ({probs!r:.80}): it should map "
+                f"{VARIANTS} to finite non-negative numbers summing to 1, or be null. {_FIX}"
+            )
     return state
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_fields(order: dict[str, Any], control: dict[str, Any], where: str) -> None:
+    """The order's and the control state's fields: present, of their types and ranges, so
+    that load_state_dict never fails half-way (nor casts a wrong value into a right one)."""
+    for name, ok, want in (
+        ("order.seed", _is_int(order.get("seed")) and order.get("seed") >= 0, "an integer >= 0"),
+        ("order.shuffle", isinstance(order.get("shuffle"), bool), "true or false"),
+        ("order.drop_last", isinstance(order.get("drop_last"), bool), "true or false"),
+        (
+            "control.negatives_generation",
+            _is_int(control.get("negatives_generation"))
+            and control.get("negatives_generation") >= 0,
+            "an integer >= 0",
+        ),
+    ):
+        if not ok:
+            value = (order if name.startswith("order.") else control).get(name.split(".")[1])
+            raise ResumeStateError(
+                f"{where}: the state's {name} should be {want}, but got {value!r:.40}. {_FIX}"
+            )
+    for name, value in (
+        ("order.epoch", order.get("epoch")),
+        ("control.epoch", control.get("epoch")),
+    ):
+        try:
+            if not _is_int(value):  # an int only: JSON keeps ints (1.0 was not saved)
+                raise ConfigError(name)
+            check_epoch(value, name)
+        except ConfigError:
+            raise ResumeStateError(
+                f"{where}: the state's {name} should be an integer epoch, but got "
+                f"{value!r:.40}. {_FIX}"
+            ) from None
 
 
 _FIX = "Pass what loader.state_dict() returned, unchanged."
