@@ -309,6 +309,15 @@ class JasperLoader(DataLoader):
                 f"{order.get('shuffle')!r:.8}) is not this loader's (seed {sampler.seed}, "
                 f"shuffle {sampler.shuffle}). Create the loader with the run's seed and shuffle."
             )
+        if order["drop_last"] != bool(self.drop_last):
+            log.warning(
+                "%s: the state was saved with drop_last=%s; this loader has drop_last=%s, so "
+                "the rest of the epoch is served with drop_last=%s",
+                _where(self),
+                order["drop_last"],
+                bool(self.drop_last),
+                bool(self.drop_last),
+            )
         if negatives == "saved":
             dataset.use_negatives_generation(int(control["negatives_generation"]))
         else:

@@ -120,6 +120,8 @@ def check_state(state: Any, identity: dict[str, Any], where: str) -> dict[str, A
 
 
 def _is_int(value: Any) -> bool:
+    """A Python int (not a bool): what state_dict writes and JSON reads back. numpy integers
+    are refused with the rest: a state is plain JSON data."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 

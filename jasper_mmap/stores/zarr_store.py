@@ -459,8 +459,7 @@ def _open_shards(
                 ) from None
             except OSError as e:  # a symlink loop, no permission...
                 raise StoreCorruptError(
-                    f"{where}: chunk file of array {name!r} cannot be opened ({e.strerror}). "
-                    f"{fix}"
+                    f"{where}: chunk file of array {name!r} cannot be opened ({e.strerror}). {fix}"
                 ) from None
             opened.append((fd, 0, None))
             st = os.fstat(fd)

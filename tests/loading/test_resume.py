@@ -465,3 +465,29 @@ def test_a_batch_sampler_of_ones_own_has_no_position(store):
         loader.state_dict()
     with pytest.raises(ValueError, match="sampler of your own"):
         loader.load_state_dict({})
+
+
+def test_another_drop_last_is_said(store, caplog):
+    import logging
+
+    loader = create_loader(store, "train", 8)  # drop_last=True (train's default)
+    state = loader.state_dict()
+    again = create_loader(store, "train", 8, drop_last=False)
+    with caplog.at_level(logging.WARNING, logger="jasper_mmap.loading.loader"):
+        again.load_state_dict(state)
+    assert "saved with drop_last=True; this loader has drop_last=False" in caplog.text
+
+
+@pytest.mark.gpu
+def test_a_dataset_preloaded_to_the_gpu_resumes(store):
+    ref = rest(iter(create_loader(store, "train", 8, device="cuda")))
+    loader = create_loader(store, "train", 8, device="cuda")
+    it = iter(loader)
+    head = take(it, 3)
+    state = loader.state_dict()
+    del it
+    again = create_loader(store, "train", 8, device="cuda")
+    again.load_state_dict(state)
+    tail = rest(iter(again))
+    assert len(head) + len(tail) == len(ref)
+    assert all(same(a, b) for a, b in zip(head + tail, ref, strict=True))
