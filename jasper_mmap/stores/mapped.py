@@ -194,6 +194,9 @@ class MappedStore(Store):
     def _placed(self, names: tuple[str, ...], generation: int | None = None) -> RowPlace | None:
         """:meth:`_place`, made once per process and kept with the maps (dropped on close and
         with the generation of the negatives)."""
+        place = self._places.get((names, generation), _UNSET)  # the common case, at once
+        if place is not _UNSET:
+            return place
         if any(name in NEGATIVE_ARRAYS for name in names):
             if len(names) > 1:
                 return None  # a generation's arrays: replaced by every reload, never joined
