@@ -432,8 +432,13 @@ def create_loader(
 ) -> JasperLoader:
     """A DataLoader over ``JASPERSteeringDataset(dataset_dir, split, epoch)`` on the batched path.
 
-    Train shuffles and drops the last partial batch by default; val/test do neither. With
-    ``distributed=True`` a ``DistributedSampler`` shards the split across ranks.
+    Train shuffles and drops the last partial batch by default; val/test do neither. The
+    order is a function of (seed, epoch) only (NOTE [epoch order] in
+    jasper_mmap/loading/order.py), and ``loader.state_dict()`` / ``load_state_dict`` resume it
+    exactly (NOTE [resuming]). With ``distributed=True`` the split is sharded across ranks as
+    ``DistributedSampler`` deals it (rank and world size from ``torch.distributed``, or
+    ``num_replicas=`` and ``rank=``). ``sampler=``, ``batch_sampler=`` or ``generator=``
+    (torch's order) replace that sampler; such a loader has no position to save.
     ``num_workers`` gather threads (``worker_mode="thread"``, the default) or worker processes
     (``worker_mode="process"``); see :class:`JasperLoader`. ``pin_memory`` (with CUDA) gathers
     straight into pinned memory. ``dataloader_kwargs`` go to the DataLoader and override these
@@ -444,7 +449,8 @@ def create_loader(
 
     Returns:
         A :class:`JasperLoader` (a ``torch.utils.data.DataLoader``), with ``.dataset_obj``
-        (the dataset) and ``.sampler_obj`` (the DistributedSampler, or None).
+        (the dataset) and ``.sampler_obj`` (the sharding sampler with ``distributed=True``,
+        else None; ``.sampler`` is the sampler in every case).
     """
     ds_keys = (
         "seed",
