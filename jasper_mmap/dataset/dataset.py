@@ -78,7 +78,9 @@ class JASPERSteeringDataset(BatchEngine, torch.utils.data.Dataset):
             :attr:`use_mmap` says which is in effect.
         seed: seed of the steering draw; default ``config.json``'s ``random_seed``, else 42.
         cache_dir: where to keep the store converted from a dataset directory.
-        store_format: backend of that store (``"safetensors"`` or ``"zarr"``).
+        store_format: backend of that store (``"safetensors"`` or ``"zarr"``); default: the
+            cached store's, else safetensors. A cached store of the other backend is refused
+            (``StoreFormatError``), never replaced: it may hold published negatives.
         report_generation: add a tenth key, ``negatives_generation`` ([B] int64), naming the
             negatives generation each batch was served from (NOTE [hot reload]).
         preload: same as ``use_mmap=False`` (kept for older code).
@@ -106,7 +108,7 @@ class JASPERSteeringDataset(BatchEngine, torch.utils.data.Dataset):
         *,
         seed: int | None = None,
         cache_dir: str | Path | None = None,
-        store_format: str = "safetensors",
+        store_format: str | None = None,
         report_generation: bool = False,
         preload: bool | None = None,
         preload_budget_bytes: int | None = None,

@@ -36,6 +36,7 @@ from jasper_mmap.errors import (
     ArtifactMissingError,
     ConfigError,
     JasperError,
+    StoreFormatError,
     StoreNotFoundError,
     StoreStaleError,
     StoreWriteError,
@@ -381,7 +382,7 @@ def _store_format_of(store: Path, requested: str, manifest: dict[str, Any]) -> s
 def resolve_dataset(
     dataset_dir: str | Path,
     cache_dir: str | Path | None = None,
-    store_format: str = "safetensors",
+    store_format: str | None = None,
     check_sources: bool = True,
     *,
     storage_format: str = "auto",
@@ -443,11 +444,19 @@ def resolve_dataset(
     )
     with lock:
         why = _rebuild_reason(src, store, fmt)
+        have = read_valid_manifest(store).get("backend") if why is None else None
+        if have is not None and store_format not in (None, have) and not for_publish:
+            raise StoreFormatError(
+                f"{src}: its store {store} is a {have} store, and store_format="
+                f"{store_format!r} was asked; a store is never replaced for that (it may "
+                f"hold published negatives). Pass store_format={have!r} (or leave it out) to "
+                f"read it, or another cache_dir= to convert a {store_format} store there."
+            )
         if why is None:
             refresh_negatives(src, store, fmt)
         else:
             options = {**(convert_options or {}), "source": fmt}
-            _convert(src, store, store_format, options, why)
+            _convert(src, store, store_format or "safetensors", options, why)
     return Resolved(store, fmt, src)
 
 
@@ -488,7 +497,7 @@ def _format_to_publish_into(src: Path, cache_dir: str | Path | None, fmt: str) -
 def resolve_store(
     dataset_dir: str | Path,
     cache_dir: str | Path | None = None,
-    store_format: str = "safetensors",
+    store_format: str | None = None,
     check_sources: bool = True,
     convert_options: dict[str, Any] | None = None,
 ) -> Path:
