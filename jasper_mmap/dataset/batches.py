@@ -101,6 +101,55 @@ _PAIR_KEYS = {
 }
 
 
+# NOTE [batch plans]
+# Making a batch is two kinds of work: gathering its embedding rows (~1,900 rows of 1.5 KiB for
+# B=128, n_neg=12, D=384) and the bookkeeping around them: the split and pair indices, the
+# steering draw, range checks, the negatives and the small per-pair outputs. The bookkeeping is
+# a few dozen numpy calls on 128 values, so its cost is per call, not per value: ~0.3 ms of a
+# ~0.7 ms batch alone, and more between two training steps, whose caches it finds cold. A
+# thread-mode loader knows its next batches (it draws them from the sampler ahead of time), so
+# it asks for the bookkeeping of up to 16 of them at once (``plan_batches``), and serving a
+# batch of the plan (``planned_batch``) is its row gathers and slices of the plan's
+# arrays. A plan is made from one reading of the control block and used only while the block is
+# unchanged (its version, a write counter): a ``set_epoch``, ``force_steering``, assigned
+# ``steering_probs`` or ``reload_negatives`` after the plan was made sends its remaining batches
+# back to ``__getitems__``, which reads the block as it is then. So a batch is the same bytes as
+# ``get_batch`` of its indices at the moment it starts, with or without a plan. ``get_batch``
+# itself is a plan of one batch, served under the batch's lease, with its small outputs read
+# after its rows into recycled buffers as before plans (so on a store read ahead from disk,
+# which is served this way, the small arrays' reads finish while the rows are waited for). The
+# plan reads its negatives while it leases their generation (NOTE [generation leases]); serving
+# reads only the source, question and steering tables, which no reload changes. The small
+# outputs of a planned batch are slices of the plan's arrays: fresh arrays, never reused, so a
+# kept batch is never overwritten (a kept slice keeps the plan's few kilobytes). Measured on 2
+# cores, the seed's training loop with num_workers=4 gathering in the loop (next() timed, 5
+# rounds of 300 steps): 1.23-1.35 ms per batch one by one, 0.80-0.88 ms from plans of 16, the
+# row gathers alone 0.58-0.79 ms; the loader alone (bench_train.py) at num_workers=2 / 4, 210k /
+# 215k samples/s before, 236k / 238k with plans. num_workers=0 takes one batch at a time from
+# the sampler, as a plain DataLoader does, so it makes plans of one (get_batch).
+
+
+# NOTE [joined rows]
+# The converter writes question_embs and source_embs back to back in one file, and the three
+# steering tables back to back in another. A store that maps its files sees each group as one
+# array of rows (``Store.joined``: where each array begins in it), so a batch's embedding rows
+# are two gathers, not three plus the steering draw's index arithmetic: the plan turns the
+# question, source and steering rows into rows of the joined arrays (and notes where the
+# variant is 0, whose rows are zeroed after the gather), and serving gathers targets,
+# negatives and questions into one recycled block and the steering rows after them. The four
+# embedding outputs are row slices of that block: a kept output keeps the whole block (B x (3 +
+# n_neg) rows: 2.9 MB at B=128, n_neg=12, D=384) and keeps it from being reused (NOTE
+# [recycled batch buffers]); ``.clone()`` what you keep. A variant-0 row gathers the steering
+# tables' first row (read every batch, so cached), not its pair's row, and is zeroed. Between
+# two training steps of the seed's loop on 2 cores (num_workers=4 gathering in the loop, page
+# cache warm) a batch took 1.08-1.13 ms with one gather per array and 0.82-0.92 ms so; the
+# gather floor of bench_train.py, 0.69-0.74 ms.
+# Both backends join (zarr maps its shard files side by side: NOTE [zarr shards as rows] in
+# jasper_mmap/stores/zarr_store.py); a store whose arrays cannot be joined (a zarr layout read
+# through zarr-python) or that stores float16 (widened per array) reads one array at a time;
+# both ways give the same bytes.
+
+
 def _batch_rows(parts: list[tuple[np.ndarray, int, int]], bounds: list[int]) -> Any:
     """Each batch's rows of ``parts`` back to back: from each (rows, w, offset), batch ``j``'s
     ``rows[bounds[j] * w : bounds[j + 1] * w] + offset``. Batches of one size (all but a

@@ -169,7 +169,7 @@ class MappedStore(Store):
     @property
     def reads_ahead(self) -> bool:
         """Whether this store's maps are advised ``"random"`` and its batches read ahead
-        (NOTE [read-ahead advice] in jasper_mmap/stores/readahead.py)."""
+        (NOTE [read-ahead advice] in jasper_mmap/stores/safetensors_store.py)."""
         return self._advice() == "random"
 
     def _advice(self) -> str:
