@@ -99,20 +99,10 @@ class _Plan:
             tail = left - (self.batches - 1) * self.group if self.batches else 0
             self.last = -(-tail // replicas) if tail else batch
 
-    def positions(self, j: int) -> np.ndarray:
-        """Positions (wrapped into ``[0, n)``) of this rank's batch ``j``: every
-        ``replicas``-th position from the cursor, from the rank's own, as DistributedSampler
-        deals them out."""
-        size = self.last if j == self.batches - 1 else self.batch
-        k = np.arange(j * self.batch, j * self.batch + size, dtype=np.int64)
-        p = self.cursor + k * self.replicas + self.rank
-        if p.size and p[-1] >= self.n:
-            p %= self.n  # the last batch's padding: the epoch's first positions again
-        return p
-
     def positions_of(self, j0: int, j1: int) -> np.ndarray:
-        """Positions of this rank's batches ``j0`` to ``j1 - 1``, one after the other (all
-        but the plan's last batch hold ``batch`` positions)."""
+        """Positions (wrapped into ``[0, n)``) of this rank's batches ``j0`` to ``j1 - 1``, one
+        after the other: every ``replicas``-th position from the cursor, from the rank's own,
+        as DistributedSampler deals them (all but the plan's last batch hold ``batch``)."""
         size = (j1 - j0) * self.batch
         if j1 == self.batches and j1 > j0:
             size += self.last - self.batch
