@@ -298,6 +298,9 @@ class BatchEngine:
         # each index array is range-checked once; every array of that length is read with
         # it (``gather_unchecked``): the pair-keyed arrays have n_pairs rows (schema, at open and publish)
         pairs = store.check_rows("pair_index", store.gather_unchecked(f"{self.split}_idx", idx))
+        remote = getattr(self, "_remote", None)
+        if remote is not None:  # NOTE [node cache]: the batch's unit rows are in the mirror
+            remote.ensure(pairs, generation)
         variants = self._variants(pairs, snap)
         # NOTE [batch prefetch], NOTE [dense arrays]: only a store read ahead gets the hints
         ahead, dense = store.reads_ahead, self._dense_arrays(store)

@@ -41,6 +41,8 @@ from jasper_mmap.steering import (
     distribution,
     variant_index,
 )
+from jasper_mmap.remote import RemoteMirror, is_remote
+from jasper_mmap.remote.catalog import PARTIAL_NAMES
 from jasper_mmap.stores import Store, open_store
 
 __all__ = ["JASPERSteeringDataset"]
@@ -114,6 +116,7 @@ class JASPERSteeringDataset(BatchEngine, torch.utils.data.Dataset):
         preload_budget_bytes: int | None = None,
         check_sources: bool = True,
         allow_nonfinite: bool = False,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(
@@ -121,6 +124,12 @@ class JASPERSteeringDataset(BatchEngine, torch.utils.data.Dataset):
                 f"are: train, val, test (got split={split!r})"
             )
         self.split = split
+        self.url: str | None = None
+        self._remote: RemoteMirror | None = None
+        if is_remote(dataset_dir):  # NOTE [node cache]: read through this node's mirror
+            self.url = str(dataset_dir).rstrip("/")
+            self._remote = RemoteMirror(self.url, cache_dir, storage_options)
+            dataset_dir, cache_dir, check_sources = self._remote.open(), None, False
         resolved = resolve_dataset(  # refuses what is not a path, naming it
             dataset_dir,
             cache_dir,
@@ -163,6 +172,7 @@ class JASPERSteeringDataset(BatchEngine, torch.utils.data.Dataset):
         self._closed = False
         self._preloaded: Preloaded | None = None
         if self.preload:
+            self._fetch_split(self._store.generation)
             self._preloaded = Preloaded(self._store, split, self.device, preload_budget_bytes)
         self._control = ControlBlock(0, self._store.generation)
         self._apply_epoch(epoch)  # logged in the init line below, as the in-RAM dataset does
@@ -178,6 +188,13 @@ class JASPERSteeringDataset(BatchEngine, torch.utils.data.Dataset):
             split,
             self.dataset_dir,
         )
+
+    def _fetch_split(self, generation: int) -> None:
+        """A dataset on object storage: every unit of the split in this node's mirror (a
+        preload or a whole table reads them all)."""
+        if self._remote is not None:
+            rows = self.store.gather_unchecked(f"{self.split}_idx", np.arange(self._len))
+            self._remote.prefetch(rows, generation)
 
     def _split_length(self, manifest: dict[str, Any]) -> int:
         entry = manifest["arrays"].get(f"{self.split}_idx")
@@ -289,6 +306,8 @@ class JASPERSteeringDataset(BatchEngine, torch.utils.data.Dataset):
         name = TABLES[attr] or f"{self.split}_idx"
         if name in ("hard_negatives", "negative_tiers"):
             generation = store.serve(generation)
+        if self._remote is not None and name in PARTIAL_NAMES:  # a whole table: every unit
+            self._remote.prefetch(np.arange(store.counts["n_pairs"]), generation)
         t = table_tensor(store, name, generation, attr)
         return t.to(self.device) if self.device.type != "cpu" else t
 
@@ -355,10 +374,13 @@ class JASPERSteeringDataset(BatchEngine, torch.utils.data.Dataset):
         log.info("Reloading hard negatives from disk...")
         if self._source_dir is not None:
             refresh_negatives(self._source_dir, self.store_path, self.storage_format)
+        if self._remote is not None:  # the newest generation on object storage, mirrored
+            self._remote.sync_negatives()
         # leased at once (NOTE [generation leases]); one removed meanwhile: the live one
         generation = self.store.serve(self.store.live_generation())
         self._control.set(generation=generation)
         if self._preloaded is not None and self._preloaded.generation != generation:
+            self._fetch_split(generation)
             self._preloaded.refresh_negatives(self.store)
         log.info("Hard negatives reloaded successfully (generation %d)", generation)
         return generation
@@ -373,6 +395,8 @@ class JASPERSteeringDataset(BatchEngine, torch.utils.data.Dataset):
         from jasper_mmap.errors import StoreNotFoundError
 
         try:
+            if self._remote is not None:
+                self._remote.mirror_generation(int(generation))
             self.store.use_generation(int(generation))
         except StoreNotFoundError as e:
             raise StoreNotFoundError(
@@ -382,6 +406,7 @@ class JASPERSteeringDataset(BatchEngine, torch.utils.data.Dataset):
             ) from None
         self._control.set(generation=int(generation))
         if self._preloaded is not None and self._preloaded.generation != generation:
+            self._fetch_split(generation)
             self._preloaded.refresh_negatives(self.store)
         return int(generation)
 

@@ -22,6 +22,7 @@ from jasper_mmap.dataset.batches import BATCH_KEYS, LoadedBatch, SampleBatch
 from jasper_mmap.dataset.control import mark_loader_worker
 from jasper_mmap.dataset.dataset import JASPERSteeringDataset
 from jasper_mmap.errors import JasperError
+from jasper_mmap.loading.fetching import FetchedBatches
 from jasper_mmap.loading.order import (
     OrderedBatches,
     ResumableRandomSampler,
@@ -149,6 +150,15 @@ class JasperLoader(DataLoader):
         """The DataLoader's warning about more worker processes than cores (processes only)."""
         if self.worker_mode == "process":
             super().check_worker_number_rationality()
+
+    @property
+    def _index_sampler(self) -> Any:
+        # NOTE [fetch ahead]: a dataset on object storage gets each batch's rows in the node
+        # cache, in this process, before the batch is gathered anywhere
+        inner = super()._index_sampler
+        if getattr(self.dataset, "_remote", None) is not None and self._auto_collation:
+            return FetchedBatches(inner, self.dataset)
+        return inner
 
     def _epoch_batches(self) -> Iterator[Any]:
         """The sampler's batches of a new epoch, drawn as the DataLoader's own iterators do:
@@ -464,6 +474,7 @@ def create_loader(
         "preload_budget_bytes",
         "check_sources",
         "allow_nonfinite",
+        "storage_options",
     )
     ds_kwargs = {k: dataloader_kwargs.pop(k) for k in ds_keys if k in dataloader_kwargs}
     dataset = JASPERSteeringDataset(dataset_dir, split, epoch, **ds_kwargs)

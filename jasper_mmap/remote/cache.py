@@ -1,0 +1,552 @@
+"""The node-local copy of a store on object storage, read through the local store's memory maps.
+
+# NOTE [node cache]
+A node (what torchrun calls one; every rank, worker and thread on it shares ``cache_dir``)
+keeps one *mirror* per store and manifest: ``<cache_dir>/<name>-<hash of URL>/v1-<crc32 of
+manifest.json>/store``, a local store directory the ordinary store classes open. Its whole
+files (NOTE [remote catalog] in jasper_mmap/remote/catalog.py) are downloaded once, to a
+temporary name, checked (size, crc32) and renamed into place; its sparse files are created at
+full size with their ``always`` bytes fetched and checked; ``manifest.json`` is written last, so a
+mirror without one is incomplete and is finished (never trusted) by the next opener. The unit
+rows of a sparse file are fetched when a batch needs them (:meth:`RemoteMirror.ensure`, called
+for every batch before its rows are gathered) or ahead of it (:meth:`RemoteMirror.prefetch`):
+the unit's byte ranges are read, checked against the catalog's crc32, written, fsynced, and
+only then is the unit's byte set in the group's *have map* (``have/<group>.bin``, one byte a
+unit). A process killed mid-fetch leaves a unit whose byte is 0: refetched, never read.
+Fetches are serialized per unit across the node by a POSIX record lock on byte ``u`` of
+``have/<group>.lock`` (per process; a thread lock per unit inside one), so each unit is
+downloaded once per node whatever the number of ranks, workers and threads. Unit bytes are
+never evicted (there is no ``cache_limit`` yet): a unit once present stays valid for the
+mirror's life. Another manifest at the same URL (the store was replaced) gets another
+mirror; a cache written by another version of this layout lives under another ``v`` name.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import mmap
+import os
+import re
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jasper_mmap._fs.files import write_json_atomic
+from jasper_mmap._fs.partials import partial_name
+from jasper_mmap.errors import StoreCorruptError, StoreFormatError, StoreNotFoundError
+from jasper_mmap.format.spec import CONFIG, MANIFEST, NEGATIVES_DIR, POINTER
+from jasper_mmap.remote.catalog import CATALOG, CATALOG_VERSION, PARTIAL_GROUPS, unit_pieces
+from jasper_mmap.remote.objects import ObjectStore, usable_here
+
+__all__ = ["RemoteMirror", "default_cache_dir", "CACHE_LAYOUT"]
+
+log = logging.getLogger(__name__)
+
+#: the mirror layout's version (part of each mirror's directory name)
+CACHE_LAYOUT = 1
+_RANGE = 16 * 1024 * 1024
+_FORKED_WAIT = 30.0
+_GEN = re.compile(r"^gen-(\d{6,})\.json$")
+
+
+def default_cache_dir() -> Path:
+    """``$JASPER_MMAP_CACHE``, else ``$XDG_CACHE_HOME/jasper_mmap``, else ``~/.cache/jasper_mmap``."""
+    if os.environ.get("JASPER_MMAP_CACHE"):
+        return Path(os.environ["JASPER_MMAP_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "jasper_mmap"
+
+
+def gen_name(g: int) -> str:
+    return f"gen-{g:06d}"
+
+
+class _NodeLock:
+    """A POSIX record lock on byte ``i`` of a lock file (node-wide, across processes) plus a
+    thread lock per byte (within one process: record locks are per process)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._pid = -1
+        self._threads: dict[int, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"])
+
+    def _fd_here(self) -> int:
+        if self._fd is None or self._pid != os.getpid():
+            # one descriptor per process, never closed while locks may be held (closing any
+            # descriptor of the file drops all of the process's record locks on it)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self._pid = os.getpid()
+            self._threads = {}
+        return self._fd
+
+    class _Held:
+        def __init__(self, owner: _NodeLock, i: int) -> None:
+            self.owner, self.i = owner, i
+
+        def __enter__(self) -> None:
+            o = self.owner
+            with o._guard:
+                fd = o._fd_here()
+                t = o._threads.setdefault(self.i, threading.Lock())
+            t.acquire()
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX, 1, self.i)
+            except BaseException:
+                t.release()
+                raise
+            self.fd, self.t = fd, t
+
+        def __exit__(self, *exc: object) -> None:
+            try:
+                fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, self.i)
+            finally:
+                self.t.release()
+
+    def __call__(self, i: int = 0) -> _NodeLock._Held:
+        return _NodeLock._Held(self, i)
+
+
+class _HaveMap:
+    """One byte per unit: 1 once the unit's rows are in the mirror, checked (NOTE above)."""
+
+    def __init__(self, path: Path, units: int) -> None:
+        self.path, self.units = path, units
+        self._map: np.ndarray | None = None
+        self._pid = -1
+        self.lock = _NodeLock(path.with_suffix(".lock"))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "units": self.units}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], state["units"])
+
+    def create(self) -> None:
+        if not self.path.exists():
+            tmp = self.path.with_name(partial_name(self.path.name))
+            with open(tmp, "wb") as f:
+                f.truncate(max(1, self.units))
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+
+    @property
+    def view(self) -> np.ndarray:
+        if self._map is None or self._pid != os.getpid():
+            with open(self.path, "rb") as f:
+                m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+            self._map, self._pid = np.frombuffer(m, dtype=np.uint8), os.getpid()
+        return self._map
+
+    def missing(self, units: np.ndarray) -> np.ndarray:
+        return units[self.view[units] == 0]
+
+    def mark(self, u: int) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.pwrite(fd, b"\x01", u)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class RemoteMirror:
+    """The node-local mirror of the store at ``url`` (NOTE [node cache]).
+
+    Pickles as its URL, options, paths and catalog; each process reopens what it needs.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        cache_dir: str | os.PathLike | None = None,
+        storage_options: dict[str, Any] | None = None,
+        concurrency: int = 16,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.objects = ObjectStore(self.url, storage_options)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.concurrency = concurrency
+        self.catalog: dict[str, Any] = {}
+        self.root: Path | None = None
+        self._have: dict[str, _HaveMap] = {}
+        self._gen_catalogs: dict[int, dict[str, Any]] = {}
+        self.units_fetched = 0
+        self.units_hit = 0
+        self._count = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_count"] = None
+        state["units_fetched"] = state["units_hit"] = 0
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._count = threading.Lock()
+
+    # -- opening ---------------------------------------------------------------------------
+    @property
+    def path(self) -> Path:
+        assert self.root is not None, "open() first"
+        return self.root / "store"
+
+    def open(self) -> Path:
+        """Read the remote manifest and catalog, make or finish this node's mirror; its path."""
+        try:
+            manifest = self.objects.get(MANIFEST)
+        except StoreNotFoundError:
+            raise StoreNotFoundError(
+                f"{self.url}: no store there ({MANIFEST} is missing: nothing was uploaded, or "
+                f"an upload is still under way; a store appears when its {MANIFEST} is "
+                f"written, last). Upload one with: convert-pt SRC {self.url} (or "
+                f"jasper-mmap upload STORE {self.url})."
+            ) from None
+        try:
+            catalog = json.loads(self.objects.get(CATALOG))
+        except StoreNotFoundError:
+            raise StoreFormatError(
+                f"{self.url}: has {MANIFEST} but no {CATALOG}: not uploaded by jasper_mmap "
+                f"(a store copied there by hand). Upload it with jasper-mmap upload STORE "
+                f"{self.url} --overwrite."
+            ) from None
+        except ValueError:
+            raise StoreCorruptError(f"{self.url}/{CATALOG} is not valid JSON. Upload again.")
+        if catalog.get("kind") != "jasper_mmap.remote" or catalog.get("version") != CATALOG_VERSION:
+            raise StoreFormatError(
+                f"{self.url}/{CATALOG}: kind {catalog.get('kind')!r}, version "
+                f"{catalog.get('version')!r}; this jasper_mmap reads version {CATALOG_VERSION}. "
+                f"Upload the store again with this version."
+            )
+        crc = zlib.crc32(manifest)
+        if catalog.get("manifest_crc32") != crc:
+            raise StoreCorruptError(
+                f"{self.url}: {CATALOG} was written for another {MANIFEST} (crc32 "
+                f"{catalog.get('manifest_crc32')} there, {crc} here): the store is being "
+                f"replaced, or an upload was interrupted. Run again once the upload is done."
+            )
+        self.catalog = catalog
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", self.url.split("://", 1)[1])[-60:].strip("_")
+        key = hashlib.blake2b(self.url.encode(), digest_size=6).hexdigest()
+        self.root = self.cache_dir / f"{slug}-{key}" / f"v{CACHE_LAYOUT}-{crc:08x}"
+        (self.root / "have").mkdir(parents=True, exist_ok=True)
+        self.path.mkdir(exist_ok=True)
+        (self.path / NEGATIVES_DIR).mkdir(exist_ok=True)
+        self._mirror_lock = _NodeLock(self.root / "mirror.lock")
+        with self._mirror_lock(0):
+            if not (self.path / MANIFEST).exists():
+                t0 = time.monotonic()
+                before = self.objects.bytes_fetched
+                self._materialize(catalog, "")
+                self._write_bytes(self.path / MANIFEST, manifest)
+                log.info(
+                    "%s: node cache %s filled: %.1f MB of whole files in %.1f s",
+                    self.url,
+                    self.path,
+                    (self.objects.bytes_fetched - before) / 1e6,
+                    time.monotonic() - t0,
+                )
+        for group in catalog["groups"]:
+            if group != "negatives":
+                self._have_map(group).create()
+        self.sync_negatives()
+        return self.path
+
+    def _have_map(self, name: str) -> _HaveMap:
+        hm = self._have.get(name)
+        if hm is None:
+            hm = self._have[name] = _HaveMap(self.root / "have" / f"{name}.bin", self.units)
+        return hm
+
+    @property
+    def unit_rows(self) -> int:
+        return int(self.catalog["unit_rows"])
+
+    @property
+    def units(self) -> int:
+        return int(self.catalog["units"])
+
+    def _write_bytes(self, path: Path, data: bytes) -> None:
+        tmp = path.with_name(partial_name(path.name))
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def _materialize(self, catalog: dict[str, Any], what: str) -> None:
+        """Download the whole files and make the sparse files of ``catalog`` (not yet there)."""
+        jobs = []
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            for rel, spec in catalog["whole"].items():
+                if not (self.path / rel).exists():
+                    jobs.append(pool.submit(self._download, rel, spec))
+            for rel, spec in catalog["sparse"].items():
+                if not (self.path / rel).exists():
+                    jobs.append(pool.submit(self._make_sparse, rel, spec))
+            for job in jobs:
+                job.result()
+
+    def _download(self, rel: str, spec: dict[str, Any]) -> None:
+        """``rel`` whole: ranges in parallel into a temporary file, checked, renamed."""
+        final = self.path / rel
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(partial_name(final.name))
+        size = int(spec["size"])
+        ranges = [(a, min(a + _RANGE, size)) for a in range(0, size, _RANGE)]
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.ftruncate(fd, size)
+
+            def one(r: tuple[int, int]) -> None:
+                (data,) = self.objects.get_ranges(rel, [r])
+                if len(data) != r[1] - r[0]:
+                    raise self._damaged(rel, f"bytes {r[0]}-{r[1]} came back {len(data)} long")
+                os.pwrite(fd, data, r[0])
+
+            with ThreadPoolExecutor(min(self.concurrency, max(1, len(ranges)))) as pool:
+                list(pool.map(one, ranges))
+            crc, pos = 0, 0
+            while pos < size:
+                block = os.pread(fd, min(_RANGE, size - pos), pos)
+                crc = zlib.crc32(block, crc)
+                pos += len(block)
+            if crc != spec["crc32"]:
+                raise self._damaged(rel, f"crc32 {crc}, the catalog says {spec['crc32']}")
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.replace(tmp, final)
+
+    def _damaged(self, rel: str, why: str) -> StoreCorruptError:
+        return StoreCorruptError(
+            f"{self.objects.where(rel)}: {why}: the object was truncated or altered after "
+            f"upload (or is being replaced). Upload the store again; nothing of it was used."
+        )
+
+    def _make_sparse(self, rel: str, spec: dict[str, Any]) -> None:
+        final = self.path / rel
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(partial_name(final.name))
+        always = spec["always"]
+        parts = self.objects.get_ranges(rel, [(a, b) for a, b, _ in always])
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.ftruncate(fd, int(spec["size"]))
+            for (a, b, crc), data in zip(always, parts, strict=True):
+                if len(data) != b - a or zlib.crc32(data) != crc:
+                    raise self._damaged(rel, f"bytes {a}-{b} differ from the catalog's")
+                os.pwrite(fd, data, a)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.replace(tmp, final)
+
+    # -- negatives generations -------------------------------------------------------------
+    def remote_generations(self) -> list[int]:
+        """Generations published on the object store (their ``gen-N.json`` exists)."""
+        out = []
+        for meta in self.objects.list(f"{NEGATIVES_DIR}/"):
+            m = _GEN.match(meta["path"].rsplit("/", 1)[-1])
+            if m:
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def sync_negatives(self) -> int:
+        """Make the newest generation published on the object store this mirror's live one
+        (its whole files fetched, its unit rows on demand); return it."""
+        gens = self.remote_generations()
+        if not gens:
+            raise StoreNotFoundError(
+                f"{self.url}/{NEGATIVES_DIR}: no negatives generation (gen-NNNNNN.json) was "
+                f"published there. Upload the store again."
+            )
+        self.mirror_generation(gens[-1])
+        pointer = self.path / NEGATIVES_DIR / POINTER
+        live = self.path / NEGATIVES_DIR / f"{gen_name(gens[-1])}.json"
+        if not pointer.exists() or pointer.read_bytes() != live.read_bytes():
+            self._write_bytes(pointer, live.read_bytes())
+        return gens[-1]
+
+    def gen_catalog(self, g: int) -> dict[str, Any]:
+        cat = self._gen_catalogs.get(g)
+        if cat is None:
+            path = self.root / "have" / f"{gen_name(g)}.catalog.json"
+            if path.exists():
+                cat = json.loads(path.read_text())
+            else:
+                raw = self.objects.get(f"{NEGATIVES_DIR}/{gen_name(g)}.catalog.json")
+                cat = json.loads(raw)
+                self._write_bytes(path, raw)
+            self._gen_catalogs[g] = cat
+        return cat
+
+    def mirror_generation(self, g: int) -> None:
+        """Generation ``g``'s files in the mirror (unit rows on demand), its json last."""
+        final = self.path / NEGATIVES_DIR / f"{gen_name(g)}.json"
+        if final.exists():
+            return
+        with self._mirror_lock(0):
+            if final.exists():
+                return
+            raw = self.objects.get(f"{NEGATIVES_DIR}/{gen_name(g)}.json")
+            cat = self.gen_catalog(g)
+            if cat.get("json_crc32") != zlib.crc32(raw):
+                raise self._damaged(f"{NEGATIVES_DIR}/{gen_name(g)}.json", "it differs from its catalog")
+            self._materialize(cat, gen_name(g))
+            if "negatives" in cat["groups"]:
+                self._have_map(f"negatives-{gen_name(g)}").create()
+            self._write_bytes(final, raw)
+
+    # -- unit rows ---------------------------------------------------------------------------
+    def _groups(self, generation: int | None) -> list[tuple[str, dict[str, Any]]]:
+        out = [(g, spec) for g, spec in self.catalog["groups"].items() if g != "negatives"]
+        if generation is not None:
+            cat = self.gen_catalog(generation)
+            if "negatives" in cat["groups"]:
+                out.append((f"negatives-{gen_name(generation)}", cat["groups"]["negatives"]))
+        return out
+
+    def units_of(self, pairs: np.ndarray) -> np.ndarray:
+        return np.unique(np.asarray(pairs, dtype=np.int64) // self.unit_rows)
+
+    def ensure(self, pairs: np.ndarray, generation: int | None) -> None:
+        """The unit rows of pair rows ``pairs`` (steering, and generation ``generation``'s
+        negatives) are in the mirror when this returns (fetched now where missing)."""
+        units = self.units_of(np.append(np.asarray(pairs, dtype=np.int64), 0))
+        todo = []
+        for name, spec in self._groups(generation):
+            hm = self._have_map(name)
+            missing = hm.missing(units)
+            with self._count:
+                self.units_hit += int(units.size - missing.size)
+            todo.extend((name, spec, int(u)) for u in missing)
+        if todo and not usable_here():
+            self._wait_for(todo)
+        elif len(todo) == 1:
+            self._fetch_unit(*todo[0])
+        elif todo:
+            with ThreadPoolExecutor(min(self.concurrency, len(todo))) as pool:
+                list(pool.map(lambda t: self._fetch_unit(*t), todo))
+
+    def _wait_for(self, todo: list[tuple[str, dict[str, Any], int]]) -> None:
+        """A forked worker process (which cannot call obstore): the loader's process fetches
+        each batch's units before handing it out, so they are here; wait a little for one
+        fetched by another process at this moment, then say what to do."""
+        deadline = time.monotonic() + _FORKED_WAIT
+        for name, _, u in todo:
+            hm = self._have_map(name)
+            while not hm.view[u]:
+                if time.monotonic() > deadline:
+                    raise StoreNotFoundError(
+                        f"{self.url}: unit {u} of {name} is not in this node's cache "
+                        f"({self.path}) and this worker process, forked after the object "
+                        f"store was used, cannot fetch it. Read batches through "
+                        f"create_loader (it fetches before handing batches to workers), "
+                        f"use worker_mode='thread', or multiprocessing_context='spawn'."
+                    )
+                time.sleep(0.01)
+
+    def prefetch(self, pairs: np.ndarray, generation: int | None) -> int:
+        """Fetch the units of ``pairs`` not yet here, ``concurrency`` at a time; the count."""
+        units = self.units_of(pairs)
+        todo = [
+            (name, spec, int(u))
+            for name, spec in self._groups(generation)
+            for u in self._have_map(name).missing(units)
+        ]
+        if todo and not usable_here():
+            self._wait_for(todo)
+            return 0
+        if not todo:
+            return 0
+        with ThreadPoolExecutor(min(self.concurrency, len(todo))) as pool:
+            list(pool.map(lambda t: self._fetch_unit(*t), todo))
+        return len(todo)
+
+    def _fetch_unit(self, name: str, spec: dict[str, Any], u: int) -> None:
+        hm = self._have_map(name)
+        with hm.lock(u):
+            if hm.view[u]:
+                return  # another rank, worker or thread fetched it meanwhile
+            writes = []
+            for i, (array, rows) in enumerate(spec["arrays"].items()):
+                pieces = unit_pieces(rows, u, self.unit_rows)
+                crc = 0
+                by_file: dict[str, list[tuple[int, int]]] = {}
+                for file, a, b in pieces:
+                    by_file.setdefault(file, []).append((a, b))
+                got = {f: self.objects.get_ranges(f, r) for f, r in by_file.items()}
+                at = {f: 0 for f in by_file}
+                for file, a, b in pieces:
+                    data = got[file][at[file]]
+                    at[file] += 1
+                    if len(data) != b - a:
+                        raise self._damaged(file, f"bytes {a}-{b} came back {len(data)} long")
+                    crc = zlib.crc32(data, crc)
+                    writes.append((file, a, data))
+                if crc != spec["crc32"][u][i]:
+                    raise self._damaged(
+                        pieces[0][0] if pieces else array,
+                        f"the rows of unit {u} of {array} have crc32 {crc}, the catalog says "
+                        f"{spec['crc32'][u][i]}",
+                    )
+            fds: dict[str, int] = {}
+            try:
+                for file, a, data in writes:
+                    fd = fds.get(file)
+                    if fd is None:
+                        fd = fds[file] = os.open(self.path / file, os.O_WRONLY | os.O_CLOEXEC)
+                    os.pwrite(fd, data, a)
+                for fd in fds.values():
+                    os.fsync(fd)
+            finally:
+                for fd in fds.values():
+                    os.close(fd)
+            hm.mark(u)
+        with self._count:
+            self.units_fetched += 1
+
+    def mark_all(self, generation: int) -> None:
+        """Every unit of ``generation``'s negatives is present (published from this node)."""
+        hm = self._have_map(f"negatives-{gen_name(generation)}")
+        hm.create()
+        fd = os.open(hm.path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.pwrite(fd, b"\x01" * self.units, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "bytes_fetched": self.objects.bytes_fetched,
+            "gets": self.objects.gets,
+            "units_fetched": self.units_fetched,
+            "units_hit": self.units_hit,
+        }
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG
