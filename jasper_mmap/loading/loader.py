@@ -282,6 +282,7 @@ class JasperLoader(DataLoader):
                 "epoch": sampler.epoch,
                 "shuffle": sampler.shuffle,
                 "drop_last": bool(self.drop_last),
+                "partition": sampler.partition_spec(),  # NOTE [partitioned order]
             },
             "cursor": cursor,
             "control": {
@@ -328,6 +329,18 @@ class JasperLoader(DataLoader):
                 bool(self.drop_last),
                 bool(self.drop_last),
             )
+        saved = order.get("partition")
+        if saved != sampler.partition_spec():  # the saved run's order, at any world size
+            log.info("%s: resuming with the saved partition %s", _where(self), saved)
+            if saved is None:
+                sampler.partition = None
+            else:
+                sampler.partition_by(
+                    sampler._pairs or (lambda: split_pairs(dataset)),
+                    saved["unit_rows"],
+                    saved["parts"],
+                    saved["window"],
+                )
         if negatives == "saved":
             dataset.use_negatives_generation(int(control["negatives_generation"]))
         else:
@@ -438,6 +451,9 @@ def create_loader(
     pin_memory: bool = True,
     *,
     worker_mode: str = "thread",
+    partition: bool | None = None,
+    canonical_parts: int | None = None,
+    unit_rows: int | None = None,
     **dataloader_kwargs: Any,
 ) -> JasperLoader:
     """A DataLoader over ``JASPERSteeringDataset(dataset_dir, split, epoch)`` on the batched path.
@@ -449,6 +465,10 @@ def create_loader(
     ``DistributedSampler`` deals it (rank and world size from ``torch.distributed``, or
     ``num_replicas=`` and ``rank=``). ``sampler=``, ``batch_sampler=`` or ``generator=``
     (torch's order) replace that sampler; such a loader has no position to save.
+    ``partition`` (default: on for a shuffled split of a store on object storage) orders the
+    epochs by a canonical partition of the pair rows into ``canonical_parts`` parts (default:
+    the world size) of units of ``unit_rows`` pairs (default: the store's), so that each node
+    fetches and caches only its share (NOTE [partitioned order] in jasper_mmap/loading/order.py).
     ``num_workers`` gather threads (``worker_mode="thread"``, the default) or worker processes
     (``worker_mode="process"``); see :class:`JasperLoader`. ``pin_memory`` (with CUDA) gathers
     straight into pinned memory. ``dataloader_kwargs`` go to the DataLoader and override these
@@ -506,6 +526,20 @@ def create_loader(
         # NOTE [epoch order]: one sampler for every mode, its order a function of (seed, epoch)
         kind = ResumableRandomSampler if shuffle else ResumableSequentialSampler
         sampler = kind(dataset, dataset.seed, epoch, replicas or 1, rank or 0)
+        remote = getattr(dataset, "_remote", None)
+        if partition is None:
+            partition = remote is not None and shuffle
+        if partition and shuffle:
+            if unit_rows is None:
+                unit_rows = remote.unit_rows if remote is not None else store_unit_rows(dataset)
+            sampler.partition_by(
+                lambda: split_pairs(dataset), unit_rows, canonical_parts or replicas or 1
+            )
+    elif partition:
+        raise ValueError(
+            "partition=True orders create_loader's own sampler: pass no sampler=, "
+            "batch_sampler= or generator= with it"
+        )
     elif distributed:
         raise ValueError(
             "distributed=True shards the split with create_loader's own sampler: pass no "
@@ -541,6 +575,25 @@ def create_loader(
         distributed,
     )
     return loader
+
+
+def split_pairs(dataset: Any) -> np.ndarray:
+    """The pair rows of the dataset's split, in split order."""
+    return dataset.store.gather_unchecked(f"{dataset.split}_idx", np.arange(len(dataset)))
+
+
+def store_unit_rows(dataset: Any) -> int:
+    """The unit a local store would be uploaded with (NOTE [remote catalog])."""
+    from jasper_mmap.format.dtypes import STORED_DTYPES
+    from jasper_mmap.remote.catalog import PARTIAL_NAMES, default_unit_rows
+
+    store, total = dataset.store, 0
+    for name in sorted(PARTIAL_NAMES):
+        if store.has(name) or name in ("hard_negatives", "negative_tiers"):
+            entry = store.entry(name, store.generation if "neg" in name else None)
+            width = int(np.prod(entry["shape"][1:], dtype=np.int64))
+            total += STORED_DTYPES[entry["stored_dtype"]][0].itemsize * width
+    return default_unit_rows(total)
 
 
 def _world(replicas: int | None, rank: int | None) -> tuple[int, int]:
