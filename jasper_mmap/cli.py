@@ -215,8 +215,12 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("store", help=_STORE_HELP)
     u.add_argument("url", help="where: s3://bucket/prefix (credentials: the AWS_* environment)")
     u.add_argument("--overwrite", action="store_true", help="replace a store of ours there")
-    u.add_argument("--unit-rows", type=int, default=None, help="pair rows a node fetches at "
-                   "once (default: ~8 MiB of steering and negatives rows)")
+    u.add_argument(
+        "--unit-rows",
+        type=int,
+        default=None,
+        help="pair rows a node fetches at once (default: ~8 MiB of steering and negatives rows)",
+    )
     u.set_defaults(run=_upload)
     return ap
 

@@ -33,6 +33,8 @@ from jasper_mmap.errors import (
 )
 from jasper_mmap.format.config import read_store_config
 from jasper_mmap.format.spec import CONFIG, SPLITS
+from jasper_mmap.remote import RemoteMirror, is_remote
+from jasper_mmap.remote.catalog import PARTIAL_NAMES
 from jasper_mmap.steering import (
     VARIANTS,
     SteeringSchedule,
@@ -41,8 +43,6 @@ from jasper_mmap.steering import (
     distribution,
     variant_index,
 )
-from jasper_mmap.remote import RemoteMirror, is_remote
-from jasper_mmap.remote.catalog import PARTIAL_NAMES
 from jasper_mmap.stores import Store, open_store
 
 __all__ = ["JASPERSteeringDataset"]

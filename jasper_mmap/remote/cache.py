@@ -39,11 +39,10 @@ from typing import Any
 
 import numpy as np
 
-from jasper_mmap._fs.files import write_json_atomic
 from jasper_mmap._fs.partials import partial_name
 from jasper_mmap.errors import StoreCorruptError, StoreFormatError, StoreNotFoundError
 from jasper_mmap.format.spec import CONFIG, MANIFEST, NEGATIVES_DIR, POINTER
-from jasper_mmap.remote.catalog import CATALOG, CATALOG_VERSION, PARTIAL_GROUPS, unit_pieces
+from jasper_mmap.remote.catalog import CATALOG, CATALOG_VERSION, unit_pieces
 from jasper_mmap.remote.objects import ObjectStore, usable_here
 
 __all__ = ["RemoteMirror", "default_cache_dir", "CACHE_LAYOUT"]
@@ -226,7 +225,9 @@ class RemoteMirror:
                 f"{self.url} --overwrite."
             ) from None
         except ValueError:
-            raise StoreCorruptError(f"{self.url}/{CATALOG} is not valid JSON. Upload again.")
+            raise StoreCorruptError(
+                f"{self.url}/{CATALOG} is not valid JSON. Upload again."
+            ) from None
         if catalog.get("kind") != "jasper_mmap.remote" or catalog.get("version") != CATALOG_VERSION:
             raise StoreFormatError(
                 f"{self.url}/{CATALOG}: kind {catalog.get('kind')!r}, version "
@@ -413,7 +414,9 @@ class RemoteMirror:
             raw = self.objects.get(f"{NEGATIVES_DIR}/{gen_name(g)}.json")
             cat = self.gen_catalog(g)
             if cat.get("json_crc32") != zlib.crc32(raw):
-                raise self._damaged(f"{NEGATIVES_DIR}/{gen_name(g)}.json", "it differs from its catalog")
+                raise self._damaged(
+                    f"{NEGATIVES_DIR}/{gen_name(g)}.json", "it differs from its catalog"
+                )
             self._materialize(cat, gen_name(g))
             if "negatives" in cat["groups"]:
                 self._have_map(f"negatives-{gen_name(g)}").create()

@@ -86,9 +86,7 @@ def upload_store(
     t0 = time.monotonic()
     backend, n_pairs = manifest["backend"], int(manifest["counts"]["n_pairs"])
     g = int(pointer["generation"])
-    gen_cat = build_catalog(
-        root, pointer["files"], pointer["arrays"], backend, n_pairs, unit_rows
-    )
+    gen_cat = build_catalog(root, pointer["files"], pointer["arrays"], backend, n_pairs, unit_rows)
     unit_rows = gen_cat["unit_rows"] if unit_rows is None else unit_rows
     files = dict(manifest["files"])
     files[CONFIG] = (root / CONFIG).stat().st_size
