@@ -454,6 +454,7 @@ def create_loader(
     partition: bool | None = None,
     canonical_parts: int | None = None,
     unit_rows: int | None = None,
+    cache_limit: int | None = None,
     **dataloader_kwargs: Any,
 ) -> JasperLoader:
     """A DataLoader over ``JASPERSteeringDataset(dataset_dir, split, epoch)`` on the batched path.
@@ -469,6 +470,8 @@ def create_loader(
     epochs by a canonical partition of the pair rows into ``canonical_parts`` parts (default:
     the world size) of units of ``unit_rows`` pairs (default: the store's), so that each node
     fetches and caches only its share (NOTE [partitioned order] in jasper_mmap/loading/order.py).
+    ``cache_limit`` (bytes): refuse at once, with the numbers, a node cache that would need
+    more (units are not evicted yet; docs/remote.md).
     ``num_workers`` gather threads (``worker_mode="thread"``, the default) or worker processes
     (``worker_mode="process"``); see :class:`JasperLoader`. ``pin_memory`` (with CUDA) gathers
     straight into pinned memory. ``dataloader_kwargs`` go to the DataLoader and override these
@@ -535,6 +538,8 @@ def create_loader(
             sampler.partition_by(
                 lambda: split_pairs(dataset), unit_rows, canonical_parts or replicas or 1
             )
+        if cache_limit is not None and remote is not None:
+            _check_cache_limit(remote, cache_limit, replicas or 1, sampler.partition)
     elif partition:
         raise ValueError(
             "partition=True orders create_loader's own sampler: pass no sampler=, "
@@ -575,6 +580,27 @@ def create_loader(
         distributed,
     )
     return loader
+
+
+def _check_cache_limit(remote: Any, limit: int, world: int, partition: Any) -> None:
+    """What this node's cache needs (NOTE [node cache]): the whole files, and its ranks'
+    share of the unit rows (all of them without a partition the world size divides)."""
+    cat = remote.catalog
+    whole = sum(int(f["size"]) for f in cat["whole"].values())
+    sparse = sum(int(f["size"]) for f in cat["sparse"].values())
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    share = 1.0
+    if partition is not None and partition.parts % world == 0:
+        share = min(1.0, local / world + partition.parts / max(1, cat["units"]))
+    need = whole + int(sparse * share)
+    if need > limit:
+        raise ValueError(
+            f"{remote.url}: this node's cache ({remote.cache_dir}) needs about "
+            f"{need / 1e9:.2f} GB ({whole / 1e9:.2f} GB of files every node keeps whole, "
+            f"{sparse * share / 1e9:.2f} GB of its share of the per-pair rows), more than "
+            f"cache_limit={limit / 1e9:.2f} GB; units are not evicted. Raise cache_limit, train "
+            f"on more nodes, or convert with --dtype bfloat16 (half the bytes)."
+        )
 
 
 def split_pairs(dataset: Any) -> np.ndarray:
