@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from jasper_mmap.dataset.batches import BatchEngine, BatchPlan, SampleBatch
+from jasper_mmap.dataset.batches import BatchEngine, BatchPlan, SampleBatch, UnitsEvicted
 from jasper_mmap.dataset.control import ControlBlock
 from jasper_mmap.dataset.outputs import BufferPool
 from jasper_mmap.dataset.preload import Preloaded, memory_mode
@@ -30,6 +30,7 @@ from jasper_mmap.errors import (
     ArtifactMissingError,
     DeviceUnavailableError,
     SampleIndexTypeError,
+    StoreNotFoundError,
 )
 from jasper_mmap.format.config import read_store_config
 from jasper_mmap.format.spec import CONFIG, SPLITS
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 
 
 _OPENING = threading.Lock()
+_EVICTED_TRIES = 16
 
 
 def _after_fork_in_child() -> None:
@@ -430,8 +432,18 @@ class JASPERSteeringDataset(BatchEngine, torch.utils.data.Dataset):
             return self._preloaded_batch(idx, snap)
         # NOTE [generation leases]: the batch reads one generation, leased until it is done;
         # its small outputs are read after its rows, into recycled buffers
-        with self.store.pinned(snap.generation, serve=True) as generation:
-            return self._serve(self._plan([idx], idx, snap, generation, small=False), 0, pin_memory)
+        for _ in range(_EVICTED_TRIES):
+            with self.store.pinned(snap.generation, serve=True) as generation:
+                plan = self._plan([idx], idx, snap, generation, small=False)
+                try:
+                    return self._serve(plan, 0, pin_memory)
+                except UnitsEvicted:  # NOTE [eviction]: gathered again, the units refetched
+                    continue
+        raise StoreNotFoundError(
+            f"{self.url}: the units of a batch were evicted from the node cache "
+            f"{_EVICTED_TRIES} times while it was gathered: cache_limit is too small for the "
+            f"batches in flight. Raise cache_limit."
+        )
 
     def plan_batches(self, batches: Sequence[Sequence[int] | np.ndarray]) -> BatchPlan | None:
         """The bookkeeping of the consecutive ``batches`` (each a batch of indices) done at
@@ -471,7 +483,10 @@ class JASPERSteeringDataset(BatchEngine, torch.utils.data.Dataset):
         version = self._control.version
         if version != plan.version:
             return self.__getitems__(plan.batches[j], pin_memory)
-        return SampleBatch(self._serve(plan, j, pin_memory), version, plan.batches[j])
+        try:
+            return SampleBatch(self._serve(plan, j, pin_memory), version, plan.batches[j])
+        except UnitsEvicted:  # NOTE [eviction]: made anew, its units fetched again
+            return self.__getitems__(plan.batches[j], pin_memory)
 
     def iter_batches(
         self,

@@ -28,6 +28,12 @@ log = logging.getLogger(__name__)
 AHEAD = 64
 
 
+def _need(remote: Any, pairs: np.ndarray) -> int:
+    """Bytes the units of ``pairs`` would add at most."""
+    per_unit = sum(remote._unit_bytes(spec) for spec in remote.catalog["groups"].values())
+    return int(remote.units_of(pairs).size) * per_unit
+
+
 class FetchedBatches:
     """A batch sampler whose batches' unit rows are in the node cache when they are yielded."""
 
@@ -59,7 +65,11 @@ class FetchedBatches:
                 if item is None:
                     return
                 try:
-                    remote.prefetch(self._pairs(item), ds._control.snapshot().generation)
+                    pairs = self._pairs(item)
+                    if remote.cache_limit is not None:  # NOTE [eviction]: room first
+                        keep = remote.units_of(np.concatenate([pairs, self._pairs(list(window))]))
+                        remote.evict_to(remote.cache_limit - _need(remote, pairs), keep)
+                    remote.prefetch(pairs, ds._control.snapshot().generation)
                 except BaseException as e:  # raised by the batch that needs the unit
                     failed.append(e)
                     log.debug("fetch ahead failed", exc_info=True)

@@ -340,6 +340,7 @@ class JasperLoader(DataLoader):
                     saved["unit_rows"],
                     saved["parts"],
                     saved["window"],
+                    saved["every_epoch"],
                 )
         if negatives == "saved":
             dataset.use_negatives_generation(int(control["negatives_generation"]))
@@ -455,6 +456,7 @@ def create_loader(
     canonical_parts: int | None = None,
     unit_rows: int | None = None,
     cache_limit: int | None = None,
+    window_every_epoch: bool = False,
     **dataloader_kwargs: Any,
 ) -> JasperLoader:
     """A DataLoader over ``JASPERSteeringDataset(dataset_dir, split, epoch)`` on the batched path.
@@ -470,8 +472,10 @@ def create_loader(
     epochs by a canonical partition of the pair rows into ``canonical_parts`` parts (default:
     the world size) of units of ``unit_rows`` pairs (default: the store's), so that each node
     fetches and caches only its share (NOTE [partitioned order] in jasper_mmap/loading/order.py).
-    ``cache_limit`` (bytes): refuse at once, with the numbers, a node cache that would need
-    more (units are not evicted yet; docs/remote.md).
+    ``cache_limit`` (bytes): the node cache's budget; a node whose share does not fit evicts
+    units least recently used (NOTE [eviction] in jasper_mmap/remote/cache.py), which needs
+    ``window_every_epoch=True`` on every node (each epoch then goes through a part a window of
+    units at a time); a budget below what the batches in flight need is refused at once.
     ``num_workers`` gather threads (``worker_mode="thread"``, the default) or worker processes
     (``worker_mode="process"``); see :class:`JasperLoader`. ``pin_memory`` (with CUDA) gathers
     straight into pinned memory. ``dataloader_kwargs`` go to the DataLoader and override these
@@ -524,22 +528,23 @@ def create_loader(
             f"them (got num_replicas={replicas!r}, rank={rank!r})"
         )
     sampler = None
+    remote = getattr(dataset, "_remote", None)
     own = ("sampler", "batch_sampler") + (("generator",) if shuffle else ())
     if all(dataloader_kwargs.get(k) is None for k in own):
         # NOTE [epoch order]: one sampler for every mode, its order a function of (seed, epoch)
         kind = ResumableRandomSampler if shuffle else ResumableSequentialSampler
         sampler = kind(dataset, dataset.seed, epoch, replicas or 1, rank or 0)
-        remote = getattr(dataset, "_remote", None)
         if partition is None:
             partition = remote is not None and shuffle
         if partition and shuffle:
             if unit_rows is None:
                 unit_rows = remote.unit_rows if remote is not None else store_unit_rows(dataset)
             sampler.partition_by(
-                lambda: split_pairs(dataset), unit_rows, canonical_parts or replicas or 1
+                lambda: split_pairs(dataset),
+                unit_rows,
+                canonical_parts or replicas or 1,
+                every_epoch=window_every_epoch,
             )
-        if cache_limit is not None and remote is not None:
-            _check_cache_limit(remote, cache_limit, replicas or 1, sampler.partition)
     elif partition:
         raise ValueError(
             "partition=True orders create_loader's own sampler: pass no sampler=, "
@@ -553,6 +558,9 @@ def create_loader(
         )
     # else: the user's sampler, or torch's RandomSampler drawing from the user's generator
     # (the order a plain DataLoader gives): no position to save (state_dict says so)
+    if cache_limit is not None and remote is not None:
+        _check_cache_limit(remote, cache_limit, replicas or 1, sampler, batch_size)
+        remote.cache_limit = int(cache_limit)
     kwargs: dict[str, Any] = {
         "batch_size": batch_size,
         "shuffle": shuffle if sampler is None and "sampler" not in dataloader_kwargs else False,
@@ -582,25 +590,50 @@ def create_loader(
     return loader
 
 
-def _check_cache_limit(remote: Any, limit: int, world: int, partition: Any) -> None:
-    """What this node's cache needs (NOTE [node cache]): the whole files, and its ranks'
-    share of the unit rows (all of them without a partition the world size divides)."""
+def _check_cache_limit(remote: Any, limit: int, world: int, sampler: Any, batch: int) -> None:
+    """Refuse a node cache budget below what the batches in flight need, or below this node's
+    share without windowed epochs (NOTE [eviction])."""
+    from jasper_mmap.loading.fetching import AHEAD
+
     cat = remote.catalog
-    whole = sum(int(f["size"]) for f in cat["whole"].values())
-    sparse = sum(int(f["size"]) for f in cat["sparse"].values())
+    fixed = sum(int(f["size"]) for f in cat["whole"].values())
+    fixed += sum(b - a for f in cat["sparse"].values() for a, b, _ in f["always"])
+    unit = sum(remote._unit_bytes(spec) for spec in cat["groups"].values())
+    units = max(1, int(cat["units"]))
+    part = getattr(sampler, "partition", None) if sampler is not None else None
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    share = 1.0
-    if partition is not None and partition.parts % world == 0:
-        share = min(1.0, local / world + partition.parts / max(1, cat["units"]))
-    need = whole + int(sparse * share)
-    if need > limit:
+    share = units
+    if part is not None and part.parts % world == 0:
+        share = min(units, -(-units * local // world) + part.parts)
+    in_flight = min(units, AHEAD * batch * local)  # uniform order: a unit a sample
+    if part is not None and part.every_epoch:
+        in_flight = min(units, 2 * part.window * local + AHEAD * batch // max(1, part.m))
+    numbers = (
+        f"{_size(fixed)} of files every node keeps whole, units of {_size(unit)}: "
+        f"{share} for this node's share, {in_flight} in flight"
+    )
+    if limit < fixed + in_flight * unit:
         raise ValueError(
-            f"{remote.url}: this node's cache ({remote.cache_dir}) needs about "
-            f"{need / 1e9:.2f} GB ({whole / 1e9:.2f} GB of files every node keeps whole, "
-            f"{sparse * share / 1e9:.2f} GB of its share of the per-pair rows), more than "
-            f"cache_limit={limit / 1e9:.2f} GB; units are not evicted. Raise cache_limit, train "
-            f"on more nodes, or convert with --dtype bfloat16 (half the bytes)."
+            f"{remote.url}: cache_limit={limit} ({_size(limit)}) is below what this node's "
+            f"cache needs at least ({_size(fixed + in_flight * unit)}: {numbers}). Raise "
+            f"cache_limit, or convert with --dtype bfloat16 (half the bytes)."
         )
+    if limit < fixed + share * unit and not (part is not None and part.every_epoch):
+        raise ValueError(
+            f"{remote.url}: cache_limit={limit} ({_size(limit)}) is below this node's share "
+            f"({_size(fixed + share * unit)}: {numbers}), so units will be evicted and "
+            f"fetched again each epoch; pass window_every_epoch=True on every node (the order "
+            f"must be the same everywhere) so each epoch goes through a window of units at a "
+            f"time, or raise cache_limit."
+        )
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
 
 
 def split_pairs(dataset: Any) -> np.ndarray:

@@ -111,15 +111,25 @@ class Partition:
     (NOTE [resuming]); it is also local when the new world size divides ``parts``.
     A part's own order: in epoch 0 its units in a random order, shuffled within windows of
     ``window`` units (a node's first epoch fetches a window of units at a time, each once);
-    from epoch 1 (the part cached) uniform over the part. Both from (seed, epoch, part).
+    from epoch 1 (the part cached) uniform over the part, or windowed again with
+    ``every_epoch`` (a node cache smaller than the part: NOTE [eviction]). All from (seed,
+    epoch, part).
     """
 
-    def __init__(self, pairs: np.ndarray, unit_rows: int, parts: int, window: int = 16) -> None:
+    def __init__(
+        self,
+        pairs: np.ndarray,
+        unit_rows: int,
+        parts: int,
+        window: int = 16,
+        every_epoch: bool = False,
+    ) -> None:
         if not (isinstance(parts, int) and parts >= 1):
             raise ValueError(f"canonical_parts should be an integer >= 1, but got {parts!r}")
         if not (isinstance(unit_rows, int) and unit_rows >= 1):
             raise ValueError(f"unit_rows should be an integer >= 1, but got {unit_rows!r}")
         self.unit_rows, self.parts, self.window = unit_rows, parts, max(1, int(window))
+        self.every_epoch = bool(every_epoch)
         units = np.asarray(pairs, dtype=np.int64) // unit_rows
         self.n = int(units.size)
         nu = int(units.max()) + 1 if units.size else 0
@@ -146,8 +156,13 @@ class Partition:
         self._tail = np.concatenate(tail) if tail else np.empty(0, np.int64)
         self.owner = owner
 
-    def spec(self) -> dict[str, int]:
-        return {"parts": self.parts, "unit_rows": self.unit_rows, "window": self.window}
+    def spec(self) -> dict[str, Any]:
+        return {
+            "parts": self.parts,
+            "unit_rows": self.unit_rows,
+            "window": self.window,
+            "every_epoch": self.every_epoch,
+        }
 
 
 class PartitionedOrder:
@@ -170,7 +185,7 @@ class PartitionedOrder:
         if got is None:
             body = self.p._body[c]
             rand = self._key(body, c, 1) >> np.uint64(32)
-            if self.epoch == 0 and body.size:  # units shuffled, then windows of them
+            if (self.epoch == 0 or self.p.every_epoch) and body.size:  # windows of units
                 units = self.p._units[body]
                 first = np.unique(units)
                 rank = np.argsort(np.argsort(self._key(first, c, 2), kind="stable"))
@@ -286,14 +301,21 @@ class _Resumable:
             return PartitionedOrder(self.partition, self.seed, self.epoch)
         return EpochOrder(self.n, self.seed, self.epoch, self.shuffle)
 
-    def partition_by(self, pairs: Any, unit_rows: int, parts: int, window: int = 16) -> None:
+    def partition_by(
+        self,
+        pairs: Any,
+        unit_rows: int,
+        parts: int,
+        window: int = 16,
+        every_epoch: bool = False,
+    ) -> None:
         """Order the epochs by a canonical partition (NOTE [partitioned order]); ``pairs``:
         the split's pair rows, or a function returning them."""
         self._pairs = pairs
         rows = pairs() if callable(pairs) else pairs
-        self.partition = Partition(rows, unit_rows, parts, window)
+        self.partition = Partition(rows, unit_rows, parts, window, every_epoch)
 
-    def partition_spec(self) -> dict[str, int] | None:
+    def partition_spec(self) -> dict[str, Any] | None:
         return None if self.partition is None else self.partition.spec()
 
     def plan(self, from_start: bool = False) -> _Plan:

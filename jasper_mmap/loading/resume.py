@@ -103,12 +103,14 @@ def check_state(state: Any, identity: dict[str, Any], where: str) -> dict[str, A
     part = order.get("partition")
     if part is not None and not (
         isinstance(part, dict)
-        and set(part) == {"parts", "unit_rows", "window"}
-        and all(_is_int(v) and v >= 1 for v in part.values())
+        and set(part) == {"parts", "unit_rows", "window", "every_epoch"}
+        and all(_is_int(part[k]) and part[k] >= 1 for k in ("parts", "unit_rows", "window"))
+        and isinstance(part["every_epoch"], bool)
     ):
         raise ResumeStateError(
             f"{where}: the state's order.partition should be null or "
-            f'{{"parts", "unit_rows", "window"}} integers >= 1, but got {part!r:.80}. {_FIX}'
+            f'{{"parts", "unit_rows", "window": integers >= 1, "every_epoch": a bool}}, but '
+            f"got {part!r:.80}. {_FIX}"
         )
     forced = control.get("forced")
     if forced is not None and forced not in VARIANTS:

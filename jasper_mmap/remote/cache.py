@@ -15,9 +15,8 @@ only then is the unit's byte set in the group's *have map* (``have/<group>.bin``
 unit). A process killed mid-fetch leaves a unit whose byte is 0: refetched, never read.
 Fetches are serialized per unit across the node by a POSIX record lock on byte ``u`` of
 ``have/<group>.lock`` (per process; a thread lock per unit inside one), so each unit is
-downloaded once per node whatever the number of ranks, workers and threads. Unit bytes are
-never evicted (there is no ``cache_limit`` yet): a unit once present stays valid for the
-mirror's life. Another manifest at the same URL (the store was replaced) gets another
+downloaded once per node whatever the number of ranks, workers and threads. A unit once
+present stays valid for the mirror's life, unless a cache budget evicts it (NOTE [eviction]). Another manifest at the same URL (the store was replaced) gets another
 mirror; a cache written by another version of this layout lives under another ``v`` name.
 """
 
@@ -53,7 +52,40 @@ log = logging.getLogger(__name__)
 CACHE_LAYOUT = 1
 _RANGE = 16 * 1024 * 1024
 _FORKED_WAIT = 30.0
+_ENSURE_TRIES = 16
+_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
 _GEN = re.compile(r"^gen-(\d{6,})\.json$")
+
+
+_LIBC: Any = None
+
+# NOTE [eviction]
+# With a cache budget (``create_loader(cache_limit=)``), the loader's fetch-ahead thread evicts
+# present units, least recently used first (readers stamp a unit's last use), never those of
+# the batches in its window, until the mirror fits. Another rank or worker may be gathering a
+# unit at that moment, so a reader never trusts a gather on its own: :meth:`RemoteMirror.ensure`
+# reads the units' eviction counts *before* it sees them present, and after the gather
+# :meth:`RemoteMirror.unchanged` checks that they are still present with the same counts; if
+# not, the batch is made again (fetching anew). The evictor marks a unit absent and bumps its
+# count *before* punching its bytes out (``fallocate(PUNCH_HOLE)``), so a gather that read
+# punched zeros always sees the change; a unit evicted and fetched again between the two
+# checks has another count. Nothing read from an evicted unit reaches a batch.
+
+
+def _punch(fd: int, offset: int, length: int) -> None:
+    """Free ``length`` bytes at ``offset`` (they read as zeros), the file's size kept."""
+    global _LIBC
+    import ctypes
+    import ctypes.util
+
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _LIBC.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if _LIBC.fallocate(fd, _PUNCH, offset, length) != 0:
+        err = ctypes.get_errno()
+        # a filesystem without hole punching: zeros written instead (the bytes stay used)
+        log.debug("fallocate(PUNCH_HOLE) failed (%s); writing zeros", os.strerror(err))
+        os.pwrite(fd, bytes(length), offset)
 
 
 def default_cache_dir() -> Path:
@@ -127,6 +159,8 @@ class _HaveMap:
     def __init__(self, path: Path, units: int) -> None:
         self.path, self.units = path, units
         self._map: np.ndarray | None = None
+        self._evicted: np.ndarray | None = None
+        self._used: np.ndarray | None = None
         self._pid = -1
         self.lock = _NodeLock(path.with_suffix(".lock"))
 
@@ -137,18 +171,51 @@ class _HaveMap:
         self.__init__(state["path"], state["units"])
 
     def create(self) -> None:
-        if not self.path.exists():
-            tmp = self.path.with_name(partial_name(self.path.name))
-            with open(tmp, "wb") as f:
-                f.truncate(max(1, self.units))
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+        for path, size in (
+            (self.evicted_path, max(1, self.units)),
+            (self.used_path, 4 * max(1, self.units)),
+            (self.path, max(1, self.units)),  # last: the map exists whole or not at all
+        ):
+            if not path.exists():
+                tmp = path.with_name(partial_name(path.name))
+                with open(tmp, "wb") as f:
+                    f.truncate(size)
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+
+    @property
+    def evicted_path(self) -> Path:
+        return self.path.with_suffix(".evicted")
+
+    @property
+    def used_path(self) -> Path:
+        return self.path.with_suffix(".used")
+
+    @property
+    def evicted(self) -> np.ndarray:
+        """One byte a unit, bumped (mod 256) each time the unit is evicted (NOTE [eviction])."""
+        if self._evicted is None or self._pid != os.getpid():
+            self.view  # noqa: B018 - (re)maps for this process
+        return self._evicted
+
+    @property
+    def used(self) -> np.ndarray:
+        """Last use of each unit (uint32 seconds), written by readers, read by the evictor."""
+        if self._used is None or self._pid != os.getpid():
+            self.view  # noqa: B018
+        return self._used
 
     @property
     def view(self) -> np.ndarray:
         if self._map is None or self._pid != os.getpid():
             with open(self.path, "rb") as f:
                 m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+            with open(self.evicted_path, "rb") as f:
+                e = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+            with open(self.used_path, "r+b") as f:
+                u = mmap.mmap(f.fileno(), 0)
+            self._evicted = np.frombuffer(e, dtype=np.uint8)
+            self._used = np.frombuffer(u, dtype=np.uint32)
             self._map, self._pid = np.frombuffer(m, dtype=np.uint8), os.getpid()
         return self._map
 
@@ -156,10 +223,21 @@ class _HaveMap:
         return units[self.view[units] == 0]
 
     def mark(self, u: int) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+        self._put(self.path, u, b"\x01", sync=True)
+
+    def unmark(self, u: int) -> None:
+        """Absent, then the unit's eviction count bumped (NOTE [eviction]): both before its
+        bytes are punched out."""
+        self._put(self.path, u, b"\x00", sync=False)
+        self._put(self.evicted_path, u, bytes([(int(self.evicted[u]) + 1) % 256]), sync=False)
+
+    @staticmethod
+    def _put(path: Path, u: int, byte: bytes, sync: bool) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         try:
-            os.pwrite(fd, b"\x01", u)
-            os.fsync(fd)
+            os.pwrite(fd, byte, u)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
 
@@ -187,12 +265,14 @@ class RemoteMirror:
         self._gen_catalogs: dict[int, dict[str, Any]] = {}
         self.units_fetched = 0
         self.units_hit = 0
+        self.units_evicted = 0
+        self.cache_limit: int | None = None
         self._count = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_count"] = None
-        state["units_fetched"] = state["units_hit"] = 0
+        state["units_fetched"] = state["units_hit"] = state["units_evicted"] = 0
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -434,24 +514,48 @@ class RemoteMirror:
     def units_of(self, pairs: np.ndarray) -> np.ndarray:
         return np.unique(np.asarray(pairs, dtype=np.int64) // self.unit_rows)
 
-    def ensure(self, pairs: np.ndarray, generation: int | None) -> None:
+    def ensure(self, pairs: np.ndarray, generation: int | None) -> list[Any]:
         """The unit rows of pair rows ``pairs`` (steering, and generation ``generation``'s
-        negatives) are in the mirror when this returns (fetched now where missing)."""
+        negatives) are in the mirror when this returns (fetched now where missing). Returns a
+        stamp for :meth:`unchanged` (NOTE [eviction]): the units' eviction counts, read before
+        they were seen present."""
         units = self.units_of(np.append(np.asarray(pairs, dtype=np.int64), 0))
-        todo = []
-        for name, spec in self._groups(generation):
-            hm = self._have_map(name)
-            missing = hm.missing(units)
+        groups = [(self._have_map(name), name, spec) for name, spec in self._groups(generation)]
+        for _ in range(_ENSURE_TRIES):
+            stamp, todo = [], []
+            for hm, name, spec in groups:
+                counts = hm.evicted[units].copy()  # before the present bytes: see NOTE
+                missing = hm.missing(units)
+                stamp.append((hm, units, counts))
+                todo.extend((name, spec, int(u)) for u in missing)
             with self._count:
-                self.units_hit += int(units.size - missing.size)
-            todo.extend((name, spec, int(u)) for u in missing)
-        if todo and not usable_here():
-            self._wait_for(todo)
-        elif len(todo) == 1:
-            self._fetch_unit(*todo[0])
-        elif todo:
-            with ThreadPoolExecutor(min(self.concurrency, len(todo))) as pool:
-                list(pool.map(lambda t: self._fetch_unit(*t), todo))
+                self.units_hit += len(groups) * int(units.size) - len(todo)
+            if not todo:
+                now = np.uint32(int(time.time()) & 0xFFFFFFFF)
+                for hm, _, _ in groups:
+                    hm.used[units] = now
+                return stamp
+            if not usable_here():
+                self._wait_for(todo)
+            elif len(todo) == 1:
+                self._fetch_unit(*todo[0])
+            else:
+                with ThreadPoolExecutor(min(self.concurrency, len(todo))) as pool:
+                    list(pool.map(lambda t: self._fetch_unit(*t), todo))
+        raise StoreNotFoundError(
+            f"{self.url}: units of a batch were evicted from this node's cache ({self.path}) "
+            f"{_ENSURE_TRIES} times while being fetched: cache_limit is too small for the "
+            f"batches in flight. Raise cache_limit."
+        )
+
+    @staticmethod
+    def unchanged(stamp: list[Any]) -> bool:
+        """True when no unit of ``stamp`` (:meth:`ensure`) was evicted since: rows gathered
+        in between are the store's (NOTE [eviction])."""
+        return all(
+            bool(hm.view[units].all()) and np.array_equal(hm.evicted[units], counts)
+            for hm, units, counts in stamp
+        )
 
     def _wait_for(self, todo: list[tuple[str, dict[str, Any], int]]) -> None:
         """A forked worker process (which cannot call obstore): the loader's process fetches
@@ -531,6 +635,75 @@ class RemoteMirror:
         with self._count:
             self.units_fetched += 1
 
+    # -- eviction ----------------------------------------------------------------------------
+    def cached_bytes(self) -> int:
+        """Bytes this mirror holds: whole files, sparse files' fixed bytes, present units."""
+        total = 0
+        for cat in [self.catalog, *self._gen_catalogs.values()]:
+            total += sum(int(f["size"]) for f in cat["whole"].values())
+            total += sum(b - a for f in cat["sparse"].values() for a, b, _ in f["always"])
+        for name, spec in self._all_groups():
+            total += int(np.count_nonzero(self._have_map(name).view)) * self._unit_bytes(spec)
+        return total
+
+    def _all_groups(self) -> list[tuple[str, dict[str, Any]]]:
+        out = [(g, spec) for g, spec in self.catalog["groups"].items() if g != "negatives"]
+        for g, cat in self._gen_catalogs.items():
+            if (
+                "negatives" in cat["groups"]
+                and (self.root / "have" / f"negatives-{gen_name(g)}.bin").exists()
+            ):
+                out.append((f"negatives-{gen_name(g)}", cat["groups"]["negatives"]))
+        return out
+
+    def _unit_bytes(self, spec: dict[str, Any]) -> int:
+        return self.unit_rows * sum(int(a["row_bytes"]) for a in spec["arrays"].values())
+
+    def evict_to(self, limit: int, keep: np.ndarray) -> int:
+        """Evict present units, least recently used first, but not those of ``keep``, until
+        the mirror holds at most ``limit`` bytes (NOTE [eviction]); the number evicted."""
+        over = self.cached_bytes() - limit
+        if over <= 0:
+            return 0
+        candidates = []
+        for name, spec in self._all_groups():
+            hm = self._have_map(name)
+            present = np.flatnonzero(hm.view)
+            present = present[~np.isin(present, keep)]
+            size = self._unit_bytes(spec)
+            candidates += [
+                (int(t), name, spec, int(u), size)
+                for u, t in zip(present, hm.used[present], strict=True)
+            ]
+        candidates.sort(key=lambda c: (c[0], c[3]))
+        evicted = 0
+        for _, name, spec, u, size in candidates:
+            if over <= 0:
+                break
+            if self._evict_unit(name, spec, u):
+                over -= size
+                evicted += 1
+        if evicted:
+            log.debug("%s: evicted %d units from %s", self.url, evicted, self.path)
+        return evicted
+
+    def _evict_unit(self, name: str, spec: dict[str, Any], u: int) -> bool:
+        hm = self._have_map(name)
+        with hm.lock(u):
+            if not hm.view[u]:
+                return False
+            hm.unmark(u)  # absent and counted before a byte changes (NOTE [eviction])
+            for rows in spec["arrays"].values():
+                for file, a, b in unit_pieces(rows, u, self.unit_rows):
+                    fd = os.open(self.path / file, os.O_WRONLY | os.O_CLOEXEC)
+                    try:
+                        _punch(fd, a, b - a)
+                    finally:
+                        os.close(fd)
+        with self._count:
+            self.units_evicted += 1
+        return True
+
     def mark_all(self, generation: int) -> None:
         """Every unit of ``generation``'s negatives is present (published from this node)."""
         hm = self._have_map(f"negatives-{gen_name(generation)}")
@@ -548,6 +721,7 @@ class RemoteMirror:
             "gets": self.objects.gets,
             "units_fetched": self.units_fetched,
             "units_hit": self.units_hit,
+            "units_evicted": self.units_evicted,
         }
 
     @property

@@ -106,7 +106,12 @@ def test_resume_on_another_world_size_serves_the_rest_exactly_once(store, new_wo
             next(it)
         consumed += [i for b in planned[:k] for i in b]
         state = ld.state_dict()
-    assert state["order"]["partition"] == {"parts": 4, "unit_rows": UNIT, "window": 16}
+    assert state["order"]["partition"] == {
+        "parts": 4,
+        "unit_rows": UNIT,
+        "window": 16,
+        "every_epoch": False,
+    }
     assert state["cursor"] == 2 * k * 3
     remaining = []
     for r in range(new_world):  # created without the partition: the state's is adopted
