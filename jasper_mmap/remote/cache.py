@@ -22,6 +22,7 @@ mirror; a cache written by another version of this layout lives under another ``
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -32,6 +33,7 @@ import re
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -383,16 +385,30 @@ class RemoteMirror:
             for job in jobs:
                 job.result()
 
-    def _download(self, rel: str, spec: dict[str, Any]) -> None:
-        """``rel`` whole: ranges in parallel into a temporary file, checked, renamed."""
+    @contextlib.contextmanager
+    def _filling(self, rel: str, size: int) -> Iterator[int]:
+        """A temporary file of ``size`` bytes beside ``rel``'s place in the mirror, renamed
+        into place once the block succeeds (fsynced), removed if it fails."""
         final = self.path / rel
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(partial_name(final.name))
-        size = int(spec["size"])
-        ranges = [(a, min(a + _RANGE, size)) for a in range(0, size, _RANGE)]
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
             os.ftruncate(fd, size)
+            yield fd
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.replace(tmp, final)
+
+    def _download(self, rel: str, spec: dict[str, Any]) -> None:
+        """``rel`` whole: ranges in parallel into a temporary file, checked, renamed."""
+        size = int(spec["size"])
+        ranges = [(a, min(a + _RANGE, size)) for a in range(0, size, _RANGE)]
+        with self._filling(rel, size) as fd:
 
             def one(r: tuple[int, int]) -> None:
                 (data,) = self.objects.get_ranges(rel, [r])
@@ -409,13 +425,6 @@ class RemoteMirror:
                 pos += len(block)
             if crc != spec["crc32"]:
                 raise self._damaged(rel, f"crc32 {crc}, the catalog says {spec['crc32']}")
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        os.replace(tmp, final)
 
     def _damaged(self, rel: str, why: str) -> StoreCorruptError:
         return StoreCorruptError(
@@ -424,25 +433,14 @@ class RemoteMirror:
         )
 
     def _make_sparse(self, rel: str, spec: dict[str, Any]) -> None:
-        final = self.path / rel
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(partial_name(final.name))
+        """``rel`` at its full size, only its ``always`` bytes fetched (checked)."""
         always = spec["always"]
         parts = self.objects.get_ranges(rel, [(a, b) for a, b, _ in always])
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            os.ftruncate(fd, int(spec["size"]))
+        with self._filling(rel, int(spec["size"])) as fd:
             for (a, b, crc), data in zip(always, parts, strict=True):
                 if len(data) != b - a or zlib.crc32(data) != crc:
                     raise self._damaged(rel, f"bytes {a}-{b} differ from the catalog's")
                 os.pwrite(fd, data, a)
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        os.replace(tmp, final)
 
     # -- negatives generations -------------------------------------------------------------
     def remote_generations(self) -> list[int]:
