@@ -35,6 +35,7 @@ from jasper_mmap.errors import (
 from jasper_mmap.format.config import read_store_config
 from jasper_mmap.format.spec import CONFIG, SPLITS
 from jasper_mmap.remote import RemoteMirror, is_remote
+from jasper_mmap.remote.cache import EVICTION_PATIENCE, patiently
 from jasper_mmap.remote.catalog import PARTIAL_NAMES
 from jasper_mmap.steering import (
     VARIANTS,
@@ -52,7 +53,6 @@ log = logging.getLogger(__name__)
 
 
 _OPENING = threading.Lock()
-_EVICTED_TRIES = 16
 
 
 def _after_fork_in_child() -> None:
@@ -432,7 +432,7 @@ class JASPERSteeringDataset(BatchEngine, torch.utils.data.Dataset):
             return self._preloaded_batch(idx, snap)
         # NOTE [generation leases]: the batch reads one generation, leased until it is done;
         # its small outputs are read after its rows, into recycled buffers
-        for _ in range(_EVICTED_TRIES):
+        for _ in patiently():
             with self.store.pinned(snap.generation, serve=True) as generation:
                 plan = self._plan([idx], idx, snap, generation, small=False)
                 try:
@@ -440,9 +440,9 @@ class JASPERSteeringDataset(BatchEngine, torch.utils.data.Dataset):
                 except UnitsEvicted:  # NOTE [eviction]: gathered again, the units refetched
                     continue
         raise StoreNotFoundError(
-            f"{self.url}: the units of a batch were evicted from the node cache "
-            f"{_EVICTED_TRIES} times while it was gathered: cache_limit is too small for the "
-            f"batches in flight. Raise cache_limit."
+            f"{self.url}: the units of a batch were evicted from the node cache again and "
+            f"again for {EVICTION_PATIENCE:.0f} s while it was gathered: cache_limit is too "
+            f"small for the batches in flight. Raise cache_limit."
         )
 
     def plan_batches(self, batches: Sequence[Sequence[int] | np.ndarray]) -> BatchPlan | None:

@@ -5,8 +5,8 @@ For a dataset read through a node's mirror (NOTE [node cache] in jasper_mmap/rem
 the loader's batch sampler is wrapped: in the loader's own process, each batch's unit rows are
 in the mirror before its indices go to a gather thread or a worker process (so a worker
 process, which cannot use the object store after a fork, never has to fetch), and a daemon
-thread fetches the units of the next ``AHEAD`` batches while the current ones are served, the
-mirror fetching ``concurrency`` units at a time. Without it the first epoch would wait on
+thread hands the units of the next ``AHEAD`` batches to a pool of ``concurrency`` fetches as
+soon as they are read ahead, so that many requests are always in flight. Without it the first epoch would wait on
 every unit in turn; with it, it waits on the download as a whole.
 """
 
@@ -16,6 +16,7 @@ import logging
 import queue
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -28,10 +29,9 @@ log = logging.getLogger(__name__)
 AHEAD = 64
 
 
-def _need(remote: Any, pairs: np.ndarray) -> int:
-    """Bytes the units of ``pairs`` would add at most."""
-    per_unit = sum(remote._unit_bytes(spec) for spec in remote.catalog["groups"].values())
-    return int(remote.units_of(pairs).size) * per_unit
+def _need(remote: Any, pairs: np.ndarray, generation: int) -> int:
+    """Bytes the units of ``pairs`` not yet here (some perhaps being fetched) will add."""
+    return sum(remote._unit_bytes(spec) for _, spec, _ in remote.missing_units(pairs, generation))
 
 
 class FetchedBatches:
@@ -48,6 +48,8 @@ class FetchedBatches:
 
     def _pairs(self, batches: list[Any]) -> np.ndarray:
         ds = self.dataset
+        if not batches:
+            return np.empty(0, dtype=np.int64)
         idx = np.concatenate([np.asarray(b, dtype=np.int64) for b in batches])
         return ds.store.gather_unchecked(f"{ds.split}_idx", idx[(idx >= 0) & (idx < len(ds))])
 
@@ -57,27 +59,38 @@ class FetchedBatches:
         it = iter(self.inner)
         todo: queue.Queue = queue.Queue()
         stop = threading.Event()
-        failed: list[BaseException] = []
+        pending: list[Any] = []
 
         def fetch_ahead() -> None:
-            while not stop.is_set():
-                item = todo.get()
-                if item is None:
-                    return
-                try:
-                    pairs = self._pairs(item)
-                    if remote.cache_limit is not None:  # NOTE [eviction]: room first
-                        keep = remote.units_of(np.concatenate([pairs, self._pairs(list(window))]))
-                        remote.evict_to(remote.cache_limit - _need(remote, pairs), keep)
-                    remote.prefetch(pairs, ds._control.snapshot().generation)
-                except BaseException as e:  # raised by the batch that needs the unit
-                    failed.append(e)
-                    log.debug("fetch ahead failed", exc_info=True)
-                    return
+            # units go to a pool as soon as their batches are read ahead, ``concurrency`` in
+            # flight at a time, never waiting for a chunk to finish (a fetched unit is skipped)
+            submitted: set[tuple[str, int]] = set()
+            with ThreadPoolExecutor(remote.concurrency) as pool:
+                while not stop.is_set():
+                    item = todo.get()
+                    if item is None:
+                        break
+                    try:
+                        pairs = self._pairs(item)
+                        generation = ds._control.snapshot().generation
+                        if remote.cache_limit is not None:  # NOTE [eviction]: room first
+                            ahead = np.concatenate([pairs, self._pairs(list(window))])
+                            need = _need(remote, ahead, generation)  # in flight, or to be
+                            remote.evict_to(remote.cache_limit - need, remote.units_of(ahead))
+                            submitted.clear()  # an evicted unit may be needed again
+                        for job in remote.missing_units(pairs, generation):
+                            if (job[0], job[2]) not in submitted:
+                                submitted.add((job[0], job[2]))
+                                pending.append(pool.submit(remote.fetch_unit, job))
+                        pending[:] = [f for f in pending if not f.done()]  # ensure re-raises
+                    except Exception:  # raised again by the batch that needs the unit
+                        log.debug("fetch ahead failed", exc_info=True)
+                for f in pending:
+                    f.cancel()
 
         worker = threading.Thread(target=fetch_ahead, name="jasper-fetch-ahead", daemon=True)
+        window: list[Any] = []  # read by the thread: made before it starts
         worker.start()
-        window: list[Any] = []
         try:
             done = False
             while True:

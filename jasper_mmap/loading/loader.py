@@ -598,7 +598,7 @@ def _check_cache_limit(remote: Any, limit: int, world: int, sampler: Any, batch:
     cat = remote.catalog
     fixed = sum(int(f["size"]) for f in cat["whole"].values())
     fixed += sum(b - a for f in cat["sparse"].values() for a, b, _ in f["always"])
-    unit = sum(remote._unit_bytes(spec) for spec in cat["groups"].values())
+    unit = remote.unit_bytes(remote.generation)
     units = max(1, int(cat["units"]))
     part = getattr(sampler, "partition", None) if sampler is not None else None
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -606,18 +606,14 @@ def _check_cache_limit(remote: Any, limit: int, world: int, sampler: Any, batch:
     if part is not None and part.parts % world == 0:
         share = min(units, -(-units * local // world) + part.parts)
     in_flight = min(units, AHEAD * batch * local)  # uniform order: a unit a sample
-    if part is not None and part.every_epoch:
-        in_flight = min(units, 2 * part.window * local + AHEAD * batch // max(1, part.m))
+    if part is not None and part.every_epoch:  # the batches read ahead span their samples'
+        # units in windows of ``window`` units: at most two partial windows beyond them
+        spanned = -(-AHEAD * batch * units // max(1, part.m * part.parts))
+        in_flight = min(units, (2 * part.window + spanned) * local)
     numbers = (
         f"{_size(fixed)} of files every node keeps whole, units of {_size(unit)}: "
         f"{share} for this node's share, {in_flight} in flight"
     )
-    if limit < fixed + in_flight * unit:
-        raise ValueError(
-            f"{remote.url}: cache_limit={limit} ({_size(limit)}) is below what this node's "
-            f"cache needs at least ({_size(fixed + in_flight * unit)}: {numbers}). Raise "
-            f"cache_limit, or convert with --dtype bfloat16 (half the bytes)."
-        )
     if limit < fixed + share * unit and not (part is not None and part.every_epoch):
         raise ValueError(
             f"{remote.url}: cache_limit={limit} ({_size(limit)}) is below this node's share "
@@ -625,6 +621,12 @@ def _check_cache_limit(remote: Any, limit: int, world: int, sampler: Any, batch:
             f"fetched again each epoch; pass window_every_epoch=True on every node (the order "
             f"must be the same everywhere) so each epoch goes through a window of units at a "
             f"time, or raise cache_limit."
+        )
+    if limit < fixed + in_flight * unit:
+        raise ValueError(
+            f"{remote.url}: cache_limit={limit} ({_size(limit)}) is below what this node's "
+            f"cache needs at least ({_size(fixed + in_flight * unit)}: {numbers}). Raise "
+            f"cache_limit, or convert with --dtype bfloat16 (half the bytes)."
         )
 
 
@@ -643,16 +645,13 @@ def split_pairs(dataset: Any) -> np.ndarray:
 
 def store_unit_rows(dataset: Any) -> int:
     """The unit a local store would be uploaded with (NOTE [remote catalog])."""
-    from jasper_mmap.format.dtypes import STORED_DTYPES
-    from jasper_mmap.remote.catalog import PARTIAL_NAMES, default_unit_rows
+    from jasper_mmap.remote.catalog import PARTIAL_NAMES, default_unit_rows, row_bytes
 
-    store, total = dataset.store, 0
-    for name in sorted(PARTIAL_NAMES):
-        if store.has(name) or name in ("hard_negatives", "negative_tiers"):
-            entry = store.entry(name, store.generation if "neg" in name else None)
-            width = int(np.prod(entry["shape"][1:], dtype=np.int64))
-            total += STORED_DTYPES[entry["stored_dtype"]][0].itemsize * width
-    return default_unit_rows(total)
+    store = dataset.store
+    negatives = ("hard_negatives", "negative_tiers")
+    entries = [store.entry(n) for n in sorted(PARTIAL_NAMES - set(negatives)) if store.has(n)]
+    entries += [store.entry(n, store.generation) for n in negatives]
+    return default_unit_rows(sum(row_bytes(e) for e in entries))
 
 
 def _world(replicas: int | None, rank: int | None) -> tuple[int, int]:

@@ -46,7 +46,7 @@ from jasper_mmap.format.spec import CONFIG, MANIFEST, NEGATIVES_DIR, POINTER
 from jasper_mmap.remote.catalog import CATALOG, CATALOG_VERSION, unit_pieces
 from jasper_mmap.remote.objects import ObjectStore, usable_here
 
-__all__ = ["RemoteMirror", "default_cache_dir", "CACHE_LAYOUT"]
+__all__ = ["RemoteMirror", "default_cache_dir", "CACHE_LAYOUT", "EVICTION_PATIENCE", "patiently"]
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,18 @@ log = logging.getLogger(__name__)
 CACHE_LAYOUT = 1
 _RANGE = 16 * 1024 * 1024
 _FORKED_WAIT = 30.0
-_ENSURE_TRIES = 16
+#: how long a batch keeps fetching units evicted again meanwhile before it gives up
+EVICTION_PATIENCE = 60.0
+
+
+def patiently() -> Iterator[int]:
+    """Tries of a read that eviction may undo: at least 16, then until EVICTION_PATIENCE."""
+    deadline, n = time.monotonic() + EVICTION_PATIENCE, 0
+    while n < 16 or time.monotonic() < deadline:
+        yield n
+        n += 1
+
+
 _PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
 _GEN = re.compile(r"^gen-(\d{6,})\.json$")
 
@@ -102,9 +113,35 @@ def gen_name(g: int) -> str:
     return f"gen-{g:06d}"
 
 
+_LOCKS: dict[Path, _NodeLock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def node_lock(path: Path) -> _NodeLock:
+    """The one :class:`_NodeLock` of this process for ``path`` (record locks are per process:
+    two objects for one file would not exclude each other, nor their threads)."""
+    path = Path(os.path.abspath(path))
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(path)
+        if lock is None:
+            lock = _LOCKS[path] = _NodeLock(path)
+        return lock
+
+
+def _after_fork_in_child() -> None:
+    global _LOCKS_GUARD
+    _LOCKS_GUARD = threading.Lock()  # another thread may have held them at the fork
+    for lock in _LOCKS.values():
+        lock._guard, lock._threads, lock._fd = threading.Lock(), {}, None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class _NodeLock:
     """A POSIX record lock on byte ``i`` of a lock file (node-wide, across processes) plus a
-    thread lock per byte (within one process: record locks are per process)."""
+    thread lock per byte (within one process: record locks are per process). One per file and
+    process (:func:`node_lock`)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -113,11 +150,8 @@ class _NodeLock:
         self._threads: dict[int, threading.Lock] = {}
         self._guard = threading.Lock()
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"])
+    def __reduce__(self) -> Any:
+        return (node_lock, (self.path,))
 
     def _fd_here(self) -> int:
         if self._fd is None or self._pid != os.getpid():
@@ -164,7 +198,7 @@ class _HaveMap:
         self._evicted: np.ndarray | None = None
         self._used: np.ndarray | None = None
         self._pid = -1
-        self.lock = _NodeLock(path.with_suffix(".lock"))
+        self.lock = node_lock(path.with_suffix(".lock"))
 
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path, "units": self.units}
@@ -269,6 +303,7 @@ class RemoteMirror:
         self.units_hit = 0
         self.units_evicted = 0
         self.cache_limit: int | None = None
+        self.generation: int | None = None  # the newest one published, when last looked
         self._count = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -330,7 +365,7 @@ class RemoteMirror:
         (self.root / "have").mkdir(parents=True, exist_ok=True)
         self.path.mkdir(exist_ok=True)
         (self.path / NEGATIVES_DIR).mkdir(exist_ok=True)
-        self._mirror_lock = _NodeLock(self.root / "mirror.lock")
+        self._mirror_lock = node_lock(self.root / "mirror.lock")
         with self._mirror_lock(0):
             if not (self.path / MANIFEST).exists():
                 t0 = time.monotonic()
@@ -462,6 +497,7 @@ class RemoteMirror:
                 f"published there. Upload the store again."
             )
         self.mirror_generation(gens[-1])
+        self.generation = gens[-1]
         pointer = self.path / NEGATIVES_DIR / POINTER
         live = self.path / NEGATIVES_DIR / f"{gen_name(gens[-1])}.json"
         if not pointer.exists() or pointer.read_bytes() != live.read_bytes():
@@ -519,7 +555,7 @@ class RemoteMirror:
         they were seen present."""
         units = self.units_of(np.append(np.asarray(pairs, dtype=np.int64), 0))
         groups = [(self._have_map(name), name, spec) for name, spec in self._groups(generation)]
-        for _ in range(_ENSURE_TRIES):
+        for _ in patiently():
             stamp, todo = [], []
             for hm, name, spec in groups:
                 counts = hm.evicted[units].copy()  # before the present bytes: see NOTE
@@ -542,8 +578,8 @@ class RemoteMirror:
                     list(pool.map(lambda t: self._fetch_unit(*t), todo))
         raise StoreNotFoundError(
             f"{self.url}: units of a batch were evicted from this node's cache ({self.path}) "
-            f"{_ENSURE_TRIES} times while being fetched: cache_limit is too small for the "
-            f"batches in flight. Raise cache_limit."
+            f"again and again for {EVICTION_PATIENCE:.0f} s while being fetched: cache_limit "
+            f"is too small for the batches in flight. Raise cache_limit."
         )
 
     @staticmethod
@@ -572,6 +608,19 @@ class RemoteMirror:
                         f"use worker_mode='thread', or multiprocessing_context='spawn'."
                     )
                 time.sleep(0.01)
+
+    def missing_units(self, pairs: np.ndarray, generation: int | None) -> list[tuple]:
+        """``(group, spec, unit)`` of the units of ``pairs`` not here (for :meth:`fetch_unit`)."""
+        units = self.units_of(pairs)
+        return [
+            (name, spec, int(u))
+            for name, spec in self._groups(generation)
+            for u in self._have_map(name).missing(units)
+        ]
+
+    def fetch_unit(self, job: tuple) -> None:
+        """Fetch one unit of :meth:`missing_units` (nothing if another got it meanwhile)."""
+        self._fetch_unit(*job)
 
     def prefetch(self, pairs: np.ndarray, generation: int | None) -> int:
         """Fetch the units of ``pairs`` not yet here, ``concurrency`` at a time; the count."""
@@ -653,6 +702,10 @@ class RemoteMirror:
             ):
                 out.append((f"negatives-{gen_name(g)}", cat["groups"]["negatives"]))
         return out
+
+    def unit_bytes(self, generation: int | None) -> int:
+        """Bytes of one unit of every group read with negatives generation ``generation``."""
+        return sum(self._unit_bytes(spec) for _, spec in self._groups(generation))
 
     def _unit_bytes(self, spec: dict[str, Any]) -> int:
         return self.unit_rows * sum(int(a["row_bytes"]) for a in spec["arrays"].values())

@@ -34,6 +34,7 @@ __all__ = [
     "PARTIAL_NAMES",
     "build_catalog",
     "default_unit_rows",
+    "row_bytes",
     "unit_pieces",
 ]
 
@@ -50,6 +51,14 @@ _BLOCK = 16 * 1024 * 1024
 def default_unit_rows(row_bytes: int) -> int:
     """Rows of a unit: ~8 MiB of the pair-keyed arrays' bytes a unit."""
     return max(1, _UNIT_BYTES // max(1, row_bytes))
+
+
+def row_bytes(entry: dict[str, Any]) -> int:
+    """Bytes of one row of a manifest entry's array as stored."""
+    width = 1
+    for d in entry["shape"][1:]:
+        width *= int(d)
+    return STORED_DTYPES[entry["stored_dtype"]][0].itemsize * width
 
 
 def _crc_range(f: Any, start: int, stop: int) -> int:
@@ -127,11 +136,7 @@ def build_catalog(
         segs = _segments(root, entry, backend)
         if segs is None:
             continue
-        width = 1
-        for d in entry["shape"][1:]:
-            width *= int(d)
-        row_bytes = STORED_DTYPES[entry["stored_dtype"]][0].itemsize * width
-        cut[name] = {"segments": segs, "row_bytes": row_bytes}
+        cut[name] = {"segments": segs, "row_bytes": row_bytes(entry)}
     if unit_rows is None:
         unit_rows = default_unit_rows(sum(a["row_bytes"] for a in cut.values()))
     units = -(-n_pairs // unit_rows) if n_pairs else 0

@@ -34,7 +34,13 @@ from jasper_mmap._fs.files import read_json
 from jasper_mmap.errors import RemoteStoreError, StoreExistsError, StoreNotFoundError
 from jasper_mmap.format.spec import CONFIG, MANIFEST, NEGATIVES_DIR, POINTER
 from jasper_mmap.remote.cache import RemoteMirror, gen_name
-from jasper_mmap.remote.catalog import CATALOG, build_catalog
+from jasper_mmap.remote.catalog import (
+    CATALOG,
+    PARTIAL_NAMES,
+    build_catalog,
+    default_unit_rows,
+    row_bytes,
+)
 from jasper_mmap.remote.objects import ObjectStore
 
 __all__ = ["upload_store", "publish_remote"]
@@ -86,15 +92,18 @@ def upload_store(
     t0 = time.monotonic()
     backend, n_pairs = manifest["backend"], int(manifest["counts"]["n_pairs"])
     g = int(pointer["generation"])
-    gen_cat = build_catalog(root, pointer["files"], pointer["arrays"], backend, n_pairs, unit_rows)
-    unit_rows = gen_cat["unit_rows"] if unit_rows is None else unit_rows
     files = dict(manifest["files"])
     files[CONFIG] = (root / CONFIG).stat().st_size
-    catalog = build_catalog(root, files, manifest["arrays"], backend, n_pairs, unit_rows)
-    if gen_cat["unit_rows"] != catalog["unit_rows"]:  # both cut alike: one unit size a store
-        gen_cat = build_catalog(
-            root, pointer["files"], pointer["arrays"], backend, n_pairs, catalog["unit_rows"]
+    if unit_rows is None:  # ~8 MiB of every pair-keyed array's rows, negatives included
+        unit_rows = default_unit_rows(
+            sum(
+                row_bytes(entry)
+                for name, entry in {**manifest["arrays"], **pointer["arrays"]}.items()
+                if name in PARTIAL_NAMES
+            )
         )
+    catalog = build_catalog(root, files, manifest["arrays"], backend, n_pairs, unit_rows)
+    gen_cat = build_catalog(root, pointer["files"], pointer["arrays"], backend, n_pairs, unit_rows)
     gen_json = (root / NEGATIVES_DIR / f"{gen_name(g)}.json").read_bytes()
     gen_cat["json_crc32"] = zlib.crc32(gen_json)
     manifest_raw = (root / MANIFEST).read_bytes()
