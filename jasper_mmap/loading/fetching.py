@@ -2,9 +2,9 @@
 
 # NOTE [fetch ahead]
 For a dataset read through a node's mirror (NOTE [node cache] in jasper_mmap/remote/cache.py),
-the loader's batch sampler is wrapped: in the loader's own process, each batch's unit rows are
-in the mirror before its indices go to a gather thread or a worker process (so a worker
-process, which cannot use the object store after a fork, never has to fetch), and a daemon
+the loader's batch sampler is wrapped: with worker processes, each batch's unit rows are in the
+mirror before its indices go to a worker, fetched in the loader's process (a worker, forked,
+cannot use the object store; gather threads and the loop fetch what they miss), and a daemon
 thread hands the units of the next ``AHEAD`` batches to a pool of ``concurrency`` fetches as
 soon as they are read ahead, so that many requests are always in flight. Without it the first epoch would wait on
 every unit in turn; with it, it waits on the download as a whole.
@@ -37,8 +37,8 @@ def _need(remote: Any, pairs: np.ndarray, generation: int) -> int:
 class FetchedBatches:
     """A batch sampler whose batches' unit rows are in the node cache when they are yielded."""
 
-    def __init__(self, inner: Any, dataset: Any) -> None:
-        self.inner, self.dataset = inner, dataset
+    def __init__(self, inner: Any, dataset: Any, ensure_each: bool = True) -> None:
+        self.inner, self.dataset, self.ensure_each = inner, dataset, ensure_each
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -108,8 +108,8 @@ class FetchedBatches:
                 if not window:
                     return
                 batch = window.pop(0)
-                pairs = self._pairs([batch])
-                remote.ensure(pairs, ds._control.snapshot().generation)
+                if self.ensure_each:  # worker processes cannot fetch: here, before they gather
+                    remote.ensure(self._pairs([batch]), ds._control.snapshot().generation)
                 yield batch
         finally:
             stop.set()

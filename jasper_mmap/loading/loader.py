@@ -157,7 +157,8 @@ class JasperLoader(DataLoader):
         # cache, in this process, before the batch is gathered anywhere
         inner = super()._index_sampler
         if getattr(self.dataset, "_remote", None) is not None and self._auto_collation:
-            return FetchedBatches(inner, self.dataset)
+            forked = self.worker_mode == "process" and self.num_workers > 0
+            return FetchedBatches(inner, self.dataset, ensure_each=forked)
         return inner
 
     def _epoch_batches(self) -> Iterator[Any]:

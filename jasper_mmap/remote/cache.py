@@ -558,16 +558,18 @@ class RemoteMirror:
         for _ in patiently():
             stamp, todo = [], []
             for hm, name, spec in groups:
-                counts = hm.evicted[units].copy()  # before the present bytes: see NOTE
-                missing = hm.missing(units)
-                stamp.append((hm, units, counts))
+                have, evicted = hm.view, hm.evicted  # (mapped once per process)
+                counts = evicted[units]  # before the present bytes: see NOTE
+                missing = units[have[units] == 0]
+                stamp.append((have, evicted, units, counts))
                 todo.extend((name, spec, int(u)) for u in missing)
-            with self._count:
-                self.units_hit += len(groups) * int(units.size) - len(todo)
             if not todo:
-                now = np.uint32(int(time.time()) & 0xFFFFFFFF)
-                for hm, _, _ in groups:
-                    hm.used[units] = now
+                with self._count:
+                    self.units_hit += len(groups) * int(units.size)
+                if self.cache_limit is not None:  # the evictor's LRU order
+                    now = np.uint32(int(time.time()) & 0xFFFFFFFF)
+                    for hm, _, _ in groups:
+                        hm.used[units] = now
                 return stamp
             if not usable_here():
                 self._wait_for(todo)
@@ -587,8 +589,8 @@ class RemoteMirror:
         """True when no unit of ``stamp`` (:meth:`ensure`) was evicted since: rows gathered
         in between are the store's (NOTE [eviction])."""
         return all(
-            bool(hm.view[units].all()) and np.array_equal(hm.evicted[units], counts)
-            for hm, units, counts in stamp
+            bool(have[units].all()) and np.array_equal(evicted[units], counts)
+            for have, evicted, units, counts in stamp
         )
 
     def _wait_for(self, todo: list[tuple[str, dict[str, Any], int]]) -> None:
