@@ -12,6 +12,7 @@ every unit in turn; with it, it waits on the download as a whole.
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -27,6 +28,9 @@ log = logging.getLogger(__name__)
 
 #: batches whose units are fetched ahead of the one handed out
 AHEAD = 64
+#: while units are missing (a cold cache, no budget): batches read ahead at most, to keep
+#: twice ``concurrency`` units in flight (64 batches of 128 samples span ~6 units of 8 MiB)
+AHEAD_COLD = 4096
 
 
 def _need(remote: Any, pairs: np.ndarray, generation: int) -> int:
@@ -60,6 +64,17 @@ class FetchedBatches:
         todo: queue.Queue = queue.Queue()
         stop = threading.Event()
         pending: list[Any] = []
+        cold = [True]  # the last chunk read ahead had units to fetch
+        deep = remote.cache_limit is None  # a budget keeps the window (NOTE [eviction])
+
+        def more() -> bool:
+            if len(window) < AHEAD:
+                return True
+            if not (deep and cold[0]) or len(window) >= AHEAD_COLD:
+                return False
+            if todo.qsize() > 1:  # the thread has not looked at what was read ahead yet
+                return False
+            return sum(not f.done() for f in list(pending)) < 2 * remote.concurrency
 
         def fetch_ahead() -> None:
             # units go to a pool as soon as their batches are read ahead, ``concurrency`` in
@@ -78,7 +93,9 @@ class FetchedBatches:
                             need = _need(remote, ahead, generation)  # in flight, or to be
                             remote.evict_to(remote.cache_limit - need, remote.units_of(ahead))
                             submitted.clear()  # an evicted unit may be needed again
-                        for job in remote.missing_units(pairs, generation):
+                        jobs = remote.missing_units(pairs, generation)
+                        cold[0] = bool(jobs)
+                        for job in jobs:
                             if (job[0], job[2]) not in submitted:
                                 submitted.add((job[0], job[2]))
                                 pending.append(pool.submit(remote.fetch_unit, job))
@@ -89,12 +106,12 @@ class FetchedBatches:
                     f.cancel()
 
         worker = threading.Thread(target=fetch_ahead, name="jasper-fetch-ahead", daemon=True)
-        window: list[Any] = []  # read by the thread: made before it starts
+        window: collections.deque = collections.deque()  # read by the thread: made first
         worker.start()
         try:
             done = False
             while True:
-                while not done and len(window) < AHEAD:
+                while not done and more():
                     chunk = []
                     for b in it:
                         chunk.append(b)
@@ -107,7 +124,7 @@ class FetchedBatches:
                     window.extend(chunk)
                 if not window:
                     return
-                batch = window.pop(0)
+                batch = window.popleft()
                 if self.ensure_each:  # worker processes cannot fetch: here, before they gather
                     remote.ensure(self._pairs([batch]), ds._control.snapshot().generation)
                 yield batch
