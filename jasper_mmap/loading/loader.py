@@ -646,13 +646,13 @@ def split_pairs(dataset: Any) -> np.ndarray:
 
 def store_unit_rows(dataset: Any) -> int:
     """The unit a local store would be uploaded with (NOTE [remote catalog])."""
-    from jasper_mmap.remote.catalog import PARTIAL_NAMES, default_unit_rows, row_bytes
+    from jasper_mmap.remote.catalog import PARTIAL_NAMES, default_unit_rows
 
     store = dataset.store
     negatives = ("hard_negatives", "negative_tiers")
-    entries = [store.entry(n) for n in sorted(PARTIAL_NAMES - set(negatives)) if store.has(n)]
-    entries += [store.entry(n, store.generation) for n in negatives]
-    return default_unit_rows(sum(row_bytes(e) for e in entries))
+    entries = {n: store.entry(n) for n in PARTIAL_NAMES - set(negatives) if store.has(n)}
+    entries |= {n: store.entry(n, store.generation) for n in negatives}
+    return default_unit_rows(store.path, entries, store.backend)
 
 
 def _world(replicas: int | None, rank: int | None) -> tuple[int, int]:

@@ -48,9 +48,27 @@ _UNIT_BYTES = 8 * 1024 * 1024
 _BLOCK = 16 * 1024 * 1024
 
 
-def default_unit_rows(row_bytes: int) -> int:
-    """Rows of a unit: ~8 MiB of the pair-keyed arrays' bytes a unit."""
-    return max(1, _UNIT_BYTES // max(1, row_bytes))
+def default_unit_rows(root: Path, entries: dict[str, dict[str, Any]], backend: str) -> int:
+    """Rows of a unit: those of a zarr steering table's shard where convert-pt wrote it (a
+    unit's rows of each array are then one shard file's: one whole GET each), else ~8 MiB of
+    the widest pair-keyed array's rows (a unit is a few GETs of ~8 MiB: object stores serve
+    ranges of that size at full speed, and fewer, larger GETs cost less per byte)."""
+    partial = {n: e for n, e in entries.items() if n in PARTIAL_NAMES}
+    if backend == "zarr":
+        for name in STEERING_NAMES:
+            entry = partial.get(name)
+            if entry is None:
+                continue
+            try:
+                meta = json.loads((Path(root) / entry["file"] / "zarr.json").read_text())
+            except (OSError, ValueError):
+                break
+            lay = shard_layout(meta, entry)
+            if lay is not None:
+                return int(lay.shard_rows)
+            break
+    widest = max((row_bytes(e) for e in partial.values()), default=1)
+    return max(1, _UNIT_BYTES // max(1, widest))
 
 
 def row_bytes(entry: dict[str, Any]) -> int:
@@ -138,7 +156,7 @@ def build_catalog(
             continue
         cut[name] = {"segments": segs, "row_bytes": row_bytes(entry)}
     if unit_rows is None:
-        unit_rows = default_unit_rows(sum(a["row_bytes"] for a in cut.values()))
+        unit_rows = default_unit_rows(root, arrays, backend)
     units = -(-n_pairs // unit_rows) if n_pairs else 0
     handles: dict[str, Any] = {}
     try:

@@ -34,13 +34,7 @@ from jasper_mmap._fs.files import read_json
 from jasper_mmap.errors import RemoteStoreError, StoreExistsError, StoreNotFoundError
 from jasper_mmap.format.spec import CONFIG, MANIFEST, NEGATIVES_DIR, POINTER
 from jasper_mmap.remote.cache import RemoteMirror, gen_name
-from jasper_mmap.remote.catalog import (
-    CATALOG,
-    PARTIAL_NAMES,
-    build_catalog,
-    default_unit_rows,
-    row_bytes,
-)
+from jasper_mmap.remote.catalog import CATALOG, build_catalog, default_unit_rows
 from jasper_mmap.remote.objects import ObjectStore
 
 __all__ = ["upload_store", "publish_remote"]
@@ -94,14 +88,8 @@ def upload_store(
     g = int(pointer["generation"])
     files = dict(manifest["files"])
     files[CONFIG] = (root / CONFIG).stat().st_size
-    if unit_rows is None:  # ~8 MiB of every pair-keyed array's rows, negatives included
-        unit_rows = default_unit_rows(
-            sum(
-                row_bytes(entry)
-                for name, entry in {**manifest["arrays"], **pointer["arrays"]}.items()
-                if name in PARTIAL_NAMES
-            )
-        )
+    if unit_rows is None:
+        unit_rows = default_unit_rows(root, {**manifest["arrays"], **pointer["arrays"]}, backend)
     catalog = build_catalog(root, files, manifest["arrays"], backend, n_pairs, unit_rows)
     gen_cat = build_catalog(root, pointer["files"], pointer["arrays"], backend, n_pairs, unit_rows)
     gen_json = (root / NEGATIVES_DIR / f"{gen_name(g)}.json").read_bytes()
