@@ -25,7 +25,13 @@ from jasper_mmap.dataset.control import ControlBlock
 from jasper_mmap.dataset.outputs import BufferPool
 from jasper_mmap.dataset.preload import Preloaded, memory_mode
 from jasper_mmap.dataset.resolve import resolve_dataset
-from jasper_mmap.dataset.tables import TABLES, KeywordLists, table_array, table_tensor
+from jasper_mmap.dataset.tables import (
+    TABLES,
+    KeywordLists,
+    table_array,
+    table_tensor,
+    tensor_of,
+)
 from jasper_mmap.errors import (
     ArtifactMissingError,
     DeviceUnavailableError,
@@ -308,10 +314,34 @@ class JASPERSteeringDataset(BatchEngine, torch.utils.data.Dataset):
         name = TABLES[attr] or f"{self.split}_idx"
         if name in ("hard_negatives", "negative_tiers"):
             generation = store.serve(generation)
-        if self._remote is not None and name in PARTIAL_NAMES:  # a whole table: every unit
-            self._remote.prefetch(np.arange(store.counts["n_pairs"]), generation)
-        t = table_tensor(store, name, generation, attr)
+        if self._remote is not None and name in PARTIAL_NAMES:  # NOTE [eviction]
+            t = tensor_of(self._checked_copy(name, generation), store, name, generation, attr)
+        else:
+            t = table_tensor(store, name, generation, attr)
         return t.to(self.device) if self.device.type != "cpu" else t
+
+    def _checked_copy(self, name: str, generation: int) -> np.ndarray:
+        """A pair-keyed table of a dataset on object storage, copied out of the node cache
+        a few units at a time, each copy checked against eviction (NOTE [eviction]): never a
+        view of units another process may evict."""
+        store, remote = self.store, self._remote
+        src = store.raw(name, generation if name in ("hard_negatives", "negative_tiers") else None)
+        out = np.empty(src.shape, dtype=src.dtype)
+        step = remote.unit_rows * 4
+        for lo in range(0, src.shape[0], step):
+            hi = min(src.shape[0], lo + step)
+            for _ in patiently():
+                stamp = remote.ensure(np.arange(lo, hi), generation)
+                out[lo:hi] = src[lo:hi]
+                if remote.unchanged(stamp):
+                    break
+            else:
+                raise StoreNotFoundError(
+                    f"{self.url}: rows {lo}-{hi} of {name} were evicted from the node cache "
+                    f"again and again for {EVICTION_PATIENCE:.0f} s while copied. Raise "
+                    f"cache_limit."
+                )
+        return out
 
     def __len__(self) -> int:
         return self._len

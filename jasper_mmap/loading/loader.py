@@ -611,6 +611,7 @@ def _check_cache_limit(remote: Any, limit: int, world: int, sampler: Any, batch:
         # units in windows of ``window`` units: at most two partial windows beyond them
         spanned = -(-AHEAD * batch * units // max(1, part.m * part.parts))
         in_flight = min(units, (2 * part.window + spanned) * local)
+    in_flight = min(in_flight, share)  # never more than the node ever reads
     numbers = (
         f"{_size(fixed)} of files every node keeps whole, units of {_size(unit)}: "
         f"{share} for this node's share, {in_flight} in flight"

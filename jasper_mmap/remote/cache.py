@@ -13,8 +13,8 @@ for every batch before its rows are gathered) or ahead of it (:meth:`RemoteMirro
 the unit's byte ranges are read, checked against the catalog's crc32, written, fsynced, and
 only then is the unit's byte set in the group's *have map* (``have/<group>.bin``, one byte a
 unit). A process killed mid-fetch leaves a unit whose byte is 0: refetched, never read.
-Fetches are serialized per unit across the node by a POSIX record lock on byte ``u`` of
-``have/<group>.lock`` (per process; a thread lock per unit inside one), so each unit is
+Fetches are serialized per unit across the node by an open file description lock on byte
+``u`` of ``have/<group>.lock`` (one descriptor a process; a thread lock per unit inside one), so each unit is
 downloaded once per node whatever the number of ranks, workers and threads. A unit once
 present stays valid for the mirror's life, unless a cache budget evicts it (NOTE [eviction]). Another manifest at the same URL (the store was replaced) gets another
 mirror; a cache written by another version of this layout lives under another ``v`` name.
@@ -23,6 +23,7 @@ mirror; a cache written by another version of this layout lives under another ``
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -30,6 +31,8 @@ import logging
 import mmap
 import os
 import re
+import struct
+import sys
 import threading
 import time
 import zlib
@@ -138,6 +141,33 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _lock_byte(fd: int, i: int, kind: int) -> None:
+    """Lock (``F_WRLCK``, waiting) or unlock (``F_UNLCK``) byte ``i`` of ``fd`` with an open
+    file description lock: owned by the descriptor, not the process, so the kernel never
+    reports a false deadlock between two processes whose *threads* wait on each other's
+    units (classic ``lockf`` locks did: EDEADLK, found by the attack round). Without OFD locks
+    (old kernels), classic locks, retried on that false EDEADLK."""
+    if _OFD:
+        flock = struct.pack("hhxxxxqqixxxx", kind, os.SEEK_SET, i, 1, 0)
+        try:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, flock)
+            return
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+    while True:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_UN if kind == fcntl.F_UNLCK else fcntl.LOCK_EX, 1, i)
+            return
+        except OSError as e:
+            if e.errno != errno.EDEADLK:
+                raise
+            time.sleep(0.005)
+
+
+_OFD = hasattr(fcntl, "F_OFD_SETLKW") and sys.platform.startswith("linux")
+
+
 class _NodeLock:
     """A POSIX record lock on byte ``i`` of a lock file (node-wide, across processes) plus a
     thread lock per byte (within one process: record locks are per process). One per file and
@@ -173,7 +203,7 @@ class _NodeLock:
                 t = o._threads.setdefault(self.i, threading.Lock())
             t.acquire()
             try:
-                fcntl.lockf(fd, fcntl.LOCK_EX, 1, self.i)
+                _lock_byte(fd, self.i, fcntl.F_WRLCK)
             except BaseException:
                 t.release()
                 raise
@@ -181,7 +211,7 @@ class _NodeLock:
 
         def __exit__(self, *exc: object) -> None:
             try:
-                fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, self.i)
+                _lock_byte(self.fd, self.i, fcntl.F_UNLCK)
             finally:
                 self.t.release()
 
@@ -688,6 +718,7 @@ class RemoteMirror:
     def cached_bytes(self) -> int:
         """Bytes this mirror holds: whole files, sparse files' fixed bytes, present units."""
         total = 0
+        self._all_groups()  # (loads the catalog of every generation mirrored here)
         for cat in [self.catalog, *self._gen_catalogs.values()]:
             total += sum(int(f["size"]) for f in cat["whole"].values())
             total += sum(b - a for f in cat["sparse"].values() for a, b, _ in f["always"])
