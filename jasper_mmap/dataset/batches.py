@@ -306,7 +306,9 @@ class BatchEngine:
         pairs = store.check_rows("pair_index", store.gather_unchecked(f"{self.split}_idx", idx))
         remote, stamp = getattr(self, "_remote", None), None
         if remote is not None:  # NOTE [node cache]: the batch's unit rows are in the mirror
-            stamp = remote.ensure(pairs, generation)
+            # a plan of many batches gives up soon where units keep being evicted (its batches
+            # are then served one by one: NOTE [batch plans])
+            stamp = remote.ensure(pairs, generation, 3 if len(batches) > 1 else None)
         variants = self._variants(pairs, snap)
         # NOTE [batch prefetch], NOTE [dense arrays]: only a store read ahead gets the hints
         ahead, dense = store.reads_ahead, self._dense_arrays(store)

@@ -578,14 +578,19 @@ class RemoteMirror:
     def units_of(self, pairs: np.ndarray) -> np.ndarray:
         return np.unique(np.asarray(pairs, dtype=np.int64) // self.unit_rows)
 
-    def ensure(self, pairs: np.ndarray, generation: int | None) -> list[Any]:
+    def ensure(
+        self, pairs: np.ndarray, generation: int | None, tries: int | None = None
+    ) -> list[Any]:
         """The unit rows of pair rows ``pairs`` (steering, and generation ``generation``'s
         negatives) are in the mirror when this returns (fetched now where missing). Returns a
         stamp for :meth:`unchanged` (NOTE [eviction]): the units' eviction counts, read before
-        they were seen present."""
+        they were seen present. ``tries``: give up sooner (a plan of many batches, which are
+        then served one by one)."""
         units = self.units_of(np.append(np.asarray(pairs, dtype=np.int64), 0))
         groups = [(self._have_map(name), name, spec) for name, spec in self._groups(generation)]
-        for _ in patiently():
+        for n in patiently():
+            if tries is not None and n >= tries:
+                break
             stamp, todo = [], []
             for hm, name, spec in groups:
                 have, evicted = hm.view, hm.evicted  # (mapped once per process)
