@@ -28,7 +28,7 @@ def test_table_attribute_during_eviction_equals_local(bucket, tmp_path):
     )
     ds = loader.dataset_obj
     wrong = []
-    for epoch in range(2):
+    for epoch in range(1):
         set_epoch(loader, epoch)
         for i, _ in enumerate(loader):
             if i % 10 == 0:  # the table's first access (a miner reading it mid-epoch)
