@@ -85,7 +85,10 @@ _LIBC: Any = None
 # not, the batch is made again (fetching anew). The evictor marks a unit absent and bumps its
 # count *before* punching its bytes out (``fallocate(PUNCH_HOLE)``), so a gather that read
 # punched zeros always sees the change; a unit evicted and fetched again between the two
-# checks has another count. Nothing read from an evicted unit reaches a batch.
+# checks has another count. Nothing read from an evicted unit reaches a batch. Every eviction
+# also bumps the node's eviction count (``have/evictions.bin``) before the punch: while it is
+# the value a process last saw, the units that process saw present are still there, so a batch
+# costs one lookup (and the check after the gather one read) until something is evicted.
 
 
 def _punch(fd: int, offset: int, length: int) -> None:
@@ -328,6 +331,10 @@ class RemoteMirror:
         self.catalog: dict[str, Any] = {}
         self.root: Path | None = None
         self._have: dict[str, _HaveMap] = {}
+        self._ev_map: np.ndarray | None = None
+        self._ev_pid = -1
+        self._known: dict[str, np.ndarray] = {}  # units seen present at eviction count _known_at
+        self._known_at: int | None = None
         self._gen_catalogs: dict[int, dict[str, Any]] = {}
         self.units_fetched = 0
         self.units_hit = 0
@@ -339,6 +346,7 @@ class RemoteMirror:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_count"] = None
+        state["_ev_map"], state["_known"], state["_known_at"] = None, {}, None
         state["units_fetched"] = state["units_hit"] = state["units_evicted"] = 0
         return state
 
@@ -397,6 +405,9 @@ class RemoteMirror:
         (self.path / NEGATIVES_DIR).mkdir(exist_ok=True)
         self._mirror_lock = node_lock(self.root / "mirror.lock")
         with self._mirror_lock(0):
+            evictions = self.root / "have" / "evictions.bin"
+            if not evictions.exists():  # (under the lock: never replaced once counting)
+                self._write_bytes(evictions, bytes(8))
             if not (self.path / MANIFEST).exists():
                 t0 = time.monotonic()
                 before = self.objects.bytes_fetched
@@ -578,34 +589,79 @@ class RemoteMirror:
     def units_of(self, pairs: np.ndarray) -> np.ndarray:
         return np.unique(np.asarray(pairs, dtype=np.int64) // self.unit_rows)
 
+    def _evictions_map(self) -> np.ndarray:
+        """The node's eviction count (one uint64, ``have/evictions.bin``), mapped read-only."""
+        if self._ev_map is None or self._ev_pid != os.getpid():
+            path = self.root / "have" / "evictions.bin"
+            with open(path, "rb") as f:
+                self._ev_map = np.frombuffer(
+                    mmap.mmap(f.fileno(), 8, prot=mmap.PROT_READ), dtype=np.uint64
+                )
+            self._ev_pid, self._known, self._known_at = os.getpid(), {}, None
+        return self._ev_map
+
+    def _bump_evictions(self) -> None:
+        path = self.root / "have" / "evictions.bin"
+        with node_lock(path.with_suffix(".lock"))(0):
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+                os.pwrite(fd, struct.pack("<Q", (n + 1) % 2**64), 0)
+            finally:
+                os.close(fd)
+
     def ensure(
         self, pairs: np.ndarray, generation: int | None, tries: int | None = None
-    ) -> list[Any]:
+    ) -> tuple[int, list[Any] | None]:
         """The unit rows of pair rows ``pairs`` (steering, and generation ``generation``'s
         negatives) are in the mirror when this returns (fetched now where missing). Returns a
-        stamp for :meth:`unchanged` (NOTE [eviction]): the units' eviction counts, read before
-        they were seen present. ``tries``: give up sooner (a plan of many batches, which are
-        then served one by one)."""
-        units = self.units_of(np.append(np.asarray(pairs, dtype=np.int64), 0))
+        stamp for :meth:`unchanged` (NOTE [eviction]): the node's eviction count, and the
+        units' own counts, read before they were seen present. ``tries``: give up sooner (a
+        plan of many batches, which are then served one by one).
+
+        Fast path: while the node's eviction count is the one this process last saw, units it
+        saw present are present (nothing was evicted since): one lookup a batch."""
+        rows = np.append(np.asarray(pairs, dtype=np.int64), 0) // self.unit_rows
         groups = [(self._have_map(name), name, spec) for name, spec in self._groups(generation)]
+        evictions = self._evictions_map()
+        at = int(evictions[0])
+        if at != self._known_at:
+            self._known, self._known_at = {}, at
+        known = [self._known.get(name) for _, name, _ in groups]
+        if all(k is not None and bool(k[rows].all()) for k in known):
+            with self._count:
+                self.units_hit += len(groups)
+            if self.cache_limit is not None:  # the evictor's LRU order
+                now = np.uint32(int(time.time()) & 0xFFFFFFFF)
+                for hm, _, _ in groups:
+                    hm.used[rows] = now
+            return at, None
+        units = np.unique(rows)
         for n in patiently():
             if tries is not None and n >= tries:
                 break
+            at = int(evictions[0])  # before anything is seen present: see NOTE
             stamp, todo = [], []
             for hm, name, spec in groups:
                 have, evicted = hm.view, hm.evicted  # (mapped once per process)
-                counts = evicted[units]  # before the present bytes: see NOTE
+                counts = evicted[units]
                 missing = units[have[units] == 0]
                 stamp.append((have, evicted, units, counts))
                 todo.extend((name, spec, int(u)) for u in missing)
             if not todo:
                 with self._count:
                     self.units_hit += len(groups) * int(units.size)
-                if self.cache_limit is not None:  # the evictor's LRU order
+                if self.cache_limit is not None:
                     now = np.uint32(int(time.time()) & 0xFFFFFFFF)
                     for hm, _, _ in groups:
                         hm.used[units] = now
-                return stamp
+                if at == self._known_at:  # present, and nothing evicted since ``at``
+                    for _, name, _ in groups:
+                        k = self._known.get(name)
+                        if k is None:
+                            k = self._known[name] = np.zeros(max(1, self.units), dtype=bool)
+                        k[units] = True
+                return at, stamp
             if not usable_here():
                 self._wait_for(todo)
             elif len(todo) == 1:
@@ -619,13 +675,15 @@ class RemoteMirror:
             f"is too small for the batches in flight. Raise cache_limit."
         )
 
-    @staticmethod
-    def unchanged(stamp: list[Any]) -> bool:
+    def unchanged(self, stamp: tuple[int, list[Any] | None]) -> bool:
         """True when no unit of ``stamp`` (:meth:`ensure`) was evicted since: rows gathered
         in between are the store's (NOTE [eviction])."""
-        return all(
-            bool(have[units].all()) and np.array_equal(evicted[units], counts)
-            for have, evicted, units, counts in stamp
+        at, units = stamp
+        if int(self._evictions_map()[0]) == at:
+            return True  # nothing at all was evicted on the node since
+        return units is not None and all(
+            bool(have[u].all()) and np.array_equal(evicted[u], counts)
+            for have, evicted, u, counts in units
         )
 
     def _wait_for(self, todo: list[tuple[str, dict[str, Any], int]]) -> None:
@@ -782,6 +840,7 @@ class RemoteMirror:
             if not hm.view[u]:
                 return False
             hm.unmark(u)  # absent and counted before a byte changes (NOTE [eviction])
+            self._bump_evictions()
             for rows in spec["arrays"].values():
                 for file, a, b in unit_pieces(rows, u, self.unit_rows):
                     fd = os.open(self.path / file, os.O_WRONLY | os.O_CLOEXEC)
