@@ -108,10 +108,23 @@ def _not_a_store_why(p: Path, command: str) -> str | None:
     return None
 
 
+def _mirror(args: argparse.Namespace) -> None:
+    """An object-store URL: this node's mirror of it (NOTE [node cache]) is what is read."""
+    from jasper_mmap.remote import RemoteMirror, is_remote
+
+    if is_remote(args.store):
+        args.url = args.store
+        args.mirror = RemoteMirror(args.store, cache_dir=args.cache_dir)
+        args.store = str(args.mirror.open())
+
+
 def _info(args: argparse.Namespace) -> int:
     from jasper_mmap.stores.verify import store_info
 
+    _mirror(args)
     info = store_info(args.store)
+    if getattr(args, "url", None):
+        info["url"] = args.url
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
@@ -140,6 +153,17 @@ def _info(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from jasper_mmap.stores.verify import verify_store
 
+    _mirror(args)
+    mirror = getattr(args, "mirror", None)
+    if mirror is not None:  # every unit fetched and checked against the catalog, then read
+        import numpy as np
+
+        gen = mirror.sync_negatives()
+        mirror.prefetch(np.arange(mirror.units) * mirror.unit_rows, gen)
+        print(
+            f"{args.url}: every object fetched into {args.store} and checked against its "
+            f"catalog ({mirror.summary()['bytes_fetched'] / 1e6:.1f} MB fetched now)"
+        )
     report = verify_store(args.store, progress=False if args.quiet else None)
     print(report)
     return 0 if report.ok else 1
@@ -158,23 +182,46 @@ _STORE_HELP = (
 )
 
 
+def _upload(args: argparse.Namespace) -> int:
+    from jasper_mmap.remote import upload_store
+
+    upload_store(args.store, args.url, overwrite=args.overwrite, unit_rows=args.unit_rows)
+    print(f"uploaded {args.store} to {args.url}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="jasper-mmap", description="Inspect and check jasper_mmap stores."
+        prog="jasper-mmap", description="Inspect, check and upload jasper_mmap stores."
     )
     sub = ap.add_subparsers(dest="command", required=True)
     v = sub.add_parser(
         "verify", help="check the structure, then read every array once and check it"
     )
-    v.add_argument("store", help=_STORE_HELP)
+    v.add_argument("store", help=_STORE_HELP + ", or an object-store URL (s3://...)")
     v.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    v.add_argument("--cache-dir", help="node cache for a URL (default: ~/.cache/jasper_mmap)")
     v.set_defaults(run=_verify)
     i = sub.add_parser("info", help="summary of a store (from its manifest; reads no data)")
-    i.add_argument("store", help=_STORE_HELP)
+    i.add_argument("store", help=_STORE_HELP + ", or an object-store URL (s3://...)")
+    i.add_argument("--cache-dir", help="node cache for a URL (default: ~/.cache/jasper_mmap)")
     i.add_argument(
         "--json", action="store_true", help="print the summary as one JSON object (for scripts)"
     )
     i.set_defaults(run=_info)
+    u = sub.add_parser(
+        "upload", help="put a store on object storage (it appears there whole, or not at all)"
+    )
+    u.add_argument("store", help=_STORE_HELP)
+    u.add_argument("url", help="where: s3://bucket/prefix (credentials: the AWS_* environment)")
+    u.add_argument("--overwrite", action="store_true", help="replace a store of ours there")
+    u.add_argument(
+        "--unit-rows",
+        type=int,
+        default=None,
+        help="pair rows a node fetches at once (default: ~8 MiB of steering and negatives rows)",
+    )
+    u.set_defaults(run=_upload)
     return ap
 
 
@@ -183,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     found, or the store cannot be opened; 141: the output pipe was closed early."""
     args = _parser().parse_args(argv)
     try:
-        if (why := _not_a_store(args.store, args.command)) is not None:
+        from jasper_mmap.remote import is_remote
+
+        if not is_remote(args.store) and (why := _not_a_store(args.store, args.command)):
             print(f"jasper-mmap: error: {why}", file=sys.stderr)
             return 1
         status = args.run(args)

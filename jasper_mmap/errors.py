@@ -28,6 +28,7 @@ __all__ = [
     "StoreWriteError",
     "StoreStaleError",
     "StoreReplacedError",
+    "RemoteStoreError",
     "write_error",
 ]
 
@@ -106,6 +107,11 @@ class DeviceUnavailableError(JasperError, RuntimeError):
 
 class StoreWriteError(JasperError, OSError):
     """Writing a store or a negatives generation failed (disk full, read-only, permissions)."""
+
+
+class RemoteStoreError(JasperError, OSError):
+    """An object store could not be reached or refused a request (credentials, endpoint,
+    bucket, network), or another writer won a race for the same name."""
 
 
 class TableReadOnlyError(JasperError, RuntimeError):

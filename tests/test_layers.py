@@ -19,6 +19,7 @@ LAYERS = [
     {"_fs"},
     {"format"},
     {"stores", "sources"},
+    {"remote"},
     {"converters"},
     {"dataset"},
     {"loading"},

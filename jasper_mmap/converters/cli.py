@@ -7,9 +7,10 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 from jasper_mmap.converters.convert import DTYPES, FORMATS, convert_pt
-from jasper_mmap.errors import JasperError
+from jasper_mmap.errors import JasperError, StoreExistsError
 from jasper_mmap.sources.directory import STORAGE_FORMATS
 
 __all__ = ["main"]
@@ -23,7 +24,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("src", help="dataset directory: config.json and the .pt files, or dataset.h5")
     p.add_argument(
-        "dst", help="store directory to create (appears only when complete and verified)"
+        "dst",
+        help="store directory to create (appears only when complete and verified), or an "
+        "object-store URL (s3://bucket/prefix: converted locally, then uploaded; it appears "
+        "there whole or not at all)",
     )
     p.add_argument(
         "--format",
@@ -55,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="convert NaN/Inf embedding values instead of refusing them",
     )
+    p.add_argument(
+        "--unit-rows",
+        type=int,
+        default=None,
+        help="DST on object storage: pair rows a node fetches at once (default: ~8 MiB)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no notices")
     return p
 
@@ -69,16 +79,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     t0 = time.perf_counter()
     try:
-        dst = convert_pt(
-            args.src,
-            args.dst,
-            format=args.format,
-            dtype=args.dtype,
-            overwrite=args.overwrite,
-            allow_nonfinite=args.allow_nonfinite,
-            progress=False if args.quiet else None,
-            source=args.source,
-        )
+        from jasper_mmap.remote import is_remote
+
+        if is_remote(args.dst):
+            dst = _convert_and_upload(args)
+        else:
+            dst = convert_pt(
+                args.src,
+                args.dst,
+                format=args.format,
+                dtype=args.dtype,
+                overwrite=args.overwrite,
+                allow_nonfinite=args.allow_nonfinite,
+                progress=False if args.quiet else None,
+                source=args.source,
+            )
     except (JasperError, ImportError) as e:  # ImportError: h5py missing for dataset.h5
         print(f"convert-pt: error: {e}", file=sys.stderr)
         return 1
@@ -88,6 +103,38 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         _print(f"wrote {dst} ({args.format}) in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _convert_and_upload(args: argparse.Namespace) -> str:
+    """Convert into a temporary directory of the node cache, upload, remove it."""
+    import shutil
+    import tempfile
+
+    from jasper_mmap.remote import default_cache_dir, upload_store
+    from jasper_mmap.remote.objects import ObjectStore
+
+    if ObjectStore(args.dst).list() and not args.overwrite:  # refused before converting
+        raise StoreExistsError(
+            f"{args.dst}: holds objects already. Pass --overwrite to replace a store of ours "
+            f"there (anything else is never written into), or choose an empty prefix."
+        )
+    work = default_cache_dir() / "uploads"
+    work.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="convert-", dir=work))
+    try:
+        local = convert_pt(
+            args.src,
+            tmp / "store",
+            format=args.format,
+            dtype=args.dtype,
+            allow_nonfinite=args.allow_nonfinite,
+            progress=False if args.quiet else None,
+            source=args.source,
+        )
+        upload_store(local, args.dst, overwrite=args.overwrite, unit_rows=args.unit_rows)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return args.dst
 
 
 def _print(line: str) -> None:

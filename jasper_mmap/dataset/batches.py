@@ -168,6 +168,11 @@ def _batch_rows(parts: list[tuple[np.ndarray, int, int]], bounds: list[int]) -> 
     ]
 
 
+class UnitsEvicted(Exception):
+    """Units a batch read were evicted from the node cache while it was gathered: the batch
+    is made again (NOTE [eviction] in jasper_mmap/remote/cache.py). Never leaves the dataset."""
+
+
 @dataclass(eq=False, slots=True)
 class BatchPlan:
     """The bookkeeping of consecutive batches (NOTE [batch plans]); batch ``j`` is rows
@@ -188,6 +193,7 @@ class BatchPlan:
     steering: np.ndarray | None  # rows of the joined steering tables (None: not joined)
     zeros: list[np.ndarray] | None  # per batch: where the variant is 0 (zero steering rows)
     small: dict[str, np.ndarray] | None  # batch key -> the per-pair outputs (_PAIR_KEYS)
+    stamp: Any = None  # a store on object storage: the units read (NOTE [eviction])
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -298,6 +304,11 @@ class BatchEngine:
         # each index array is range-checked once; every array of that length is read with
         # it (``gather_unchecked``): the pair-keyed arrays have n_pairs rows (schema, at open and publish)
         pairs = store.check_rows("pair_index", store.gather_unchecked(f"{self.split}_idx", idx))
+        remote, stamp = getattr(self, "_remote", None), None
+        if remote is not None:  # NOTE [node cache]: the batch's unit rows are in the mirror
+            # a plan of many batches gives up soon where units keep being evicted (its batches
+            # are then served one by one: NOTE [batch plans])
+            stamp = remote.ensure(pairs, generation, 3 if len(batches) > 1 else None)
         variants = self._variants(pairs, snap)
         # NOTE [batch prefetch], NOTE [dense arrays]: only a store read ahead gets the hints
         ahead, dense = store.reads_ahead, self._dense_arrays(store)
@@ -359,6 +370,7 @@ class BatchEngine:
             steering,
             zeros,
             outputs,
+            stamp,
         )
 
     def _serve(self, plan: BatchPlan, j: int, pin_memory: bool) -> dict[str, torch.Tensor]:
@@ -401,6 +413,8 @@ class BatchEngine:
         batch = {key: out[key] for key in BATCH_KEYS}
         if self.report_generation:
             batch["negatives_generation"] = torch.full((b,), plan.generation, dtype=torch.int64)
+        if plan.stamp is not None and not self._remote.unchanged(plan.stamp):
+            raise UnitsEvicted  # rows read from the node cache were evicted meanwhile
         return batch
 
     def _preloaded_batch(self, idx: np.ndarray, snap: Snapshot) -> dict[str, torch.Tensor]:

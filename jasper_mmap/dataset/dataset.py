@@ -20,19 +20,29 @@ from typing import Any
 import numpy as np
 import torch
 
-from jasper_mmap.dataset.batches import BatchEngine, BatchPlan, SampleBatch
+from jasper_mmap.dataset.batches import BatchEngine, BatchPlan, SampleBatch, UnitsEvicted
 from jasper_mmap.dataset.control import ControlBlock
 from jasper_mmap.dataset.outputs import BufferPool
 from jasper_mmap.dataset.preload import Preloaded, memory_mode
 from jasper_mmap.dataset.resolve import resolve_dataset
-from jasper_mmap.dataset.tables import TABLES, KeywordLists, table_array, table_tensor
+from jasper_mmap.dataset.tables import (
+    TABLES,
+    KeywordLists,
+    table_array,
+    table_tensor,
+    tensor_of,
+)
 from jasper_mmap.errors import (
     ArtifactMissingError,
     DeviceUnavailableError,
     SampleIndexTypeError,
+    StoreNotFoundError,
 )
 from jasper_mmap.format.config import read_store_config
 from jasper_mmap.format.spec import CONFIG, SPLITS
+from jasper_mmap.remote import RemoteMirror, is_remote
+from jasper_mmap.remote.cache import EVICTION_PATIENCE, patiently
+from jasper_mmap.remote.catalog import PARTIAL_NAMES
 from jasper_mmap.steering import (
     VARIANTS,
     SteeringSchedule,
@@ -114,6 +124,7 @@ class JASPERSteeringDataset(BatchEngine, torch.utils.data.Dataset):
         preload_budget_bytes: int | None = None,
         check_sources: bool = True,
         allow_nonfinite: bool = False,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(
@@ -121,6 +132,12 @@ class JASPERSteeringDataset(BatchEngine, torch.utils.data.Dataset):
                 f"are: train, val, test (got split={split!r})"
             )
         self.split = split
+        self.url: str | None = None
+        self._remote: RemoteMirror | None = None
+        if is_remote(dataset_dir):  # NOTE [node cache]: read through this node's mirror
+            self.url = str(dataset_dir).rstrip("/")
+            self._remote = RemoteMirror(self.url, cache_dir, storage_options)
+            dataset_dir, cache_dir, check_sources = self._remote.open(), None, False
         resolved = resolve_dataset(  # refuses what is not a path, naming it
             dataset_dir,
             cache_dir,
@@ -163,6 +180,7 @@ class JASPERSteeringDataset(BatchEngine, torch.utils.data.Dataset):
         self._closed = False
         self._preloaded: Preloaded | None = None
         if self.preload:
+            self._fetch_split(self._store.generation)
             self._preloaded = Preloaded(self._store, split, self.device, preload_budget_bytes)
         self._control = ControlBlock(0, self._store.generation)
         self._apply_epoch(epoch)  # logged in the init line below, as the in-RAM dataset does
@@ -178,6 +196,13 @@ class JASPERSteeringDataset(BatchEngine, torch.utils.data.Dataset):
             split,
             self.dataset_dir,
         )
+
+    def _fetch_split(self, generation: int) -> None:
+        """A dataset on object storage: every unit of the split in this node's mirror (a
+        preload or a whole table reads them all)."""
+        if self._remote is not None:
+            rows = self.store.gather_unchecked(f"{self.split}_idx", np.arange(self._len))
+            self._remote.prefetch(rows, generation)
 
     def _split_length(self, manifest: dict[str, Any]) -> int:
         entry = manifest["arrays"].get(f"{self.split}_idx")
@@ -289,8 +314,34 @@ class JASPERSteeringDataset(BatchEngine, torch.utils.data.Dataset):
         name = TABLES[attr] or f"{self.split}_idx"
         if name in ("hard_negatives", "negative_tiers"):
             generation = store.serve(generation)
-        t = table_tensor(store, name, generation, attr)
+        if self._remote is not None and name in PARTIAL_NAMES:  # NOTE [eviction]
+            t = tensor_of(self._checked_copy(name, generation), store, name, generation, attr)
+        else:
+            t = table_tensor(store, name, generation, attr)
         return t.to(self.device) if self.device.type != "cpu" else t
+
+    def _checked_copy(self, name: str, generation: int) -> np.ndarray:
+        """A pair-keyed table of a dataset on object storage, copied out of the node cache
+        a few units at a time, each copy checked against eviction (NOTE [eviction]): never a
+        view of units another process may evict."""
+        store, remote = self.store, self._remote
+        src = store.raw(name, generation if name in ("hard_negatives", "negative_tiers") else None)
+        out = np.empty(src.shape, dtype=src.dtype)
+        step = remote.unit_rows * 4
+        for lo in range(0, src.shape[0], step):
+            hi = min(src.shape[0], lo + step)
+            for _ in patiently():
+                stamp = remote.ensure(np.arange(lo, hi), generation)
+                out[lo:hi] = src[lo:hi]
+                if remote.unchanged(stamp):
+                    break
+            else:
+                raise StoreNotFoundError(
+                    f"{self.url}: rows {lo}-{hi} of {name} were evicted from the node cache "
+                    f"again and again for {EVICTION_PATIENCE:.0f} s while copied. Raise "
+                    f"cache_limit."
+                )
+        return out
 
     def __len__(self) -> int:
         return self._len
@@ -355,10 +406,13 @@ class JASPERSteeringDataset(BatchEngine, torch.utils.data.Dataset):
         log.info("Reloading hard negatives from disk...")
         if self._source_dir is not None:
             refresh_negatives(self._source_dir, self.store_path, self.storage_format)
+        if self._remote is not None:  # the newest generation on object storage, mirrored
+            self._remote.sync_negatives()
         # leased at once (NOTE [generation leases]); one removed meanwhile: the live one
         generation = self.store.serve(self.store.live_generation())
         self._control.set(generation=generation)
         if self._preloaded is not None and self._preloaded.generation != generation:
+            self._fetch_split(generation)
             self._preloaded.refresh_negatives(self.store)
         log.info("Hard negatives reloaded successfully (generation %d)", generation)
         return generation
@@ -373,6 +427,8 @@ class JASPERSteeringDataset(BatchEngine, torch.utils.data.Dataset):
         from jasper_mmap.errors import StoreNotFoundError
 
         try:
+            if self._remote is not None:
+                self._remote.mirror_generation(int(generation))
             self.store.use_generation(int(generation))
         except StoreNotFoundError as e:
             raise StoreNotFoundError(
@@ -382,6 +438,7 @@ class JASPERSteeringDataset(BatchEngine, torch.utils.data.Dataset):
             ) from None
         self._control.set(generation=int(generation))
         if self._preloaded is not None and self._preloaded.generation != generation:
+            self._fetch_split(generation)
             self._preloaded.refresh_negatives(self.store)
         return int(generation)
 
@@ -405,8 +462,18 @@ class JASPERSteeringDataset(BatchEngine, torch.utils.data.Dataset):
             return self._preloaded_batch(idx, snap)
         # NOTE [generation leases]: the batch reads one generation, leased until it is done;
         # its small outputs are read after its rows, into recycled buffers
-        with self.store.pinned(snap.generation, serve=True) as generation:
-            return self._serve(self._plan([idx], idx, snap, generation, small=False), 0, pin_memory)
+        for _ in patiently():
+            with self.store.pinned(snap.generation, serve=True) as generation:
+                plan = self._plan([idx], idx, snap, generation, small=False)
+                try:
+                    return self._serve(plan, 0, pin_memory)
+                except UnitsEvicted:  # NOTE [eviction]: gathered again, the units refetched
+                    continue
+        raise StoreNotFoundError(
+            f"{self.url}: the units of a batch were evicted from the node cache again and "
+            f"again for {EVICTION_PATIENCE:.0f} s while it was gathered: cache_limit is too "
+            f"small for the batches in flight. Raise cache_limit."
+        )
 
     def plan_batches(self, batches: Sequence[Sequence[int] | np.ndarray]) -> BatchPlan | None:
         """The bookkeeping of the consecutive ``batches`` (each a batch of indices) done at
@@ -446,7 +513,10 @@ class JASPERSteeringDataset(BatchEngine, torch.utils.data.Dataset):
         version = self._control.version
         if version != plan.version:
             return self.__getitems__(plan.batches[j], pin_memory)
-        return SampleBatch(self._serve(plan, j, pin_memory), version, plan.batches[j])
+        try:
+            return SampleBatch(self._serve(plan, j, pin_memory), version, plan.batches[j])
+        except UnitsEvicted:  # NOTE [eviction]: made anew, its units fetched again
+            return self.__getitems__(plan.batches[j], pin_memory)
 
     def iter_batches(
         self,

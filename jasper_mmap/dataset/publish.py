@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from jasper_mmap.errors import ArtifactError
+from jasper_mmap.remote import RemoteMirror, is_remote, publish_remote
 from jasper_mmap.sources.pt.reader import open_tensor
 from jasper_mmap.stores.generations import KEEP_GENERATIONS, publish_generation
 
@@ -23,6 +24,7 @@ def publish_negatives(
     sources: dict[str, Any] | None = None,
     storage_format: str = "auto",
     cache_dir: str | Path | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> int:
     """Validate and publish new negatives as the next generation of a store.
 
@@ -37,7 +39,11 @@ def publish_negatives(
             the live generation are carried forward (they say which ``.pt`` files were last
             taken in, so unchanged ``.pt`` files are never republished over this one).
         storage_format, cache_dir: for a dataset directory, the values the dataset was
-            opened with, so the negatives reach the store the trainer reads. A directory
+            opened with, so the negatives reach the store the trainer reads. For an
+            object-store URL (``s3://...``), ``cache_dir`` is the node cache and
+            ``storage_options`` the client's options: the generation is validated and written
+            in this node's mirror, then uploaded, visible whole or not at all (NOTE [remote
+            publish] in jasper_mmap/remote/upload.py). A directory
             holding both ``.pt`` files and ``dataset.h5`` with both stores made is refused
             under ``"auto"`` (which one a trainer reads is not knowable here).
 
@@ -71,6 +77,14 @@ def publish_negatives(
             f"sources {why}. Pass the fingerprints of the negatives files the arrays came "
             f"from (file name -> jasper_mmap.sources.fingerprints.fingerprint(path)), or leave it out."
         )
+    if is_remote(path):
+        mirror = RemoteMirror(str(path), cache_dir, storage_options)
+        mirror.open()
+        negs, tiers = (
+            open_tensor(Path(v)) if isinstance(v, str | os.PathLike) else v
+            for v in (hard_negatives, negative_tiers)
+        )
+        return publish_remote(mirror, negs, tiers, sources=sources)
     store_path = resolve_dataset(
         path,
         cache_dir,

@@ -82,7 +82,11 @@ def table_tensor(store: Store, name: str, generation: int, attr: str | None = No
         StoreStaleError: the store's file was replaced since the store mapped it.
     """
     attr = attr or name
-    raw = table_array(store, name, generation, attr)
+    return tensor_of(table_array(store, name, generation, attr), store, name, generation, attr)
+
+
+def tensor_of(raw: np.ndarray, store: Store, name: str, generation: int, attr: str) -> torch.Tensor:
+    """The table tensor over ``raw`` (array ``name``'s rows as stored, in memory of its own)."""
     stored = store.entry(name, generation if name in NEGATIVE_ARRAYS else None)["stored_dtype"]
     table = ReadOnlyTable.over(_as_tensor(raw, stored), attr, store.path)
     table._table_owned = raw.nbytes if raw.flags.owndata else 0

@@ -22,6 +22,7 @@ from jasper_mmap.dataset.batches import BATCH_KEYS, LoadedBatch, SampleBatch
 from jasper_mmap.dataset.control import mark_loader_worker
 from jasper_mmap.dataset.dataset import JASPERSteeringDataset
 from jasper_mmap.errors import JasperError
+from jasper_mmap.loading.fetching import FetchedBatches
 from jasper_mmap.loading.order import (
     OrderedBatches,
     ResumableRandomSampler,
@@ -150,6 +151,16 @@ class JasperLoader(DataLoader):
         if self.worker_mode == "process":
             super().check_worker_number_rationality()
 
+    @property
+    def _index_sampler(self) -> Any:
+        # NOTE [fetch ahead]: a dataset on object storage gets each batch's rows in the node
+        # cache, in this process, before the batch is gathered anywhere
+        inner = super()._index_sampler
+        if getattr(self.dataset, "_remote", None) is not None and self._auto_collation:
+            forked = self.worker_mode == "process" and self.num_workers > 0
+            return FetchedBatches(inner, self.dataset, ensure_each=forked)
+        return inner
+
     def _epoch_batches(self) -> Iterator[Any]:
         """The sampler's batches of a new epoch, drawn as the DataLoader's own iterators do:
         the sampler iterator first, then one draw of the loader's generator (the workers' base
@@ -272,6 +283,7 @@ class JasperLoader(DataLoader):
                 "epoch": sampler.epoch,
                 "shuffle": sampler.shuffle,
                 "drop_last": bool(self.drop_last),
+                "partition": sampler.partition_spec(),  # NOTE [partitioned order]
             },
             "cursor": cursor,
             "control": {
@@ -318,6 +330,19 @@ class JasperLoader(DataLoader):
                 bool(self.drop_last),
                 bool(self.drop_last),
             )
+        saved = order.get("partition")
+        if saved != sampler.partition_spec():  # the saved run's order, at any world size
+            log.info("%s: resuming with the saved partition %s", _where(self), saved)
+            if saved is None:
+                sampler.partition = None
+            else:
+                sampler.partition_by(
+                    sampler._pairs or (lambda: split_pairs(dataset)),
+                    saved["unit_rows"],
+                    saved["parts"],
+                    saved["window"],
+                    saved["every_epoch"],
+                )
         if negatives == "saved":
             dataset.use_negatives_generation(int(control["negatives_generation"]))
         else:
@@ -428,6 +453,11 @@ def create_loader(
     pin_memory: bool = True,
     *,
     worker_mode: str = "thread",
+    partition: bool | None = None,
+    canonical_parts: int | None = None,
+    unit_rows: int | None = None,
+    cache_limit: int | None = None,
+    window_every_epoch: bool = False,
     **dataloader_kwargs: Any,
 ) -> JasperLoader:
     """A DataLoader over ``JASPERSteeringDataset(dataset_dir, split, epoch)`` on the batched path.
@@ -439,6 +469,14 @@ def create_loader(
     ``DistributedSampler`` deals it (rank and world size from ``torch.distributed``, or
     ``num_replicas=`` and ``rank=``). ``sampler=``, ``batch_sampler=`` or ``generator=``
     (torch's order) replace that sampler; such a loader has no position to save.
+    ``partition`` (default: on for a shuffled split of a store on object storage) orders the
+    epochs by a canonical partition of the pair rows into ``canonical_parts`` parts (default:
+    the world size) of units of ``unit_rows`` pairs (default: the store's), so that each node
+    fetches and caches only its share (NOTE [partitioned order] in jasper_mmap/loading/order.py).
+    ``cache_limit`` (bytes): the node cache's budget; a node whose share does not fit evicts
+    units least recently used (NOTE [eviction] in jasper_mmap/remote/cache.py), which needs
+    ``window_every_epoch=True`` on every node (each epoch then goes through a part a window of
+    units at a time); a budget below what the batches in flight need is refused at once.
     ``num_workers`` gather threads (``worker_mode="thread"``, the default) or worker processes
     (``worker_mode="process"``); see :class:`JasperLoader`. ``pin_memory`` (with CUDA) gathers
     straight into pinned memory. ``dataloader_kwargs`` go to the DataLoader and override these
@@ -464,6 +502,7 @@ def create_loader(
         "preload_budget_bytes",
         "check_sources",
         "allow_nonfinite",
+        "storage_options",
     )
     ds_kwargs = {k: dataloader_kwargs.pop(k) for k in ds_keys if k in dataloader_kwargs}
     dataset = JASPERSteeringDataset(dataset_dir, split, epoch, **ds_kwargs)
@@ -490,11 +529,28 @@ def create_loader(
             f"them (got num_replicas={replicas!r}, rank={rank!r})"
         )
     sampler = None
+    remote = getattr(dataset, "_remote", None)
     own = ("sampler", "batch_sampler") + (("generator",) if shuffle else ())
     if all(dataloader_kwargs.get(k) is None for k in own):
         # NOTE [epoch order]: one sampler for every mode, its order a function of (seed, epoch)
         kind = ResumableRandomSampler if shuffle else ResumableSequentialSampler
         sampler = kind(dataset, dataset.seed, epoch, replicas or 1, rank or 0)
+        if partition is None:
+            partition = remote is not None and shuffle
+        if partition and shuffle:
+            if unit_rows is None:
+                unit_rows = remote.unit_rows if remote is not None else store_unit_rows(dataset)
+            sampler.partition_by(
+                lambda: split_pairs(dataset),
+                unit_rows,
+                canonical_parts or replicas or 1,
+                every_epoch=window_every_epoch,
+            )
+    elif partition:
+        raise ValueError(
+            "partition=True orders create_loader's own sampler: pass no sampler=, "
+            "batch_sampler= or generator= with it"
+        )
     elif distributed:
         raise ValueError(
             "distributed=True shards the split with create_loader's own sampler: pass no "
@@ -503,6 +559,9 @@ def create_loader(
         )
     # else: the user's sampler, or torch's RandomSampler drawing from the user's generator
     # (the order a plain DataLoader gives): no position to save (state_dict says so)
+    if cache_limit is not None and remote is not None:
+        _check_cache_limit(remote, cache_limit, replicas or 1, sampler, batch_size)
+        remote.cache_limit = int(cache_limit)
     kwargs: dict[str, Any] = {
         "batch_size": batch_size,
         "shuffle": shuffle if sampler is None and "sampler" not in dataloader_kwargs else False,
@@ -530,6 +589,71 @@ def create_loader(
         distributed,
     )
     return loader
+
+
+def _check_cache_limit(remote: Any, limit: int, world: int, sampler: Any, batch: int) -> None:
+    """Refuse a node cache budget below what the batches in flight need, or below this node's
+    share without windowed epochs (NOTE [eviction])."""
+    from jasper_mmap.loading.fetching import AHEAD
+
+    cat = remote.catalog
+    fixed = sum(int(f["size"]) for f in cat["whole"].values())
+    fixed += sum(b - a for f in cat["sparse"].values() for a, b, _ in f["always"])
+    unit = remote.unit_bytes(remote.generation)
+    units = max(1, int(cat["units"]))
+    part = getattr(sampler, "partition", None) if sampler is not None else None
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    share = units
+    if part is not None and part.parts % world == 0:
+        share = min(units, -(-units * local // world) + part.parts)
+    in_flight = min(units, AHEAD * batch * local)  # uniform order: a unit a sample
+    if part is not None and part.every_epoch:  # the batches read ahead span their samples'
+        # units in windows of ``window`` units: at most two partial windows beyond them
+        spanned = -(-AHEAD * batch * units // max(1, part.m * part.parts))
+        in_flight = min(units, (2 * part.window + spanned) * local)
+    in_flight = min(in_flight, share)  # never more than the node ever reads
+    numbers = (
+        f"{_size(fixed)} of files every node keeps whole, units of {_size(unit)}: "
+        f"{share} for this node's share, {in_flight} in flight"
+    )
+    if limit < fixed + share * unit and not (part is not None and part.every_epoch):
+        raise ValueError(
+            f"{remote.url}: cache_limit={limit} ({_size(limit)}) is below this node's share "
+            f"({_size(fixed + share * unit)}: {numbers}), so units will be evicted and "
+            f"fetched again each epoch; pass window_every_epoch=True on every node (the order "
+            f"must be the same everywhere) so each epoch goes through a window of units at a "
+            f"time, or raise cache_limit."
+        )
+    if limit < fixed + in_flight * unit:
+        raise ValueError(
+            f"{remote.url}: cache_limit={limit} ({_size(limit)}) is below what this node's "
+            f"cache needs at least ({_size(fixed + in_flight * unit)}: {numbers}). Raise "
+            f"cache_limit, or convert with --dtype bfloat16 (half the bytes)."
+        )
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def split_pairs(dataset: Any) -> np.ndarray:
+    """The pair rows of the dataset's split, in split order."""
+    return dataset.store.gather_unchecked(f"{dataset.split}_idx", np.arange(len(dataset)))
+
+
+def store_unit_rows(dataset: Any) -> int:
+    """The unit a local store would be uploaded with (NOTE [remote catalog])."""
+    from jasper_mmap.remote.catalog import PARTIAL_NAMES, default_unit_rows
+
+    store = dataset.store
+    negatives = ("hard_negatives", "negative_tiers")
+    entries = {n: store.entry(n) for n in PARTIAL_NAMES - set(negatives) if store.has(n)}
+    entries |= {n: store.entry(n, store.generation) for n in negatives}
+    return default_unit_rows(store.path, entries, store.backend)
 
 
 def _world(replicas: int | None, rank: int | None) -> tuple[int, int]:

@@ -33,7 +33,14 @@ from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 
 from jasper_mmap.steering import check_epoch, check_seed
 
-__all__ = ["EpochOrder", "OrderedBatches", "ResumableRandomSampler", "ResumableSequentialSampler"]
+__all__ = [
+    "EpochOrder",
+    "OrderedBatches",
+    "Partition",
+    "PartitionedOrder",
+    "ResumableRandomSampler",
+    "ResumableSequentialSampler",
+]
 
 _ROUNDS = 4  # a Feistel network of 4 rounds is a pseudo-random permutation (Luby-Rackoff)
 #: samples whose order is computed at once (NOTE [epoch order]; _Plan.batches_of)
@@ -81,6 +88,126 @@ class EpochOrder:
             x[out] = self._feistel(x[out])
             out[out] = x[out] >= np.uint64(self.n)
         return x.astype(np.int64)
+
+
+class Partition:
+    """A fixed, canonical partition of a split's samples by the unit of their pair row.
+
+    # NOTE [partitioned order]
+    For a store read from object storage (NOTE [node cache] in jasper_mmap/remote/cache.py), a
+    node should fetch only its share of the pair-keyed rows and keep it across epochs. The
+    pair rows are cut into units of ``unit_rows`` rows (the units the node cache fetches);
+    the units are dealt, in order, each to the one of ``parts`` *canonical parts* holding the
+    fewest of the split's samples so far (a function of the split and the two numbers only:
+    never of the epoch, the seed or the world size). Part ``c``'s samples, unit after unit, are
+    its *body* but for the ``len - m`` last (``m``: the smallest part's size), which go to a
+    common *tail*. The epoch's order is then ``parts``-periodic: position ``p < parts * m``
+    holds sample ``j = p // parts`` of part ``c = p % parts``'s own order, and the tail follows
+    in a shuffled order of its own. Dealt out as NOTE [epoch order] deals positions (rank ``r``
+    of ``R`` takes every ``R``-th from the cursor, a multiple of ``R``), a rank reads only the
+    parts ``c = r (mod R)`` when ``R`` divides ``parts``: its node fetches its parts' units
+    and, at the epoch's end, the tail (``parts x`` at most about one unit of samples). A
+    resume at another world size (another number of nodes) keeps the order, so it is exact
+    (NOTE [resuming]); it is also local when the new world size divides ``parts``.
+    A part's own order: in epoch 0 its units in a random order, shuffled within windows of
+    ``window`` units (a node's first epoch fetches a window of units at a time, each once);
+    from epoch 1 (the part cached) uniform over the part, or windowed again with
+    ``every_epoch`` (a node cache smaller than the part: NOTE [eviction]). All from (seed,
+    epoch, part).
+    """
+
+    def __init__(
+        self,
+        pairs: np.ndarray,
+        unit_rows: int,
+        parts: int,
+        window: int = 16,
+        every_epoch: bool = False,
+    ) -> None:
+        if not (isinstance(parts, int) and parts >= 1):
+            raise ValueError(f"canonical_parts should be an integer >= 1, but got {parts!r}")
+        if not (isinstance(unit_rows, int) and unit_rows >= 1):
+            raise ValueError(f"unit_rows should be an integer >= 1, but got {unit_rows!r}")
+        self.unit_rows, self.parts, self.window = unit_rows, parts, max(1, int(window))
+        self.every_epoch = bool(every_epoch)
+        units = np.asarray(pairs, dtype=np.int64) // unit_rows
+        self.n = int(units.size)
+        nu = int(units.max()) + 1 if units.size else 0
+        counts = np.bincount(units, minlength=nu)
+        owner = np.empty(nu, dtype=np.int64)
+        load = [(0, c) for c in range(parts)]  # (samples, part): the emptiest first
+        import heapq
+
+        heapq.heapify(load)
+        for u in range(nu):
+            size, c = heapq.heappop(load)
+            owner[u] = c
+            heapq.heappush(load, (size + int(counts[u]), c))
+        by_unit = np.argsort(units, kind="stable")  # samples unit after unit
+        part_of = owner[units[by_unit]]
+        order = np.argsort(part_of, kind="stable")
+        samples = by_unit[order]
+        bounds = np.searchsorted(part_of[order], np.arange(parts + 1))
+        sizes = np.diff(bounds)
+        self.m = int(sizes.min()) if parts else 0
+        self._body = [samples[bounds[c] : bounds[c] + self.m] for c in range(parts)]
+        self._units = units
+        tail = [samples[bounds[c] + self.m : bounds[c + 1]] for c in range(parts)]
+        self._tail = np.concatenate(tail) if tail else np.empty(0, np.int64)
+        self.owner = owner
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "parts": self.parts,
+            "unit_rows": self.unit_rows,
+            "window": self.window,
+            "every_epoch": self.every_epoch,
+        }
+
+
+class PartitionedOrder:
+    """Epoch ``epoch``'s order over a :class:`Partition` (NOTE [partitioned order])."""
+
+    def __init__(self, partition: Partition, seed: int, epoch: int) -> None:
+        self.p, self.seed, self.epoch = partition, int(seed), int(epoch)
+        self.n = partition.n
+        self._orders: dict[int, np.ndarray] = {}
+        self._tail = EpochOrder(partition._tail.size, seed, epoch, True)
+
+    def _key(self, values: np.ndarray, c: int, salt: int) -> np.ndarray:
+        key = np.array([self.seed % 2**64, self.epoch % 2**64, c, salt], dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            k = _mix(_mix(_mix(key[:1]) ^ key[1:2]) ^ key[2:3] ^ (key[3:] << np.uint64(32)))
+            return _mix(values.astype(np.uint64) ^ k)
+
+    def part_order(self, c: int) -> np.ndarray:
+        got = self._orders.get(c)
+        if got is None:
+            body = self.p._body[c]
+            rand = self._key(body, c, 1) >> np.uint64(32)
+            if (self.epoch == 0 or self.p.every_epoch) and body.size:  # windows of units
+                units = self.p._units[body]
+                first = np.unique(units)
+                rank = np.argsort(np.argsort(self._key(first, c, 2), kind="stable"))
+                block = rank[np.searchsorted(first, units)] // self.p.window
+                rand = rand | (block.astype(np.uint64) << np.uint64(32))
+            got = self._orders[c] = body[np.argsort(rand, kind="stable")]
+        return got
+
+    def at(self, positions: np.ndarray) -> np.ndarray:
+        pos = np.asarray(positions, dtype=np.int64)
+        out = np.empty(pos.size, dtype=np.int64)
+        parts, m = self.p.parts, self.p.m
+        body = pos < parts * m
+        c, j = pos[body] % parts, pos[body] // parts
+        vals = np.empty(c.size, dtype=np.int64)
+        for part in np.unique(c):
+            sel = c == part
+            vals[sel] = self.part_order(int(part))[j[sel]]
+        out[body] = vals
+        if (~body).any():
+            out[~body] = self.p._tail[self._tail.at(pos[~body] - parts * m)]
+        return out
 
 
 class _Plan:
@@ -158,6 +285,8 @@ class _Resumable:
         self.cursor = 0  # where the next iterator starts (a pending resume)
         self.batch_size, self.drop_last = 1, False  # set by OrderedBatches
         self._handed_out: int | None = None  # batches of the live iterator handed out
+        self.partition: Partition | None = None  # NOTE [partitioned order]
+        self._pairs: Any = None  # () -> the split's pair rows (to make a partition)
 
     def set_epoch(self, epoch: int) -> None:
         """Order of epoch ``epoch`` from its first batch; the restored epoch keeps its
@@ -167,8 +296,27 @@ class _Resumable:
             return
         self.epoch, self.cursor, self._handed_out = epoch, 0, None
 
-    def order(self) -> EpochOrder:
+    def order(self) -> EpochOrder | PartitionedOrder:
+        if self.partition is not None and self.shuffle:
+            return PartitionedOrder(self.partition, self.seed, self.epoch)
         return EpochOrder(self.n, self.seed, self.epoch, self.shuffle)
+
+    def partition_by(
+        self,
+        pairs: Any,
+        unit_rows: int,
+        parts: int,
+        window: int = 16,
+        every_epoch: bool = False,
+    ) -> None:
+        """Order the epochs by a canonical partition (NOTE [partitioned order]); ``pairs``:
+        the split's pair rows, or a function returning them."""
+        self._pairs = pairs
+        rows = pairs() if callable(pairs) else pairs
+        self.partition = Partition(rows, unit_rows, parts, window, every_epoch)
+
+    def partition_spec(self) -> dict[str, Any] | None:
+        return None if self.partition is None else self.partition.spec()
 
     def plan(self, from_start: bool = False) -> _Plan:
         """What this rank serves from the cursor (``from_start``: the whole epoch)."""

@@ -6,7 +6,9 @@
   the split's indices and the per-pair arrays, and a digest of the steering and curriculum
   config; the same store at another path (or copied to another machine) resumes, another
   dataset is refused naming the field that differs;
-- the order: seed, epoch, shuffle, drop_last (NOTE [epoch order] in jasper_mmap/loading/order.py);
+- the order: seed, epoch, shuffle, drop_last (NOTE [epoch order] in jasper_mmap/loading/order.py),
+  and the canonical partition it follows, if any (NOTE [partitioned order]; a resume adopts
+  it, whatever the new world size);
 - the global cursor: samples of the epoch consumed by all ranks together (batches handed to
   the training loop, not gathered ahead), the same on every rank and meaningful at any world
   size and batch size;
@@ -98,6 +100,18 @@ def check_state(state: Any, identity: dict[str, Any], where: str) -> dict[str, A
             f"but got {cursor!r:.40}. {_FIX}"
         )
     _check_fields(order, control, where)
+    part = order.get("partition")
+    if part is not None and not (
+        isinstance(part, dict)
+        and set(part) == {"parts", "unit_rows", "window", "every_epoch"}
+        and all(_is_int(part[k]) and part[k] >= 1 for k in ("parts", "unit_rows", "window"))
+        and isinstance(part["every_epoch"], bool)
+    ):
+        raise ResumeStateError(
+            f"{where}: the state's order.partition should be null or "
+            f'{{"parts", "unit_rows", "window": integers >= 1, "every_epoch": a bool}}, but '
+            f"got {part!r:.80}. {_FIX}"
+        )
     forced = control.get("forced")
     if forced is not None and forced not in VARIANTS:
         raise ResumeStateError(f"{where}: control.forced {forced!r:.40} is not a variant. {_FIX}")

@@ -226,11 +226,14 @@ def publish_generation(
     *,
     keep: int = KEEP_GENERATIONS,
     sources: dict[str, Any] | None = None,
+    number: int | None = None,
 ) -> int:
     """Validate and publish new negatives as the next generation of the store at
     ``store_path`` (arrays, tensors or row readers with ``read_rows``); see
     :func:`jasper_mmap.publish_negatives` (dataset directories, ``.pt`` paths), which
-    checks its arguments and calls this."""
+    checks its arguments and calls this. ``number``: the generation's number, decided
+    elsewhere (a node's mirror of a store on object storage: NOTE [remote publish] in
+    jasper_mmap/remote/upload.py); it must be past every number in use here."""
     negs, tiers = _Rows(hard_negatives, "hard_negatives"), _Rows(negative_tiers, "negative_tiers")
     # NOTE [one writer per store]: the store is opened and checked only once the lock is held
     with store_lock(store_path, "publishing negatives") as real:
@@ -244,7 +247,7 @@ def publish_generation(
         neg_dir = real / NEGATIVES_DIR
         try:
             with held_flock(_open_publish_lock(neg_dir, real)):  # never kept by a fork child
-                g, removed = _publish_locked(store, neg_dir, negs, tiers, sources, keep)
+                g, removed = _publish_locked(store, neg_dir, negs, tiers, sources, keep, number)
         except OSError as e:
             if isinstance(e, JasperError):
                 raise
@@ -284,12 +287,21 @@ def _open_publish_lock(neg_dir: Path, store: Path) -> int:
     return fd  # a raw descriptor: held_flock releases it (LOCK_UN) and closes it
 
 
-def _publish_locked(store, neg_dir: Path, negs, tiers, sources, keep) -> tuple[int, list[int]]:
+def _publish_locked(
+    store, neg_dir: Path, negs, tiers, sources, keep, number=None
+) -> tuple[int, list[int]]:
     """Write, describe and publish the next generation (the publish lock is held)."""
     remove_stale_partials(neg_dir)  # STORE/.negatives.partial-*: killed publishers' data
     remove_stale_partials_in(neg_dir)  # their half-written descriptions
     previous = read_generation_desc(store.path)
     g = _next_generation(neg_dir)
+    if number is not None:
+        if number < g:
+            raise StoreExistsError(
+                f"{neg_dir}: generation {number} was asked for, but numbers up to {g - 1} are "
+                f"in use there. Nothing was published; publish again."
+            )
+        g = number
     what = f"negatives generation {g}"
     try:
         tmp = partial_dir(neg_dir)  # STORE/.negatives.partial-PID-TOKEN-HOST: same filesystem

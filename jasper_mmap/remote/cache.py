@@ -1,0 +1,877 @@
+"""The node-local copy of a store on object storage, read through the local store's memory maps.
+
+# NOTE [node cache]
+A node (what torchrun calls one; every rank, worker and thread on it shares ``cache_dir``)
+keeps one *mirror* per store and manifest: ``<cache_dir>/<name>-<hash of URL>/v1-<crc32 of
+manifest.json>/store``, a local store directory the ordinary store classes open. Its whole
+files (NOTE [remote catalog] in jasper_mmap/remote/catalog.py) are downloaded once, to a
+temporary name, checked (size, crc32) and renamed into place; its sparse files are created at
+full size with their ``always`` bytes fetched and checked; ``manifest.json`` is written last, so a
+mirror without one is incomplete and is finished (never trusted) by the next opener. The unit
+rows of a sparse file are fetched when a batch needs them (:meth:`RemoteMirror.ensure`, called
+for every batch before its rows are gathered) or ahead of it (:meth:`RemoteMirror.prefetch`):
+the unit's byte ranges are read, checked against the catalog's crc32, written, fsynced, and
+only then is the unit's byte set in the group's *have map* (``have/<group>.bin``, one byte a
+unit). A process killed mid-fetch leaves a unit whose byte is 0: refetched, never read.
+Fetches are serialized per unit across the node by an open file description lock on byte
+``u`` of ``have/<group>.lock`` (one descriptor a process; a thread lock per unit inside one), so each unit is
+downloaded once per node whatever the number of ranks, workers and threads. A unit once
+present stays valid for the mirror's life, unless a cache budget evicts it (NOTE [eviction]). Another manifest at the same URL (the store was replaced) gets another
+mirror; a cache written by another version of this layout lives under another ``v`` name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import mmap
+import os
+import re
+import struct
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jasper_mmap._fs.partials import partial_name
+from jasper_mmap.errors import StoreCorruptError, StoreFormatError, StoreNotFoundError
+from jasper_mmap.format.spec import CONFIG, MANIFEST, NEGATIVES_DIR, POINTER
+from jasper_mmap.remote.catalog import CATALOG, CATALOG_VERSION, unit_pieces
+from jasper_mmap.remote.objects import ObjectStore, usable_here
+
+__all__ = ["RemoteMirror", "default_cache_dir", "CACHE_LAYOUT", "EVICTION_PATIENCE", "patiently"]
+
+log = logging.getLogger(__name__)
+
+#: the mirror layout's version (part of each mirror's directory name)
+CACHE_LAYOUT = 1
+_RANGE = 16 * 1024 * 1024
+_FORKED_WAIT = 30.0
+#: how long a batch keeps fetching units evicted again meanwhile before it gives up
+EVICTION_PATIENCE = 60.0
+
+
+def patiently() -> Iterator[int]:
+    """Tries of a read that eviction may undo: at least 16, then until EVICTION_PATIENCE."""
+    deadline, n = time.monotonic() + EVICTION_PATIENCE, 0
+    while n < 16 or time.monotonic() < deadline:
+        yield n
+        n += 1
+
+
+_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+_GEN = re.compile(r"^gen-(\d{6,})\.json$")
+
+
+_LIBC: Any = None
+
+# NOTE [eviction]
+# With a cache budget (``create_loader(cache_limit=)``), the loader's fetch-ahead thread evicts
+# present units, least recently used first (readers stamp a unit's last use), never those of
+# the batches in its window, until the mirror fits. Another rank or worker may be gathering a
+# unit at that moment, so a reader never trusts a gather on its own: :meth:`RemoteMirror.ensure`
+# reads the units' eviction counts *before* it sees them present, and after the gather
+# :meth:`RemoteMirror.unchanged` checks that they are still present with the same counts; if
+# not, the batch is made again (fetching anew). The evictor marks a unit absent and bumps its
+# count *before* punching its bytes out (``fallocate(PUNCH_HOLE)``), so a gather that read
+# punched zeros always sees the change; a unit evicted and fetched again between the two
+# checks has another count. Nothing read from an evicted unit reaches a batch. Every eviction
+# also bumps the node's eviction count (``have/evictions.bin``) before the punch: while it is
+# the value a process last saw, the units that process saw present are still there, so a batch
+# costs one lookup (and the check after the gather one read) until something is evicted.
+
+
+def _punch(fd: int, offset: int, length: int) -> None:
+    """Free ``length`` bytes at ``offset`` (they read as zeros), the file's size kept."""
+    global _LIBC
+    import ctypes
+    import ctypes.util
+
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _LIBC.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if _LIBC.fallocate(fd, _PUNCH, offset, length) != 0:
+        err = ctypes.get_errno()
+        # a filesystem without hole punching: zeros written instead (the bytes stay used)
+        log.debug("fallocate(PUNCH_HOLE) failed (%s); writing zeros", os.strerror(err))
+        os.pwrite(fd, bytes(length), offset)
+
+
+def default_cache_dir() -> Path:
+    """``$JASPER_MMAP_CACHE``, else ``$XDG_CACHE_HOME/jasper_mmap``, else ``~/.cache/jasper_mmap``."""
+    if os.environ.get("JASPER_MMAP_CACHE"):
+        return Path(os.environ["JASPER_MMAP_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "jasper_mmap"
+
+
+def gen_name(g: int) -> str:
+    return f"gen-{g:06d}"
+
+
+_LOCKS: dict[Path, _NodeLock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def node_lock(path: Path) -> _NodeLock:
+    """The one :class:`_NodeLock` of this process for ``path`` (record locks are per process:
+    two objects for one file would not exclude each other, nor their threads)."""
+    path = Path(os.path.abspath(path))
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(path)
+        if lock is None:
+            lock = _LOCKS[path] = _NodeLock(path)
+        return lock
+
+
+def _after_fork_in_child() -> None:
+    global _LOCKS_GUARD
+    _LOCKS_GUARD = threading.Lock()  # another thread may have held them at the fork
+    for lock in _LOCKS.values():
+        lock._guard, lock._threads, lock._fd = threading.Lock(), {}, None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _lock_byte(fd: int, i: int, kind: int) -> None:
+    """Lock (``F_WRLCK``, waiting) or unlock (``F_UNLCK``) byte ``i`` of ``fd`` with an open
+    file description lock: owned by the descriptor, not the process, so the kernel never
+    reports a false deadlock between two processes whose *threads* wait on each other's
+    units (classic ``lockf`` locks did: EDEADLK, found by the attack round). Without OFD locks
+    (old kernels), classic locks, retried on that false EDEADLK."""
+    if _OFD:
+        flock = struct.pack("hhxxxxqqixxxx", kind, os.SEEK_SET, i, 1, 0)
+        try:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, flock)
+            return
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+    while True:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_UN if kind == fcntl.F_UNLCK else fcntl.LOCK_EX, 1, i)
+            return
+        except OSError as e:
+            if e.errno != errno.EDEADLK:
+                raise
+            time.sleep(0.005)
+
+
+_OFD = hasattr(fcntl, "F_OFD_SETLKW") and sys.platform.startswith("linux")
+
+
+class _NodeLock:
+    """A POSIX record lock on byte ``i`` of a lock file (node-wide, across processes) plus a
+    thread lock per byte (within one process: record locks are per process). One per file and
+    process (:func:`node_lock`)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._pid = -1
+        self._threads: dict[int, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def __reduce__(self) -> Any:
+        return (node_lock, (self.path,))
+
+    def _fd_here(self) -> int:
+        if self._fd is None or self._pid != os.getpid():
+            # one descriptor per process, never closed while locks may be held (closing any
+            # descriptor of the file drops all of the process's record locks on it)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self._pid = os.getpid()
+            self._threads = {}
+        return self._fd
+
+    class _Held:
+        def __init__(self, owner: _NodeLock, i: int) -> None:
+            self.owner, self.i = owner, i
+
+        def __enter__(self) -> None:
+            o = self.owner
+            with o._guard:
+                fd = o._fd_here()
+                t = o._threads.setdefault(self.i, threading.Lock())
+            t.acquire()
+            try:
+                _lock_byte(fd, self.i, fcntl.F_WRLCK)
+            except BaseException:
+                t.release()
+                raise
+            self.fd, self.t = fd, t
+
+        def __exit__(self, *exc: object) -> None:
+            try:
+                _lock_byte(self.fd, self.i, fcntl.F_UNLCK)
+            finally:
+                self.t.release()
+
+    def __call__(self, i: int = 0) -> _NodeLock._Held:
+        return _NodeLock._Held(self, i)
+
+
+class _HaveMap:
+    """One byte per unit: 1 once the unit's rows are in the mirror, checked (NOTE above)."""
+
+    def __init__(self, path: Path, units: int) -> None:
+        self.path, self.units = path, units
+        self._map: np.ndarray | None = None
+        self._evicted: np.ndarray | None = None
+        self._used: np.ndarray | None = None
+        self._pid = -1
+        self.lock = node_lock(path.with_suffix(".lock"))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "units": self.units}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], state["units"])
+
+    def create(self) -> None:
+        for path, size in (
+            (self.evicted_path, max(1, self.units)),
+            (self.used_path, 4 * max(1, self.units)),
+            (self.path, max(1, self.units)),  # last: the map exists whole or not at all
+        ):
+            if not path.exists():
+                tmp = path.with_name(partial_name(path.name))
+                with open(tmp, "wb") as f:
+                    f.truncate(size)
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+
+    @property
+    def evicted_path(self) -> Path:
+        return self.path.with_suffix(".evicted")
+
+    @property
+    def used_path(self) -> Path:
+        return self.path.with_suffix(".used")
+
+    @property
+    def evicted(self) -> np.ndarray:
+        """One byte a unit, bumped (mod 256) each time the unit is evicted (NOTE [eviction])."""
+        if self._evicted is None or self._pid != os.getpid():
+            self.view  # noqa: B018 - (re)maps for this process
+        return self._evicted
+
+    @property
+    def used(self) -> np.ndarray:
+        """Last use of each unit (uint32 seconds), written by readers, read by the evictor."""
+        if self._used is None or self._pid != os.getpid():
+            self.view  # noqa: B018
+        return self._used
+
+    @property
+    def view(self) -> np.ndarray:
+        if self._map is None or self._pid != os.getpid():
+            with open(self.path, "rb") as f:
+                m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+            with open(self.evicted_path, "rb") as f:
+                e = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+            with open(self.used_path, "r+b") as f:
+                u = mmap.mmap(f.fileno(), 0)
+            self._evicted = np.frombuffer(e, dtype=np.uint8)
+            self._used = np.frombuffer(u, dtype=np.uint32)
+            self._map, self._pid = np.frombuffer(m, dtype=np.uint8), os.getpid()
+        return self._map
+
+    def missing(self, units: np.ndarray) -> np.ndarray:
+        return units[self.view[units] == 0]
+
+    def mark(self, u: int) -> None:
+        self._put(self.path, u, b"\x01", sync=True)
+
+    def unmark(self, u: int) -> None:
+        """Absent, then the unit's eviction count bumped (NOTE [eviction]): both before its
+        bytes are punched out."""
+        self._put(self.path, u, b"\x00", sync=False)
+        self._put(self.evicted_path, u, bytes([(int(self.evicted[u]) + 1) % 256]), sync=False)
+
+    @staticmethod
+    def _put(path: Path, u: int, byte: bytes, sync: bool) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.pwrite(fd, byte, u)
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class RemoteMirror:
+    """The node-local mirror of the store at ``url`` (NOTE [node cache]).
+
+    Pickles as its URL, options, paths and catalog; each process reopens what it needs.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        cache_dir: str | os.PathLike | None = None,
+        storage_options: dict[str, Any] | None = None,
+        concurrency: int = 16,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.objects = ObjectStore(self.url, storage_options)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.concurrency = concurrency
+        self.catalog: dict[str, Any] = {}
+        self.root: Path | None = None
+        self._have: dict[str, _HaveMap] = {}
+        self._ev_map: np.ndarray | None = None
+        self._ev_pid = -1
+        self._known: dict[str, np.ndarray] = {}  # units seen present at eviction count _known_at
+        self._known_at: int | None = None
+        self._gen_catalogs: dict[int, dict[str, Any]] = {}
+        self.units_fetched = 0
+        self.units_hit = 0
+        self.units_evicted = 0
+        self.cache_limit: int | None = None
+        self.generation: int | None = None  # the newest one published, when last looked
+        self._count = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_count"] = None
+        state["_ev_map"], state["_known"], state["_known_at"] = None, {}, None
+        state["units_fetched"] = state["units_hit"] = state["units_evicted"] = 0
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._count = threading.Lock()
+
+    # -- opening ---------------------------------------------------------------------------
+    @property
+    def path(self) -> Path:
+        assert self.root is not None, "open() first"
+        return self.root / "store"
+
+    def open(self) -> Path:
+        """Read the remote manifest and catalog, make or finish this node's mirror; its path."""
+        try:
+            manifest = self.objects.get(MANIFEST)
+        except StoreNotFoundError:
+            raise StoreNotFoundError(
+                f"{self.url}: no store there ({MANIFEST} is missing: nothing was uploaded, or "
+                f"an upload is still under way; a store appears when its {MANIFEST} is "
+                f"written, last). Upload one with: convert-pt SRC {self.url} (or "
+                f"jasper-mmap upload STORE {self.url})."
+            ) from None
+        try:
+            catalog = json.loads(self.objects.get(CATALOG))
+        except StoreNotFoundError:
+            raise StoreFormatError(
+                f"{self.url}: has {MANIFEST} but no {CATALOG}: not uploaded by jasper_mmap "
+                f"(a store copied there by hand). Upload it with jasper-mmap upload STORE "
+                f"{self.url} --overwrite."
+            ) from None
+        except ValueError:
+            raise StoreCorruptError(
+                f"{self.url}/{CATALOG} is not valid JSON. Upload again."
+            ) from None
+        if catalog.get("kind") != "jasper_mmap.remote" or catalog.get("version") != CATALOG_VERSION:
+            raise StoreFormatError(
+                f"{self.url}/{CATALOG}: kind {catalog.get('kind')!r}, version "
+                f"{catalog.get('version')!r}; this jasper_mmap reads version {CATALOG_VERSION}. "
+                f"Upload the store again with this version."
+            )
+        crc = zlib.crc32(manifest)
+        if catalog.get("manifest_crc32") != crc:
+            raise StoreCorruptError(
+                f"{self.url}: {CATALOG} was written for another {MANIFEST} (crc32 "
+                f"{catalog.get('manifest_crc32')} there, {crc} here): the store is being "
+                f"replaced, or an upload was interrupted. Run again once the upload is done."
+            )
+        self.catalog = catalog
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", self.url.split("://", 1)[1])[-60:].strip("_")
+        key = hashlib.blake2b(self.url.encode(), digest_size=6).hexdigest()
+        self.root = self.cache_dir / f"{slug}-{key}" / f"v{CACHE_LAYOUT}-{crc:08x}"
+        (self.root / "have").mkdir(parents=True, exist_ok=True)
+        self.path.mkdir(exist_ok=True)
+        (self.path / NEGATIVES_DIR).mkdir(exist_ok=True)
+        self._mirror_lock = node_lock(self.root / "mirror.lock")
+        with self._mirror_lock(0):
+            evictions = self.root / "have" / "evictions.bin"
+            if not evictions.exists():  # (under the lock: never replaced once counting)
+                self._write_bytes(evictions, bytes(8))
+            if not (self.path / MANIFEST).exists():
+                t0 = time.monotonic()
+                before = self.objects.bytes_fetched
+                self._materialize(catalog, "")
+                self._write_bytes(self.path / MANIFEST, manifest)
+                log.info(
+                    "%s: node cache %s filled: %.1f MB of whole files in %.1f s",
+                    self.url,
+                    self.path,
+                    (self.objects.bytes_fetched - before) / 1e6,
+                    time.monotonic() - t0,
+                )
+        for group in catalog["groups"]:
+            if group != "negatives":
+                self._have_map(group).create()
+        self.sync_negatives()
+        return self.path
+
+    def _have_map(self, name: str) -> _HaveMap:
+        hm = self._have.get(name)
+        if hm is None:
+            hm = self._have[name] = _HaveMap(self.root / "have" / f"{name}.bin", self.units)
+        return hm
+
+    @property
+    def unit_rows(self) -> int:
+        return int(self.catalog["unit_rows"])
+
+    @property
+    def units(self) -> int:
+        return int(self.catalog["units"])
+
+    def _write_bytes(self, path: Path, data: bytes) -> None:
+        tmp = path.with_name(partial_name(path.name))
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def _materialize(self, catalog: dict[str, Any], what: str) -> None:
+        """Download the whole files and make the sparse files of ``catalog`` (not yet there)."""
+        jobs = []
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            for rel, spec in catalog["whole"].items():
+                if not (self.path / rel).exists():
+                    jobs.append(pool.submit(self._download, rel, spec))
+            for rel, spec in catalog["sparse"].items():
+                if not (self.path / rel).exists():
+                    jobs.append(pool.submit(self._make_sparse, rel, spec))
+            for job in jobs:
+                job.result()
+
+    @contextlib.contextmanager
+    def _filling(self, rel: str, size: int) -> Iterator[int]:
+        """A temporary file of ``size`` bytes beside ``rel``'s place in the mirror, renamed
+        into place once the block succeeds (fsynced), removed if it fails."""
+        final = self.path / rel
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(partial_name(final.name))
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.ftruncate(fd, size)
+            yield fd
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.replace(tmp, final)
+
+    def _download(self, rel: str, spec: dict[str, Any]) -> None:
+        """``rel`` whole: ranges in parallel into a temporary file, checked, renamed."""
+        size = int(spec["size"])
+        ranges = [(a, min(a + _RANGE, size)) for a in range(0, size, _RANGE)]
+        with self._filling(rel, size) as fd:
+
+            def one(r: tuple[int, int]) -> None:
+                (data,) = self.objects.get_ranges(rel, [r])
+                if len(data) != r[1] - r[0]:
+                    raise self._damaged(rel, f"bytes {r[0]}-{r[1]} came back {len(data)} long")
+                os.pwrite(fd, data, r[0])
+
+            with ThreadPoolExecutor(min(self.concurrency, max(1, len(ranges)))) as pool:
+                list(pool.map(one, ranges))
+            crc, pos = 0, 0
+            while pos < size:
+                block = os.pread(fd, min(_RANGE, size - pos), pos)
+                crc = zlib.crc32(block, crc)
+                pos += len(block)
+            if crc != spec["crc32"]:
+                raise self._damaged(rel, f"crc32 {crc}, the catalog says {spec['crc32']}")
+
+    def _damaged(self, rel: str, why: str) -> StoreCorruptError:
+        return StoreCorruptError(
+            f"{self.objects.where(rel)}: {why}: the object was truncated or altered after "
+            f"upload (or is being replaced). Upload the store again; nothing of it was used."
+        )
+
+    def _make_sparse(self, rel: str, spec: dict[str, Any]) -> None:
+        """``rel`` at its full size, only its ``always`` bytes fetched (checked)."""
+        always = spec["always"]
+        parts = self.objects.get_ranges(rel, [(a, b) for a, b, _ in always])
+        with self._filling(rel, int(spec["size"])) as fd:
+            for (a, b, crc), data in zip(always, parts, strict=True):
+                if len(data) != b - a or zlib.crc32(data) != crc:
+                    raise self._damaged(rel, f"bytes {a}-{b} differ from the catalog's")
+                os.pwrite(fd, data, a)
+
+    # -- negatives generations -------------------------------------------------------------
+    def remote_generations(self) -> list[int]:
+        """Generations published on the object store (their ``gen-N.json`` exists)."""
+        out = []
+        for meta in self.objects.list(f"{NEGATIVES_DIR}/"):
+            m = _GEN.match(meta["path"].rsplit("/", 1)[-1])
+            if m:
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def sync_negatives(self) -> int:
+        """Make the newest generation published on the object store this mirror's live one
+        (its whole files fetched, its unit rows on demand); return it."""
+        gens = self.remote_generations()
+        if not gens:
+            raise StoreNotFoundError(
+                f"{self.url}/{NEGATIVES_DIR}: no negatives generation (gen-NNNNNN.json) was "
+                f"published there. Upload the store again."
+            )
+        self.mirror_generation(gens[-1])
+        self.generation = gens[-1]
+        pointer = self.path / NEGATIVES_DIR / POINTER
+        live = self.path / NEGATIVES_DIR / f"{gen_name(gens[-1])}.json"
+        if not pointer.exists() or pointer.read_bytes() != live.read_bytes():
+            self._write_bytes(pointer, live.read_bytes())
+        return gens[-1]
+
+    def gen_catalog(self, g: int) -> dict[str, Any]:
+        cat = self._gen_catalogs.get(g)
+        if cat is None:
+            path = self.root / "have" / f"{gen_name(g)}.catalog.json"
+            if path.exists():
+                cat = json.loads(path.read_text())
+            else:
+                raw = self.objects.get(f"{NEGATIVES_DIR}/{gen_name(g)}.catalog.json")
+                cat = json.loads(raw)
+                self._write_bytes(path, raw)
+            self._gen_catalogs[g] = cat
+        return cat
+
+    def mirror_generation(self, g: int) -> None:
+        """Generation ``g``'s files in the mirror (unit rows on demand), its json last."""
+        final = self.path / NEGATIVES_DIR / f"{gen_name(g)}.json"
+        if final.exists():
+            return
+        with self._mirror_lock(0):
+            if final.exists():
+                return
+            raw = self.objects.get(f"{NEGATIVES_DIR}/{gen_name(g)}.json")
+            cat = self.gen_catalog(g)
+            if cat.get("json_crc32") != zlib.crc32(raw):
+                raise self._damaged(
+                    f"{NEGATIVES_DIR}/{gen_name(g)}.json", "it differs from its catalog"
+                )
+            self._materialize(cat, gen_name(g))
+            if "negatives" in cat["groups"]:
+                self._have_map(f"negatives-{gen_name(g)}").create()
+            self._write_bytes(final, raw)
+
+    # -- unit rows ---------------------------------------------------------------------------
+    def _groups(self, generation: int | None) -> list[tuple[str, dict[str, Any]]]:
+        out = [(g, spec) for g, spec in self.catalog["groups"].items() if g != "negatives"]
+        if generation is not None:
+            cat = self.gen_catalog(generation)
+            if "negatives" in cat["groups"]:
+                out.append((f"negatives-{gen_name(generation)}", cat["groups"]["negatives"]))
+        return out
+
+    def units_of(self, pairs: np.ndarray) -> np.ndarray:
+        return np.unique(np.asarray(pairs, dtype=np.int64) // self.unit_rows)
+
+    def _evictions_map(self) -> np.ndarray:
+        """The node's eviction count (one uint64, ``have/evictions.bin``), mapped read-only."""
+        if self._ev_map is None or self._ev_pid != os.getpid():
+            path = self.root / "have" / "evictions.bin"
+            with open(path, "rb") as f:
+                self._ev_map = np.frombuffer(
+                    mmap.mmap(f.fileno(), 8, prot=mmap.PROT_READ), dtype=np.uint64
+                )
+            self._ev_pid, self._known, self._known_at = os.getpid(), {}, None
+        return self._ev_map
+
+    def _bump_evictions(self) -> None:
+        path = self.root / "have" / "evictions.bin"
+        with node_lock(path.with_suffix(".lock"))(0):
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+                os.pwrite(fd, struct.pack("<Q", (n + 1) % 2**64), 0)
+            finally:
+                os.close(fd)
+
+    def ensure(
+        self, pairs: np.ndarray, generation: int | None, tries: int | None = None
+    ) -> tuple[int, list[Any] | None]:
+        """The unit rows of pair rows ``pairs`` (steering, and generation ``generation``'s
+        negatives) are in the mirror when this returns (fetched now where missing). Returns a
+        stamp for :meth:`unchanged` (NOTE [eviction]): the node's eviction count, and the
+        units' own counts, read before they were seen present. ``tries``: give up sooner (a
+        plan of many batches, which are then served one by one).
+
+        Fast path: while the node's eviction count is the one this process last saw, units it
+        saw present are present (nothing was evicted since): one lookup a batch."""
+        rows = np.append(np.asarray(pairs, dtype=np.int64), 0) // self.unit_rows
+        groups = [(self._have_map(name), name, spec) for name, spec in self._groups(generation)]
+        evictions = self._evictions_map()
+        at = int(evictions[0])
+        if at != self._known_at:
+            self._known, self._known_at = {}, at
+        known = [self._known.get(name) for _, name, _ in groups]
+        if all(k is not None and bool(k[rows].all()) for k in known):
+            with self._count:
+                self.units_hit += len(groups)
+            if self.cache_limit is not None:  # the evictor's LRU order
+                now = np.uint32(int(time.time()) & 0xFFFFFFFF)
+                for hm, _, _ in groups:
+                    hm.used[rows] = now
+            return at, None
+        units = np.unique(rows)
+        for n in patiently():
+            if tries is not None and n >= tries:
+                break
+            at = int(evictions[0])  # before anything is seen present: see NOTE
+            stamp, todo = [], []
+            for hm, name, spec in groups:
+                have, evicted = hm.view, hm.evicted  # (mapped once per process)
+                counts = evicted[units]
+                missing = units[have[units] == 0]
+                stamp.append((have, evicted, units, counts))
+                todo.extend((name, spec, int(u)) for u in missing)
+            if not todo:
+                with self._count:
+                    self.units_hit += len(groups) * int(units.size)
+                if self.cache_limit is not None:
+                    now = np.uint32(int(time.time()) & 0xFFFFFFFF)
+                    for hm, _, _ in groups:
+                        hm.used[units] = now
+                if at == self._known_at:  # present, and nothing evicted since ``at``
+                    for _, name, _ in groups:
+                        k = self._known.get(name)
+                        if k is None:
+                            k = self._known[name] = np.zeros(max(1, self.units), dtype=bool)
+                        k[units] = True
+                return at, stamp
+            if not usable_here():
+                self._wait_for(todo)
+            elif len(todo) == 1:
+                self._fetch_unit(*todo[0])
+            else:
+                with ThreadPoolExecutor(min(self.concurrency, len(todo))) as pool:
+                    list(pool.map(lambda t: self._fetch_unit(*t), todo))
+        raise StoreNotFoundError(
+            f"{self.url}: units of a batch were evicted from this node's cache ({self.path}) "
+            f"again and again for {EVICTION_PATIENCE:.0f} s while being fetched: cache_limit "
+            f"is too small for the batches in flight. Raise cache_limit."
+        )
+
+    def unchanged(self, stamp: tuple[int, list[Any] | None]) -> bool:
+        """True when no unit of ``stamp`` (:meth:`ensure`) was evicted since: rows gathered
+        in between are the store's (NOTE [eviction])."""
+        at, units = stamp
+        if int(self._evictions_map()[0]) == at:
+            return True  # nothing at all was evicted on the node since
+        return units is not None and all(
+            bool(have[u].all()) and np.array_equal(evicted[u], counts)
+            for have, evicted, u, counts in units
+        )
+
+    def _wait_for(self, todo: list[tuple[str, dict[str, Any], int]]) -> None:
+        """A forked worker process (which cannot call obstore): the loader's process fetches
+        each batch's units before handing it out, so they are here; wait a little for one
+        fetched by another process at this moment, then say what to do."""
+        deadline = time.monotonic() + _FORKED_WAIT
+        for name, _, u in todo:
+            hm = self._have_map(name)
+            while not hm.view[u]:
+                if time.monotonic() > deadline:
+                    raise StoreNotFoundError(
+                        f"{self.url}: unit {u} of {name} is not in this node's cache "
+                        f"({self.path}) and this worker process, forked after the object "
+                        f"store was used, cannot fetch it. Read batches through "
+                        f"create_loader (it fetches before handing batches to workers), "
+                        f"use worker_mode='thread', or multiprocessing_context='spawn'."
+                    )
+                time.sleep(0.01)
+
+    def missing_units(self, pairs: np.ndarray, generation: int | None) -> list[tuple]:
+        """``(group, spec, unit)`` of the units of ``pairs`` not here (for :meth:`fetch_unit`)."""
+        units = self.units_of(pairs)
+        return [
+            (name, spec, int(u))
+            for name, spec in self._groups(generation)
+            for u in self._have_map(name).missing(units)
+        ]
+
+    def fetch_unit(self, job: tuple) -> None:
+        """Fetch one unit of :meth:`missing_units` (nothing if another got it meanwhile)."""
+        self._fetch_unit(*job)
+
+    def prefetch(self, pairs: np.ndarray, generation: int | None) -> int:
+        """Fetch the units of ``pairs`` not yet here, ``concurrency`` at a time; the count."""
+        units = self.units_of(pairs)
+        todo = [
+            (name, spec, int(u))
+            for name, spec in self._groups(generation)
+            for u in self._have_map(name).missing(units)
+        ]
+        if todo and not usable_here():
+            self._wait_for(todo)
+            return 0
+        if not todo:
+            return 0
+        with ThreadPoolExecutor(min(self.concurrency, len(todo))) as pool:
+            list(pool.map(lambda t: self._fetch_unit(*t), todo))
+        return len(todo)
+
+    def _fetch_unit(self, name: str, spec: dict[str, Any], u: int) -> None:
+        hm = self._have_map(name)
+        with hm.lock(u):
+            if hm.view[u]:
+                return  # another rank, worker or thread fetched it meanwhile
+            writes = []
+            for i, (array, rows) in enumerate(spec["arrays"].items()):
+                pieces = unit_pieces(rows, u, self.unit_rows)
+                crc = 0
+                by_file: dict[str, list[tuple[int, int]]] = {}
+                for file, a, b in pieces:
+                    by_file.setdefault(file, []).append((a, b))
+                got = {f: self.objects.get_ranges(f, r) for f, r in by_file.items()}
+                at = {f: 0 for f in by_file}
+                for file, a, b in pieces:
+                    data = got[file][at[file]]
+                    at[file] += 1
+                    if len(data) != b - a:
+                        raise self._damaged(file, f"bytes {a}-{b} came back {len(data)} long")
+                    crc = zlib.crc32(data, crc)
+                    writes.append((file, a, data))
+                if crc != spec["crc32"][u][i]:
+                    raise self._damaged(
+                        pieces[0][0] if pieces else array,
+                        f"the rows of unit {u} of {array} have crc32 {crc}, the catalog says "
+                        f"{spec['crc32'][u][i]}",
+                    )
+            fds: dict[str, int] = {}
+            try:
+                for file, a, data in writes:
+                    fd = fds.get(file)
+                    if fd is None:
+                        fd = fds[file] = os.open(self.path / file, os.O_WRONLY | os.O_CLOEXEC)
+                    os.pwrite(fd, data, a)
+                for fd in fds.values():
+                    os.fsync(fd)
+            finally:
+                for fd in fds.values():
+                    os.close(fd)
+            hm.mark(u)
+        with self._count:
+            self.units_fetched += 1
+
+    # -- eviction ----------------------------------------------------------------------------
+    def cached_bytes(self) -> int:
+        """Bytes this mirror holds: whole files, sparse files' fixed bytes, present units."""
+        total = 0
+        self._all_groups()  # (loads the catalog of every generation mirrored here)
+        for cat in [self.catalog, *self._gen_catalogs.values()]:
+            total += sum(int(f["size"]) for f in cat["whole"].values())
+            total += sum(b - a for f in cat["sparse"].values() for a, b, _ in f["always"])
+        for name, spec in self._all_groups():
+            total += int(np.count_nonzero(self._have_map(name).view)) * self._unit_bytes(spec)
+        return total
+
+    def _all_groups(self) -> list[tuple[str, dict[str, Any]]]:
+        out = [(g, spec) for g, spec in self.catalog["groups"].items() if g != "negatives"]
+        for g, cat in self._gen_catalogs.items():
+            if (
+                "negatives" in cat["groups"]
+                and (self.root / "have" / f"negatives-{gen_name(g)}.bin").exists()
+            ):
+                out.append((f"negatives-{gen_name(g)}", cat["groups"]["negatives"]))
+        return out
+
+    def unit_bytes(self, generation: int | None) -> int:
+        """Bytes of one unit of every group read with negatives generation ``generation``."""
+        return sum(self._unit_bytes(spec) for _, spec in self._groups(generation))
+
+    def _unit_bytes(self, spec: dict[str, Any]) -> int:
+        return self.unit_rows * sum(int(a["row_bytes"]) for a in spec["arrays"].values())
+
+    def evict_to(self, limit: int, keep: np.ndarray) -> int:
+        """Evict present units, least recently used first, but not those of ``keep``, until
+        the mirror holds at most ``limit`` bytes (NOTE [eviction]); the number evicted."""
+        over = self.cached_bytes() - limit
+        if over <= 0:
+            return 0
+        candidates = []
+        for name, spec in self._all_groups():
+            hm = self._have_map(name)
+            present = np.flatnonzero(hm.view)
+            present = present[~np.isin(present, keep)]
+            size = self._unit_bytes(spec)
+            candidates += [
+                (int(t), name, spec, int(u), size)
+                for u, t in zip(present, hm.used[present], strict=True)
+            ]
+        candidates.sort(key=lambda c: (c[0], c[3]))
+        evicted = 0
+        for _, name, spec, u, size in candidates:
+            if over <= 0:
+                break
+            if self._evict_unit(name, spec, u):
+                over -= size
+                evicted += 1
+        if evicted:
+            log.debug("%s: evicted %d units from %s", self.url, evicted, self.path)
+        return evicted
+
+    def _evict_unit(self, name: str, spec: dict[str, Any], u: int) -> bool:
+        hm = self._have_map(name)
+        with hm.lock(u):
+            if not hm.view[u]:
+                return False
+            hm.unmark(u)  # absent and counted before a byte changes (NOTE [eviction])
+            self._bump_evictions()
+            for rows in spec["arrays"].values():
+                for file, a, b in unit_pieces(rows, u, self.unit_rows):
+                    fd = os.open(self.path / file, os.O_WRONLY | os.O_CLOEXEC)
+                    try:
+                        _punch(fd, a, b - a)
+                    finally:
+                        os.close(fd)
+        with self._count:
+            self.units_evicted += 1
+        return True
+
+    def mark_all(self, generation: int) -> None:
+        """Every unit of ``generation``'s negatives is present (published from this node)."""
+        hm = self._have_map(f"negatives-{gen_name(generation)}")
+        hm.create()
+        fd = os.open(hm.path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.pwrite(fd, b"\x01" * self.units, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "bytes_fetched": self.objects.bytes_fetched,
+            "gets": self.objects.gets,
+            "units_fetched": self.units_fetched,
+            "units_hit": self.units_hit,
+            "units_evicted": self.units_evicted,
+        }
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG

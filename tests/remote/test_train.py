@@ -1,0 +1,47 @@
+"""A store uploaded to object storage trains bit for bit as the local store it came from."""
+
+from __future__ import annotations
+
+import pytest
+from remote_helpers import assert_runs_equal
+
+from jasper_mmap import create_loader
+
+CASES = [(0, "thread"), (2, "thread"), (2, "process")]
+
+
+def _run(loader) -> list:
+    return list(loader)
+
+
+# train batches equal the local store's in every mode, at one and two simulated nodes:
+# tests/integration/test_object_storage.py::test_a_store_on_object_storage_serves_the_local_batches
+
+
+@pytest.mark.parametrize("store_path", ["safetensors"], indirect=True)
+def test_train_unpartitioned_equals_local_default(bucket, store_path):
+    url = bucket.upload(store_path)
+    remote = create_loader(url, "train", 16, seed=3, cache_dir=bucket.cache(), partition=False)
+    local = create_loader(store_path, "train", 16, seed=3)
+    assert_runs_equal(_run(remote), _run(local))
+
+
+@pytest.mark.parametrize(("nw", "mode"), [(0, "thread"), (2, "process")])
+def test_val_batches_equal_local(bucket, store_path, nw, mode):
+    url = bucket.upload(store_path)
+    kw = dict(num_workers=nw, seed=3, worker_mode=mode)
+    remote = create_loader(url, "val", 4, cache_dir=bucket.cache(), **kw)
+    local = create_loader(store_path, "val", 4, **kw)
+    assert_runs_equal(_run(remote), _run(local))
+
+
+@pytest.mark.parametrize("store_path", ["zarr"], indirect=True)
+def test_second_epoch_from_cache_equal(bucket, store_path):
+    url = bucket.upload(store_path)
+    cache = bucket.cache()
+    first = create_loader(url, "train", 16, seed=3, cache_dir=cache)
+    a = _run(first)
+    again = create_loader(url, "train", 16, seed=3, cache_dir=cache)
+    b = _run(again)
+    assert again.dataset_obj._remote.summary()["units_fetched"] == 0
+    assert_runs_equal(a, b)
