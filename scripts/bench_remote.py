@@ -55,7 +55,9 @@ def timed(name: str):  # script-side instrumentation of the mirror (wraps, chang
         try:
             return orig(self, *a, **k)
         finally:
-            key = f"{name}@{'fetch-ahead' if 'fetch' in threading.current_thread().name else 'main'}"
+            key = (
+                f"{name}@{'fetch-ahead' if 'fetch' in threading.current_thread().name else 'main'}"
+            )
             with _tl:
                 TIMES[key] = TIMES.get(key, 0.0) + time.perf_counter() - t
 
@@ -168,8 +170,12 @@ def main() -> int:
     os.environ.update(ENV, AWS_ENDPOINT_URL=ep)
     args.tmp.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=args.tmp))
-    out: dict = {"bench": "remote", "format": args.format_label, "store": str(args.store),
-                 "plain_range_mib": args.plain_range}
+    out: dict = {
+        "bench": "remote",
+        "format": args.format_label,
+        "store": str(args.store),
+        "plain_range_mib": args.plain_range,
+    }
     try:
         urllib.request.urlopen(urllib.request.Request(f"{ep}/bench", method="PUT"))
         url = "s3://bench/store"
@@ -215,8 +221,11 @@ def main() -> int:
                       f"T_cold/T_plain {tc / tp:.2f}; fetched {summ['bytes_fetched'] / 1e6:.1f} MB"
                       f" of {total / 1e6:.1f} MB ({summ}); time in {where}", flush=True)  # fmt: skip
             ratios = [c / p for c, p in zip(cold, plain, strict=True)]
-            print(f"T_plain s {spread(plain)}\nT_cold s {spread(cold)}\n"
-                  f"T_cold/T_plain per round {spread(ratios)} (target <= 1.25)", flush=True)
+            print(
+                f"T_plain s {spread(plain)}\nT_cold s {spread(cold)}\n"
+                f"T_cold/T_plain per round {spread(ratios)} (target <= 1.25)",
+                flush=True,
+            )
             out.update(t_plain=plain, t_cold=cold, cold_ratio=statistics.median(ratios),
                        cold_bytes_fetched=fetched, total_bytes=total)  # fmt: skip
         if "warm" not in skip:
@@ -232,8 +241,11 @@ def main() -> int:
                                             unit_rows=unit_rows))  # fmt: skip
                         else:
                             rem.append(rate(url, w, args.batches, cache_dir=warm_cache))
-                    print(f"round {r} num_workers={w} local {loc[-1]:,.0f} remote {rem[-1]:,.0f}"
-                          f" samples/s: remote/local {rem[-1] / loc[-1]:.2f}", flush=True)
+                    print(
+                        f"round {r} num_workers={w} local {loc[-1]:,.0f} remote {rem[-1]:,.0f}"
+                        f" samples/s: remote/local {rem[-1] / loc[-1]:.2f}",
+                        flush=True,
+                    )
                 ratios = [b / a for a, b in zip(loc, rem, strict=True)]
                 print(f"num_workers={w}: local median {statistics.median(loc):,.0f}, remote median "
                       f"{statistics.median(rem):,.0f} samples/s; remote/local per round "
