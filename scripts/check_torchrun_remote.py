@@ -10,8 +10,13 @@ environment set as in tests/remote/conftest.py), two simulated nodes of two rank
         s3://trb/s /tmp/trw/store /tmp/trw/cache & done; wait
 """
 
-import os, sys, json
-import torch, torch.distributed as dist
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
 from jasper_mmap import create_loader
 
 dist.init_process_group("gloo")
