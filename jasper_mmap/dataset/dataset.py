@@ -36,12 +36,11 @@ from jasper_mmap.errors import (
     ArtifactMissingError,
     DeviceUnavailableError,
     SampleIndexTypeError,
-    StoreNotFoundError,
 )
 from jasper_mmap.format.config import read_store_config
-from jasper_mmap.format.spec import CONFIG, SPLITS
+from jasper_mmap.format.spec import CONFIG, NEGATIVE_ARRAYS, SPLITS
 from jasper_mmap.remote import RemoteMirror, is_remote
-from jasper_mmap.remote.cache import EVICTION_PATIENCE, patiently
+from jasper_mmap.remote.cache import patiently
 from jasper_mmap.remote.catalog import PARTIAL_NAMES
 from jasper_mmap.steering import (
     VARIANTS,
@@ -325,7 +324,7 @@ class JASPERSteeringDataset(BatchEngine, torch.utils.data.Dataset):
         a few units at a time, each copy checked against eviction (NOTE [eviction]): never a
         view of units another process may evict."""
         store, remote = self.store, self._remote
-        src = store.raw(name, generation if name in ("hard_negatives", "negative_tiers") else None)
+        src = store.raw(name, generation if name in NEGATIVE_ARRAYS else None)
         out = np.empty(src.shape, dtype=src.dtype)
         step = remote.unit_rows * 4
         for lo in range(0, src.shape[0], step):
@@ -336,11 +335,7 @@ class JASPERSteeringDataset(BatchEngine, torch.utils.data.Dataset):
                 if remote.unchanged(stamp):
                     break
             else:
-                raise StoreNotFoundError(
-                    f"{self.url}: rows {lo}-{hi} of {name} were evicted from the node cache "
-                    f"again and again for {EVICTION_PATIENCE:.0f} s while copied. Raise "
-                    f"cache_limit."
-                )
+                raise remote.evicted_error(f"rows {lo}-{hi} of {name}", "copied")
         return out
 
     def __len__(self) -> int:
@@ -469,11 +464,7 @@ class JASPERSteeringDataset(BatchEngine, torch.utils.data.Dataset):
                     return self._serve(plan, 0, pin_memory)
                 except UnitsEvicted:  # NOTE [eviction]: gathered again, the units refetched
                     continue
-        raise StoreNotFoundError(
-            f"{self.url}: the units of a batch were evicted from the node cache again and "
-            f"again for {EVICTION_PATIENCE:.0f} s while it was gathered: cache_limit is too "
-            f"small for the batches in flight. Raise cache_limit."
-        )
+        raise self._remote.evicted_error("the units of a batch", "gathered")
 
     def plan_batches(self, batches: Sequence[Sequence[int] | np.ndarray]) -> BatchPlan | None:
         """The bookkeeping of the consecutive ``batches`` (each a batch of indices) done at

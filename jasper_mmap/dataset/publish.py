@@ -80,11 +80,7 @@ def publish_negatives(
     if is_remote(path):
         mirror = RemoteMirror(str(path), cache_dir, storage_options)
         mirror.open()
-        negs, tiers = (
-            open_tensor(Path(v)) if isinstance(v, str | os.PathLike) else v
-            for v in (hard_negatives, negative_tiers)
-        )
-        return publish_remote(mirror, negs, tiers, sources=sources)
+        return publish_remote(mirror, *_arrays(hard_negatives, negative_tiers), sources=sources)
     store_path = resolve_dataset(
         path,
         cache_dir,
@@ -92,8 +88,10 @@ def publish_negatives(
         storage_format=storage_format,
         for_publish=True,
     ).store
-    negs, tiers = (
-        open_tensor(Path(v)) if isinstance(v, str | os.PathLike) else v
-        for v in (hard_negatives, negative_tiers)
-    )
+    negs, tiers = _arrays(hard_negatives, negative_tiers)
     return publish_generation(store_path, negs, tiers, keep=keep, sources=sources)
+
+
+def _arrays(*values: Any) -> list[Any]:
+    """Each value as given, or the reader of the ``.pt`` file it names."""
+    return [open_tensor(Path(v)) if isinstance(v, str | os.PathLike) else v for v in values]

@@ -595,10 +595,10 @@ def _check_cache_limit(remote: Any, limit: int, world: int, sampler: Any, batch:
     """Refuse a node cache budget below what the batches in flight need, or below this node's
     share without windowed epochs (NOTE [eviction])."""
     from jasper_mmap.loading.fetching import AHEAD
+    from jasper_mmap.remote.cache import fixed_bytes
 
     cat = remote.catalog
-    fixed = sum(int(f["size"]) for f in cat["whole"].values())
-    fixed += sum(b - a for f in cat["sparse"].values() for a, b, _ in f["always"])
+    fixed = fixed_bytes(cat)
     unit = remote.unit_bytes(remote.generation)
     units = max(1, int(cat["units"]))
     part = getattr(sampler, "partition", None) if sampler is not None else None
@@ -647,12 +647,12 @@ def split_pairs(dataset: Any) -> np.ndarray:
 
 def store_unit_rows(dataset: Any) -> int:
     """The unit a local store would be uploaded with (NOTE [remote catalog])."""
+    from jasper_mmap.format.spec import NEGATIVE_ARRAYS
     from jasper_mmap.remote.catalog import PARTIAL_NAMES, default_unit_rows
 
     store = dataset.store
-    negatives = ("hard_negatives", "negative_tiers")
-    entries = {n: store.entry(n) for n in PARTIAL_NAMES - set(negatives) if store.has(n)}
-    entries |= {n: store.entry(n, store.generation) for n in negatives}
+    entries = {n: store.entry(n) for n in PARTIAL_NAMES - set(NEGATIVE_ARRAYS) if store.has(n)}
+    entries |= {n: store.entry(n, store.generation) for n in NEGATIVE_ARRAYS}
     return default_unit_rows(store.path, entries, store.backend)
 
 

@@ -115,6 +115,13 @@ def default_cache_dir() -> Path:
     return Path(base) / "jasper_mmap"
 
 
+def fixed_bytes(catalog: dict[str, Any]) -> int:
+    """Bytes of a catalog a mirror always holds: its whole files and its sparse files' fixed
+    bytes (NOTE [remote catalog])."""
+    whole = sum(int(f["size"]) for f in catalog["whole"].values())
+    return whole + sum(b - a for f in catalog["sparse"].values() for a, b, _ in f["always"])
+
+
 def gen_name(g: int) -> str:
     return f"gen-{g:06d}"
 
@@ -631,10 +638,7 @@ class RemoteMirror:
         if all(k is not None and bool(k[rows].all()) for k in known):
             with self._count:
                 self.units_hit += len(groups)
-            if self.cache_limit is not None:  # the evictor's LRU order
-                now = np.uint32(int(time.time()) & 0xFFFFFFFF)
-                for hm, _, _ in groups:
-                    hm.used[rows] = now
+            self._mark_used(groups, rows)
             return at, None
         units = np.unique(rows)
         for n in patiently():
@@ -651,10 +655,7 @@ class RemoteMirror:
             if not todo:
                 with self._count:
                     self.units_hit += len(groups) * int(units.size)
-                if self.cache_limit is not None:
-                    now = np.uint32(int(time.time()) & 0xFFFFFFFF)
-                    for hm, _, _ in groups:
-                        hm.used[units] = now
+                self._mark_used(groups, units)
                 if at == self._known_at:  # present, and nothing evicted since ``at``
                     for _, name, _ in groups:
                         k = self._known.get(name)
@@ -662,18 +663,15 @@ class RemoteMirror:
                             k = self._known[name] = np.zeros(max(1, self.units), dtype=bool)
                         k[units] = True
                 return at, stamp
-            if not usable_here():
-                self._wait_for(todo)
-            elif len(todo) == 1:
-                self._fetch_unit(*todo[0])
-            else:
-                with ThreadPoolExecutor(min(self.concurrency, len(todo))) as pool:
-                    list(pool.map(lambda t: self._fetch_unit(*t), todo))
-        raise StoreNotFoundError(
-            f"{self.url}: units of a batch were evicted from this node's cache ({self.path}) "
-            f"again and again for {EVICTION_PATIENCE:.0f} s while being fetched: cache_limit "
-            f"is too small for the batches in flight. Raise cache_limit."
-        )
+            self._fetch_all(todo)
+        raise self.evicted_error("units of a batch", "fetched")
+
+    def _mark_used(self, groups: list[tuple], units: np.ndarray) -> None:
+        """Under a budget, the units' last use (the evictor's LRU order)."""
+        if self.cache_limit is not None:
+            now = np.uint32(int(time.time()) & 0xFFFFFFFF)
+            for hm, _, _ in groups:
+                hm.used[units] = now
 
     def unchanged(self, stamp: tuple[int, list[Any] | None]) -> bool:
         """True when no unit of ``stamp`` (:meth:`ensure`) was evicted since: rows gathered
@@ -719,20 +717,30 @@ class RemoteMirror:
 
     def prefetch(self, pairs: np.ndarray, generation: int | None) -> int:
         """Fetch the units of ``pairs`` not yet here, ``concurrency`` at a time; the count."""
-        units = self.units_of(pairs)
-        todo = [
-            (name, spec, int(u))
-            for name, spec in self._groups(generation)
-            for u in self._have_map(name).missing(units)
-        ]
-        if todo and not usable_here():
-            self._wait_for(todo)
-            return 0
-        if not todo:
-            return 0
-        with ThreadPoolExecutor(min(self.concurrency, len(todo))) as pool:
-            list(pool.map(lambda t: self._fetch_unit(*t), todo))
+        todo = self.missing_units(pairs, generation)
+        self._fetch_all(todo)
         return len(todo)
+
+    def _fetch_all(self, todo: list[tuple]) -> None:
+        """The units ``todo`` (:meth:`missing_units`), ``concurrency`` at a time; in a forked
+        worker, which cannot fetch, waited for."""
+        if not todo:
+            return
+        if not usable_here():
+            self._wait_for(todo)
+        elif len(todo) == 1:
+            self._fetch_unit(*todo[0])
+        else:
+            with ThreadPoolExecutor(min(self.concurrency, len(todo))) as pool:
+                list(pool.map(lambda t: self._fetch_unit(*t), todo))
+
+    def evicted_error(self, what: str, doing: str) -> StoreNotFoundError:
+        """What is raised when ``what`` kept being evicted for EVICTION_PATIENCE."""
+        return StoreNotFoundError(
+            f"{self.url}: {what} were evicted from this node's cache ({self.path}) again and "
+            f"again for {EVICTION_PATIENCE:.0f} s while being {doing}: cache_limit is too small "
+            f"for the batches in flight. Raise cache_limit."
+        )
 
     def _fetch_unit(self, name: str, spec: dict[str, Any], u: int) -> None:
         hm = self._have_map(name)
@@ -780,12 +788,9 @@ class RemoteMirror:
     # -- eviction ----------------------------------------------------------------------------
     def cached_bytes(self) -> int:
         """Bytes this mirror holds: whole files, sparse files' fixed bytes, present units."""
-        total = 0
-        self._all_groups()  # (loads the catalog of every generation mirrored here)
-        for cat in [self.catalog, *self._gen_catalogs.values()]:
-            total += sum(int(f["size"]) for f in cat["whole"].values())
-            total += sum(b - a for f in cat["sparse"].values() for a, b, _ in f["always"])
-        for name, spec in self._all_groups():
+        groups = self._all_groups()  # (loads the catalog of every generation mirrored here)
+        total = sum(fixed_bytes(cat) for cat in [self.catalog, *self._gen_catalogs.values()])
+        for name, spec in groups:
             total += int(np.count_nonzero(self._have_map(name).view)) * self._unit_bytes(spec)
         return total
 
