@@ -45,7 +45,7 @@ import numpy as np
 
 from jasper_mmap._fs.partials import partial_name
 from jasper_mmap.errors import StoreCorruptError, StoreFormatError, StoreNotFoundError
-from jasper_mmap.format.spec import CONFIG, MANIFEST, NEGATIVES_DIR, POINTER
+from jasper_mmap.format.spec import MANIFEST, NEGATIVES_DIR, POINTER, generation_name
 from jasper_mmap.remote.catalog import CATALOG, CATALOG_VERSION, unit_pieces
 from jasper_mmap.remote.objects import ObjectStore, usable_here
 
@@ -120,10 +120,6 @@ def fixed_bytes(catalog: dict[str, Any]) -> int:
     bytes (NOTE [remote catalog])."""
     whole = sum(int(f["size"]) for f in catalog["whole"].values())
     return whole + sum(b - a for f in catalog["sparse"].values() for a, b, _ in f["always"])
-
-
-def gen_name(g: int) -> str:
-    return f"gen-{g:06d}"
 
 
 _LOCKS: dict[Path, _NodeLock] = {}
@@ -547,7 +543,7 @@ class RemoteMirror:
         self.mirror_generation(gens[-1])
         self.generation = gens[-1]
         pointer = self.path / NEGATIVES_DIR / POINTER
-        live = self.path / NEGATIVES_DIR / f"{gen_name(gens[-1])}.json"
+        live = self.path / NEGATIVES_DIR / f"{generation_name(gens[-1])}.json"
         if not pointer.exists() or pointer.read_bytes() != live.read_bytes():
             self._write_bytes(pointer, live.read_bytes())
         return gens[-1]
@@ -555,11 +551,11 @@ class RemoteMirror:
     def gen_catalog(self, g: int) -> dict[str, Any]:
         cat = self._gen_catalogs.get(g)
         if cat is None:
-            path = self.root / "have" / f"{gen_name(g)}.catalog.json"
+            path = self.root / "have" / f"{generation_name(g)}.catalog.json"
             if path.exists():
                 cat = json.loads(path.read_text())
             else:
-                raw = self.objects.get(f"{NEGATIVES_DIR}/{gen_name(g)}.catalog.json")
+                raw = self.objects.get(f"{NEGATIVES_DIR}/{generation_name(g)}.catalog.json")
                 cat = json.loads(raw)
                 self._write_bytes(path, raw)
             self._gen_catalogs[g] = cat
@@ -567,21 +563,21 @@ class RemoteMirror:
 
     def mirror_generation(self, g: int) -> None:
         """Generation ``g``'s files in the mirror (unit rows on demand), its json last."""
-        final = self.path / NEGATIVES_DIR / f"{gen_name(g)}.json"
+        final = self.path / NEGATIVES_DIR / f"{generation_name(g)}.json"
         if final.exists():
             return
         with self._mirror_lock(0):
             if final.exists():
                 return
-            raw = self.objects.get(f"{NEGATIVES_DIR}/{gen_name(g)}.json")
+            raw = self.objects.get(f"{NEGATIVES_DIR}/{generation_name(g)}.json")
             cat = self.gen_catalog(g)
             if cat.get("json_crc32") != zlib.crc32(raw):
                 raise self._damaged(
-                    f"{NEGATIVES_DIR}/{gen_name(g)}.json", "it differs from its catalog"
+                    f"{NEGATIVES_DIR}/{generation_name(g)}.json", "it differs from its catalog"
                 )
-            self._materialize(cat, gen_name(g))
+            self._materialize(cat, generation_name(g))
             if "negatives" in cat["groups"]:
-                self._have_map(f"negatives-{gen_name(g)}").create()
+                self._have_map(f"negatives-{generation_name(g)}").create()
             self._write_bytes(final, raw)
 
     # -- unit rows ---------------------------------------------------------------------------
@@ -590,7 +586,7 @@ class RemoteMirror:
         if generation is not None:
             cat = self.gen_catalog(generation)
             if "negatives" in cat["groups"]:
-                out.append((f"negatives-{gen_name(generation)}", cat["groups"]["negatives"]))
+                out.append((f"negatives-{generation_name(generation)}", cat["groups"]["negatives"]))
         return out
 
     def units_of(self, pairs: np.ndarray) -> np.ndarray:
@@ -799,9 +795,9 @@ class RemoteMirror:
         for g, cat in self._gen_catalogs.items():
             if (
                 "negatives" in cat["groups"]
-                and (self.root / "have" / f"negatives-{gen_name(g)}.bin").exists()
+                and (self.root / "have" / f"negatives-{generation_name(g)}.bin").exists()
             ):
-                out.append((f"negatives-{gen_name(g)}", cat["groups"]["negatives"]))
+                out.append((f"negatives-{generation_name(g)}", cat["groups"]["negatives"]))
         return out
 
     def unit_bytes(self, generation: int | None) -> int:
@@ -859,7 +855,7 @@ class RemoteMirror:
 
     def mark_all(self, generation: int) -> None:
         """Every unit of ``generation``'s negatives is present (published from this node)."""
-        hm = self._have_map(f"negatives-{gen_name(generation)}")
+        hm = self._have_map(f"negatives-{generation_name(generation)}")
         hm.create()
         fd = os.open(hm.path, os.O_WRONLY | os.O_CLOEXEC)
         try:
@@ -876,7 +872,3 @@ class RemoteMirror:
             "units_hit": self.units_hit,
             "units_evicted": self.units_evicted,
         }
-
-    @property
-    def config_path(self) -> Path:
-        return self.path / CONFIG

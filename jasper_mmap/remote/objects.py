@@ -173,15 +173,6 @@ class ObjectStore:
         self._count(sum(len(p) for p in out), len(ranges))
         return out
 
-    def head(self, key: str) -> dict[str, Any] | None:
-        """The object's metadata (``size``, ``e_tag``...), None if it does not exist."""
-        try:
-            return dict(_obstore().head(self.client, key))
-        except FileNotFoundError:
-            return None
-        except Exception as e:
-            raise self._error(key, e, "HEAD") from None
-
     def put(self, key: str, data: Any, *, create: bool = False) -> None:
         """Write ``data`` (bytes or a local path) to ``key``; ``create``: only if no object of
         that name exists (a conditional write), else :class:`RemoteStoreError` (``lost``)."""

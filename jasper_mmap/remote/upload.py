@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from jasper_mmap._fs.files import read_json
-from jasper_mmap.errors import RemoteStoreError, StoreExistsError, StoreNotFoundError
-from jasper_mmap.format.spec import CONFIG, MANIFEST, NEGATIVES_DIR, POINTER
-from jasper_mmap.remote.cache import RemoteMirror, gen_name
+from jasper_mmap.errors import RemoteStoreError, StoreExistsError
+from jasper_mmap.format.spec import CONFIG, MANIFEST, NEGATIVES_DIR, POINTER, generation_name
+from jasper_mmap.remote.cache import RemoteMirror
 from jasper_mmap.remote.catalog import CATALOG, build_catalog, default_unit_rows
 from jasper_mmap.remote.objects import ObjectStore
 
@@ -92,21 +92,21 @@ def upload_store(
         unit_rows = default_unit_rows(root, {**manifest["arrays"], **pointer["arrays"]}, backend)
     catalog = build_catalog(root, files, manifest["arrays"], backend, n_pairs, unit_rows)
     gen_cat = build_catalog(root, pointer["files"], pointer["arrays"], backend, n_pairs, unit_rows)
-    gen_json = (root / NEGATIVES_DIR / f"{gen_name(g)}.json").read_bytes()
+    gen_json = (root / NEGATIVES_DIR / f"{generation_name(g)}.json").read_bytes()
     gen_cat["json_crc32"] = zlib.crc32(gen_json)
     manifest_raw = (root / MANIFEST).read_bytes()
     catalog["manifest_crc32"] = zlib.crc32(manifest_raw)
     rels = sorted(files) + sorted(pointer["files"])
     _put_files(objects, root, rels, concurrency)
-    objects.put(f"{NEGATIVES_DIR}/{gen_name(g)}.catalog.json", json.dumps(gen_cat).encode())
-    objects.put(f"{NEGATIVES_DIR}/{gen_name(g)}.json", gen_json)
+    objects.put(f"{NEGATIVES_DIR}/{generation_name(g)}.catalog.json", json.dumps(gen_cat).encode())
+    objects.put(f"{NEGATIVES_DIR}/{generation_name(g)}.json", gen_json)
     objects.put(CATALOG, json.dumps(catalog).encode())
     if existing:  # a replaced store's objects that the new one does not have: ours, removed
         keep = set(rels) | {
             CATALOG,
             MANIFEST,
-            f"{NEGATIVES_DIR}/{gen_name(g)}.json",
-            f"{NEGATIVES_DIR}/{gen_name(g)}.catalog.json",
+            f"{NEGATIVES_DIR}/{generation_name(g)}.json",
+            f"{NEGATIVES_DIR}/{generation_name(g)}.catalog.json",
         }
         for path in sorted(set(existing) - keep):
             objects.delete(path)
@@ -144,7 +144,7 @@ def publish_remote(
     for _ in range(64):
         g = _next_number(objects)
         try:
-            objects.put(f"{NEGATIVES_DIR}/{gen_name(g)}.claim", b"", create=True)
+            objects.put(f"{NEGATIVES_DIR}/{generation_name(g)}.claim", b"", create=True)
             break
         except RemoteStoreError as e:
             if not getattr(e, "lost", False):
@@ -154,7 +154,7 @@ def publish_remote(
     # validated and written locally (as a local publish), under the number claimed
     publish_generation(mirror.path, negs, tiers, keep=10**9, sources=sources, number=g)
     root = mirror.path
-    gen = read_json(root / NEGATIVES_DIR / f"{gen_name(g)}.json", what="generation", fix="")
+    gen = read_json(root / NEGATIVES_DIR / f"{generation_name(g)}.json", what="generation", fix="")
     cat = build_catalog(
         root,
         gen["files"],
@@ -163,28 +163,22 @@ def publish_remote(
         int(mirror.catalog["n_pairs"]),
         mirror.unit_rows,
     )
-    raw = (root / NEGATIVES_DIR / f"{gen_name(g)}.json").read_bytes()
+    raw = (root / NEGATIVES_DIR / f"{generation_name(g)}.json").read_bytes()
     cat["json_crc32"] = zlib.crc32(raw)
     _put_files(objects, root, sorted(gen["files"]), mirror.concurrency)
-    objects.put(f"{NEGATIVES_DIR}/{gen_name(g)}.catalog.json", json.dumps(cat).encode())
-    (mirror.root / "have" / f"{gen_name(g)}.catalog.json").write_text(json.dumps(cat))
+    objects.put(f"{NEGATIVES_DIR}/{generation_name(g)}.catalog.json", json.dumps(cat).encode())
+    (mirror.root / "have" / f"{generation_name(g)}.catalog.json").write_text(json.dumps(cat))
     if "negatives" in cat["groups"]:
         mirror.mark_all(g)
     try:
-        objects.put(f"{NEGATIVES_DIR}/{gen_name(g)}.json", raw, create=True)
+        objects.put(f"{NEGATIVES_DIR}/{generation_name(g)}.json", raw, create=True)
     except RemoteStoreError as e:
         if getattr(e, "lost", False):
             raise RemoteStoreError(
-                f"{objects.where(NEGATIVES_DIR)}/{gen_name(g)}.json: another publisher wrote "
+                f"{objects.where(NEGATIVES_DIR)}/{generation_name(g)}.json: another publisher wrote "
                 f"generation {g} although this one claimed it (its claim object was removed by "
                 f"hand?). Publish again."
             ) from None
         raise
     log.info("published negatives generation %d to %s", g, mirror.url)
     return g
-
-
-def check_remote_store(url: str, storage_options: Mapping[str, Any] | None = None) -> None:
-    """Raise StoreNotFoundError where no store was uploaded to ``url``."""
-    if ObjectStore(url, storage_options).head(MANIFEST) is None:
-        raise StoreNotFoundError(f"{url}: no store there ({MANIFEST} is missing).")
