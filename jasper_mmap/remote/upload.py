@@ -3,15 +3,16 @@
 # NOTE [remote publish]
 Object stores have no rename and no lock, so visibility is decided by the order of writes and
 by conditional writes (``If-None-Match: *``):
-- a store: every data object first, then its catalog (``jasper_remote.json``, which names the
-  crc32 of the manifest it belongs to), then ``manifest.json``, last. Readers need
+- a store: every data object first, then its bundle of ``always`` bytes and its catalog
+  (``jasper_remote.json``, which names the crc32 of the manifest it belongs to), then
+  ``manifest.json``, last. Readers need
   ``manifest.json``: a store appears whole or not at all. Replacing a store of ours
   (``overwrite``) removes its ``manifest.json`` first, so no reader opens a half-replaced store;
   a prefix holding anything that is not a store of ours is never written into.
 - a negatives generation ``N``: first a conditional create of ``negatives/gen-N.claim`` (of two
-  publishers one gets ``N``, the other is told and tries ``N + 1``), then its data objects and
-  catalog, then ``negatives/gen-N.json``, created conditionally, last. Readers take the highest
-  ``N`` whose ``gen-N.json`` exists (at open and at ``reload_negatives()``). A publisher killed
+  publishers one gets ``N``, the other is told and tries ``N + 1``), then its data objects,
+  bundle and catalog, then ``negatives/gen-N.json``, created conditionally, last. Readers take
+  the highest ``N`` whose ``gen-N.json`` exists (at open and at ``reload_negatives()``). A publisher killed
   after its claim leaves a claimed number without a json: never read, skipped by the next.
 - nothing on object storage is ever deleted by a publish: old generations stay until removed
   by hand (a node's cache keeps the ones it used). A time-based rule (remove generations
@@ -34,7 +35,13 @@ from jasper_mmap._fs.files import read_json
 from jasper_mmap.errors import RemoteStoreError, StoreExistsError
 from jasper_mmap.format.spec import CONFIG, MANIFEST, NEGATIVES_DIR, POINTER, generation_name
 from jasper_mmap.remote.cache import RemoteMirror
-from jasper_mmap.remote.catalog import CATALOG, build_catalog, default_unit_rows
+from jasper_mmap.remote.catalog import (
+    BUNDLE,
+    CATALOG,
+    build_catalog,
+    default_unit_rows,
+    generation_bundle,
+)
 from jasper_mmap.remote.objects import ObjectStore
 
 __all__ = ["upload_store", "publish_remote"]
@@ -90,20 +97,29 @@ def upload_store(
     files[CONFIG] = (root / CONFIG).stat().st_size
     if unit_rows is None:
         unit_rows = default_unit_rows(root, {**manifest["arrays"], **pointer["arrays"]}, backend)
-    catalog = build_catalog(root, files, manifest["arrays"], backend, n_pairs, unit_rows)
-    gen_cat = build_catalog(root, pointer["files"], pointer["arrays"], backend, n_pairs, unit_rows)
+    catalog, bundle = build_catalog(
+        root, files, manifest["arrays"], backend, n_pairs, unit_rows, BUNDLE
+    )
+    gen_cat, gen_bundle = build_catalog(
+        root, pointer["files"], pointer["arrays"], backend, n_pairs, unit_rows,
+        generation_bundle(g),
+    )  # fmt: skip
     gen_json = (root / NEGATIVES_DIR / f"{generation_name(g)}.json").read_bytes()
     gen_cat["json_crc32"] = zlib.crc32(gen_json)
     manifest_raw = (root / MANIFEST).read_bytes()
     catalog["manifest_crc32"] = zlib.crc32(manifest_raw)
     rels = sorted(files) + sorted(pointer["files"])
     _put_files(objects, root, rels, concurrency)
+    objects.put(BUNDLE, bundle)
+    objects.put(generation_bundle(g), gen_bundle)
     objects.put(f"{NEGATIVES_DIR}/{generation_name(g)}.catalog.json", json.dumps(gen_cat).encode())
     objects.put(f"{NEGATIVES_DIR}/{generation_name(g)}.json", gen_json)
     objects.put(CATALOG, json.dumps(catalog).encode())
     if existing:  # a replaced store's objects that the new one does not have: ours, removed
         keep = set(rels) | {
             CATALOG,
+            BUNDLE,
+            generation_bundle(g),
             MANIFEST,
             f"{NEGATIVES_DIR}/{generation_name(g)}.json",
             f"{NEGATIVES_DIR}/{generation_name(g)}.catalog.json",
@@ -116,7 +132,7 @@ def upload_store(
         "uploaded %s to %s: %d objects, %.1f MB in %.1f s",
         root,
         url,
-        len(rels) + 5,
+        len(rels) + 7,
         size / 1e6,
         time.monotonic() - t0,
     )
@@ -155,17 +171,19 @@ def publish_remote(
     publish_generation(mirror.path, negs, tiers, keep=10**9, sources=sources, number=g)
     root = mirror.path
     gen = read_json(root / NEGATIVES_DIR / f"{generation_name(g)}.json", what="generation", fix="")
-    cat = build_catalog(
+    cat, bundle = build_catalog(
         root,
         gen["files"],
         gen["arrays"],
         mirror.catalog["backend"],
         int(mirror.catalog["n_pairs"]),
         mirror.unit_rows,
+        generation_bundle(g),
     )
     raw = (root / NEGATIVES_DIR / f"{generation_name(g)}.json").read_bytes()
     cat["json_crc32"] = zlib.crc32(raw)
     _put_files(objects, root, sorted(gen["files"]), mirror.concurrency)
+    objects.put(generation_bundle(g), bundle)
     objects.put(f"{NEGATIVES_DIR}/{generation_name(g)}.catalog.json", json.dumps(cat).encode())
     (mirror.root / "have" / f"{generation_name(g)}.catalog.json").write_text(json.dumps(cat))
     if "negatives" in cat["groups"]:
