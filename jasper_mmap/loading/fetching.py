@@ -6,8 +6,11 @@ the loader's batch sampler is wrapped: with worker processes, each batch's unit 
 mirror before its indices go to a worker, fetched in the loader's process (a worker, forked,
 cannot use the object store; gather threads and the loop fetch what they miss), and a daemon
 thread hands the units of the next ``AHEAD`` batches to a pool of ``concurrency`` fetches as
-soon as they are read ahead, so that many requests are always in flight. Without it the first epoch would wait on
-every unit in turn; with it, it waits on the download as a whole.
+soon as they are read ahead, so that many requests are always in flight. Without it the first
+epoch would wait on every unit in turn; with it, it waits on the download as a whole.
+Progress goes to the log
+every ``PROGRESS_EVERY`` seconds while units are fetched, and a summary (units and bytes
+fetched, GETs, cache hits, evictions) when the batches have been read.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import collections
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -28,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: batches whose units are fetched ahead of the one handed out
 AHEAD = 64
+#: seconds between two progress lines in the log while units are being fetched
+PROGRESS_EVERY = 10.0
 #: while units are missing (a cold cache, no budget): batches read ahead at most, to keep
 #: twice ``concurrency`` units in flight (64 batches of 128 samples span ~6 units of 8 MiB)
 AHEAD_COLD = 4096
@@ -76,15 +82,41 @@ class FetchedBatches:
                 return False
             return sum(not f.done() for f in list(pending)) < 2 * remote.concurrency
 
+        start, said = remote.summary(), [time.monotonic()]
+        t0 = said[0]
+
+        def progress(final: bool) -> None:
+            now = remote.summary()
+            units = now["units_fetched"] - start["units_fetched"]
+            if not final and (not units or time.monotonic() - said[0] < PROGRESS_EVERY):
+                return
+            said[0] = time.monotonic()
+            log.info(
+                "%s: %s %d units fetched (%.1f MB in %d GETs) in %.1f s, %d cache hits, %d evicted",
+                remote.url,
+                "batches read:" if final else "fetching ahead:",
+                units,
+                (now["bytes_fetched"] - start["bytes_fetched"]) / 1e6,
+                now["gets"] - start["gets"],
+                said[0] - t0,
+                now["units_hit"] - start["units_hit"],
+                now["units_evicted"] - start["units_evicted"],
+            )
+
         def fetch_ahead() -> None:
             # units go to a pool as soon as their batches are read ahead, ``concurrency`` in
             # flight at a time, never waiting for a chunk to finish (a fetched unit is skipped)
             submitted: set[tuple[str, int]] = set()
             with ThreadPoolExecutor(remote.concurrency) as pool:
                 while not stop.is_set():
-                    item = todo.get()
+                    try:
+                        item = todo.get(timeout=PROGRESS_EVERY)
+                    except queue.Empty:
+                        progress(final=False)
+                        continue
                     if item is None:
                         break
+                    progress(final=False)
                     try:
                         pairs = self._pairs(item)
                         generation = ds._control.snapshot().generation
@@ -132,3 +164,4 @@ class FetchedBatches:
             stop.set()
             todo.put(None)
             worker.join(timeout=60)
+            progress(final=True)

@@ -45,3 +45,21 @@ def test_second_epoch_from_cache_equal(bucket, store_path):
     b = _run(again)
     assert again.dataset_obj._remote.summary()["units_fetched"] == 0
     assert_runs_equal(a, b)
+
+
+@pytest.mark.parametrize("store_path", ["zarr"], indirect=True)
+def test_progress_and_summary_in_the_log(bucket, store_path, caplog, monkeypatch):
+    from jasper_mmap.loading import fetching
+
+    monkeypatch.setattr(fetching, "PROGRESS_EVERY", 0.0)  # a progress line at every chance
+    url = bucket.upload(store_path)
+    loader = create_loader(url, "train", 16, seed=3, cache_dir=bucket.cache())
+    with caplog.at_level("INFO", logger="jasper_mmap.loading.fetching"):
+        _run(loader)
+    lines = [r.getMessage() for r in caplog.records if r.name == "jasper_mmap.loading.fetching"]
+    summ = loader.dataset_obj._remote.summary()
+    final = [m for m in lines if "batches read:" in m]
+    assert len(final) == 1, lines
+    assert f"{summ['units_fetched']} units fetched" in final[0], (final, summ)
+    assert f"{summ['units_hit']} cache hits" in final[0], (final, summ)
+    assert any("fetching ahead:" in m for m in lines), lines
