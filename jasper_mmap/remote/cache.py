@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from jasper_mmap._fs.partials import partial_name
+from jasper_mmap._fs.partials import partial_name, remove_stale_partials_in
 from jasper_mmap.errors import StoreCorruptError, StoreFormatError, StoreNotFoundError
 from jasper_mmap.format.spec import MANIFEST, NEGATIVES_DIR, POINTER, generation_name
 from jasper_mmap.remote.catalog import CATALOG, CATALOG_VERSION, unit_pieces
@@ -595,14 +595,15 @@ class RemoteMirror:
         """Make the sparse files of ``catalog`` (their ``always`` bytes from its bundle) and
         download its whole files, those not yet there."""
         sparse = {r: spec for r, spec in catalog["sparse"].items() if not (self.path / r).exists()}
+        whole = {r: spec for r, spec in catalog["whole"].items() if not (self.path / r).exists()}
+        for folder in {(self.path / rel).parent for rel in [*sparse, *whole]}:
+            if folder.is_dir():  # what a killed opener left half written (never read)
+                remove_stale_partials_in(folder)
         if sparse:
             bundle = self._bundle(catalog)
             for rel, spec in sparse.items():
                 self._make_sparse(rel, spec, bundle)
-        self._download(
-            {r: spec for r, spec in catalog["whole"].items() if not (self.path / r).exists()},
-            int(catalog["piece_bytes"]),
-        )
+        self._download(whole, int(catalog["piece_bytes"]))
 
     def _tmp_open(self, rel: str, size: int) -> tuple[int, Path]:
         """A temporary file of ``size`` bytes beside ``rel``'s place in the mirror: its

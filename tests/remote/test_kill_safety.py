@@ -90,8 +90,11 @@ def test_killed_while_filling_the_mirror(bucket, store_path):
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     store = _mirror_dir(cache)
     assert not (store / "manifest.json").exists()
+    left = [p for p in store.rglob("*") if ".partial-" in p.name]
+    assert left  # what the killed opener was writing
     ds = JASPERSteeringDataset(url, "train", cache_dir=cache)
     assert (store / "manifest.json").exists()
+    assert not [p for p in store.rglob("*") if ".partial-" in p.name]  # removed, not kept
     local = JASPERSteeringDataset(store_path, "train")
     idx = list(range(0, len(ds), 7))
     assert_batches_equal(ds.__getitems__(idx), local.__getitems__(idx))

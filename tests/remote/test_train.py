@@ -51,7 +51,7 @@ def test_second_epoch_from_cache_equal(bucket, store_path):
 def test_progress_and_summary_in_the_log(bucket, store_path, caplog, monkeypatch):
     from jasper_mmap.loading import fetching
 
-    monkeypatch.setattr(fetching, "PROGRESS_EVERY", 0.0)  # a progress line at every chance
+    monkeypatch.setattr(fetching, "PROGRESS_EVERY", 0.02)  # progress lines mid-epoch too
     url = bucket.upload(store_path)
     loader = create_loader(url, "train", 16, seed=3, cache_dir=bucket.cache())
     with caplog.at_level("INFO", logger="jasper_mmap.loading.fetching"):
