@@ -548,8 +548,8 @@ class RemoteMirror:
                     if not self._unit_intact(spec, int(u), gone):
                         hm.unmark(int(u))
                         bad += 1
-            if bad:
-                self._bump_evictions()
+        if bad:
+            self._bump_evictions()
         return bad
 
     def _unit_intact(self, spec: dict[str, Any], u: int, gone: set[str]) -> bool:
