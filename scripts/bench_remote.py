@@ -18,7 +18,10 @@ moto.server runs in its own process (loopback only); the store is uploaded once 
      local store (partition=True, the catalog's unit_rows), interleaved local, remote, remote, local, ...;
   4. bytes fetched per node, 1 node and 2 simulated nodes (each its own fresh cache_dir),
      against the whole files + the pair-keyed (sparse) bytes / W.
-Prints one JSON summary line last (docs/perf.jsonl is not written).
+``--throttle-mbit N`` limits what the server sends to N Mbit/s (``tc`` on the loopback interface,
+for its port only; needs root; removed at the end): a network link's pace, where the download
+leaves the cores free, as on a real node. Prints one JSON summary line last (docs/perf.jsonl
+is not written).
 """
 
 from __future__ import annotations
@@ -89,6 +92,26 @@ def start_moto() -> tuple[subprocess.Popen, str]:
                 break
             time.sleep(0.1)
     return proc, ep
+
+
+def throttle(port: int, mbit: int) -> None:
+    """Limit what the server on ``port`` sends over the loopback interface to ``mbit`` Mbit/s
+    (``tc``: an htb class for that source port; root only): a network link's pace, so that
+    the download does not take every core of this machine. :func:`unthrottle` removes it."""
+    out = subprocess.run(["tc", "qdisc", "show", "dev", "lo"], capture_output=True, text=True)
+    if "noqueue" not in out.stdout:
+        raise SystemExit(f"lo has a queueing discipline already ({out.stdout.strip()}): not ours")
+    for cmd in (
+        "qdisc add dev lo root handle 1: htb default 10",
+        "class add dev lo parent 1: classid 1:10 htb rate 100gbit",
+        f"class add dev lo parent 1: classid 1:20 htb rate {mbit}mbit",
+        f"filter add dev lo parent 1: protocol ip u32 match ip sport {port} 0xffff flowid 1:20",
+    ):
+        subprocess.run(["tc", *cmd.split()], check=True)
+
+
+def unthrottle() -> None:
+    subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], check=False)
 
 
 def plain_download(url: str, dest: Path, rng: int) -> tuple[float, int]:
@@ -204,6 +227,7 @@ def main() -> int:
     ap.add_argument("--unit-rows", type=int, help="upload_store unit_rows (default: its own)")
     ap.add_argument("--plain-range", type=int, default=16, help="MiB a plain GET; 0: whole")
     ap.add_argument("--skip", default="", help="comma-separated: cold,warm,nodes")
+    ap.add_argument("--throttle-mbit", type=int, help="server's bandwidth on loopback (tc; root)")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # one timed job (in_child)
     ap.add_argument("--child-url", help=argparse.SUPPRESS)
     ap.add_argument("--child-server", type=int, help=argparse.SUPPRESS)
@@ -217,6 +241,8 @@ def main() -> int:
     print("$", " ".join([sys.executable, *sys.argv]), flush=True)
     proc, ep = start_moto()
     os.environ.update(ENV, AWS_ENDPOINT_URL=ep)
+    if args.throttle_mbit:
+        throttle(int(ep.rsplit(":", 1)[1]), args.throttle_mbit)
     args.tmp.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=args.tmp))
     out: dict = {
@@ -322,6 +348,8 @@ def main() -> int:
                     out[f"node_bytes_W{world}_r{rank}"] = got
                 out[f"node_bytes_expected_W{world}"] = expect
     finally:
+        if args.throttle_mbit:
+            unthrottle()
         proc.terminate()
         proc.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)

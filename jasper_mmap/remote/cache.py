@@ -930,20 +930,29 @@ class RemoteMirror:
             f"for the batches in flight. Raise cache_limit."
         )
 
+    def _get_all(self, by_file: dict[str, list[tuple[int, int]]]) -> dict[str, list[Any]]:
+        """The byte ranges of several objects, their GETs concurrent."""
+        if len(by_file) < 2:
+            return {f: self.objects.get_ranges(f, r) for f, r in by_file.items()}
+        with ThreadPoolExecutor(min(len(by_file), self.concurrency)) as pool:
+            jobs = {f: pool.submit(self.objects.get_ranges, f, r) for f, r in by_file.items()}
+            return {f: job.result() for f, job in jobs.items()}
+
     def _fetch_unit(self, name: str, spec: dict[str, Any], u: int) -> None:
         hm = self._have_map(name)
         with hm.lock(u):
             if hm.view[u]:
                 return  # another rank, worker or thread fetched it meanwhile
             writes = []
-            for i, (array, rows) in enumerate(spec["arrays"].items()):
-                pieces = unit_pieces(rows, u, self.unit_rows)
-                crc = 0
-                by_file: dict[str, list[tuple[int, int]]] = {}
+            arrays = [unit_pieces(rows, u, self.unit_rows) for rows in spec["arrays"].values()]
+            by_file: dict[str, list[tuple[int, int]]] = {}
+            for pieces in arrays:
                 for file, a, b in pieces:
                     by_file.setdefault(file, []).append((a, b))
-                got = {f: self.objects.get_ranges(f, r) for f, r in by_file.items()}
-                at = {f: 0 for f in by_file}
+            got = self._get_all(by_file)  # the unit's objects at once, not one after another
+            at = {f: 0 for f in by_file}
+            for i, (array, pieces) in enumerate(zip(spec["arrays"], arrays, strict=True)):
+                crc = 0
                 for file, a, b in pieces:
                     data = got[file][at[file]]
                     at[file] += 1
