@@ -524,22 +524,28 @@ class RemoteMirror:
         for cat, complete, groups in catalogs:
             piece = int(cat["piece_bytes"])
             gone: set[str] = set()
+            checks = [
+                (rel, int(spec["size"]), spec["always"]) for rel, spec in cat["sparse"].items()
+            ]
             for rel, spec in cat["whole"].items():
                 size = int(spec["size"])
                 starts = range(0, size, piece)
                 ranges = [
                     (a, min(a + piece, size), c) for a, c in zip(starts, spec["crc32"], strict=True)
                 ]
-                if (self.path / rel).exists() and not _same(self.path / rel, size, ranges):
-                    gone.add(rel)
-            for rel, spec in cat["sparse"].items():
+                checks.append((rel, size, ranges))
+            was_complete = complete.exists()
+            for rel, size, ranges in checks:
                 path = self.path / rel
-                if path.exists() and not _same(path, int(spec["size"]), spec["always"]):
+                if not path.exists():  # never made, or its rename lost: made again
                     gone.add(rel)
+                    bad += was_complete
+                elif not _same(path, size, ranges):
+                    gone.add(rel)
+                    bad += 1
             for rel in gone:
                 (self.path / rel).unlink(missing_ok=True)
                 complete.unlink(missing_ok=True)
-            bad += len(gone)
             for name, spec in groups:
                 hm = self._have_map(name)
                 if not hm.path.exists():
