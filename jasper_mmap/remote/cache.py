@@ -666,6 +666,12 @@ class RemoteMirror:
                 del left[rel]
                 self._tmp_close(rel, fds.pop(rel), keep=True)
 
+        for rel, spec in whole.items():
+            if len(spec["crc32"]) != -(-int(spec["size"]) // piece):
+                raise self._damaged(
+                    rel, f"the catalog has {len(spec['crc32'])} piece crc32s for its "
+                    f"{spec['size']} bytes"
+                )  # fmt: skip
         pending: set[Any] = set()
         try:
             with ThreadPoolExecutor(self.concurrency) as pool:

@@ -16,7 +16,12 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from jasper_mmap.errors import DependencyError, RemoteStoreError, StoreNotFoundError
+from jasper_mmap.errors import (
+    DependencyError,
+    RemoteStoreError,
+    StoreCorruptError,
+    StoreNotFoundError,
+)
 
 __all__ = ["ObjectStore", "is_remote", "REMOTE_SCHEMES"]
 
@@ -168,6 +173,13 @@ class ObjectStore:
                 self.client, key, starts=[a for a, _ in ranges], ends=[b for _, b in ranges]
             )
         except Exception as e:
+            if "416 Range Not Satisfiable" in str(e):  # the object is shorter than asked
+                raise StoreCorruptError(
+                    f"{self.where(key)}: bytes {min(a for a, _ in ranges)}-"
+                    f"{max(b for _, b in ranges)} are past its end: the object was truncated "
+                    f"after upload (or is being replaced). Upload the store again; nothing "
+                    f"of it was used."
+                ) from None
             raise self._error(key, e, f"GET of {len(ranges)} byte ranges") from None
         out = [memoryview(p) for p in parts]
         self._count(sum(len(p) for p in out), len(ranges))

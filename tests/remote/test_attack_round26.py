@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import re
+import zlib
+
 import numpy as np
+import pytest
 from remote_helpers import assert_batches_equal, unit_piece
 
 from jasper_mmap import JASPERSteeringDataset
+from jasper_mmap.errors import StoreCorruptError
 
 
 def _reboot(remote) -> None:
@@ -47,3 +53,92 @@ def test_after_a_reboot_a_missing_whole_file_is_fetched_again(bucket, store_path
     again = JASPERSteeringDataset(url, "train", cache_dir=cache)
     assert_batches_equal(again.__getitems__(idx), local.__getitems__(idx))
     assert np.asarray(again._remote._have_map("steering").view).all()
+
+
+def _tamper(url: str, key: str, change) -> None:
+    from jasper_mmap.remote.objects import ObjectStore
+
+    objects = ObjectStore(url)
+    objects.put(key, change(objects.get(key)))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda b: b[:-1],
+        lambda b: bytes([b[0] ^ 1]) + b[1:],
+        lambda b: b"",
+    ],
+    ids=["truncated", "flipped", "empty"],
+)
+def test_a_damaged_bundle_is_an_error_naming_it(bucket, store_path, change):
+    from jasper_mmap.remote.catalog import BUNDLE
+
+    url = bucket.upload(store_path)
+    _tamper(url, BUNDLE, change)
+    with pytest.raises(StoreCorruptError, match=BUNDLE):
+        JASPERSteeringDataset(url, "train", cache_dir=bucket.cache())
+
+
+def test_a_damaged_whole_file_piece_is_an_error_naming_it(bucket, store_path):
+    from jasper_mmap.remote.catalog import CATALOG
+    from jasper_mmap.remote.objects import ObjectStore
+
+    url = bucket.upload(store_path)
+    cat = json.loads(ObjectStore(url).get(CATALOG))
+    whole = max(cat["whole"], key=lambda rel: cat["whole"][rel]["size"])
+    _tamper(url, whole, lambda b: b[:100] + bytes([b[100] ^ 1]) + b[101:])
+    cache = bucket.cache()
+    with pytest.raises(StoreCorruptError, match=re.escape(whole)):
+        JASPERSteeringDataset(url, "train", cache_dir=cache)
+    assert not [p for p in cache.rglob("*") if ".partial-" in p.name]
+    assert not [p for p in cache.rglob(whole)]
+
+
+def test_a_catalog_whose_bundle_entry_lies_is_an_error(bucket, store_path):
+    from jasper_mmap.remote.catalog import BUNDLE, CATALOG
+    from jasper_mmap.remote.objects import ObjectStore
+
+    url = bucket.upload(store_path)
+    objects = ObjectStore(url)
+    cat = json.loads(objects.get(CATALOG))
+    bundle = objects.get(BUNDLE)
+    # a bundle whose catalog entry was made to match, its bytes not the sparse files'
+    bad = bytes(len(bundle))
+    objects.put(BUNDLE, bad)
+    cat["bundle"]["crc32"] = zlib.crc32(bad)
+    objects.put(CATALOG, json.dumps(cat).encode())
+    with pytest.raises(StoreCorruptError):
+        JASPERSteeringDataset(url, "train", cache_dir=bucket.cache())
+    # offsets past the bundle's end
+    objects.put(BUNDLE, bundle)
+    cat["bundle"]["crc32"] = zlib.crc32(bundle)
+    for spec in cat["sparse"].values():
+        for entry in spec["always"]:
+            entry[3] += len(bundle)
+    objects.put(CATALOG, json.dumps(cat).encode())
+    with pytest.raises(StoreCorruptError):
+        JASPERSteeringDataset(url, "train", cache_dir=bucket.cache())
+
+
+def test_a_catalog_with_too_few_piece_crcs_is_an_error(bucket, store_path):
+    from jasper_mmap.remote.catalog import CATALOG
+    from jasper_mmap.remote.objects import ObjectStore
+
+    url = bucket.upload(store_path)
+    objects = ObjectStore(url)
+    cat = json.loads(objects.get(CATALOG))
+    whole = max(cat["whole"], key=lambda rel: cat["whole"][rel]["size"])
+    cat["whole"][whole]["crc32"] = []  # its bytes never fetched: zeros
+    objects.put(CATALOG, json.dumps(cat).encode())
+    with pytest.raises(StoreCorruptError, match=re.escape(whole)):
+        JASPERSteeringDataset(url, "train", cache_dir=bucket.cache())
+
+
+def test_a_sparse_file_truncated_on_the_server_is_an_error_naming_it(bucket, store_path):
+    url = bucket.upload(store_path)
+    ds = JASPERSteeringDataset(url, "train", cache_dir=bucket.cache())
+    _, file, a, _ = unit_piece(ds._remote.catalog, "steering", len(ds) // 16)
+    _tamper(url, file, lambda b: b[:a])  # its later units' rows are past the end now
+    with pytest.raises(StoreCorruptError, match=re.escape(file)):
+        ds.__getitems__(list(range(len(ds))))
