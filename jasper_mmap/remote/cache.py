@@ -756,9 +756,13 @@ class RemoteMirror:
         cat = self._gen_catalogs.get(g)
         if cat is None:
             path = self.root / "have" / f"{generation_name(g)}.catalog.json"
-            if path.exists():
-                cat = json.loads(path.read_text())
-            else:
+            try:
+                cat = json.loads(path.read_bytes())
+            except FileNotFoundError:
+                pass
+            except ValueError:  # what a crash left of it (NOTE [durability]): fetched again
+                log.warning("%s: %s is not valid JSON; fetching it again", self.url, path)
+            if cat is None:
                 raw = self.objects.get(f"{NEGATIVES_DIR}/{generation_name(g)}.catalog.json")
                 cat = json.loads(raw)
                 self._write_bytes(path, raw)

@@ -142,3 +142,27 @@ def test_a_sparse_file_truncated_on_the_server_is_an_error_naming_it(bucket, sto
     _tamper(url, file, lambda b: b[:a])  # its later units' rows are past the end now
     with pytest.raises(StoreCorruptError, match=re.escape(file)):
         ds.__getitems__(list(range(len(ds))))
+
+
+def test_a_generation_catalog_lost_in_a_crash_is_fetched_again(bucket, store_path):
+    from test_publish import _negatives
+
+    from jasper_mmap import publish_negatives
+    from jasper_mmap.format.spec import generation_name
+
+    url = bucket.upload(store_path)
+    cache = bucket.cache("publisher")
+    base = JASPERSteeringDataset(url, "train", cache_dir=cache)
+    g = publish_negatives(url, *_negatives(base, 1), cache_dir=cache)
+    del base
+    ds = JASPERSteeringDataset(url, "train", cache_dir=cache)
+    assert ds.negatives_generation == g
+    idx = list(range(len(ds)))
+    want = ds.__getitems__(idx)
+    remote = ds._remote
+    # the publisher wrote its catalog in place, unsynced: a power loss leaves it empty
+    (remote.root / "have" / f"{generation_name(g)}.catalog.json").write_bytes(b"")
+    del ds
+    _reboot(remote)
+    again = JASPERSteeringDataset(url, "train", cache_dir=cache)
+    assert_batches_equal(again.__getitems__(idx), want)
