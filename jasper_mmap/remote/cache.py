@@ -958,7 +958,19 @@ class RemoteMirror:
                 by_file: dict[str, list[tuple[int, int]]] = {}
                 for file, a, b in pieces:
                     by_file.setdefault(file, []).append((a, b))
-                got = {f: self.objects.get_ranges(f, r) for f, r in by_file.items()}
+                try:
+                    got = {f: self.objects.get_ranges(f, r) for f, r in by_file.items()}
+                except StoreNotFoundError as e:
+                    if not name.startswith("negatives-"):
+                        raise
+                    raise StoreNotFoundError(
+                        f"{str(e).split(': ', 1)[0]}: gone from object storage: negatives "
+                        f"generation {name.split('-')[-1].lstrip('0') or '0'} was removed (by "
+                        f"jasper-mmap prune, or by hand) while this run still read it, and "
+                        f"unit {u} of it is not in this node's cache ({self.path}). Call "
+                        f"reload_negatives() to read the newest generation; prune with an "
+                        f"--older-than longer than your longest run."
+                    ) from None
                 at = {f: 0 for f in by_file}
                 for file, a, b in pieces:
                     data = got[file][at[file]]

@@ -166,3 +166,24 @@ def test_a_generation_catalog_lost_in_a_crash_is_fetched_again(bucket, store_pat
     _reboot(remote)
     again = JASPERSteeringDataset(url, "train", cache_dir=cache)
     assert_batches_equal(again.__getitems__(idx), want)
+
+
+def test_a_reader_of_a_pruned_generation_is_told_so(bucket, store_path):
+    from test_publish import _negatives
+
+    from jasper_mmap import publish_negatives
+    from jasper_mmap.errors import StoreNotFoundError
+    from jasper_mmap.remote import prune_generations
+
+    url = bucket.upload(store_path)
+    reader = JASPERSteeringDataset(url, "train", cache_dir=bucket.cache("reader"))
+    g0 = reader.negatives_generation
+    reader.__getitems__([0])  # mid-epoch: most units of its generation not fetched yet
+    local = JASPERSteeringDataset(store_path, "train")
+    g1 = publish_negatives(url, *_negatives(local, 1), cache_dir=bucket.cache("publisher"))
+    assert prune_generations(url, 0, keep=1)["removed"] == [g0]  # the user's choice
+    with pytest.raises(StoreNotFoundError, match=f"generation {g0} was removed") as e:
+        reader.__getitems__(list(range(len(reader))))
+    assert "reload_negatives()" in str(e.value)
+    assert reader.reload_negatives() == g1
+    reader.__getitems__(list(range(len(reader))))
