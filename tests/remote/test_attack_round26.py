@@ -187,3 +187,21 @@ def test_a_reader_of_a_pruned_generation_is_told_so(bucket, store_path):
     assert "reload_negatives()" in str(e.value)
     assert reader.reload_negatives() == g1
     reader.__getitems__(list(range(len(reader))))
+
+
+@pytest.mark.parametrize("keep", ["0", "-1", "two"])
+def test_prune_cli_refuses_a_keep_below_one_with_a_usage_error(bucket, keep, capsys):
+    from jasper_mmap.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["prune", bucket.url(), "--older-than", "7d", "--keep", keep])
+    assert e.value.code == 2
+    assert "--keep" in capsys.readouterr().err
+
+
+def test_prune_cli_on_a_bucket_that_does_not_exist(bucket, capsys):
+    from jasper_mmap.cli import main
+
+    assert main(["prune", f"s3://{bucket.name}-none/ds", "--older-than", "7d"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("jasper-mmap: error:") and "Traceback" not in err
