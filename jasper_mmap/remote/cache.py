@@ -485,9 +485,11 @@ class RemoteMirror:
             seen = None
         if seen == boot:
             return
-        if seen is not None:
-            t0 = time.monotonic()
-            bad = self._verify_written()
+        # no boot id at all: a new mirror (nothing to check: cheap), or one whose boot id
+        # was lost in a crash soon after it was made (its units not yet checked): checked
+        t0 = time.monotonic()
+        bad = self._verify_written()
+        if seen is not None or bad:
             log.warning(
                 "%s: node cache %s was written before a reboot: checked in %.1f s, %d "
                 "files or units differed (fetched again when needed)",

@@ -205,3 +205,22 @@ def test_prune_cli_on_a_bucket_that_does_not_exist(bucket, capsys):
     assert main(["prune", f"s3://{bucket.name}-none/ds", "--older-than", "7d"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("jasper-mmap: error:") and "Traceback" not in err
+
+
+def test_a_boot_id_lost_in_a_crash_still_gets_the_mirror_checked(bucket, store_path):
+    url = bucket.upload(store_path)
+    cache = bucket.cache()
+    local = JASPERSteeringDataset(store_path, "train")
+    ds = JASPERSteeringDataset(url, "train", cache_dir=cache)
+    remote = ds._remote
+    idx = list(range(len(ds)))
+    ds.__getitems__(idx)
+    _, file, a, b = unit_piece(remote.catalog, "steering", 1)
+    with open(remote.path / file, "r+b") as f:  # a unit marked present, its rows lost
+        f.seek(a)
+        f.write(bytes(b - a))
+    del ds
+    # a crash soon after the mirror was made: its boot id's rename never reached the disk
+    (remote.root / "have" / "boot_id").unlink()
+    again = JASPERSteeringDataset(url, "train", cache_dir=cache)
+    assert_batches_equal(again.__getitems__(idx), local.__getitems__(idx))
