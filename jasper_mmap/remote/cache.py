@@ -74,7 +74,7 @@ def patiently() -> Iterator[int]:
 # loss could leave instead (a have byte on disk whose rows are not, a renamed file of zeros) is
 # looked for at the first open after a reboot: the mirror records the boot it was written
 # under (``have/boot_id``, from /proc/sys/kernel/random/boot_id), and an opener that finds
-# another one checks every whole file's pieces, every sparse file's fixed bytes and every unit
+# another one (or none: its rename lost) checks every whole file's pieces, every sparse file's fixed bytes and every unit
 # marked present against the catalog's crc32s before anything is read, removing or unmarking
 # what differs (fetched again when needed). Without a boot id (not Linux), every file is
 # fsynced before its rename and every unit before its have byte. Why: the fsyncs made a cold
@@ -532,10 +532,11 @@ class RemoteMirror:
             for rel, spec in cat["whole"].items():
                 size = int(spec["size"])
                 starts = range(0, size, piece)
-                ranges = [
-                    (a, min(a + piece, size), c) for a, c in zip(starts, spec["crc32"], strict=True)
-                ]
-                checks.append((rel, size, ranges))
+                if len(spec["crc32"]) != len(starts):  # never matches (_download refuses it)
+                    checks.append((rel, -1, []))
+                    continue
+                crcs = zip(starts, spec["crc32"], strict=True)
+                checks.append((rel, size, [(a, min(a + piece, size), c) for a, c in crcs]))
             was_complete = complete.exists()
             for rel, size, ranges in checks:
                 path = self.path / rel
