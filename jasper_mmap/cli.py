@@ -210,6 +210,19 @@ def _duration(text: str) -> float:
     return value
 
 
+def _at_least_one(text: str) -> int:
+    """``--keep``: a whole number >= 1 (the newest generation always stays)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a whole number >= 1 (the newest generation always stays)"
+        )
+    return value
+
+
 def _prune(args: argparse.Namespace) -> int:
     from jasper_mmap.remote import prune_generations
 
@@ -268,7 +281,9 @@ def _parser() -> argparse.ArgumentParser:
         help="superseded at least this long ago (7d, 12h, 30m, 90s): longer than your "
         "longest run, which reads the generation it started with",
     )
-    p.add_argument("--keep", type=int, default=2, help="newest generations kept (default 2)")
+    p.add_argument(
+        "--keep", type=_at_least_one, default=2, help="newest generations kept (default 2)"
+    )
     p.add_argument("--dry-run", action="store_true", help="say what would go; remove nothing")
     p.set_defaults(run=_prune)
     return ap

@@ -74,7 +74,7 @@ def patiently() -> Iterator[int]:
 # loss could leave instead (a have byte on disk whose rows are not, a renamed file of zeros) is
 # looked for at the first open after a reboot: the mirror records the boot it was written
 # under (``have/boot_id``, from /proc/sys/kernel/random/boot_id), and an opener that finds
-# another one checks every whole file's pieces, every sparse file's fixed bytes and every unit
+# another one (or none: its rename lost) checks every whole file's pieces, every sparse file's fixed bytes and every unit
 # marked present against the catalog's crc32s before anything is read, removing or unmarking
 # what differs (fetched again when needed). Without a boot id (not Linux), every file is
 # fsynced before its rename and every unit before its have byte. Why: the fsyncs made a cold
@@ -485,9 +485,11 @@ class RemoteMirror:
             seen = None
         if seen == boot:
             return
-        if seen is not None:
-            t0 = time.monotonic()
-            bad = self._verify_written()
+        # no boot id at all: a new mirror (nothing to check: cheap), or one whose boot id
+        # was lost in a crash soon after it was made (its units not yet checked): checked
+        t0 = time.monotonic()
+        bad = self._verify_written()
+        if seen is not None or bad:
             log.warning(
                 "%s: node cache %s was written before a reboot: checked in %.1f s, %d "
                 "files or units differed (fetched again when needed)",
@@ -524,22 +526,29 @@ class RemoteMirror:
         for cat, complete, groups in catalogs:
             piece = int(cat["piece_bytes"])
             gone: set[str] = set()
+            checks = [
+                (rel, int(spec["size"]), spec["always"]) for rel, spec in cat["sparse"].items()
+            ]
             for rel, spec in cat["whole"].items():
                 size = int(spec["size"])
                 starts = range(0, size, piece)
-                ranges = [
-                    (a, min(a + piece, size), c) for a, c in zip(starts, spec["crc32"], strict=True)
-                ]
-                if (self.path / rel).exists() and not _same(self.path / rel, size, ranges):
-                    gone.add(rel)
-            for rel, spec in cat["sparse"].items():
+                if len(spec["crc32"]) != len(starts):  # never matches (_download refuses it)
+                    checks.append((rel, -1, []))
+                    continue
+                crcs = zip(starts, spec["crc32"], strict=True)
+                checks.append((rel, size, [(a, min(a + piece, size), c) for a, c in crcs]))
+            was_complete = complete.exists()
+            for rel, size, ranges in checks:
                 path = self.path / rel
-                if path.exists() and not _same(path, int(spec["size"]), spec["always"]):
+                if not path.exists():  # never made, or its rename lost: made again
                     gone.add(rel)
+                    bad += was_complete
+                elif not _same(path, size, ranges):
+                    gone.add(rel)
+                    bad += 1
             for rel in gone:
                 (self.path / rel).unlink(missing_ok=True)
                 complete.unlink(missing_ok=True)
-            bad += len(gone)
             for name, spec in groups:
                 hm = self._have_map(name)
                 if not hm.path.exists():
@@ -660,6 +669,12 @@ class RemoteMirror:
                 del left[rel]
                 self._tmp_close(rel, fds.pop(rel), keep=True)
 
+        for rel, spec in whole.items():
+            if len(spec["crc32"]) != -(-int(spec["size"]) // piece):
+                raise self._damaged(
+                    rel, f"the catalog has {len(spec['crc32'])} piece crc32s for its "
+                    f"{spec['size']} bytes"
+                )  # fmt: skip
         pending: set[Any] = set()
         try:
             with ThreadPoolExecutor(self.concurrency) as pool:
@@ -744,9 +759,13 @@ class RemoteMirror:
         cat = self._gen_catalogs.get(g)
         if cat is None:
             path = self.root / "have" / f"{generation_name(g)}.catalog.json"
-            if path.exists():
-                cat = json.loads(path.read_text())
-            else:
+            try:
+                cat = json.loads(path.read_bytes())
+            except FileNotFoundError:
+                pass
+            except ValueError:  # what a crash left of it (NOTE [durability]): fetched again
+                log.warning("%s: %s is not valid JSON; fetching it again", self.url, path)
+            if cat is None:
                 raw = self.objects.get(f"{NEGATIVES_DIR}/{generation_name(g)}.catalog.json")
                 cat = json.loads(raw)
                 self._write_bytes(path, raw)
@@ -949,7 +968,19 @@ class RemoteMirror:
             for pieces in arrays:
                 for file, a, b in pieces:
                     by_file.setdefault(file, []).append((a, b))
-            got = self._get_all(by_file)  # the unit's objects at once, not one after another
+            try:  # the unit's objects at once, not one after another
+                got = self._get_all(by_file)
+            except StoreNotFoundError as e:
+                if not name.startswith("negatives-"):
+                    raise
+                raise StoreNotFoundError(
+                    f"{str(e).split(': ', 1)[0]}: gone from object storage: negatives "
+                    f"generation {name.split('-')[-1].lstrip('0') or '0'} was removed (by "
+                    f"jasper-mmap prune, or by hand) while this run still read it, and "
+                    f"unit {u} of it is not in this node's cache ({self.path}). Call "
+                    f"reload_negatives() to read the newest generation; prune with an "
+                    f"--older-than longer than your longest run."
+                ) from None
             at = {f: 0 for f in by_file}
             for i, (array, pieces) in enumerate(zip(spec["arrays"], arrays, strict=True)):
                 crc = 0

@@ -195,7 +195,9 @@ def publish_remote(
     _put_files(objects, root, sorted(gen["files"]), mirror.concurrency)
     objects.put(generation_bundle(g), bundle)
     objects.put(f"{NEGATIVES_DIR}/{generation_name(g)}.catalog.json", json.dumps(cat).encode())
-    (mirror.root / "have" / f"{generation_name(g)}.catalog.json").write_text(json.dumps(cat))
+    mirror._write_bytes(
+        mirror.root / "have" / f"{generation_name(g)}.catalog.json", json.dumps(cat).encode()
+    )  # (whole or not at all: read after a crash, NOTE [durability])
     if "negatives" in cat["groups"]:
         mirror.mark_all(g)
     try:
