@@ -2,13 +2,16 @@
 
 # NOTE [fetch ahead]
 For a dataset read through a node's mirror (NOTE [node cache] in jasper_mmap/remote/cache.py),
-the loader's batch sampler is wrapped: with worker processes, each batch's unit rows are in the
-mirror before its indices go to a worker, fetched in the loader's process (a worker, forked,
-cannot use the object store; gather threads and the loop fetch what they miss), and a daemon
-thread hands the units of the next ``AHEAD`` batches to a pool of ``concurrency`` fetches as
-soon as they are read ahead, so that many requests are always in flight. Without it the first
-epoch would wait on every unit in turn; with it, it waits on the download as a whole.
-Progress goes to the log
+the loader's batch sampler is wrapped: a daemon thread reads the sampler ahead of the loader,
+whatever the loader is doing, and hands the units of each chunk of batches it reads to a pool
+of ``concurrency`` fetches at once (``QUEUED * concurrency`` queued or in flight at most; up to
+``AHEAD_COLD`` batches ahead while units are missing and there is no budget, else ``AHEAD``).
+The units of the next window of the partitioned order are thus asked for while this window's
+are still coming, and the link is never idle between windows (when the thread read ahead only
+as the loader asked for batches, a cold epoch over a 2 Gbit/s link took 1.30x the plain
+download; now 1.17x). With worker processes, each batch's unit rows are in the mirror before
+its indices go to a worker, fetched in the loader's process (a worker, forked, cannot use the
+object store; gather threads and the loop fetch what they miss). Progress goes to the log
 every ``PROGRESS_EVERY`` seconds while units are fetched, and a summary (units and bytes
 fetched, GETs, cache hits, evictions) when the batches have been read.
 """
