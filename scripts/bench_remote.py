@@ -15,7 +15,9 @@ moto.server runs in its own process (loopback only); the store is uploaded once 
      this process and of the server for each, and the CPU floor of the cold epoch on this
      machine: (CPU of the plain download + CPU of the warm pass) / cores;
   3. warm cache: samples/s over ``--batches`` batches after 20, the filled cache against the
-     local store (partition=True, the catalog's unit_rows), interleaved local, remote, remote, local, ...;
+     local store (partition=True, the catalog's unit_rows), interleaved local, remote, remote, local,
+     ... each round a new loader; then one loader each, kept, ``--alternations`` chunks of 150
+     batches of one then the other (less noisy: a slow drift of the machine hits both alike);
   4. bytes fetched per node, 1 node and 2 simulated nodes (each its own fresh cache_dir),
      against the whole files + the pair-keyed (sparse) bytes / W.
 ``--throttle-mbit N`` limits what the server sends to N Mbit/s (``tc`` on the loopback interface,
@@ -70,10 +72,6 @@ def timed(name: str):  # script-side instrumentation of the mirror (wraps, chang
                 TIMES[key] = TIMES.get(key, 0.0) + time.perf_counter() - t
 
     setattr(RemoteMirror, name, wrapper)
-
-
-for _m in ("open", "ensure", "prefetch"):
-    timed(_m)
 
 
 def start_moto() -> tuple[subprocess.Popen, str]:
@@ -157,6 +155,8 @@ def child(what: str, url: str, server_pid: int, tmp: Path) -> dict:
             t, nbytes = plain_download(url, d, 16 << 20)
             c1 = _cpu(server_pid)
             return {"t": t, "bytes": nbytes, "cpu": [c1[0] - c0[0], c1[1] - c0[1]]}
+        for name in ("open", "ensure", "prefetch"):  # (only here: it costs the warm path)
+            timed(name)
         t, n, summ = full_pass(url, d, 4)
         c1 = _cpu(server_pid)
         tw = time.perf_counter()
@@ -207,6 +207,33 @@ def rate(where, workers: int, batches: int, **kw) -> float:
     return n / (time.perf_counter() - t)
 
 
+ALT_BATCHES = 150
+
+
+def alternate(store, url, cache, workers: int, unit_rows: int, n: int) -> tuple[float, list]:
+    """One loader on the local store and one on the filled cache, each kept across epochs;
+    ``ALT_BATCHES`` batches of one, then of the other, ``n`` times (A B, B A...): slow drifts
+    of a shared machine hit both alike. (remote/local of all batches, of each alternation)"""
+    a = _epochs(create_loader(store, "train", B, num_workers=workers, partition=True,
+                              unit_rows=unit_rows))  # fmt: skip
+    b = _epochs(create_loader(url, "train", B, num_workers=workers, cache_dir=cache))
+    for g in (a, b):
+        for _ in range(50):
+            next(g)
+    ta = tb = 0.0
+    pairs = []
+    for i in range(n):
+        took = {}
+        for name, g in (("a", a), ("b", b)) if i % 2 == 0 else (("b", b), ("a", a)):
+            t = time.perf_counter()
+            for _ in range(ALT_BATCHES):
+                next(g)
+            took[name] = time.perf_counter() - t
+        ta, tb = ta + took["a"], tb + took["b"]
+        pairs.append(took["a"] / took["b"])
+    return ta / tb, pairs
+
+
 def spread(xs: list[float], fmt: str = ".2f") -> str:
     return (f"{', '.join(format(x, fmt) for x in xs)} (median {statistics.median(xs):{fmt}}, "
             f"spread {min(xs):{fmt}}-{max(xs):{fmt}})")  # fmt: skip
@@ -222,6 +249,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=4, help="warm-cache rounds (local, remote)")
     ap.add_argument("--cold-rounds", type=int, default=2, help="plain, cold rounds")
     ap.add_argument("--batches", type=int, default=200, help="timed batches a warm round")
+    ap.add_argument(
+        "--alternations", type=int, default=40, help="warm: A/B chunks, one loader each"
+    )
     ap.add_argument("--workers", default="4,0", help="num_workers values of the warm rounds")
     ap.add_argument("--tmp", type=Path, default=Path("/work/bench_out/remote_tmp"))
     ap.add_argument("--unit-rows", type=int, help="upload_store unit_rows (default: its own)")
@@ -331,6 +361,13 @@ def main() -> int:
                       f"{spread(ratios)} (target >= 0.9)", flush=True)  # fmt: skip
                 out[f"warm_ratio_w{w}"] = statistics.median(ratios)
                 out[f"warm_rates_w{w}"] = {"local": loc, "remote": rem}
+                total, pairs = alternate(
+                    args.store, url, warm_cache, w, unit_rows, args.alternations
+                )
+                print(f"num_workers={w}, one loader each, {args.alternations} alternations of "
+                      f"{ALT_BATCHES} batches: remote/local, all batches {total:.3f}; per "
+                      f"alternation {spread(pairs, '.3f')} (target >= 0.9)", flush=True)  # fmt: skip
+                out[f"warm_alternating_w{w}"] = {"total": total, "pairs": pairs}
         if warm_cache is not None:
             shutil.rmtree(warm_cache)
         if "nodes" not in skip:

@@ -178,7 +178,8 @@ class FetchedBatches:
                             raise state["error"]
                         return
                     batch = ready.popleft()
-                    cond.notify_all()
+                    if len(ready) == AHEAD // 2:  # room for two chunks: the reader reads on
+                        cond.notify_all()
                 if self.ensure_each:  # worker processes cannot fetch: here, before they gather
                     remote.ensure(self._pairs([batch]), ds._control.snapshot().generation)
                 yield batch
