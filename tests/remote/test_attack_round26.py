@@ -8,7 +8,7 @@ import zlib
 
 import numpy as np
 import pytest
-from remote_helpers import assert_batches_equal, unit_piece
+from remote_helpers import assert_batches_equal, filled_mirror, unit_piece
 
 from jasper_mmap import JASPERSteeringDataset
 from jasper_mmap.errors import StoreCorruptError
@@ -21,13 +21,8 @@ def _reboot(remote) -> None:
 def test_after_a_reboot_a_missing_sparse_file_with_present_units_is_fetched_again(
     bucket, store_path
 ):
-    url = bucket.upload(store_path)
-    cache = bucket.cache()
-    local = JASPERSteeringDataset(store_path, "train")
-    ds = JASPERSteeringDataset(url, "train", cache_dir=cache)
+    url, cache, local, ds, idx = filled_mirror(bucket, store_path)  # every unit present
     remote = ds._remote
-    idx = list(range(len(ds)))
-    ds.__getitems__(idx)  # every unit present
     _, file, _, _ = unit_piece(remote.catalog, "steering", 1)
     (remote.path / file).unlink()  # its rename never reached the disk
     del ds
@@ -38,13 +33,8 @@ def test_after_a_reboot_a_missing_sparse_file_with_present_units_is_fetched_agai
 
 
 def test_after_a_reboot_a_missing_whole_file_is_fetched_again(bucket, store_path):
-    url = bucket.upload(store_path)
-    cache = bucket.cache()
-    local = JASPERSteeringDataset(store_path, "train")
-    ds = JASPERSteeringDataset(url, "train", cache_dir=cache)
+    url, cache, local, ds, idx = filled_mirror(bucket, store_path)  # every unit present
     remote = ds._remote
-    idx = list(range(len(ds)))
-    ds.__getitems__(idx)
     cat = remote.catalog
     whole = max(cat["whole"], key=lambda rel: cat["whole"][rel]["size"])
     (remote.path / whole).unlink()
@@ -208,13 +198,8 @@ def test_prune_cli_on_a_bucket_that_does_not_exist(bucket, capsys):
 
 
 def test_a_boot_id_lost_in_a_crash_still_gets_the_mirror_checked(bucket, store_path):
-    url = bucket.upload(store_path)
-    cache = bucket.cache()
-    local = JASPERSteeringDataset(store_path, "train")
-    ds = JASPERSteeringDataset(url, "train", cache_dir=cache)
+    url, cache, local, ds, idx = filled_mirror(bucket, store_path)  # every unit present
     remote = ds._remote
-    idx = list(range(len(ds)))
-    ds.__getitems__(idx)
     _, file, a, b = unit_piece(remote.catalog, "steering", 1)
     with open(remote.path / file, "r+b") as f:  # a unit marked present, its rows lost
         f.seek(a)

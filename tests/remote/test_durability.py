@@ -7,7 +7,7 @@ import os
 import shutil
 
 import numpy as np
-from remote_helpers import assert_batches_equal, sample_in_unit, unit_piece
+from remote_helpers import assert_batches_equal, filled_mirror, sample_in_unit, unit_piece
 
 from jasper_mmap import JASPERSteeringDataset
 from jasper_mmap.remote import cache as cache_mod
@@ -20,13 +20,8 @@ def _zero(path, a: int, b: int) -> None:
 
 
 def test_after_a_reboot_damage_is_found_and_fetched_again(bucket, store_path):
-    url = bucket.upload(store_path)
-    cache = bucket.cache()
-    local = JASPERSteeringDataset(store_path, "train")
-    ds = JASPERSteeringDataset(url, "train", cache_dir=cache)
+    url, cache, local, ds, idx = filled_mirror(bucket, store_path)  # every unit present
     remote = ds._remote
-    idx = list(range(len(ds)))
-    assert_batches_equal(ds.__getitems__(idx), local.__getitems__(idx))  # every unit present
     store, cat = remote.path, remote.catalog
     assert (remote.root / "have" / "boot_id").read_text() == cache_mod._boot_id()
     # what a power loss could leave: a unit marked present whose rows never reached the disk,
@@ -94,12 +89,7 @@ def test_without_a_boot_id_every_unit_is_fsynced_before_it_is_marked(
 
 
 def test_a_cache_of_another_layout_version_is_never_read(bucket, store_path):
-    url = bucket.upload(store_path)
-    cache = bucket.cache()
-    local = JASPERSteeringDataset(store_path, "train")
-    ds = JASPERSteeringDataset(url, "train", cache_dir=cache)
-    idx = list(range(len(ds)))
-    ds.__getitems__(idx)
+    url, cache, local, ds, idx = filled_mirror(bucket, store_path)  # every unit present
     root = ds._remote.root
     assert root.name.startswith(f"v{cache_mod.CACHE_LAYOUT}-")
     del ds
