@@ -1,4 +1,4 @@
-"""``jasper-mmap verify STORE`` and ``jasper-mmap info STORE``."""
+"""``jasper-mmap verify|info STORE``, ``upload STORE URL`` and ``prune URL``."""
 
 from __future__ import annotations
 
@@ -190,6 +190,52 @@ def _upload(args: argparse.Namespace) -> int:
     return 0
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> float:
+    """``7d``, ``12h``, ``30m``, ``90s`` or a number of seconds."""
+    t = text.strip().lower()
+    try:
+        if t and t[-1] in _UNITS:
+            value = float(t[:-1]) * _UNITS[t[-1]]
+        else:
+            value = float(t)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a duration such as 7d, 12h, 30m, 90s or a number of seconds"
+        )
+    return value
+
+
+def _at_least_one(text: str) -> int:
+    """``--keep``: a whole number >= 1 (the newest generation always stays)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a whole number >= 1 (the newest generation always stays)"
+        )
+    return value
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from jasper_mmap.remote import prune_generations
+
+    got = prune_generations(args.store, args.older_than, keep=args.keep, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    removed = ", ".join(map(str, got["removed"])) or "none"
+    print(
+        f"{args.store}: {verb} negatives generations {removed} ({got['objects']} objects, "
+        f"{got['bytes'] / 1e6:.1f} MB); kept {', '.join(map(str, got['kept'])) or 'none'}"
+    )
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="jasper-mmap", description="Inspect, check and upload jasper_mmap stores."
@@ -222,6 +268,24 @@ def _parser() -> argparse.ArgumentParser:
         help="pair rows a node fetches at once (default: ~8 MiB of steering and negatives rows)",
     )
     u.set_defaults(run=_upload)
+    p = sub.add_parser(
+        "prune",
+        help="remove negatives generations on object storage superseded longer ago than "
+        "--older-than (the newest --keep stay)",
+    )
+    p.add_argument("store", metavar="url", help="the store's URL (s3://bucket/prefix)")
+    p.add_argument(
+        "--older-than",
+        type=_duration,
+        required=True,
+        help="superseded at least this long ago (7d, 12h, 30m, 90s): longer than your "
+        "longest run, which reads the generation it started with",
+    )
+    p.add_argument(
+        "--keep", type=_at_least_one, default=2, help="newest generations kept (default 2)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="say what would go; remove nothing")
+    p.set_defaults(run=_prune)
     return ap
 
 
@@ -232,6 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from jasper_mmap.remote import is_remote
 
+        if args.command == "prune" and not is_remote(args.store):
+            print(
+                f"jasper-mmap: error: {args.store!r} is not an object-store URL (s3://...): "
+                f"prune removes generations on object storage; a local store keeps "
+                f"its newest ones itself (publish_negatives(keep=...)).",
+                file=sys.stderr,
+            )
+            return 1
         if not is_remote(args.store) and (why := _not_a_store(args.store, args.command)):
             print(f"jasper-mmap: error: {why}", file=sys.stderr)
             return 1

@@ -8,13 +8,22 @@ moto.server runs in its own process (loopback only); the store is uploaded once 
   1. upload time and MB/s;
   2. T_plain: every object of the store fetched with obstore directly, 16 MiB ranges, 16 threads,
      os.pwrite into files; T_cold: a fresh cache_dir, create_loader(url) and one full pass over
-     the train batches; interleaved plain, cold, plain, cold (``--cold-rounds``). Ratio
-     T_cold / T_plain per round; where the cold time goes (open / ensure waits / prefetch);
+     the train batches; interleaved plain, cold, plain, cold (``--cold-rounds``), each in a
+     fresh process (as a run starts: a long-lived process downloads faster from its second
+     download on, into memory it has freed), then a warm pass over the cache just filled. Ratio
+     T_cold / T_plain per round; where the cold time goes (open / ensure waits); CPU seconds of
+     this process and of the server for each, and the CPU floor of the cold epoch on this
+     machine: (CPU of the plain download + CPU of the warm pass) / cores;
   3. warm cache: samples/s over ``--batches`` batches after 20, the filled cache against the
-     local store (partition=True, the catalog's unit_rows), interleaved local, remote, remote, local, ...;
+     local store (partition=True, the catalog's unit_rows), interleaved local, remote, remote, local,
+     ... each round a new loader; then one loader each, kept, ``--alternations`` chunks of 150
+     batches of one then the other (less noisy: a slow drift of the machine hits both alike);
   4. bytes fetched per node, 1 node and 2 simulated nodes (each its own fresh cache_dir),
      against the whole files + the pair-keyed (sparse) bytes / W.
-Prints one JSON summary line last (docs/perf.jsonl is not written).
+``--throttle-mbit N`` limits what the server sends to N Mbit/s (``tc`` on the loopback interface,
+for its port only; needs root; removed at the end): a network link's pace, where the download
+leaves the cores free, as on a real node. Prints one JSON summary line last (docs/perf.jsonl
+is not written).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -64,10 +74,6 @@ def timed(name: str):  # script-side instrumentation of the mirror (wraps, chang
     setattr(RemoteMirror, name, wrapper)
 
 
-for _m in ("open", "ensure", "prefetch"):
-    timed(_m)
-
-
 def start_moto() -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -84,6 +90,26 @@ def start_moto() -> tuple[subprocess.Popen, str]:
                 break
             time.sleep(0.1)
     return proc, ep
+
+
+def throttle(port: int, mbit: int) -> None:
+    """Limit what the server on ``port`` sends over the loopback interface to ``mbit`` Mbit/s
+    (``tc``: an htb class for that source port; root only): a network link's pace, so that
+    the download does not take every core of this machine. :func:`unthrottle` removes it."""
+    out = subprocess.run(["tc", "qdisc", "show", "dev", "lo"], capture_output=True, text=True)
+    if "noqueue" not in out.stdout:
+        raise SystemExit(f"lo has a queueing discipline already ({out.stdout.strip()}): not ours")
+    for cmd in (
+        "qdisc add dev lo root handle 1: htb default 10",
+        "class add dev lo parent 1: classid 1:10 htb rate 100gbit",
+        f"class add dev lo parent 1: classid 1:20 htb rate {mbit}mbit",
+        f"filter add dev lo parent 1: protocol ip u32 match ip sport {port} 0xffff flowid 1:20",
+    ):
+        subprocess.run(["tc", *cmd.split()], check=True)
+
+
+def unthrottle() -> None:
+    subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], check=False)
 
 
 def plain_download(url: str, dest: Path, rng: int) -> tuple[float, int]:
@@ -109,6 +135,46 @@ def plain_download(url: str, dest: Path, rng: int) -> tuple[float, int]:
     for fd in fds.values():
         os.close(fd)
     return time.perf_counter() - t0, sum(m["size"] for m in objs)
+
+
+def _cpu(server_pid: int) -> tuple[float, float]:
+    """CPU seconds so far of this process and of the server process."""
+    import psutil
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    m = psutil.Process(server_pid).cpu_times()
+    return r.ru_utime + r.ru_stime, m.user + m.system
+
+
+def child(what: str, url: str, server_pid: int, tmp: Path) -> dict:
+    """One timed job in this (fresh) process: ``plain`` or ``cold`` (+ a warm pass)."""
+    d = Path(tempfile.mkdtemp(dir=tmp))
+    try:
+        c0 = _cpu(server_pid)
+        if what == "plain":
+            t, nbytes = plain_download(url, d, 16 << 20)
+            c1 = _cpu(server_pid)
+            return {"t": t, "bytes": nbytes, "cpu": [c1[0] - c0[0], c1[1] - c0[1]]}
+        for name in ("open", "ensure", "prefetch"):  # (only here: it costs the warm path)
+            timed(name)
+        t, n, summ = full_pass(url, d, 4)
+        c1 = _cpu(server_pid)
+        tw = time.perf_counter()
+        warm = sum(1 for _ in create_loader(url, "train", B, num_workers=4, cache_dir=d))
+        tw = time.perf_counter() - tw
+        c2 = _cpu(server_pid)
+        return {"t": t, "batches": n, "summary": summ, "cpu": [c1[0] - c0[0], c1[1] - c0[1]],
+                "times": TIMES, "warm_t": tw, "warm_batches": warm,
+                "warm_cpu": [c2[0] - c1[0], c2[1] - c1[1]]}  # fmt: skip
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def in_child(what: str, url: str, server_pid: int, tmp: Path) -> dict:
+    cmd = [sys.executable, __file__, "--child", what, "--child-url", url, "--child-server",
+           str(server_pid), "--tmp", str(tmp), "--batch-size", str(B)]  # fmt: skip
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def full_pass(url, cache: Path, workers: int, **kw) -> tuple[float, int, dict]:
@@ -141,6 +207,33 @@ def rate(where, workers: int, batches: int, **kw) -> float:
     return n / (time.perf_counter() - t)
 
 
+ALT_BATCHES = 150
+
+
+def alternate(store, url, cache, workers: int, unit_rows: int, n: int) -> tuple[float, list]:
+    """One loader on the local store and one on the filled cache, each kept across epochs;
+    ``ALT_BATCHES`` batches of one, then of the other, ``n`` times (A B, B A...): slow drifts
+    of a shared machine hit both alike. (remote/local of all batches, of each alternation)"""
+    a = _epochs(create_loader(store, "train", B, num_workers=workers, partition=True,
+                              unit_rows=unit_rows))  # fmt: skip
+    b = _epochs(create_loader(url, "train", B, num_workers=workers, cache_dir=cache))
+    for g in (a, b):
+        for _ in range(50):
+            next(g)
+    ta = tb = 0.0
+    pairs = []
+    for i in range(n):
+        took = {}
+        for name, g in (("a", a), ("b", b)) if i % 2 == 0 else (("b", b), ("a", a)):
+            t = time.perf_counter()
+            for _ in range(ALT_BATCHES):
+                next(g)
+            took[name] = time.perf_counter() - t
+        ta, tb = ta + took["a"], tb + took["b"]
+        pairs.append(took["a"] / took["b"])
+    return ta / tb, pairs
+
+
 def spread(xs: list[float], fmt: str = ".2f") -> str:
     return (f"{', '.join(format(x, fmt) for x in xs)} (median {statistics.median(xs):{fmt}}, "
             f"spread {min(xs):{fmt}}-{max(xs):{fmt}})")  # fmt: skip
@@ -156,18 +249,30 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=4, help="warm-cache rounds (local, remote)")
     ap.add_argument("--cold-rounds", type=int, default=2, help="plain, cold rounds")
     ap.add_argument("--batches", type=int, default=200, help="timed batches a warm round")
+    ap.add_argument(
+        "--alternations", type=int, default=40, help="warm: A/B chunks, one loader each"
+    )
     ap.add_argument("--workers", default="4,0", help="num_workers values of the warm rounds")
     ap.add_argument("--tmp", type=Path, default=Path("/work/bench_out/remote_tmp"))
     ap.add_argument("--unit-rows", type=int, help="upload_store unit_rows (default: its own)")
     ap.add_argument("--plain-range", type=int, default=16, help="MiB a plain GET; 0: whole")
     ap.add_argument("--skip", default="", help="comma-separated: cold,warm,nodes")
+    ap.add_argument("--throttle-mbit", type=int, help="server's bandwidth on loopback (tc; root)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)  # one timed job (in_child)
+    ap.add_argument("--child-url", help=argparse.SUPPRESS)
+    ap.add_argument("--child-server", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     global B
     B = args.batch_size
+    if args.child:
+        print(json.dumps(child(args.child, args.child_url, args.child_server, args.tmp)))
+        return 0
     skip = set(args.skip.split(","))
     print("$", " ".join([sys.executable, *sys.argv]), flush=True)
     proc, ep = start_moto()
     os.environ.update(ENV, AWS_ENDPOINT_URL=ep)
+    if args.throttle_mbit:
+        throttle(int(ep.rsplit(":", 1)[1]), args.throttle_mbit)
     args.tmp.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=args.tmp))
     out: dict = {
@@ -201,37 +306,41 @@ def main() -> int:
         out.update(upload_s=t_up, upload_mb_s=total / 1e6 / t_up, whole=whole, sparse=sparse)
         warm_cache = None
         if "cold" not in skip:
-            plain, cold, fetched = [], [], []
+            plain, cold, fetched, floors = [], [], [], []
+            cores = os.cpu_count() or 1
             for r in range(args.cold_rounds):
-                d = Path(tempfile.mkdtemp(dir=tmp))
-                tp, nb = plain_download(url, d, args.plain_range << 20)
-                shutil.rmtree(d)
-                plain.append(tp)
-                print(f"round {r} plain download {nb / 1e6:.1f} MB in {tp:.2f} s "
-                      f"({nb / 1e6 / tp:.0f} MB/s)", flush=True)  # fmt: skip
-                if warm_cache is not None:
-                    shutil.rmtree(warm_cache)
-                warm_cache = Path(tempfile.mkdtemp(dir=tmp))
-                TIMES.clear()
-                tc, n, summ = full_pass(url, warm_cache, 4)
+                p = in_child("plain", url, proc.pid, tmp)
+                plain.append(p["t"])
+                print(f"round {r} plain download {p['bytes'] / 1e6:.1f} MB in {p['t']:.2f} s "
+                      f"({p['bytes'] / 1e6 / p['t']:.0f} MB/s); CPU s here {p['cpu'][0]:.2f}, "
+                      f"server {p['cpu'][1]:.2f}", flush=True)  # fmt: skip
+                c = in_child("cold", url, proc.pid, tmp)
+                tc, summ = c["t"], c["summary"]
                 cold.append(tc)
                 fetched.append(summ["bytes_fetched"])
-                where = ", ".join(f"{k} {v:.2f} s" for k, v in sorted(TIMES.items()))
-                print(f"round {r} cold epoch (num_workers=4) {n} batches in {tc:.2f} s: "
-                      f"T_cold/T_plain {tc / tp:.2f}; fetched {summ['bytes_fetched'] / 1e6:.1f} MB"
-                      f" of {total / 1e6:.1f} MB ({summ}); time in {where}", flush=True)  # fmt: skip
+                floor = (sum(p["cpu"]) + sum(c["warm_cpu"])) / cores
+                floors.append(floor)
+                where = ", ".join(f"{k} {v:.2f} s" for k, v in sorted(c["times"].items()))
+                print(f"round {r} cold epoch (num_workers=4) {c['batches']} batches in {tc:.2f} s: "
+                      f"T_cold/T_plain {tc / p['t']:.2f}; fetched {summ['bytes_fetched'] / 1e6:.1f}"
+                      f" MB of {total / 1e6:.1f} MB ({summ}); time in {where}; CPU s here "
+                      f"{c['cpu'][0]:.2f}, server {c['cpu'][1]:.2f}; then a warm pass in "
+                      f"{c['warm_t']:.2f} s, CPU s {c['warm_cpu'][0]:.2f}; CPU floor of the cold "
+                      f"epoch on {cores} cores {floor:.2f} s (T_cold/floor {tc / floor:.2f})",
+                      flush=True)  # fmt: skip
             ratios = [c / p for c, p in zip(cold, plain, strict=True)]
             print(
                 f"T_plain s {spread(plain)}\nT_cold s {spread(cold)}\n"
-                f"T_cold/T_plain per round {spread(ratios)} (target <= 1.25)",
+                f"T_cold/T_plain per round {spread(ratios)} (target <= 1.25)\n"
+                f"T_cold/CPU floor per round "
+                f"{spread([c / f for c, f in zip(cold, floors, strict=True)])}",
                 flush=True,
             )
             out.update(t_plain=plain, t_cold=cold, cold_ratio=statistics.median(ratios),
-                       cold_bytes_fetched=fetched, total_bytes=total)  # fmt: skip
+                       cold_bytes_fetched=fetched, total_bytes=total, cpu_floor=floors)  # fmt: skip
         if "warm" not in skip:
-            if warm_cache is None:  # fill one
-                warm_cache = Path(tempfile.mkdtemp(dir=tmp))
-                full_pass(url, warm_cache, 4)
+            warm_cache = Path(tempfile.mkdtemp(dir=tmp))
+            full_pass(url, warm_cache, 4)  # fills it
             for w in [int(x) for x in args.workers.split(",")]:
                 loc, rem = [], []
                 for r in range(args.rounds):
@@ -252,6 +361,13 @@ def main() -> int:
                       f"{spread(ratios)} (target >= 0.9)", flush=True)  # fmt: skip
                 out[f"warm_ratio_w{w}"] = statistics.median(ratios)
                 out[f"warm_rates_w{w}"] = {"local": loc, "remote": rem}
+                total, pairs = alternate(
+                    args.store, url, warm_cache, w, unit_rows, args.alternations
+                )
+                print(f"num_workers={w}, one loader each, {args.alternations} alternations of "
+                      f"{ALT_BATCHES} batches: remote/local, all batches {total:.3f}; per "
+                      f"alternation {spread(pairs, '.3f')} (target >= 0.9)", flush=True)  # fmt: skip
+                out[f"warm_alternating_w{w}"] = {"total": total, "pairs": pairs}
         if warm_cache is not None:
             shutil.rmtree(warm_cache)
         if "nodes" not in skip:
@@ -269,6 +385,8 @@ def main() -> int:
                     out[f"node_bytes_W{world}_r{rank}"] = got
                 out[f"node_bytes_expected_W{world}"] = expect
     finally:
+        if args.throttle_mbit:
+            unthrottle()
         proc.terminate()
         proc.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -4,13 +4,14 @@ through (NOTE [node cache])."""
 
 from jasper_mmap.remote.cache import RemoteMirror, default_cache_dir
 from jasper_mmap.remote.objects import ObjectStore, is_remote
-from jasper_mmap.remote.upload import publish_remote, upload_store
+from jasper_mmap.remote.upload import prune_generations, publish_remote, upload_store
 
 __all__ = [
     "ObjectStore",
     "RemoteMirror",
     "default_cache_dir",
     "is_remote",
+    "prune_generations",
     "publish_remote",
     "upload_store",
 ]

@@ -22,7 +22,6 @@ mirror; a cache written by another version of this layout lives under another ``
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import hashlib
@@ -37,13 +36,13 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, as_completed, wait
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jasper_mmap._fs.partials import partial_name
+from jasper_mmap._fs.partials import partial_name, remove_stale_partials_in
 from jasper_mmap.errors import StoreCorruptError, StoreFormatError, StoreNotFoundError
 from jasper_mmap.format.spec import MANIFEST, NEGATIVES_DIR, POINTER, generation_name
 from jasper_mmap.remote.catalog import CATALOG, CATALOG_VERSION, unit_pieces
@@ -54,8 +53,7 @@ __all__ = ["RemoteMirror", "default_cache_dir", "CACHE_LAYOUT", "EVICTION_PATIEN
 log = logging.getLogger(__name__)
 
 #: the mirror layout's version (part of each mirror's directory name)
-CACHE_LAYOUT = 1
-_RANGE = 16 * 1024 * 1024
+CACHE_LAYOUT = 2
 _FORKED_WAIT = 30.0
 #: how long a batch keeps fetching units evicted again meanwhile before it gives up
 EVICTION_PATIENCE = 60.0
@@ -67,6 +65,30 @@ def patiently() -> Iterator[int]:
     while n < 16 or time.monotonic() < deadline:
         yield n
         n += 1
+
+
+# NOTE [durability]
+# On Linux nothing a mirror fetches is fsynced: a process killed mid-fetch loses nothing the
+# kernel was given (the page cache outlives it), and the order of writes (rows, then their have
+# byte; a temporary file, then its rename) is all a kill can observe. What an OS crash or power
+# loss could leave instead (a have byte on disk whose rows are not, a renamed file of zeros) is
+# looked for at the first open after a reboot: the mirror records the boot it was written
+# under (``have/boot_id``, from /proc/sys/kernel/random/boot_id), and an opener that finds
+# another one (or none: its rename lost) checks every whole file's pieces, every sparse file's fixed bytes and every unit
+# marked present against the catalog's crc32s before anything is read, removing or unmarking
+# what differs (fetched again when needed). Without a boot id (not Linux), every file is
+# fsynced before its rename and every unit before its have byte. Why: the fsyncs made a cold
+# epoch of the benchmark store ~10% slower on 2 cores (the bytes had to reach the disk during
+# the epoch; docs/performance.md#object-storage).
+
+
+def _boot_id() -> str | None:
+    """This boot's id (Linux), or None where there is none (then every write is fsynced)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 _PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
@@ -119,7 +141,20 @@ def fixed_bytes(catalog: dict[str, Any]) -> int:
     """Bytes of a catalog a mirror always holds: its whole files and its sparse files' fixed
     bytes (NOTE [remote catalog])."""
     whole = sum(int(f["size"]) for f in catalog["whole"].values())
-    return whole + sum(b - a for f in catalog["sparse"].values() for a, b, _ in f["always"])
+    return whole + sum(b - a for f in catalog["sparse"].values() for a, b, *_ in f["always"])
+
+
+def _same(path: Path, size: int, ranges: list[Any]) -> bool:
+    """``path`` is ``size`` bytes long and its ranges ``[(start, stop, crc32, ...), ...]``
+    have those crc32s."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size != size:
+            return False
+        for a, b, crc, *_ in ranges:
+            data = os.pread(f.fileno(), b - a, a)
+            if len(data) != b - a or zlib.crc32(data) != crc:
+                return False
+    return True
 
 
 _LOCKS: dict[Path, _NodeLock] = {}
@@ -294,8 +329,8 @@ class _HaveMap:
     def missing(self, units: np.ndarray) -> np.ndarray:
         return units[self.view[units] == 0]
 
-    def mark(self, u: int) -> None:
-        self._put(self.path, u, b"\x01", sync=True)
+    def mark(self, u: int, sync: bool) -> None:
+        self._put(self.path, u, b"\x01", sync=sync)
 
     def unmark(self, u: int) -> None:
         """Absent, then the unit's eviction count bumped (NOTE [eviction]): both before its
@@ -345,6 +380,7 @@ class RemoteMirror:
         self.cache_limit: int | None = None
         self.generation: int | None = None  # the newest one published, when last looked
         self._count = threading.Lock()
+        self._sync = True  # NOTE [durability]: decided at open
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -411,6 +447,7 @@ class RemoteMirror:
             evictions = self.root / "have" / "evictions.bin"
             if not evictions.exists():  # (under the lock: never replaced once counting)
                 self._write_bytes(evictions, bytes(8))
+            self._check_boot()
             if not (self.path / MANIFEST).exists():
                 t0 = time.monotonic()
                 before = self.objects.bytes_fetched
@@ -428,6 +465,118 @@ class RemoteMirror:
                 self._have_map(group).create()
         self.sync_negatives()
         return self.path
+
+    def _settle(self, fd: int) -> None:
+        """Make what was written to ``fd`` durable where NOTE [durability] needs it."""
+        if self._sync:
+            os.fsync(fd)
+
+    def _check_boot(self) -> None:
+        """NOTE [durability]: after a reboot, check what was written before it (under the
+        mirror lock, before anything of the mirror is read)."""
+        boot = _boot_id()
+        self._sync = boot is None
+        if boot is None:
+            return
+        path = self.root / "have" / "boot_id"
+        try:
+            seen = path.read_text()
+        except FileNotFoundError:
+            seen = None
+        if seen == boot:
+            return
+        # no boot id at all: a new mirror (nothing to check: cheap), or one whose boot id
+        # was lost in a crash soon after it was made (its units not yet checked): checked
+        t0 = time.monotonic()
+        bad = self._verify_written()
+        if seen is not None or bad:
+            log.warning(
+                "%s: node cache %s was written before a reboot: checked in %.1f s, %d "
+                "files or units differed (fetched again when needed)",
+                self.url,
+                self.path,
+                time.monotonic() - t0,
+                bad,
+            )
+        self._write_bytes(path, boot.encode())
+
+    def _verify_written(self) -> int:
+        """Check every file and present unit of the mirror against its catalogs; remove or
+        unmark what differs (the mirror's or a generation's completion mark with it, so the
+        next open or :meth:`mirror_generation` fetches it again). The number that differed."""
+        bad = 0
+        catalogs: list[tuple[dict[str, Any], Path, list[tuple[str, dict[str, Any]]]]] = [
+            (
+                self.catalog,
+                self.path / MANIFEST,
+                [(g, spec) for g, spec in self.catalog["groups"].items() if g != "negatives"],
+            )
+        ]
+        for path in sorted((self.root / "have").glob("gen-*.catalog.json")):
+            g = int(path.name.split(".")[0].split("-")[1])
+            cat = self.gen_catalog(g)
+            groups = cat["groups"].get("negatives")
+            catalogs.append(
+                (
+                    cat,
+                    self.path / NEGATIVES_DIR / f"{generation_name(g)}.json",
+                    [(f"negatives-{generation_name(g)}", groups)] if groups else [],
+                )
+            )
+        for cat, complete, groups in catalogs:
+            piece = int(cat["piece_bytes"])
+            gone: set[str] = set()
+            checks = [
+                (rel, int(spec["size"]), spec["always"]) for rel, spec in cat["sparse"].items()
+            ]
+            for rel, spec in cat["whole"].items():
+                size = int(spec["size"])
+                starts = range(0, size, piece)
+                if len(spec["crc32"]) != len(starts):  # never matches (_download refuses it)
+                    checks.append((rel, -1, []))
+                    continue
+                crcs = zip(starts, spec["crc32"], strict=True)
+                checks.append((rel, size, [(a, min(a + piece, size), c) for a, c in crcs]))
+            was_complete = complete.exists()
+            for rel, size, ranges in checks:
+                path = self.path / rel
+                if not path.exists():  # never made, or its rename lost: made again
+                    gone.add(rel)
+                    bad += was_complete
+                elif not _same(path, size, ranges):
+                    gone.add(rel)
+                    bad += 1
+            for rel in gone:
+                (self.path / rel).unlink(missing_ok=True)
+                complete.unlink(missing_ok=True)
+            for name, spec in groups:
+                hm = self._have_map(name)
+                if not hm.path.exists():
+                    continue
+                for u in np.flatnonzero(hm.view):
+                    if not self._unit_intact(spec, int(u), gone):
+                        hm.unmark(int(u))
+                        bad += 1
+        if bad:
+            self._bump_evictions()
+        return bad
+
+    def _unit_intact(self, spec: dict[str, Any], u: int, gone: set[str]) -> bool:
+        """Unit ``u``'s rows of every array of group ``spec``, as the mirror holds them, have
+        the catalog's crc32s."""
+        for i, rows in enumerate(spec["arrays"].values()):
+            crc = 0
+            for file, a, b in unit_pieces(rows, u, self.unit_rows):
+                if file in gone:
+                    return False
+                with open(self.path / file, "rb") as f:
+                    data = os.pread(f.fileno(), b - a, a)
+                if len(data) != b - a:
+                    return False
+                crc = zlib.crc32(data, crc)
+            if crc != spec["crc32"][u][i]:
+                return False
+        return True
 
     def _have_map(self, name: str) -> _HaveMap:
         hm = self._have.get(name)
@@ -452,58 +601,112 @@ class RemoteMirror:
         os.replace(tmp, path)
 
     def _materialize(self, catalog: dict[str, Any], what: str) -> None:
-        """Download the whole files and make the sparse files of ``catalog`` (not yet there)."""
-        jobs = []
-        with ThreadPoolExecutor(self.concurrency) as pool:
-            for rel, spec in catalog["whole"].items():
-                if not (self.path / rel).exists():
-                    jobs.append(pool.submit(self._download, rel, spec))
-            for rel, spec in catalog["sparse"].items():
-                if not (self.path / rel).exists():
-                    jobs.append(pool.submit(self._make_sparse, rel, spec))
-            for job in jobs:
-                job.result()
+        """Make the sparse files of ``catalog`` (their ``always`` bytes from its bundle) and
+        download its whole files, those not yet there."""
+        sparse = {r: spec for r, spec in catalog["sparse"].items() if not (self.path / r).exists()}
+        whole = {r: spec for r, spec in catalog["whole"].items() if not (self.path / r).exists()}
+        for folder in {(self.path / rel).parent for rel in [*sparse, *whole]}:
+            if folder.is_dir():  # what a killed opener left half written (never read)
+                remove_stale_partials_in(folder)
+        if sparse:
+            bundle = self._bundle(catalog)
+            for rel, spec in sparse.items():
+                self._make_sparse(rel, spec, bundle)
+        self._download(whole, int(catalog["piece_bytes"]))
 
-    @contextlib.contextmanager
-    def _filling(self, rel: str, size: int) -> Iterator[int]:
-        """A temporary file of ``size`` bytes beside ``rel``'s place in the mirror, renamed
-        into place once the block succeeds (fsynced), removed if it fails."""
+    def _tmp_open(self, rel: str, size: int) -> tuple[int, Path]:
+        """A temporary file of ``size`` bytes beside ``rel``'s place in the mirror: its
+        descriptor and path."""
         final = self.path / rel
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(partial_name(final.name))
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
             os.ftruncate(fd, size)
-            yield fd
-            os.fsync(fd)
         except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
+            self._tmp_close(rel, (fd, tmp), keep=False)
             raise
-        os.close(fd)
-        os.replace(tmp, final)
+        return fd, tmp
 
-    def _download(self, rel: str, spec: dict[str, Any]) -> None:
-        """``rel`` whole: ranges in parallel into a temporary file, checked, renamed."""
+    def _tmp_close(self, rel: str, handle: tuple[int, Path], keep: bool) -> None:
+        """Rename ``rel``'s temporary file (:meth:`_tmp_open`) into place (``keep``; made
+        durable first where NOTE [durability] says so) or remove it."""
+        fd, tmp = handle
+        try:
+            if keep:
+                self._settle(fd)
+        finally:
+            os.close(fd)
+        if keep:
+            os.replace(tmp, self.path / rel)
+        else:
+            tmp.unlink(missing_ok=True)
+
+    def _download(self, whole: dict[str, dict[str, Any]], piece: int) -> None:
+        """The files ``whole`` (catalog entries): all their pieces through one pool of
+        ``concurrency`` GETs, each checked against its crc32 as it arrives and written to its
+        file's temporary name; a file is renamed into place once all its pieces are in. At
+        most ``2 * concurrency`` pieces, and the files they belong to, are open at a time."""
+        fds: dict[str, tuple[int, Path]] = {}
+        left: dict[str, int] = {}
+
+        def one(rel: str, spec: dict[str, Any], i: int) -> str:
+            a = i * piece
+            b = min(a + piece, int(spec["size"]))
+            (data,) = self.objects.get_ranges(rel, [(a, b)])
+            if len(data) != b - a:
+                raise self._damaged(rel, f"bytes {a}-{b} came back {len(data)} long")
+            crc = zlib.crc32(data)
+            if crc != spec["crc32"][i]:
+                raise self._damaged(rel, f"bytes {a}-{b} have crc32 {crc}, the catalog says "
+                                         f"{spec['crc32'][i]}")  # fmt: skip
+            os.pwrite(fds[rel][0], data, a)
+            return rel
+
+        def done(rel: str) -> None:
+            left[rel] -= 1
+            if not left[rel]:
+                del left[rel]
+                self._tmp_close(rel, fds.pop(rel), keep=True)
+
+        for rel, spec in whole.items():
+            if len(spec["crc32"]) != -(-int(spec["size"]) // piece):
+                raise self._damaged(
+                    rel, f"the catalog has {len(spec['crc32'])} piece crc32s for its "
+                    f"{spec['size']} bytes"
+                )  # fmt: skip
+        pending: set[Any] = set()
+        try:
+            with ThreadPoolExecutor(self.concurrency) as pool:
+                for rel, spec in whole.items():
+                    fds[rel] = self._tmp_open(rel, int(spec["size"]))
+                    left[rel] = len(spec["crc32"]) + 1  # + 1: released below
+                    for i in range(len(spec["crc32"])):
+                        while len(pending) >= 2 * self.concurrency:
+                            ready, _ = wait(pending, return_when=FIRST_COMPLETED)
+                            for f in ready:
+                                pending.discard(f)
+                                done(f.result())
+                        pending.add(pool.submit(one, rel, spec, i))
+                    done(rel)
+                for f in as_completed(list(pending)):
+                    pending.discard(f)
+                    done(f.result())
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            for rel, handle in fds.items():
+                self._tmp_close(rel, handle, keep=False)
+            raise
+
+    def _bundle(self, catalog: dict[str, Any]) -> bytes:
+        """The catalog's bundle of ``always`` bytes (NOTE [remote catalog]), checked."""
+        spec = catalog["bundle"]
         size = int(spec["size"])
-        ranges = [(a, min(a + _RANGE, size)) for a in range(0, size, _RANGE)]
-        with self._filling(rel, size) as fd:
-
-            def one(r: tuple[int, int]) -> None:
-                (data,) = self.objects.get_ranges(rel, [r])
-                if len(data) != r[1] - r[0]:
-                    raise self._damaged(rel, f"bytes {r[0]}-{r[1]} came back {len(data)} long")
-                os.pwrite(fd, data, r[0])
-
-            with ThreadPoolExecutor(min(self.concurrency, max(1, len(ranges)))) as pool:
-                list(pool.map(one, ranges))
-            crc, pos = 0, 0
-            while pos < size:
-                block = os.pread(fd, min(_RANGE, size - pos), pos)
-                crc = zlib.crc32(block, crc)
-                pos += len(block)
-            if crc != spec["crc32"]:
-                raise self._damaged(rel, f"crc32 {crc}, the catalog says {spec['crc32']}")
+        data = bytes(self.objects.get_ranges(spec["key"], [(0, size)])[0]) if size else b""
+        if len(data) != size or zlib.crc32(data) != spec["crc32"]:
+            raise self._damaged(spec["key"], "its bytes differ from the catalog's")
+        return data
 
     def _damaged(self, rel: str, why: str) -> StoreCorruptError:
         return StoreCorruptError(
@@ -511,15 +714,19 @@ class RemoteMirror:
             f"upload (or is being replaced). Upload the store again; nothing of it was used."
         )
 
-    def _make_sparse(self, rel: str, spec: dict[str, Any]) -> None:
-        """``rel`` at its full size, only its ``always`` bytes fetched (checked)."""
-        always = spec["always"]
-        parts = self.objects.get_ranges(rel, [(a, b) for a, b, _ in always])
-        with self._filling(rel, int(spec["size"])) as fd:
-            for (a, b, crc), data in zip(always, parts, strict=True):
+    def _make_sparse(self, rel: str, spec: dict[str, Any], bundle: bytes) -> None:
+        """``rel`` at its full size, only its ``always`` bytes written (from ``bundle``)."""
+        handle = self._tmp_open(rel, int(spec["size"]))
+        try:
+            for a, b, crc, at in spec["always"]:
+                data = bundle[at : at + b - a]
                 if len(data) != b - a or zlib.crc32(data) != crc:
                     raise self._damaged(rel, f"bytes {a}-{b} differ from the catalog's")
-                os.pwrite(fd, data, a)
+                os.pwrite(handle[0], data, a)
+        except BaseException:
+            self._tmp_close(rel, handle, keep=False)
+            raise
+        self._tmp_close(rel, handle, keep=True)
 
     # -- negatives generations -------------------------------------------------------------
     def remote_generations(self) -> list[int]:
@@ -552,9 +759,13 @@ class RemoteMirror:
         cat = self._gen_catalogs.get(g)
         if cat is None:
             path = self.root / "have" / f"{generation_name(g)}.catalog.json"
-            if path.exists():
-                cat = json.loads(path.read_text())
-            else:
+            try:
+                cat = json.loads(path.read_bytes())
+            except FileNotFoundError:
+                pass
+            except ValueError:  # what a crash left of it (NOTE [durability]): fetched again
+                log.warning("%s: %s is not valid JSON; fetching it again", self.url, path)
+            if cat is None:
                 raw = self.objects.get(f"{NEGATIVES_DIR}/{generation_name(g)}.catalog.json")
                 cat = json.loads(raw)
                 self._write_bytes(path, raw)
@@ -738,20 +949,41 @@ class RemoteMirror:
             f"for the batches in flight. Raise cache_limit."
         )
 
+    def _get_all(self, by_file: dict[str, list[tuple[int, int]]]) -> dict[str, list[Any]]:
+        """The byte ranges of several objects, their GETs concurrent."""
+        if len(by_file) < 2:
+            return {f: self.objects.get_ranges(f, r) for f, r in by_file.items()}
+        with ThreadPoolExecutor(min(len(by_file), self.concurrency)) as pool:
+            jobs = {f: pool.submit(self.objects.get_ranges, f, r) for f, r in by_file.items()}
+            return {f: job.result() for f, job in jobs.items()}
+
     def _fetch_unit(self, name: str, spec: dict[str, Any], u: int) -> None:
         hm = self._have_map(name)
         with hm.lock(u):
             if hm.view[u]:
                 return  # another rank, worker or thread fetched it meanwhile
             writes = []
-            for i, (array, rows) in enumerate(spec["arrays"].items()):
-                pieces = unit_pieces(rows, u, self.unit_rows)
-                crc = 0
-                by_file: dict[str, list[tuple[int, int]]] = {}
+            arrays = [unit_pieces(rows, u, self.unit_rows) for rows in spec["arrays"].values()]
+            by_file: dict[str, list[tuple[int, int]]] = {}
+            for pieces in arrays:
                 for file, a, b in pieces:
                     by_file.setdefault(file, []).append((a, b))
-                got = {f: self.objects.get_ranges(f, r) for f, r in by_file.items()}
-                at = {f: 0 for f in by_file}
+            try:  # the unit's objects at once, not one after another
+                got = self._get_all(by_file)
+            except StoreNotFoundError as e:
+                if not name.startswith("negatives-"):
+                    raise
+                raise StoreNotFoundError(
+                    f"{str(e).split(': ', 1)[0]}: gone from object storage: negatives "
+                    f"generation {name.split('-')[-1].lstrip('0') or '0'} was removed (by "
+                    f"jasper-mmap prune, or by hand) while this run still read it, and "
+                    f"unit {u} of it is not in this node's cache ({self.path}). Call "
+                    f"reload_negatives() to read the newest generation; prune with an "
+                    f"--older-than longer than your longest run."
+                ) from None
+            at = {f: 0 for f in by_file}
+            for i, (array, pieces) in enumerate(zip(spec["arrays"], arrays, strict=True)):
+                crc = 0
                 for file, a, b in pieces:
                     data = got[file][at[file]]
                     at[file] += 1
@@ -773,11 +1005,11 @@ class RemoteMirror:
                         fd = fds[file] = os.open(self.path / file, os.O_WRONLY | os.O_CLOEXEC)
                     os.pwrite(fd, data, a)
                 for fd in fds.values():
-                    os.fsync(fd)
+                    self._settle(fd)
             finally:
                 for fd in fds.values():
                     os.close(fd)
-            hm.mark(u)
+            hm.mark(u, sync=self._sync)
         with self._count:
             self.units_fetched += 1
 

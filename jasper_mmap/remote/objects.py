@@ -16,7 +16,12 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from jasper_mmap.errors import DependencyError, RemoteStoreError, StoreNotFoundError
+from jasper_mmap.errors import (
+    DependencyError,
+    RemoteStoreError,
+    StoreCorruptError,
+    StoreNotFoundError,
+)
 
 __all__ = ["ObjectStore", "is_remote", "REMOTE_SCHEMES"]
 
@@ -167,7 +172,17 @@ class ObjectStore:
             parts = _obstore().get_ranges(
                 self.client, key, starts=[a for a, _ in ranges], ends=[b for _, b in ranges]
             )
-        except Exception as e:
+        except BaseException as e:
+            if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+                raise  # (KeyboardInterrupt, SystemExit; obstore's panics are BaseException)
+            short = type(e).__name__ == "PanicException" and "range start" in str(e)
+            if short or "416 Range Not Satisfiable" in str(e):  # shorter than asked
+                raise StoreCorruptError(
+                    f"{self.where(key)}: bytes {min(a for a, _ in ranges)}-"
+                    f"{max(b for _, b in ranges)} are past its end: the object was truncated "
+                    f"after upload (or is being replaced). Upload the store again; nothing "
+                    f"of it was used."
+                ) from None
             raise self._error(key, e, f"GET of {len(ranges)} byte ranges") from None
         out = [memoryview(p) for p in parts]
         self._count(sum(len(p) for p in out), len(ranges))

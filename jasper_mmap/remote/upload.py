@@ -3,19 +3,28 @@
 # NOTE [remote publish]
 Object stores have no rename and no lock, so visibility is decided by the order of writes and
 by conditional writes (``If-None-Match: *``):
-- a store: every data object first, then its catalog (``jasper_remote.json``, which names the
-  crc32 of the manifest it belongs to), then ``manifest.json``, last. Readers need
+- a store: every data object first, then its bundle of ``always`` bytes and its catalog
+  (``jasper_remote.json``, which names the crc32 of the manifest it belongs to), then
+  ``manifest.json``, last. Readers need
   ``manifest.json``: a store appears whole or not at all. Replacing a store of ours
   (``overwrite``) removes its ``manifest.json`` first, so no reader opens a half-replaced store;
   a prefix holding anything that is not a store of ours is never written into.
 - a negatives generation ``N``: first a conditional create of ``negatives/gen-N.claim`` (of two
-  publishers one gets ``N``, the other is told and tries ``N + 1``), then its data objects and
-  catalog, then ``negatives/gen-N.json``, created conditionally, last. Readers take the highest
-  ``N`` whose ``gen-N.json`` exists (at open and at ``reload_negatives()``). A publisher killed
+  publishers one gets ``N``, the other is told and tries ``N + 1``), then its data objects,
+  bundle and catalog, then ``negatives/gen-N.json``, created conditionally, last. Readers take
+  the highest ``N`` whose ``gen-N.json`` exists (at open and at ``reload_negatives()``). A publisher killed
   after its claim leaves a claimed number without a json: never read, skipped by the next.
-- nothing on object storage is ever deleted by a publish: old generations stay until removed
-  by hand (a node's cache keeps the ones it used). A time-based rule (remove generations
-  older than the longest run) is the user's, with the store's own tools.
+- nothing on object storage is deleted by a publish: old generations stay until
+  :func:`prune_generations` (``jasper-mmap prune URL --older-than 7d``) removes them by a time
+  rule, there being no lease a run could hold on an object store: a generation goes once it
+  has been *superseded* (a newer one published) for longer than ``older_than``, which should
+  exceed the longest run (a run reads the generation it started with until its next
+  ``reload_negatives()``, and a resume with ``negatives="saved"`` reads the saved one); the
+  newest ``keep`` published generations always stay. Its ``gen-N.json`` goes first (no opener
+  picks it from then on), then its data, bundle, catalog and claim. A number without a json
+  below the newest published one (a publisher killed after its claim, or a prune killed
+  midway) goes once its newest object is older than ``older_than``; one above it may be a
+  publish under way and stays.
 """
 
 from __future__ import annotations
@@ -31,17 +40,25 @@ from pathlib import Path
 from typing import Any
 
 from jasper_mmap._fs.files import read_json
-from jasper_mmap.errors import RemoteStoreError, StoreExistsError
+from jasper_mmap.errors import RemoteStoreError, StoreExistsError, StoreNotFoundError
 from jasper_mmap.format.spec import CONFIG, MANIFEST, NEGATIVES_DIR, POINTER, generation_name
 from jasper_mmap.remote.cache import RemoteMirror
-from jasper_mmap.remote.catalog import CATALOG, build_catalog, default_unit_rows
+from jasper_mmap.remote.catalog import (
+    BUNDLE,
+    CATALOG,
+    build_catalog,
+    default_unit_rows,
+    generation_bundle,
+)
 from jasper_mmap.remote.objects import ObjectStore
 
-__all__ = ["upload_store", "publish_remote"]
+__all__ = ["upload_store", "publish_remote", "prune_generations"]
 
 log = logging.getLogger(__name__)
 
 _CLAIM = re.compile(r"^gen-(\d{6,})\.(claim|json)$")
+#: any object of a generation: its data file or directory, json, catalog, bundle, claim
+_GEN_OBJECT = re.compile(rf"^{NEGATIVES_DIR}/gen-(\d{{6,}})(?:/|\.[a-z.]+$)")
 
 
 def _put_files(objects: ObjectStore, root: Path, rels: list[str], concurrency: int) -> None:
@@ -90,20 +107,29 @@ def upload_store(
     files[CONFIG] = (root / CONFIG).stat().st_size
     if unit_rows is None:
         unit_rows = default_unit_rows(root, {**manifest["arrays"], **pointer["arrays"]}, backend)
-    catalog = build_catalog(root, files, manifest["arrays"], backend, n_pairs, unit_rows)
-    gen_cat = build_catalog(root, pointer["files"], pointer["arrays"], backend, n_pairs, unit_rows)
+    catalog, bundle = build_catalog(
+        root, files, manifest["arrays"], backend, n_pairs, unit_rows, BUNDLE
+    )
+    gen_cat, gen_bundle = build_catalog(
+        root, pointer["files"], pointer["arrays"], backend, n_pairs, unit_rows,
+        generation_bundle(g),
+    )  # fmt: skip
     gen_json = (root / NEGATIVES_DIR / f"{generation_name(g)}.json").read_bytes()
     gen_cat["json_crc32"] = zlib.crc32(gen_json)
     manifest_raw = (root / MANIFEST).read_bytes()
     catalog["manifest_crc32"] = zlib.crc32(manifest_raw)
     rels = sorted(files) + sorted(pointer["files"])
     _put_files(objects, root, rels, concurrency)
+    objects.put(BUNDLE, bundle)
+    objects.put(generation_bundle(g), gen_bundle)
     objects.put(f"{NEGATIVES_DIR}/{generation_name(g)}.catalog.json", json.dumps(gen_cat).encode())
     objects.put(f"{NEGATIVES_DIR}/{generation_name(g)}.json", gen_json)
     objects.put(CATALOG, json.dumps(catalog).encode())
     if existing:  # a replaced store's objects that the new one does not have: ours, removed
         keep = set(rels) | {
             CATALOG,
+            BUNDLE,
+            generation_bundle(g),
             MANIFEST,
             f"{NEGATIVES_DIR}/{generation_name(g)}.json",
             f"{NEGATIVES_DIR}/{generation_name(g)}.catalog.json",
@@ -116,7 +142,7 @@ def upload_store(
         "uploaded %s to %s: %d objects, %.1f MB in %.1f s",
         root,
         url,
-        len(rels) + 5,
+        len(rels) + 7,
         size / 1e6,
         time.monotonic() - t0,
     )
@@ -155,19 +181,23 @@ def publish_remote(
     publish_generation(mirror.path, negs, tiers, keep=10**9, sources=sources, number=g)
     root = mirror.path
     gen = read_json(root / NEGATIVES_DIR / f"{generation_name(g)}.json", what="generation", fix="")
-    cat = build_catalog(
+    cat, bundle = build_catalog(
         root,
         gen["files"],
         gen["arrays"],
         mirror.catalog["backend"],
         int(mirror.catalog["n_pairs"]),
         mirror.unit_rows,
+        generation_bundle(g),
     )
     raw = (root / NEGATIVES_DIR / f"{generation_name(g)}.json").read_bytes()
     cat["json_crc32"] = zlib.crc32(raw)
     _put_files(objects, root, sorted(gen["files"]), mirror.concurrency)
+    objects.put(generation_bundle(g), bundle)
     objects.put(f"{NEGATIVES_DIR}/{generation_name(g)}.catalog.json", json.dumps(cat).encode())
-    (mirror.root / "have" / f"{generation_name(g)}.catalog.json").write_text(json.dumps(cat))
+    mirror._write_bytes(
+        mirror.root / "have" / f"{generation_name(g)}.catalog.json", json.dumps(cat).encode()
+    )  # (whole or not at all: read after a crash, NOTE [durability])
     if "negatives" in cat["groups"]:
         mirror.mark_all(g)
     try:
@@ -182,3 +212,73 @@ def publish_remote(
         raise
     log.info("published negatives generation %d to %s", g, mirror.url)
     return g
+
+
+def prune_generations(
+    url: str,
+    older_than: float,
+    *,
+    keep: int = 2,
+    storage_options: Mapping[str, Any] | None = None,
+    dry_run: bool = False,
+) -> dict[str, Any]:
+    """Remove the negatives generations of the store at ``url`` superseded more than
+    ``older_than`` seconds ago, keeping the newest ``keep`` published ones (NOTE [remote
+    publish]). Returns ``{"removed": [N, ...], "kept": [N, ...], "objects": n, "bytes": n}``
+    (with ``dry_run``, what would be removed; nothing is)."""
+    if keep < 1:
+        raise ValueError(f"keep={keep}: the newest generation is always kept; pass keep >= 1")
+    if older_than < 0:
+        raise ValueError(f"older_than={older_than}: a number of seconds >= 0")
+    objects = ObjectStore(url, storage_options)
+    try:
+        objects.get_ranges(CATALOG, [(0, 1)])  # (one byte: is it there)
+    except StoreNotFoundError:
+        raise StoreNotFoundError(
+            f"{url}: no {CATALOG} there: not a store uploaded by jasper_mmap; nothing of it "
+            f"is removed. Check the URL."
+        ) from None
+    found: dict[int, list[dict[str, Any]]] = {}
+    for meta in objects.list(f"{NEGATIVES_DIR}/"):
+        m = _GEN_OBJECT.match(meta["path"])
+        if m:
+            found.setdefault(int(m.group(1)), []).append(meta)
+    when = {
+        n: meta["last_modified"].timestamp()
+        for n, metas in found.items()
+        for meta in metas
+        if meta["path"] == f"{NEGATIVES_DIR}/{generation_name(n)}.json"
+    }
+    published = sorted(when)
+    cutoff = time.time() - older_than
+    kept = set(published[-keep:])
+    remove = []
+    for n, metas in sorted(found.items()):
+        if n in kept or not published:
+            continue
+        if n in when:  # published: superseded when the next one was
+            later = [g for g in published if g > n]
+            if when[later[0]] <= cutoff:
+                remove.append(n)
+        elif n < published[-1] and max(m["last_modified"].timestamp() for m in metas) <= cutoff:
+            remove.append(n)
+    n_objects = sum(len(found[n]) for n in remove)
+    n_bytes = sum(int(m["size"]) for n in remove for m in found[n])
+    if not dry_run:
+        for n in remove:
+            first = f"{NEGATIVES_DIR}/{generation_name(n)}.json"  # no opener picks it now
+            for meta in sorted(found[n], key=lambda m: m["path"] != first):
+                objects.delete(meta["path"])
+        log.info(
+            "%s: removed negatives generations %s (%d objects, %.1f MB)",
+            url,
+            remove,
+            n_objects,
+            n_bytes / 1e6,
+        )
+    return {
+        "removed": remove,
+        "kept": sorted(set(found) - set(remove)),
+        "objects": n_objects,
+        "bytes": n_bytes,
+    }

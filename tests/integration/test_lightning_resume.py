@@ -17,7 +17,7 @@ import hashlib, json, sys
 import torch, lightning as L
 from jasper_mmap import create_loader
 
-store, ckpt, out = sys.argv[1], sys.argv[2], sys.argv[3]
+store, ckpts, out = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
 seen = []
 
 class M(L.LightningModule):
@@ -33,13 +33,16 @@ class M(L.LightningModule):
     def train_dataloader(self):
         return create_loader(store, "train", 8, num_workers=2)
 
-every = L.pytorch.callbacks.ModelCheckpoint(
-    dirpath=out + "/ck", every_n_train_steps=5, save_top_k=-1, filename="{step}"
-)
-trainer = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False,
-                    enable_model_summary=False, callbacks=[every], num_sanity_val_steps=0)
-trainer.fit(M(), ckpt_path=None if ckpt == "-" else ckpt)
-json.dump(seen, open(out + ("/full.json" if ckpt == "-" else "/resumed.json"), "w"))
+for k, ckpt in enumerate(ckpts):  # each a fresh trainer and model, one interpreter
+    seen.clear()
+    every = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=out + ("/ck-full" if ckpt == "-" else f"/ck-resumed{k}"), every_n_train_steps=5,
+        save_top_k=-1, filename="{step}",
+    )
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[every], num_sanity_val_steps=0)
+    trainer.fit(M(), ckpt_path=None if ckpt == "-" else ckpt)
+    json.dump(seen, open(out + ("/full.json" if ckpt == "-" else f"/resumed{k}.json"), "w"))
 """
 
 
@@ -47,10 +50,9 @@ def test_a_lightning_run_resumes_mid_epoch_exactly(store_path, tmp_path):
     run_script(tmp_path, SCRIPT, str(store_path), "-", str(tmp_path), timeout=300)
     full = json.loads((tmp_path / "full.json").read_text())
     assert len(full) == 2 * 12  # 96 train samples, batches of 8
-    for step in (5, 15):  # in the first epoch, and in the second
-        run_script(
-            tmp_path, SCRIPT, str(store_path), str(tmp_path / f"ck/step={step}.ckpt"),
-            str(tmp_path), timeout=300,
-        )  # fmt: skip
-        resumed = json.loads((tmp_path / "resumed.json").read_text())
+    steps = (5, 15)  # in the first epoch, and in the second
+    ckpts = ",".join(str(tmp_path / f"ck-full/step={step}.ckpt") for step in steps)
+    run_script(tmp_path, SCRIPT, str(store_path), ckpts, str(tmp_path), timeout=300)
+    for k, step in enumerate(steps):
+        resumed = json.loads((tmp_path / f"resumed{k}.json").read_text())
         assert resumed == full[step:], step

@@ -165,7 +165,7 @@ def test_a_cache_budget_evicts_and_never_serves_a_hole(stores, bucket, tmp_path)
     url, rows = f"{bucket}/budget", 4  # 100 units
     cat = upload_store(stores["zarr"], url, unit_rows=rows)
     fixed = sum(f["size"] for f in cat["whole"].values())
-    fixed += sum(b - a for f in cat["sparse"].values() for a, b, _ in f["always"])
+    fixed += sum(b - a for f in cat["sparse"].values() for a, b, *_ in f["always"])
     gen = json.loads(ObjectStore(url).get("negatives/gen-000000.catalog.json"))
     groups = [*cat["groups"].values(), *gen["groups"].values()]  # steering, negatives
     unit = rows * sum(a["row_bytes"] for g in groups for a in g["arrays"].values())

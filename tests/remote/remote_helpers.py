@@ -53,3 +53,17 @@ def flip(data: bytes, at: int) -> bytes:
     b = bytearray(data)
     b[at] ^= 0xFF
     return bytes(b)
+
+
+def filled_mirror(bucket, store_path):
+    """A store uploaded, and a node's mirror of it holding every unit the train split reads:
+    ``(url, cache_dir, local dataset, remote dataset, every sample index)``."""
+    from jasper_mmap import JASPERSteeringDataset
+
+    url = bucket.upload(store_path)
+    cache = bucket.cache()
+    local = JASPERSteeringDataset(store_path, "train")
+    ds = JASPERSteeringDataset(url, "train", cache_dir=cache)
+    idx = list(range(len(ds)))
+    assert_batches_equal(ds.__getitems__(idx), local.__getitems__(idx))
+    return url, cache, local, ds, idx

@@ -48,7 +48,7 @@ def test_killed_after_rows_written_before_have_byte(bucket, store_path):
         real_pwrite = os.pwrite
         def pwrite(fd, data, at):
             return real_pwrite(fd, bytes(len(data)), at)  # zeros: not the store's rows
-        def mark(self, u):
+        def mark(self, u, sync):
             os.kill(os.getpid(), signal.SIGKILL)
         c._HaveMap.mark = mark
         ds = JASPERSteeringDataset(sys.argv[1], "train", cache_dir=sys.argv[2])
@@ -70,13 +70,18 @@ def test_killed_after_rows_written_before_have_byte(bucket, store_path):
 def test_killed_while_filling_the_mirror(bucket, store_path):
     url = bucket.upload(store_path)
     cache = bucket.cache()
-    # killed at the first fsync: some files written to temporary names, no manifest
+    # killed at the tenth rename of a fetched file into place: some files in place, others
+    # written to temporary names, no manifest
     proc = _child(
         """
         from jasper_mmap.remote import cache as c
-        def fsync(fd):
-            os.kill(os.getpid(), signal.SIGKILL)
-        c.os.fsync = fsync
+        real_replace, n = c.os.replace, [0]
+        def replace(a, b):
+            n[0] += 1
+            if n[0] == 10:
+                os.kill(os.getpid(), signal.SIGKILL)
+            real_replace(a, b)
+        c.os.replace = replace
         JASPERSteeringDataset(sys.argv[1], "train", cache_dir=sys.argv[2])
         """,
         url,
@@ -85,8 +90,11 @@ def test_killed_while_filling_the_mirror(bucket, store_path):
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     store = _mirror_dir(cache)
     assert not (store / "manifest.json").exists()
+    left = [p for p in store.rglob("*") if ".partial-" in p.name]
+    assert left  # what the killed opener was writing
     ds = JASPERSteeringDataset(url, "train", cache_dir=cache)
     assert (store / "manifest.json").exists()
+    assert not [p for p in store.rglob("*") if ".partial-" in p.name]  # removed, not kept
     local = JASPERSteeringDataset(store_path, "train")
     idx = list(range(0, len(ds), 7))
     assert_batches_equal(ds.__getitems__(idx), local.__getitems__(idx))

@@ -45,3 +45,48 @@ def test_second_epoch_from_cache_equal(bucket, store_path):
     b = _run(again)
     assert again.dataset_obj._remote.summary()["units_fetched"] == 0
     assert_runs_equal(a, b)
+
+
+@pytest.mark.parametrize("store_path", ["zarr"], indirect=True)
+def test_progress_and_summary_in_the_log(bucket, store_path, caplog, monkeypatch):
+    from jasper_mmap.loading import fetching
+
+    monkeypatch.setattr(fetching, "PROGRESS_EVERY", 0.02)  # progress lines mid-epoch too
+    url = bucket.upload(store_path)
+    loader = create_loader(url, "train", 16, seed=3, cache_dir=bucket.cache())
+    with caplog.at_level("INFO", logger="jasper_mmap.loading.fetching"):
+        _run(loader)
+    lines = [r.getMessage() for r in caplog.records if r.name == "jasper_mmap.loading.fetching"]
+    summ = loader.dataset_obj._remote.summary()
+    final = [m for m in lines if "batches read:" in m]
+    assert len(final) == 1, lines
+    assert f"{summ['units_fetched']} units fetched" in final[0], (final, summ)
+    assert f"{summ['units_hit']} cache hits" in final[0], (final, summ)
+    assert any("fetching ahead:" in m for m in lines), lines
+
+
+def test_units_are_fetched_ahead_while_the_loader_waits(bucket, tmp_path):
+    """NOTE [fetch ahead]: the sampler is read ahead by a thread of its own, so the units of
+    later windows are asked for while the loader is busy (or, here, idle) with the first
+    batches; reading ahead only when the loader asks for a batch left the link idle between
+    windows (the cold epoch on a 2 Gbit/s link took 1.30x the plain download, now 1.17x)."""
+    import time
+
+    from jasper_mmap.converters import convert_pt
+    from jasper_mmap.synthetic import SyntheticSpec, make_pt_dataset
+
+    make_pt_dataset(tmp_path / "pt", SyntheticSpec(n_pairs=2000))
+    store = convert_pt(tmp_path / "pt", tmp_path / "store", format="zarr", progress=False)
+    url = bucket.upload(store)  # units of 16 pairs: 125 units, windows of 16
+    loader = create_loader(url, "train", 8, seed=3, cache_dir=bucket.cache())
+    remote = loader.dataset_obj._remote
+    it = iter(loader)
+    next(it)  # the first batch; then the loader asks for nothing
+    want = sum(1 for g in remote.catalog["groups"] if g != "negatives") * remote.units
+    want += remote.units  # the negatives generation's group
+    deadline = time.monotonic() + 30
+    while remote.summary()["units_fetched"] < want and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert remote.summary()["units_fetched"] == want  # every unit of the node's part
+    assert_runs_equal(list(it), list(create_loader(store, "train", 8, seed=3, unit_rows=16,
+                                                   partition=True))[1:])  # fmt: skip
