@@ -136,13 +136,14 @@ class FetchedBatches:
                                     progress(final=False)
                                 break
                             ready.extend(chunk)
-                            queued = list(ready)
+                            # (a budget keeps the units of what is read ahead: NOTE [eviction])
+                            queued = None if deep else list(ready)
                             cond.notify_all()
                         progress(final=False)
                         try:
                             pairs = self._pairs(chunk)
                             generation = ds._control.snapshot().generation
-                            if remote.cache_limit is not None:  # NOTE [eviction]: room first
+                            if queued is not None:  # NOTE [eviction]: room first
                                 ahead = self._pairs(queued)  # (the chunk is in it)
                                 need = _need(remote, ahead, generation)  # in flight, or to be
                                 remote.evict_to(remote.cache_limit - need, remote.units_of(ahead))

@@ -144,6 +144,21 @@ def fixed_bytes(catalog: dict[str, Any]) -> int:
     return whole + sum(b - a for f in catalog["sparse"].values() for a, b, *_ in f["always"])
 
 
+def piece_ranges(spec: dict[str, Any], piece: int) -> list[tuple[int, int, int]] | None:
+    """``[(start, stop, crc32), ...]`` of a whole file's pieces (a catalog entry), or None
+    when the catalog's crc32s do not count its pieces (a damaged catalog)."""
+    size = int(spec["size"])
+    starts = range(0, size, piece)
+    if len(spec["crc32"]) != len(starts):
+        return None
+    return [(a, min(a + piece, size), c) for a, c in zip(starts, spec["crc32"], strict=True)]
+
+
+def _gen_group(g: int) -> str:
+    """The have-map group of negatives generation ``g``."""
+    return f"negatives-{generation_name(g)}"
+
+
 def _same(path: Path, size: int, ranges: list[Any]) -> bool:
     """``path`` is ``size`` bytes long and its ranges ``[(start, stop, crc32, ...), ...]``
     have those crc32s."""
@@ -520,7 +535,7 @@ class RemoteMirror:
                 (
                     cat,
                     self.path / NEGATIVES_DIR / f"{generation_name(g)}.json",
-                    [(f"negatives-{generation_name(g)}", groups)] if groups else [],
+                    [(_gen_group(g), groups)] if groups else [],
                 )
             )
         for cat, complete, groups in catalogs:
@@ -530,13 +545,11 @@ class RemoteMirror:
                 (rel, int(spec["size"]), spec["always"]) for rel, spec in cat["sparse"].items()
             ]
             for rel, spec in cat["whole"].items():
-                size = int(spec["size"])
-                starts = range(0, size, piece)
-                if len(spec["crc32"]) != len(starts):  # never matches (_download refuses it)
+                ranges = piece_ranges(spec, piece)
+                if ranges is None:  # never matches (_download refuses it)
                     checks.append((rel, -1, []))
-                    continue
-                crcs = zip(starts, spec["crc32"], strict=True)
-                checks.append((rel, size, [(a, min(a + piece, size), c) for a, c in crcs]))
+                else:
+                    checks.append((rel, int(spec["size"]), ranges))
             was_complete = complete.exists()
             for rel, size, ranges in checks:
                 path = self.path / rel
@@ -650,16 +663,13 @@ class RemoteMirror:
         fds: dict[str, tuple[int, Path]] = {}
         left: dict[str, int] = {}
 
-        def one(rel: str, spec: dict[str, Any], i: int) -> str:
-            a = i * piece
-            b = min(a + piece, int(spec["size"]))
+        def one(rel: str, a: int, b: int, want: int) -> str:
             (data,) = self.objects.get_ranges(rel, [(a, b)])
             if len(data) != b - a:
                 raise self._damaged(rel, f"bytes {a}-{b} came back {len(data)} long")
             crc = zlib.crc32(data)
-            if crc != spec["crc32"][i]:
-                raise self._damaged(rel, f"bytes {a}-{b} have crc32 {crc}, the catalog says "
-                                         f"{spec['crc32'][i]}")  # fmt: skip
+            if crc != want:
+                raise self._damaged(rel, f"bytes {a}-{b} have crc32 {crc}, the catalog says {want}")
             os.pwrite(fds[rel][0], data, a)
             return rel
 
@@ -669,25 +679,26 @@ class RemoteMirror:
                 del left[rel]
                 self._tmp_close(rel, fds.pop(rel), keep=True)
 
-        for rel, spec in whole.items():
-            if len(spec["crc32"]) != -(-int(spec["size"]) // piece):
+        pieces = {rel: piece_ranges(spec, piece) for rel, spec in whole.items()}
+        for rel, ranges in pieces.items():
+            if ranges is None:
                 raise self._damaged(
-                    rel, f"the catalog has {len(spec['crc32'])} piece crc32s for its "
-                    f"{spec['size']} bytes"
+                    rel, f"the catalog has {len(whole[rel]['crc32'])} piece crc32s for its "
+                    f"{whole[rel]['size']} bytes"
                 )  # fmt: skip
         pending: set[Any] = set()
         try:
             with ThreadPoolExecutor(self.concurrency) as pool:
                 for rel, spec in whole.items():
                     fds[rel] = self._tmp_open(rel, int(spec["size"]))
-                    left[rel] = len(spec["crc32"]) + 1  # + 1: released below
-                    for i in range(len(spec["crc32"])):
+                    left[rel] = len(pieces[rel]) + 1  # + 1: released below
+                    for a, b, want in pieces[rel]:
                         while len(pending) >= 2 * self.concurrency:
                             ready, _ = wait(pending, return_when=FIRST_COMPLETED)
                             for f in ready:
                                 pending.discard(f)
                                 done(f.result())
-                        pending.add(pool.submit(one, rel, spec, i))
+                        pending.add(pool.submit(one, rel, a, b, want))
                     done(rel)
                 for f in as_completed(list(pending)):
                     pending.discard(f)
@@ -788,7 +799,7 @@ class RemoteMirror:
                 )
             self._materialize(cat, generation_name(g))
             if "negatives" in cat["groups"]:
-                self._have_map(f"negatives-{generation_name(g)}").create()
+                self._have_map(_gen_group(g)).create()
             self._write_bytes(final, raw)
 
     # -- unit rows ---------------------------------------------------------------------------
@@ -797,7 +808,7 @@ class RemoteMirror:
         if generation is not None:
             cat = self.gen_catalog(generation)
             if "negatives" in cat["groups"]:
-                out.append((f"negatives-{generation_name(generation)}", cat["groups"]["negatives"]))
+                out.append((_gen_group(generation), cat["groups"]["negatives"]))
         return out
 
     def units_of(self, pairs: np.ndarray) -> np.ndarray:
@@ -1027,9 +1038,9 @@ class RemoteMirror:
         for g, cat in self._gen_catalogs.items():
             if (
                 "negatives" in cat["groups"]
-                and (self.root / "have" / f"negatives-{generation_name(g)}.bin").exists()
+                and (self.root / "have" / f"{_gen_group(g)}.bin").exists()
             ):
-                out.append((f"negatives-{generation_name(g)}", cat["groups"]["negatives"]))
+                out.append((_gen_group(g), cat["groups"]["negatives"]))
         return out
 
     def unit_bytes(self, generation: int | None) -> int:
@@ -1087,7 +1098,7 @@ class RemoteMirror:
 
     def mark_all(self, generation: int) -> None:
         """Every unit of ``generation``'s negatives is present (published from this node)."""
-        hm = self._have_map(f"negatives-{generation_name(generation)}")
+        hm = self._have_map(_gen_group(generation))
         hm.create()
         fd = os.open(hm.path, os.O_WRONLY | os.O_CLOEXEC)
         try:

@@ -29,6 +29,16 @@ def _child(code: str, url: str, cache) -> subprocess.CompletedProcess:
     )
 
 
+def _reopened_serves_local(url, cache, store_path, store, step: int) -> None:
+    """Opened again, the mirror at ``store`` is finished (its manifest written last) and
+    serves every ``step``-th sample as the local store does."""
+    ds = JASPERSteeringDataset(url, "train", cache_dir=cache)
+    assert (store / "manifest.json").exists()
+    local = JASPERSteeringDataset(store_path, "train")
+    idx = list(range(0, len(ds), step))
+    assert_batches_equal(ds.__getitems__(idx), local.__getitems__(idx))
+
+
 def _mirror_dir(cache):
     (store,) = list(cache.glob("*/v*/store"))
     return store
@@ -92,12 +102,8 @@ def test_killed_while_filling_the_mirror(bucket, store_path):
     assert not (store / "manifest.json").exists()
     left = [p for p in store.rglob("*") if ".partial-" in p.name]
     assert left  # what the killed opener was writing
-    ds = JASPERSteeringDataset(url, "train", cache_dir=cache)
-    assert (store / "manifest.json").exists()
+    _reopened_serves_local(url, cache, store_path, store, step=7)
     assert not [p for p in store.rglob("*") if ".partial-" in p.name]  # removed, not kept
-    local = JASPERSteeringDataset(store_path, "train")
-    idx = list(range(0, len(ds), 7))
-    assert_batches_equal(ds.__getitems__(idx), local.__getitems__(idx))
 
 
 def test_unfinished_mirror_with_garbage_partial_is_finished(bucket, store_path):
@@ -116,12 +122,8 @@ def test_unfinished_mirror_with_garbage_partial_is_finished(bucket, store_path):
     (store / sparse).unlink()
     junk = (store / whole).with_name(partial_name((store / whole).name))
     junk.write_bytes(b"\xff" * int(cat["whole"][whole]["size"]))
-    ds = JASPERSteeringDataset(url, "train", cache_dir=cache)
-    assert (store / "manifest.json").exists()
+    _reopened_serves_local(url, cache, store_path, store, step=5)
     assert (store / whole).read_bytes() == (store_path / whole).read_bytes()
-    local = JASPERSteeringDataset(store_path, "train")
-    idx = list(range(0, len(ds), 5))
-    assert_batches_equal(ds.__getitems__(idx), local.__getitems__(idx))
 
 
 def test_rows_present_without_have_byte_are_refetched(bucket, store_path):
